@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv first.
+# On a CPU machine the venv gets the pinned CPU wheel of torch (an unpinned torch would pull a
+# multi-GB CUDA build). Inside an NGC container (torch already importable by the system python)
+# the venv sees the container's packages and keeps its torch, megatron-core, TE and Apex.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PY := $(VENV)/bin/python
+TORCH_CPU_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	@if $(PYTHON) -c "import torch, megatron.core" >/dev/null 2>&1; then \
+	  echo "[setup] container torch/megatron-core found: reusing them"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
+	  $(VENV_PY) -m pip install -q --no-deps -e . && \
+	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops "pytest>=7"; \
+	else \
+	  echo "[setup] CPU environment: $(TORCH_CPU_PIN) + megatron-core"; \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(VENV_PY) -m pip install -q --upgrade pip && \
+	  $(VENV_PY) -m pip install -q "$(TORCH_CPU_PIN)" && \
+	  $(VENV_PY) -m pip install -q -e ".[test]"; \
+	fi
+	touch $@
+
+test: setup
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	MODEL=tiny PYTHON=$(abspath $(VENV_PY)) bash examples/train_simpo_llama3.sh
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

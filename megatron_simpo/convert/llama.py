@@ -1,0 +1,212 @@
+"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2) weights: Hugging Face <-> Megatron local spec.
+
+Three layers of pure functions:
+
+1. ``hf_to_megatron`` / ``megatron_to_hf``: whole-model maps between HF names and Megatron names
+   in the unsplit (TP=1, PP=1) layout; exact inverses (vocabulary padding added / stripped).
+2. ``split_tensor`` / ``merge_tensors``: one Megatron tensor to and from its TP shards.
+3. ``rank_state_dict``: the shard of a given TP rank and pipeline stage, with stage-local names.
+
+Layouts (h = hidden, d = head_dim, H heads, G query groups, F = ffn hidden):
+- ``linear_qkv.weight`` [(H + 2G) d, h]: per group g the H/G query heads of g, then k_g, then v_g.
+  TP splits whole groups, so a plain split of dim 0 is the TP layout.
+- ``linear_fc1.weight`` [2F, h] = [gate; up]; TP rank i holds [gate_i; up_i].
+- ``linear_proj`` and ``linear_fc2`` split dim 1; ``word_embeddings`` / ``output_layer`` dim 0.
+- HF already uses rotate-half RoPE, so no permutation of q/k is needed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_simpo.model import ModelConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Megatron suffix within a layer -> HF suffix within a layer, for the one-to-one tensors.
+_DIRECT = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# Transformer Engine spec fuses the norms into the following linear layer.
+TE_NAME_ALIASES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_SPLIT_DIM0 = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+               "word_embeddings.weight", "output_layer.weight")
+_SPLIT_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+def _pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    groups, d = config.num_query_groups, config.kv_channels
+    heads_per_group = config.num_attention_heads // groups
+    trailing = q.shape[1:]
+    q = q.reshape(groups, heads_per_group * d, *trailing)
+    k = k.reshape(groups, d, *trailing)
+    v = v.reshape(groups, d, *trailing)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *trailing)
+
+
+def _unpack_qkv(qkv: torch.Tensor, config: ModelConfig):
+    groups, d = config.num_query_groups, config.kv_channels
+    heads_per_group = config.num_attention_heads // groups
+    trailing = qkv.shape[1:]
+    grouped = qkv.reshape(groups, (heads_per_group + 2) * d, *trailing)
+    q, k, v = torch.split(grouped, [heads_per_group * d, d, d], dim=1)
+    return (q.reshape(-1, *trailing), k.reshape(-1, *trailing), v.reshape(-1, *trailing))
+
+
+def _pad_vocab(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    if weight.shape[0] > padded_rows:
+        raise ValueError(f"vocabulary of {weight.shape[0]} rows exceeds the padded size {padded_rows}")
+    padding = weight.new_zeros(padded_rows - weight.shape[0], *weight.shape[1:])
+    return torch.cat([weight, padding], dim=0)
+
+
+def hf_to_megatron(hf_state: dict[str, torch.Tensor], config: ModelConfig,
+                   padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """HF ``LlamaForCausalLM``-style state dict -> Megatron names, unsplit layout."""
+    out: dict[str, torch.Tensor] = {}
+    out["embedding.word_embeddings.weight"] = _pad_vocab(hf_state["model.embed_tokens.weight"],
+                                                         padded_vocab_size)
+    for i in range(config.num_layers):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for mg_suffix, hf_suffix in _DIRECT.items():
+            out[mg + mg_suffix] = hf_state[hf + hf_suffix]
+        attn = hf + "self_attn."
+        out[mg + "self_attention.linear_qkv.weight"] = _pack_qkv(
+            hf_state[attn + "q_proj.weight"], hf_state[attn + "k_proj.weight"],
+            hf_state[attn + "v_proj.weight"], config)
+        if config.qkv_bias:
+            out[mg + "self_attention.linear_qkv.bias"] = _pack_qkv(
+                hf_state[attn + "q_proj.bias"], hf_state[attn + "k_proj.bias"],
+                hf_state[attn + "v_proj.bias"], config)
+        out[mg + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf_state[hf + "mlp.gate_proj.weight"], hf_state[hf + "mlp.up_proj.weight"]], dim=0)
+    out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"]
+    if not config.tie_word_embeddings:
+        out["output_layer.weight"] = _pad_vocab(hf_state["lm_head.weight"], padded_vocab_size)
+    return out
+
+
+def megatron_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of ``hf_to_megatron`` (vocabulary padding stripped)."""
+    out: dict[str, torch.Tensor] = {}
+    out["model.embed_tokens.weight"] = state["embedding.word_embeddings.weight"][:config.vocab_size]
+    for i in range(config.num_layers):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for mg_suffix, hf_suffix in _DIRECT.items():
+            out[hf + hf_suffix] = state[mg + mg_suffix]
+        attn = hf + "self_attn."
+        q, k, v = _unpack_qkv(state[mg + "self_attention.linear_qkv.weight"], config)
+        out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
+        if config.qkv_bias:
+            q, k, v = _unpack_qkv(state[mg + "self_attention.linear_qkv.bias"], config)
+            out[attn + "q_proj.bias"], out[attn + "k_proj.bias"], out[attn + "v_proj.bias"] = q, k, v
+        gate, up = torch.chunk(state[mg + "mlp.linear_fc1.weight"], 2, dim=0)
+        out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
+    out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = state["output_layer.weight"][:config.vocab_size]
+    return out
+
+
+def split_tensor(name: str, tensor: torch.Tensor, tp_size: int) -> list[torch.Tensor]:
+    """One unsplit Megatron tensor -> its ``tp_size`` shards (replicated tensors are repeated)."""
+    if tp_size == 1:
+        return [tensor]
+    if name.endswith("mlp.linear_fc1.weight"):
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        return [torch.cat([g, u], dim=0)
+                for g, u in zip(torch.chunk(gate, tp_size, 0), torch.chunk(up, tp_size, 0))]
+    if name.endswith(_SPLIT_DIM0):
+        return list(torch.chunk(tensor, tp_size, dim=0))
+    if name.endswith(_SPLIT_DIM1):
+        return list(torch.chunk(tensor, tp_size, dim=1))
+    return [tensor] * tp_size
+
+
+def merge_tensors(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of ``split_tensor``: TP shards -> the unsplit tensor."""
+    if len(shards) == 1:
+        return shards[0]
+    if name.endswith("mlp.linear_fc1.weight"):
+        halves = [torch.chunk(shard, 2, dim=0) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    if name.endswith(_SPLIT_DIM0):
+        return torch.cat(shards, dim=0)
+    if name.endswith(_SPLIT_DIM1):
+        return torch.cat(shards, dim=1)
+    return shards[0]
+
+
+def stage_layer_range(config: ModelConfig, pp_rank: int, pp_size: int) -> range:
+    """Global indices of the layers on pipeline stage ``pp_rank`` (even split)."""
+    per_stage = config.num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def to_global_name(local_name: str, config: ModelConfig, pp_rank: int, pp_size: int) -> str:
+    """A stage-local Megatron name (``decoder.layers.0...``) -> its global layer index."""
+    match = _LAYER.match(local_name)
+    if not match:
+        return local_name
+    first = stage_layer_range(config, pp_rank, pp_size).start
+    return f"decoder.layers.{int(match.group(1)) + first}.{match.group(2)}"
+
+
+def rank_state_dict(full_state: dict[str, torch.Tensor], config: ModelConfig, *,
+                    tp_rank: int, tp_size: int, pp_rank: int, pp_size: int
+                    ) -> dict[str, torch.Tensor]:
+    """This rank's tensors, named as its ``GPTModel`` names them (stage-local layer indices).
+
+    With tied embeddings and several stages, the last stage holds its own copy of the embedding
+    as ``output_layer.weight`` (Megatron keeps the two in sync through the embedding group).
+    """
+    first_stage, last_stage = pp_rank == 0, pp_rank == pp_size - 1
+    layers = stage_layer_range(config, pp_rank, pp_size)
+    out = {}
+    for name, tensor in full_state.items():
+        match = _LAYER.match(name)
+        if match:
+            index = int(match.group(1))
+            if index not in layers:
+                continue
+            local = f"decoder.layers.{index - layers.start}.{match.group(2)}"
+        elif name.startswith("embedding."):
+            if not first_stage:
+                continue
+            local = name
+        else:  # final norm, output layer
+            if not last_stage:
+                continue
+            local = name
+        out[local] = split_tensor(name, tensor, tp_size)[tp_rank]
+    if config.tie_word_embeddings and last_stage and not first_stage:
+        embedding = full_state["embedding.word_embeddings.weight"]
+        out["output_layer.weight"] = split_tensor("output_layer.weight", embedding, tp_size)[tp_rank]
+    return out
+
+
+def load_rank_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
+                    config: ModelConfig, *, tp_rank: int, tp_size: int, pp_rank: int,
+                    pp_size: int) -> None:
+    """Copy this rank's share of an unsplit Megatron state dict into ``model`` (all keys must match)."""
+    state = rank_state_dict(full_state, config, tp_rank=tp_rank, tp_size=tp_size,
+                            pp_rank=pp_rank, pp_size=pp_size)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model "
+                             f"shape {tuple(own[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)

@@ -1,0 +1,81 @@
+"""Megatron DistributedDataParallel wrapping and Megatron-Core's (distributed) Adam optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSettings:
+    """Adam with decoupled weight decay, as Megatron-LM configures it."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    """SimPO's released recipes use no weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state (and the fp32 master weights) over data-parallel ranks."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0, got {self.clip_grad}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+
+
+def wrap_with_ddp(model: torch.nn.Module, settings: OptimizerSettings):
+    """Megatron ``DistributedDataParallel`` with an fp32 contiguous gradient buffer.
+
+    ``average_in_collective=False`` because the step normalises by the global number of pairs
+    (``calculate_per_token_loss``), not by the data-parallel size.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bool = False):
+    """Megatron-Core's Adam over the DDP-wrapped chunks (distributed when the settings say so).
+
+    Also installs the hooks Megatron's schedules call: gradient finalisation (DP all-reduce,
+    tied-embedding sync, scaling by the global pair count) and the loss scaler.
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    for chunk in model_chunks:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        chunk.config.grad_scale_func = optimizer.scale_loss
+        chunk.config.no_sync_func = chunk.no_sync
+    return optimizer

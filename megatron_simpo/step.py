@@ -1,0 +1,152 @@
+"""One optimisation step over a global batch, through Megatron-Core's pipeline schedules.
+
+Normalisation is decided once, here: every micro-batch's loss function returns the SUM of its
+pair losses and its number of pairs (``calculate_per_token_loss=True``). The schedule adds the
+counts, ``finalize_model_grads`` all-reduces them over data-parallel ranks and scales the
+gradients by 1 / (pairs in the global batch). The gradient is therefore that of the exact mean
+over all pairs, whatever the split into micro-batches, pipeline stages and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_simpo.data import PreferenceBatch
+from megatron_simpo.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from megatron_simpo.losses import METRIC_NAMES, LossConfig, preference_loss
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Global-batch means of the metrics (TRL names) plus the optimizer's report, on every rank."""
+
+    metrics: dict[str, float]
+    grad_norm: float | None
+    update_successful: bool
+
+
+def _policy_logp_sums(batch: PreferenceBatch, logits: torch.Tensor, vocab_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2n] summed response log-probs and [2n] response lengths from [2n, s, V_p/tp] logits."""
+    from megatron.core import parallel_state
+
+    token_logps = vocab_parallel_logprobs(
+        logits, batch.labels, vocab_size=vocab_size,
+        tp_group=parallel_state.get_tensor_model_parallel_group())
+    return sequence_logprobs(token_logps, batch.loss_mask)
+
+
+def _loss_func(batch: PreferenceBatch, loss_config: LossConfig, vocab_size: int,
+               logits: torch.Tensor):
+    """Megatron schedule loss function: (sum of pair losses, pair count, metric sums)."""
+    logp_sum, count = _policy_logp_sums(batch, logits, vocab_size)
+    reference = batch.reference_logp_sum
+    loss, metrics = preference_loss(
+        logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], loss_config,
+        None if reference is None else reference[0::2],
+        None if reference is None else reference[1::2])
+    metric_sums = torch.stack([metrics[name].sum() for name in METRIC_NAMES])
+    num_pairs = torch.tensor(batch.num_pairs, dtype=torch.int, device=loss.device)
+    return loss.sum(), num_pairs, metric_sums
+
+
+def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
+    # No attention mask: rows are right-padded, so the causal mask alone keeps real tokens from
+    # seeing padding. Logits come back as [b, s, V_p/tp] on the last stage.
+    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
+
+
+def _forward_step(loss_config: LossConfig, vocab_size: int, data_iterator, model):
+    batch = next(data_iterator)
+    return _forward(batch, model), partial(_loss_func, batch, loss_config, vocab_size)
+
+
+def _reference_forward_step(vocab_size: int, data_iterator, model):
+    batch = next(data_iterator)
+
+    def collect(logits):
+        logp_sum, _ = _policy_logp_sums(batch, logits, vocab_size)
+        return logp_sum.sum(), torch.tensor(0, dtype=torch.int), logp_sum
+
+    return _forward(batch, model), collect
+
+
+def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], model_chunks,
+                  forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iter(microbatches),
+        model=model_chunks,
+        num_microbatches=len(microbatches),
+        seq_length=microbatches[0].seq_length,
+        micro_batch_size=microbatches[0].tokens.shape[0],  # rows: 2 x pairs
+        forward_only=forward_only,
+    )
+
+
+def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBatch],
+                           vocab_size: int) -> list[PreferenceBatch]:
+    """DPO's extra pass: the frozen reference model's summed log-probs, attached to each batch.
+
+    A forward-only pipeline pass; the sums exist on the last stage, which is the only place the
+    loss reads them, so other stages get their batches back unchanged.
+    """
+    with torch.no_grad():
+        sums = _run_schedule(partial(_reference_forward_step, vocab_size), microbatches,
+                             [reference_model], forward_only=True)
+    if not sums:  # not the last pipeline stage
+        return list(microbatches)
+    return [batch.with_reference(logp_sum) for batch, logp_sum in zip(microbatches, sums)]
+
+
+def _global_metric_means(per_microbatch: list[torch.Tensor],
+                         microbatches: Sequence[PreferenceBatch]) -> dict[str, float]:
+    """Sum metric sums over micro-batches and DP ranks, divide by pairs, share across stages."""
+    from megatron.core import parallel_state
+
+    # The last slot carries the pair count, so one all-reduce moves sums and count together.
+    totals = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64,
+                         device=microbatches[0].tokens.device)
+    for sums in per_microbatch:
+        totals[:-1] += sums.to(torch.float64)
+    if per_microbatch:  # the last pipeline stage
+        totals[-1] = sum(batch.num_pairs for batch in microbatches)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    means = (totals[:-1] / totals[-1]).tolist()
+    return dict(zip(METRIC_NAMES, means))
+
+
+def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceBatch],
+               loss_config: LossConfig, *, vocab_size: int, reference_model=None) -> StepResult:
+    """Forward/backward every micro-batch of this DP rank's share of the global batch, then step.
+
+    Args:
+        model_chunks: [DDP-wrapped GPTModel] (one chunk; built by ``optimizer.wrap_with_ddp``).
+        optimizer: from ``optimizer.build_optimizer`` (installs the gradient finalisation hooks).
+        microbatches: this data-parallel rank's micro-batches, each with the same shape.
+        vocab_size: true vocabulary size (padded logits are excluded from the softmax).
+        reference_model: the frozen reference ``GPTModel`` (DPO only).
+    """
+    if loss_config.needs_reference != (reference_model is not None):
+        raise ValueError("a reference model is needed for --algorithm dpo and only for it")
+    if reference_model is not None:
+        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size)
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    per_microbatch = _run_schedule(partial(_forward_step, loss_config, vocab_size), microbatches,
+                                   model_chunks, forward_only=False)
+    update_successful, grad_norm, _ = optimizer.step()
+    metrics = _global_metric_means(per_microbatch, microbatches)
+    return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=update_successful)
+

@@ -1,0 +1,94 @@
+"""Vocab-parallel log-probs equal a one-process log_softmax + gather, values and gradients."""
+
+import pytest
+import torch
+
+from megatron_simpo.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from tests.multiprocess import run_on_ranks
+
+BATCH, SEQ, PADDED_VOCAB, TRUE_VOCAB = 3, 5, 48, 41  # 7 padded ids, spread over the last ranks
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(BATCH, SEQ, PADDED_VOCAB, generator=generator)
+    labels = torch.randint(0, TRUE_VOCAB, (BATCH, SEQ), generator=generator)
+    labels[0, :] = TRUE_VOCAB - 1  # the last real id, on the last rank
+    upstream = torch.randn(BATCH, SEQ, generator=generator)
+    return logits, labels, upstream
+
+
+def _reference(logits, labels, upstream):
+    logits = logits[..., :TRUE_VOCAB].clone().requires_grad_(True)
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (logps * upstream).sum().backward()
+    grad = torch.cat([logits.grad, torch.zeros(BATCH, SEQ, PADDED_VOCAB - TRUE_VOCAB)], dim=-1)
+    return logps.detach(), grad
+
+
+def _tp_worker(rank, tp):
+    import torch.distributed as dist
+
+    from megatron_simpo import runtime
+    from megatron_simpo.parallel import ParallelConfig
+
+    runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp))
+    from megatron.core import parallel_state
+
+    logits, labels, upstream = _inputs()
+    shard = torch.chunk(logits, tp, dim=-1)[rank].clone()
+    before = shard.clone()
+    shard.requires_grad_(True)
+    logps = vocab_parallel_logprobs(shard, labels, vocab_size=TRUE_VOCAB,
+                                    tp_group=parallel_state.get_tensor_model_parallel_group())
+    (logps * upstream).sum().backward()
+    assert torch.equal(shard.detach(), before), "input logits were modified"
+    assert dist.get_world_size() == tp
+    return logps.detach(), shard.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vocab_parallel_logprobs_match_full_log_softmax(tp):
+    logits, labels, upstream = _inputs()
+    expected, expected_grad = _reference(logits, labels, upstream)
+    results = run_on_ranks(tp, _tp_worker, tp)
+    for rank, (logps, grad) in enumerate(results):
+        torch.testing.assert_close(logps, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, torch.chunk(expected_grad, tp, dim=-1)[rank],
+                                   atol=1e-6, rtol=0)
+
+
+def test_unsplit_logprobs_in_process_and_padding_excluded():
+    logits, labels, upstream = _inputs()
+    expected, expected_grad = _reference(logits, labels, upstream)
+    x = logits.clone().requires_grad_(True)
+    got = vocab_parallel_logprobs(x, labels, vocab_size=TRUE_VOCAB)
+    (got * upstream).sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x.grad, expected_grad, atol=1e-6, rtol=0)
+    # Padding really is excluded: including it would lower every log-prob.
+    with_padding = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    gap = got.detach() - with_padding
+    assert (gap >= 0).all() and gap.max() > 0.1
+
+
+def test_bf16_logits_give_fp32_logprobs_close_to_fp32():
+    logits, labels, _ = _inputs()
+    got = vocab_parallel_logprobs(logits.bfloat16(), labels, vocab_size=TRUE_VOCAB)
+    assert got.dtype == torch.float32
+    expected = vocab_parallel_logprobs(logits.bfloat16().float(), labels, vocab_size=TRUE_VOCAB)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_sequence_logprobs_sum_and_count_only_masked_positions():
+    token_logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.5, -9.0, -9.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
+    total, count = sequence_logprobs(token_logps, mask)
+    assert total.tolist() == [-5.0, -1.0]
+    assert count.tolist() == [2.0, 2.0]
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="disagree"):
+        vocab_parallel_logprobs(torch.zeros(2, 3, 8), torch.zeros(2, 4, dtype=torch.long),
+                                vocab_size=8)
