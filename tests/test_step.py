@@ -1,0 +1,179 @@
+"""One SimPO/DPO step on Megatron-Core equals a one-process Hugging Face computation.
+
+The reference is independent of the package: a Hugging Face model on one process, log_softmax +
+gather, the paper's formula written out, torch autograd and torch's AdamW. The Megatron side runs
+the real schedules, DDP, (distributed) optimizer and gradient finalisation on gloo ranks.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_simpo.data import TokenizedPair, collate_pairs
+from tests.multiprocess import run_on_ranks
+from tests.tiny import tiny_hf_config, tiny_hf_model
+
+PAIRS, SEQ = 8, 24
+BETA, GAMMA = 2.5, 1.375
+LR, ADAM_EPS = 1e-2, 1e-3  # a large eps makes Adam's first update proportional to the gradient
+
+
+def _batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    pairs = [TokenizedPair(ids(1, 6), ids(1, 12), ids(1, 12)) for _ in range(PAIRS)]
+    return collate_pairs(pairs, SEQ)
+
+
+def _sequence_logps(hf_model, batch):
+    logits = hf_model(batch.tokens).logits
+    token = torch.log_softmax(logits.float(), -1).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+    return (token * batch.loss_mask).sum(-1), batch.loss_mask.sum(-1)
+
+
+def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=1e9):
+    """Loss, gradients (HF names), grad norm and AdamW-updated params, all on one process."""
+    model = tiny_hf_model(hf_config)
+    model.load_state_dict(hf_state)
+    total, count = _sequence_logps(model, batch)
+    if algorithm == "simpo":
+        score = total / count
+        h = BETA * (score[0::2] - score[1::2]) - GAMMA
+    else:  # DPO with summed log-prob ratios against a frozen reference
+        reference = tiny_hf_model(hf_config)
+        reference.load_state_dict(ref_state)
+        with torch.no_grad():
+            ref_total, _ = _sequence_logps(reference, batch)
+        ratio = total - ref_total
+        h = 0.1 * (ratio[0::2] - ratio[1::2])
+    loss = -F.logsigmoid(h).mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS, weight_decay=0.0).step()
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return loss.item(), grads, grad_norm, params
+
+
+def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
+                   use_distributed_optimizer, ref_state, clip):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo import runtime
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
+    from megatron_simpo.losses import LossConfig
+    from megatron_simpo.model import ModelConfig, build_model
+    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.step import train_step
+
+    config = ModelConfig.from_hf_config(hf_config)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    runtime.initialize(parallel, seed=0, model_config=config)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    where = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp)
+
+    def load(state):
+        model = build_model(config, parallel)
+        load_rank_state(model, hf_to_megatron(state, config, config.padded_vocab_size(tp)),
+                        config, **where)
+        return model
+
+    settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=clip,
+                                 use_distributed_optimizer=use_distributed_optimizer)
+    model = wrap_with_ddp(load(hf_state), settings)
+    optimizer = build_optimizer([model], settings)
+    reference = None
+    if algorithm == "dpo":
+        reference = load(ref_state).eval()
+        reference.requires_grad_(False)
+        loss_config = LossConfig(algorithm="dpo", beta=0.1)
+    else:
+        loss_config = LossConfig(beta=BETA, gamma=GAMMA)
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    rows = 2 * PAIRS // dp_size
+    shard = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
+    result = train_step([model], optimizer, shard.split(num_microbatches), loss_config,
+                        vocab_size=config.vocab_size, reference_model=reference)
+
+    def gather(tensors):
+        """Unsplit (TP-merged) tensors under global names."""
+        out = {}
+        for name, tensor in tensors:
+            shards = [torch.empty_like(tensor) for _ in range(tp)]
+            dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+            out[to_global_name(name, config, pp_rank, pp)] = merge_tensors(name, shards)
+        return out
+
+    named = list(model.module.named_parameters())
+    grads = None if use_distributed_optimizer else gather((n, p.main_grad) for n, p in named)
+    params = gather((n, p.detach()) for n, p in named)
+    return dict(metrics=result.metrics, grad_norm=result.grad_norm, grads=grads, params=params,
+                config=config)
+
+
+def _compare(expected, results, hf_config, what, atol):
+    from megatron_simpo.convert.llama import hf_to_megatron
+
+    config = results[0]["config"]
+    for result in results:
+        if result[what] is None:
+            continue
+        for name, value in result[what].items():
+            padded = value.shape[0] if "word_embeddings" in name or "output_layer" in name else None
+            reference = hf_to_megatron(expected, config, padded or config.padded_vocab_size(1))
+            if name == "output_layer.weight" and config.tie_word_embeddings:
+                name = "embedding.word_embeddings.weight"
+            diff = (value - reference[name]).abs().max().item()
+            assert diff <= atol, f"{what} of {name}: max diff {diff}"
+
+
+CASES = {  # name: (world, tp, pp, micro-batches, distributed optimizer, architecture)
+    "tp1": (1, 1, 1, 1, False, "llama3"),
+    "tp2": (2, 2, 1, 1, False, "llama3"),
+    "pp2": (2, 1, 2, 1, False, "llama3"),
+    "tp2_pp2": (4, 2, 2, 1, False, "llama3"),
+    "dp2": (2, 1, 1, 1, False, "llama3"),
+    "microbatches2": (1, 1, 1, 2, False, "llama3"),
+    "pp2_microbatches4": (2, 1, 2, 4, False, "llama3"),
+    "tied_pp2_dp2": (4, 1, 2, 2, False, "llama3.2"),
+    "qwen2_tp2_dp2_distopt_clip": (4, 2, 1, 2, True, "qwen2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_simpo_step_matches_single_process_reference(case):
+    world, tp, pp, micro, distributed_optimizer, arch = CASES[case]
+    hf_config = tiny_hf_config(arch)
+    hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
+    batch = _batch(hf_config["vocab_size"])
+    clip = 0.05 if distributed_optimizer else 1e9
+    loss, grads, grad_norm, params = _reference_step(hf_config, hf_state, batch, "simpo", clip=clip)
+    results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, micro,
+                           "simpo", distributed_optimizer, None, clip)
+    for result in results:  # metrics are shared by every rank, pipeline stages included
+        assert abs(result["metrics"]["loss"] - loss) <= 1e-5
+        assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
+    assert grad_norm > clip or not distributed_optimizer  # the clipping case really clips
+    _compare(grads, results, hf_config, "grads", atol=1e-5)
+    _compare(params, results, hf_config, "params", atol=1e-5)
+
+
+@pytest.mark.parametrize("world, tp, pp", [(1, 1, 1), (4, 2, 2)])
+def test_dpo_step_with_reference_model_matches(world, tp, pp):
+    hf_config = tiny_hf_config("llama3")
+    hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
+    ref_state = tiny_hf_model(hf_config, seed=4).state_dict()
+    batch = _batch(hf_config["vocab_size"])
+    loss, grads, _, _ = _reference_step(hf_config, hf_state, batch, "dpo", ref_state)
+    results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, 2, "dpo",
+                           False, ref_state, 1e9)
+    for result in results:
+        assert abs(result["metrics"]["loss"] - loss) <= 1e-5
+    _compare(grads, results, hf_config, "grads", atol=1e-5)
