@@ -13,6 +13,7 @@ causal mask real tokens never attend to the padding that follows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -97,3 +98,213 @@ def collate_pairs(pairs: Sequence[TokenizedPair], seq_length: int, pad_id: int =
             loss_mask[row, len(pair.prompt) - 1:length] = 1.0
     position_ids = torch.arange(seq_length, dtype=torch.long).unsqueeze(0).expand(n_rows, -1)
     return PreferenceBatch(tokens, labels, loss_mask, position_ids.contiguous())
+
+
+# ---- JSONL preference data ------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the pairs come from and how they are cut to length."""
+
+    train_data_path: str
+    """JSONL with ``prompt``, ``chosen``, ``rejected`` (``--train-data-path``)."""
+    valid_data_path: str | None = None
+    """Held-out JSONL (``--valid-data-path``); else ``valid_fraction`` of the training file."""
+    valid_fraction: float = 0.0
+    """Share of the training rows held out (seeded) when no validation file is given."""
+    tokenizer_path: str | None = None
+    """Hugging Face tokenizer folder (``--tokenizer``); its chat template is applied."""
+    seq_length: int = 2048
+    """Most tokens of prompt + response (``--seq-length``, the paper's max length)."""
+    max_prompt_length: int = 1800
+    """Most prompt tokens (``--max-prompt-length``); longer prompts lose tokens on the left."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length must be at least 2, got {self.seq_length}")
+        if not 1 <= self.max_prompt_length < self.seq_length:
+            raise ValueError(f"--max-prompt-length ({self.max_prompt_length}) must be >= 1 and "
+                             f"less than --seq-length ({self.seq_length})")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+
+
+def read_preference_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; every problem is reported with the file and line number."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a row must be a JSON object")
+            missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+            if missing:
+                raise ValueError(f"{where}: missing column(s) {', '.join(missing)}")
+            rows.append(dict(prompt=row["prompt"], chosen=row["chosen"],
+                             rejected=row["rejected"], source=where))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _messages(value, where: str, column: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}] if column == "prompt" else \
+               [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                       for m in value):
+        return list(value)
+    raise ValueError(f"{where}: column {column!r} must be a string or a list of "
+                     f"{{role, content}} messages")
+
+
+def _response_messages(prompt: list[dict], value, where: str, column: str) -> list[dict]:
+    """The assistant turn(s) of a response; a full conversation repeating the prompt is cut."""
+    messages = _messages(value, where, column)
+    if messages[:len(prompt)] == prompt and len(messages) > len(prompt):
+        messages = messages[len(prompt):]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise ValueError(f"{where}: column {column!r} must hold assistant message(s) after the prompt")
+    if not any(str(m["content"]).strip() for m in messages):
+        raise ValueError(f"{where}: empty {column} response")
+    return messages
+
+
+def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig) -> list[TokenizedPair]:
+    """Apply the chat template, tokenize, and truncate: prompt from the left, response from the right.
+
+    The response tokens are what the template adds after the generation prompt (Llama-3: the
+    answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
+    tokenizer's special tokens and the response gets the EOS token appended.
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    prompts, fulls = [], []
+    for row in rows:
+        where = row["source"]
+        prompt = _messages(row["prompt"], where, "prompt")
+        if not any(str(m["content"]).strip() for m in prompt):
+            raise ValueError(f"{where}: empty prompt")
+        responses = [_response_messages(prompt, row[c], where, c) for c in ("chosen", "rejected")]
+        if has_template:
+            prompts.append(prompt)
+            fulls.extend(prompt + r for r in responses)
+        else:
+            prompts.append("\n".join(str(m["content"]) for m in prompt))
+            fulls.extend("".join(str(m["content"]) for m in r) for r in responses)
+    if has_template:
+        # One batched call per kind: the template is rendered far faster than row by row.
+        prompts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+        fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        full_ids = [ids + eos for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
+    pairs = []
+    for index, row in enumerate(rows):
+        prompt = prompt_ids[index]
+        answers = []
+        for offset, column in enumerate(("chosen", "rejected")):
+            full = full_ids[2 * index + offset]
+            if has_template:
+                if full[:len(prompt)] != prompt:
+                    raise ValueError(f"{row['source']}: the chat template does not render the "
+                                     f"prompt as a prefix of the conversation; cannot find the "
+                                     f"{column} response tokens")
+                full = full[len(prompt):]
+            answers.append(full)
+        kept_prompt = prompt[-config.max_prompt_length:]
+        budget = config.seq_length - len(kept_prompt)
+        chosen, rejected = (answer[:budget] for answer in answers)
+        for column, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not answer:
+                raise ValueError(f"{row['source']}: empty {column} response after tokenization")
+        pairs.append(TokenizedPair(kept_prompt, chosen, rejected))
+    return pairs
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load tokenizer from {path}: {error}") from error
+
+
+def load_datasets(config: DataConfig, tokenizer, seed: int
+                  ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """(train pairs, validation pairs), tokenized; the held-out split is seeded and disjoint."""
+    train_rows = read_preference_rows(config.train_data_path)
+    if config.valid_data_path:
+        valid_rows = read_preference_rows(config.valid_data_path)
+    elif config.valid_fraction > 0:
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed))
+        n_valid = max(1, int(round(config.valid_fraction * len(train_rows))))
+        valid_rows = [train_rows[i] for i in order[:n_valid].tolist()]
+        train_rows = [train_rows[i] for i in sorted(order[n_valid:].tolist())]
+    else:
+        valid_rows = []
+    return tokenize_rows(train_rows, tokenizer, config), \
+        (tokenize_rows(valid_rows, tokenizer, config) if valid_rows else [])
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def padded_length(pairs: Sequence[TokenizedPair], seq_length: int, multiple: int = 8) -> int:
+    """Model input length for a batch: its longest pair (minus the last token), rounded up."""
+    longest = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs) - 1
+    return min(round_up(longest, multiple), seq_length)
+
+
+class PairSampler:
+    """Deterministic order of pairs by seed and epoch; a position is a count of consumed pairs.
+
+    Each epoch is a fresh seeded permutation of the training pairs; the incomplete last global
+    batch of an epoch is dropped. Global batch ``k`` of the run is split into contiguous, disjoint
+    shards, one per data-parallel rank. Resuming needs only ``consumed_samples``.
+    """
+
+    def __init__(self, num_pairs: int, global_batch_size: int, seed: int):
+        if num_pairs < global_batch_size:
+            raise ValueError(f"the training set has {num_pairs} pairs, fewer than "
+                             f"--global-batch-size ({global_batch_size})")
+        self.num_pairs, self.global_batch_size, self.seed = num_pairs, global_batch_size, seed
+        self.batches_per_epoch = num_pairs // global_batch_size
+        self._epoch, self._order = -1, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_pairs, generator=generator).tolist()
+        return self._order
+
+    def global_batch(self, consumed_samples: int) -> list[int]:
+        """Indices of the global batch that starts at ``consumed_samples``."""
+        if consumed_samples % self.global_batch_size:
+            raise ValueError(f"consumed samples {consumed_samples} is not a multiple of the "
+                             f"global batch size {self.global_batch_size}")
+        batch = consumed_samples // self.global_batch_size
+        epoch, within = divmod(batch, self.batches_per_epoch)
+        start = within * self.global_batch_size
+        return self._permutation(epoch)[start:start + self.global_batch_size]
+
+    @staticmethod
+    def shard(indices: list[int], dp_rank: int, dp_size: int) -> list[int]:
+        per_rank = len(indices) // dp_size
+        return indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]

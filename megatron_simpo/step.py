@@ -150,3 +150,20 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     metrics = _global_metric_means(per_microbatch, microbatches)
     return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=update_successful)
 
+
+
+def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
+             *, vocab_size: int, reference_model=None) -> dict[str, float]:
+    """Forward-only pass over held-out micro-batches: global means of the same metrics."""
+    if reference_model is not None:
+        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size)
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            per_microbatch = _run_schedule(partial(_forward_step, loss_config, vocab_size),
+                                           microbatches, model_chunks, forward_only=True)
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    return _global_metric_means(per_microbatch, microbatches)

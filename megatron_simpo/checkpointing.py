@@ -1,0 +1,291 @@
+"""Checkpoints in Megatron-LM's folder layout and Megatron-Core's distributed format.
+
+    SAVE/
+      latest_checkpointed_iteration.txt     the newest complete iteration, e.g. "100"
+      tokenizer/                            copied from --tokenizer (or the pretrained checkpoint)
+      iter_0000100/
+        model_config.json                   the architecture: later commands need no model flags
+        metadata.json, common.pt, *.distcp  dist checkpoint: model, optimizer, scheduler, state
+
+Distributed checkpoints are resharded on load, so a checkpoint saved at one TP/PP loads at
+another. An iteration is written to ``iter_NNNNNNN.partial`` and renamed once every rank has
+finished, and the tracker file is replaced atomically afterwards: an interrupted save never
+leaves a folder that training would take as valid, nor touches an existing checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_simpo.model import ModelConfig
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG_FILE = "model_config.json"
+# Distributed-optimizer state in canonical per-parameter form, which reshards over TP, PP and DP
+# (Megatron-LM's choice too). The type is recorded in the checkpoint and reused when loading.
+OPTIMIZER_SHARDING_TYPE = "fully_reshardable"
+
+
+def _optimizer_metadata(sharding_type: str) -> dict:
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where training stands: what a resume needs besides weights and optimizer state."""
+
+    iteration: int
+    consumed_samples: int
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
+    """The iteration folder a path names: a save root (its latest iteration) or an iter_ folder."""
+    path = Path(path)
+    if (path / MODEL_CONFIG_FILE).is_file() and (path / "metadata.json").is_file():
+        return path
+    tracker = path / TRACKER_FILE
+    if not tracker.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no checkpoint there (no {TRACKER_FILE} and not "
+                                f"an iter_NNNNNNN folder)")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{flag} {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
+    folder = iteration_dir(path, int(text))
+    if not (folder / "metadata.json").is_file():
+        raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
+                                f"{folder} is missing or incomplete")
+    return folder
+
+
+def read_model_config(checkpoint: Path) -> ModelConfig:
+    return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
+
+
+def check_model_config(checkpoint: Path, expected: ModelConfig) -> None:
+    """Refuse a checkpoint of another architecture, naming the fields that differ."""
+    saved = read_model_config(checkpoint).to_dict()
+    wanted = expected.to_dict()
+    differ = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted.get(k)!r}"
+              for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differ:
+        raise ValueError(f"checkpoint {checkpoint} does not match the model: " + "; ".join(differ))
+
+
+def _rng_state_object(parallel_ranks: tuple[int, int, int], parallel_sizes: tuple[int, int, int]):
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {
+        "random": random.getstate(),
+        "np_random": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, parallel_sizes, parallel_ranks, replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np_random"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    from megatron.core import parallel_state as ps
+
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank())
+    sizes = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    return ranks, sizes
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers under a Megatron (possibly chained) optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [inner.optimizer for inner in chained if getattr(inner, "optimizer", None) is not None]
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give torch's Adam/AdamW zero state (step 0) before a checkpoint is loaded into it.
+
+    Megatron-Core's loading path reads the optimizer state's structure, including each param's
+    ``step``; its own state initialiser creates only the moments for torch's Adam (used where
+    neither Transformer Engine nor Apex is installed, e.g. on CPU). The values are overwritten
+    by the checkpoint; parameters are not touched.
+    """
+    for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                state.setdefault("step", torch.tensor(0.0))
+                state.setdefault("exp_avg", torch.zeros_like(param, memory_format=torch.preserve_format))
+                state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
+
+
+def _load_optimizer_state(optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, working around a megatron-core 0.16.1 bug with torch Adam.
+
+    With torch's Adam (no Transformer Engine/Apex, e.g. on CPU) every parameter's optimizer
+    state holds a ``step``; the distributed optimizer's "fully_reshardable" loader copies every
+    state key from the checkpoint but deliberately skips ``step`` there (it comes from the
+    param groups), so it fails with KeyError 'step'. Here the param groups (and step) are
+    loaded first and the per-parameter tensors then loaded with ``step`` set aside.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    inner = chained[0]
+    torch_state = inner.optimizer.state if getattr(inner, "optimizer", None) is not None else {}
+    if (len(chained) == 1 and isinstance(inner, DistributedOptimizer)
+            and state_dict.get("param_state_sharding_type") == "fully_reshardable"
+            and any("step" in s for s in torch_state.values())):
+        state_dict = dict(state_dict)
+        param_state = state_dict.pop("param_state")
+        state_dict.pop("param_state_sharding_type")
+        optimizer.load_state_dict(state_dict)
+        steps = {param: state.pop("step") for param, state in inner.optimizer.state.items()
+                 if "step" in state}
+        try:
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():
+                inner.optimizer.state[param]["step"] = step
+    else:
+        optimizer.load_state_dict(state_dict)
+    # Megatron restores torch Adam's step as ONE tensor shared by every parameter; torch then
+    # increments it once per parameter per step, corrupting the bias correction. Unshare it.
+    for torch_optimizer in _torch_optimizers(optimizer):
+        for state in torch_optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
+                   with_rng: bool = True,
+                   optimizer_sharding_type: str = OPTIMIZER_SHARDING_TYPE) -> dict:
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading,
+            metadata=_optimizer_metadata(optimizer_sharding_type))
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        ranks, sizes = _layout()
+        state["rng_state"] = _rng_state_object(ranks, sizes)
+    return state
+
+
+def _write_checkpoint(save_dir: str | Path, iteration: int, build_state, model_config: ModelConfig,
+                      tokenizer_path: str | Path | None) -> Path:
+    """Save ``build_state()`` into ``iter_NNNNNNN.partial``, then publish it (all ranks call this)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(save_dir)
+    final = iteration_dir(root, iteration)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(build_state(), str(partial))
+    dist.barrier()
+    if rank == 0:
+        model_config.save(partial / MODEL_CONFIG_FILE)
+        if tokenizer_path is not None and not (root / "tokenizer").exists():
+            shutil.copytree(tokenizer_path, root / "tokenizer")
+        if final.exists():  # re-saving an iteration: the old folder goes only now
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tracker_tmp = root / (TRACKER_FILE + ".tmp")
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, root / TRACKER_FILE)
+    dist.barrier()
+    return final
+
+
+def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimizer, scheduler,
+                    model_config: ModelConfig, tokenizer_path: str | Path | None = None) -> Path:
+    """Everything a resume needs: model, optimizer, scheduler, RNG, iteration and data position."""
+
+    def build_state():
+        _, sizes = _layout()
+        state = _sharded_state(model, optimizer, scheduler, is_loading=False)
+        state["train_state"] = {"iteration": train_state.iteration,
+                                "consumed_samples": train_state.consumed_samples,
+                                "parallel_sizes": list(sizes),
+                                "optimizer_sharding_type": OPTIMIZER_SHARDING_TYPE}
+        return state
+
+    return _write_checkpoint(save_dir, train_state.iteration, build_state, model_config,
+                             tokenizer_path)
+
+
+def save_model_only(save_dir: str | Path, iteration: int, model, model_config: ModelConfig,
+                    tokenizer_path: str | Path | None = None) -> Path:
+    """Weights only, same layout: what converters write for ``--pretrained-checkpoint``."""
+    return _write_checkpoint(save_dir, iteration, lambda: {"model": model.sharded_state_dict()},
+                             model_config, tokenizer_path)
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
+                    model_config: ModelConfig) -> TrainState | None:
+    """Load weights (and, when given, optimizer, scheduler, RNG and train state) from a checkpoint.
+
+    Loading at another TP/PP than saved works (dist checkpoints reshard); the RNG state is then
+    not restored, as it belongs to ranks that no longer exist. Returns the saved train state when
+    the optimizer is loaded, None for weights only.
+    """
+    from megatron.core import dist_checkpointing
+
+    check_model_config(checkpoint, model_config)
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    saved = common.get("train_state")
+    _, sizes = _layout()
+    same_layout = saved is not None and tuple(saved["parallel_sizes"]) == sizes
+    full = optimizer is not None
+    if full and saved is None:
+        raise ValueError(f"{checkpoint} holds weights only (no optimizer or train state); "
+                         f"start from it with --pretrained-checkpoint, not --load")
+    if full:
+        _materialize_adam_state(optimizer)
+    state = _sharded_state(model, optimizer if full else None, scheduler if full else None,
+                           is_loading=True, with_rng=full and same_layout,
+                           optimizer_sharding_type=(saved or {}).get("optimizer_sharding_type",
+                                                                     OPTIMIZER_SHARDING_TYPE))
+    loaded = dist_checkpointing.load(state, str(checkpoint))
+    model.load_state_dict(loaded["model"], strict=True)
+    if not full:
+        return None
+    _load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"])
+    return TrainState(iteration=int(saved["iteration"]),
+                      consumed_samples=int(saved["consumed_samples"]))

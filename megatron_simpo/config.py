@@ -1,0 +1,91 @@
+"""The typed configuration of a training run (the CLI in ``arguments.py`` builds it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from megatron_simpo.data import DataConfig
+from megatron_simpo.losses import LossConfig
+from megatron_simpo.optimizer import OptimizerSettings
+from megatron_simpo.parallel import ParallelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. Validated on construction; ``check_world`` once the world size is known."""
+
+    parallel: ParallelConfig
+    data: DataConfig
+    loss: LossConfig
+    optimizer: OptimizerSettings
+    micro_batch_size: int = 1
+    """Pairs per micro-batch (``--micro-batch-size``); the model sees 2x rows (chosen + rejected)."""
+    global_batch_size: int = 128
+    """Pairs per optimizer step (``--global-batch-size``), reached by gradient accumulation."""
+    train_iters: int | None = None
+    train_epochs: int | None = None
+    lr_warmup_fraction: float = 0.1
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    bf16: bool = False
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    model_config_path: str | None = None
+    """HF ``config.json`` of a randomly initialised model (``--model-config``)."""
+    pretrained_checkpoint: str | None = None
+    """Converted or trained weights to start a new run from (``--pretrained-checkpoint``)."""
+    load: str | None = None
+    """Resume exactly from this save folder (``--load``)."""
+    save: str | None = None
+    save_interval: int | None = None
+    eval_interval: int | None = None
+    log_interval: int = 1
+    seed: int = 42
+    tensorboard_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--micro-batch-size", self.micro_batch_size),
+                            ("--global-batch-size", self.global_batch_size),
+                            ("--log-interval", self.log_interval)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value in (("--save-interval", self.save_interval),
+                            ("--eval-interval", self.eval_interval),
+                            ("--train-iters", self.train_iters),
+                            ("--train-epochs", self.train_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if (self.train_iters is None) == (self.train_epochs is None):
+            raise ValueError("give exactly one of --train-iters and --train-epochs")
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+        sources = [flag for flag, value in (("--model-config", self.model_config_path),
+                                            ("--pretrained-checkpoint", self.pretrained_checkpoint))
+                   if value]
+        if len(sources) > 1:
+            raise ValueError("give one of --model-config (random init) and --pretrained-checkpoint")
+        if not sources and not self.load:
+            raise ValueError("no model: give --pretrained-checkpoint, --model-config or --load")
+        if self.save_interval is not None and not self.save:
+            raise ValueError("--save-interval needs --save")
+        if self.data.tokenizer_path is None and self.pretrained_checkpoint is None and not self.load:
+            raise ValueError("no tokenizer: give --tokenizer (a Hugging Face tokenizer folder)")
+        for flag, path in (("--train-data-path", self.data.train_data_path),
+                           ("--valid-data-path", self.data.valid_data_path),
+                           ("--model-config", self.model_config_path),
+                           ("--tokenizer", self.data.tokenizer_path)):
+            if path and not Path(path).exists():
+                raise FileNotFoundError(f"{flag}: {path} does not exist")
+        if self.loss.needs_reference and self.load is None and self.pretrained_checkpoint is None:
+            raise ValueError("--algorithm dpo needs a reference model: give --pretrained-checkpoint")
+
+    def check_world(self, world_size: int) -> int:
+        """Validate the batch sizes against the data-parallel size; returns micro-batches per step."""
+        dp = self.parallel.data_parallel_size(world_size)
+        if self.global_batch_size % (self.micro_batch_size * dp) != 0:
+            raise ValueError(
+                f"--global-batch-size ({self.global_batch_size}) must be divisible by "
+                f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size ({dp})")
+        return self.global_batch_size // (self.micro_batch_size * dp)

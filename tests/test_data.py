@@ -1,0 +1,107 @@
+"""Data rules: chat template, prompt masking, truncation, shards, bad rows."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_simpo.data import (DataConfig, PairSampler, TokenizedPair, collate_pairs,
+                                 load_datasets, read_preference_rows, tokenize_rows)
+from megatron_simpo.tiny import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _config(path, **kw):
+    return DataConfig(train_data_path=str(path), **{"seq_length": 64, "max_prompt_length": 40, **kw})
+
+
+def _tokenize(tokenizer, tmp_path, rows, **kw):
+    path = _write(tmp_path / "d.jsonl", rows)
+    return tokenize_rows(read_preference_rows(path), tokenizer, _config(path, **kw))
+
+
+def test_chat_template_applied_and_response_is_the_assistant_turn(tokenizer, tmp_path):
+    [pair] = _tokenize(tokenizer, tmp_path, [{"prompt": "hi", "chosen": "ab", "rejected": "c"}])
+    assert tokenizer.decode(pair.prompt) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
+                                             "\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tokenizer.decode(pair.chosen) == "ab<|eot_id|>"
+    assert tokenizer.decode(pair.rejected) == "c<|eot_id|>"
+
+
+def test_message_list_rows_with_the_prompt_repeated(tokenizer, tmp_path):
+    user = {"role": "user", "content": "hi"}
+    row = {"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "ab"}],
+           "rejected": [{"role": "assistant", "content": "c"}]}
+    [pair] = _tokenize(tokenizer, tmp_path, [row])
+    assert tokenizer.decode(pair.chosen) == "ab<|eot_id|>"
+    assert tokenizer.decode(pair.rejected) == "c<|eot_id|>"
+
+
+def test_prompt_truncated_from_the_left_response_from_the_right(tokenizer, tmp_path):
+    long_prompt = "x" * 100
+    [pair] = _tokenize(tokenizer, tmp_path, [{"prompt": long_prompt, "chosen": "a" * 50,
+                                              "rejected": "b"}], seq_length=64, max_prompt_length=40)
+    assert len(pair.prompt) == 40
+    assert tokenizer.decode(pair.prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert len(pair.chosen) == 24 and tokenizer.decode(pair.chosen) == "a" * 24  # cut at the end
+    assert tokenizer.decode(pair.rejected) == "b<|eot_id|>"
+
+
+def test_prompt_is_masked_and_labels_are_shifted():
+    batch = collate_pairs([TokenizedPair([1, 2, 3], [4, 5], [6])], seq_length=6, pad_id=0)
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 0, 0], [1, 2, 3, 0, 0, 0]]
+    assert batch.labels.tolist() == [[2, 3, 4, 5, 0, 0], [2, 3, 6, 0, 0, 0]]
+    assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "chosen": "b"}', r"d.jsonl:2: missing column\(s\) rejected"),
+    ('{"prompt": "a", "chosen": "b", "rejected": ', r"d.jsonl:2: not valid JSON"),
+    ('["a", "b"]', r"d.jsonl:2: a row must be a JSON object"),
+    ('{"prompt": "a", "chosen": "", "rejected": "c"}', r"d.jsonl:2: empty chosen response"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "  "}', r"d.jsonl:2: empty rejected response"),
+    ('{"prompt": "", "chosen": "b", "rejected": "c"}', r"d.jsonl:2: empty prompt"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', r"d.jsonl:2: column 'chosen' must be"),
+])
+def test_bad_rows_are_named(tokenizer, tmp_path, line, message):
+    good = '{"prompt": "a", "chosen": "b", "rejected": "c"}'
+    with pytest.raises(ValueError, match=message):
+        _tokenize(tokenizer, tmp_path, [good, line])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_preference_rows(tmp_path / "nope.jsonl")
+
+
+def test_shards_are_disjoint_cover_the_batch_and_epochs_reshuffle():
+    sampler = PairSampler(num_pairs=100, global_batch_size=16, seed=5)
+    assert sampler.batches_per_epoch == 6
+    epoch = [i for b in range(6) for i in sampler.global_batch(16 * b)]
+    assert len(set(epoch)) == 96  # one epoch never repeats a pair
+    batch = sampler.global_batch(32)
+    shards = [PairSampler.shard(batch, r, 4) for r in range(4)]
+    assert sorted(i for s in shards for i in s) == sorted(batch)
+    assert all(len(s) == 4 for s in shards)
+    assert sampler.global_batch(16 * 6) != sampler.global_batch(0)  # epoch 2 reshuffles
+    assert PairSampler(100, 16, 5).global_batch(48) == sampler.global_batch(48)  # deterministic
+
+
+def test_held_out_split_is_disjoint_and_seeded(tokenizer, tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(40)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    config = DataConfig(train_data_path=str(path), valid_fraction=0.25, seq_length=64,
+                        max_prompt_length=40)
+    train, valid = load_datasets(config, tokenizer, seed=1)
+    assert len(train) == 30 and len(valid) == 10
+    assert not {tuple(p.prompt) for p in train} & {tuple(p.prompt) for p in valid}
+    assert load_datasets(config, tokenizer, seed=1)[1] == valid
