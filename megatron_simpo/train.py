@@ -73,7 +73,7 @@ def _pair_tokens(pairs: list[TokenizedPair], indices: list[int]) -> int:
 class MetricsWriter:
     """Rank 0 writes metrics.jsonl (and TensorBoard events when asked and installed)."""
 
-    def __init__(self, config: TrainConfig, rank: int):
+    def __init__(self, config: TrainConfig, rank: int, resuming: bool):
         self.active = rank == 0
         self.path = Path(config.save) / "metrics.jsonl" if config.save and self.active else None
         self.tensorboard = None
@@ -86,6 +86,8 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(config.tensorboard_dir)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resuming:  # a fresh run starts a fresh file; a resumed one appends
+                self.path.write_text("")
 
     def write(self, iteration: int, values: dict[str, float]) -> None:
         if not self.active:
@@ -109,11 +111,21 @@ def _log_line(iteration: int, total: int, consumed: int, lr: float, metrics: dic
             f"tokens/s: {tokens / max(elapsed, 1e-9):.0f} |")
 
 
-def run(config: TrainConfig) -> TrainSummary:
-    """Train as configured; call on every rank (under torchrun or spawned)."""
+def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
+    """Every check that can fail before training: model source, world layout, batch sizes.
+
+    Returns the model source and the number of micro-batches per step and rank.
+    """
     source = resolve_model_source(config)
-    rank, world_size, _ = runtime.read_world()
-    num_microbatches = config.check_world(world_size)
+    _, world_size, _ = runtime.read_world()
+    config.parallel.validate(world_size, source.config)
+    return source, config.check_world(world_size)
+
+
+def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
+    """Train as configured; call on every rank (under torchrun or spawned)."""
+    source, num_microbatches = prepared or prepare(config)
+    rank, _, _ = runtime.read_world()
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -159,7 +171,7 @@ def run(config: TrainConfig) -> TrainSummary:
         say(f"> resumed from {source.resume_from} at iteration {iteration}")
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
-    writer = MetricsWriter(config, rank)
+    writer = MetricsWriter(config, rank, resuming=source.resume_from is not None)
     summary = TrainSummary(iteration=iteration)
     vocab = source.config.vocab_size
     eval_batches = _eval_microbatches(valid_pairs, config, dp_rank, dp_size, pad_id, env.device)
@@ -203,9 +215,15 @@ def run(config: TrainConfig) -> TrainSummary:
         if config.save and config.save_interval and iteration % config.save_interval == 0 \
                 and iteration != total_iters:
             _save(config, iteration, consumed, model, optimizer, scheduler, source)
-    run_eval(iteration) if not summary.evals or summary.evals[-1][0] != iteration else None
+    if not summary.evals or summary.evals[-1][0] != iteration:
+        run_eval(iteration)
     if config.save:
         _save(config, iteration, consumed, model, optimizer, scheduler, source)
+    if len(summary.evals) > 1:
+        (first_at, first), (last_at, last) = summary.evals[0], summary.evals[-1]
+        key = "eval/rewards/accuracies"
+        say(f"> held-out reward accuracy: {first[key]:.3f} at iteration {first_at} -> "
+            f"{last[key]:.3f} at iteration {last_at}")
     return summary
 
 
@@ -231,10 +249,18 @@ def _eval_microbatches(pairs: list[TokenizedPair], config: TrainConfig, dp_rank:
 
 
 def main(argv=None) -> None:
+    """CLI entry point: bad flags and inputs end with ``error: ...`` and exit code 2."""
+    import sys
+
     from megatron_simpo.arguments import parse_args
 
     config = parse_args(argv)
     try:
-        run(config)
+        prepared = prepare(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"train_simpo: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        run(config, prepared)
     finally:
         runtime.shutdown()

@@ -26,7 +26,9 @@ def _argv(tiny, **flags):
             "--train-data-path", str(tiny["train"]), "--valid-data-path", str(tiny["valid"]),
             "--seq-length", "64", "--max-prompt-length", "48", "--micro-batch-size", "2",
             "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-fraction", "0.25",
-            "--use-distributed-optimizer", "--seed", "3"]
+            "--seed", "3"]
+    if flags.pop("distributed_optimizer", True):
+        argv.append("--use-distributed-optimizer")
     for flag, value in flags.items():
         flag = "--" + flag.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
@@ -42,7 +44,9 @@ def _train(rank, argv):
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_model_parallel_size=2),
-                                    dict(pipeline_model_parallel_size=2)])
+                                    dict(pipeline_model_parallel_size=2),
+                                    dict(distributed_optimizer=False)],
+                         ids=["tp2", "pp2", "dp2_plain_optimizer"])
 def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
     straight, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "a", **layout))[0]
     first, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "b",
@@ -79,3 +83,71 @@ def test_pretrained_checkpoint_starts_a_new_run(tiny, tmp_path):
     # A new run: iteration counting restarts and the eval at step 0 is the trained model's.
     assert len(losses) == 2 and evals[0][0] == 0
     assert (tmp_path / "b" / "iter_0000002").is_dir()
+
+
+def test_dpo_run_starts_at_log_2_with_the_policy_as_reference(tiny, tmp_path):
+    import math
+
+    run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=tmp_path / "sft"))
+    losses, evals = run_on_ranks(2, _train, _argv(tiny, train_iters=3, algorithm="dpo", beta=0.1,
+                                                  pretrained_checkpoint=tmp_path / "sft",
+                                                  pipeline_model_parallel_size=2))[0]
+    # Policy == reference at the start: every reward is 0 and every pair's loss is log 2.
+    assert abs(evals[0][1]["eval/loss"] - math.log(2)) <= 1e-6
+    assert abs(evals[0][1]["eval/rewards/margins"]) <= 1e-6
+    assert abs(losses[0] - math.log(2)) <= 1e-6 and losses[-1] != losses[0]
+
+
+def test_launcher_run_raises_held_out_accuracy(tmp_path):
+    from megatron_simpo.tiny import write_default
+
+    out = tmp_path / "demo"
+    write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
+    env = dict(os.environ, MODEL="tiny", SAVE=str(out), TRAIN_ITERS="400", PYTHON=sys.executable)
+    completed = subprocess.run(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh")],
+                               env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [e["eval/rewards/accuracies"] for e in evals if "eval/rewards/accuracies" in e]
+    assert accuracies[0] < 0.7 and accuracies[-1] >= 0.8, accuracies
+    assert "held-out reward accuracy" in completed.stdout
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
+    assert (out / "iter_0000400" / "model_config.json").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _main_error(capsys, monkeypatch, argv, world="1"):
+    from megatron_simpo.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, global_batch_size=6), "2")
+    assert "--global-batch-size (6) must be divisible by --micro-batch-size (2) x data-parallel size (2)" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, seq_length=512))
+    assert "--seq-length (512) exceeds the model's maximum sequence length (256)" in err
+    missing = tmp_path / "missing.jsonl"
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1) + ["--train-data-path", str(missing)])
+    assert f"--train-data-path: {missing} does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, load=tmp_path / "empty"))
+    assert f"--load {tmp_path / 'empty'}: no checkpoint there" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, tensor_model_parallel_size=3), "3")
+    assert "--tensor-model-parallel-size (3) must divide the number of attention heads" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, simpo_gamma=1.0,
+                                                 simpo_gamma_beta_ratio=0.5))
+    assert "--simpo-gamma or --simpo-gamma-beta-ratio, not both" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
+    assert "--fp16 is not supported" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, loss_type="hinge",
+                                                 label_smoothing=0.1))
+    assert "--label-smoothing applies to the sigmoid loss only" in err
+    assert not dist.is_initialized()

@@ -68,30 +68,61 @@ def _pad_vocab(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
     return torch.cat([weight, padding], dim=0)
 
 
+def megatron_names(config: ModelConfig) -> list[str]:
+    """Every tensor name of the unsplit Megatron model, in order."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(config.num_layers):
+        layer = f"decoder.layers.{i}."
+        names += [layer + suffix for suffix in _DIRECT]
+        names.append(layer + "self_attention.linear_qkv.weight")
+        if config.qkv_bias:
+            names.append(layer + "self_attention.linear_qkv.bias")
+        names.append(layer + "mlp.linear_fc1.weight")
+    names.append("decoder.final_layernorm.weight")
+    if not config.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+def hf_names_for(name: str, config: ModelConfig) -> list[str]:
+    """The Hugging Face tensors one unsplit Megatron tensor is built from."""
+    if name == "embedding.word_embeddings.weight":
+        return ["model.embed_tokens.weight"]
+    if name == "output_layer.weight":
+        return ["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+    if name == "decoder.final_layernorm.weight":
+        return ["model.norm.weight"]
+    match = _LAYER.match(name)
+    if not match:
+        raise KeyError(f"unknown Megatron tensor {name}")
+    hf, suffix = f"model.layers.{match.group(1)}.", match.group(2)
+    if suffix in _DIRECT:
+        return [hf + _DIRECT[suffix]]
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = suffix.rsplit(".", 1)[1]
+        return [f"{hf}self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
+    if suffix == "mlp.linear_fc1.weight":
+        return [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
+    raise KeyError(f"unknown Megatron tensor {name}")
+
+
+def megatron_tensor(name: str, get, config: ModelConfig, padded_vocab_size: int) -> torch.Tensor:
+    """Build one unsplit Megatron tensor from HF tensors fetched by ``get(hf_name)``."""
+    sources = [get(hf_name) for hf_name in hf_names_for(name, config)]
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        return _pack_qkv(*sources, config)
+    if name.endswith("mlp.linear_fc1.weight"):
+        return torch.cat(sources, dim=0)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return _pad_vocab(sources[0], padded_vocab_size)
+    return sources[0]
+
+
 def hf_to_megatron(hf_state: dict[str, torch.Tensor], config: ModelConfig,
                    padded_vocab_size: int) -> dict[str, torch.Tensor]:
     """HF ``LlamaForCausalLM``-style state dict -> Megatron names, unsplit layout."""
-    out: dict[str, torch.Tensor] = {}
-    out["embedding.word_embeddings.weight"] = _pad_vocab(hf_state["model.embed_tokens.weight"],
-                                                         padded_vocab_size)
-    for i in range(config.num_layers):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for mg_suffix, hf_suffix in _DIRECT.items():
-            out[mg + mg_suffix] = hf_state[hf + hf_suffix]
-        attn = hf + "self_attn."
-        out[mg + "self_attention.linear_qkv.weight"] = _pack_qkv(
-            hf_state[attn + "q_proj.weight"], hf_state[attn + "k_proj.weight"],
-            hf_state[attn + "v_proj.weight"], config)
-        if config.qkv_bias:
-            out[mg + "self_attention.linear_qkv.bias"] = _pack_qkv(
-                hf_state[attn + "q_proj.bias"], hf_state[attn + "k_proj.bias"],
-                hf_state[attn + "v_proj.bias"], config)
-        out[mg + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf_state[hf + "mlp.gate_proj.weight"], hf_state[hf + "mlp.up_proj.weight"]], dim=0)
-    out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"]
-    if not config.tie_word_embeddings:
-        out["output_layer.weight"] = _pad_vocab(hf_state["lm_head.weight"], padded_vocab_size)
-    return out
+    return {name: megatron_tensor(name, hf_state.__getitem__, config, padded_vocab_size)
+            for name in megatron_names(config)}
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

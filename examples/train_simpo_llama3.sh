@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# SimPO with Megatron-Core, launched by torchrun.
+#
+# Default: the authors' Llama-3-8B-Instruct recipe (beta 2.5, gamma/beta 0.55, lr 1e-6, global
+# batch 128, max length 2048 / prompt 1800, cosine with 10% warmup, one epoch, bf16) on one
+# node of 8 GPUs, from a checkpoint converted by tools/convert_hf_to_megatron.py:
+#
+#   CHECKPOINT=/ckpt/llama3-8b-instruct-tp2 DATA=/data/train.jsonl VALID_DATA=/data/test.jsonl \
+#   SAVE=/ckpt/llama3-8b-simpo bash examples/train_simpo_llama3.sh
+#
+# MODEL=tiny runs the embedded tiny default on CPU with two gloo processes (DP=2; TP=2 also
+# works) and needs nothing else:  MODEL=tiny bash examples/train_simpo_llama3.sh
+#
+# Variables: CHECKPOINT, DATA, VALID_DATA, SAVE, TP, PP, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
+# NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON. Extra arguments are
+# passed on to tools/train_simpo.py and override the defaults (e.g. --train-iters 100).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON=${PYTHON:-python}
+TORCHRUN=("$PYTHON" -m torch.distributed.run)
+MODEL=${MODEL:-llama3-8b-instruct}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+case "$MODEL" in
+  tiny)
+    OUT=${SAVE:-outputs/demo}
+    ASSETS="$OUT/assets"
+    GPUS_PER_NODE=${GPUS_PER_NODE:-2}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two processes share the CPU cores
+    # Megatron-Core warns at import that TE and Apex are absent: expected on CPU.
+    export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::UserWarning,ignore::FutureWarning}
+    if [ ! -f "$ASSETS/train.jsonl" ]; then
+      "$PYTHON" "$REPO/tools/prepare_tiny_default.py" --output "$ASSETS"
+    fi
+    ARGS=(
+      --model-config "$ASSETS/config.json"
+      --tokenizer "$ASSETS/tokenizer"
+      --train-data-path "$ASSETS/train.jsonl"
+      --valid-data-path "$ASSETS/valid.jsonl"
+      --tensor-model-parallel-size "${TP:-1}"
+      --pipeline-model-parallel-size "${PP:-1}"
+      --seq-length 64 --max-prompt-length 48
+      --micro-batch-size "${MICRO_BATCH_SIZE:-16}" --global-batch-size "${GLOBAL_BATCH_SIZE:-32}"
+      --train-iters "${TRAIN_ITERS:-500}"
+      --lr 1e-3 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.05
+      --simpo-beta 2.5 --simpo-gamma-beta-ratio 0.55
+      --use-distributed-optimizer
+      --eval-interval 100 --log-interval 50
+      --save "$OUT" --seed 42
+    )
+    ;;
+  llama3-8b-instruct)
+    : "${CHECKPOINT:?set CHECKPOINT to a Megatron checkpoint from tools/convert_hf_to_megatron.py}"
+    : "${DATA:?set DATA to a JSONL file with prompt, chosen, rejected}"
+    GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+    SAVE=${SAVE:-outputs/llama3-8b-instruct-simpo}
+    ARGS=(
+      --pretrained-checkpoint "$CHECKPOINT"
+      --train-data-path "$DATA"
+      --tensor-model-parallel-size "${TP:-2}"
+      --pipeline-model-parallel-size "${PP:-1}"
+      --seq-length 2048 --max-prompt-length 1800
+      --micro-batch-size "${MICRO_BATCH_SIZE:-2}" --global-batch-size "${GLOBAL_BATCH_SIZE:-128}"
+      --train-epochs 1
+      --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.1
+      --weight-decay 0 --clip-grad 1.0
+      --simpo-beta 2.5 --simpo-gamma-beta-ratio 0.55
+      --bf16 --use-distributed-optimizer
+      --eval-interval 100 --log-interval 1
+      --save "$SAVE" --save-interval 200 --seed 42
+    )
+    if [ -n "${VALID_DATA:-}" ]; then
+      ARGS+=(--valid-data-path "$VALID_DATA")
+    else
+      ARGS+=(--valid-fraction 0.01)
+    fi
+    ;;
+  *)
+    echo "unknown MODEL=$MODEL (use llama3-8b-instruct or tiny)" >&2
+    exit 2
+    ;;
+esac
+
+exec "${TORCHRUN[@]}" \
+  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  "$REPO/tools/train_simpo.py" "${ARGS[@]}" "$@"
