@@ -199,9 +199,12 @@ def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
     return state
 
 
-def _write_checkpoint(save_dir: str | Path, iteration: int, build_state, model_config: ModelConfig,
-                      tokenizer_path: str | Path | None) -> Path:
-    """Save ``build_state()`` into ``iter_NNNNNNN.partial``, then publish it (all ranks call this)."""
+def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
+                      model_config: ModelConfig, assets: dict[str, Path] | None) -> Path:
+    """Save ``state`` into ``iter_NNNNNNN.partial``, then publish it (all ranks call this).
+
+    ``assets`` (name -> folder, e.g. the tokenizer) are copied next to the iterations once.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
@@ -213,12 +216,15 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, build_state, model_c
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     dist.barrier()
-    dist_checkpointing.save(build_state(), str(partial))
+    dtype = next(model.parameters()).dtype
+    state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
+    dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if rank == 0:
         model_config.save(partial / MODEL_CONFIG_FILE)
-        if tokenizer_path is not None and not (root / "tokenizer").exists():
-            shutil.copytree(tokenizer_path, root / "tokenizer")
+        for name, source in (assets or {}).items():
+            if source is not None and Path(source).is_dir() and not (root / name).exists():
+                shutil.copytree(source, root / name)
         if final.exists():  # re-saving an iteration: the old folder goes only now
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -230,27 +236,36 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, build_state, model_c
 
 
 def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimizer, scheduler,
-                    model_config: ModelConfig, tokenizer_path: str | Path | None = None) -> Path:
+                    model_config: ModelConfig, assets: dict[str, Path] | None = None) -> Path:
     """Everything a resume needs: model, optimizer, scheduler, RNG, iteration and data position."""
-
-    def build_state():
-        _, sizes = _layout()
-        state = _sharded_state(model, optimizer, scheduler, is_loading=False)
-        state["train_state"] = {"iteration": train_state.iteration,
-                                "consumed_samples": train_state.consumed_samples,
-                                "parallel_sizes": list(sizes),
-                                "optimizer_sharding_type": OPTIMIZER_SHARDING_TYPE}
-        return state
-
-    return _write_checkpoint(save_dir, train_state.iteration, build_state, model_config,
-                             tokenizer_path)
+    _, sizes = _layout()
+    state = _sharded_state(model, optimizer, scheduler, is_loading=False)
+    state["train_state"] = {"iteration": train_state.iteration,
+                            "consumed_samples": train_state.consumed_samples,
+                            "parallel_sizes": list(sizes),
+                            "optimizer_sharding_type": OPTIMIZER_SHARDING_TYPE}
+    return _write_checkpoint(save_dir, train_state.iteration, state, model, model_config, assets)
 
 
 def save_model_only(save_dir: str | Path, iteration: int, model, model_config: ModelConfig,
-                    tokenizer_path: str | Path | None = None) -> Path:
+                    assets: dict[str, Path] | None = None) -> Path:
     """Weights only, same layout: what converters write for ``--pretrained-checkpoint``."""
-    return _write_checkpoint(save_dir, iteration, lambda: {"model": model.sharded_state_dict()},
-                             model_config, tokenizer_path)
+    return _write_checkpoint(save_dir, iteration, {"model": model.sharded_state_dict()}, model,
+                             model_config, assets)
+
+
+def saved_params_dtype(checkpoint: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in."""
+    from megatron.core import dist_checkpointing
+
+    info = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("checkpoint_info", {})
+    return getattr(torch, info.get("params_dtype", "float32"))
+
+
+def checkpoint_assets(checkpoint: Path) -> dict[str, Path]:
+    """Folders saved next to a checkpoint's iterations (tokenizer, original HF config)."""
+    root = checkpoint.parent
+    return {name: root / name for name in ("tokenizer", "hf") if (root / name).is_dir()}
 
 
 def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,

@@ -228,9 +228,11 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
 
 
 def _save(config, iteration, consumed, model, optimizer, scheduler, source: ModelSource) -> None:
+    source_assets = checkpointing.checkpoint_assets(source.weights_from or source.resume_from) \
+        if (source.weights_from or source.resume_from) else {}
     path = checkpointing.save_checkpoint(
         config.save, checkpointing.TrainState(iteration, consumed), model.module, optimizer,
-        scheduler, source.config, tokenizer_path=source.tokenizer_path)
+        scheduler, source.config, assets={**source_assets, "tokenizer": source.tokenizer_path})
     if dist.get_rank() == 0:
         print(f"> saved checkpoint {path}")
 

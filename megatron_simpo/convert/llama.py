@@ -241,3 +241,24 @@ def load_rank_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor)
+
+
+def expected_hf_shape(hf_name: str, config: ModelConfig) -> tuple[int, ...] | None:
+    """The shape a Hugging Face tensor must have under ``config`` (None if not a model tensor)."""
+    h, d, f = config.hidden_size, config.kv_channels, config.ffn_hidden_size
+    q_rows, kv_rows = config.num_attention_heads * d, config.num_query_groups * d
+    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (config.vocab_size, h)
+    if hf_name == "model.norm.weight":
+        return (h,)
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
+    if not match or int(match.group(1)) >= config.num_layers:
+        return None
+    return {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q_rows, h), "self_attn.k_proj.weight": (kv_rows, h),
+        "self_attn.v_proj.weight": (kv_rows, h), "self_attn.o_proj.weight": (h, q_rows),
+        "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
+        "self_attn.v_proj.bias": (kv_rows,),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }.get(match.group(2))

@@ -1,0 +1,166 @@
+"""Reading and writing Hugging Face checkpoint folders (safetensors, sharded or not)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_simpo.convert.llama import expected_hf_shape
+from megatron_simpo.model import ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja")
+HF_METADATA_FILES = ("config.json", "generation_config.json")
+
+
+class HFCheckpointReader:
+    """Tensors of a HF folder, read one at a time from its safetensors files (never all at once).
+
+    Every file is opened up front, so a missing or truncated file fails before anything is
+    written; every tensor is checked against the shape the config implies when read.
+    """
+
+    def __init__(self, path: str | Path, config: ModelConfig):
+        from safetensors import safe_open
+
+        self.path, self.config = Path(path), config
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise ValueError(f"{index}: not a valid safetensors index ({error})") from None
+        elif single.is_file():
+            weight_map = None
+        elif list(self.path.glob("*.bin")):
+            raise ValueError(f"{self.path}: only PyTorch .bin weights found; save the model with "
+                             f"safe_serialization=True (safetensors) first")
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or "
+                                    f"model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else [single.name]
+        self._handles = {}
+        for name in files:
+            file = self.path / name
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: listed in the index but missing")
+            try:
+                self._handles[name] = safe_open(str(file), framework="pt")
+            except Exception as error:  # safetensors raises its own error types
+                raise ValueError(f"{file}: unreadable safetensors file ({error})") from None
+        if weight_map is None:
+            weight_map = {key: single.name for key in self._handles[single.name].keys()}
+        self.weight_map = weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.path}: tensor {name} is missing from the checkpoint")
+        file = self.weight_map[name]
+        try:
+            tensor = self._handles[file].get_tensor(name)
+        except Exception as error:
+            raise ValueError(f"{self.path / file}: cannot read tensor {name} ({error})") from None
+        expected = expected_hf_shape(name, self.config)
+        if expected is not None and tuple(tensor.shape) != expected:
+            raise ValueError(f"{self.path / file}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"but config.json implies {expected}")
+        return tensor
+
+
+def copy_metadata(hf_path: str | Path, dest: str | Path) -> tuple[Path | None, Path]:
+    """Copy tokenizer files to ``dest/tokenizer`` and config files to ``dest/hf``."""
+    hf_path, dest = Path(hf_path), Path(dest)
+    tokenizer_files = [hf_path / n for n in TOKENIZER_FILES if (hf_path / n).is_file()]
+    tokenizer_dir = None
+    if tokenizer_files:
+        tokenizer_dir = dest / "tokenizer"
+        tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        for file in tokenizer_files:
+            shutil.copy2(file, tokenizer_dir / file.name)
+    hf_dir = dest / "hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    for name in HF_METADATA_FILES:
+        if (hf_path / name).is_file():
+            shutil.copy2(hf_path / name, hf_dir / name)
+    return tokenizer_dir, hf_dir
+
+
+def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -> dict:
+    """config.json for an exported model: the original one when known, updated from ``config``."""
+    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                  "Qwen2ForCausalLM": "qwen2"}[config.architecture]
+    out = dict(base or {})
+    out.update(
+        architectures=[config.architecture], model_type=model_type,
+        hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
+        vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+        hidden_act="silu", initializer_range=config.init_method_std,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if config.architecture != "Qwen2ForCausalLM":
+        out["attention_bias"] = config.qkv_bias
+    if base is None:
+        out["rope_theta"] = config.rope_theta
+        if config.rope_scaling_factor is not None:
+            out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,
+                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192)
+    if ModelConfig.from_hf_config(out) != config:  # the original's RoPE fields must still hold
+        raise ValueError("the exported config.json does not describe the checkpoint's model; "
+                         "the stored hf/config.json disagrees with model_config.json")
+    return out
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '200MB', '10KB' (decimal units, as transformers uses) or a byte count."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[:-len(unit)]) * factor)
+    return int(text)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out_dir: str | Path,
+                      max_shard_size: str | int = "5GB") -> list[Path]:
+    """Write ``state`` as safetensors, sharded with ``model.safetensors.index.json`` when large.
+
+    Tensors may be views into shared storage (q/k/v of one packed tensor, a vocabulary slice);
+    each is copied into its own contiguous tensor only while its shard is written, so memory
+    stays at the model plus one shard.
+    """
+    from safetensors.torch import save_file
+
+    out_dir, limit = Path(out_dir), parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    count = len(shards)
+    files = ["model.safetensors"] if count == 1 else \
+        [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    weight_map, total = {}, 0
+    for file, names in zip(files, shards):
+        tensors = {name: state[name].detach().clone().contiguous() for name in names}
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: file for name in names})
+        del tensors
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [out_dir / file for file in files]

@@ -1,0 +1,55 @@
+"""Hugging Face checkpoint -> Megatron distributed checkpoint (one call per rank).
+
+Each rank builds its own shard of the model (no random initialisation), fills every tensor from
+the HF files one at a time and the ranks save together. Peak memory is the model once plus, per
+rank, the HF tensors of the one Megatron tensor being built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_simpo.checkpointing import save_model_only
+from megatron_simpo.convert.hf_io import HFCheckpointReader, copy_metadata
+from megatron_simpo.convert.llama import megatron_tensor, split_tensor, to_global_name
+from megatron_simpo.model import ModelConfig, build_model
+from megatron_simpo.parallel import ParallelConfig
+
+
+def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
+                 parallel: ParallelConfig, dtype: torch.dtype, *, progress: bool = False) -> Path:
+    """This rank's part of the conversion; ``runtime.initialize`` must have run with ``parallel``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    reader = HFCheckpointReader(hf_path, config)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    model = build_model(config, parallel, params_dtype=dtype, perform_initialization=False)
+    padded = config.padded_vocab_size(tp)
+    targets = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(targets), desc=f"rank {dist.get_rank()} tensors", unit="tensor")
+    with torch.no_grad():
+        for local_name, target in targets.items():
+            name = to_global_name(local_name, config, pp_rank, pp)
+            full = megatron_tensor(name, reader.get, config, padded)
+            shard = split_tensor(name, full, tp)[tp_rank]
+            if shard.shape != target.shape:
+                raise ValueError(f"tensor {name}: converted shard {tuple(shard.shape)} does not "
+                                 f"match the model's {tuple(target.shape)}")
+            target.copy_(shard)
+            del full, shard
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    if dist.get_rank() == 0:  # metadata first: without the tracker it is not a checkpoint yet
+        copy_metadata(hf_path, save)
+    dist.barrier()
+    return save_model_only(save, 0, model, config)

@@ -1,0 +1,66 @@
+"""Megatron checkpoint (any TP/PP, converted or trained) -> Hugging Face folder.
+
+One process: the checkpoint is resharded on load into an unsplit (TP=1, PP=1) model, mapped to
+HF names and written as safetensors, sharded with an index above ``max_shard_size``. The folder
+is assembled under ``<save>.partial`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_simpo import checkpointing
+from megatron_simpo.convert.hf_io import hf_config_dict, write_safetensors
+from megatron_simpo.convert.llama import megatron_to_hf
+from megatron_simpo.model import build_model
+from megatron_simpo.parallel import ParallelConfig
+
+
+def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None = None,
+                 dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> Path:
+    """Export; ``runtime.initialize(ParallelConfig())`` must have run (a world of one)."""
+    load = Path(load)
+    if iteration is not None:
+        checkpoint = checkpointing.iteration_dir(load, iteration)
+        if not (checkpoint / "metadata.json").is_file():
+            raise FileNotFoundError(f"--iteration {iteration}: {checkpoint} is not a checkpoint")
+    else:
+        checkpoint = checkpointing.find_checkpoint(load, "--load")
+    config = checkpointing.read_model_config(checkpoint)
+    saved_dtype = checkpointing.saved_params_dtype(checkpoint)
+    model = build_model(config, ParallelConfig(), params_dtype=saved_dtype,
+                        perform_initialization=False)
+    checkpointing.load_checkpoint(checkpoint, model, model_config=config)
+    megatron_state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
+    out_dtype = dtype or saved_dtype
+    state = {n: t.to(out_dtype) for n, t in megatron_to_hf(megatron_state, config).items()}
+
+    save = Path(save)
+    staging = save.with_name(save.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_safetensors(state, staging, max_shard_size)
+    assets = checkpointing.checkpoint_assets(checkpoint)
+    base_dir = assets.get("hf")
+    base = json.loads((base_dir / "config.json").read_text()) \
+        if base_dir and (base_dir / "config.json").is_file() else None
+    hf_config = hf_config_dict(config, base, out_dtype)
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if base_dir and (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", staging / "generation_config.json")
+    else:
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if hf_config.get(k) is not None}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if "tokenizer" in assets:
+        for file in assets["tokenizer"].iterdir():
+            if file.is_file():
+                shutil.copy2(file, staging / file.name)
+    if save.exists():
+        shutil.rmtree(save)
+    staging.rename(save)
+    return save
