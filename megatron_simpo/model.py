@@ -168,7 +168,7 @@ class ModelConfig:
             ffn_hidden_size=int(hf["intermediate_size"]),
             num_attention_heads=heads,
             num_query_groups=int(hf.get("num_key_value_heads") or heads),
-            head_dim=hf.get("head_dim"),
+            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
             vocab_size=int(hf["vocab_size"]),
             max_position_embeddings=int(hf["max_position_embeddings"]),
             rope_theta=rope_theta,

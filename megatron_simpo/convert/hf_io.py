@@ -113,9 +113,11 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
             out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,
                                        low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=8192)
-    if ModelConfig.from_hf_config(out) != config:  # the original's RoPE fields must still hold
-        raise ValueError("the exported config.json does not describe the checkpoint's model; "
-                         "the stored hf/config.json disagrees with model_config.json")
+    described = ModelConfig.from_hf_config(out).to_dict()
+    differ = {k: (v, described[k]) for k, v in config.to_dict().items() if described[k] != v}
+    if differ:  # e.g. the original's RoPE fields no longer hold
+        raise ValueError(f"the exported config.json would not describe the checkpoint's model "
+                         f"(field: (checkpoint, config.json)): {differ}")
     return out
 
 

@@ -1,0 +1,237 @@
+"""HF <-> Megatron conversion: logit parity per architecture, bit-exact round trip, bad inputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_simpo.convert.cli import hf_to_megatron_main, megatron_to_hf_main
+from tests.multiprocess import run_on_ranks
+from tests.tiny import ARCHITECTURES, tiny_hf_config, tiny_hf_model
+
+SEQ = 64
+
+
+def _save_hf(model, path: Path) -> Path:
+    from megatron_simpo.tiny import build_tokenizer
+
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _megatron_logits(model, tokens):
+    """Forward through Megatron's schedule (so PP works); logits [b, s, V_p/tp] on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, m):
+        batch = next(data_iterator)
+        output = m(input_ids=batch, position_ids=torch.arange(batch.shape[1]).expand_as(batch),
+                   attention_mask=None)
+        return output, lambda out: (out.sum() * 0, torch.tensor(0, dtype=torch.int), out.detach())
+
+    model.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True)
+    return outputs[0] if outputs else None
+
+
+def _convert_and_run(rank, tp, pp, cases, out_dir):
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo.convert.hf_to_megatron import convert_rank
+    from megatron_simpo.model import ModelConfig, build_model
+    from megatron_simpo.parallel import ParallelConfig
+
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    runtime.initialize(parallel, seed=0)
+    results = {}
+    for arch, hf_dir, tokens in cases:
+        config = ModelConfig.from_hf_config(hf_dir)
+        save = Path(out_dir) / f"{arch}-tp{tp}-pp{pp}"
+        convert_rank(hf_dir, save, config, parallel, torch.float32)
+        model = build_model(config, parallel)  # fresh random weights, replaced by the load
+        checkpointing.load_checkpoint(checkpointing.find_checkpoint(save), model, model_config=config)
+        results[arch] = _megatron_logits(model, tokens)
+    return ps.get_pipeline_model_parallel_rank() == pp - 1, results
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    models = {}
+    for seed, arch in enumerate(sorted(ARCHITECTURES)):
+        model = tiny_hf_model(tiny_hf_config(arch), seed=seed)
+        models[arch] = (model, _save_hf(model, root / arch))
+    return models
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_converted_checkpoint_gives_hugging_face_logits(hf_models, tmp_path, tp, pp):
+    tokens = torch.randint(0, 100, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    cases = [(arch, str(path), tokens) for arch, (_, path) in hf_models.items()]
+    results = run_on_ranks(tp * pp, _convert_and_run, tp, pp, cases, str(tmp_path))
+    last_stage = [logits for is_last, logits in results if is_last]
+    assert len(last_stage) == tp
+    for arch, (model, _) in hf_models.items():
+        with torch.no_grad():
+            expected = model(tokens).logits
+        logits = torch.cat([r[arch] for r in last_stage], dim=-1)[..., :expected.shape[-1]]
+        diff = (logits - expected).abs().max().item()
+        assert diff <= 1e-5, f"{arch} TP={tp} PP={pp}: max |logit diff| {diff}"
+
+
+@pytest.mark.parametrize("arch", ["llama3.2", "qwen2"])
+def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, arch):
+    import transformers
+    from safetensors.torch import load_file
+
+    model, hf_dir = hf_models[arch]
+    hf_to_megatron_main(["--hf-path", str(hf_dir), "--save", str(tmp_path / "mg"),
+                         "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                         "--dtype", "fp32"])
+    megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf"),
+                         "--max-shard-size", "40KB"])
+    files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    original, exported = load_file(hf_dir / "model.safetensors"), {}
+    for file in files:
+        exported.update(load_file(tmp_path / "hf" / file))
+    assert set(original) == set(exported)
+    for name, tensor in original.items():
+        assert torch.equal(tensor, exported[name]), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
+        json.loads((hf_dir / "config.json").read_text())["architectures"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.chat_template is not None
+
+
+def _train_two_steps(rank, argv):
+    from megatron_simpo.arguments import parse_args
+    from megatron_simpo.train import run
+
+    run(parse_args(argv))
+
+
+def _trained_logits(rank, load, tokens):
+    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo.model import build_model
+    from megatron_simpo.parallel import ParallelConfig
+
+    runtime.initialize(ParallelConfig(tensor_model_parallel_size=2))
+    checkpoint = checkpointing.find_checkpoint(load)
+    config = checkpointing.read_model_config(checkpoint)
+    model = build_model(config, ParallelConfig(tensor_model_parallel_size=2))
+    checkpointing.load_checkpoint(checkpoint, model, model_config=config)
+    return _megatron_logits(model, tokens)
+
+
+def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
+    import transformers
+
+    from megatron_simpo.tiny import write_default
+
+    tiny = write_default(tmp_path / "tiny", train_pairs=64, valid_pairs=8)
+    argv = ["--model-config", str(tiny["config"]), "--tokenizer", str(tiny["tokenizer"]),
+            "--train-data-path", str(tiny["train"]), "--seq-length", "64",
+            "--max-prompt-length", "48", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "3", "--lr", "1e-3", "--use-distributed-optimizer",
+            "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "run")]
+    run_on_ranks(2, _train_two_steps, argv)
+    megatron_to_hf_main(["--load", str(tmp_path / "run"), "--save", str(tmp_path / "hf")])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 52, (2, 24))
+    expected = torch.cat(run_on_ranks(2, _trained_logits, str(tmp_path / "run"), tokens), dim=-1)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert (expected[..., :logits.shape[-1]] - logits).abs().max() <= 1e-5
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def _convert_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        hf_to_megatron_main(argv)
+    return str(info.value.code)
+
+
+def test_unsupported_architecture_is_named(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(
+        dict(tiny_hf_config("llama3"), architectures=["GPT2LMHeadModel"], model_type="gpt2")))
+    message = _convert_error(capsys, ["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "o")])
+    assert "unsupported architecture 'GPT2LMHeadModel'" in message and "LlamaForCausalLM" in message
+
+
+def test_tp_that_does_not_divide_groups_is_refused(hf_models, tmp_path, capsys):
+    message = _convert_error(capsys, ["--hf-path", str(hf_models["llama3"][1]), "--save",
+                                      str(tmp_path / "o"), "--tensor-parallel-size", "4"])
+    assert "--tensor-parallel-size (4) must divide the number of query groups" in message
+
+
+def test_non_empty_output_is_refused_without_force(hf_models, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    message = _convert_error(capsys, ["--hf-path", str(hf_models["llama3"][1]), "--save",
+                                      str(tmp_path / "o")])
+    assert "exists and is not empty (use --force" in message
+    assert (tmp_path / "o" / "keep.txt").read_text() == "x"
+
+
+def _broken_copy(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if how == "missing":
+        weights.unlink()
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "shape":
+        config = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(dict(config, intermediate_size=48)))
+    elif how == "index":
+        (dst / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    return dst
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", "no model.safetensors or model.safetensors.index.json"),
+    ("truncated", "model.safetensors: unreadable safetensors file"),
+    ("shape", "tensor model.layers.0.mlp.gate_proj.weight has shape (64, 32), but config.json implies (48, 32)"),
+    ("index", "model-00002-of-00002.safetensors: listed in the index but missing"),
+])
+def test_bad_checkpoints_fail_and_publish_nothing(hf_models, tmp_path, capsys, how, message):
+    from megatron_simpo.checkpointing import find_checkpoint
+
+    src = _broken_copy(hf_models["llama3"][1], tmp_path / "hf", how)
+    # Over an existing valid checkpoint, with --force: a failure must leave it intact.
+    hf_to_megatron_main(["--hf-path", str(hf_models["llama3"][1]), "--save", str(tmp_path / "o"),
+                         "--dtype", "fp32"])
+    before = find_checkpoint(tmp_path / "o")
+    error = _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "o"),
+                                    "--force", "--tensor-parallel-size", "2"])
+    assert message in error
+    assert find_checkpoint(tmp_path / "o") == before and (before / "metadata.json").is_file()
+    # Into an empty folder: no checkpoint appears at all.
+    _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "fresh")])
+    with pytest.raises(FileNotFoundError):
+        find_checkpoint(tmp_path / "fresh")
+
+
+def test_export_refuses_a_folder_without_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as info:
+        megatron_to_hf_main(["--load", str(tmp_path / "empty"), "--save", str(tmp_path / "hf")])
+    assert "no checkpoint there" in str(info.value.code)
