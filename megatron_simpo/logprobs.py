@@ -25,49 +25,124 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _label_logprobs_and_softmax(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward math on one rank's slice: (log p(label) [..], softmax [.., V_p/tp], labels, owned).
+
+    ``logits`` is consumed (overwritten); pass a fresh fp32 tensor.
+    """
+    rank, world = _group_rank_size(group)
+    local_vocab = logits.shape[-1]
+    vocab_start = rank * local_vocab
+    valid_local = max(0, min(local_vocab, vocab_size - vocab_start))
+    if valid_local < local_vocab:
+        logits[..., valid_local:] = float("-inf")  # padded vocabulary rows
+    global_max = logits.max(dim=-1).values
+    if world > 1:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    logits.sub_(global_max.unsqueeze(-1))
+
+    local_labels = labels - vocab_start
+    owned = (local_labels >= 0) & (local_labels < valid_local)
+    safe_labels = torch.where(owned, local_labels, torch.zeros_like(local_labels))
+    label_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    label_logit = torch.where(owned, label_logit, torch.zeros_like(label_logit))
+
+    softmax = logits.exp_()
+    sum_exp = softmax.sum(dim=-1)
+    if world > 1:
+        dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(label_logit, op=dist.ReduceOp.SUM, group=group)
+    softmax.div_(sum_exp.unsqueeze(-1))
+    return label_logit - sum_exp.log(), softmax, safe_labels, owned
+
+
+def _grad_logits(softmax: torch.Tensor, safe_labels: torch.Tensor, owned: torch.Tensor,
+                 grad_output: torch.Tensor) -> torch.Tensor:
+    """d/d logits of sum(grad * log p(label)) = grad * (onehot(label) - softmax), in place."""
+    grad_logits = softmax.mul_(-grad_output.unsqueeze(-1))
+    grad_logits.scatter_add_(-1, safe_labels.unsqueeze(-1),
+                             (grad_output * owned).unsqueeze(-1).to(grad_logits.dtype))
+    return grad_logits
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     """log p(label) per token; backward is grad * (onehot(label) - softmax) on the local slice."""
 
     @staticmethod
     def forward(ctx, logits, labels, vocab_size, group):
-        rank, world = _group_rank_size(group)
-        local_vocab = logits.shape[-1]
-        vocab_start = rank * local_vocab
-        valid_local = max(0, min(local_vocab, vocab_size - vocab_start))
-
         # Always a fresh fp32 tensor: the caller's logits are never modified.
-        shifted = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
-        if valid_local < local_vocab:
-            shifted[..., valid_local:] = float("-inf")  # padded vocabulary rows
-        global_max = shifted.max(dim=-1).values  # [b, s]
-        if world > 1:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        shifted.sub_(global_max.unsqueeze(-1))
-
-        local_labels = labels - vocab_start
-        owned = (local_labels >= 0) & (local_labels < valid_local)  # [b, s]
-        safe_labels = torch.where(owned, local_labels, torch.zeros_like(local_labels))
-        label_logit = shifted.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-        label_logit = torch.where(owned, label_logit, torch.zeros_like(label_logit))
-
-        softmax = shifted.exp_()  # in place: shifted is no longer needed
-        sum_exp = softmax.sum(dim=-1)
-        if world > 1:
-            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
-            dist.all_reduce(label_logit, op=dist.ReduceOp.SUM, group=group)
-        softmax.div_(sum_exp.unsqueeze(-1))
-
+        work = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+        logprobs, softmax, safe_labels, owned = _label_logprobs_and_softmax(
+            work, labels, vocab_size, group)
         ctx.save_for_backward(softmax, safe_labels, owned)
         ctx.logits_dtype = logits.dtype
-        return label_logit - sum_exp.log()
+        return logprobs
 
     @staticmethod
     def backward(ctx, grad_output):
-        softmax, safe_labels, owned = ctx.saved_tensors
-        grad_logits = softmax.mul_(-grad_output.unsqueeze(-1))  # saved tensor is not reused
-        grad_logits.scatter_add_(-1, safe_labels.unsqueeze(-1),
-                                 (grad_output * owned).unsqueeze(-1).to(grad_logits.dtype))
-        return grad_logits.to(ctx.logits_dtype), None, None, None
+        softmax, safe_labels, owned = ctx.saved_tensors  # softmax is used up here (not reusable)
+        return _grad_logits(softmax, safe_labels, owned, grad_output).to(ctx.logits_dtype), \
+            None, None, None
+
+
+class _FusedOutputLogProbs(torch.autograd.Function):
+    """log p(label) straight from hidden states and the vocab-parallel output weight.
+
+    Logits exist only for ``chunk_size`` tokens at a time, in forward and again (recomputed) in
+    backward; the [tokens, V_p/tp] logits of the whole micro-batch are never held.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            logits = (hidden[start:stop] @ weight.t()).float()
+            out[start:stop] = _label_logprobs_and_softmax(logits, labels[start:stop],
+                                                          vocab_size, group)[0]
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.vocab_size, ctx.group, ctx.chunk_size = vocab_size, group, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            logits = (hidden[start:stop] @ weight.t()).float()
+            _, softmax, safe_labels, owned = _label_logprobs_and_softmax(
+                logits, labels[start:stop], ctx.vocab_size, ctx.group)
+            grad_logits = _grad_logits(softmax, safe_labels, owned,
+                                       grad_output[start:stop]).to(weight.dtype)
+            grad_hidden[start:stop] = grad_logits @ weight
+            grad_weight += (grad_logits.t() @ hidden[start:stop]).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+
+
+def fused_output_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          vocab_size: int, tp_group=None, chunk_size: int = 1024) -> torch.Tensor:
+    """Memory-lean log-probs: the output layer and the log-softmax fused, chunked over tokens.
+
+    Args:
+        hidden: [n, h] final hidden states of the tokens to score (for TP, already through
+            Megatron's copy-to-tensor-parallel-region so their gradient is all-reduced).
+        weight: [V_p/tp, h] this rank's slice of the output (or tied embedding) weight.
+        labels: [n] token ids in [0, vocab_size).
+        chunk_size: tokens whose logits exist at once.
+
+    Returns:
+        [n] fp32 log p(labels), equal to ``vocab_parallel_logprobs(hidden @ weight.T, labels)``,
+        differentiable with respect to ``hidden`` and ``weight``.
+    """
+    if hidden.shape[0] != labels.shape[0] or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels "
+                         f"{tuple(labels.shape)} disagree")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _FusedOutputLogProbs.apply(hidden, weight, labels, vocab_size, tp_group, chunk_size)
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,

@@ -285,3 +285,29 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
+
+
+def enable_memory_lean_logprobs(model, chunk_size: int) -> None:
+    """Make the last stage return final hidden states [b, s, h] instead of logits.
+
+    The log-probs are then computed by ``logprobs.fused_output_logprobs`` from the hidden
+    states and the output weight, ``chunk_size`` tokens at a time, so the micro-batch's full
+    [b, s, V_p/tp] logits never exist. The output layer keeps its parameters (and checkpoint
+    names); only its forward becomes a pass-through. ``logprob_chunk_size`` on the model tells
+    the training step which path to take.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"--logprob-chunk-size must be >= 1 for memory-lean log-probs, got {chunk_size}")
+    model.logprob_chunk_size = chunk_size
+    if getattr(model, "post_process", False):
+        def pass_through(hidden_states, weight=None, runtime_gather_output=None):
+            return hidden_states, None
+
+        model.output_layer.forward = pass_through
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's [V_p/tp, h] output-layer weight (the embedding's when they are tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_simpo.data import PreferenceBatch
-from megatron_simpo.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from megatron_simpo.logprobs import (fused_output_logprobs, sequence_logprobs,
+                                     vocab_parallel_logprobs)
+from megatron_simpo.model import output_weight
 from megatron_simpo.losses import METRIC_NAMES, LossConfig, preference_loss
 
 
@@ -30,21 +32,42 @@ class StepResult:
     update_successful: bool
 
 
-def _policy_logp_sums(batch: PreferenceBatch, logits: torch.Tensor, vocab_size: int
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab_size: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2n] summed response log-probs and [2n] response lengths from [2n, s, V_p/tp] logits."""
+    """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
+
+    ``output`` is [2n, s, V_p/tp] logits, or [2n, s, h] hidden states when the model runs with
+    memory-lean log-probs: then only the response positions are scored, through the output
+    weight, a chunk of tokens at a time.
+    """
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    token_logps = vocab_parallel_logprobs(
-        logits, batch.labels, vocab_size=vocab_size,
-        tp_group=parallel_state.get_tensor_model_parallel_group())
-    return sequence_logprobs(token_logps, batch.loss_mask)
+    group = parallel_state.get_tensor_model_parallel_group()
+    chunk_size = getattr(_unwrap(model), "logprob_chunk_size", None)
+    if chunk_size is None:
+        token_logps = vocab_parallel_logprobs(output, batch.labels, vocab_size=vocab_size,
+                                              tp_group=group)
+        return sequence_logprobs(token_logps, batch.loss_mask)
+    rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+    # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
+    hidden = copy_to_tensor_model_parallel_region(output[rows, positions])
+    weight = output_weight(_unwrap(model))
+    logps = fused_output_logprobs(hidden, weight, batch.labels[rows, positions],
+                                  vocab_size=vocab_size, tp_group=group, chunk_size=chunk_size)
+    sums = torch.zeros(batch.tokens.shape[0], dtype=logps.dtype, device=logps.device)
+    sums = sums.index_add(0, rows, logps * batch.loss_mask[rows, positions].to(logps.dtype))
+    return sums, batch.loss_mask.sum(dim=-1).to(logps.dtype)
 
 
-def _loss_func(batch: PreferenceBatch, loss_config: LossConfig, vocab_size: int,
-               logits: torch.Tensor):
+def _loss_func(batch: PreferenceBatch, loss_config: LossConfig, vocab_size: int, model,
+               output: torch.Tensor):
     """Megatron schedule loss function: (sum of pair losses, pair count, metric sums)."""
-    logp_sum, count = _policy_logp_sums(batch, logits, vocab_size)
+    logp_sum, count = _policy_logp_sums(batch, output, model, vocab_size)
     reference = batch.reference_logp_sum
     loss, metrics = preference_loss(
         logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], loss_config,
@@ -57,20 +80,21 @@ def _loss_func(batch: PreferenceBatch, loss_config: LossConfig, vocab_size: int,
 
 def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
     # No attention mask: rows are right-padded, so the causal mask alone keeps real tokens from
-    # seeing padding. Logits come back as [b, s, V_p/tp] on the last stage.
+    # seeing padding. The last stage returns [b, s, V_p/tp] logits, or [b, s, h] hidden states
+    # with memory-lean log-probs.
     return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
 
 
 def _forward_step(loss_config: LossConfig, vocab_size: int, data_iterator, model):
     batch = next(data_iterator)
-    return _forward(batch, model), partial(_loss_func, batch, loss_config, vocab_size)
+    return _forward(batch, model), partial(_loss_func, batch, loss_config, vocab_size, model)
 
 
 def _reference_forward_step(vocab_size: int, data_iterator, model):
     batch = next(data_iterator)
 
-    def collect(logits):
-        logp_sum, _ = _policy_logp_sums(batch, logits, vocab_size)
+    def collect(output):
+        logp_sum, _ = _policy_logp_sums(batch, output, model, vocab_size)
         return logp_sum.sum(), torch.tensor(0, dtype=torch.int), logp_sum
 
     return _forward(batch, model), collect

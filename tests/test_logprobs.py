@@ -92,3 +92,57 @@ def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="disagree"):
         vocab_parallel_logprobs(torch.zeros(2, 3, 8), torch.zeros(2, 4, dtype=torch.long),
                                 vocab_size=8)
+
+
+HIDDEN, TOKENS = 16, 23  # 23 tokens in chunks of 5: the last chunk is short
+
+
+def _fused_inputs():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(TOKENS, HIDDEN, generator=g)
+    weight = torch.randn(PADDED_VOCAB, HIDDEN, generator=g) / 2
+    labels = torch.randint(0, TRUE_VOCAB, (TOKENS,), generator=g)
+    upstream = torch.randn(TOKENS, generator=g)
+    return hidden, weight, labels, upstream
+
+
+def _fused_reference():
+    hidden, weight, labels, upstream = _fused_inputs()
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    logits = hidden @ weight[:TRUE_VOCAB].t()
+    logps = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (logps * upstream).sum().backward()
+    return logps.detach(), hidden.grad, weight.grad
+
+
+def _fused_worker(rank, tp):
+    import torch.distributed as dist
+
+    from megatron_simpo import runtime
+    from megatron_simpo.logprobs import fused_output_logprobs
+    from megatron_simpo.parallel import ParallelConfig
+
+    runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp))
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    hidden, weight, labels, upstream = _fused_inputs()
+    hidden.requires_grad_(True)
+    shard = torch.chunk(weight, tp, dim=0)[rank].clone().requires_grad_(True)
+    logps = fused_output_logprobs(hidden, shard, labels, vocab_size=TRUE_VOCAB, tp_group=group,
+                                  chunk_size=5)
+    (logps * upstream).sum().backward()
+    grad_hidden = hidden.grad.clone()
+    dist.all_reduce(grad_hidden, group=group)  # what Megatron's copy-to-TP-region does
+    return logps.detach(), grad_hidden, shard.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_chunked_logprobs_match_full_logits(tp):
+    expected, grad_hidden, grad_weight = _fused_reference()
+    for rank, (logps, g_hidden, g_weight) in enumerate(run_on_ranks(tp, _fused_worker, tp)):
+        torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g_hidden, grad_hidden, atol=1e-5, rtol=0)
+        # grad_weight is [V_p, h] with zero rows for the padded ids; each rank owns a slice.
+        torch.testing.assert_close(g_weight, torch.chunk(grad_weight, tp)[rank], atol=1e-5, rtol=0)

@@ -60,14 +60,14 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
 
 
 def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
-                   use_distributed_optimizer, ref_state, clip):
+                   use_distributed_optimizer, ref_state, clip, chunk_size):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_simpo import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
     from megatron_simpo.losses import LossConfig
-    from megatron_simpo.model import ModelConfig, build_model
+    from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
     from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import train_step
@@ -82,6 +82,8 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
         model = build_model(config, parallel)
         load_rank_state(model, hf_to_megatron(state, config, config.padded_vocab_size(tp)),
                         config, **where)
+        if chunk_size:
+            enable_memory_lean_logprobs(model, chunk_size)
         return model
 
     settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=clip,
@@ -134,29 +136,35 @@ def _compare(expected, results, hf_config, what, atol):
             assert diff <= atol, f"{what} of {name}: max diff {diff}"
 
 
-CASES = {  # name: (world, tp, pp, micro-batches, distributed optimizer, architecture)
-    "tp1": (1, 1, 1, 1, False, "llama3"),
-    "tp2": (2, 2, 1, 1, False, "llama3"),
-    "pp2": (2, 1, 2, 1, False, "llama3"),
-    "tp2_pp2": (4, 2, 2, 1, False, "llama3"),
-    "dp2": (2, 1, 1, 1, False, "llama3"),
-    "microbatches2": (1, 1, 1, 2, False, "llama3"),
-    "pp2_microbatches4": (2, 1, 2, 4, False, "llama3"),
-    "tied_pp2_dp2": (4, 1, 2, 2, False, "llama3.2"),
-    "qwen2_tp2_dp2_distopt_clip": (4, 2, 1, 2, True, "qwen2"),
+# name: (world, tp, pp, micro-batches, distributed optimizer, architecture, log-prob chunk size)
+# A chunk size selects the memory-lean log-probs (7 tokens: several chunks per micro-batch);
+# None the plain path through full logits.
+CASES = {
+    "tp1": (1, 1, 1, 1, False, "llama3", 7),
+    "tp1_plain_logits": (1, 1, 1, 1, False, "llama3", None),
+    "tp2": (2, 2, 1, 1, False, "llama3", 7),
+    "tp2_plain_logits": (2, 2, 1, 1, False, "llama3", None),
+    "pp2": (2, 1, 2, 1, False, "llama3", 7),
+    "tp2_pp2": (4, 2, 2, 1, False, "llama3", 7),
+    "dp2": (2, 1, 1, 1, False, "llama3", 7),
+    "microbatches2": (1, 1, 1, 2, False, "llama3", 7),
+    "pp2_microbatches4_plain_logits": (2, 1, 2, 4, False, "llama3", None),
+    "tied_pp2_dp2": (4, 1, 2, 2, False, "llama3.2", 7),
+    "tied_tp2": (2, 2, 1, 1, False, "llama3.2", 7),
+    "qwen2_tp2_dp2_distopt_clip": (4, 2, 1, 2, True, "qwen2", 7),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_simpo_step_matches_single_process_reference(case):
-    world, tp, pp, micro, distributed_optimizer, arch = CASES[case]
+    world, tp, pp, micro, distributed_optimizer, arch, chunk_size = CASES[case]
     hf_config = tiny_hf_config(arch)
     hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
     batch = _batch(hf_config["vocab_size"])
     clip = 0.05 if distributed_optimizer else 1e9
     loss, grads, grad_norm, params = _reference_step(hf_config, hf_state, batch, "simpo", clip=clip)
     results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, micro,
-                           "simpo", distributed_optimizer, None, clip)
+                           "simpo", distributed_optimizer, None, clip, chunk_size)
     for result in results:  # metrics are shared by every rank, pipeline stages included
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
@@ -165,15 +173,15 @@ def test_simpo_step_matches_single_process_reference(case):
     _compare(params, results, hf_config, "params", atol=1e-5)
 
 
-@pytest.mark.parametrize("world, tp, pp", [(1, 1, 1), (4, 2, 2)])
-def test_dpo_step_with_reference_model_matches(world, tp, pp):
+@pytest.mark.parametrize("world, tp, pp, chunk_size", [(1, 1, 1, None), (4, 2, 2, 7)])
+def test_dpo_step_with_reference_model_matches(world, tp, pp, chunk_size):
     hf_config = tiny_hf_config("llama3")
     hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
     ref_state = tiny_hf_model(hf_config, seed=4).state_dict()
     batch = _batch(hf_config["vocab_size"])
     loss, grads, _, _ = _reference_step(hf_config, hf_state, batch, "dpo", ref_state)
     results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, 2, "dpo",
-                           False, ref_state, 1e9)
+                           False, ref_state, 1e9, chunk_size)
     for result in results:
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
     _compare(grads, results, hf_config, "grads", atol=1e-5)

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Benchmark the converters on a synthetic Llama-3.2-1B-shaped checkpoint (random weights).
+
+Writes the HF checkpoint (bf16, sharded safetensors), then times
+tools/convert_hf_to_megatron.py and tools/convert_megatron_to_hf.py as subprocesses while
+sampling the summed proportional memory (PSS) of each process tree. Reports wall time and peak memory
+over the model's size in bytes, as a table and (with --output) JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA32_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048,
+                  intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                  max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                  hidden_act="silu", tie_word_embeddings=True, torch_dtype="bfloat16",
+                  rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
+
+def write_synthetic(path: Path, config: dict, shard_size: str) -> int:
+    """Random bf16 weights in HF layout; returns the model's size in bytes."""
+    import torch
+
+    from megatron_simpo.convert.hf_io import write_safetensors
+    from megatron_simpo.convert.llama import expected_hf_shape, hf_names_for, megatron_names
+    from megatron_simpo.model import ModelConfig
+
+    model_config = ModelConfig.from_hf_config(config)
+    names = []
+    for name in megatron_names(model_config):
+        names += [n for n in hf_names_for(name, model_config) if n not in names]
+    generator = torch.Generator().manual_seed(0)
+    state = {n: (0.02 * torch.randn(expected_hf_shape(n, model_config), generator=generator)
+                 ).to(torch.bfloat16) for n in names}
+    path.mkdir(parents=True)
+    write_safetensors(state, path, shard_size)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def measure(command: list[str]) -> dict:
+    """Run ``command``; wall seconds and peak memory of its process tree (sampled, ~10 Hz).
+
+    Memory is the summed PSS (proportional set size): pages shared between the tree's processes
+    (forked checkpoint writers, memory-mapped safetensors read by several ranks) are counted
+    once, split between their users, instead of once per process as a summed RSS would.
+    """
+    import psutil
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        root = psutil.Process(process.pid)
+        while not done.is_set():
+            try:
+                tree = [root] + root.children(recursive=True)
+                peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = process.communicate()
+    done.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_pss_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tensor-parallel-size", type=int, default=2)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--workdir", help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        model_bytes = write_synthetic(tmp / "hf", LLAMA32_1B, "1GB")
+        python = sys.executable
+        runs = {
+            "hf_to_megatron": measure([python, str(ROOT / "tools/convert_hf_to_megatron.py"),
+                                       "--hf-path", str(tmp / "hf"), "--save", str(tmp / "mg"),
+                                       "--tensor-parallel-size", str(args.tensor_parallel_size),
+                                       "--pipeline-parallel-size", str(args.pipeline_parallel_size),
+                                       "--dtype", "bf16"]),
+            "megatron_to_hf": measure([python, str(ROOT / "tools/convert_megatron_to_hf.py"),
+                                       "--load", str(tmp / "mg"), "--save", str(tmp / "hf2")]),
+        }
+    result = {"model": "Llama-3.2-1B shape, random bf16", "model_bytes": model_bytes,
+              "tensor_parallel_size": args.tensor_parallel_size,
+              "pipeline_parallel_size": args.pipeline_parallel_size, "runs": {}}
+    print(f"model: {model_bytes / 1e9:.2f} GB (bf16), TP={args.tensor_parallel_size} "
+          f"PP={args.pipeline_parallel_size}")
+    print(f"{'direction':<16}{'wall s':>10}{'peak PSS GB':>14}{'peak / model':>14}")
+    for name, run in runs.items():
+        ratio = run["peak_pss_bytes"] / model_bytes
+        result["runs"][name] = {**run, "peak_over_model_bytes": ratio}
+        print(f"{name:<16}{run['seconds']:>10.1f}{run['peak_pss_bytes'] / 1e9:>14.2f}{ratio:>14.2f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
