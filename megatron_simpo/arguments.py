@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", help="HF config.json for a randomly initialised model")
     g.add_argument("--tokenizer", help="HF tokenizer folder (default: the checkpoint's)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    g.add_argument("--logprob-chunk-size", type=int, default=1024,
+                   help="memory-lean log-probs: score response tokens this many at a time from "
+                        "the hidden states, never holding the full logits; 0 = full logits")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -103,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             train_iters=args.train_iters, train_epochs=args.train_epochs,
             lr_warmup_fraction=args.lr_warmup_fraction, lr_decay_style=args.lr_decay_style,
             bf16=args.bf16, transformer_impl=args.transformer_impl,
+            logprob_chunk_size=args.logprob_chunk_size,
             model_config_path=args.model_config, pretrained_checkpoint=args.pretrained_checkpoint,
             load=args.load, save=args.save, save_interval=args.save_interval,
             eval_interval=args.eval_interval, log_interval=args.log_interval, seed=args.seed,

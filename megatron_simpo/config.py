@@ -30,6 +30,9 @@ class TrainConfig:
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     bf16: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    logprob_chunk_size: int = 1024
+    """Memory-lean log-probs: tokens whose logits exist at once (``--logprob-chunk-size``);
+    0 computes the micro-batch's full logits instead."""
     model_config_path: str | None = None
     """HF ``config.json`` of a randomly initialised model (``--model-config``)."""
     pretrained_checkpoint: str | None = None
@@ -57,6 +60,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("give exactly one of --train-iters and --train-epochs")
+        if self.logprob_chunk_size < 0:
+            raise ValueError(f"--logprob-chunk-size must be >= 0 (0 = full logits), got {self.logprob_chunk_size}")
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):

@@ -118,7 +118,8 @@ class _FusedOutputLogProbs(torch.autograd.Function):
             grad_logits = _grad_logits(softmax, safe_labels, owned,
                                        grad_output[start:stop]).to(weight.dtype)
             grad_hidden[start:stop] = grad_logits @ weight
-            grad_weight += (grad_logits.t() @ hidden[start:stop]).float()
+            # Accumulate in place: no [V_p/tp, h] temporary per chunk.
+            grad_weight.addmm_(grad_logits.t().float(), hidden[start:stop].float())
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 

@@ -14,7 +14,7 @@ from megatron_simpo import checkpointing, runtime
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import (PairSampler, PreferenceBatch, TokenizedPair, collate_pairs,
                                  load_datasets, load_tokenizer, padded_length)
-from megatron_simpo.model import ModelConfig, build_model
+from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
 from megatron_simpo.optimizer import build_optimizer, wrap_with_ddp
 from megatron_simpo.step import evaluate, train_step
 
@@ -149,6 +149,8 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
                         params_dtype=dtype)
     if source.resume_from is None and source.weights_from is not None:
         checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
+    if config.logprob_chunk_size:
+        enable_memory_lean_logprobs(model, config.logprob_chunk_size)
     model = wrap_with_ddp(model, config.optimizer)
     optimizer = build_optimizer([model], config.optimizer, bf16=config.bf16)
     scheduler = OptimizerParamScheduler(
@@ -162,6 +164,8 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
                                 transformer_impl=config.transformer_impl, params_dtype=dtype)
         checkpointing.load_checkpoint(source.weights_from, reference, model_config=source.config)
         reference.eval().requires_grad_(False)
+        if config.logprob_chunk_size:
+            enable_memory_lean_logprobs(reference, config.logprob_chunk_size)
 
     iteration, consumed = 0, 0
     if source.resume_from is not None:

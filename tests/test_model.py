@@ -93,3 +93,26 @@ def test_vocab_padding_rule():
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf_config(dict(tiny_hf_config("llama3"), **change))
+
+
+def test_spec_selection():
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_simpo.model import layer_spec
+
+    config = ModelConfig.from_hf_config(tiny_hf_config("llama3"))
+    assert isinstance(layer_spec(config, "local"), ModuleSpec)
+    with pytest.raises(ValueError, match="--transformer-impl must be"):
+        layer_spec(config, "apex")
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs Transformer Engine, which is not installed"):
+            layer_spec(config, "transformer_engine")
+
+
+def test_memory_lean_logprobs_flag_is_validated():
+    from megatron_simpo.model import enable_memory_lean_logprobs
+
+    with pytest.raises(ValueError, match="--logprob-chunk-size must be >= 1"):
+        enable_memory_lean_logprobs(object(), 0)

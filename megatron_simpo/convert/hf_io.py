@@ -44,30 +44,36 @@ class HFCheckpointReader:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or "
                                     f"model.safetensors.index.json")
         files = sorted(set(weight_map.values())) if weight_map else [single.name]
-        self._handles = {}
+        names_in_files = {}
         for name in files:
             file = self.path / name
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: listed in the index but missing")
             try:
-                self._handles[name] = safe_open(str(file), framework="pt")
+                with safe_open(str(file), framework="pt") as handle:
+                    names_in_files[name] = list(handle.keys())
             except Exception as error:  # safetensors raises its own error types
                 raise ValueError(f"{file}: unreadable safetensors file ({error})") from None
         if weight_map is None:
-            weight_map = {key: single.name for key in self._handles[single.name].keys()}
+            weight_map = {key: single.name for key in names_in_files[single.name]}
         self.weight_map = weight_map
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, checked against the config. The file is mapped only while it is read, so
+        pages of tensors already converted do not stay in this process's memory."""
+        from safetensors import safe_open
+
         if name not in self.weight_map:
             raise KeyError(f"{self.path}: tensor {name} is missing from the checkpoint")
-        file = self.weight_map[name]
+        file = self.path / self.weight_map[name]
         try:
-            tensor = self._handles[file].get_tensor(name)
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
         except Exception as error:
-            raise ValueError(f"{self.path / file}: cannot read tensor {name} ({error})") from None
+            raise ValueError(f"{file}: cannot read tensor {name} ({error})") from None
         expected = expected_hf_shape(name, self.config)
         if expected is not None and tuple(tensor.shape) != expected:
-            raise ValueError(f"{self.path / file}: tensor {name} has shape {tuple(tensor.shape)}, "
+            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"but config.json implies {expected}")
         return tensor
 
