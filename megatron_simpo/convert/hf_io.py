@@ -138,21 +138,25 @@ def parse_size(size: str | int) -> int:
     return int(text)
 
 
-def write_safetensors(state: dict[str, torch.Tensor], out_dir: str | Path,
+def write_safetensors(tensors, sizes: dict[str, int], out_dir: str | Path,
                       max_shard_size: str | int = "5GB") -> list[Path]:
-    """Write ``state`` as safetensors, sharded with ``model.safetensors.index.json`` when large.
+    """Write tensors as safetensors, sharded with ``model.safetensors.index.json`` when large.
 
-    Tensors may be views into shared storage (q/k/v of one packed tensor, a vocabulary slice);
-    each is copied into its own contiguous tensor only while its shard is written, so memory
-    stays at the model plus one shard.
+    Args:
+        tensors: (name, tensor) pairs, produced lazily in the order of ``sizes``; each may be a
+            view into shared storage (q/k/v of one packed tensor, a vocabulary slice).
+        sizes: name -> bytes, in writing order: plans the shards before any tensor exists.
+
+    Each tensor is copied into its own contiguous tensor when it arrives and dropped when its
+    shard is written, so, with a producer that releases its sources as it goes, memory stays
+    near one model.
     """
     from safetensors.torch import save_file
 
     out_dir, limit = Path(out_dir), parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     used = 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
+    for name, size in sizes.items():
         if shards[-1] and used + size > limit:
             shards.append([])
             used = 0
@@ -161,13 +165,19 @@ def write_safetensors(state: dict[str, torch.Tensor], out_dir: str | Path,
     count = len(shards)
     files = ["model.safetensors"] if count == 1 else \
         [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    stream = iter(tensors)
     weight_map, total = {}, 0
     for file, names in zip(files, shards):
-        tensors = {name: state[name].detach().clone().contiguous() for name in names}
-        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        shard = {}
+        for expected in names:
+            name, tensor = next(stream)
+            if name != expected:
+                raise ValueError(f"tensor {name} arrived where {expected} was planned")
+            shard[name] = tensor.detach().clone().contiguous()
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
         weight_map.update({name: file for name in names})
-        del tensors
+        del shard
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

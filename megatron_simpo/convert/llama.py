@@ -125,25 +125,29 @@ def hf_to_megatron(hf_state: dict[str, torch.Tensor], config: ModelConfig,
             for name in megatron_names(config)}
 
 
+def hf_tensors_from(name: str, tensor: torch.Tensor, config: ModelConfig
+                    ) -> dict[str, torch.Tensor]:
+    """Inverse of ``megatron_tensor``: the HF tensors (in ``hf_names_for`` order) of one tensor.
+
+    The results are views of ``tensor`` (padding rows dropped); the tied output layer has none.
+    """
+    if name == "output_layer.weight" and config.tie_word_embeddings:
+        return {}
+    hf_names = hf_names_for(name, config)
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        return dict(zip(hf_names, _unpack_qkv(tensor, config)))
+    if name.endswith("mlp.linear_fc1.weight"):
+        return dict(zip(hf_names, torch.chunk(tensor, 2, dim=0)))
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return {hf_names[0]: tensor[:config.vocab_size]}
+    return {hf_names[0]: tensor}
+
+
 def megatron_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Inverse of ``hf_to_megatron`` (vocabulary padding stripped)."""
     out: dict[str, torch.Tensor] = {}
-    out["model.embed_tokens.weight"] = state["embedding.word_embeddings.weight"][:config.vocab_size]
-    for i in range(config.num_layers):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for mg_suffix, hf_suffix in _DIRECT.items():
-            out[hf + hf_suffix] = state[mg + mg_suffix]
-        attn = hf + "self_attn."
-        q, k, v = _unpack_qkv(state[mg + "self_attention.linear_qkv.weight"], config)
-        out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
-        if config.qkv_bias:
-            q, k, v = _unpack_qkv(state[mg + "self_attention.linear_qkv.bias"], config)
-            out[attn + "q_proj.bias"], out[attn + "k_proj.bias"], out[attn + "v_proj.bias"] = q, k, v
-        gate, up = torch.chunk(state[mg + "mlp.linear_fc1.weight"], 2, dim=0)
-        out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
-    out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = state["output_layer.weight"][:config.vocab_size]
+    for name in megatron_names(config):
+        out.update(hf_tensors_from(name, state[name], config))
     return out
 
 

@@ -1,13 +1,15 @@
 """Megatron checkpoint (any TP/PP, converted or trained) -> Hugging Face folder.
 
 One process: the checkpoint is resharded on load into an unsplit (TP=1, PP=1) model, mapped to
-HF names and written as safetensors, sharded with an index above ``max_shard_size``. The folder
-is assembled under ``<save>.partial`` and renamed when complete.
+HF names tensor by tensor and written as safetensors, sharded with an index above
+``max_shard_size``; each Megatron tensor is released once copied, so memory stays near one
+model. The folder is assembled under ``<save>.partial`` and renamed when complete.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import torch
 
 from megatron_simpo import checkpointing
 from megatron_simpo.convert.hf_io import hf_config_dict, write_safetensors
-from megatron_simpo.convert.llama import megatron_to_hf
+from megatron_simpo.convert.llama import (expected_hf_shape, hf_names_for, hf_tensors_from,
+                                          megatron_names)
 from megatron_simpo.model import build_model
 from megatron_simpo.parallel import ParallelConfig
 
@@ -36,14 +39,23 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None = 
                         perform_initialization=False)
     checkpointing.load_checkpoint(checkpoint, model, model_config=config)
     megatron_state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
+    del model  # from here the state dict holds the only references to the weights
     out_dtype = dtype or saved_dtype
-    state = {n: t.to(out_dtype) for n, t in megatron_to_hf(megatron_state, config).items()}
+    names = megatron_names(config)
+    sizes = {hf_name: math.prod(expected_hf_shape(hf_name, config)) * out_dtype.itemsize
+             for name in names for hf_name in hf_names_for(name, config)
+             if not (name == "output_layer.weight" and config.tie_word_embeddings)}
+
+    def hf_tensors():
+        for name in names:  # each Megatron tensor is released once its HF tensors are copied
+            for hf_name, tensor in hf_tensors_from(name, megatron_state.pop(name), config).items():
+                yield hf_name, tensor.to(out_dtype)
 
     save = Path(save)
     staging = save.with_name(save.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    write_safetensors(state, staging, max_shard_size)
+    write_safetensors(hf_tensors(), sizes, staging, max_shard_size)
     assets = checkpointing.checkpoint_assets(checkpoint)
     base_dir = assets.get("hf")
     base = json.loads((base_dir / "config.json").read_text()) \
