@@ -235,3 +235,17 @@ def test_export_refuses_a_folder_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as info:
         megatron_to_hf_main(["--load", str(tmp_path / "empty"), "--save", str(tmp_path / "hf")])
     assert "no checkpoint there" in str(info.value.code)
+
+
+def test_checkpoint_keys_are_the_transformer_engine_spec_names(hf_models, tmp_path):
+    """Megatron-Core saves the local spec's norms under the TE spec's fused names, so a converted
+    checkpoint loads into either spec; pin that, since the converter relies on it."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_simpo.checkpointing import find_checkpoint
+
+    hf_to_megatron_main(["--hf-path", str(hf_models["llama3"][1]), "--save", str(tmp_path / "mg")])
+    keys = set(dist_checkpointing.load_tensors_metadata(str(find_checkpoint(tmp_path / "mg"))))
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not any("input_layernorm" in key or "pre_mlp_layernorm" in key for key in keys)

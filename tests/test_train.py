@@ -45,8 +45,9 @@ def _train(rank, argv):
 
 @pytest.mark.parametrize("layout", [dict(tensor_model_parallel_size=2),
                                     dict(pipeline_model_parallel_size=2),
-                                    dict(distributed_optimizer=False)],
-                         ids=["tp2", "pp2", "dp2_plain_optimizer"])
+                                    dict(distributed_optimizer=False),
+                                    dict(tensor_model_parallel_size=2, bf16=True)],
+                         ids=["tp2", "pp2", "dp2_plain_optimizer", "tp2_bf16"])
 def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
     straight, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "a", **layout))[0]
     first, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "b",

@@ -32,11 +32,6 @@ _DIRECT = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
-# Transformer Engine spec fuses the norms into the following linear layer.
-TE_NAME_ALIASES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
 _SPLIT_DIM0 = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                "word_embeddings.weight", "output_layer.weight")
 _SPLIT_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
