@@ -57,6 +57,20 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _median_seconds(run, steps: int, warmup: int) -> float:
+    """Median wall time of ``run()`` over ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        _sync()
+        began = time.perf_counter()
+        run()
+        _sync()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
 def _logprob_stage(rank, variant, vocab, seq, hidden_size, chunk, steps, warmup):
     """Forward + backward of the log-prob stage alone, from hidden states to d(hidden), d(W)."""
     import torch
@@ -80,18 +94,10 @@ def _logprob_stage(rank, variant, vocab, seq, hidden_size, chunk, steps, warmup)
         logps.sum().backward()
         hidden.grad = weight.grad = None
 
-    for _ in range(warmup):
-        run()
+    run()  # allocator warm-up before the baseline is taken
     start, peak = _peak_tracker()
     base = start()
-    times = []
-    for _ in range(steps):
-        _sync()
-        began = time.perf_counter()
-        run()
-        _sync()
-        times.append(time.perf_counter() - began)
-    return {"seconds": statistics.median(times), "peak_bytes": peak(base)}
+    return {"seconds": _median_seconds(run, steps, warmup), "peak_bytes": peak(base)}
 
 
 def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chunk):
@@ -136,18 +142,9 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
         train_step([model], optimizer, batch.split(1), loss, vocab_size=config.vocab_size,
                    reference_model=reference)
 
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(steps):
-        _sync()
-        began = time.perf_counter()
-        run()
-        _sync()
-        times.append(time.perf_counter() - began)
-    tokens = 2 * pairs * seq
-    return {"seconds": statistics.median(times), "peak_bytes": peak(base),
-            "tokens_per_second": tokens / statistics.median(times)}
+    seconds = _median_seconds(run, steps, warmup)
+    return {"seconds": seconds, "peak_bytes": peak(base),
+            "tokens_per_second": 2 * pairs * seq / seconds}
 
 
 def main() -> None:

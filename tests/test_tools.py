@@ -1,0 +1,23 @@
+"""The benchmark tools run end to end at toy sizes (their figures are recorded in docs/, not tested)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_simpo_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_simpo.py"), "--steps", "1", "--warmup", "0",
+         "--seq", "64", "--vocab", "1000", "--hidden", "32", "--chunk", "16", "--step-seq", "32",
+         "--pairs", "2", "--output", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu"
+    for section in ("logprobs", "steps"):
+        assert report[section]["time_ratio"] > 0 and report[section]["peak_ratio"] > 0
+    assert "SimPO / DPO step" in completed.stdout
