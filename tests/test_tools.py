@@ -18,6 +18,9 @@ def test_bench_simpo_runs_and_reports_ratios(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu"
+    # Toy sizes: the values are noise (a peak RSS can even sit below its baseline); the
+    # report's shape is what is checked here.
     for section in ("logprobs", "steps"):
-        assert report[section]["time_ratio"] > 0 and report[section]["peak_ratio"] > 0
+        assert {"time_ratio", "peak_ratio"} <= set(report[section])
+        assert report[section]["time_ratio"] > 0
     assert "SimPO / DPO step" in completed.stdout
