@@ -114,6 +114,12 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
         json.loads((hf_dir / "config.json").read_text())["architectures"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.chat_template is not None
+    # The sharded export is itself a valid input: import it again and export unsharded.
+    hf_to_megatron_main(["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "mg2"),
+                         "--tensor-parallel-size", "2", "--dtype", "fp32"])
+    megatron_to_hf_main(["--load", str(tmp_path / "mg2"), "--save", str(tmp_path / "hf3")])
+    again = load_file(tmp_path / "hf3" / "model.safetensors")
+    assert all(torch.equal(tensor, again[name]) for name, tensor in original.items())
 
 
 def _train_two_steps(rank, argv):
@@ -146,8 +152,12 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
             "--train-data-path", str(tiny["train"]), "--seq-length", "64",
             "--max-prompt-length", "48", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", "3", "--lr", "1e-3", "--use-distributed-optimizer",
-            "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "run")]
+            "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "run"),
+            "--save-interval", "2"]
     run_on_ranks(2, _train_two_steps, argv)
+    # A named iteration exports too, and differs from the latest (training moved the weights).
+    megatron_to_hf_main(["--load", str(tmp_path / "run"), "--save", str(tmp_path / "hf_it2"),
+                         "--iteration", "2"])
     megatron_to_hf_main(["--load", str(tmp_path / "run"), "--save", str(tmp_path / "hf")])
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 52, (2, 24))
@@ -157,6 +167,12 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
     assert (expected[..., :logits.shape[-1]] - logits).abs().max() <= 1e-5
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    from safetensors.torch import load_file
+
+    at_2 = load_file(tmp_path / "hf_it2" / "model.safetensors")
+    at_3 = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(at_2) == set(at_3)
+    assert not torch.equal(at_2["model.norm.weight"], at_3["model.norm.weight"])
 
 
 # ---- bad input -------------------------------------------------------------------------------
