@@ -83,8 +83,9 @@ class TrainConfig:
                            ("--tokenizer", self.data.tokenizer_path)):
             if path and not Path(path).exists():
                 raise FileNotFoundError(f"{flag}: {path} does not exist")
-        if self.loss.needs_reference and self.load is None and self.pretrained_checkpoint is None:
-            raise ValueError("--algorithm dpo needs a reference model: give --pretrained-checkpoint")
+        if self.loss.needs_reference and self.pretrained_checkpoint is None:
+            raise ValueError("--algorithm dpo needs the reference model's weights: give "
+                             "--pretrained-checkpoint (also when resuming with --load)")
 
     def check_world(self, world_size: int) -> int:
         """Validate the batch sizes against the data-parallel size; returns micro-batches per step."""

@@ -146,6 +146,8 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, simpo_gamma=1.0,
                                                  simpo_gamma_beta_ratio=0.5))
     assert "--simpo-gamma or --simpo-gamma-beta-ratio, not both" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, algorithm="dpo"))
+    assert "--algorithm dpo needs the reference model's weights" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
     assert "--fp16 is not supported" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, loss_type="hinge",
