@@ -21,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", help="HF config.json for a randomly initialised model")
     g.add_argument("--tokenizer", help="HF tokenizer folder (default: the checkpoint's)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="activation recomputation: full layers, or only the attention core")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="full recomputation: checkpoint groups of layers (uniform) or the first "
+                        "--recompute-num-layers of each stage (block)")
+    g.add_argument("--recompute-num-layers", type=int)
     g.add_argument("--logprob-chunk-size", type=int, default=1024,
                    help="memory-lean log-probs: score response tokens this many at a time from "
                         "the hidden states, never holding the full logits; 0 = full logits")
@@ -107,6 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             lr_warmup_fraction=args.lr_warmup_fraction, lr_decay_style=args.lr_decay_style,
             bf16=args.bf16, transformer_impl=args.transformer_impl,
             logprob_chunk_size=args.logprob_chunk_size,
+            recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers,
             model_config_path=args.model_config, pretrained_checkpoint=args.pretrained_checkpoint,
             load=args.load, save=args.save, save_interval=args.save_interval,
             eval_interval=args.eval_interval, log_interval=args.log_interval, seed=args.seed,

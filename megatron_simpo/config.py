@@ -30,6 +30,10 @@ class TrainConfig:
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     bf16: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation, as in Megatron-LM (``--recompute-granularity``)."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
     logprob_chunk_size: int = 1024
     """Memory-lean log-probs: tokens whose logits exist at once (``--logprob-chunk-size``);
     0 computes the micro-batch's full logits instead."""
@@ -60,6 +64,16 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("give exactly one of --train-iters and --train-epochs")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+            if self.recompute_num_layers is None or self.recompute_num_layers < 1:
+                raise ValueError("--recompute-granularity full needs --recompute-num-layers >= 1")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError("--recompute-method and --recompute-num-layers go with "
+                             "--recompute-granularity full")
         if self.logprob_chunk_size < 0:
             raise ValueError(f"--logprob-chunk-size must be >= 0 (0 = full logits), got {self.logprob_chunk_size}")
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
@@ -95,3 +109,11 @@ class TrainConfig:
                 f"--global-batch-size ({self.global_batch_size}) must be divisible by "
                 f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size ({dp})")
         return self.global_batch_size // (self.micro_batch_size * dp)
+
+    def transformer_overrides(self) -> dict:
+        """TransformerConfig fields the run sets beyond the architecture (recomputation)."""
+        if self.recompute_granularity is None:
+            return {}
+        return dict(recompute_granularity=self.recompute_granularity,
+                    recompute_method=self.recompute_method,
+                    recompute_num_layers=self.recompute_num_layers)

@@ -9,13 +9,18 @@ those calls (see docs/megatron-on-cpu.md for the list and where each one lives):
 * a ``TorchFunctionMode`` that rewrites ``device="cuda"`` in factory calls to the CPU, makes
   ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` with the CUDA spelling;
 * ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` does nothing;
-* the tensor-parallel RNG tracker saves and restores the CPU generator instead of the CUDA one.
+* the tensor-parallel RNG tracker saves and restores the CPU generator instead of the CUDA one;
+* the default causal mask is built on the CPU. Torch function modes are thread-local, and the
+  autograd engine re-runs forward code on its own thread for activation recomputation, where the
+  mode does not reach; the mask builder is the one CUDA literal on that path.
 
 It is installed once per process by :func:`megatron_simpo.runtime.initialize` when no GPU is
 present and never on a GPU. Nothing else in the package knows about it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -57,6 +62,12 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
     torch.set_rng_state(new_state)
 
 
+@functools.lru_cache
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """Megatron's ``get_default_causal_mask`` (True above the diagonal = masked), on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
 def install() -> None:
     """Install the CPU redirections for this process (idempotent). Refused on a GPU machine."""
     global _installed_mode
@@ -65,7 +76,9 @@ def install() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("megatron_simpo.cpu_compat is for CPU-only processes; a GPU is visible.")
 
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
@@ -74,6 +87,8 @@ def install() -> None:
     torch.cuda.manual_seed = torch.manual_seed
     tp_random._get_cuda_rng_state = _cpu_rng_state
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
 
     _installed_mode = _CudaToCpuMode()
     _installed_mode.__enter__()

@@ -146,7 +146,7 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
 
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = build_model(source.config, config.parallel, transformer_impl=config.transformer_impl,
-                        params_dtype=dtype)
+                        params_dtype=dtype, **config.transformer_overrides())
     if source.resume_from is None and source.weights_from is not None:
         checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
     if config.logprob_chunk_size:

@@ -60,7 +60,7 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
 
 
 def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
-                   use_distributed_optimizer, ref_state, clip, chunk_size):
+                   use_distributed_optimizer, ref_state, clip, chunk_size, model_overrides=None):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -79,7 +79,7 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     where = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp)
 
     def load(state):
-        model = build_model(config, parallel)
+        model = build_model(config, parallel, **(model_overrides or {}))
         load_rank_state(model, hf_to_megatron(state, config, config.padded_vocab_size(tp)),
                         config, **where)
         if chunk_size:
@@ -153,6 +153,16 @@ CASES = {
     "tied_tp2": (2, 2, 1, 1, False, "llama3.2", 7),
     "qwen2_tp2_dp2_distopt_clip": (4, 2, 1, 2, True, "qwen2", 7),
 }
+# Activation recomputation changes memory, never the result.
+RECOMPUTE = {
+    "tp2_full_recompute_uniform": dict(recompute_granularity="full", recompute_method="uniform",
+                                       recompute_num_layers=1),
+    "pp2_full_recompute_block": dict(recompute_granularity="full", recompute_method="block",
+                                     recompute_num_layers=1),
+    "tp2_selective_recompute": dict(recompute_granularity="selective"),
+}
+CASES.update({name: (2, 1 if name.startswith("pp2") else 2, 2 if name.startswith("pp2") else 1,
+                     2, False, "llama3", 7) for name in RECOMPUTE})
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -164,7 +174,8 @@ def test_simpo_step_matches_single_process_reference(case):
     clip = 0.05 if distributed_optimizer else 1e9
     loss, grads, grad_norm, params = _reference_step(hf_config, hf_state, batch, "simpo", clip=clip)
     results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, micro,
-                           "simpo", distributed_optimizer, None, clip, chunk_size)
+                           "simpo", distributed_optimizer, None, clip, chunk_size,
+                           RECOMPUTE.get(case))
     for result in results:  # metrics are shared by every rank, pipeline stages included
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)

@@ -148,6 +148,10 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     assert "--simpo-gamma or --simpo-gamma-beta-ratio, not both" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, algorithm="dpo"))
     assert "--algorithm dpo needs the reference model's weights" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, recompute_granularity="full"))
+    assert "--recompute-granularity full needs --recompute-method" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, recompute_method="block"))
+    assert "--recompute-method and --recompute-num-layers go with --recompute-granularity full" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
     assert "--fp16 is not supported" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, loss_type="hinge",
