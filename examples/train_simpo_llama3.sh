@@ -69,7 +69,7 @@ case "$MODEL" in
       --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.1
       --weight-decay 0 --clip-grad 1.0
       --simpo-beta 2.5 --simpo-gamma-beta-ratio 0.55
-      --bf16 --use-distributed-optimizer
+      --bf16 --use-distributed-optimizer --overlap-grad-reduce
       --eval-interval 100 --log-interval 1
       --save "$SAVE" --save-interval 200 --seed 42
     )

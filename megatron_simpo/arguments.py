@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets over data-parallel ranks during backward")
     g = p.add_argument_group("data")
     g.add_argument("--train-data-path", required=True, help="JSONL: prompt, chosen, rejected")
     g.add_argument("--valid-data-path", help="held-out JSONL")
@@ -107,7 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                                         weight_decay=args.weight_decay,
                                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
                                         adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-                                        use_distributed_optimizer=args.use_distributed_optimizer),
+                                        use_distributed_optimizer=args.use_distributed_optimizer,
+                                        overlap_grad_reduce=args.overlap_grad_reduce),
             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
             train_iters=args.train_iters, train_epochs=args.train_epochs,
             lr_warmup_fraction=args.lr_warmup_fraction, lr_decay_style=args.lr_decay_style,

@@ -22,6 +22,8 @@ class OptimizerSettings:
     """Clip the global gradient L2 norm to this (0 disables)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state (and the fp32 master weights) over data-parallel ranks."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradient buckets while the backward pass is still running (``--overlap-grad-reduce``)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -44,7 +46,7 @@ def wrap_with_ddp(model: torch.nn.Module, settings: OptimizerSettings):
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=settings.overlap_grad_reduce,
         use_distributed_optimizer=settings.use_distributed_optimizer,
         average_in_collective=False,
     )
@@ -78,4 +80,6 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bo
         chunk.config.finalize_model_grads_func = finalize_model_grads
         chunk.config.grad_scale_func = optimizer.scale_loss
         chunk.config.no_sync_func = chunk.no_sync
+        if settings.overlap_grad_reduce:  # the schedules start each bucket's reduction early
+            chunk.config.grad_sync_func = chunk.start_grad_sync
     return optimizer

@@ -60,7 +60,8 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
 
 
 def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
-                   use_distributed_optimizer, ref_state, clip, chunk_size, model_overrides=None):
+                   use_distributed_optimizer, ref_state, clip, chunk_size, model_overrides=None,
+                   overlap_grad_reduce=False):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -87,7 +88,8 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
         return model
 
     settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=clip,
-                                 use_distributed_optimizer=use_distributed_optimizer)
+                                 use_distributed_optimizer=use_distributed_optimizer,
+                                 overlap_grad_reduce=overlap_grad_reduce)
     model = wrap_with_ddp(load(hf_state), settings)
     optimizer = build_optimizer([model], settings)
     reference = None
@@ -161,6 +163,10 @@ RECOMPUTE = {
                                      recompute_num_layers=1),
     "tp2_selective_recompute": dict(recompute_granularity="selective"),
 }
+# Overlapping the gradient reduction with backward changes timing, never the result.
+OVERLAP = {"dp2_overlap_grad_reduce", "pp2_dp2_distopt_overlap_grad_reduce"}
+CASES["dp2_overlap_grad_reduce"] = (2, 1, 1, 2, False, "llama3", 7)
+CASES["pp2_dp2_distopt_overlap_grad_reduce"] = (4, 1, 2, 2, True, "llama3", 7)
 CASES.update({name: (2, 1 if name.startswith("pp2") else 2, 2 if name.startswith("pp2") else 1,
                      2, False, "llama3", 7) for name in RECOMPUTE})
 
@@ -175,7 +181,7 @@ def test_simpo_step_matches_single_process_reference(case):
     loss, grads, grad_norm, params = _reference_step(hf_config, hf_state, batch, "simpo", clip=clip)
     results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, micro,
                            "simpo", distributed_optimizer, None, clip, chunk_size,
-                           RECOMPUTE.get(case))
+                           RECOMPUTE.get(case), case in OVERLAP)
     for result in results:  # metrics are shared by every rank, pipeline stages included
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
