@@ -12,6 +12,7 @@ causal mask real tokens never attend to the padding that follows them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -131,9 +132,6 @@ class DataConfig:
 
 def read_preference_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL file; every problem is reported with the file and line number."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
