@@ -18,6 +18,7 @@ setup(
         "psutil>=5.9",  # dist_checkpointing needs it at save time
         "numpy",
         "einops",
+        "tqdm",  # the converters' progress bar
     ],
     # Transformer Engine and NVIDIA Apex come from the NGC container: optional imports only.
     extras_require={"test": ["pytest>=7"]},
