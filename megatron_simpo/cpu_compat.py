@@ -92,7 +92,3 @@ def install() -> None:
 
     _installed_mode = _CudaToCpuMode()
     _installed_mode.__enter__()
-
-
-def is_installed() -> bool:
-    return _installed_mode is not None

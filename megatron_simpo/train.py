@@ -232,8 +232,8 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
 
 
 def _save(config, iteration, consumed, model, optimizer, scheduler, source: ModelSource) -> None:
-    source_assets = checkpointing.checkpoint_assets(source.weights_from or source.resume_from) \
-        if (source.weights_from or source.resume_from) else {}
+    source_dir = source.weights_from or source.resume_from
+    source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
     path = checkpointing.save_checkpoint(
         config.save, checkpointing.TrainState(iteration, consumed), model.module, optimizer,
         scheduler, source.config, assets={**source_assets, "tokenizer": source.tokenizer_path})
