@@ -10,6 +10,7 @@ from megatron_simpo.data import DataConfig
 from megatron_simpo.losses import LossConfig
 from megatron_simpo.optimizer import OptimizerSettings
 from megatron_simpo.parallel import ParallelConfig
+from megatron_simpo.precision import FP8_FORMATS, FP8_RECIPES, Fp8Config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norm/residual activations along the sequence over TP ranks")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce gradient buckets over data-parallel ranks during backward")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the distributed optimizer's updated parameters during the "
+                        "next forward (needs --use-distributed-optimizer, --overlap-grad-reduce)")
     g = p.add_argument_group("data")
     g.add_argument("--train-data-path", required=True, help="JSONL: prompt, chosen, rejected")
     g.add_argument("--valid-data-path", help="held-out JSONL")
@@ -60,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bf16 weights and compute, fp32 master weights")
     g.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
+    g = p.add_argument_group("FP8 (Transformer Engine)")
+    g.add_argument("--fp8-format", choices=FP8_FORMATS,
+                   help="FP8 GEMMs in the decoder layers: e4m3 everywhere, or hybrid (e5m2 "
+                        "gradients); needs --transformer-impl transformer_engine and --bf16")
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES,
+                   help="scaling recipe (default delayed); blockwise needs Hopper, mxfp8 Blackwell")
+    g.add_argument("--fp8-amax-history-len", type=int,
+                   help="delayed scaling: amax history window (Megatron default 1)")
+    g.add_argument("--fp8-amax-compute-algo", choices=["most_recent", "max"],
+                   help="delayed scaling: amax from the history (Megatron default most_recent)")
+    g.add_argument("--fp8-margin", type=int, help="delayed scaling: scaling margin (default 0)")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="keep the first and last decoder layers in bf16")
+    g.add_argument("--num-layers-at-start-in-bf16", type=int,
+                   help="with --first-last-layers-bf16 (default 1)")
+    g.add_argument("--num-layers-at-end-in-bf16", type=int,
+                   help="with --first-last-layers-bf16 (default 1)")
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("preference loss")
     g.add_argument("--algorithm", default="simpo", choices=["simpo", "dpo"])
@@ -90,13 +113,37 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     args = parser.parse_args(argv)
     if args.fp16:
         parser.error("--fp16 is not supported: use --bf16 (SimPO's recipes train in bf16)")
+    fp8_flags = {"--fp8-recipe": args.fp8_recipe,
+                 "--fp8-amax-history-len": args.fp8_amax_history_len,
+                 "--fp8-amax-compute-algo": args.fp8_amax_compute_algo,
+                 "--fp8-margin": args.fp8_margin,
+                 "--first-last-layers-bf16": args.first_last_layers_bf16 or None,
+                 "--num-layers-at-start-in-bf16": args.num_layers_at_start_in_bf16,
+                 "--num-layers-at-end-in-bf16": args.num_layers_at_end_in_bf16}
+    if args.fp8_format is None and any(v is not None for v in fp8_flags.values()):
+        given = [flag for flag, value in fp8_flags.items() if value is not None]
+        parser.error(f"{', '.join(given)}: only with --fp8-format")
+    if not args.first_last_layers_bf16 and (args.num_layers_at_start_in_bf16 is not None
+                                            or args.num_layers_at_end_in_bf16 is not None):
+        parser.error("--num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16 need "
+                     "--first-last-layers-bf16")
     gamma, ratio = args.simpo_gamma, args.simpo_gamma_beta_ratio
     if args.algorithm == "simpo" and gamma is None and ratio is None:
         ratio = 0.55  # the authors' Llama-3-8B-Instruct recipe; --simpo-gamma 0 turns it off
     try:
+        fp8 = None if args.fp8_format is None else Fp8Config(
+            format=args.fp8_format, recipe=args.fp8_recipe or "delayed",
+            amax_history_len=args.fp8_amax_history_len,
+            amax_compute_algo=args.fp8_amax_compute_algo, margin=args.fp8_margin or 0,
+            first_last_layers_bf16=args.first_last_layers_bf16,
+            num_layers_at_start_in_bf16=(1 if args.num_layers_at_start_in_bf16 is None
+                                         else args.num_layers_at_start_in_bf16),
+            num_layers_at_end_in_bf16=(1 if args.num_layers_at_end_in_bf16 is None
+                                       else args.num_layers_at_end_in_bf16))
         return TrainConfig(
             parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                    pipeline_model_parallel_size=args.pipeline_model_parallel_size),
+                                    pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                                    sequence_parallel=args.sequence_parallel),
             data=DataConfig(train_data_path=args.train_data_path,
                             valid_data_path=args.valid_data_path,
                             valid_fraction=args.valid_fraction, tokenizer_path=args.tokenizer,
@@ -110,11 +157,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
                                         adam_eps=args.adam_eps, clip_grad=args.clip_grad,
                                         use_distributed_optimizer=args.use_distributed_optimizer,
-                                        overlap_grad_reduce=args.overlap_grad_reduce),
+                                        overlap_grad_reduce=args.overlap_grad_reduce,
+                                        overlap_param_gather=args.overlap_param_gather),
             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
             train_iters=args.train_iters, train_epochs=args.train_epochs,
             lr_warmup_fraction=args.lr_warmup_fraction, lr_decay_style=args.lr_decay_style,
-            bf16=args.bf16, transformer_impl=args.transformer_impl,
+            bf16=args.bf16, transformer_impl=args.transformer_impl, fp8=fp8,
             logprob_chunk_size=args.logprob_chunk_size,
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,

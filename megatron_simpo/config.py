@@ -10,6 +10,7 @@ from megatron_simpo.data import DataConfig
 from megatron_simpo.losses import LossConfig
 from megatron_simpo.optimizer import OptimizerSettings
 from megatron_simpo.parallel import ParallelConfig
+from megatron_simpo.precision import Fp8Config, sequence_alignment
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,8 @@ class TrainConfig:
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     bf16: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    fp8: Fp8Config | None = None
+    """FP8 GEMMs in the decoder layers through Transformer Engine (``--fp8-format``)."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation, as in Megatron-LM (``--recompute-granularity``)."""
     recompute_method: Literal["uniform", "block"] | None = None
@@ -74,6 +77,21 @@ class TrainConfig:
         elif self.recompute_method is not None or self.recompute_num_layers is not None:
             raise ValueError("--recompute-method and --recompute-num-layers go with "
                              "--recompute-granularity full")
+        if self.fp8 is not None:
+            if self.transformer_impl != "transformer_engine":
+                raise ValueError("--fp8-format needs --transformer-impl transformer_engine (FP8 "
+                                 "GEMMs are Transformer Engine's)")
+            if not self.bf16:
+                raise ValueError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 weights and "
+                                 "activations around them)")
+        if self.data.seq_length % self.sequence_alignment != 0:
+            reasons = []
+            if self.parallel.sequence_parallel:
+                reasons.append(f"--sequence-parallel splits it over {self.parallel.tensor_model_parallel_size} TP ranks")
+            if self.fp8 is not None:
+                reasons.append(f"FP8 GEMMs ({self.fp8.recipe}) need multiples of {self.fp8.alignment} tokens")
+            raise ValueError(f"--seq-length ({self.data.seq_length}) must be a multiple of "
+                             f"{self.sequence_alignment}: {'; '.join(reasons)}")
         if self.logprob_chunk_size < 0:
             raise ValueError(f"--logprob-chunk-size must be >= 0 (0 = full logits), got {self.logprob_chunk_size}")
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
@@ -110,10 +128,18 @@ class TrainConfig:
                 f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size ({dp})")
         return self.global_batch_size // (self.micro_batch_size * dp)
 
+    @property
+    def sequence_alignment(self) -> int:
+        """Batches are padded to a multiple of this (sequence parallelism, FP8)."""
+        return sequence_alignment(self.fp8, self.parallel.sequence_multiple)
+
     def transformer_overrides(self) -> dict:
-        """TransformerConfig fields the run sets beyond the architecture (recomputation)."""
-        if self.recompute_granularity is None:
-            return {}
-        return dict(recompute_granularity=self.recompute_granularity,
-                    recompute_method=self.recompute_method,
-                    recompute_num_layers=self.recompute_num_layers)
+        """TransformerConfig fields the run sets beyond the architecture (recomputation, FP8)."""
+        values = {}
+        if self.recompute_granularity is not None:
+            values.update(recompute_granularity=self.recompute_granularity,
+                          recompute_method=self.recompute_method,
+                          recompute_num_layers=self.recompute_num_layers)
+        if self.fp8 is not None:
+            values.update(self.fp8.transformer_overrides())
+        return values

@@ -109,7 +109,13 @@ class _FusedOutputLogProbs(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden, weight, labels = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Under Megatron's DDP the weight carries its fp32 gradient buffer (main_grad): add the
+        # chunks straight into it, as Megatron's fused weight-gradient GEMMs do, instead of
+        # building a separate fp32 [V_p/tp, h] sum and a copy of it in the weight's dtype.
+        main_grad = getattr(weight, "main_grad", None)
+        into_main_grad = main_grad is not None and main_grad.dtype == torch.float32
+        grad_weight = main_grad if into_main_grad else torch.zeros(
+            weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
             logits = (hidden[start:stop] @ weight.t()).float()
@@ -120,6 +126,10 @@ class _FusedOutputLogProbs(torch.autograd.Function):
             grad_hidden[start:stop] = grad_logits @ weight
             # Accumulate in place: no [V_p/tp, h] temporary per chunk.
             grad_weight.addmm_(grad_logits.t().float(), hidden[start:stop].float())
+        if into_main_grad:
+            # Autograd still needs a gradient for the weight (DDP's hook runs when it arrives,
+            # and a tied embedding adds its own to it): zeros, which the hook adds to main_grad.
+            return grad_hidden, torch.zeros_like(weight), None, None, None, None
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 

@@ -213,6 +213,7 @@ class ModelConfig:
             init_method_std=self.init_method_std,
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            sequence_parallel=parallel.sequence_parallel,
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
@@ -229,12 +230,42 @@ class ModelConfig:
         return TransformerConfig(**values)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """The local spec's RMSNorm: torch's, built like Megatron-Core's norms and SP-aware.
+
+    Megatron-Core's own local choice (``WrappedTorchNorm``) refuses sequence parallelism and
+    keeps an fp32 weight under bf16 (which knocks torch off its fused kernel). This one takes
+    ``params_dtype`` like Transformer Engine's norms, and marks its weight ``sequence_parallel``
+    so the gradient finalisation sums the partial weight gradients of the TP ranks' sequence
+    slices, as it does for Transformer Engine's and Apex's norms.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            raise ValueError("RMSNorm is plain RMSNorm: got normalization="
+                             f"{config.normalization!r}, zero-centred gamma="
+                             f"{config.layernorm_zero_centered_gamma}")
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local"):
-    """The per-layer ``ModuleSpec``: pure-torch local modules, or Transformer Engine's (GPU, FP8)."""
+    """The per-layer ``ModuleSpec``: local torch modules, or Transformer Engine's (GPU, FP8)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        return spec
+    check_transformer_impl(transformer_impl)
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def check_transformer_impl(transformer_impl: str) -> None:
+    """Refuse an unknown ``--transformer-impl``, or Transformer Engine's where it is missing."""
+    if transformer_impl not in ("local", "transformer_engine"):
+        raise ValueError(f"--transformer-impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
     if transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
@@ -243,8 +274,22 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
                 "--transformer-impl transformer_engine needs Transformer Engine, which is not "
                 "installed (it ships in NGC PyTorch containers); use --transformer-impl local"
             ) from error
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    raise ValueError(f"--transformer-impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
+
+
+def block_spec(config: ModelConfig, transformer_config, transformer_impl: TransformerImpl = "local"):
+    """What ``GPTModel`` builds its decoder from: this stage's layers and the final norm.
+
+    Transformer Engine's layer spec is enough (the block picks TE's norm for the final one);
+    the local spec is spelled out as a block so the final norm is :class:`RMSNorm` too.
+    """
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    spec = layer_spec(config, transformer_impl)
+    if transformer_impl != "local":
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(transformer_config), layer_norm=RMSNorm)
 
 
 def build_model(config: ModelConfig, parallel: ParallelConfig, *,
@@ -269,7 +314,7 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
                                                       **transformer_overrides)
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=layer_spec(config, transformer_impl),
+        transformer_layer_spec=block_spec(config, transformer_config, transformer_impl),
         vocab_size=config.padded_vocab_size(parallel.tensor_model_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
@@ -291,7 +336,7 @@ def enable_memory_lean_logprobs(model, chunk_size: int) -> None:
     """Make the last stage return final hidden states [b, s, h] instead of logits.
 
     The log-probs are then computed by ``logprobs.fused_output_logprobs`` from the hidden
-    states and the output weight, ``chunk_size`` tokens at a time, so the micro-batch's full
+    states (gathered along the sequence under sequence parallelism) and the output weight, ``chunk_size`` tokens at a time, so the micro-batch's full
     [b, s, V_p/tp] logits never exist. The output layer keeps its parameters (and checkpoint
     names); only its forward becomes a pass-through. ``logprob_chunk_size`` on the model tells
     the training step which path to take.
@@ -300,7 +345,16 @@ def enable_memory_lean_logprobs(model, chunk_size: int) -> None:
         raise ValueError(f"--logprob-chunk-size must be >= 1 for memory-lean log-probs, got {chunk_size}")
     model.logprob_chunk_size = chunk_size
     if getattr(model, "post_process", False):
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        output_layer = model.output_layer
+
         def pass_through(hidden_states, weight=None, runtime_gather_output=None):
+            if output_layer.sequence_parallel:
+                # [s/tp, b, h] -> [s, b, h], as the output layer would gather its input. Backward
+                # reduce-scatters: each TP rank's gradient is its vocabulary shard's share.
+                hidden_states = gather_from_sequence_parallel_region(
+                    hidden_states, tensor_parallel_output_grad=True)
             return hidden_states, None
 
         model.output_layer.forward = pass_through

@@ -24,6 +24,9 @@ class OptimizerSettings:
     """Shard optimizer state (and the fp32 master weights) over data-parallel ranks."""
     overlap_grad_reduce: bool = False
     """Reduce gradient buckets while the backward pass is still running (``--overlap-grad-reduce``)."""
+    overlap_param_gather: bool = False
+    """All-gather the updated parameter shards of the distributed optimizer during the next
+    forward pass, bucket by bucket, instead of at the end of the step (``--overlap-param-gather``)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -34,6 +37,10 @@ class OptimizerSettings:
             raise ValueError(f"--clip-grad must be >= 0, got {self.clip_grad}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.overlap_param_gather and not (self.use_distributed_optimizer
+                                              and self.overlap_grad_reduce):
+            raise ValueError("--overlap-param-gather needs --use-distributed-optimizer and "
+                             "--overlap-grad-reduce")
 
 
 def wrap_with_ddp(model: torch.nn.Module, settings: OptimizerSettings):
@@ -47,6 +54,7 @@ def wrap_with_ddp(model: torch.nn.Module, settings: OptimizerSettings):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_param_gather=settings.overlap_param_gather,
         use_distributed_optimizer=settings.use_distributed_optimizer,
         average_in_collective=False,
     )
@@ -83,3 +91,16 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bo
         if settings.overlap_grad_reduce:  # the schedules start each bucket's reduction early
             chunk.config.grad_sync_func = chunk.start_grad_sync
     return optimizer
+
+
+def finish_param_sync(model_chunks: list) -> None:
+    """Complete the parameters on every rank now (``--overlap-param-gather``).
+
+    With overlapped gathering, the shards other data-parallel ranks updated arrive during the
+    next forward pass. Anything that reads the weights outside a forward pass (saving a
+    checkpoint, exporting, handing the model back) calls this first; the next forward then finds
+    its buckets already gathered. A no-op without overlapped gathering.
+    """
+    for chunk in model_chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)

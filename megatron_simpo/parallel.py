@@ -17,6 +17,10 @@ class ParallelConfig:
     """Ranks that split every layer's weights (``--tensor-model-parallel-size``)."""
     pipeline_model_parallel_size: int = 1
     """Ranks that split the layers into consecutive stages (``--pipeline-model-parallel-size``)."""
+    sequence_parallel: bool = False
+    """Split the activations outside the tensor-parallel regions (norms, residuals, dropout)
+    along the sequence over the TP ranks (``--sequence-parallel``): all-reduces become
+    reduce-scatter + all-gather pairs and those activations take 1/TP of the memory."""
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -25,6 +29,14 @@ class ParallelConfig:
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel splits activations over tensor-parallel ranks: "
+                             "it needs --tensor-model-parallel-size > 1")
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Model input lengths must be a multiple of this (the TP size under sequence parallelism)."""
+        return self.tensor_model_parallel_size if self.sequence_parallel else 1
 
     @property
     def model_parallel_size(self) -> int:

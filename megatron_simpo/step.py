@@ -54,8 +54,11 @@ def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab
                                               tp_group=group)
         return sequence_logprobs(token_logps, batch.loss_mask)
     rows, positions = batch.loss_mask.nonzero(as_tuple=True)
-    # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
-    hidden = copy_to_tensor_model_parallel_region(output[rows, positions])
+    hidden = output[rows, positions]
+    if not _unwrap(model).config.sequence_parallel:
+        # Identity forward, all-reduce of the hidden-state gradient over TP in backward. Under
+        # sequence parallelism the output layer's gather already reduce-scatters that gradient.
+        hidden = copy_to_tensor_model_parallel_region(hidden)
     weight = output_weight(_unwrap(model))
     logps = fused_output_logprobs(hidden, weight, batch.labels[rows, positions],
                                   vocab_size=vocab_size, tp_group=group, chunk_size=chunk_size)

@@ -14,8 +14,10 @@ from megatron_simpo import checkpointing, runtime
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import (PairSampler, PreferenceBatch, TokenizedPair, collate_pairs,
                                  load_datasets, load_tokenizer, padded_length)
-from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
-from megatron_simpo.optimizer import build_optimizer, wrap_with_ddp
+from megatron_simpo.model import (ModelConfig, build_model, check_transformer_impl,
+                                  enable_memory_lean_logprobs)
+from megatron_simpo.optimizer import build_optimizer, finish_param_sync, wrap_with_ddp
+from megatron_simpo.precision import check_fp8_support, padding_multiple
 from megatron_simpo.step import evaluate, train_step
 
 
@@ -119,6 +121,12 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     source = resolve_model_source(config)
     _, world_size, _ = runtime.read_world()
     config.parallel.validate(world_size, source.config)
+    if config.fp8 is not None:
+        config.fp8.check_model(source.config.num_layers,
+                               config.parallel.pipeline_model_parallel_size)
+    check_transformer_impl(config.transformer_impl)  # then what the machine has
+    if config.fp8 is not None:
+        check_fp8_support(config.fp8)
     return source, config.check_world(world_size)
 
 
@@ -160,8 +168,10 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
         end_wd=config.optimizer.weight_decay, wd_incr_steps=total_iters, wd_incr_style="constant")
     reference = None
     if config.loss.needs_reference:
+        # Same precision as the policy (FP8 included); nothing to recompute without gradients.
         reference = build_model(source.config, config.parallel,
-                                transformer_impl=config.transformer_impl, params_dtype=dtype)
+                                transformer_impl=config.transformer_impl, params_dtype=dtype,
+                                **(config.fp8.transformer_overrides() if config.fp8 else {}))
         checkpointing.load_checkpoint(source.weights_from, reference, model_config=source.config)
         reference.eval().requires_grad_(False)
         if config.logprob_chunk_size:
@@ -195,7 +205,8 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
     while iteration < total_iters:
         start = time.perf_counter()
         indices = sampler.global_batch(consumed)
-        length = padded_length([train_pairs[i] for i in indices], config.data.seq_length)
+        length = padded_length([train_pairs[i] for i in indices], config.data.seq_length,
+                               padding_multiple(config.sequence_alignment))
         shard = _collate_shard(train_pairs, PairSampler.shard(indices, dp_rank, dp_size), length,
                                pad_id, env.device)
         lr = optimizer.param_groups[0]["lr"]
@@ -232,6 +243,7 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
 
 
 def _save(config, iteration, consumed, model, optimizer, scheduler, source: ModelSource) -> None:
+    finish_param_sync([model])
     source_dir = source.weights_from or source.resume_from
     source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
     path = checkpointing.save_checkpoint(
@@ -248,7 +260,8 @@ def _eval_microbatches(pairs: list[TokenizedPair], config: TrainConfig, dp_rank:
     usable = len(pairs) // chunk * chunk
     if usable == 0:
         return []
-    length = padded_length(pairs[:usable], config.data.seq_length)
+    length = padded_length(pairs[:usable], config.data.seq_length,
+                           padding_multiple(config.sequence_alignment))
     indices = PairSampler.shard(list(range(usable)), dp_rank, dp_size)
     batch = _collate_shard(pairs, indices, length, pad_id, device)
     return batch.split(len(indices) // config.micro_batch_size)
@@ -263,7 +276,7 @@ def main(argv=None) -> None:
     config = parse_args(argv)
     try:
         prepared = prepare(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"train_simpo: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     try:

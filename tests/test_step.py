@@ -61,7 +61,7 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
 
 def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
                    use_distributed_optimizer, ref_state, clip, chunk_size, model_overrides=None,
-                   overlap_grad_reduce=False):
+                   overlap_grad_reduce=False, sequence_parallel=False, overlap_param_gather=False):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -69,12 +69,14 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
     from megatron_simpo.losses import LossConfig
     from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
-    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.optimizer import (OptimizerSettings, build_optimizer, finish_param_sync,
+                                          wrap_with_ddp)
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import train_step
 
     config = ModelConfig.from_hf_config(hf_config)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=sequence_parallel)
     runtime.initialize(parallel, seed=0, model_config=config)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     where = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp)
@@ -89,7 +91,8 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
 
     settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=clip,
                                  use_distributed_optimizer=use_distributed_optimizer,
-                                 overlap_grad_reduce=overlap_grad_reduce)
+                                 overlap_grad_reduce=overlap_grad_reduce,
+                                 overlap_param_gather=overlap_param_gather)
     model = wrap_with_ddp(load(hf_state), settings)
     optimizer = build_optimizer([model], settings)
     reference = None
@@ -105,6 +108,7 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     shard = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
     result = train_step([model], optimizer, shard.split(num_microbatches), loss_config,
                         vocab_size=config.vocab_size, reference_model=reference)
+    finish_param_sync([model])
 
     def gather(tensors):
         """Unsplit (TP-merged) tensors under global names."""
@@ -167,8 +171,21 @@ RECOMPUTE = {
 OVERLAP = {"dp2_overlap_grad_reduce", "pp2_dp2_distopt_overlap_grad_reduce"}
 CASES["dp2_overlap_grad_reduce"] = (2, 1, 1, 2, False, "llama3", 7)
 CASES["pp2_dp2_distopt_overlap_grad_reduce"] = (4, 1, 2, 2, True, "llama3", 7)
+# ... and gathering the updated parameter shards during the next forward neither.
+OVERLAP_PARAM_GATHER = {"dp2_distopt_overlap_param_gather", "tp2_dp2_distopt_overlap_param_gather"}
+OVERLAP |= OVERLAP_PARAM_GATHER
+CASES["dp2_distopt_overlap_param_gather"] = (2, 1, 1, 2, True, "llama3", 7)
+CASES["tp2_dp2_distopt_overlap_param_gather"] = (4, 2, 1, 1, True, "llama3", 7)
 CASES.update({name: (2, 1 if name.startswith("pp2") else 2, 2 if name.startswith("pp2") else 1,
                      2, False, "llama3", 7) for name in RECOMPUTE})
+# Sequence parallelism moves activations between ranks differently, never changes the result
+# (the norms' gradients are summed over TP ranks by the gradient finalisation).
+SEQUENCE_PARALLEL = {
+    "tp2_sequence_parallel": (2, 2, 1, 2, False, "llama3", 7),
+    "tp2_sequence_parallel_plain_logits": (2, 2, 1, 1, False, "llama3", None),
+    "tied_tp2_pp2_sequence_parallel": (4, 2, 2, 2, False, "llama3.2", 7),
+}
+CASES.update(SEQUENCE_PARALLEL)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -181,7 +198,8 @@ def test_simpo_step_matches_single_process_reference(case):
     loss, grads, grad_norm, params = _reference_step(hf_config, hf_state, batch, "simpo", clip=clip)
     results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, micro,
                            "simpo", distributed_optimizer, None, clip, chunk_size,
-                           RECOMPUTE.get(case), case in OVERLAP)
+                           RECOMPUTE.get(case), case in OVERLAP, case in SEQUENCE_PARALLEL,
+                           case in OVERLAP_PARAM_GATHER)
     for result in results:  # metrics are shared by every rank, pipeline stages included
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)

@@ -46,20 +46,27 @@ def _train(rank, argv):
 @pytest.mark.parametrize("layout", [dict(tensor_model_parallel_size=2),
                                     dict(pipeline_model_parallel_size=2),
                                     dict(distributed_optimizer=False),
-                                    dict(tensor_model_parallel_size=2, bf16=True)],
-                         ids=["tp2", "pp2", "dp2_plain_optimizer", "tp2_bf16"])
+                                    dict(tensor_model_parallel_size=2, bf16=True),
+                                    dict(overlap_grad_reduce=True, overlap_param_gather=True),
+                                    dict(tensor_model_parallel_size=2, sequence_parallel=True)],
+                         ids=["tp2", "pp2", "dp2_plain_optimizer", "tp2_bf16",
+                              "dp2_overlap_param_gather", "tp2_sequence_parallel"])
 def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
-    straight, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "a", **layout))[0]
+    straight, straight_evals = run_on_ranks(2, _train, _argv(tiny, train_iters=8, eval_interval=4,
+                                                             save=tmp_path / "a", **layout))[0]
     first, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "b",
                                              save_interval=4, **layout)
                             )[0]
-    assert first == straight  # same run, saving along the way changes nothing
+    assert first == straight  # same run: saving (or evaluating) along the way changes nothing
     # Resume from iteration 4 of run "b" (remove the final checkpoint so the tracker says 4).
     (tmp_path / "b" / "latest_checkpointed_iteration.txt").write_text("4\n")
-    resumed, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, load=tmp_path / "b",
-                                               save=tmp_path / "c", **layout))[0]
+    resumed, resumed_evals = run_on_ranks(2, _train, _argv(tiny, train_iters=8, load=tmp_path / "b",
+                                                           save=tmp_path / "c", **layout))[0]
     assert len(straight) == 8 and len(resumed) == 4
     assert resumed == straight[4:], f"{resumed} != {straight[4:]}"
+    # The resumed run evaluates the saved weights first: they are the in-memory ones at step 4.
+    assert [at for at, _ in straight_evals] == [0, 4, 8]
+    assert resumed_evals == straight_evals[1:]
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics if "loss" in m] == list(range(1, 9))
     assert {"eval/rewards/accuracies", "eval/loss"} <= set(metrics[0])
@@ -77,12 +84,21 @@ def test_checkpoint_loads_at_another_layout(tiny, tmp_path):
 
 
 def test_pretrained_checkpoint_starts_a_new_run(tiny, tmp_path):
-    run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=tmp_path / "a"))
+    # Saved mid-run with parameter gathering overlapped with the next forward (nothing ran a
+    # forward between the step and the save): the checkpoint must still hold the complete
+    # updated weights, which is all a model-only load reads.
+    run_on_ranks(2, _train, _argv(tiny, train_iters=4, save=tmp_path / "a", save_interval=2,
+                                  overlap_grad_reduce=True, overlap_param_gather=True))
+    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    _, in_memory_evals = run_on_ranks(2, _train, _argv(tiny, train_iters=4, eval_interval=2))[0]
+    assert in_memory_evals[1][0] == 2
     losses, evals = run_on_ranks(2, _train, _argv(tiny, train_iters=2, save=tmp_path / "b",
                                                   pretrained_checkpoint=tmp_path / "a",
                                                   tensor_model_parallel_size=2))[0]
     # A new run: iteration counting restarts and the eval at step 0 is the trained model's.
     assert len(losses) == 2 and evals[0][0] == 0
+    for name, value in in_memory_evals[1][1].items():
+        assert abs(evals[0][1][name] - value) <= 1e-5, name
     assert (tmp_path / "b" / "iter_0000002").is_dir()
 
 
@@ -157,4 +173,34 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, loss_type="hinge",
                                                  label_smoothing=0.1))
     assert "--label-smoothing applies to the sigmoid loss only" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, sequence_parallel=True))
+    assert "--sequence-parallel splits activations over tensor-parallel ranks: it needs " \
+           "--tensor-model-parallel-size > 1" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, sequence_parallel=True,
+                                                 tensor_model_parallel_size=2, seq_length=63))
+    assert "--seq-length (63) must be a multiple of 2: --sequence-parallel splits it over 2 TP ranks" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp8_recipe="tensorwise",
+                                                 fp8_margin=1))
+    assert "--fp8-recipe, --fp8-margin: only with --fp8-format" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp8_format="hybrid", bf16=True))
+    assert "--fp8-format needs --transformer-impl transformer_engine" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp8_format="hybrid",
+                                                 transformer_impl="transformer_engine"))
+    assert "--fp8-format needs --bf16" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp8_format="e4m3", bf16=True,
+                                                 transformer_impl="transformer_engine",
+                                                 seq_length=56))
+    assert "--seq-length (56) must be a multiple of 16: FP8 GEMMs (delayed) need multiples of 16 tokens" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp8_format="e4m3",
+                                                 fp8_recipe="mxfp8", bf16=True, seq_length=64,
+                                                 transformer_impl="transformer_engine",
+                                                 first_last_layers_bf16=True,
+                                                 num_layers_at_end_in_bf16=3))
+    assert "--num-layers-at-end-in-bf16 (3) exceeds the layers of a pipeline stage (2 layers / PP 1)" in err
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp8_format="hybrid",
+                                                     bf16=True, transformer_impl="transformer_engine"))
+        assert "--transformer-impl transformer_engine needs Transformer Engine, which is not installed" in err
     assert not dist.is_initialized()

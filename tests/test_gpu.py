@@ -1,0 +1,178 @@
+"""What only a GPU can show: Transformer Engine's layers, FP8 training, bf16 numerics.
+
+Skipped (with the reason) on machines without CUDA or Transformer Engine; run on the lent GPU
+machine or in the NGC container with ``pytest -m gpu``. Each test runs in its own spawned
+process (one rank, NCCL) so Megatron's global parallel state never leaks between tests.
+"""
+
+import pytest
+import torch
+
+from megatron_simpo.data import TokenizedPair, collate_pairs
+from tests.multiprocess import run_on_ranks
+from tests.tiny import tiny_hf_config, tiny_hf_model
+
+
+def _has_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_te = pytest.mark.skipif(not (torch.cuda.is_available() and _has_transformer_engine()),
+                              reason="needs a CUDA GPU and Transformer Engine")
+pytestmark = pytest.mark.gpu
+
+# Wide enough for FP8 GEMMs (every dimension a multiple of 16) and fused attention (head dim 64).
+GPU_MODEL = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2)
+SEQ = 64
+
+
+def _batch(vocab: int, pairs: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    return collate_pairs([TokenizedPair(ids(4, 24), ids(8, 40), ids(8, 40)) for _ in range(pairs)],
+                         SEQ)
+
+
+def _build(hf_state, config, parallel, transformer_impl, dtype, tmp_dir=None, **overrides):
+    """A GPTModel of either spec holding the HF weights (through a dist checkpoint for TE)."""
+    from megatron_simpo import checkpointing
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
+    from megatron_simpo.model import build_model
+
+    local = build_model(config, parallel, params_dtype=dtype)
+    load_rank_state(local, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)), config,
+                    tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    if transformer_impl == "local" and not overrides:
+        return local
+    # The TE spec fuses the norms into the next linear layer; the dist checkpoint maps the names
+    # (the path users take: convert once, train with either spec).
+    checkpoint = checkpointing.save_model_only(tmp_dir, 0, local, config)
+    model = build_model(config, parallel, transformer_impl=transformer_impl, params_dtype=dtype,
+                        **overrides)
+    checkpointing.load_checkpoint(checkpoint, model, model_config=config)
+    return model
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch.tokens.cuda(), position_ids=batch.position_ids.cuda(),
+                     attention_mask=None).float()
+
+
+def _te_matches_local(rank, hf_state, hf_config, tmp_dir):
+    from megatron_simpo import runtime
+    from megatron_simpo.model import ModelConfig
+    from megatron_simpo.parallel import ParallelConfig
+
+    config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
+    runtime.initialize(parallel, seed=0, model_config=config)
+    batch = _batch(config.vocab_size)
+    local = _build(hf_state, config, parallel, "local", torch.bfloat16).eval()
+    te = _build(hf_state, config, parallel, "transformer_engine", torch.bfloat16, tmp_dir).eval()
+    reference = _build(hf_state, config, parallel, "local", torch.float32).eval()
+    vocab = config.vocab_size
+    local_logits, te_logits, fp32_logits = (_logits(m, batch)[..., :vocab]
+                                            for m in (local, te, reference))
+    return {"te_vs_local": (te_logits - local_logits).abs().max().item(),
+            "local_vs_fp32": (local_logits - fp32_logits).abs().max().item(),
+            "te_vs_fp32": (te_logits - fp32_logits).abs().max().item(),
+            "scale": fp32_logits.abs().max().item()}
+
+
+@needs_te
+def test_transformer_engine_spec_matches_local_spec_in_bf16(tmp_path):
+    hf_config = tiny_hf_config("llama3", **GPU_MODEL)
+    hf_state = tiny_hf_model(hf_config, seed=1).state_dict()
+    diffs = run_on_ranks(1, _te_matches_local, hf_state, hf_config, str(tmp_path / "ckpt"))[0]
+    # Both bf16 forwards sit within bf16 rounding of the fp32 one, and of each other: a wrong
+    # weight mapping (e.g. a norm not fused into the right linear layer) is off by O(scale).
+    tolerance = 0.05 * max(1.0, diffs["scale"])
+    assert diffs["local_vs_fp32"] <= tolerance, diffs
+    assert diffs["te_vs_fp32"] <= tolerance, diffs
+    assert diffs["te_vs_local"] <= tolerance, diffs
+
+
+def _fp8_steps(rank, hf_state, hf_config, tmp_dir, recipe, steps):
+    from megatron_simpo import runtime
+    from megatron_simpo.losses import LossConfig
+    from megatron_simpo.model import ModelConfig, enable_memory_lean_logprobs
+    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.precision import Fp8Config, check_fp8_support
+    from megatron_simpo.step import train_step
+
+    config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
+    runtime.initialize(parallel, seed=0, model_config=config)
+    fp8 = Fp8Config(format="hybrid", recipe=recipe)
+    check_fp8_support(fp8)
+    model = _build(hf_state, config, parallel, "transformer_engine", torch.bfloat16, tmp_dir,
+                   **fp8.transformer_overrides())
+    assert model.config.fp8 == "hybrid" and model.config.fp8_recipe == recipe
+    enable_memory_lean_logprobs(model, 64)
+    settings = OptimizerSettings(lr=1e-3, use_distributed_optimizer=True)
+    model = wrap_with_ddp(model, settings)
+    optimizer = build_optimizer([model], settings, bf16=True)
+    batch = _batch(config.vocab_size).to(torch.device("cuda"))
+    losses = []
+    for _ in range(steps):
+        result = train_step([model], optimizer, batch.split(2), LossConfig(beta=2.5, gamma=1.375),
+                            vocab_size=config.vocab_size)
+        losses.append(result.metrics["loss"])
+    return losses
+
+
+@needs_te
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_training_step_runs_and_loss_falls(tmp_path, recipe):
+    from megatron_simpo.precision import Fp8Config, check_fp8_support
+
+    try:
+        check_fp8_support(Fp8Config(format="hybrid", recipe=recipe))
+    except RuntimeError as unsupported:
+        pytest.skip(str(unsupported))
+    hf_config = tiny_hf_config("llama3", **GPU_MODEL)
+    hf_state = tiny_hf_model(hf_config, seed=1).state_dict()
+    losses = run_on_ranks(1, _fp8_steps, hf_state, hf_config, str(tmp_path / "ckpt"), recipe, 8)[0]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < 0.9 * losses[0], losses  # the same batch 8 times: it must be learned
+
+
+def _bf16_logprobs(rank, vocab, tokens, hidden_size, chunk):
+    from megatron_simpo.logprobs import fused_output_logprobs, vocab_parallel_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, device="cuda", generator=g)
+    weight = torch.randn(vocab, hidden_size, device="cuda", generator=g) / hidden_size ** 0.5 * 3
+    labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    exact = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(
+        -1, labels.unsqueeze(-1)).squeeze(-1)
+    plain = vocab_parallel_logprobs((hidden.bfloat16() @ weight.bfloat16().t()).unsqueeze(0),
+                                    labels.unsqueeze(0), vocab_size=vocab)[0]
+    lean = fused_output_logprobs(hidden.bfloat16(), weight.bfloat16(), labels, vocab_size=vocab,
+                                 chunk_size=chunk)
+    fp32 = fused_output_logprobs(hidden, weight, labels, vocab_size=vocab, chunk_size=chunk)
+    return {name: ((value.double() - exact).abs().max().item(),
+                   (value.double() - exact).mean().abs().item())
+            for name, value in (("plain_bf16", plain), ("lean_bf16", lean), ("lean_fp32", fp32))}
+
+
+@needs_gpu
+def test_bf16_logprobs_match_fp32():
+    """Llama-3's vocabulary, logits of unit-ish scale: bf16 GEMMs with fp32 softmax stay within
+    bf16 rounding per token, and the per-sequence mean (SimPO's reward) far closer."""
+    errors = run_on_ranks(1, _bf16_logprobs, 128256, 512, 1024, 128)[0]
+    assert errors["lean_fp32"][0] <= 1e-3, errors
+    for name in ("plain_bf16", "lean_bf16"):
+        worst, mean = errors[name]
+        assert worst <= 0.1, errors
+        assert mean <= 0.01, errors
