@@ -12,8 +12,10 @@
 # works) and needs nothing else:  MODEL=tiny bash examples/train_simpo_llama3.sh
 #
 # Variables: CHECKPOINT, DATA, VALID_DATA, SAVE, TP, PP, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
-# NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON. Extra arguments are
-# passed on to tools/train_simpo.py and override the defaults (e.g. --train-iters 100).
+# NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the GPU recipe also
+# TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by default when TP > 1)
+# and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra arguments are passed on
+# to tools/train_simpo.py and override the defaults (e.g. --train-iters 100).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,10 +60,12 @@ case "$MODEL" in
     : "${DATA:?set DATA to a JSONL file with prompt, chosen, rejected}"
     GPUS_PER_NODE=${GPUS_PER_NODE:-8}
     SAVE=${SAVE:-outputs/llama3-8b-instruct-simpo}
+    TP=${TP:-2}
     ARGS=(
       --pretrained-checkpoint "$CHECKPOINT"
       --train-data-path "$DATA"
-      --tensor-model-parallel-size "${TP:-2}"
+      --transformer-impl "${TRANSFORMER_IMPL:-transformer_engine}"
+      --tensor-model-parallel-size "$TP"
       --pipeline-model-parallel-size "${PP:-1}"
       --seq-length 2048 --max-prompt-length 1800
       --micro-batch-size "${MICRO_BATCH_SIZE:-2}" --global-batch-size "${GLOBAL_BATCH_SIZE:-128}"
@@ -69,10 +73,16 @@ case "$MODEL" in
       --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.1
       --weight-decay 0 --clip-grad 1.0
       --simpo-beta 2.5 --simpo-gamma-beta-ratio 0.55
-      --bf16 --use-distributed-optimizer --overlap-grad-reduce
+      --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
       --eval-interval 100 --log-interval 1
       --save "$SAVE" --save-interval 200 --seed 42
     )
+    if [ "${SEQUENCE_PARALLEL:-$([ "$TP" -gt 1 ] && echo 1 || echo 0)}" = 1 ]; then
+      ARGS+=(--sequence-parallel)
+    fi
+    if [ -n "${FP8:-}" ]; then
+      ARGS+=(--fp8-format "$FP8" --fp8-recipe "${FP8_RECIPE:-tensorwise}")
+    fi
     if [ -n "${VALID_DATA:-}" ]; then
       ARGS+=(--valid-data-path "$VALID_DATA")
     else

@@ -11,6 +11,14 @@ medians over --steps after --warmup. Prints a table of values and ratios; --outp
 
   python tools/bench_simpo.py                 # both benchmarks, CPU-sized defaults
   python tools/bench_simpo.py --only logprobs --vocab 128256 --seq 2048 --hidden 2048
+  # GPU: Llama-3.2-1B shape with Transformer Engine; then FP8 vs bf16 (speed, loss after 50 steps)
+  python tools/bench_simpo.py --only steps --preset llama3.2-1b --transformer-impl transformer_engine \
+      --pairs 4 --step-seq 2048 --chunk 1024
+  python tools/bench_simpo.py --only fp8 --preset llama3.2-1b --transformer-impl transformer_engine \
+      --pairs 4 --step-seq 2048 --chunk 1024 --fp8-recipe tensorwise
+
+Steps also report tokens/s, model TFLOP/s (megatron_simpo.flops: the matmuls SimPO needs, causal
+attention, log-probs of response tokens only) and, on known GPUs, MFU against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -100,51 +108,117 @@ def _logprob_stage(rank, variant, vocab, seq, hidden_size, chunk, steps, warmup)
     return {"seconds": _median_seconds(run, steps, warmup), "peak_bytes": peak(base)}
 
 
-def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chunk):
-    """Median time and peak memory of full optimizer steps (the DPO reference pass included)."""
+def _pairs(vocab: int, pairs: int, seq: int, seed: int):
+    """``pairs`` random pairs of exactly ``seq`` tokens each side (half prompt, half response)."""
+    import torch
+
+    from megatron_simpo.data import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+    half = seq // 2
+
+    def ids():
+        return torch.randint(0, vocab, (half,), generator=g).tolist()
+
+    return [TokenizedPair(ids(), ids(), ids()) for _ in range(pairs)]
+
+
+def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chunk,
+                     transformer_impl="local", fp8=None, parity_steps=0):
+    """Median time and peak memory of full optimizer steps (the DPO reference pass included).
+
+    With ``parity_steps``, first trains that many steps on fresh batches (same seeds in every
+    variant) and reports the losses, so precisions can be compared on the same trajectory.
+    """
     import torch
 
     from megatron_simpo import runtime
-    from megatron_simpo.data import TokenizedPair, collate_pairs
+    from megatron_simpo.data import collate_pairs
+    from megatron_simpo.flops import bf16_peak_flops, step_flops
     from megatron_simpo.losses import LossConfig
     from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
     from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
     from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.precision import Fp8Config, check_fp8_support
     from megatron_simpo.step import train_step
 
     config, parallel = ModelConfig.from_dict(model_dict), ParallelConfig()
     env = runtime.initialize(parallel, seed=0)
+    overrides = {}
+    if fp8 is not None:
+        fp8 = Fp8Config(**fp8)
+        check_fp8_support(fp8)
+        overrides = fp8.transformer_overrides()
     # Peak from before the models exist: DPO's reference weights count against it.
     start, peak = _peak_tracker()
     base = start()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    settings = OptimizerSettings(lr=1e-6, use_distributed_optimizer=True)
-    model = build_model(config, parallel, params_dtype=dtype)
+    settings = OptimizerSettings(lr=1e-5, use_distributed_optimizer=True)
+    model = build_model(config, parallel, params_dtype=dtype, transformer_impl=transformer_impl,
+                        **overrides)
     reference = None
     if algorithm == "dpo":
-        reference = build_model(config, parallel, params_dtype=dtype).eval().requires_grad_(False)
+        reference = build_model(config, parallel, params_dtype=dtype,
+                                transformer_impl=transformer_impl, **overrides)
+        reference.load_state_dict(model.state_dict())
+        reference.eval().requires_grad_(False)
     for m in (model, reference):
         if m is not None and chunk:
             enable_memory_lean_logprobs(m, chunk)
     model = wrap_with_ddp(model, settings)
     optimizer = build_optimizer([model], settings, bf16=dtype == torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    half = seq // 2
-    batch_pairs = [TokenizedPair(torch.randint(0, config.vocab_size, (half,), generator=g).tolist(),
-                                 torch.randint(0, config.vocab_size, (half,), generator=g).tolist(),
-                                 torch.randint(0, config.vocab_size, (half,), generator=g).tolist())
-                   for _ in range(pairs)]
-    batch = collate_pairs(batch_pairs, seq).to(env.device)
     loss = LossConfig(algorithm=algorithm, beta=2.5 if algorithm == "simpo" else 0.1,
                       gamma=1.375 if algorithm == "simpo" else None)
 
-    def run():
-        train_step([model], optimizer, batch.split(1), loss, vocab_size=config.vocab_size,
-                   reference_model=reference)
+    def step(batch):
+        return train_step([model], optimizer, batch.split(1), loss, vocab_size=config.vocab_size,
+                          reference_model=reference)
 
-    seconds = _median_seconds(run, steps, warmup)
-    return {"seconds": seconds, "peak_bytes": peak(base),
-            "tokens_per_second": 2 * pairs * seq / seconds}
+    parity_losses = [step(collate_pairs(_pairs(config.vocab_size, pairs, seq, 1000 + i), seq)
+                          .to(env.device)).metrics["loss"] for i in range(parity_steps)]
+    batch_pairs = _pairs(config.vocab_size, pairs, seq, 0)
+    batch = collate_pairs(batch_pairs, seq).to(env.device)
+    seconds = _median_seconds(lambda: step(batch), steps, warmup)
+    # Model FLOPs of what SimPO needs: both sequences of every pair, log-probs of responses.
+    rows = [len(p.prompt) + len(r) - 1 for p in batch_pairs for r in (p.chosen, p.rejected)]
+    flops = step_flops(config, rows, int(batch.loss_mask.sum()))
+    result = {"seconds": seconds, "peak_bytes": peak(base),
+              "tokens_per_second": 2 * pairs * seq / seconds,
+              "model_tflops_per_second": flops / seconds / 1e12}
+    peak_flops = bf16_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    if peak_flops:
+        result["mfu_vs_bf16_peak"] = flops / seconds / peak_flops
+    if parity_steps:
+        result["parity_losses"] = parity_losses
+    return result
+
+
+# Model shapes by name (HF config fields); the default CPU shape is small enough for 2 cores.
+PRESETS = {
+    "cpu-small": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
+                      num_query_groups=2, vocab_size=32000, max_position_embeddings=4096,
+                      rope_theta=500000.0),
+    "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192,
+                        num_attention_heads=32, num_query_groups=8, head_dim=64,
+                        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                        rope_scaling_factor=32.0, tie_word_embeddings=True),
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                      num_attention_heads=32, num_query_groups=8, vocab_size=128256,
+                      max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def _print_table(device: str, rows: list) -> None:
+    print(f"device: {device}")
+    print(f"{'what':<34}{'median s':>10}{'peak MB':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}")
+    for name, row in rows:
+        tokens = row.get("tokens_per_second")
+        tflops = row.get("model_tflops_per_second")
+        mfu = row.get("mfu_vs_bf16_peak")
+        print(f"{name:<34}{row['seconds']:>10.4f}{row['peak_bytes'] / 2**20:>10.1f}"
+              f"{'' if tokens is None else f'{tokens:.0f}':>11}"
+              f"{'' if tflops is None else f'{tflops:.2f}':>9}"
+              f"{'' if mfu is None else f'{100 * mfu:.1f}%':>7}")
 
 
 def main() -> None:
@@ -152,25 +226,42 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["steps", "logprobs"])
+    parser.add_argument("--only", choices=["steps", "logprobs", "fp8"],
+                        help="one benchmark (default: steps and logprobs; fp8 needs a GPU + TE)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128256, help="log-prob benchmark vocabulary")
     parser.add_argument("--seq", type=int, default=2048, help="log-prob benchmark tokens")
     parser.add_argument("--hidden", type=int, default=512, help="log-prob benchmark hidden size")
     parser.add_argument("--chunk", type=int, default=256, help="memory-lean chunk (tokens)")
-    parser.add_argument("--model-config", help="HF config.json for the step benchmark "
-                                               "(default: a 4-layer, 512-wide Llama-3 shape)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                        help="model shape for the step benchmarks")
+    parser.add_argument("--model-config", help="HF config.json instead of --preset")
+    parser.add_argument("--transformer-impl", default="local",
+                        choices=["local", "transformer_engine"])
+    parser.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default="hybrid",
+                        help="FP8 format of the fp8 benchmark")
+    parser.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+                        default="tensorwise")
+    parser.add_argument("--parity-steps", type=int, default=50,
+                        help="fp8 benchmark: steps trained in bf16 and FP8 to compare losses")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--step-seq", type=int, default=256)
     parser.add_argument("--output")
     args = parser.parse_args()
+    if args.only == "fp8" and args.transformer_impl != "transformer_engine":
+        parser.error("--only fp8 needs --transformer-impl transformer_engine (FP8 GEMMs are "
+                     "Transformer Engine's)")
     import torch
 
     from megatron_simpo.model import ModelConfig
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    if args.model_config:
+        config = ModelConfig.from_hf_config(args.model_config)
+    else:
+        config = ModelConfig(**PRESETS[args.preset])
     rows = []
     if args.only in (None, "logprobs"):
         shape = (args.vocab, args.seq, args.hidden, args.chunk, args.steps, args.warmup)
@@ -181,31 +272,38 @@ def main() -> None:
                               "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"],
                               "time_ratio": lean["seconds"] / plain["seconds"]}
         rows += [("log-prob stage, plain", plain), ("log-prob stage, lean", lean)]
+    common = (config.to_dict(), args.pairs, args.step_seq, args.steps, args.warmup, args.chunk,
+              args.transformer_impl)
     if args.only in (None, "steps"):
-        if args.model_config:
-            config = ModelConfig.from_hf_config(args.model_config)
-        else:
-            config = ModelConfig(num_layers=4, hidden_size=512, ffn_hidden_size=1536,
-                                 num_attention_heads=8, num_query_groups=2, vocab_size=32000,
-                                 max_position_embeddings=4096, rope_theta=500000.0)
-        common = (config.to_dict(), args.pairs, args.step_seq, args.steps, args.warmup, args.chunk)
         simpo = run_on_ranks(1, _preference_step, "simpo", *common)[0]
         dpo = run_on_ranks(1, _preference_step, "dpo", *common)[0]
         report["steps"] = {"model": config.to_dict(), "pairs": args.pairs, "seq": args.step_seq,
-                           "simpo": simpo, "dpo": dpo,
+                           "transformer_impl": args.transformer_impl, "simpo": simpo, "dpo": dpo,
                            "time_ratio": simpo["seconds"] / dpo["seconds"],
                            "peak_ratio": simpo["peak_bytes"] / dpo["peak_bytes"]}
         rows += [("step, SimPO", simpo), ("step, DPO (+ reference)", dpo)]
-    print(f"device: {device}")
-    print(f"{'what':<28}{'median s':>10}{'peak MB':>10}")
-    for name, row in rows:
-        print(f"{name:<28}{row['seconds']:>10.4f}{row['peak_bytes'] / 2**20:>10.1f}")
+    if args.only == "fp8":
+        fp8 = dict(format=args.fp8_format, recipe=args.fp8_recipe)
+        bf16 = run_on_ranks(1, _preference_step, "simpo", *common, None, args.parity_steps)[0]
+        low = run_on_ranks(1, _preference_step, "simpo", *common, fp8, args.parity_steps)[0]
+        last_bf16, last_fp8 = bf16["parity_losses"][-1], low["parity_losses"][-1]
+        report["fp8"] = {"model": config.to_dict(), "pairs": args.pairs, "seq": args.step_seq,
+                         "transformer_impl": args.transformer_impl, "fp8": fp8, "bf16": bf16,
+                         "fp8_run": low,
+                         "tokens_per_second_ratio": low["tokens_per_second"] / bf16["tokens_per_second"],
+                         "final_loss_relative_diff": abs(last_fp8 - last_bf16) / abs(last_bf16)}
+        rows += [("SimPO step, bf16", bf16), (f"SimPO step, FP8 {args.fp8_recipe}", low)]
+    _print_table(device, rows)
     if "logprobs" in report:
         r = report["logprobs"]
         print(f"lean / plain log-probs: peak {r['peak_ratio']:.3f}x, time {r['time_ratio']:.3f}x")
     if "steps" in report:
         r = report["steps"]
         print(f"SimPO / DPO step: time {r['time_ratio']:.3f}x, peak {r['peak_ratio']:.3f}x")
+    if "fp8" in report:
+        r = report["fp8"]
+        print(f"FP8 / bf16 tokens/s: {r['tokens_per_second_ratio']:.3f}x; loss after "
+              f"{args.parity_steps} steps differs by {100 * r['final_loss_relative_diff']:.2f}%")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
