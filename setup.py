@@ -21,5 +21,6 @@ setup(
         "tqdm",  # the converters' progress bar
     ],
     # Transformer Engine and NVIDIA Apex come from the NGC container: optional imports only.
-    extras_require={"test": ["pytest>=7"]},
+    # "bench": TRL's CPOTrainer for tools/bench_simpo.py --only trl (not needed to train or test).
+    extras_require={"test": ["pytest>=7"], "bench": ["trl>=0.12"]},
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -193,6 +194,153 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
     return result
 
 
+def _letters(rng, n: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def _trl_rows(pairs: int, seq: int) -> list[dict]:
+    """Plain-text pairs for the char-level tiny tokenizer: one token per letter, so each side of
+    a pair is about ``seq`` tokens (half prompt, half response)."""
+    import random
+
+    rng = random.Random(0)
+    return [{"prompt": _letters(rng, seq // 2 - 1), "chosen": _letters(rng, seq // 2 - 1),
+             "rejected": _letters(rng, seq // 2 - 1)} for _ in range(pairs)]
+
+
+def _trl_cpo_step(rank, model_dir, rows, steps, warmup, beta, gamma, lr, out_dir, threads):
+    """TRL's CPOTrainer with loss_type="simpo" and cpo_alpha=0 (pure SimPO) on the HF model.
+
+    Returns its step times (Trainer callbacks around each optimizer step; collation excluded),
+    TRL's loss on the initial weights, and the token ids TRL built, so the other side scores the
+    very same tokens.
+    """
+    import torch
+    import transformers
+    from datasets import Dataset
+
+    try:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+    except ImportError:  # TRL < 1.0 exports it at the top level
+        from trl import CPOConfig, CPOTrainer
+
+    start, peak = _peak_tracker()
+    base = start()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    times = []
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.began)
+
+    config = CPOConfig(output_dir=out_dir, per_device_train_batch_size=len(rows),
+                       max_steps=warmup + steps, learning_rate=lr, lr_scheduler_type="constant",
+                       warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                       save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                       dataloader_num_workers=0, loss_type="simpo", cpo_alpha=0.0, beta=beta,
+                       simpo_gamma=gamma, max_length=4096, disable_dropout=True)
+    trainer = CPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[StepTimer()])
+    torch.set_num_threads(threads)  # after the Trainer: accelerate sets its own count
+    # TRL's own SimPO loss on the untrained weights (one batch holds every pair).
+    with torch.no_grad():
+        first_loss, _ = trainer.get_batch_loss_metrics(
+            model, next(iter(trainer.get_train_dataloader())))
+    trainer.train()
+    pairs = []
+    for row in trainer.train_dataset:
+        prompt = list(row["prompt_input_ids"])
+        pairs.append((prompt, list(row["chosen_input_ids"])[len(prompt):],
+                      list(row["rejected_input_ids"])[len(prompt):]))
+    return {"seconds": statistics.median(times[warmup:]), "peak_bytes": peak(base),
+            "first_loss": first_loss.item(), "threads": torch.get_num_threads(), "pairs": pairs}
+
+
+def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr, chunk, threads):
+    """This trainer on the same HF weights and token ids: first-step loss and step times."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    from megatron_simpo import runtime
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
+    from megatron_simpo.data import TokenizedPair, collate_pairs, padded_length
+    from megatron_simpo.losses import LossConfig
+    from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
+    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.step import train_step
+
+    config, parallel = ModelConfig.from_hf_config(model_dir), ParallelConfig()
+    env = runtime.initialize(parallel, seed=0, model_config=config)
+    start, peak = _peak_tracker()
+    base = start()
+    hf_state = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32).state_dict()
+    model = build_model(config, parallel)
+    load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)), config,
+                    tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    del hf_state
+    if chunk:
+        enable_memory_lean_logprobs(model, chunk)
+    settings = OptimizerSettings(lr=lr, clip_grad=1.0, use_distributed_optimizer=False)
+    model = wrap_with_ddp(model, settings)
+    optimizer = build_optimizer([model], settings)
+    tokenized = [TokenizedPair(*pair) for pair in pairs]
+    batch = collate_pairs(tokenized, padded_length(tokenized, 1 << 20)).to(env.device)
+    loss = LossConfig(beta=beta, gamma=gamma)
+    losses = []
+
+    def step():
+        result = train_step([model], optimizer, batch.split(1), loss, vocab_size=config.vocab_size)
+        losses.append(result.metrics["loss"])
+
+    seconds = _median_seconds(step, steps, warmup)
+    return {"seconds": seconds, "peak_bytes": peak(base), "first_loss": losses[0],
+            "threads": torch.get_num_threads()}
+
+
+def _trl_comparison(args, config) -> dict:
+    """Same tiny Llama, same pairs, one CPU process each: TRL's CPOTrainer vs this trainer."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.tiny import build_tokenizer
+
+    beta, gamma, lr = 2.5, 1.375, 1e-5
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer()
+        hf_config = transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
+            max_position_embeddings=config.max_position_embeddings, rope_theta=config.rope_theta,
+            rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        rows = _trl_rows(args.pairs, args.step_seq)
+        threads = args.threads or os.cpu_count()
+        trl = run_on_ranks(1, _trl_cpo_step, tmp, rows, args.steps, args.warmup, beta, gamma, lr,
+                           f"{tmp}/trl", threads)[0]
+        ours = run_on_ranks(1, _megatron_simpo_step, tmp, trl.pop("pairs"), args.steps,
+                            args.warmup, beta, gamma, lr, args.chunk, threads)[0]
+    return {"pairs": args.pairs, "seq": args.step_seq, "model": config.to_dict(), "trl": trl,
+            "megatron_simpo": ours, "time_ratio": ours["seconds"] / trl["seconds"],
+            "peak_ratio": ours["peak_bytes"] / trl["peak_bytes"],
+            "first_loss_abs_diff": abs(ours["first_loss"] - trl["first_loss"])}
+
+
 # Model shapes by name (HF config fields); the default CPU shape is small enough for 2 cores.
 PRESETS = {
     "cpu-small": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
@@ -226,8 +374,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["steps", "logprobs", "fp8"],
-                        help="one benchmark (default: steps and logprobs; fp8 needs a GPU + TE)")
+    parser.add_argument("--only", choices=["steps", "logprobs", "fp8", "trl"],
+                        help="one benchmark (default: steps and logprobs; fp8 needs a GPU + TE; "
+                             "trl compares with TRL's CPOTrainer on CPU: pip install trl)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128256, help="log-prob benchmark vocabulary")
@@ -247,6 +396,8 @@ def main() -> None:
                         help="fp8 benchmark: steps trained in bf16 and FP8 to compare losses")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--step-seq", type=int, default=256)
+    parser.add_argument("--threads", type=int,
+                        help="trl benchmark: CPU threads of each side (default: all cores)")
     parser.add_argument("--output")
     args = parser.parse_args()
     if args.only == "fp8" and args.transformer_impl != "transformer_engine":
@@ -293,6 +444,14 @@ def main() -> None:
                          "tokens_per_second_ratio": low["tokens_per_second"] / bf16["tokens_per_second"],
                          "final_loss_relative_diff": abs(last_fp8 - last_bf16) / abs(last_bf16)}
         rows += [("SimPO step, bf16", bf16), (f"SimPO step, FP8 {args.fp8_recipe}", low)]
+    if args.only == "trl":
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            parser.error("--only trl needs TRL: pip install trl (or pip install -e '.[bench]')")
+        report["trl"] = _trl_comparison(args, config)
+        rows += [("SimPO step, TRL CPOTrainer", report["trl"]["trl"]),
+                 ("SimPO step, megatron_simpo", report["trl"]["megatron_simpo"])]
     _print_table(device, rows)
     if "logprobs" in report:
         r = report["logprobs"]
@@ -304,6 +463,10 @@ def main() -> None:
         r = report["fp8"]
         print(f"FP8 / bf16 tokens/s: {r['tokens_per_second_ratio']:.3f}x; loss after "
               f"{args.parity_steps} steps differs by {100 * r['final_loss_relative_diff']:.2f}%")
+    if "trl" in report:
+        r = report["trl"]
+        print(f"megatron_simpo / TRL CPOTrainer step: time {r['time_ratio']:.3f}x, peak "
+              f"{r['peak_ratio']:.3f}x; first-step loss differs by {r['first_loss_abs_diff']:.2e}")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
