@@ -268,6 +268,21 @@ def checkpoint_assets(checkpoint: Path) -> dict[str, Path]:
     return {name: root / name for name in ("tokenizer", "hf") if (root / name).is_dir()}
 
 
+def load_model_state(model, state: dict, checkpoint: Path) -> None:
+    """``load_state_dict`` that requires every weight but tolerates absent ``_extra_state``.
+
+    Transformer Engine's attention core keeps an ``_extra_state`` (FP8 metadata) in its
+    ``state_dict`` but leaves it out of its sharded state dict, so no dist checkpoint carries it,
+    and a checkpoint written with the local spec has none at all; TE starts such state fresh.
+    Any other missing or unexpected tensor is an error naming it.
+    """
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{checkpoint} does not fit the model: missing {missing}, unexpected "
+                         f"{list(result.unexpected_keys)}")
+
+
 def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
                     model_config: ModelConfig) -> TrainState | None:
     """Load weights (and, when given, optimizer, scheduler, RNG and train state) from a checkpoint.
@@ -294,7 +309,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
                            optimizer_sharding_type=(saved or {}).get("optimizer_sharding_type",
                                                                      OPTIMIZER_SHARDING_TYPE))
     loaded = dist_checkpointing.load(state, str(checkpoint))
-    model.load_state_dict(loaded["model"], strict=True)
+    load_model_state(model, loaded["model"], checkpoint)
     if not full:
         return None
     _load_optimizer_state(optimizer, loaded["optimizer"])

@@ -14,6 +14,7 @@ from megatron_simpo import checkpointing, runtime
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import (PairSampler, PreferenceBatch, TokenizedPair, collate_pairs,
                                  load_datasets, load_tokenizer, padded_length)
+from megatron_simpo.flops import step_flops
 from megatron_simpo.model import (ModelConfig, build_model, check_transformer_impl,
                                   enable_memory_lean_logprobs)
 from megatron_simpo.optimizer import build_optimizer, finish_param_sync, wrap_with_ddp
@@ -72,6 +73,14 @@ def _pair_tokens(pairs: list[TokenizedPair], indices: list[int]) -> int:
                for i in indices)
 
 
+def _pair_flops(config: ModelConfig, pairs: list[TokenizedPair], indices: list[int]) -> int:
+    """Model FLOPs of a training step over these pairs (padding excluded; see flops.py)."""
+    rows = [len(pairs[i].prompt) + len(response) - 1
+            for i in indices for response in (pairs[i].chosen, pairs[i].rejected)]
+    scored = sum(len(pairs[i].chosen) + len(pairs[i].rejected) for i in indices)
+    return step_flops(config, rows, scored)
+
+
 class MetricsWriter:
     """Rank 0 writes metrics.jsonl (and TensorBoard events when asked and installed)."""
 
@@ -104,10 +113,11 @@ class MetricsWriter:
 
 
 def _log_line(iteration: int, total: int, consumed: int, lr: float, metrics: dict,
-              grad_norm, elapsed: float, tokens: int) -> str:
+              grad_norm, elapsed: float, tokens: int, tflops_per_gpu: float) -> str:
     norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
     return (f" iteration {iteration:8d}/{total:8d} | consumed samples: {consumed:12d} | "
-            f"elapsed time per iteration (ms): {1000 * elapsed:.1f} | learning rate: {lr:.3E} | "
+            f"elapsed time per iteration (ms): {1000 * elapsed:.1f} | "
+            f"throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} | learning rate: {lr:.3E} | "
             f"loss: {metrics['loss']:.6E} | reward accuracy: {metrics['rewards/accuracies']:.3f} | "
             f"reward margin: {metrics['rewards/margins']:.4f} | grad norm: {norm} | "
             f"tokens/s: {tokens / max(elapsed, 1e-9):.0f} |")
@@ -220,11 +230,14 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
         summary.iteration = iteration
         if iteration % config.log_interval == 0 or iteration == total_iters:
             tokens = _pair_tokens(train_pairs, indices)
+            # Model FLOPs of SimPO's work (DPO's reference pass not counted) per rank.
+            tflops = _pair_flops(source.config, train_pairs, indices) / elapsed / 1e12 / env.world_size
             writer.write(iteration, {**result.metrics, "learning_rate": lr,
                                      "grad_norm": result.grad_norm, "consumed_samples": consumed,
-                                     "iteration_time_s": elapsed, "tokens_per_second": tokens / elapsed})
+                                     "iteration_time_s": elapsed, "tokens_per_second": tokens / elapsed,
+                                     "tflops_per_gpu": tflops})
             say(_log_line(iteration, total_iters, consumed, lr, result.metrics, result.grad_norm,
-                          elapsed, tokens))
+                          elapsed, tokens, tflops))
         if config.eval_interval and iteration % config.eval_interval == 0 and iteration != total_iters:
             run_eval(iteration)
         if config.save and config.save_interval and iteration % config.save_interval == 0 \

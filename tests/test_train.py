@@ -69,6 +69,7 @@ def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
     assert resumed_evals == straight_evals[1:]
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics if "loss" in m] == list(range(1, 9))
+    assert all(m["tflops_per_gpu"] > 0 for m in metrics if "loss" in m)
     assert {"eval/rewards/accuracies", "eval/loss"} <= set(metrics[0])
 
 
