@@ -172,10 +172,12 @@ OVERLAP = {"dp2_overlap_grad_reduce", "pp2_dp2_distopt_overlap_grad_reduce"}
 CASES["dp2_overlap_grad_reduce"] = (2, 1, 1, 2, False, "llama3", 7)
 CASES["pp2_dp2_distopt_overlap_grad_reduce"] = (4, 1, 2, 2, True, "llama3", 7)
 # ... and gathering the updated parameter shards during the next forward neither.
-OVERLAP_PARAM_GATHER = {"dp2_distopt_overlap_param_gather", "tp2_dp2_distopt_overlap_param_gather"}
+OVERLAP_PARAM_GATHER = {"dp2_distopt_overlap_param_gather", "tp2_dp2_distopt_overlap_param_gather",
+                        "pp2_dp2_distopt_overlap_param_gather"}
 OVERLAP |= OVERLAP_PARAM_GATHER
 CASES["dp2_distopt_overlap_param_gather"] = (2, 1, 1, 2, True, "llama3", 7)
 CASES["tp2_dp2_distopt_overlap_param_gather"] = (4, 2, 1, 1, True, "llama3", 7)
+CASES["pp2_dp2_distopt_overlap_param_gather"] = (4, 1, 2, 2, True, "llama3.2", 7)
 CASES.update({name: (2, 1 if name.startswith("pp2") else 2, 2 if name.startswith("pp2") else 1,
                      2, False, "llama3", 7) for name in RECOMPUTE})
 # Sequence parallelism moves activations between ranks differently, never changes the result
@@ -208,15 +210,16 @@ def test_simpo_step_matches_single_process_reference(case):
     _compare(params, results, hf_config, "params", atol=1e-5)
 
 
-@pytest.mark.parametrize("world, tp, pp, chunk_size", [(1, 1, 1, None), (4, 2, 2, 7)])
-def test_dpo_step_with_reference_model_matches(world, tp, pp, chunk_size):
+@pytest.mark.parametrize("world, tp, pp, chunk_size, sequence_parallel",
+                         [(1, 1, 1, None, False), (4, 2, 2, 7, False), (2, 2, 1, 7, True)])
+def test_dpo_step_with_reference_model_matches(world, tp, pp, chunk_size, sequence_parallel):
     hf_config = tiny_hf_config("llama3")
     hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
     ref_state = tiny_hf_model(hf_config, seed=4).state_dict()
     batch = _batch(hf_config["vocab_size"])
     loss, grads, _, _ = _reference_step(hf_config, hf_state, batch, "dpo", ref_state)
     results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, 2, "dpo",
-                           False, ref_state, 1e9, chunk_size)
+                           False, ref_state, 1e9, chunk_size, None, False, sequence_parallel)
     for result in results:
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
     _compare(grads, results, hf_config, "grads", atol=1e-5)
