@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bf16 weights and compute, fp32 master weights")
     g.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("FP8 (Transformer Engine)")
     g.add_argument("--fp8-format", choices=FP8_FORMATS,
                    help="FP8 GEMMs in the decoder layers: e4m3 everywhere, or hybrid (e5m2 "
@@ -83,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --first-last-layers-bf16 (default 1)")
     g.add_argument("--num-layers-at-end-in-bf16", type=int,
                    help="with --first-last-layers-bf16 (default 1)")
-    g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("preference loss")
     g.add_argument("--algorithm", default="simpo", choices=["simpo", "dpo"])
     g.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "hinge"])

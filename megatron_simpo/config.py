@@ -87,9 +87,11 @@ class TrainConfig:
         if self.data.seq_length % self.sequence_alignment != 0:
             reasons = []
             if self.parallel.sequence_parallel:
-                reasons.append(f"--sequence-parallel splits it over {self.parallel.tensor_model_parallel_size} TP ranks")
+                tp = self.parallel.tensor_model_parallel_size
+                reasons.append(f"--sequence-parallel splits it over {tp} TP ranks")
             if self.fp8 is not None:
-                reasons.append(f"FP8 GEMMs ({self.fp8.recipe}) need multiples of {self.fp8.alignment} tokens")
+                reasons.append(f"FP8 GEMMs ({self.fp8.recipe}) need multiples of "
+                               f"{self.fp8.alignment} tokens")
             raise ValueError(f"--seq-length ({self.data.seq_length}) must be a multiple of "
                              f"{self.sequence_alignment}: {'; '.join(reasons)}")
         if self.logprob_chunk_size < 0:
