@@ -131,15 +131,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if args.algorithm == "simpo" and gamma is None and ratio is None:
         ratio = 0.55  # the authors' Llama-3-8B-Instruct recipe; --simpo-gamma 0 turns it off
     try:
-        fp8 = None if args.fp8_format is None else Fp8Config(
-            format=args.fp8_format, recipe=args.fp8_recipe or "delayed",
-            amax_history_len=args.fp8_amax_history_len,
-            amax_compute_algo=args.fp8_amax_compute_algo, margin=args.fp8_margin or 0,
-            first_last_layers_bf16=args.first_last_layers_bf16,
-            num_layers_at_start_in_bf16=(1 if args.num_layers_at_start_in_bf16 is None
-                                         else args.num_layers_at_start_in_bf16),
-            num_layers_at_end_in_bf16=(1 if args.num_layers_at_end_in_bf16 is None
-                                       else args.num_layers_at_end_in_bf16))
+        # Only the FP8 options given: their defaults live in Fp8Config.
+        fp8 = None if args.fp8_format is None else Fp8Config(format=args.fp8_format, **{
+            name: value for name, value in (
+                ("recipe", args.fp8_recipe), ("amax_history_len", args.fp8_amax_history_len),
+                ("amax_compute_algo", args.fp8_amax_compute_algo), ("margin", args.fp8_margin),
+                ("first_last_layers_bf16", args.first_last_layers_bf16 or None),
+                ("num_layers_at_start_in_bf16", args.num_layers_at_start_in_bf16),
+                ("num_layers_at_end_in_bf16", args.num_layers_at_end_in_bf16))
+            if value is not None})
         return TrainConfig(
             parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                     pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -317,21 +317,16 @@ def _trl_comparison(args, config) -> dict:
     import torch
     import transformers
 
+    from megatron_simpo.convert.hf_io import hf_config_dict
     from megatron_simpo.launch import run_on_ranks
     from megatron_simpo.tiny import build_tokenizer
 
     beta, gamma, lr = 2.5, 1.375, 1e-5
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer()
-        hf_config = transformers.LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-            intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
-            max_position_embeddings=config.max_position_embeddings, rope_theta=config.rope_theta,
-            rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_word_embeddings,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)
+        hf_config = transformers.AutoConfig.for_model(
+            **hf_config_dict(config, None, torch.float32), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -347,17 +342,18 @@ def _trl_comparison(args, config) -> dict:
             "first_loss_abs_diff": abs(ours["first_loss"] - trl["first_loss"])}
 
 
-# Model shapes by name (HF config fields); the default CPU shape is small enough for 2 cores.
+# Model shapes by name (ModelConfig fields, head_dim spelled out as a converted config has it);
+# the default CPU shape is small enough for 2 cores.
 PRESETS = {
     "cpu-small": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
-                      num_query_groups=2, vocab_size=32000, max_position_embeddings=4096,
+                      num_query_groups=2, head_dim=64, vocab_size=32000, max_position_embeddings=4096,
                       rope_theta=500000.0),
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192,
                         num_attention_heads=32, num_query_groups=8, head_dim=64,
                         vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                         rope_scaling_factor=32.0, tie_word_embeddings=True),
     "llama3-8b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
-                      num_attention_heads=32, num_query_groups=8, vocab_size=128256,
+                      num_attention_heads=32, num_query_groups=8, head_dim=128, vocab_size=128256,
                       max_position_embeddings=8192, rope_theta=500000.0),
 }
 
