@@ -1,10 +1,17 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (HERE / "megatron_simpo" / "__init__.py").read_text()).group(1)
 
 setup(
     name="megatron_simpo",
-    version="0.1.0",
+    version=VERSION,
     description="SimPO (reference-free preference optimisation) on Megatron-Core",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_simpo", "megatron_simpo.*"]),
@@ -23,4 +30,9 @@ setup(
     # Transformer Engine and NVIDIA Apex come from the NGC container: optional imports only.
     # "bench": TRL's CPOTrainer for tools/bench_simpo.py --only trl (not needed to train or test).
     extras_require={"test": ["pytest>=7"], "bench": ["trl>=0.12"]},
+    entry_points={"console_scripts": [
+        "megatron-simpo-train = megatron_simpo.train:main",
+        "megatron-simpo-convert-hf-to-megatron = megatron_simpo.convert.cli:hf_to_megatron_main",
+        "megatron-simpo-convert-megatron-to-hf = megatron_simpo.convert.cli:megatron_to_hf_main",
+    ]},
 )

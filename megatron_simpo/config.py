@@ -1,57 +1,77 @@
-"""The typed configuration of a training run (the CLI in ``arguments.py`` builds it)."""
+"""The typed configuration of a training run: the one place its defaults live (the CLI in
+``arguments.py`` is generated from these dataclasses)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from megatron_simpo.data import DataConfig
 from megatron_simpo.losses import LossConfig
+from megatron_simpo.model import TRANSFORMER_IMPLS, TransformerImpl, check_chunk_size
 from megatron_simpo.optimizer import OptimizerSettings
 from megatron_simpo.parallel import ParallelConfig
 from megatron_simpo.precision import Fp8Config, sequence_alignment
+
+
+RecomputeGranularity = Literal["full", "selective"]
+RecomputeMethod = Literal["uniform", "block"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run. Validated on construction; ``check_world`` once the world size is known."""
 
-    parallel: ParallelConfig
     data: DataConfig
-    loss: LossConfig
-    optimizer: OptimizerSettings
-    micro_batch_size: int = 1
-    """Pairs per micro-batch (``--micro-batch-size``); the model sees 2x rows (chosen + rejected)."""
-    global_batch_size: int = 128
-    """Pairs per optimizer step (``--global-batch-size``), reached by gradient accumulation."""
-    train_iters: int | None = None
-    train_epochs: int | None = None
-    lr_warmup_fraction: float = 0.1
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    bf16: bool = False
-    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     fp8: Fp8Config | None = None
-    """FP8 GEMMs in the decoder layers through Transformer Engine (``--fp8-format``)."""
-    recompute_granularity: Literal["full", "selective"] | None = None
-    """Activation recomputation, as in Megatron-LM (``--recompute-granularity``)."""
-    recompute_method: Literal["uniform", "block"] | None = None
+    """FP8 GEMMs in the decoder layers through Transformer Engine; None = bf16 GEMMs."""
+    micro_batch_size: int = 1
+    """Pairs per micro-batch; the model sees twice as many rows (chosen + rejected)."""
+    global_batch_size: int = 128
+    """Pairs per optimizer step, reached by gradient accumulation over micro-batches and
+    data-parallel ranks."""
+    train_iters: int | None = None
+    """Run length in optimizer steps (give this or train_epochs)."""
+    train_epochs: int | None = None
+    """Run length in passes over the training pairs (give this or train_iters)."""
+    bf16: bool = False
+    """bf16 weights and compute, fp32 master weights and gradient reduction."""
+    transformer_impl: TransformerImpl = "local"
+    """Decoder layers from Megatron's local torch modules, or Transformer Engine's (fused
+    attention and norms, FP8)."""
+    recompute_granularity: RecomputeGranularity | None = None
+    """Activation recomputation: whole layers (full), or only the attention core (selective)."""
+    recompute_method: RecomputeMethod | None = None
+    """With full recomputation: checkpoint groups of recompute_num_layers layers (uniform), or
+    the first recompute_num_layers layers of each stage (block)."""
     recompute_num_layers: int | None = None
+    """Layers per recomputation group (uniform) or per stage (block)."""
     logprob_chunk_size: int = 1024
-    """Memory-lean log-probs: tokens whose logits exist at once (``--logprob-chunk-size``);
-    0 computes the micro-batch's full logits instead."""
+    """Memory-lean log-probs: score response tokens this many at a time from the hidden
+    states, never holding the full logits; 0 computes the micro-batch's full logits."""
     model_config_path: str | None = None
-    """HF ``config.json`` of a randomly initialised model (``--model-config``)."""
+    """Hugging Face config.json of a randomly initialised model."""
     pretrained_checkpoint: str | None = None
-    """Converted or trained weights to start a new run from (``--pretrained-checkpoint``)."""
+    """Weights to start a new run from (converted by convert_hf_to_megatron, or trained); for
+    DPO also the frozen reference model."""
     load: str | None = None
-    """Resume exactly from this save folder (``--load``)."""
+    """Resume exactly from this save folder (model, optimizer, schedule, data position, RNG)."""
     save: str | None = None
+    """Save folder: checkpoints (iter_NNNNNNN/) and metrics.jsonl."""
     save_interval: int | None = None
+    """Save a checkpoint every this many iterations (and always at the end)."""
     eval_interval: int | None = None
+    """Evaluate on the held-out pairs every this many iterations (and at the start and end)."""
     log_interval: int = 1
+    """Print the log line and write metrics every this many iterations."""
     seed: int = 42
+    """Seed of the initialisation, the data order and the held-out split."""
     tensorboard_dir: str | None = None
+    """Also write the metrics as TensorBoard events here (needs the tensorboard package)."""
 
     def __post_init__(self) -> None:
         for flag, value in (("--micro-batch-size", self.micro_batch_size),
@@ -67,10 +87,10 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("give exactly one of --train-iters and --train-epochs")
-        if self.recompute_granularity not in (None, "full", "selective"):
+        if self.recompute_granularity not in (None, *get_args(RecomputeGranularity)):
             raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         if self.recompute_granularity == "full":
-            if self.recompute_method not in ("uniform", "block"):
+            if self.recompute_method not in get_args(RecomputeMethod):
                 raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
             if self.recompute_num_layers is None or self.recompute_num_layers < 1:
                 raise ValueError("--recompute-granularity full needs --recompute-num-layers >= 1")
@@ -94,12 +114,10 @@ class TrainConfig:
                                f"{self.fp8.alignment} tokens")
             raise ValueError(f"--seq-length ({self.data.seq_length}) must be a multiple of "
                              f"{self.sequence_alignment}: {'; '.join(reasons)}")
-        if self.logprob_chunk_size < 0:
-            raise ValueError(f"--logprob-chunk-size must be >= 0 (0 = full logits), got {self.logprob_chunk_size}")
-        if not 0.0 <= self.lr_warmup_fraction < 1.0:
-            raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+        check_chunk_size(self.logprob_chunk_size)
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}, "
+                             f"got {self.transformer_impl!r}")
         sources = [flag for flag, value in (("--model-config", self.model_config_path),
                                             ("--pretrained-checkpoint", self.pretrained_checkpoint))
                    if value]

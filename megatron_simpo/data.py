@@ -108,17 +108,18 @@ class DataConfig:
     """Where the pairs come from and how they are cut to length."""
 
     train_data_path: str
-    """JSONL with ``prompt``, ``chosen``, ``rejected`` (``--train-data-path``)."""
+    """JSONL with prompt, chosen, rejected (strings or lists of {role, content} messages)."""
     valid_data_path: str | None = None
-    """Held-out JSONL (``--valid-data-path``); else ``valid_fraction`` of the training file."""
+    """Held-out JSONL; without it, valid_fraction of the training file is held out."""
     valid_fraction: float = 0.0
     """Share of the training rows held out (seeded) when no validation file is given."""
     tokenizer_path: str | None = None
-    """Hugging Face tokenizer folder (``--tokenizer``); its chat template is applied."""
+    """Hugging Face tokenizer folder; its chat template is applied (default: the checkpoint's)."""
     seq_length: int = 2048
-    """Most tokens of prompt + response (``--seq-length``, the paper's max length)."""
+    """Most tokens of prompt + response (the paper's max length); responses are cut on the
+    right to fit."""
     max_prompt_length: int = 1800
-    """Most prompt tokens (``--max-prompt-length``); longer prompts lose tokens on the left."""
+    """Most prompt tokens; longer prompts lose tokens on the left."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:

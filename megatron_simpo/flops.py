@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from megatron_simpo.model import ModelConfig
+from megatron_simpo.architecture import ModelConfig
 
 
 def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,

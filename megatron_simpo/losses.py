@@ -21,13 +21,19 @@ gamma = 0. Every option applies to both and changes the result. Rewards, as TRL 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 Algorithm = Literal["simpo", "dpo"]
 LossType = Literal["sigmoid", "hinge"]
+ALGORITHMS = get_args(Algorithm)
+LOSS_TYPES = get_args(LossType)
+
+# SimPO's target margin when none is given: gamma = 0.55 * beta, the authors' value for
+# Llama-3-8B-Instruct (beta 2.5, gamma 1.375). ``--simpo-gamma 0`` turns the margin off.
+SIMPO_GAMMA_BETA_RATIO = 0.55
 
 # Metric names follow TRL. Each is returned as a per-pair value, summed by the caller.
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -39,27 +45,29 @@ class LossConfig:
     """Which preference objective to optimise, with the paper's flag names."""
 
     algorithm: Algorithm = "simpo"
-    """'simpo' (reference-free) or 'dpo' (needs a frozen reference model)."""
+    """simpo (reference-free) or dpo (the baseline; needs a frozen reference model)."""
     loss_type: LossType = "sigmoid"
-    """'sigmoid' (the paper's) or 'hinge'."""
+    """sigmoid (the paper's) or hinge."""
     beta: float = 2.5
-    """Reward scale (``--simpo-beta``); SimPO's Llama-3-8B-Instruct recipe uses 2.5."""
+    """Reward scale (SimPO's Llama-3-8B-Instruct recipe uses 2.5; DPO commonly 0.1)."""
     gamma: float | None = None
-    """Target reward margin, absolute (``--simpo-gamma``). Give this or ``gamma_beta_ratio``."""
+    """Target reward margin, absolute. Give this or the ratio; with neither, SimPO uses
+    0.55 x beta (the authors' Llama-3-8B-Instruct value) and DPO none."""
     gamma_beta_ratio: float | None = None
-    """Margin as a fraction of beta (``--simpo-gamma-beta-ratio``): gamma = beta * ratio."""
+    """Target reward margin as a fraction of beta: gamma = beta x ratio."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (sigmoid loss only), in [0, 0.5)."""
     sft_weight: float = 0.0
-    """Weight of the length-averaged NLL on the chosen response (CPO-SimPO). 0 = pure SimPO."""
+    """Weight of the length-averaged NLL term on the chosen response (CPO-SimPO); 0 = pure
+    SimPO."""
     length_normalization: bool | None = None
-    """Average log-probs over response tokens; None = True for SimPO, False for DPO."""
+    """Average log-probs over response tokens; None = yes for SimPO, no for DPO."""
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("simpo", "dpo"):
-            raise ValueError(f"--algorithm must be 'simpo' or 'dpo', got {self.algorithm!r}")
-        if self.loss_type not in ("sigmoid", "hinge"):
-            raise ValueError(f"--loss-type must be 'sigmoid' or 'hinge', got {self.loss_type!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if not self.beta > 0:
             raise ValueError(f"--simpo-beta must be > 0, got {self.beta}")
         if self.gamma is not None and self.gamma_beta_ratio is not None:
@@ -73,12 +81,12 @@ class LossConfig:
 
     @property
     def margin(self) -> float:
-        """gamma, resolved from either spelling (0 when neither is given)."""
+        """gamma, from either spelling; SimPO's 0.55 x beta (DPO's 0) when neither is given."""
         if self.gamma is not None:
             return float(self.gamma)
         if self.gamma_beta_ratio is not None:
             return float(self.beta * self.gamma_beta_ratio)
-        return 0.0
+        return float(self.beta * SIMPO_GAMMA_BETA_RATIO) if self.algorithm == "simpo" else 0.0
 
     @property
     def normalize_length(self) -> bool:

@@ -1,32 +1,47 @@
-"""Megatron DistributedDataParallel wrapping and Megatron-Core's (distributed) Adam optimizer."""
+"""Megatron DistributedDataParallel wrapping, Megatron-Core's (distributed) Adam optimizer and
+its learning-rate schedule."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+
+LrDecayStyle = Literal["cosine", "linear", "constant"]
+LR_DECAY_STYLES = get_args(LrDecayStyle)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerSettings:
-    """Adam with decoupled weight decay, as Megatron-LM configures it."""
+    """Adam with decoupled weight decay and a warmup + decay schedule, as Megatron-LM configures
+    them."""
 
     lr: float = 1e-6
+    """Peak learning rate (SimPO's Llama-3-8B-Instruct recipe: 1e-6)."""
     min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_decay_style: LrDecayStyle = "cosine"
+    """Decay from the peak to the minimum over the run after warmup."""
+    lr_warmup_fraction: float = 0.1
+    """Share of the run spent warming up linearly from 0, in [0, 1)."""
     weight_decay: float = 0.0
-    """SimPO's released recipes use no weight decay."""
+    """Decoupled weight decay (SimPO's released recipes use none)."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
     adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam's epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient L2 norm to this (0 disables)."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state (and the fp32 master weights) over data-parallel ranks."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
-    """Reduce gradient buckets while the backward pass is still running (``--overlap-grad-reduce``)."""
+    """Reduce gradient buckets over data-parallel ranks while the backward pass still runs."""
     overlap_param_gather: bool = False
-    """All-gather the updated parameter shards of the distributed optimizer during the next
-    forward pass, bucket by bucket, instead of at the end of the step (``--overlap-param-gather``)."""
+    """All-gather the distributed optimizer's updated parameters during the next forward pass,
+    bucket by bucket (needs use_distributed_optimizer and overlap_grad_reduce)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -35,6 +50,11 @@ class OptimizerSettings:
             raise ValueError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
         if self.clip_grad < 0:
             raise ValueError(f"--clip-grad must be >= 0, got {self.clip_grad}")
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style must be one of {', '.join(LR_DECAY_STYLES)}, "
+                             f"got {self.lr_decay_style!r}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.overlap_param_gather and not (self.use_distributed_optimizer
@@ -104,3 +124,16 @@ def finish_param_sync(model_chunks: list) -> None:
     for chunk in model_chunks:
         if chunk.ddp_config.overlap_param_gather:
             chunk.start_param_sync(force_sync=True)
+
+
+def build_scheduler(optimizer, settings: OptimizerSettings, total_iters: int):
+    """Megatron-Core's ``OptimizerParamScheduler``: linear warmup from 0 over
+    ``lr_warmup_fraction`` of ``total_iters``, then decay to ``min_lr`` at the last iteration;
+    constant weight decay. Stepped once per optimizer step; saved in checkpoints."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr,
+        lr_warmup_steps=int(settings.lr_warmup_fraction * total_iters), lr_decay_steps=total_iters,
+        lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay, wd_incr_steps=total_iters, wd_incr_style="constant")

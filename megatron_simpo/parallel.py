@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from megatron_simpo.model import ModelConfig
+from megatron_simpo.architecture import ModelConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,13 +12,12 @@ class ParallelConfig:
     """How the world is split. The data-parallel size is what remains: world / (TP * PP)."""
 
     tensor_model_parallel_size: int = 1
-    """Ranks that split every layer's weights (``--tensor-model-parallel-size``)."""
+    """Ranks that split every layer's weights (TP)."""
     pipeline_model_parallel_size: int = 1
-    """Ranks that split the layers into consecutive stages (``--pipeline-model-parallel-size``)."""
+    """Ranks that split the layers into consecutive stages (PP)."""
     sequence_parallel: bool = False
-    """Split the activations outside the tensor-parallel regions (norms, residuals, dropout)
-    along the sequence over the TP ranks (``--sequence-parallel``): all-reduces become
-    reduce-scatter + all-gather pairs and those activations take 1/TP of the memory."""
+    """Split norm/residual activations along the sequence over the TP ranks: all-reduces
+    become reduce-scatter + all-gather pairs and those activations take 1/TP of the memory."""
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -54,7 +51,7 @@ class ParallelConfig:
                 f"{self.model_parallel_size} does not divide the world size ({world_size})"
             )
 
-    def check_model(self, model: "ModelConfig") -> None:
+    def check_model(self, model: ModelConfig) -> None:
         """Refuse sizes the model cannot be split by, naming the flag (before the model is built)."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if model.num_attention_heads % tp != 0:
@@ -78,7 +75,7 @@ class ParallelConfig:
                 f"({model.num_layers})"
             )
 
-    def validate(self, world_size: int, model: "ModelConfig | None" = None) -> None:
+    def validate(self, world_size: int, model: ModelConfig | None = None) -> None:
         self.check_world_size(world_size)
         if model is not None:
             self.check_model(model)

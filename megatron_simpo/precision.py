@@ -16,10 +16,12 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+Fp8Format = Literal["e4m3", "hybrid"]
+Fp8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
+FP8_FORMATS = get_args(Fp8Format)
+FP8_RECIPES = get_args(Fp8Recipe)
 
 # Recipe -> (Transformer Engine support check, oldest TE version Megatron-Core builds it with).
 _RECIPE_SUPPORT = {
@@ -34,21 +36,25 @@ _RECIPE_SUPPORT = {
 class Fp8Config:
     """FP8 settings (``--fp8-format`` and friends); absent from a run means bf16 GEMMs."""
 
-    format: Literal["e4m3", "hybrid"]
-    """``e4m3`` everywhere, or ``hybrid``: e4m3 forward, e5m2 for gradients (``--fp8-format``)."""
-    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    format: Fp8Format
+    """FP8 GEMMs in the decoder layers: e4m3 everywhere, or hybrid (e4m3 forward, e5m2
+    gradients); needs the Transformer Engine layers and bf16."""
+    recipe: Fp8Recipe = "delayed"
     """Scaling: per-tensor from an amax history (delayed), per-tensor current (tensorwise),
     1x128/128x128 blocks (blockwise, Hopper), 1x32 microscaling (mxfp8, Blackwell)."""
     amax_history_len: int | None = None
-    """Delayed scaling only: amax history window (``--fp8-amax-history-len``; Megatron's 1)."""
+    """Delayed scaling only: amax history window (None: Megatron's default, 1)."""
     amax_compute_algo: Literal["most_recent", "max"] | None = None
-    """Delayed scaling only: how the history gives the amax (``--fp8-amax-compute-algo``)."""
+    """Delayed scaling only: how the history gives the amax (None: Megatron's default,
+    most_recent)."""
     margin: int = 0
-    """Delayed scaling only: scale down by 2**margin for headroom (``--fp8-margin``)."""
+    """Delayed scaling only: scale down by 2**margin for headroom."""
     first_last_layers_bf16: bool = False
-    """Keep the first and last decoder layers in bf16 (``--first-last-layers-bf16``)."""
+    """Keep the first and last decoder layers in bf16 (not with the delayed recipe)."""
     num_layers_at_start_in_bf16: int = 1
+    """With first_last_layers_bf16: how many layers at the start stay in bf16."""
     num_layers_at_end_in_bf16: int = 1
+    """With first_last_layers_bf16: how many layers at the end stay in bf16."""
 
     def __post_init__(self) -> None:
         if self.format not in FP8_FORMATS:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron_simpo.data import PreferenceBatch
 from megatron_simpo.logprobs import (fused_output_logprobs, sequence_logprobs,
                                      vocab_parallel_logprobs)
-from megatron_simpo.model import output_weight
+from megatron_simpo.model import check_output_mode, output_weight
 from megatron_simpo.losses import METRIC_NAMES, LossConfig, preference_loss
 
 
@@ -36,20 +36,19 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab_size: int,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
 
-    ``output`` is [2n, s, V_p/tp] logits, or [2n, s, h] hidden states when the model runs with
-    memory-lean log-probs: then only the response positions are scored, through the output
-    weight, a chunk of tokens at a time.
+    ``output`` is [2n, s, V_p/tp] logits (``chunk_size`` 0), or [2n, s, h] hidden states when
+    the model runs with memory-lean log-probs: then only the response positions are scored,
+    through the output weight, ``chunk_size`` tokens at a time.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
     group = parallel_state.get_tensor_model_parallel_group()
-    chunk_size = getattr(_unwrap(model), "logprob_chunk_size", None)
-    if chunk_size is None:
+    if not chunk_size:
         token_logps = vocab_parallel_logprobs(output, batch.labels, vocab_size=vocab_size,
                                               tp_group=group)
         return sequence_logprobs(token_logps, batch.loss_mask)
@@ -67,13 +66,22 @@ def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab
     return sums, batch.loss_mask.sum(dim=-1).to(logps.dtype)
 
 
-def _loss_func(batch: PreferenceBatch, loss_config: LossConfig, vocab_size: int, model,
-               output: torch.Tensor):
+@dataclass(frozen=True)
+class _StepSpec:
+    """What every micro-batch's forward step needs besides its batch and model."""
+
+    loss: LossConfig
+    vocab_size: int
+    logprob_chunk_size: int
+
+
+def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Tensor):
     """Megatron schedule loss function: (sum of pair losses, pair count, metric sums)."""
-    logp_sum, count = _policy_logp_sums(batch, output, model, vocab_size)
+    logp_sum, count = _policy_logp_sums(batch, output, model, spec.vocab_size,
+                                        spec.logprob_chunk_size)
     reference = batch.reference_logp_sum
     loss, metrics = preference_loss(
-        logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], loss_config,
+        logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], spec.loss,
         None if reference is None else reference[0::2],
         None if reference is None else reference[1::2])
     metric_sums = torch.stack([metrics[name].sum() for name in METRIC_NAMES])
@@ -88,16 +96,16 @@ def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
     return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
 
 
-def _forward_step(loss_config: LossConfig, vocab_size: int, data_iterator, model):
+def _forward_step(spec: _StepSpec, data_iterator, model):
     batch = next(data_iterator)
-    return _forward(batch, model), partial(_loss_func, batch, loss_config, vocab_size, model)
+    return _forward(batch, model), partial(_loss_func, batch, spec, model)
 
 
-def _reference_forward_step(vocab_size: int, data_iterator, model):
+def _reference_forward_step(vocab_size: int, chunk_size: int, data_iterator, model):
     batch = next(data_iterator)
 
     def collect(output):
-        logp_sum, _ = _policy_logp_sums(batch, output, model, vocab_size)
+        logp_sum, _ = _policy_logp_sums(batch, output, model, vocab_size, chunk_size)
         return logp_sum.sum(), torch.tensor(0, dtype=torch.int), logp_sum
 
     return _forward(batch, model), collect
@@ -119,15 +127,16 @@ def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], mo
 
 
 def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBatch],
-                           vocab_size: int) -> list[PreferenceBatch]:
+                           vocab_size: int, logprob_chunk_size: int = 0) -> list[PreferenceBatch]:
     """DPO's extra pass: the frozen reference model's summed log-probs, attached to each batch.
 
     A forward-only pipeline pass; the sums exist on the last stage, which is the only place the
     loss reads them, so other stages get their batches back unchanged.
     """
+    check_output_mode(reference_model, logprob_chunk_size)
     with torch.no_grad():
-        sums = _run_schedule(partial(_reference_forward_step, vocab_size), microbatches,
-                             [reference_model], forward_only=True)
+        sums = _run_schedule(partial(_reference_forward_step, vocab_size, logprob_chunk_size),
+                             microbatches, [reference_model], forward_only=True)
     if not sums:  # not the last pipeline stage
         return list(microbatches)
     return [batch.with_reference(logp_sum) for batch, logp_sum in zip(microbatches, sums)]
@@ -153,8 +162,22 @@ def _global_metric_means(per_microbatch: list[torch.Tensor],
     return dict(zip(METRIC_NAMES, means))
 
 
+def _prepare(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
+             vocab_size: int, reference_model, logprob_chunk_size: int):
+    """Check the models against the step's settings; DPO's reference log-probs attached."""
+    if loss_config.needs_reference != (reference_model is not None):
+        raise ValueError("a reference model is needed for --algorithm dpo and only for it")
+    for chunk in model_chunks:
+        check_output_mode(chunk, logprob_chunk_size)
+    if reference_model is not None:
+        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size,
+                                              logprob_chunk_size)
+    return microbatches, _StepSpec(loss_config, vocab_size, logprob_chunk_size)
+
+
 def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceBatch],
-               loss_config: LossConfig, *, vocab_size: int, reference_model=None) -> StepResult:
+               loss_config: LossConfig, *, vocab_size: int, reference_model=None,
+               logprob_chunk_size: int = 0) -> StepResult:
     """Forward/backward every micro-batch of this DP rank's share of the global batch, then step.
 
     Args:
@@ -163,33 +186,33 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
         microbatches: this data-parallel rank's micro-batches, each with the same shape.
         vocab_size: true vocabulary size (padded logits are excluded from the softmax).
         reference_model: the frozen reference ``GPTModel`` (DPO only).
+        logprob_chunk_size: tokens scored at a time by the memory-lean log-probs, or 0 for full
+            logits; must match how the models were built (``model.enable_memory_lean_logprobs``).
     """
-    if loss_config.needs_reference != (reference_model is not None):
-        raise ValueError("a reference model is needed for --algorithm dpo and only for it")
-    if reference_model is not None:
-        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size)
+    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
+                                  reference_model, logprob_chunk_size)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    per_microbatch = _run_schedule(partial(_forward_step, loss_config, vocab_size), microbatches,
-                                   model_chunks, forward_only=False)
+    per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches, model_chunks,
+                                   forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     metrics = _global_metric_means(per_microbatch, microbatches)
     return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=update_successful)
 
 
-
 def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
-             *, vocab_size: int, reference_model=None) -> dict[str, float]:
+             *, vocab_size: int, reference_model=None, logprob_chunk_size: int = 0
+             ) -> dict[str, float]:
     """Forward-only pass over held-out micro-batches: global means of the same metrics."""
-    if reference_model is not None:
-        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size)
+    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
+                                  reference_model, logprob_chunk_size)
     for chunk in model_chunks:
         chunk.eval()
     try:
         with torch.no_grad():
-            per_microbatch = _run_schedule(partial(_forward_step, loss_config, vocab_size),
-                                           microbatches, model_chunks, forward_only=True)
+            per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches,
+                                           model_chunks, forward_only=True)
     finally:
         for chunk in model_chunks:
             chunk.train()

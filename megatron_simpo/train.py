@@ -11,13 +11,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_simpo import checkpointing, runtime
+from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.components import TrainingComponents, build_components
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import (PairSampler, PreferenceBatch, TokenizedPair, collate_pairs,
                                  load_datasets, load_tokenizer, padded_length)
 from megatron_simpo.flops import step_flops
-from megatron_simpo.model import (ModelConfig, build_model, check_transformer_impl,
-                                  enable_memory_lean_logprobs)
-from megatron_simpo.optimizer import build_optimizer, finish_param_sync, wrap_with_ddp
+from megatron_simpo.model import check_transformer_impl
+from megatron_simpo.optimizer import finish_param_sync
 from megatron_simpo.precision import check_fp8_support, padding_multiple
 from megatron_simpo.step import evaluate, train_step
 
@@ -61,11 +62,6 @@ def resolve_model_source(config: TrainConfig) -> ModelSource:
         raise ValueError(f"--seq-length ({config.data.seq_length}) exceeds the model's maximum "
                          f"sequence length ({model_config.max_position_embeddings})")
     return ModelSource(model_config, resume, pretrained, Path(tokenizer))
-
-
-def _collate_shard(pairs: list[TokenizedPair], indices: list[int], length: int,
-                   pad_id: int, device) -> PreferenceBatch:
-    return collate_pairs([pairs[i] for i in indices], length, pad_id).to(device)
 
 
 def _pair_tokens(pairs: list[TokenizedPair], indices: list[int]) -> int:
@@ -140,71 +136,91 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     return source, config.check_world(world_size)
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """When the loop logs, evaluates and saves: the one place that decides it."""
+
+    total_iters: int
+    log_interval: int
+    eval_interval: int | None
+    save_interval: int | None
+    saving: bool
+
+    @classmethod
+    def of(cls, config: TrainConfig, total_iters: int) -> "Cadence":
+        return cls(total_iters, config.log_interval, config.eval_interval, config.save_interval,
+                   saving=bool(config.save))
+
+    def _every(self, interval: int | None, iteration: int) -> bool:
+        return iteration == self.total_iters or bool(interval and iteration % interval == 0)
+
+    def log(self, iteration: int) -> bool:
+        return self._every(self.log_interval, iteration)
+
+    def evaluate(self, iteration: int) -> bool:
+        """At the interval and at the end (and, outside this, at the start of every run)."""
+        return self._every(self.eval_interval, iteration)
+
+    def save(self, iteration: int) -> bool:
+        return self.saving and self._every(self.save_interval, iteration)
+
+
+def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
+                      ) -> TrainingComponents:
+    """The run's model, optimizer, schedule and (DPO) reference, weights from the checkpoint
+    the source names (a resumed run's weights are loaded later, with the optimizer state)."""
+
+    def load_pretrained(model):
+        checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
+
+    return build_components(
+        source.config, config.parallel, config.optimizer,
+        params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+        transformer_impl=config.transformer_impl,
+        transformer_overrides=config.transformer_overrides(),
+        # Same precision as the policy (FP8 included); nothing to recompute without gradients.
+        reference_overrides=config.fp8.transformer_overrides() if config.fp8 else None,
+        logprob_chunk_size=config.logprob_chunk_size,
+        load_policy=load_pretrained if source.resume_from is None and source.weights_from else None,
+        with_reference=config.loss.needs_reference, load_reference=load_pretrained,
+        total_iters=total_iters)
+
+
 def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
     """Train as configured; call on every rank (under torchrun or spawned)."""
     source, num_microbatches = prepared or prepare(config)
     rank, _, _ = runtime.read_world()
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     say = print if rank == 0 else (lambda *a, **k: None)
-    tokenizer = load_tokenizer(source.tokenizer_path)
-    if len(tokenizer) > source.config.vocab_size:
-        raise ValueError(f"tokenizer {source.tokenizer_path} has {len(tokenizer)} tokens, more "
-                         f"than the model's vocabulary ({source.config.vocab_size})")
-    train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampler = PairSampler(len(train_pairs), config.global_batch_size, config.seed)
-    total_iters = config.train_iters or config.train_epochs * sampler.batches_per_epoch
-    say(f"> {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs, "
+    data = TrainingData.load(config, source)
+    total_iters = config.train_iters or config.train_epochs * data.sampler.batches_per_epoch
+    say(f"> {len(data.train_pairs)} training pairs, {len(data.valid_pairs)} validation pairs, "
         f"{total_iters} iterations of {config.global_batch_size} pairs "
         f"({num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
         f"DP={env.data_parallel_size})")
-
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = build_model(source.config, config.parallel, transformer_impl=config.transformer_impl,
-                        params_dtype=dtype, **config.transformer_overrides())
-    if source.resume_from is None and source.weights_from is not None:
-        checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
-    if config.logprob_chunk_size:
-        enable_memory_lean_logprobs(model, config.logprob_chunk_size)
-    model = wrap_with_ddp(model, config.optimizer)
-    optimizer = build_optimizer([model], config.optimizer, bf16=config.bf16)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
-        lr_warmup_steps=int(config.lr_warmup_fraction * total_iters), lr_decay_steps=total_iters,
-        lr_decay_style=config.lr_decay_style, start_wd=config.optimizer.weight_decay,
-        end_wd=config.optimizer.weight_decay, wd_incr_steps=total_iters, wd_incr_style="constant")
-    reference = None
-    if config.loss.needs_reference:
-        # Same precision as the policy (FP8 included); nothing to recompute without gradients.
-        reference = build_model(source.config, config.parallel,
-                                transformer_impl=config.transformer_impl, params_dtype=dtype,
-                                **(config.fp8.transformer_overrides() if config.fp8 else {}))
-        checkpointing.load_checkpoint(source.weights_from, reference, model_config=source.config)
-        reference.eval().requires_grad_(False)
-        if config.logprob_chunk_size:
-            enable_memory_lean_logprobs(reference, config.logprob_chunk_size)
-
-    iteration, consumed = 0, 0
+    parts = build_from_config(config, source, total_iters)
+    state = checkpointing.TrainState(0, 0)
     if source.resume_from is not None:
-        state = checkpointing.load_checkpoint(source.resume_from, model.module, optimizer,
-                                              scheduler, model_config=source.config)
-        iteration, consumed = state.iteration, state.consumed_samples
-        say(f"> resumed from {source.resume_from} at iteration {iteration}")
-
+        state = checkpointing.load_checkpoint(source.resume_from, parts.model.module,
+                                              parts.optimizer, parts.scheduler,
+                                              model_config=source.config)
+        say(f"> resumed from {source.resume_from} at iteration {state.iteration}")
+    iteration, consumed = state.iteration, state.consumed_samples
     dp_rank, dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
+    cadence = Cadence.of(config, total_iters)
     writer = MetricsWriter(config, rank, resuming=source.resume_from is not None)
     summary = TrainSummary(iteration=iteration)
     vocab = source.config.vocab_size
-    eval_batches = _eval_microbatches(valid_pairs, config, dp_rank, dp_size, pad_id, env.device)
+    eval_batches = data.eval_microbatches(config, dp_rank, dp_size, env.device)
+    step_options = dict(vocab_size=vocab, reference_model=parts.reference,
+                        logprob_chunk_size=parts.logprob_chunk_size)
 
     def run_eval(at: int) -> None:
         if not eval_batches:
             return
-        metrics = evaluate([model], eval_batches, config.loss, vocab_size=vocab,
-                           reference_model=reference)
+        metrics = evaluate([parts.model], eval_batches, config.loss, **step_options)
         metrics = {f"eval/{name}": value for name, value in metrics.items()}
         summary.evals.append((at, metrics))
         writer.write(at, metrics)
@@ -214,39 +230,33 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
     run_eval(iteration)
     while iteration < total_iters:
         start = time.perf_counter()
-        indices = sampler.global_batch(consumed)
-        length = padded_length([train_pairs[i] for i in indices], config.data.seq_length,
-                               padding_multiple(config.sequence_alignment))
-        shard = _collate_shard(train_pairs, PairSampler.shard(indices, dp_rank, dp_size), length,
-                               pad_id, env.device)
-        lr = optimizer.param_groups[0]["lr"]
-        result = train_step([model], optimizer, shard.split(num_microbatches), config.loss,
-                            vocab_size=vocab, reference_model=reference)
-        scheduler.step(increment=1)
-        iteration += 1
-        consumed += config.global_batch_size
+        indices = data.sampler.global_batch(consumed)
+        microbatches = data.train_microbatches(indices, config, dp_rank, dp_size,
+                                               num_microbatches, env.device)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        result = train_step([parts.model], parts.optimizer, microbatches, config.loss,
+                            **step_options)
+        parts.scheduler.step(increment=1)
+        iteration, consumed = iteration + 1, consumed + config.global_batch_size
         elapsed = time.perf_counter() - start
         summary.losses.append(result.metrics["loss"])
         summary.iteration = iteration
-        if iteration % config.log_interval == 0 or iteration == total_iters:
-            tokens = _pair_tokens(train_pairs, indices)
+        if cadence.log(iteration):
+            tokens = _pair_tokens(data.train_pairs, indices)
             # Model FLOPs of SimPO's work (DPO's reference pass not counted) per rank.
-            tflops = _pair_flops(source.config, train_pairs, indices) / elapsed / 1e12 / env.world_size
+            tflops = (_pair_flops(source.config, data.train_pairs, indices)
+                      / elapsed / 1e12 / env.world_size)
             writer.write(iteration, {**result.metrics, "learning_rate": lr,
                                      "grad_norm": result.grad_norm, "consumed_samples": consumed,
-                                     "iteration_time_s": elapsed, "tokens_per_second": tokens / elapsed,
+                                     "iteration_time_s": elapsed,
+                                     "tokens_per_second": tokens / elapsed,
                                      "tflops_per_gpu": tflops})
             say(_log_line(iteration, total_iters, consumed, lr, result.metrics, result.grad_norm,
                           elapsed, tokens, tflops))
-        if config.eval_interval and iteration % config.eval_interval == 0 and iteration != total_iters:
+        if cadence.evaluate(iteration):
             run_eval(iteration)
-        if config.save and config.save_interval and iteration % config.save_interval == 0 \
-                and iteration != total_iters:
-            _save(config, iteration, consumed, model, optimizer, scheduler, source)
-    if not summary.evals or summary.evals[-1][0] != iteration:
-        run_eval(iteration)
-    if config.save:
-        _save(config, iteration, consumed, model, optimizer, scheduler, source)
+        if cadence.save(iteration):
+            _save(config, checkpointing.TrainState(iteration, consumed), parts, source)
     if len(summary.evals) > 1:
         (first_at, first), (last_at, last) = summary.evals[0], summary.evals[-1]
         key = "eval/rewards/accuracies"
@@ -255,44 +265,81 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
     return summary
 
 
-def _save(config, iteration, consumed, model, optimizer, scheduler, source: ModelSource) -> None:
-    finish_param_sync([model])
+def _save(config: TrainConfig, state: checkpointing.TrainState, parts: TrainingComponents,
+          source: ModelSource) -> None:
+    finish_param_sync([parts.model])
     source_dir = source.weights_from or source.resume_from
     source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
     path = checkpointing.save_checkpoint(
-        config.save, checkpointing.TrainState(iteration, consumed), model.module, optimizer,
-        scheduler, source.config, assets={**source_assets, "tokenizer": source.tokenizer_path})
+        config.save, state, parts.model.module, parts.optimizer, parts.scheduler, source.config,
+        assets={**source_assets, "tokenizer": source.tokenizer_path})
     if dist.get_rank() == 0:
         print(f"> saved checkpoint {path}")
 
 
-def _eval_microbatches(pairs: list[TokenizedPair], config: TrainConfig, dp_rank: int,
-                       dp_size: int, pad_id: int, device) -> list[PreferenceBatch]:
-    """This rank's share of the validation pairs as equal micro-batches (remainder dropped)."""
-    chunk = config.micro_batch_size * dp_size
-    usable = len(pairs) // chunk * chunk
-    if usable == 0:
-        return []
-    length = padded_length(pairs[:usable], config.data.seq_length,
-                           padding_multiple(config.sequence_alignment))
-    indices = PairSampler.shard(list(range(usable)), dp_rank, dp_size)
-    batch = _collate_shard(pairs, indices, length, pad_id, device)
-    return batch.split(len(indices) // config.micro_batch_size)
+@dataclass
+class TrainingData:
+    """The tokenized pairs, their order, and how a global batch becomes this rank's batches."""
+
+    train_pairs: list[TokenizedPair]
+    valid_pairs: list[TokenizedPair]
+    pad_id: int
+    sampler: PairSampler
+    padding_multiple: int
+
+    @classmethod
+    def load(cls, config: TrainConfig, source: ModelSource) -> "TrainingData":
+        tokenizer = load_tokenizer(source.tokenizer_path)
+        if len(tokenizer) > source.config.vocab_size:
+            raise ValueError(f"tokenizer {source.tokenizer_path} has {len(tokenizer)} tokens, "
+                             f"more than the model's vocabulary ({source.config.vocab_size})")
+        train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(train_pairs, valid_pairs, pad_id,
+                   PairSampler(len(train_pairs), config.global_batch_size, config.seed),
+                   padding_multiple(config.sequence_alignment))
+
+    def _collate(self, pairs: list[TokenizedPair], indices: list[int], length: int,
+                 device) -> PreferenceBatch:
+        return collate_pairs([pairs[i] for i in indices], length, self.pad_id).to(device)
+
+    def train_microbatches(self, indices: list[int], config: TrainConfig, dp_rank: int,
+                           dp_size: int, num_microbatches: int, device) -> list[PreferenceBatch]:
+        """This rank's shard of a global batch, padded to the global batch's longest pair."""
+        length = padded_length([self.train_pairs[i] for i in indices], config.data.seq_length,
+                               self.padding_multiple)
+        shard = PairSampler.shard(indices, dp_rank, dp_size)
+        return self._collate(self.train_pairs, shard, length, device).split(num_microbatches)
+
+    def eval_microbatches(self, config: TrainConfig, dp_rank: int, dp_size: int, device
+                          ) -> list[PreferenceBatch]:
+        """This rank's share of the validation pairs as equal micro-batches (remainder dropped)."""
+        chunk = config.micro_batch_size * dp_size
+        usable = len(self.valid_pairs) // chunk * chunk
+        if usable == 0:
+            return []
+        length = padded_length(self.valid_pairs[:usable], config.data.seq_length,
+                               self.padding_multiple)
+        indices = PairSampler.shard(list(range(usable)), dp_rank, dp_size)
+        batch = self._collate(self.valid_pairs, indices, length, device)
+        return batch.split(len(indices) // config.micro_batch_size)
 
 
 def main(argv=None) -> None:
-    """CLI entry point: bad flags and inputs end with ``error: ...`` and exit code 2."""
-    import sys
-
-    from megatron_simpo.arguments import parse_args
+    """CLI entry point: a user's mistake (flags, data, checkpoints) ends in one
+    ``train_simpo: error: ...`` line from rank 0 and exit code 2."""
+    from megatron_simpo.arguments import parse_args, user_error
 
     config = parse_args(argv)
     try:
         prepared = prepare(config)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"train_simpo: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        user_error(str(error))
     try:
         run(config, prepared)
     finally:
         runtime.shutdown()
+
+
+if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
+    main()

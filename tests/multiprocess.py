@@ -1,8 +1,36 @@
-"""Tests run Megatron code on several gloo ranks through the package's own launcher."""
+"""Tests run Megatron code on several gloo ranks through the package's own launcher.
+
+The ranks of each world size are started once per test session (``launch.LocalWorld``) and
+reused by every test: each call still gets its own process group and Megatron parallel state,
+and the suite saves the start-up of Python, torch and Megatron-Core in every rank of every call.
+"""
+
+import atexit
 
 from megatron_simpo import launch
 
+_WORLDS: dict[int, launch.LocalWorld] = {}
+
+
+def _world(world_size: int) -> launch.LocalWorld:
+    world = _WORLDS.get(world_size)
+    if world is None or not world.alive:
+        world = _WORLDS[world_size] = launch.LocalWorld(world_size)
+    return world
+
+
+@atexit.register
+def _close_worlds() -> None:
+    for world in _WORLDS.values():
+        world.close()
+
 
 def run_on_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:
-    """``launch.run_on_ranks`` with a timeout, so a hung collective fails the test instead of CI."""
+    """``fn(rank, *args)`` on every rank of a reused world, with a timeout so a hung collective
+    fails the test instead of CI."""
+    return _world(world_size).run(fn, *args, timeout=timeout)
+
+
+def run_on_fresh_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:
+    """The same in newly started processes, for calls that need a fresh interpreter."""
     return launch.run_on_ranks(world_size, fn, *args, timeout=timeout)

@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_simpo.flops import (bf16_peak_flops, decoder_forward_flops, output_layer_flops,
                                   step_flops)
-from megatron_simpo.model import ModelConfig
+from megatron_simpo.architecture import ModelConfig
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
 

@@ -71,7 +71,7 @@ def _logits(model, batch):
 
 def _te_matches_local(rank, hf_state, hf_config, tmp_dir):
     from megatron_simpo import runtime
-    from megatron_simpo.model import ModelConfig
+    from megatron_simpo.architecture import ModelConfig
     from megatron_simpo.parallel import ParallelConfig
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
@@ -103,10 +103,11 @@ def test_transformer_engine_spec_matches_local_spec_in_bf16(tmp_path):
 
 
 def _fp8_steps(rank, hf_state, hf_config, tmp_dir, recipe, steps):
-    from megatron_simpo import runtime
+    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.components import build_components
     from megatron_simpo.losses import LossConfig
-    from megatron_simpo.model import ModelConfig, enable_memory_lean_logprobs
-    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.optimizer import OptimizerSettings
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.precision import Fp8Config, check_fp8_support
     from megatron_simpo.step import train_step
@@ -115,18 +116,20 @@ def _fp8_steps(rank, hf_state, hf_config, tmp_dir, recipe, steps):
     runtime.initialize(parallel, seed=0, model_config=config)
     fp8 = Fp8Config(format="hybrid", recipe=recipe)
     check_fp8_support(fp8)
-    model = _build(hf_state, config, parallel, "transformer_engine", torch.bfloat16, tmp_dir,
-                   **fp8.transformer_overrides())
-    assert model.config.fp8 == "hybrid" and model.config.fp8_recipe == recipe
-    enable_memory_lean_logprobs(model, 64)
-    settings = OptimizerSettings(lr=1e-3, use_distributed_optimizer=True)
-    model = wrap_with_ddp(model, settings)
-    optimizer = build_optimizer([model], settings, bf16=True)
+    local = _build(hf_state, config, parallel, "local", torch.bfloat16)
+    checkpoint = checkpointing.save_model_only(tmp_dir, 0, local, config)
+    parts = build_components(
+        config, parallel, OptimizerSettings(lr=1e-3, use_distributed_optimizer=True),
+        params_dtype=torch.bfloat16, transformer_impl="transformer_engine",
+        transformer_overrides=fp8.transformer_overrides(), logprob_chunk_size=64,
+        load_policy=lambda m: checkpointing.load_checkpoint(checkpoint, m, model_config=config))
+    assert parts.model.config.fp8 == "hybrid" and parts.model.config.fp8_recipe == recipe
     batch = _batch(config.vocab_size).to(torch.device("cuda"))
     losses = []
     for _ in range(steps):
-        result = train_step([model], optimizer, batch.split(2), LossConfig(beta=2.5, gamma=1.375),
-                            vocab_size=config.vocab_size)
+        result = train_step([parts.model], parts.optimizer, batch.split(2),
+                            LossConfig(beta=2.5, gamma=1.375), vocab_size=config.vocab_size,
+                            logprob_chunk_size=64)
         losses.append(result.metrics["loss"])
     return losses
 

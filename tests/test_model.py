@@ -1,11 +1,9 @@
 """Megatron GPTModel built from a Hugging Face config gives the Hugging Face logits."""
 
-import json
-
 import pytest
 import torch
 
-from megatron_simpo.model import ModelConfig
+from megatron_simpo.architecture import ModelConfig
 from tests.multiprocess import run_on_ranks
 from tests.tiny import ARCHITECTURES, tiny_hf_config, tiny_hf_model
 
@@ -17,7 +15,7 @@ def _parity_worker(rank, tp, cases):
 
     from megatron_simpo import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.model import build_model
+    from megatron_simpo.model import build_model, check_output_mode, enable_memory_lean_logprobs
     from megatron_simpo.parallel import ParallelConfig
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
@@ -33,6 +31,16 @@ def _parity_worker(rank, tp, cases):
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         with torch.no_grad():
             outputs[arch] = model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    # The step's log-prob path must match what the model returns: logits here ...
+    outputs["mode_errors"] = []
+    for build_lean, chunk in ((False, 8), (True, 0)):
+        if build_lean:  # ... and hidden states once memory-lean log-probs are on.
+            enable_memory_lean_logprobs(model)
+        try:
+            check_output_mode(model, chunk)
+        except ValueError as error:
+            outputs["mode_errors"].append(str(error))
+    check_output_mode(model, 8)  # the matching chunk size passes
     return outputs
 
 
@@ -48,51 +56,15 @@ def test_logits_match_hugging_face(tp):
             expected[arch] = model(tokens).logits
         cases.append((arch, hf_config, model.state_dict(), tokens))
     results = run_on_ranks(tp, _parity_worker, tp, cases)
+    for result in results:
+        assert [e.split(" but ")[1][:25] for e in result["mode_errors"]] == [
+            "the model returns logits:", "the model returns hidden "]
     for arch, hf_logits in expected.items():
         logits = torch.cat([r[arch] for r in results], dim=-1)  # [b, s, V_padded]
         vocab = hf_logits.shape[-1]
         assert logits.shape[-1] == ModelConfig.from_hf_config(tiny_hf_config(arch)).padded_vocab_size(tp)
         diff = (logits[..., :vocab] - hf_logits).abs().max().item()
         assert diff <= 1e-5, f"{arch} TP={tp}: max |logit diff| {diff}"
-
-
-def test_config_reads_both_rope_spellings():
-    released = tiny_hf_config("llama3.1")  # rope_theta + rope_scaling, as in the released files
-    config = ModelConfig.from_hf_config(released)
-    assert config.rope_theta == 500000.0 and config.rope_scaling_factor == 8.0
-    modern = {k: v for k, v in released.items() if k not in ("rope_theta", "rope_scaling")}
-    modern["rope_parameters"] = dict(released["rope_scaling"], rope_theta=500000.0)
-    assert ModelConfig.from_hf_config(modern) == config
-    plain = ModelConfig.from_hf_config(
-        dict(tiny_hf_config("llama3"), rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
-    assert plain.rope_scaling_factor is None
-
-
-def test_config_from_file_and_round_trip(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config("qwen2")))
-    config = ModelConfig.from_hf_config(tmp_path)
-    assert config.qkv_bias and config.architecture == "Qwen2ForCausalLM"
-    config.save(tmp_path / "model_config.json")
-    assert ModelConfig.load(tmp_path / "model_config.json") == config
-
-
-def test_vocab_padding_rule():
-    config = ModelConfig.from_hf_config(tiny_hf_config("llama3", vocab_size=128256))
-    assert config.padded_vocab_size(1) == 128256
-    assert config.padded_vocab_size(8) == 129024  # next multiple of 128 * 8
-    assert ModelConfig.from_hf_config(tiny_hf_config("llama3")).padded_vocab_size(2) == 256
-
-
-@pytest.mark.parametrize("change, message", [
-    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "unsupported architecture 'GPT2LMHeadModel'"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn'"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}), "low_freq_factor"),
-    (dict(num_key_value_heads=3), "multiple of num_query_groups"),
-])
-def test_unsupported_configs_are_refused(change, message):
-    with pytest.raises(ValueError, match=message):
-        ModelConfig.from_hf_config(dict(tiny_hf_config("llama3"), **change))
 
 
 def test_spec_selection():
@@ -112,7 +84,7 @@ def test_spec_selection():
 
 
 def test_memory_lean_logprobs_flag_is_validated():
-    from megatron_simpo.model import enable_memory_lean_logprobs
+    from megatron_simpo.model import check_output_mode
 
-    with pytest.raises(ValueError, match="--logprob-chunk-size must be >= 1"):
-        enable_memory_lean_logprobs(object(), 0)
+    with pytest.raises(ValueError, match="--logprob-chunk-size must be an integer >= 0"):
+        check_output_mode(object(), -1)

@@ -4,7 +4,7 @@ import pytest
 import torch.distributed as dist
 
 from megatron_simpo import runtime
-from megatron_simpo.model import ModelConfig
+from megatron_simpo.architecture import ModelConfig
 from megatron_simpo.parallel import ParallelConfig
 from tests.tiny import tiny_hf_config
 

@@ -5,8 +5,9 @@ the sequence alignment they need, and a clear refusal where Transformer Engine o
 import pytest
 import torch
 
+from megatron_simpo.architecture import ModelConfig
 from megatron_simpo.data import TokenizedPair, padded_length
-from megatron_simpo.model import ModelConfig
+from megatron_simpo.model import transformer_config
 from megatron_simpo.parallel import ParallelConfig
 from megatron_simpo.precision import (Fp8Config, check_fp8_support, padding_multiple,
                                       sequence_alignment)
@@ -47,15 +48,15 @@ def test_fp8_settings_reach_megatron_transformer_config():
     unset delayed-scaling knobs keep Megatron-LM's defaults."""
     model = ModelConfig.from_hf_config(tiny_hf_config("llama3"))
     fp8 = Fp8Config(format="hybrid", amax_history_len=1024, amax_compute_algo="max", margin=1)
-    config = model.to_transformer_config(ParallelConfig(), params_dtype=torch.bfloat16,
-                                         **fp8.transformer_overrides())
+    config = transformer_config(model, ParallelConfig(), params_dtype=torch.bfloat16,
+                                **fp8.transformer_overrides())
     assert (config.fp8, config.fp8_recipe, config.fp8_margin) == ("hybrid", "delayed", 1)
     assert (config.fp8_amax_history_len, config.fp8_amax_compute_algo) == (1024, "max")
     assert not config.first_last_layers_bf16
     fp8 = Fp8Config(format="e4m3", recipe="tensorwise", first_last_layers_bf16=True,
                     num_layers_at_start_in_bf16=0, num_layers_at_end_in_bf16=2)
-    config = model.to_transformer_config(ParallelConfig(), params_dtype=torch.bfloat16,
-                                         **fp8.transformer_overrides())
+    config = transformer_config(model, ParallelConfig(), params_dtype=torch.bfloat16,
+                                **fp8.transformer_overrides())
     assert (config.fp8, config.fp8_recipe, config.fp8_amax_history_len) == ("e4m3", "tensorwise", 1)
     assert (config.first_last_layers_bf16, config.num_layers_at_start_in_bf16,
             config.num_layers_at_end_in_bf16) == (True, 0, 2)

@@ -67,10 +67,10 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
 
     from megatron_simpo import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.components import build_components
     from megatron_simpo.losses import LossConfig
-    from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
-    from megatron_simpo.optimizer import (OptimizerSettings, build_optimizer, finish_param_sync,
-                                          wrap_with_ddp)
+    from megatron_simpo.optimizer import OptimizerSettings, finish_param_sync
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import train_step
 
@@ -81,24 +81,20 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     where = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp)
 
-    def load(state):
-        model = build_model(config, parallel, **(model_overrides or {}))
-        load_rank_state(model, hf_to_megatron(state, config, config.padded_vocab_size(tp)),
-                        config, **where)
-        if chunk_size:
-            enable_memory_lean_logprobs(model, chunk_size)
-        return model
+    def loader(state):
+        return lambda model: load_rank_state(
+            model, hf_to_megatron(state, config, config.padded_vocab_size(tp)), config, **where)
 
     settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=clip,
                                  use_distributed_optimizer=use_distributed_optimizer,
                                  overlap_grad_reduce=overlap_grad_reduce,
                                  overlap_param_gather=overlap_param_gather)
-    model = wrap_with_ddp(load(hf_state), settings)
-    optimizer = build_optimizer([model], settings)
-    reference = None
+    parts = build_components(config, parallel, settings, transformer_overrides=model_overrides,
+                             logprob_chunk_size=chunk_size or 0, load_policy=loader(hf_state),
+                             with_reference=algorithm == "dpo",
+                             load_reference=loader(ref_state) if algorithm == "dpo" else None)
+    model, optimizer, reference = parts.model, parts.optimizer, parts.reference
     if algorithm == "dpo":
-        reference = load(ref_state).eval()
-        reference.requires_grad_(False)
         loss_config = LossConfig(algorithm="dpo", beta=0.1)
     else:
         loss_config = LossConfig(beta=BETA, gamma=GAMMA)
@@ -107,7 +103,8 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     rows = 2 * PAIRS // dp_size
     shard = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
     result = train_step([model], optimizer, shard.split(num_microbatches), loss_config,
-                        vocab_size=config.vocab_size, reference_model=reference)
+                        vocab_size=config.vocab_size, reference_model=reference,
+                        logprob_chunk_size=chunk_size or 0)
     finish_param_sync([model])
 
     def gather(tensors):

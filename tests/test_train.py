@@ -134,6 +134,21 @@ def test_launcher_run_raises_held_out_accuracy(tmp_path):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_launcher_reports_a_bad_flag_once(tiny, tmp_path):
+    from megatron_simpo.tiny import write_default
+
+    write_default(tmp_path / "demo" / "assets", train_pairs=64, valid_pairs=16, seed=11)
+    env = dict(os.environ, MODEL="tiny", SAVE=str(tmp_path / "demo"), PYTHON=sys.executable)
+    completed = subprocess.run(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh"),
+                                "--lr-decay-style", "exponential"],
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "train_simpo: error: argument --lr-decay-style: invalid choice: 'exponential'"), lines
+    assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
 def _main_error(capsys, monkeypatch, argv, world="1"):
     from megatron_simpo.train import main
 

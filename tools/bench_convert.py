@@ -18,8 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 LLAMA32_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048,
                   intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -42,7 +40,7 @@ def write_synthetic(path: Path, config: dict, shard_size: str) -> int:
 
     from megatron_simpo.convert.hf_io import write_safetensors
     from megatron_simpo.convert.llama import expected_hf_shape, hf_names_for, megatron_names
-    from megatron_simpo.model import ModelConfig
+    from megatron_simpo.architecture import ModelConfig
 
     model_config = ModelConfig.from_hf_config(config)
     names = []
@@ -103,12 +101,12 @@ def main() -> None:
         model_bytes = write_synthetic(tmp / "hf", config, "1GB")
         python = sys.executable
         return model_bytes, {
-            "hf_to_megatron": measure([python, str(ROOT / "tools/convert_hf_to_megatron.py"),
+            "hf_to_megatron": measure([python, "-m", "megatron_simpo.convert.cli", "hf-to-megatron",
                                        "--hf-path", str(tmp / "hf"), "--save", str(tmp / "mg"),
                                        "--tensor-parallel-size", str(args.tensor_parallel_size),
                                        "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                        "--dtype", "bf16"]),
-            "megatron_to_hf": measure([python, str(ROOT / "tools/convert_megatron_to_hf.py"),
+            "megatron_to_hf": measure([python, "-m", "megatron_simpo.convert.cli", "megatron-to-hf",
                                        "--load", str(tmp / "mg"), "--save", str(tmp / "hf2")]),
         }
 

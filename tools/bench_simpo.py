@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _peak_tracker():
@@ -130,6 +128,19 @@ def _pairs(vocab: int, pairs: int, seq: int, seed: int):
     return [TokenizedPair(ids(), ids(), ids()) for _ in range(pairs)]
 
 
+def _seeded_weights(model) -> None:
+    """Fill a model with the same weights on every call: N(0, 0.02), norms 1 (one rank)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+
+
 def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chunk,
                      transformer_impl="local", fp8=None, parity_steps=0):
     """Median time and peak memory of full optimizer steps (the DPO reference pass included).
@@ -143,8 +154,9 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
     from megatron_simpo.data import collate_pairs
     from megatron_simpo.flops import bf16_peak_flops, step_flops
     from megatron_simpo.losses import LossConfig
-    from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
-    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.components import build_components
+    from megatron_simpo.optimizer import OptimizerSettings
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.precision import Fp8Config, check_fp8_support
     from megatron_simpo.step import train_step
@@ -160,26 +172,19 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
     start, peak = _peak_tracker()
     base = start()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    settings = OptimizerSettings(lr=1e-5, use_distributed_optimizer=True)
-    model = build_model(config, parallel, params_dtype=dtype, transformer_impl=transformer_impl,
-                        **overrides)
-    reference = None
-    if algorithm == "dpo":
-        reference = build_model(config, parallel, params_dtype=dtype,
-                                transformer_impl=transformer_impl, **overrides)
-        reference.load_state_dict(model.state_dict())
-        reference.eval().requires_grad_(False)
-    for m in (model, reference):
-        if m is not None and chunk:
-            enable_memory_lean_logprobs(m, chunk)
-    model = wrap_with_ddp(model, settings)
-    optimizer = build_optimizer([model], settings, bf16=dtype == torch.bfloat16)
+    # DPO's reference starts as the policy does: both get the same seeded weights.
+    parts = build_components(
+        config, parallel, OptimizerSettings(lr=1e-5, use_distributed_optimizer=True),
+        params_dtype=dtype, transformer_impl=transformer_impl, transformer_overrides=overrides,
+        reference_overrides=overrides, logprob_chunk_size=chunk, load_policy=_seeded_weights,
+        with_reference=algorithm == "dpo", load_reference=_seeded_weights)
     loss = LossConfig(algorithm=algorithm, beta=2.5 if algorithm == "simpo" else 0.1,
                       gamma=1.375 if algorithm == "simpo" else None)
 
     def step(batch):
-        return train_step([model], optimizer, batch.split(1), loss, vocab_size=config.vocab_size,
-                          reference_model=reference)
+        return train_step([parts.model], parts.optimizer, batch.split(1), loss,
+                          vocab_size=config.vocab_size, reference_model=parts.reference,
+                          logprob_chunk_size=chunk)
 
     parity_losses = [step(collate_pairs(_pairs(config.vocab_size, pairs, seq, 1000 + i), seq)
                           .to(env.device)).metrics["loss"] for i in range(parity_steps)]
@@ -276,8 +281,9 @@ def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr,
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
     from megatron_simpo.data import TokenizedPair, collate_pairs, padded_length
     from megatron_simpo.losses import LossConfig
-    from megatron_simpo.model import ModelConfig, build_model, enable_memory_lean_logprobs
-    from megatron_simpo.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.components import build_components
+    from megatron_simpo.optimizer import OptimizerSettings
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import train_step
 
@@ -287,22 +293,22 @@ def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr,
     base = start()
     hf_state = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32).state_dict()
-    model = build_model(config, parallel)
-    load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)), config,
-                    tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+
+    def load(model):
+        load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)),
+                        config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+
+    parts = build_components(config, parallel, OptimizerSettings(lr=lr, clip_grad=1.0),
+                             logprob_chunk_size=chunk, load_policy=load)
     del hf_state
-    if chunk:
-        enable_memory_lean_logprobs(model, chunk)
-    settings = OptimizerSettings(lr=lr, clip_grad=1.0, use_distributed_optimizer=False)
-    model = wrap_with_ddp(model, settings)
-    optimizer = build_optimizer([model], settings)
     tokenized = [TokenizedPair(*pair) for pair in pairs]
     batch = collate_pairs(tokenized, padded_length(tokenized, 1 << 20)).to(env.device)
     loss = LossConfig(beta=beta, gamma=gamma)
     losses = []
 
     def step():
-        result = train_step([model], optimizer, batch.split(1), loss, vocab_size=config.vocab_size)
+        result = train_step([parts.model], parts.optimizer, batch.split(1), loss,
+                            vocab_size=config.vocab_size, logprob_chunk_size=chunk)
         losses.append(result.metrics["loss"])
 
     seconds = _median_seconds(step, steps, warmup)
@@ -317,7 +323,7 @@ def _trl_comparison(args, config) -> dict:
     import torch
     import transformers
 
-    from megatron_simpo.convert.hf_io import hf_config_dict
+    from megatron_simpo.architecture import hf_config_dict
     from megatron_simpo.launch import run_on_ranks
     from megatron_simpo.tiny import build_tokenizer
 
@@ -373,6 +379,8 @@ def _print_table(device: str, rows: list) -> None:
 
 def main() -> None:
     from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.model import TRANSFORMER_IMPLS
+    from megatron_simpo.precision import FP8_FORMATS, FP8_RECIPES
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,11 +396,10 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
                         help="model shape for the step benchmarks")
     parser.add_argument("--model-config", help="HF config.json instead of --preset")
-    parser.add_argument("--transformer-impl", default="local",
-                        choices=["local", "transformer_engine"])
-    parser.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default="hybrid",
+    parser.add_argument("--transformer-impl", default="local", choices=TRANSFORMER_IMPLS)
+    parser.add_argument("--fp8-format", choices=FP8_FORMATS, default="hybrid",
                         help="FP8 format of the fp8 benchmark")
-    parser.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+    parser.add_argument("--fp8-recipe", choices=FP8_RECIPES,
                         default="tensorwise")
     parser.add_argument("--parity-steps", type=int, default=50,
                         help="fp8 benchmark: steps trained in bf16 and FP8 to compare losses")
@@ -407,7 +414,7 @@ def main() -> None:
                      "Transformer Engine's)")
     import torch
 
-    from megatron_simpo.model import ModelConfig
+    from megatron_simpo.architecture import ModelConfig
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}

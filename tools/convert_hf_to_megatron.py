@@ -1,12 +1,7 @@
 #!/usr/bin/env python
-"""See megatron_simpo/convert/cli.py (hf_to_megatron)."""
+"""Hugging Face checkpoint -> Megatron distributed checkpoint (= megatron-simpo-convert-hf-to-megatron)."""
 
-import sys
-from pathlib import Path
+from megatron_simpo.convert.cli import hf_to_megatron_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_simpo.convert.cli import hf_to_megatron_main  # noqa: E402
-
-if __name__ == "__main__":  # the guard matters: ranks are spawned processes
+if __name__ == "__main__":  # the guard matters: the converter spawns its ranks
     hf_to_megatron_main()

@@ -1,12 +1,7 @@
 #!/usr/bin/env python
-"""See megatron_simpo/convert/cli.py (megatron_to_hf)."""
+"""Megatron checkpoint -> Hugging Face folder (= megatron-simpo-convert-megatron-to-hf)."""
 
-import sys
-from pathlib import Path
+from megatron_simpo.convert.cli import megatron_to_hf_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_simpo.convert.cli import megatron_to_hf_main  # noqa: E402
-
-if __name__ == "__main__":  # the guard matters: ranks are spawned processes
+if __name__ == "__main__":  # the guard matters: the converter spawns its ranks
     megatron_to_hf_main()

@@ -2,12 +2,8 @@
 """Write the embedded tiny default (tokenizer, model config, synthetic pairs) to a folder."""
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_simpo.tiny import write_default  # noqa: E402
+from megatron_simpo.tiny import write_default
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

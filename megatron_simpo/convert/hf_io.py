@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from megatron_simpo.convert.llama import expected_hf_shape
-from megatron_simpo.model import ModelConfig
+from megatron_simpo.architecture import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -58,6 +58,28 @@ class HFCheckpointReader:
             weight_map = {key: single.name for key in names_in_files[single.name]}
         self.weight_map = weight_map
 
+    def check_shapes(self, names: list[str]) -> None:
+        """Every named tensor is present with the shape the config implies, read from the file
+        headers only: a bad checkpoint is refused before any work starts."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise KeyError(f"{self.path}: tensor {name} is missing from the checkpoint")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        for file_name, file_names in by_file.items():
+            file = self.path / file_name
+            with safe_open(str(file), framework="pt") as handle:
+                for name in file_names:
+                    self._check_shape(file, name, tuple(handle.get_slice(name).get_shape()))
+
+    def _check_shape(self, file: Path, name: str, shape: tuple[int, ...]) -> None:
+        expected = expected_hf_shape(name, self.config)
+        if expected is not None and shape != expected:
+            raise ValueError(f"{file}: tensor {name} has shape {shape}, "
+                             f"but config.json implies {expected}")
+
     def get(self, name: str) -> torch.Tensor:
         """One tensor, checked against the config. The file is mapped only while it is read, so
         pages of tensors already converted do not stay in this process's memory."""
@@ -71,10 +93,7 @@ class HFCheckpointReader:
                 tensor = handle.get_tensor(name)
         except Exception as error:
             raise ValueError(f"{file}: cannot read tensor {name} ({error})") from None
-        expected = expected_hf_shape(name, self.config)
-        if expected is not None and tuple(tensor.shape) != expected:
-            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"but config.json implies {expected}")
+        self._check_shape(file, name, tuple(tensor.shape))
         return tensor
 
 
@@ -94,37 +113,6 @@ def copy_metadata(hf_path: str | Path, dest: str | Path) -> tuple[Path | None, P
         if (hf_path / name).is_file():
             shutil.copy2(hf_path / name, hf_dir / name)
     return tokenizer_dir, hf_dir
-
-
-def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -> dict:
-    """config.json for an exported model: the original one when known, updated from ``config``."""
-    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                  "Qwen2ForCausalLM": "qwen2"}[config.architecture]
-    out = dict(base or {})
-    out.update(
-        architectures=[config.architecture], model_type=model_type,
-        hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
-        vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_word_embeddings,
-        hidden_act="silu", initializer_range=config.init_method_std,
-        torch_dtype=str(dtype).removeprefix("torch."),
-    )
-    if config.architecture != "Qwen2ForCausalLM":
-        out["attention_bias"] = config.qkv_bias
-    if base is None:
-        out["rope_theta"] = config.rope_theta
-        if config.rope_scaling_factor is not None:
-            out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,
-                                       low_freq_factor=1.0, high_freq_factor=4.0,
-                                       original_max_position_embeddings=8192)
-    described = ModelConfig.from_hf_config(out).to_dict()
-    differ = {k: (v, described[k]) for k, v in config.to_dict().items() if described[k] != v}
-    if differ:  # e.g. the original's RoPE fields no longer hold
-        raise ValueError(f"the exported config.json would not describe the checkpoint's model "
-                         f"(field: (checkpoint, config.json)): {differ}")
-    return out
 
 
 def parse_size(size: str | int) -> int:

@@ -13,9 +13,20 @@ import torch
 
 from megatron_simpo.checkpointing import save_model_only
 from megatron_simpo.convert.hf_io import HFCheckpointReader, copy_metadata
-from megatron_simpo.convert.llama import megatron_tensor, split_tensor, to_global_name
-from megatron_simpo.model import ModelConfig, build_model
+from megatron_simpo.convert.llama import (hf_names_for, megatron_names, megatron_tensor,
+                                          split_tensor, to_global_name)
+from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.model import build_model
 from megatron_simpo.parallel import ParallelConfig
+
+
+def check_hf_checkpoint(hf_path: str | Path, config: ModelConfig) -> None:
+    """Refuse a missing, unreadable or mis-shaped HF checkpoint before any rank starts."""
+    reader = HFCheckpointReader(hf_path, config)
+    names = []
+    for name in megatron_names(config):
+        names += [n for n in hf_names_for(name, config) if n not in names]
+    reader.check_shapes(names)
 
 
 def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from megatron_simpo import checkpointing
-from megatron_simpo.convert.hf_io import hf_config_dict, write_safetensors
+from megatron_simpo.architecture import hf_config_dict
+from megatron_simpo.convert.hf_io import write_safetensors
 from megatron_simpo.convert.llama import (expected_hf_shape, hf_names_for, hf_tensors_from,
                                           megatron_names)
 from megatron_simpo.model import build_model

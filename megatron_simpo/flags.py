@@ -1,0 +1,140 @@
+"""Command-line flags generated from typed config dataclasses.
+
+A field's type gives the flag's type and choices (``Literal``), its attribute docstring the help
+text, and its default the "(default: ...)" shown in ``--help``. Parsing keeps only the flags the
+user gave (``argparse.SUPPRESS``), so the dataclass builds itself from them and its own defaults:
+no default is written twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal under each annotated field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _unwrap_optional(annotation):
+    """``X | None`` -> X (the flag's type); anything else unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+@dataclass(frozen=True)
+class Section:
+    """A help group of flags for fields of one dataclass.
+
+    Args:
+        title: the help group's title.
+        cls: the dataclass whose fields the flags set.
+        fields: those fields, in help order.
+        names: field -> flag name(s) where they differ from ``--field-name``; the first is the
+            canonical name, the others aliases.
+        key: where the built dataclass goes (the caller's name for it; also the flags' dest prefix).
+        trigger: for a dataclass that is absent unless asked for (FP8): the field whose flag
+            asks for it; its other flags are refused without that one.
+    """
+
+    title: str
+    cls: type
+    fields: tuple[str, ...]
+    key: str
+    names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    trigger: str | None = None
+
+    def flag(self, name: str) -> str:
+        return self.names.get(name, ("--" + name.replace("_", "-"),))[0]
+
+    def dest(self, name: str) -> str:
+        return f"{self.key}.{name}"
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(self.title)
+        hints = typing.get_type_hints(self.cls)
+        docs = field_docs(self.cls)
+        fields = {f.name: f for f in dataclasses.fields(self.cls)}
+        for name in self.fields:
+            spec = fields[name]
+            flags = self.names.get(name, ("--" + name.replace("_", "-"),))
+            kind = _unwrap_optional(hints[name])
+            required = (spec.default is dataclasses.MISSING
+                        and spec.default_factory is dataclasses.MISSING)
+            default = None if required else spec.default
+            text = docs.get(name, "")
+            options = dict(dest=self.dest(name), default=argparse.SUPPRESS)
+            if kind is bool:
+                # A flag switches the dataclass default: --x sets True, --no-x sets False.
+                value = not flags[0].startswith("--no-")
+                group.add_argument(*flags, action="store_const", const=value,
+                                   help=text, **options)
+                continue
+            if typing.get_origin(kind) is typing.Literal:
+                choices = typing.get_args(kind)
+                options.update(choices=choices, type=type(choices[0]))
+            elif kind in (int, float, str):
+                options.update(type=kind)
+            else:
+                raise TypeError(f"{self.cls.__name__}.{name}: no flag for type {kind!r}")
+            if default is not None and not required:
+                text = f"{text} (default: {default})" if text else f"(default: {default})"
+            group.add_argument(*flags, required=required and self.trigger is None,
+                               help=text, metavar=_metavar(name, options), **options)
+
+    def given(self, namespace: argparse.Namespace) -> dict:
+        """field -> value for this section's flags that the user gave."""
+        values = vars(namespace)
+        return {name: values[self.dest(name)] for name in self.fields if self.dest(name) in values}
+
+    def build(self, namespace: argparse.Namespace, **extra):
+        """The dataclass from the given flags (plus ``extra`` fields) and its own defaults; None
+        for an optional section whose trigger was not given. Raises ValueError naming flags."""
+        given = self.given(namespace)
+        if self.trigger is not None and self.trigger not in given:
+            if given:
+                raise ValueError(f"{', '.join(self.flag(n) for n in given)}: only with "
+                                 f"{self.flag(self.trigger)}")
+            return None
+        return self.cls(**given, **extra)
+
+
+
+def check_coverage(sections: typing.Iterable[Section], skip: dict[type, tuple[str, ...]]) -> None:
+    """Every field of every dataclass has exactly one flag (or is in ``skip``, e.g. nested
+    configs): no option is unreachable from the command line or set in two places."""
+    seen: dict[type, list[str]] = {}
+    for section in sections:
+        seen.setdefault(section.cls, []).extend(section.fields)
+    for cls, names in seen.items():
+        expected = sorted(f.name for f in dataclasses.fields(cls) if f.name not in skip.get(cls, ()))
+        if sorted(names) != expected:
+            raise TypeError(f"{cls.__name__}: flags {sorted(names)} do not match fields {expected}")
+
+
+def _metavar(name: str, options: dict) -> str | None:
+    if "choices" in options:
+        return None  # argparse shows {a,b,...}
+    return re.sub(r"_(path|dir)$", "", name).upper()
