@@ -90,7 +90,16 @@ def _serve(rank: int, world_size: int, connection) -> None:
         port, out_dir, fn, args = task
         _entry(rank, world_size, port, out_dir, fn, args)
         gc.collect()
-        connection.send("done")
+        connection.send(_thread_count())
+
+
+def _thread_count() -> int:
+    """Threads of this process (Linux; 0 elsewhere): torch's gloo process groups leave some
+    behind after they are destroyed, so a long-lived rank is replaced once it holds many."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 class LocalWorld:
@@ -105,6 +114,8 @@ class LocalWorld:
     def __init__(self, world_size: int):
         context = mp.get_context("spawn")
         self.world_size = world_size
+        self.threads = 0
+        """The most threads a rank held after the last call (see ``_thread_count``)."""
         self._connections, self._processes = [], []
         for rank in range(world_size):
             parent, child = context.Pipe()
@@ -127,16 +138,18 @@ class LocalWorld:
             for connection in self._connections:
                 connection.send((port, out_dir, fn, args))
             deadline = None if timeout is None else time.monotonic() + timeout
+            threads = []
             for rank, connection in enumerate(self._connections):
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     if not connection.poll(left):
                         raise TimeoutError(f"no result within {timeout}s")
-                    connection.recv()
+                    threads.append(connection.recv())
                 except (TimeoutError, EOFError, OSError) as error:
                     self.close(kill=True)
                     raise RuntimeError(f"rank {rank} failed: {error or 'its process died'}; the "
                                        f"world was stopped") from None
+            self.threads = max(threads)
             return _collect(out_dir, self.world_size, lambda rank: "no result file")
 
     def close(self, kill: bool = False) -> None:

@@ -10,10 +10,16 @@ import atexit
 from megatron_simpo import launch
 
 _WORLDS: dict[int, launch.LocalWorld] = {}
+# torch's gloo groups leave threads behind that keep polling; past this many a world is
+# replaced (a fresh start costs seconds; hundreds of polling threads cost more).
+MAX_THREADS = 160
 
 
 def _world(world_size: int) -> launch.LocalWorld:
     world = _WORLDS.get(world_size)
+    if world is not None and world.threads > MAX_THREADS:
+        world.close()
+        world = None
     if world is None or not world.alive:
         world = _WORLDS[world_size] = launch.LocalWorld(world_size)
     return world
