@@ -30,8 +30,10 @@ $(VENV)/.installed: setup.py
 test: setup
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# The demo starts afresh each time: --overwrite replaces the previous demo run's checkpoints
+# and metrics in outputs/demo (the tiny default's assets there stay).
 demo: setup
-	MODEL=tiny PYTHON=$(abspath $(VENV_PY)) bash examples/train_simpo_llama3.sh
+	MODEL=tiny PYTHON=$(abspath $(VENV_PY)) bash examples/train_simpo_llama3.sh --overwrite
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

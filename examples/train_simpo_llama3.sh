@@ -50,7 +50,6 @@ case "$MODEL" in
       --micro-batch-size "${MICRO_BATCH_SIZE:-16}" --global-batch-size "${GLOBAL_BATCH_SIZE:-32}"
       --train-iters "${TRAIN_ITERS:-500}"
       --lr 1e-3 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.05
-      --simpo-beta 2.5 --simpo-gamma-beta-ratio 0.55
       --use-distributed-optimizer
       --eval-interval 100 --log-interval 50
       --save "$OUT" --seed 42
@@ -73,7 +72,6 @@ case "$MODEL" in
       --train-epochs 1
       --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.1
       --weight-decay 0 --clip-grad 1.0
-      --simpo-beta 2.5 --simpo-gamma-beta-ratio 0.55
       --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
       --eval-interval 100 --log-interval 1
       --save "$SAVE" --save-interval 200 --seed 42
@@ -95,6 +93,39 @@ case "$MODEL" in
     exit 2
     ;;
 esac
+
+# Extra arguments replace the defaults above of the same meaning: the same flag, or another
+# spelling of the same setting. (beta 2.5 and gamma = 0.55 x beta are the library's defaults.)
+SAME_MEANING=(
+  "--train-iters --train-epochs"
+  "--simpo-gamma --simpo-gamma-beta-ratio"
+  "--simpo-beta --beta"
+  "--model-config --pretrained-checkpoint"
+  "--valid-data-path --valid-fraction"
+)
+replaced_by_user() {  # is default flag $1 set by the user's arguments (the rest)?
+  local flag=$1 given group
+  shift
+  for given in "$@"; do
+    [[ $given == --* ]] || continue
+    given=${given%%=*}
+    [ "$given" = "$flag" ] && return 0
+    for group in "${SAME_MEANING[@]}"; do
+      [[ " $group " == *" $flag "* && " $group " == *" $given "* ]] && return 0
+    done
+  done
+  return 1
+}
+KEPT=()
+i=0
+while [ $i -lt ${#ARGS[@]} ]; do
+  flag=${ARGS[$i]}
+  width=1
+  if [ $((i + 1)) -lt ${#ARGS[@]} ] && [[ ${ARGS[$((i + 1))]} != --* ]]; then width=2; fi
+  if ! replaced_by_user "$flag" "$@"; then KEPT+=("${ARGS[@]:$i:$width}"); fi
+  i=$((i + width))
+done
+ARGS=("${KEPT[@]}")
 
 # Check the command line once before torchrun starts a process per GPU: a bad flag is then one
 # line and exit code 2, not one message per rank followed by torchrun's failure report.

@@ -31,9 +31,10 @@ SECTIONS = (
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")),
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "valid_fraction", "tokenizer_path", "seq_length",
-        "max_prompt_length"), names={"tokenizer_path": ("--tokenizer",)}),
+        "max_prompt_length", "identical_pairs"), names={"tokenizer_path": ("--tokenizer",)}),
     Section("training", TrainConfig, key="train", fields=(
-        "micro_batch_size", "global_batch_size", "train_iters", "train_epochs", "bf16", "seed")),
+        "micro_batch_size", "global_batch_size", "train_iters", "train_epochs", "bf16", "seed",
+        "max_skipped_steps")),
     Section("optimizer", OptimizerSettings, key="optimizer", fields=(
         "lr", "min_lr", "lr_decay_style", "lr_warmup_fraction", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "use_distributed_optimizer", "overlap_grad_reduce",
@@ -51,18 +52,19 @@ SECTIONS = (
                "gamma_beta_ratio": ("--simpo-gamma-beta-ratio",),
                "length_normalization": ("--no-length-normalization",)}),
     Section("checkpoints and logging", TrainConfig, key="train", fields=(
-        "load", "save", "save_interval", "eval_interval", "log_interval", "tensorboard_dir")),
+        "load", "save", "save_interval", "overwrite", "eval_interval", "log_interval",
+        "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
 )
 _NESTED = ("data", "parallel", "loss", "optimizer", "fp8")
 check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 
-def user_error(message: str) -> NoReturn:
+def user_error(message: str, exit_code: int = 2) -> NoReturn:
     """End the run for a user's mistake: one line on stderr from rank 0 (every rank of a
-    torchrun world sees the same mistake), exit code 2 on every rank."""
+    torchrun world sees the same mistake), ``exit_code`` on every rank."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(exit_code)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,15 +2,17 @@
 
     SAVE/
       latest_checkpointed_iteration.txt     the newest complete iteration, e.g. "100"
-      tokenizer/                            copied from --tokenizer (or the pretrained checkpoint)
       iter_0000100/
         model_config.json                   the architecture: later commands need no model flags
         metadata.json, common.pt, *.distcp  dist checkpoint: model, optimizer, scheduler, state
+        tokenizer/, hf/                     the tokenizer (and original HF config) of these weights
 
 Distributed checkpoints are resharded on load, so a checkpoint saved at one TP/PP loads at
 another. An iteration is written to ``iter_NNNNNNN.partial`` and renamed once every rank has
-finished, and the tracker file is replaced atomically afterwards: an interrupted save never
-leaves a folder that training would take as valid, nor touches an existing checkpoint.
+finished, and the tracker file is replaced atomically afterwards (never to an older iteration):
+an interrupted or failed save never leaves a folder that training would take as valid, nor
+touches an existing checkpoint. Failures are ``CheckpointError``s naming the folder and the
+operating system's reason, or the damaged shard.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ OPTIMIZER_SHARDING_TYPE = "fully_reshardable"
 
 def _optimizer_metadata(sharding_type: str) -> dict:
     return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or written; the message names the folder (and the shard or
+    the operating system's reason)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,95 @@ def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
         raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
                                 f"{folder} is missing or incomplete")
     return folder
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """The complete iterations saved under a save folder, in order."""
+    root = Path(root)
+    found = []
+    for folder in root.glob("iter_*"):
+        number = folder.name.removeprefix("iter_")
+        if number.isdigit() and (folder / "metadata.json").is_file():
+            found.append(int(number))
+    return sorted(found)
+
+
+def read_train_iteration(checkpoint: Path) -> int | None:
+    """The iteration a full checkpoint was saved at (None for weights only)."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
+    return None if saved is None else int(saved["iteration"])
+
+
+def remove_iterations_after(root: str | Path, iteration: int) -> None:
+    """What ``--overwrite`` replaces: the iterations after ``iteration`` (all of a fresh run's,
+    with its tracker and metrics). Rank 0 only."""
+    root = Path(root)
+    for number in saved_iterations(root):
+        if number > iteration:
+            shutil.rmtree(iteration_dir(root, number))
+    for partial in root.glob("iter_*.partial"):
+        shutil.rmtree(partial)
+    if iteration == 0:
+        for name in (TRACKER_FILE, "metrics.jsonl"):
+            (root / name).unlink(missing_ok=True)
+    elif (root / TRACKER_FILE).is_file():
+        _write_tracker(root, iteration)
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    temporary = root / (TRACKER_FILE + ".tmp")
+    temporary.write_text(f"{iteration}\n")
+    os.replace(temporary, root / TRACKER_FILE)
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's reason behind a failed write, found in the exception chain (and
+    in the per-rank failures PyTorch's distributed checkpoint collects), else its first line."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror + (f": {current.filename}" if current.filename else "")
+        pending += [current.__cause__, current.__context__,
+                    getattr(current, "exception", None), getattr(current, "exc", None)]
+        pending += list(getattr(current, "failures", {}).values() or [])
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _damaged_shards(checkpoint: Path) -> list[str]:
+    """Shard files shorter than the checkpoint's index says they are, or missing."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    except BaseException:  # no readable index either: nothing more to say
+        return []
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    damaged = []
+    for name, size in sorted(needed.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            damaged.append(f"{name} (missing)")
+        elif path.stat().st_size < size:
+            damaged.append(f"{name} ({path.stat().st_size} of {size} bytes: truncated)")
+    return damaged
+
+
+def _shard_reason(checkpoint: Path, error: BaseException) -> str:
+    """Which file of a checkpoint failed to load and why, as far as can be told."""
+    damaged = _damaged_shards(checkpoint)
+    if damaged:
+        return f"shard {', '.join(damaged)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}{': ' + lines[-1] if lines else ''}"
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:
@@ -211,28 +307,63 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = dist.get_rank()
+    failure = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+        dist.barrier()
+        dtype = next(model.parameters()).dtype
+        state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
+        dist_checkpointing.save(state, str(partial))
+        if rank == 0:
+            model_config.save(partial / MODEL_CONFIG_FILE)
+            # The assets (tokenizer, original HF config) travel inside the iteration, so they
+            # are published, and replaced, with the weights they belong to.
+            for name, source in (assets or {}).items():
+                if source is not None and Path(source).is_dir():
+                    shutil.copytree(source, partial / name)
+    except BaseException as error:  # any rank: a full disk, a quota, a permission
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        failure = error
+    if not _agree_ok(failure is None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        reason = _os_reason(failure) if failure is not None else "another rank failed to write"
+        raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
+                              f"{_latest_note(root)}") from failure
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    dist.barrier()
-    dtype = next(model.parameters()).dtype
-    state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
-    dist_checkpointing.save(state, str(partial))
-    dist.barrier()
-    if rank == 0:
-        model_config.save(partial / MODEL_CONFIG_FILE)
-        for name, source in (assets or {}).items():
-            if source is not None and Path(source).is_dir() and not (root / name).exists():
-                shutil.copytree(source, root / name)
-        if final.exists():  # re-saving an iteration: the old folder goes only now
+        if final.exists():  # re-saving an iteration (--overwrite): the old folder goes only now
             shutil.rmtree(final)
         os.replace(partial, final)
-        tracker_tmp = root / (TRACKER_FILE + ".tmp")
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, root / TRACKER_FILE)
+        current = _tracked_iteration(root)
+        if current is None or iteration >= current:  # the tracker never moves backwards
+            _write_tracker(root, iteration)
     dist.barrier()
     return final
+
+
+def _agree_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def _tracked_iteration(root: Path) -> int | None:
+    tracker = root / TRACKER_FILE
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    return int(text) if text.isdigit() else None
+
+
+def _latest_note(root: Path) -> str:
+    latest = _tracked_iteration(root)
+    return ("nothing was published" if latest is None
+            else f"iteration {latest} stays the latest checkpoint")
 
 
 def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimizer, scheduler,
@@ -263,9 +394,15 @@ def saved_params_dtype(checkpoint: Path) -> torch.dtype:
 
 
 def checkpoint_assets(checkpoint: Path) -> dict[str, Path]:
-    """Folders saved next to a checkpoint's iterations (tokenizer, original HF config)."""
-    root = checkpoint.parent
-    return {name: root / name for name in ("tokenizer", "hf") if (root / name).is_dir()}
+    """Folders saved with a checkpoint (tokenizer, original HF config): inside the iteration,
+    or next to the iterations in checkpoints written before assets moved inside."""
+    found = {}
+    for name in ("tokenizer", "hf"):
+        for folder in (checkpoint / name, checkpoint.parent / name):
+            if folder.is_dir():
+                found[name] = folder
+                break
+    return found
 
 
 def load_model_state(model, state: dict, checkpoint: Path) -> None:
@@ -308,7 +445,13 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
                            is_loading=True, with_rng=full and same_layout,
                            optimizer_sharding_type=(saved or {}).get("optimizer_sharding_type",
                                                                      OPTIMIZER_SHARDING_TYPE))
-    loaded = dist_checkpointing.load(state, str(checkpoint))
+    try:
+        loaded = dist_checkpointing.load(state, str(checkpoint))
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
+                              f"{_shard_reason(checkpoint, error)}") from error
     load_model_state(model, loaded["model"], checkpoint)
     if not full:
         return None

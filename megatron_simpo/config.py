@@ -70,6 +70,16 @@ class TrainConfig:
     """Print the log line and write metrics every this many iterations."""
     seed: int = 42
     """Seed of the initialisation, the data order and the held-out split."""
+    max_skipped_steps: int = 3
+    """A step whose loss or gradient is NaN/inf is skipped (no update); this many in a row end
+    the run with an error."""
+    overwrite: bool = False
+    """Let a new run (no --load) replace the checkpoints and metrics already in --save."""
+    exit_interval: int | None = None
+    """Save and stop at the first iteration that is a multiple of this."""
+    exit_duration_in_mins: float | None = None
+    """Save and stop at the first step boundary after the run has lasted this long (a
+    scheduler's time limit, less the time a save takes). SIGTERM/SIGINT always do the same."""
     tensorboard_dir: str | None = None
     """Also write the metrics as TensorBoard events here (needs the tensorboard package)."""
 
@@ -81,10 +91,14 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         for flag, value in (("--save-interval", self.save_interval),
                             ("--eval-interval", self.eval_interval),
+                            ("--exit-interval", self.exit_interval),
+                            ("--max-skipped-steps", self.max_skipped_steps),
                             ("--train-iters", self.train_iters),
                             ("--train-epochs", self.train_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ValueError(f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}")
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("give exactly one of --train-iters and --train-epochs")
         if self.recompute_granularity not in (None, *get_args(RecomputeGranularity)):

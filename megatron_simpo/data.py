@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -103,6 +103,10 @@ def collate_pairs(pairs: Sequence[TokenizedPair], seq_length: int, pad_id: int =
 
 # ---- JSONL preference data ------------------------------------------------------------------
 
+class DataError(ValueError):
+    """Bad preference data; the message names the file and line (or the setting) at fault."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the pairs come from and how they are cut to length."""
@@ -120,6 +124,9 @@ class DataConfig:
     right to fit."""
     max_prompt_length: int = 1800
     """Most prompt tokens; longer prompts lose tokens on the left."""
+    identical_pairs: Literal["drop", "refuse"] = "drop"
+    """Pairs whose chosen and rejected responses are the same tokens teach nothing: drop them
+    (counted, with a warning), or refuse the data naming the first one."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -129,6 +136,8 @@ class DataConfig:
                              f"less than --seq-length ({self.seq_length})")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.identical_pairs not in ("drop", "refuse"):
+            raise ValueError(f"--identical-pairs must be drop or refuse, got {self.identical_pairs!r}")
 
 
 def read_preference_rows(path: str | Path) -> list[dict]:
@@ -137,36 +146,52 @@ def read_preference_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at "
+                                 f"column {error.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: a row must be a JSON object")
+                raise DataError(f"{where}: a row must be a JSON object")
             missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
             if missing:
-                raise ValueError(f"{where}: missing column(s) {', '.join(missing)}")
+                raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
             rows.append(dict(prompt=row["prompt"], chosen=row["chosen"],
                              rejected=row["rejected"], source=where))
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows
 
 
-def _messages(value, where: str, column: str) -> list[dict]:
+def _messages(value, where: str, column: str, roles: tuple[str, ...] = ()) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}] if column == "prompt" else \
                [{"role": "assistant", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
                                        for m in value):
+        unknown = sorted({str(m["role"]) for m in value} - set(roles)) if roles else []
+        if unknown:
+            raise DataError(f"{where}: column {column!r} has messages with unknown role(s) "
+                             f"{', '.join(map(repr, unknown))} (known: {', '.join(roles)})")
         return list(value)
-    raise ValueError(f"{where}: column {column!r} must be a string or a list of "
+    raise DataError(f"{where}: column {column!r} must be a string or a list of "
                      f"{{role, content}} messages")
+
+
+def known_roles(tokenizer) -> tuple[str, ...]:
+    """Message roles a prompt may use: system, user, assistant, and tool where the chat
+    template renders tool messages."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return ("system", "user", "assistant") + (("tool",) if "tool" in template else ())
 
 
 def _response_messages(prompt: list[dict], value, where: str, column: str) -> list[dict]:
@@ -175,26 +200,30 @@ def _response_messages(prompt: list[dict], value, where: str, column: str) -> li
     if messages[:len(prompt)] == prompt and len(messages) > len(prompt):
         messages = messages[len(prompt):]
     if not messages or any(m["role"] != "assistant" for m in messages):
-        raise ValueError(f"{where}: column {column!r} must hold assistant message(s) after the prompt")
+        raise DataError(f"{where}: column {column!r} must hold assistant message(s) after the prompt")
     if not any(str(m["content"]).strip() for m in messages):
-        raise ValueError(f"{where}: empty {column} response")
+        raise DataError(f"{where}: empty {column} response")
     return messages
 
 
-def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig) -> list[TokenizedPair]:
+def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
+                  dropped: list[str] | None = None) -> list[TokenizedPair]:
     """Apply the chat template, tokenize, and truncate: prompt from the left, response from the right.
 
     The response tokens are what the template adds after the generation prompt (Llama-3: the
     answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
-    tokenizer's special tokens and the response gets the EOS token appended.
+    tokenizer's special tokens and the response gets the EOS token appended. Pairs whose two
+    responses end up as the same tokens are left out and their rows added to ``dropped`` (or
+    refused, as ``config.identical_pairs`` says).
     """
     has_template = getattr(tokenizer, "chat_template", None) is not None
+    roles = known_roles(tokenizer)
     prompts, fulls = [], []
     for row in rows:
         where = row["source"]
-        prompt = _messages(row["prompt"], where, "prompt")
+        prompt = _messages(row["prompt"], where, "prompt", roles)
         if not any(str(m["content"]).strip() for m in prompt):
-            raise ValueError(f"{where}: empty prompt")
+            raise DataError(f"{where}: empty prompt")
         responses = [_response_messages(prompt, row[c], where, c) for c in ("chosen", "rejected")]
         if has_template:
             prompts.append(prompt)
@@ -220,7 +249,7 @@ def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig) -> list[Token
             full = full_ids[2 * index + offset]
             if has_template:
                 if full[:len(prompt)] != prompt:
-                    raise ValueError(f"{row['source']}: the chat template does not render the "
+                    raise DataError(f"{row['source']}: the chat template does not render the "
                                      f"prompt as a prefix of the conversation; cannot find the "
                                      f"{column} response tokens")
                 full = full[len(prompt):]
@@ -230,7 +259,15 @@ def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig) -> list[Token
         chosen, rejected = (answer[:budget] for answer in answers)
         for column, answer in (("chosen", chosen), ("rejected", rejected)):
             if not answer:
-                raise ValueError(f"{row['source']}: empty {column} response after tokenization")
+                raise DataError(f"{row['source']}: empty {column} response after tokenization")
+        if chosen == rejected:
+            if config.identical_pairs == "refuse":
+                raise DataError(f"{row['source']}: chosen and rejected are the same tokens "
+                                 f"(after truncation to --seq-length {config.seq_length}); "
+                                 "such a pair teaches nothing (--identical-pairs drop skips them)")
+            if dropped is not None:
+                dropped.append(row["source"])
+            continue
         pairs.append(TokenizedPair(kept_prompt, chosen, rejected))
     return pairs
 
@@ -241,12 +278,13 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load tokenizer from {path}: {error}") from error
+        raise DataError(f"cannot load tokenizer from {path}: {error}") from error
 
 
-def load_datasets(config: DataConfig, tokenizer, seed: int
+def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] | None = None
                   ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """(train pairs, validation pairs), tokenized; the held-out split is seeded and disjoint."""
+    """(train pairs, validation pairs), tokenized; the held-out split is seeded and disjoint.
+    Rows left out as identical pairs are added to ``dropped``."""
     train_rows = read_preference_rows(config.train_data_path)
     if config.valid_data_path:
         valid_rows = read_preference_rows(config.valid_data_path)
@@ -257,8 +295,8 @@ def load_datasets(config: DataConfig, tokenizer, seed: int
         train_rows = [train_rows[i] for i in sorted(order[n_valid:].tolist())]
     else:
         valid_rows = []
-    return tokenize_rows(train_rows, tokenizer, config), \
-        (tokenize_rows(valid_rows, tokenizer, config) if valid_rows else [])
+    return tokenize_rows(train_rows, tokenizer, config, dropped), \
+        (tokenize_rows(valid_rows, tokenizer, config, dropped) if valid_rows else [])
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -281,7 +319,7 @@ class PairSampler:
 
     def __init__(self, num_pairs: int, global_batch_size: int, seed: int):
         if num_pairs < global_batch_size:
-            raise ValueError(f"the training set has {num_pairs} pairs, fewer than "
+            raise DataError(f"the training set has {num_pairs} pairs, fewer than "
                              f"--global-batch-size ({global_batch_size})")
         self.num_pairs, self.global_batch_size, self.seed = num_pairs, global_batch_size, seed
         self.batches_per_epoch = num_pairs // global_batch_size

@@ -9,6 +9,7 @@ over all pairs, whatever the split into micro-batches, pipeline stages and data-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_simpo.data import PreferenceBatch
+from megatron_simpo.guards import finite_everywhere, gradient_buffers
 from megatron_simpo.logprobs import (fused_output_logprobs, sequence_logprobs,
                                      vocab_parallel_logprobs)
 from megatron_simpo.model import check_output_mode, output_weight
@@ -30,6 +32,9 @@ class StepResult:
     metrics: dict[str, float]
     grad_norm: float | None
     update_successful: bool
+    """False when the optimizer did not update the weights (a skipped step)."""
+    skipped_non_finite: bool = False
+    """The loss or a gradient was NaN/inf on some rank: every rank skipped the update."""
 
 
 def _unwrap(model):
@@ -196,8 +201,14 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     optimizer.zero_grad()
     per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches, model_chunks,
                                    forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
     metrics = _global_metric_means(per_microbatch, microbatches)
+    # Checked before the optimizer reads the gradients (in bf16/fp32 nothing else would stop a
+    # NaN from reaching the weights); every rank gets the same verdict.
+    if not (math.isfinite(metrics["loss"]) and
+            finite_everywhere(gradient_buffers(model_chunks), microbatches[0].tokens.device)):
+        return StepResult(metrics=metrics, grad_norm=None, update_successful=False,
+                          skipped_non_finite=True)
+    update_successful, grad_norm, _ = optimizer.step()
     return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=update_successful)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,22 @@ from megatron_simpo import checkpointing, runtime
 from megatron_simpo.architecture import ModelConfig
 from megatron_simpo.components import TrainingComponents, build_components
 from megatron_simpo.config import TrainConfig
-from megatron_simpo.data import (PairSampler, PreferenceBatch, TokenizedPair, collate_pairs,
-                                 load_datasets, load_tokenizer, padded_length)
+from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
+                                 collate_pairs, load_datasets, load_tokenizer, padded_length)
 from megatron_simpo.flops import step_flops
+from megatron_simpo.guards import StepHealth, finite_everywhere, json_number, parameters
+from megatron_simpo.lifecycle import StopRequests, die_with_parent
 from megatron_simpo.model import check_transformer_impl
 from megatron_simpo.optimizer import finish_param_sync
 from megatron_simpo.precision import check_fp8_support, padding_multiple
 from megatron_simpo.step import evaluate, train_step
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on for a reason the user must act on (one line, exit code 3)."""
 
 
 @dataclass
@@ -30,6 +40,9 @@ class TrainSummary:
     losses: list[float] = field(default_factory=list)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     iteration: int = 0
+    skipped_steps: int = 0
+    stopped_early: str | None = None
+    """Why the run saved and stopped before its last iteration (a signal, an exit option)."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +68,9 @@ def resolve_model_source(config: TrainConfig) -> ModelSource:
     tokenizer = config.data.tokenizer_path
     if tokenizer is None:
         source = resume or pretrained
-        tokenizer = source.parent / "tokenizer"
-        if not tokenizer.is_dir():
-            raise FileNotFoundError(f"no tokenizer next to {source}; give --tokenizer")
+        tokenizer = checkpointing.checkpoint_assets(source).get("tokenizer")
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer saved with {source}; give --tokenizer")
     if config.data.seq_length > model_config.max_position_embeddings:
         raise ValueError(f"--seq-length ({config.data.seq_length}) exceeds the model's maximum "
                          f"sequence length ({model_config.max_position_embeddings})")
@@ -78,11 +91,16 @@ def _pair_flops(config: ModelConfig, pairs: list[TokenizedPair], indices: list[i
 
 
 class MetricsWriter:
-    """Rank 0 writes metrics.jsonl (and TensorBoard events when asked and installed)."""
+    """Rank 0 writes metrics.jsonl (and TensorBoard events when asked and installed).
 
-    def __init__(self, config: TrainConfig, rank: int, resuming: bool):
+    Every line is strict JSON (a non-finite value is written as null). A resumed run first drops
+    the lines of iterations after the one it resumes from (written after that checkpoint by the
+    interrupted run, and about to be written again), so no iteration appears twice.
+    """
+
+    def __init__(self, config: TrainConfig, rank: int, resume_iteration: int | None):
         self.active = rank == 0
-        self.path = Path(config.save) / "metrics.jsonl" if config.save and self.active else None
+        self.path = Path(config.save) / METRICS_FILE if config.save and self.active else None
         self.tensorboard = None
         if config.tensorboard_dir and self.active:
             try:
@@ -93,30 +111,44 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(config.tensorboard_dir)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not resuming:  # a fresh run starts a fresh file; a resumed one appends
-                self.path.write_text("")
+            kept = []
+            if resume_iteration is not None and self.path.is_file():
+                for line in self.path.read_text().splitlines():
+                    row = json.loads(line)
+                    is_eval = any(name.startswith("eval/") for name in row)
+                    # The resumed run evaluates again at its first iteration.
+                    if row["iteration"] < resume_iteration or (
+                            row["iteration"] == resume_iteration and not is_eval):
+                        kept.append(line + "\n")
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(kept))
+            os.replace(temporary, self.path)
 
     def write(self, iteration: int, values: dict[str, float]) -> None:
         if not self.active:
             return
         if self.path:
+            row = {"iteration": iteration, **{k: json_number(v) for k, v in values.items()}}
             with self.path.open("a") as handle:
-                handle.write(json.dumps({"iteration": iteration, **values}) + "\n")
+                handle.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tensorboard:
             for name, value in values.items():
-                self.tensorboard.add_scalar(name, value, iteration)
+                if value is not None:
+                    self.tensorboard.add_scalar(name, value, iteration)
             self.tensorboard.flush()
 
 
 def _log_line(iteration: int, total: int, consumed: int, lr: float, metrics: dict,
-              grad_norm, elapsed: float, tokens: int, tflops_per_gpu: float) -> str:
+              grad_norm, elapsed: float, tokens: int, tflops_per_gpu: float,
+              skipped: bool = False) -> str:
     norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
     return (f" iteration {iteration:8d}/{total:8d} | consumed samples: {consumed:12d} | "
             f"elapsed time per iteration (ms): {1000 * elapsed:.1f} | "
             f"throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} | learning rate: {lr:.3E} | "
             f"loss: {metrics['loss']:.6E} | reward accuracy: {metrics['rewards/accuracies']:.3f} | "
             f"reward margin: {metrics['rewards/margins']:.4f} | grad norm: {norm} | "
-            f"tokens/s: {tokens / max(elapsed, 1e-9):.0f} |")
+            f"tokens/s: {tokens / max(elapsed, 1e-9):.0f} |" +
+            (" skipped: non-finite loss or gradient |" if skipped else ""))
 
 
 def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
@@ -133,7 +165,31 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     check_transformer_impl(config.transformer_impl)  # then what the machine has
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
+    if config.save:
+        check_save_folder(config, source)
     return source, config.check_world(world_size)
+
+
+def check_save_folder(config: TrainConfig, source: ModelSource) -> None:
+    """Refuse to write over another run: a new run needs an empty --save (or --overwrite),
+    and a resumed one must not find iterations there beyond the one it resumes from."""
+    save = Path(config.save)
+    saved = checkpointing.saved_iterations(save)
+    resumed = checkpointing.read_train_iteration(source.resume_from) if source.resume_from else None
+    if resumed is None:
+        found = [str(save / name) for name in (checkpointing.TRACKER_FILE, METRICS_FILE)
+                 if (save / name).exists()]
+        found += [str(checkpointing.iteration_dir(save, i)) for i in saved]
+        if found and not config.overwrite:
+            raise ValueError(f"--save {save} already holds a run ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}): resume it with --load "
+                             f"{save}, or give --overwrite to replace it")
+        return
+    later = [i for i in saved if i > resumed]
+    if later and not config.overwrite:
+        raise ValueError(f"--save {save} holds iterations after the resumed one ({resumed}): "
+                         f"{', '.join(map(str, later))}; resuming would overwrite them. Save "
+                         "elsewhere, or give --overwrite")
 
 
 @dataclass(frozen=True)
@@ -189,92 +245,156 @@ def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
 def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
     """Train as configured; call on every rank (under torchrun or spawned)."""
     source, num_microbatches = prepared or prepare(config)
-    rank, _, _ = runtime.read_world()
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
-    from megatron.core import parallel_state as ps
-
-    say = print if rank == 0 else (lambda *a, **k: None)
     data = TrainingData.load(config, source)
     total_iters = config.train_iters or config.train_epochs * data.sampler.batches_per_epoch
-    say(f"> {len(data.train_pairs)} training pairs, {len(data.valid_pairs)} validation pairs, "
-        f"{total_iters} iterations of {config.global_batch_size} pairs "
-        f"({num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
-        f"DP={env.data_parallel_size})")
-    parts = build_from_config(config, source, total_iters)
-    state = checkpointing.TrainState(0, 0)
-    if source.resume_from is not None:
-        state = checkpointing.load_checkpoint(source.resume_from, parts.model.module,
-                                              parts.optimizer, parts.scheduler,
-                                              model_config=source.config)
-        say(f"> resumed from {source.resume_from} at iteration {state.iteration}")
-    iteration, consumed = state.iteration, state.consumed_samples
-    dp_rank, dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
+    session = _Session(config, source, env, data, total_iters, num_microbatches)
+    iteration, consumed = session.start()
     cadence = Cadence.of(config, total_iters)
-    writer = MetricsWriter(config, rank, resuming=source.resume_from is not None)
-    summary = TrainSummary(iteration=iteration)
-    vocab = source.config.vocab_size
-    eval_batches = data.eval_microbatches(config, dp_rank, dp_size, env.device)
-    step_options = dict(vocab_size=vocab, reference_model=parts.reference,
-                        logprob_chunk_size=parts.logprob_chunk_size)
+    health = StepHealth(config.max_skipped_steps)
+    with StopRequests(config.exit_duration_in_mins, config.exit_interval) as stop_requests:
+        while iteration < total_iters:
+            start = time.perf_counter()
+            indices = data.sampler.global_batch(consumed)
+            result = session.step(indices)
+            iteration, consumed = iteration + 1, consumed + config.global_batch_size
+            session.record(iteration, consumed, indices, result, time.perf_counter() - start,
+                           log=cadence.log(iteration))
+            stop_run, warning = health.record(iteration, result.skipped_non_finite,
+                                              result.grad_norm)
+            session.say(warning)
+            if stop_run:
+                raise RunFailed(stop_run)
+            if cadence.evaluate(iteration):
+                session.evaluate(iteration)
+            stop = stop_requests.reason(iteration, env.device) if iteration < total_iters else None
+            if cadence.save(iteration) or (stop and config.save):
+                session.save(iteration, consumed)
+            if stop:
+                session.summary.stopped_early = stop
+                session.say(f"> stopped at iteration {iteration}: {stop}")
+                break
+    return session.finish(health)
 
-    def run_eval(at: int) -> None:
-        if not eval_batches:
+
+class _Session:
+    """A run's state and its actions (step, log, evaluate, save), so the loop above reads
+    as the order of events."""
+
+    def __init__(self, config: TrainConfig, source: ModelSource, env, data: "TrainingData",
+                 total_iters: int, num_microbatches: int):
+        from megatron.core import parallel_state as ps
+
+        self.config, self.source, self.env, self.data = config, source, env, data
+        self.total_iters, self.num_microbatches = total_iters, num_microbatches
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
+        self.say(f"> {len(data.train_pairs)} training pairs, {len(data.valid_pairs)} validation "
+                 f"pairs, {total_iters} iterations of {config.global_batch_size} pairs "
+                 f"({num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
+                 f"DP={env.data_parallel_size})")
+        for warning in data.warnings(config, self.dp_size):
+            self.say(warning)
+        self.parts = build_from_config(config, source, total_iters)
+        self.step_options = dict(vocab_size=source.config.vocab_size,
+                                 reference_model=self.parts.reference,
+                                 logprob_chunk_size=self.parts.logprob_chunk_size)
+        self.eval_batches = data.eval_microbatches(config, self.dp_rank, self.dp_size, env.device)
+
+    def say(self, message: str | None) -> None:
+        if message and self.env.rank == 0:
+            print(message, flush=True)
+
+    def start(self) -> tuple[int, int]:
+        """Load the resumed state (or clear what --overwrite replaces); evaluate; returns
+        (iteration, consumed samples)."""
+        state = checkpointing.TrainState(0, 0)
+        if self.source.resume_from is not None:
+            state = checkpointing.load_checkpoint(
+                self.source.resume_from, self.parts.model.module, self.parts.optimizer,
+                self.parts.scheduler, model_config=self.source.config)
+            self.say(f"> resumed from {self.source.resume_from} at iteration {state.iteration}")
+        if self.config.save and self.config.overwrite and self.env.rank == 0:
+            checkpointing.remove_iterations_after(self.config.save, state.iteration)
+        dist.barrier()
+        self.writer = MetricsWriter(self.config, self.env.rank,
+                                    state.iteration if self.source.resume_from else None)
+        self.summary = TrainSummary(iteration=state.iteration)
+        # Whether the optimizer has state to save: not before its first update of a new run.
+        self.updated = self.source.resume_from is not None
+        self.evaluate(state.iteration)
+        return state.iteration, state.consumed_samples
+
+    def step(self, indices: list[int]):
+        microbatches = self.data.train_microbatches(indices, self.config, self.dp_rank,
+                                                    self.dp_size, self.num_microbatches,
+                                                    self.env.device)
+        self.lr = self.parts.optimizer.param_groups[0]["lr"]
+        result = train_step([self.parts.model], self.parts.optimizer, microbatches,
+                            self.config.loss, **self.step_options)
+        if not result.skipped_non_finite:  # a skipped step leaves the schedule where it was
+            self.parts.scheduler.step(increment=1)
+            self.updated = True
+        return result
+
+    def record(self, iteration: int, consumed: int, indices: list[int], result, elapsed: float,
+               *, log: bool) -> None:
+        self.summary.losses.append(result.metrics["loss"])
+        self.summary.iteration = iteration
+        self.summary.skipped_steps += int(result.skipped_non_finite)
+        if not log and not result.skipped_non_finite:
             return
-        metrics = evaluate([parts.model], eval_batches, config.loss, **step_options)
+        pairs = self.data.train_pairs
+        tokens = _pair_tokens(pairs, indices)
+        # Model FLOPs of SimPO's work (DPO's reference pass not counted) per rank.
+        tflops = _pair_flops(self.source.config, pairs, indices) / elapsed / 1e12 / self.env.world_size
+        self.writer.write(iteration, {**result.metrics, "learning_rate": self.lr,
+                                      "grad_norm": result.grad_norm, "consumed_samples": consumed,
+                                      "iteration_time_s": elapsed,
+                                      "tokens_per_second": tokens / elapsed,
+                                      "tflops_per_gpu": tflops,
+                                      "skipped": int(result.skipped_non_finite)})
+        self.say(_log_line(iteration, self.total_iters, consumed, self.lr, result.metrics,
+                           result.grad_norm, elapsed, tokens, tflops, result.skipped_non_finite))
+
+    def evaluate(self, at: int) -> None:
+        if not self.eval_batches:
+            return
+        metrics = evaluate([self.parts.model], self.eval_batches, self.config.loss,
+                           **self.step_options)
         metrics = {f"eval/{name}": value for name, value in metrics.items()}
-        summary.evals.append((at, metrics))
-        writer.write(at, metrics)
-        say(f" validation at iteration {at:8d} | " +
-            " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + " |")
+        self.summary.evals.append((at, metrics))
+        self.writer.write(at, metrics)
+        self.say(f" validation at iteration {at:8d} | " +
+                 " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + " |")
 
-    run_eval(iteration)
-    while iteration < total_iters:
-        start = time.perf_counter()
-        indices = data.sampler.global_batch(consumed)
-        microbatches = data.train_microbatches(indices, config, dp_rank, dp_size,
-                                               num_microbatches, env.device)
-        lr = parts.optimizer.param_groups[0]["lr"]
-        result = train_step([parts.model], parts.optimizer, microbatches, config.loss,
-                            **step_options)
-        parts.scheduler.step(increment=1)
-        iteration, consumed = iteration + 1, consumed + config.global_batch_size
-        elapsed = time.perf_counter() - start
-        summary.losses.append(result.metrics["loss"])
-        summary.iteration = iteration
-        if cadence.log(iteration):
-            tokens = _pair_tokens(data.train_pairs, indices)
-            # Model FLOPs of SimPO's work (DPO's reference pass not counted) per rank.
-            tflops = (_pair_flops(source.config, data.train_pairs, indices)
-                      / elapsed / 1e12 / env.world_size)
-            writer.write(iteration, {**result.metrics, "learning_rate": lr,
-                                     "grad_norm": result.grad_norm, "consumed_samples": consumed,
-                                     "iteration_time_s": elapsed,
-                                     "tokens_per_second": tokens / elapsed,
-                                     "tflops_per_gpu": tflops})
-            say(_log_line(iteration, total_iters, consumed, lr, result.metrics, result.grad_norm,
-                          elapsed, tokens, tflops))
-        if cadence.evaluate(iteration):
-            run_eval(iteration)
-        if cadence.save(iteration):
-            _save(config, checkpointing.TrainState(iteration, consumed), parts, source)
-    if len(summary.evals) > 1:
-        (first_at, first), (last_at, last) = summary.evals[0], summary.evals[-1]
-        key = "eval/rewards/accuracies"
-        say(f"> held-out reward accuracy: {first[key]:.3f} at iteration {first_at} -> "
-            f"{last[key]:.3f} at iteration {last_at}")
-    return summary
+    def save(self, iteration: int, consumed: int) -> None:
+        parts, source = self.parts, self.source
+        if not self.updated:  # every step so far was skipped: the start point is all there is
+            self.say(f"> no checkpoint at iteration {iteration}: no step has updated the "
+                     "weights yet")
+            return
+        finish_param_sync([parts.model])
+        if not finite_everywhere(parameters([parts.model]), self.env.device):
+            raise RunFailed(f"refusing to save iteration {iteration}: the weights hold NaN/inf "
+                            f"values; the last checkpoint in {self.config.save} stays the latest")
+        source_dir = source.weights_from or source.resume_from
+        source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
+        path = checkpointing.save_checkpoint(
+            self.config.save, checkpointing.TrainState(iteration, consumed), parts.model.module,
+            parts.optimizer, parts.scheduler, source.config,
+            assets={**source_assets, "tokenizer": source.tokenizer_path})
+        self.say(f"> saved checkpoint {path}")
 
-
-def _save(config: TrainConfig, state: checkpointing.TrainState, parts: TrainingComponents,
-          source: ModelSource) -> None:
-    finish_param_sync([parts.model])
-    source_dir = source.weights_from or source.resume_from
-    source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
-    path = checkpointing.save_checkpoint(
-        config.save, state, parts.model.module, parts.optimizer, parts.scheduler, source.config,
-        assets={**source_assets, "tokenizer": source.tokenizer_path})
-    if dist.get_rank() == 0:
-        print(f"> saved checkpoint {path}")
+    def finish(self, health: StepHealth) -> TrainSummary:
+        evals = self.summary.evals
+        if len(evals) > 1:
+            (first_at, first), (last_at, last) = evals[0], evals[-1]
+            key = "eval/rewards/accuracies"
+            self.say(f"> held-out reward accuracy: {first[key]:.3f} at iteration {first_at} -> "
+                     f"{last[key]:.3f} at iteration {last_at}")
+        if health.skipped_total:
+            self.say(f"> {health.skipped_total} step(s) skipped for non-finite values")
+        return self.summary
 
 
 @dataclass
@@ -286,6 +406,8 @@ class TrainingData:
     pad_id: int
     sampler: PairSampler
     padding_multiple: int
+    dropped: list[str] = field(default_factory=list)
+    """Rows left out because their two responses are the same tokens (file:line)."""
 
     @classmethod
     def load(cls, config: TrainConfig, source: ModelSource) -> "TrainingData":
@@ -293,11 +415,30 @@ class TrainingData:
         if len(tokenizer) > source.config.vocab_size:
             raise ValueError(f"tokenizer {source.tokenizer_path} has {len(tokenizer)} tokens, "
                              f"more than the model's vocabulary ({source.config.vocab_size})")
-        train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed)
+        dropped: list[str] = []
+        train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed, dropped)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(train_pairs, valid_pairs, pad_id,
                    PairSampler(len(train_pairs), config.global_batch_size, config.seed),
-                   padding_multiple(config.sequence_alignment))
+                   padding_multiple(config.sequence_alignment), dropped)
+
+    def warnings(self, config: TrainConfig, dp_size: int) -> list[str]:
+        """What the user should know about the data before training starts."""
+        found = []
+        if self.dropped:
+            found.append(f"warning: {len(self.dropped)} pair(s) dropped: chosen and rejected are "
+                         f"the same tokens (first: {', '.join(self.dropped[:3])}); "
+                         "--identical-pairs refuse stops on them instead")
+        per_step = config.micro_batch_size * dp_size
+        if self.valid_pairs and len(self.valid_pairs) < per_step:
+            found.append(f"warning: the validation set has {len(self.valid_pairs)} pair(s), fewer "
+                         f"than one micro-batch per data-parallel rank ({per_step}): no "
+                         "evaluation")
+        elif self.valid_pairs and len(self.valid_pairs) % per_step:
+            found.append(f"warning: {len(self.valid_pairs) % per_step} of "
+                         f"{len(self.valid_pairs)} validation pairs are left out of evaluation "
+                         f"(it uses whole micro-batches of {per_step} across the ranks)")
+        return found
 
     def _collate(self, pairs: list[TokenizedPair], indices: list[int], length: int,
                  device) -> PreferenceBatch:
@@ -326,8 +467,9 @@ class TrainingData:
 
 
 def main(argv=None) -> None:
-    """CLI entry point: a user's mistake (flags, data, checkpoints) ends in one
-    ``train_simpo: error: ...`` line from rank 0 and exit code 2."""
+    """CLI entry point. A user's mistake (flags, data, checkpoints, disk) ends in one
+    ``train_simpo: error: ...`` line from rank 0 and exit code 2; a run that cannot go on
+    (non-finite steps, unsavable weights) in one such line and exit code 3."""
     from megatron_simpo.arguments import parse_args, user_error
 
     config = parse_args(argv)
@@ -335,8 +477,14 @@ def main(argv=None) -> None:
         prepared = prepare(config)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         user_error(str(error))
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
+        die_with_parent()
     try:
         run(config, prepared)
+    except RunFailed as error:
+        user_error(str(error), exit_code=3)
+    except (checkpointing.CheckpointError, DataError) as error:
+        user_error(str(error))
     finally:
         runtime.shutdown()
 

@@ -10,9 +10,9 @@ import atexit
 from megatron_simpo import launch
 
 _WORLDS: dict[int, launch.LocalWorld] = {}
-# torch's gloo groups leave threads behind that keep polling; past this many a world is
-# replaced (a fresh start costs seconds; hundreds of polling threads cost more).
-MAX_THREADS = 160
+# torch's gloo groups of a training run (about 50 threads) outlive it and keep polling (about
+# 0.05% of a core each); past this many a world is replaced (a fresh start costs seconds).
+MAX_THREADS = 300
 
 
 def _world(world_size: int) -> launch.LocalWorld:
@@ -26,9 +26,11 @@ def _world(world_size: int) -> launch.LocalWorld:
 
 
 @atexit.register
-def _close_worlds() -> None:
+def close_worlds() -> None:
+    """Stop every reused world (at exit, and after each test module: tests/conftest.py)."""
     for world in _WORLDS.values():
         world.close()
+    _WORLDS.clear()
 
 
 def run_on_ranks(world_size: int, fn, *args, timeout: float = 600.0) -> list:

@@ -283,3 +283,39 @@ def test_checkpoint_keys_are_the_transformer_engine_spec_names(hf_models, tmp_pa
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
     assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
     assert not any("input_layernorm" in key or "pre_mlp_layernorm" in key for key in keys)
+
+
+def _save_with_nan(rank, save, hf_dir):
+    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.model import build_model
+    from megatron_simpo.parallel import ParallelConfig
+
+    config = ModelConfig.from_hf_config(hf_dir)
+    runtime.initialize(ParallelConfig(), seed=0)
+    model = build_model(config, ParallelConfig())
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")
+    checkpointing.save_model_only(save, 0, model, config)
+
+
+def test_export_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path):
+    run_on_ranks(1, _save_with_nan, str(tmp_path / "mg"), str(hf_models["llama3"][1]))
+    with pytest.raises(SystemExit) as info:
+        megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf")])
+    assert "tensor decoder.layers.1.mlp.linear_fc2.weight holds NaN/inf values" in str(info.value.code)
+    assert not (tmp_path / "hf").exists()
+    megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf"),
+                         "--allow-non-finite"])
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_a_truncated_shard_is_named(converted_llama3, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(converted_llama3, damaged)
+    [shard, *_] = sorted((damaged / "iter_0000000").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(SystemExit) as info:
+        megatron_to_hf_main(["--load", str(damaged), "--save", str(tmp_path / "hf")])
+    message = str(info.value.code)
+    assert f"cannot read checkpoint {damaged / 'iter_0000000'}: shard {shard.name}" in message

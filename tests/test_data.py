@@ -105,3 +105,34 @@ def test_held_out_split_is_disjoint_and_seeded(tokenizer, tmp_path):
     assert len(train) == 30 and len(valid) == 10
     assert not {tuple(p.prompt) for p in train} & {tuple(p.prompt) for p in valid}
     assert load_datasets(config, tokenizer, seed=1)[1] == valid
+
+
+def test_non_utf8_bytes_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                     b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_preference_rows(path)
+
+
+def test_prompt_messages_need_known_roles(tokenizer, tmp_path):
+    row = {"prompt": [{"role": "robot", "content": "beep"}], "chosen": "a", "rejected": "b"}
+    with pytest.raises(ValueError, match=r"d.jsonl:1: column 'prompt' has messages with unknown "
+                                         r"role\(s\) 'robot' \(known: system, user, assistant\)"):
+        _tokenize(tokenizer, tmp_path, [row])
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert _tokenize(tokenizer, tmp_path, [{"prompt": system, "chosen": "a", "rejected": "b"}])
+
+
+def test_identical_pairs_are_dropped_or_refused(tokenizer, tmp_path):
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "chosen": "ab", "rejected": "cd"},
+            # Identical only after truncation to the sequence length.
+            {"prompt": "r", "chosen": "x" * 80 + "1", "rejected": "x" * 80 + "2"}]
+    path = _write(tmp_path / "d.jsonl", rows)
+    dropped = []
+    pairs = tokenize_rows(read_preference_rows(path), tokenizer, _config(path), dropped)
+    assert len(pairs) == 1 and dropped == [f"{path}:1", f"{path}:3"]
+    with pytest.raises(ValueError, match=rf"{path}:1: chosen and rejected are the same tokens"):
+        tokenize_rows(read_preference_rows(path), tokenizer,
+                      _config(path, identical_pairs="refuse"))

@@ -131,7 +131,7 @@ def test_launcher_run_raises_held_out_accuracy(tmp_path):
     assert "held-out reward accuracy" in completed.stdout
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
     assert (out / "iter_0000400" / "model_config.json").is_file()
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "iter_0000400" / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_launcher_reports_a_bad_flag_once(tiny, tmp_path):
@@ -220,3 +220,257 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
                                                      bf16=True, transformer_impl="transformer_engine"))
         assert "--transformer-impl transformer_engine needs Transformer Engine, which is not installed" in err
     assert not dist.is_initialized()
+
+
+# ---- runs that survive -------------------------------------------------------------------------
+
+def _refuse_constant(name):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
+def _metrics(save: Path) -> list[dict]:
+    return [json.loads(line, parse_constant=_refuse_constant)
+            for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def _main_in_rank(rank, argv):
+    """``train.main`` as a user runs it: (exit code, stdout, stderr) of this rank."""
+    import contextlib
+    import io
+
+    from megatron_simpo.train import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("train_simpo:")]
+
+
+def test_non_finite_training_stops_and_writes_no_checkpoint(tiny, tmp_path):
+    save = tmp_path / "run"
+    results = run_on_ranks(2, _main_in_rank, _argv(tiny, train_iters=8, simpo_beta=3e38,
+                                                    save=save, save_interval=1))
+    assert [code for code, _, _ in results] == [3, 3]
+    [line] = _error_lines(results[0][2])
+    assert line.startswith("train_simpo: error: 3 steps in a row (up to iteration 3) had a "
+                           "non-finite loss or gradient and were skipped (--max-skipped-steps 3)")
+    assert _error_lines(results[1][2]) == []
+    assert not (save / "latest_checkpointed_iteration.txt").exists()
+    assert not list(save.glob("iter_*"))
+    steps = [row for row in _metrics(save) if "skipped" in row]
+    assert [row["iteration"] for row in steps] == [1, 2, 3]
+    assert all(row["skipped"] == 1 and row["grad_norm"] is None for row in steps)
+
+
+def test_a_collapsed_model_is_reported(tiny, tmp_path):
+    code, out, _ = run_on_ranks(1, _main_in_rank, _argv(tiny, train_iters=8, lr=1e6,
+                                                        lr_warmup_fraction=0))[0]
+    assert code == 0
+    assert "warning: the gradient norm has been exactly 0 for 3 steps" in out
+
+
+def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    from megatron_simpo.arguments import parse_args
+    from megatron_simpo.train import prepare
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    other = tmp_path / "other"
+    (other / "iter_0000020").mkdir(parents=True)
+    (other / "iter_0000020" / "metadata.json").write_text("{}")
+    (other / "latest_checkpointed_iteration.txt").write_text("20\n")
+    (other / "metrics.jsonl").write_text("")
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=2, save=other))
+    assert f"--save {other} already holds a run" in err
+    assert f"resume it with --load {other}, or give --overwrite to replace it" in err
+    prepare(parse_args(_argv(tiny, train_iters=2, save=other, overwrite=True)))  # accepted
+    # A resumed run must not find later iterations in its --save: here it resumes from 1.
+    run = tmp_path / "run"
+    run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=run, save_interval=1))
+    (run / "latest_checkpointed_iteration.txt").write_text("1\n")
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=3, load=run, save=run))
+    assert f"--save {run} holds iterations after the resumed one (1): 2" in err
+    losses, _ = run_on_ranks(1, _train, _argv(tiny, train_iters=3, load=run, save=run,
+                                              overwrite=True))[0]
+    assert len(losses) == 2
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert [row["iteration"] for row in _metrics(run) if "loss" in row] == [1, 2, 3]
+
+
+def _launch(env_overrides: dict, *args, **popen) -> subprocess.Popen:
+    env = dict(os.environ, MODEL="tiny", PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
+    env.update(env_overrides)
+    return subprocess.Popen(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh"),
+                             *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_assets(tmp_path_factory):
+    from megatron_simpo.tiny import write_default
+
+    root = tmp_path_factory.mktemp("assets")
+    write_default(root, train_pairs=2048, valid_pairs=64, seed=11)
+    return root
+
+
+def _demo_folder(tmp_path: Path, assets: Path, name: str) -> Path:
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(assets, out / "assets")
+    return out
+
+
+def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo_assets, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    flags = ["--train-iters", 30, "--log-interval", 1, "--eval-interval", 1000,
+             "--save-interval", 1000]
+    straight_dir = _demo_folder(tmp_path, demo_assets, "straight")
+    straight = _launch({"SAVE": str(straight_dir)}, *flags)
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-3000:]
+    run_dir = _demo_folder(tmp_path, demo_assets, "run")
+    launcher = _launch({"SAVE": str(run_dir)}, *flags)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for a few steps, then preempt one rank
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "megatron_simpo.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < 30 and f"> stopped at iteration {stopped}: a stop signal" in out
+    resumed = _launch({"SAVE": str(run_dir)}, *flags, "--load", run_dir)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    rows = [row for row in _metrics(run_dir) if "loss" in row]
+    assert [row["iteration"] for row in rows] == list(range(1, 31))  # none twice, none lost
+    expected = [row["loss"] for row in _metrics(straight_dir) if "loss" in row]
+    assert [row["loss"] for row in rows] == expected
+
+
+def test_launcher_extra_arguments_replace_its_defaults(demo_assets, tmp_path, tiny):
+    # The README's own example: a run length given on the command line replaces the
+    # launcher's (--train-epochs for the 8B recipe, --train-iters for the tiny model).
+    out_dir = _demo_folder(tmp_path, demo_assets, "a")
+    completed = _launch({"SAVE": str(out_dir)}, "--train-iters", 2, "--eval-interval", 1000)
+    out, err = completed.communicate(timeout=600)
+    assert completed.returncode == 0, err[-3000:]
+    assert (out_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    # The 8B recipe on the tiny model: every recipe default of another meaning is replaced.
+    recipe_dir = tmp_path / "recipe"
+    completed = _launch({"MODEL": "llama3-8b-instruct", "CHECKPOINT": str(out_dir),
+                         "DATA": str(demo_assets / "train.jsonl"), "SAVE": str(recipe_dir),
+                         "GPUS_PER_NODE": "2", "TRANSFORMER_IMPL": "local", "TP": "1"},
+                        "--train-iters", 2, "--seq-length", 64, "--max-prompt-length", 48,
+                        "--global-batch-size", 4, "--valid-data-path", demo_assets / "valid.jsonl",
+                        "--tokenizer", demo_assets / "tokenizer")
+    out, err = completed.communicate(timeout=600)
+    assert completed.returncode == 0, err[-3000:]
+    assert "2 iterations of 4 pairs" in out
+    # DPO from the tiny model's checkpoint, with the margin and run length of one's choice.
+    dpo_dir = _demo_folder(tmp_path, demo_assets, "dpo")
+    completed = _launch({"SAVE": str(dpo_dir)}, "--algorithm", "dpo", "--beta", 0.1,
+                        "--pretrained-checkpoint", out_dir, "--train-epochs", 1,
+                        "--global-batch-size", 1024, "--micro-batch-size", 16)
+    out, err = completed.communicate(timeout=600)
+    assert completed.returncode == 0, err[-3000:]
+    first_eval = next(row for row in _metrics(dpo_dir) if "eval/loss" in row)
+    assert abs(first_eval["eval/loss"] - 0.6931471805599453) <= 1e-6  # policy == reference
+
+
+def _train_until_the_disk_is_full(rank, argv):
+    """Saves fail with ENOSPC from iteration 2 on (on every rank, as on a full shared disk)."""
+    import errno
+
+    from megatron.core import dist_checkpointing
+
+    real_save, calls = dist_checkpointing.save, []
+
+    def save(state, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save(state, path, *args, **kwargs)
+
+    dist_checkpointing.save = save
+    try:
+        return _main_in_rank(rank, argv)
+    finally:
+        dist_checkpointing.save = real_save
+
+
+def test_a_failed_save_names_the_folder_and_reason_and_keeps_the_last_checkpoint(tiny, tmp_path):
+    save = tmp_path / "run"
+    results = run_on_ranks(2, _train_until_the_disk_is_full,
+                           _argv(tiny, train_iters=4, save=save, save_interval=1))
+    assert [code for code, _, _ in results] == [2, 2]
+    [line] = _error_lines(results[0][2])
+    assert line == (f"train_simpo: error: cannot save iteration 2 to {save}: No space left on "
+                    f"device: {save / 'iter_0000002.partial'}; iteration 1 stays the latest "
+                    "checkpoint")
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000001"]
+
+
+def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = _demo_folder(tmp_path, demo_assets, "run")
+    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, "--log-interval", 1,
+                       "--eval-interval", 100000, "--save-interval", 100000)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "megatron_simpo.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    launcher.send_signal(signal.SIGKILL)  # the torchrun agent (exec'd by the launcher script)
+    launcher.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, "ranks outlived their launcher"
+    stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= stopped < 2000
+
+
+def test_exit_interval_saves_and_stops_and_a_tiny_validation_set_is_reported(tiny, tmp_path):
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("".join(Path(tiny["valid"]).read_text().splitlines(keepends=True)[:3]))
+    save = tmp_path / "run"
+    argv = _argv(tiny, train_iters=8, save=save, exit_interval=3) + ["--valid-data-path", valid]
+    [(code, out, _), _] = run_on_ranks(2, _main_in_rank, argv)
+    assert code == 0
+    assert "> stopped at iteration 3: --exit-interval reached" in out
+    assert "warning: the validation set has 3 pair(s), fewer than one micro-batch per " \
+           "data-parallel rank (4): no evaluation" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ _DTYPE_FLAGS = {name: flag for flag, name in DTYPES.items()}
 def _refuse_non_empty(path: Path, force: bool, flag: str = "--save") -> None:
     if path.exists() and any(path.iterdir()) and not force:
         raise SystemExit(f"error: {flag} {path} exists and is not empty (use --force to replace)")
+
+
+def _rank_message(error: RuntimeError) -> str:
+    """The failing rank's own message (a missing tensor, a bad shape, a damaged shard): the
+    last line of its traceback, without the exception's class name."""
+    last = str(error).strip().splitlines()[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
 def _cpu_only() -> None:
@@ -83,14 +91,13 @@ def hf_to_megatron_main(argv=None) -> None:
                                   parallel.tensor_model_parallel_size,
                                   parallel.pipeline_model_parallel_size, DTYPES[dtype])
     except RuntimeError as error:
-        # Show the failing rank's own message (a missing tensor, a bad shape) last.
-        last = str(error).strip().splitlines()[-1]
+        last = _rank_message(error)
         raise SystemExit(f"error: conversion failed, nothing was published: {last}")
     print(f"saved {path} (TP={parallel.tensor_model_parallel_size}, "
           f"PP={parallel.pipeline_model_parallel_size}, {dtype}: {why})")
 
 
-def _export_worker(rank, load, save, iteration, dtype_name, max_shard_size):
+def _export_worker(rank, load, save, iteration, dtype_name, max_shard_size, allow_non_finite):
     import torch
 
     from megatron_simpo import runtime
@@ -99,7 +106,8 @@ def _export_worker(rank, load, save, iteration, dtype_name, max_shard_size):
 
     runtime.initialize(ParallelConfig(), seed=0)
     dtype = getattr(torch, dtype_name) if dtype_name else None
-    path = export_rank0(load, save, iteration=iteration, dtype=dtype, max_shard_size=max_shard_size)
+    path = export_rank0(load, save, iteration=iteration, dtype=dtype, max_shard_size=max_shard_size,
+                        allow_non_finite=allow_non_finite)
     from megatron_simpo.architecture import hf_config_dtype
 
     written = hf_config_dtype(json.loads((path / "config.json").read_text()))
@@ -117,6 +125,8 @@ def megatron_to_hf_main(argv=None) -> None:
                         help="default: the checkpoint's own (as saved)")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --save folder")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="export even tensors that hold NaN/inf (refused by default)")
     args = parser.parse_args(argv)
     _cpu_only()
     from megatron_simpo import checkpointing
@@ -131,10 +141,9 @@ def megatron_to_hf_main(argv=None) -> None:
     try:
         [(path, saved_dtype)] = run_on_ranks(1, _export_worker, args.load, args.save,
                                              args.iteration, DTYPES.get(args.dtype),
-                                             args.max_shard_size)
+                                             args.max_shard_size, args.allow_non_finite)
     except RuntimeError as error:
-        last = str(error).strip().splitlines()[-1]
-        raise SystemExit(f"error: export failed: {last}")
+        raise SystemExit(f"error: export failed: {_rank_message(error)}")
     dtype = _DTYPE_FLAGS[saved_dtype]
     print(f"saved {path} ({dtype}: {'--dtype' if args.dtype else 'as saved in the checkpoint'})")
 

@@ -7,6 +7,7 @@ rank, the HF tensors of the one Megatron tensor being built.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -60,7 +61,11 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
                 bar.update(1)
     if bar:
         bar.close()
-    if dist.get_rank() == 0:  # metadata first: without the tracker it is not a checkpoint yet
-        copy_metadata(hf_path, save)
-    dist.barrier()
-    return save_model_only(save, 0, model, config)
+    with tempfile.TemporaryDirectory() as staging:
+        # The tokenizer and the original config.json are published inside the iteration, with
+        # the weights (rank 0 writes them).
+        assets = None
+        if dist.get_rank() == 0:
+            tokenizer_dir, hf_dir = copy_metadata(hf_path, staging)
+            assets = {"tokenizer": tokenizer_dir, "hf": hf_dir}
+        return save_model_only(save, 0, model, config, assets=assets)

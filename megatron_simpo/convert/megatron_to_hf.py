@@ -25,8 +25,13 @@ from megatron_simpo.parallel import ParallelConfig
 
 
 def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None = None,
-                 dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> Path:
-    """Export; ``runtime.initialize(ParallelConfig())`` must have run (a world of one)."""
+                 dtype: torch.dtype | None = None, max_shard_size: str = "5GB",
+                 allow_non_finite: bool = False) -> Path:
+    """Export; ``runtime.initialize(ParallelConfig())`` must have run (a world of one).
+
+    A tensor holding NaN/inf (a diverged run) is refused, naming it, unless
+    ``allow_non_finite``; nothing is published then.
+    """
     load = Path(load)
     if iteration is not None:
         checkpoint = checkpointing.iteration_dir(load, iteration)
@@ -49,8 +54,13 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None = 
 
     def hf_tensors():
         for name in names:  # each Megatron tensor is released once its HF tensors are copied
-            for hf_name, tensor in hf_tensors_from(name, megatron_state.pop(name), config).items():
-                yield hf_name, tensor.to(out_dtype)
+            tensor = megatron_state.pop(name)
+            if not allow_non_finite and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{checkpoint}: tensor {name} holds NaN/inf values (a diverged "
+                                 "run?); refusing to export it (--allow-non-finite to export "
+                                 "anyway)")
+            for hf_name, hf_tensor in hf_tensors_from(name, tensor, config).items():
+                yield hf_name, hf_tensor.to(out_dtype)
 
     save = Path(save)
     staging = save.with_name(save.name + ".partial")
