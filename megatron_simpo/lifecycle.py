@@ -4,8 +4,8 @@ an iteration interval, and ranks that do not outlive their launcher.
 A signal reaches one rank, or all of them at slightly different moments. Each rank only notes
 it; at the next step boundary the ranks agree (one all-reduce of a small flag over the world)
 and all of them save a checkpoint, flush their metrics and exit 0 together. A second signal of
-the same kind ends the process at once, as it would without this module.
-"""
+the same kind, more than 2 s after the first, ends the process at once, as it would without this
+module (repeats within 2 s are one event: a dying parent signals once per thread).
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_REPEAT_WINDOW_S = 2.0
 # Reasons by priority: the largest code any rank reports wins (all-reduce MAX).
 _REASONS = {1: "--exit-interval reached", 2: "--exit-duration-in-mins reached",
             3: "a stop signal (SIGTERM/SIGINT) arrived"}
@@ -37,6 +38,7 @@ class StopRequests:
         self.exit_duration_in_mins = exit_duration_in_mins
         self.exit_interval = exit_interval
         self.received: int | None = None
+        self._received_at = 0.0
         self._started = time.monotonic()
         self._previous: dict[int, object] = {}
 
@@ -54,13 +56,18 @@ class StopRequests:
         self._previous.clear()
 
     def _note(self, number: int, frame) -> None:
-        if self.received == number:  # the second time: behave as if we had not been asked
+        now = time.monotonic()
+        if self.received == number:
+            # One event can deliver several: a parent-death signal arrives once per thread of a
+            # dying multi-threaded parent. A repeat within a moment is that, not a second ask.
+            if now - self._received_at < _REPEAT_WINDOW_S:
+                return
             signal.signal(number, self._previous.get(number, signal.SIG_DFL))
             if number == signal.SIGINT:
                 raise KeyboardInterrupt
-            os.kill(os.getpid(), number)
+            os.kill(os.getpid(), number)  # asked twice: end now, as without this handler
             return
-        self.received = number
+        self.received, self._received_at = number, now
         print(f"> rank {os.environ.get('RANK', '0')}: received {signal.Signals(number).name}; "
               "saving and stopping at the next step boundary", file=sys.stderr, flush=True)
 
