@@ -6,6 +6,7 @@ it; at the next step boundary the ranks agree (one all-reduce of a small flag ov
 and all of them save a checkpoint, flush their metrics and exit 0 together. A second signal of
 the same kind, more than 2 s after the first, ends the process at once, as it would without this
 module (repeats within 2 s are one event: a dying parent signals once per thread).
+"""
 
 from __future__ import annotations
 
