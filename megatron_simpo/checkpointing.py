@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.runtime import max_over_world
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -97,7 +98,7 @@ def read_train_iteration(checkpoint: Path) -> int | None:
 
 def remove_iterations_after(root: str | Path, iteration: int) -> None:
     """What ``--overwrite`` replaces: the iterations after ``iteration`` (all of a fresh run's,
-    with its tracker and metrics). Rank 0 only."""
+    with its tracker; the metrics file is the loop's to trim). Rank 0 only."""
     root = Path(root)
     for number in saved_iterations(root):
         if number > iteration:
@@ -105,8 +106,7 @@ def remove_iterations_after(root: str | Path, iteration: int) -> None:
     for partial in root.glob("iter_*.partial"):
         shutil.rmtree(partial)
     if iteration == 0:
-        for name in (TRACKER_FILE, "metrics.jsonl"):
-            (root / name).unlink(missing_ok=True)
+        (root / TRACKER_FILE).unlink(missing_ok=True)
     elif (root / TRACKER_FILE).is_file():
         _write_tracker(root, iteration)
 
@@ -328,7 +328,7 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         failure = error
-    if not _agree_ok(failure is None):
+    if max_over_world(0 if failure is None else 1):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         reason = _os_reason(failure) if failure is not None else "another rank failed to write"
@@ -343,15 +343,6 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
             _write_tracker(root, iteration)
     dist.barrier()
     return final
-
-
-def _agree_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
 
 
 def _tracked_iteration(root: Path) -> int | None:

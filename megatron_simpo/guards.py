@@ -14,25 +14,22 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
+
+from megatron_simpo.runtime import max_over_world
 
 
-def finite_everywhere(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> bool:
+def finite_everywhere(tensors: Iterable[torch.Tensor]) -> bool:
     """True on every rank iff every given tensor on every rank is finite."""
-    bad = 0.0
+    bad = 0
     for tensor in tensors:
         # A NaN or inf anywhere makes the fp32 sum non-finite; the sum needs no tensor-sized
         # temporary (a gradient buffer is the size of the model). It could overflow only for
         # gradients summing past 3e38, which are no use either.
         if tensor is not None and tensor.numel() and \
                 not bool(torch.isfinite(torch.sum(tensor, dtype=torch.float32))):
-            bad = 1.0
+            bad = 1
             break
-    if not dist.is_initialized():
-        return bad == 0.0
-    flag = torch.tensor([bad], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return max_over_world(bad) == 0
 
 
 def gradient_buffers(model_chunks: list) -> list[torch.Tensor]:

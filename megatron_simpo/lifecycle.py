@@ -16,8 +16,7 @@ import signal
 import sys
 import time
 
-import torch
-import torch.distributed as dist
+from megatron_simpo.runtime import max_over_world
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _REPEAT_WINDOW_S = 2.0
@@ -72,7 +71,7 @@ class StopRequests:
         print(f"> rank {os.environ.get('RANK', '0')}: received {signal.Signals(number).name}; "
               "saving and stopping at the next step boundary", file=sys.stderr, flush=True)
 
-    def reason(self, iteration: int, device: torch.device) -> str | None:
+    def reason(self, iteration: int) -> str | None:
         """Agreed on by every rank (a collective: call on all ranks at the same boundary)."""
         code = 0
         if self.exit_interval and iteration % self.exit_interval == 0:
@@ -82,11 +81,7 @@ class StopRequests:
             code = 2
         if self.received is not None:
             code = 3
-        if dist.is_initialized():
-            flag = torch.tensor([code], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            code = int(flag.item())
-        return _REASONS.get(code)
+        return _REASONS.get(max_over_world(code))
 
 
 def die_with_parent(number: int = signal.SIGTERM) -> None:

@@ -69,6 +69,18 @@ def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -
                           data_parallel_size=parallel.data_parallel_size(world_size))
 
 
+def max_over_world(value: int) -> int:
+    """The largest ``value`` any rank holds: one all-reduce of a scalar over the whole world
+    (``value`` itself without a process group). Every rank must call it at the same point;
+    it is how the ranks agree on a verdict (skip a step, stop, a failed save)."""
+    if not dist.is_initialized():
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and, where present, CUDA) generators."""
     random.seed(seed)

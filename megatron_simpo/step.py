@@ -205,7 +205,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     # Checked before the optimizer reads the gradients (in bf16/fp32 nothing else would stop a
     # NaN from reaching the weights); every rank gets the same verdict.
     if not (math.isfinite(metrics["loss"]) and
-            finite_everywhere(gradient_buffers(model_chunks), microbatches[0].tokens.device)):
+            finite_everywhere(gradient_buffers(model_chunks))):
         return StepResult(metrics=metrics, grad_norm=None, update_successful=False,
                           skipped_non_finite=True)
     update_successful, grad_norm, _ = optimizer.step()

@@ -267,7 +267,7 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
                 raise RunFailed(stop_run)
             if cadence.evaluate(iteration):
                 session.evaluate(iteration)
-            stop = stop_requests.reason(iteration, env.device) if iteration < total_iters else None
+            stop = stop_requests.reason(iteration) if iteration < total_iters else None
             if cadence.save(iteration) or (stop and config.save):
                 session.save(iteration, consumed)
             if stop:
@@ -374,7 +374,7 @@ class _Session:
                      "weights yet")
             return
         finish_param_sync([parts.model])
-        if not finite_everywhere(parameters([parts.model]), self.env.device):
+        if not finite_everywhere(parameters([parts.model])):
             raise RunFailed(f"refusing to save iteration {iteration}: the weights hold NaN/inf "
                             f"values; the last checkpoint in {self.config.save} stays the latest")
         source_dir = source.weights_from or source.resume_from
