@@ -2,14 +2,20 @@
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_simpo.convert.cli import hf_to_megatron_main, megatron_to_hf_main
+from megatron_simpo.convert import cli
 from tests.multiprocess import run_on_ranks
 from tests.tiny import ARCHITECTURES, tiny_hf_config, tiny_hf_model
+
+# The converters' ranks run in the suite's reused worlds; the truncated-shard test goes through
+# the command's own fresh processes, as a user's run does.
+hf_to_megatron_main = partial(cli.hf_to_megatron_main, run_on_ranks=run_on_ranks)
+megatron_to_hf_main = partial(cli.megatron_to_hf_main, run_on_ranks=run_on_ranks)
 
 SEQ = 64
 
@@ -316,6 +322,6 @@ def test_a_truncated_shard_is_named(converted_llama3, tmp_path):
     [shard, *_] = sorted((damaged / "iter_0000000").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(SystemExit) as info:
-        megatron_to_hf_main(["--load", str(damaged), "--save", str(tmp_path / "hf")])
+        cli.megatron_to_hf_main(["--load", str(damaged), "--save", str(tmp_path / "hf")])
     message = str(info.value.code)
     assert f"cannot read checkpoint {damaged / 'iter_0000000'}: shard {shard.name}" in message

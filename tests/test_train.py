@@ -116,24 +116,6 @@ def test_dpo_run_starts_at_log_2_with_the_policy_as_reference(tiny, tmp_path):
     assert abs(losses[0] - math.log(2)) <= 1e-6 and losses[-1] != losses[0]
 
 
-def test_launcher_run_raises_held_out_accuracy(tmp_path):
-    from megatron_simpo.tiny import write_default
-
-    out = tmp_path / "demo"
-    write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
-    env = dict(os.environ, MODEL="tiny", SAVE=str(out), TRAIN_ITERS="400", PYTHON=sys.executable)
-    completed = subprocess.run(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh")],
-                               env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    accuracies = [e["eval/rewards/accuracies"] for e in evals if "eval/rewards/accuracies" in e]
-    assert accuracies[0] < 0.7 and accuracies[-1] >= 0.8, accuracies
-    assert "held-out reward accuracy" in completed.stdout
-    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
-    assert (out / "iter_0000400" / "model_config.json").is_file()
-    assert (out / "iter_0000400" / "tokenizer" / "tokenizer.json").is_file()
-
-
 def test_launcher_reports_a_bad_flag_once(tiny, tmp_path):
     from megatron_simpo.tiny import write_default
 
@@ -328,6 +310,31 @@ def demo_assets(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo's run through the launcher, with its run length given on the command line (400
+    iterations replace the launcher's 500): (save folder, completed process)."""
+    from megatron_simpo.tiny import write_default
+
+    out = tmp_path_factory.mktemp("demo_run") / "demo"
+    write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
+    launcher = _launch({"SAVE": str(out)}, "--train-iters", 400)
+    stdout, stderr = launcher.communicate(timeout=900)
+    return out, subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
+
+
+def test_launcher_run_raises_held_out_accuracy(demo_run):
+    out, completed = demo_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [e["eval/rewards/accuracies"] for e in evals if "eval/rewards/accuracies" in e]
+    assert accuracies[0] < 0.7 and accuracies[-1] >= 0.8, accuracies
+    assert "held-out reward accuracy" in completed.stdout
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
+    assert (out / "iter_0000400" / "model_config.json").is_file()
+    assert (out / "iter_0000400" / "tokenizer" / "tokenizer.json").is_file()
+
+
 def _demo_folder(tmp_path: Path, assets: Path, name: str) -> Path:
     import shutil
 
@@ -373,14 +380,13 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
     assert [row["loss"] for row in rows] == expected
 
 
-def test_launcher_extra_arguments_replace_its_defaults(demo_assets, tmp_path, tiny):
+def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tmp_path):
     # The README's own example: a run length given on the command line replaces the
-    # launcher's (--train-epochs for the 8B recipe, --train-iters for the tiny model).
-    out_dir = _demo_folder(tmp_path, demo_assets, "a")
-    completed = _launch({"SAVE": str(out_dir)}, "--train-iters", 2, "--eval-interval", 1000)
-    out, err = completed.communicate(timeout=600)
-    assert completed.returncode == 0, err[-3000:]
-    assert (out_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    # launcher's (--train-iters for the tiny model: the demo run above stopped at 400, not 500;
+    # --train-epochs for the 8B recipe).
+    out_dir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert (out_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
     # The 8B recipe on the tiny model: every recipe default of another meaning is replaced.
     recipe_dir = tmp_path / "recipe"
     completed = _launch({"MODEL": "llama3-8b-instruct", "CHECKPOINT": str(out_dir),

@@ -46,7 +46,9 @@ def _import_worker(rank, hf_path, save, config_dict, tp, pp, dtype_name):
                             progress=rank == 0))
 
 
-def hf_to_megatron_main(argv=None) -> None:
+def hf_to_megatron_main(argv=None, *, run_on_ranks=None) -> None:
+    """``run_on_ranks(world_size, fn, *args)`` starts the ranks: fresh processes
+    (:func:`megatron_simpo.launch.run_on_ranks`) unless a caller that keeps ranks passes its own."""
     parser = argparse.ArgumentParser(
         prog="convert_hf_to_megatron",
         description="Hugging Face checkpoint -> Megatron distributed checkpoint for training")
@@ -61,8 +63,8 @@ def hf_to_megatron_main(argv=None) -> None:
     args = parser.parse_args(argv)
     _cpu_only()
     from megatron_simpo.architecture import ModelConfig, hf_config_dtype
+    from megatron_simpo import launch
     from megatron_simpo.convert.hf_to_megatron import check_hf_checkpoint
-    from megatron_simpo.launch import run_on_ranks
     from megatron_simpo.parallel import ParallelConfig
 
     hf_path, save = Path(args.hf_path), Path(args.save)
@@ -86,6 +88,7 @@ def hf_to_megatron_main(argv=None) -> None:
                          .replace("--pipeline-model-parallel-size", "--pipeline-parallel-size"))
     _refuse_non_empty(save, args.force)
     world = parallel.model_parallel_size
+    run_on_ranks = run_on_ranks or launch.run_on_ranks
     try:
         [path, *_] = run_on_ranks(world, _import_worker, str(hf_path), str(save), config.to_dict(),
                                   parallel.tensor_model_parallel_size,
@@ -114,7 +117,8 @@ def _export_worker(rank, load, save, iteration, dtype_name, max_shard_size, allo
     return str(path), str(written).removeprefix("torch.")
 
 
-def megatron_to_hf_main(argv=None) -> None:
+def megatron_to_hf_main(argv=None, *, run_on_ranks=None) -> None:
+    """``run_on_ranks`` as for :func:`hf_to_megatron_main`."""
     parser = argparse.ArgumentParser(
         prog="convert_megatron_to_hf",
         description="Megatron checkpoint (any TP/PP) -> Hugging Face folder")
@@ -129,8 +133,7 @@ def megatron_to_hf_main(argv=None) -> None:
                         help="export even tensors that hold NaN/inf (refused by default)")
     args = parser.parse_args(argv)
     _cpu_only()
-    from megatron_simpo import checkpointing
-    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo import checkpointing, launch
 
     try:
         if args.iteration is None:
@@ -138,6 +141,7 @@ def megatron_to_hf_main(argv=None) -> None:
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     _refuse_non_empty(Path(args.save), args.force)
+    run_on_ranks = run_on_ranks or launch.run_on_ranks
     try:
         [(path, saved_dtype)] = run_on_ranks(1, _export_worker, args.load, args.save,
                                              args.iteration, DTYPES.get(args.dtype),
