@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	  echo "[setup] container torch/megatron-core found: reusing them"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
 	  $(VENV_PY) -m pip install -q --no-deps -e . && \
-	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops "pytest>=7"; \
+	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops "pytest>=7" "trl==1.16.0"; \
 	else \
 	  echo "[setup] CPU environment: $(TORCH_CPU_PIN) + megatron-core"; \
 	  $(PYTHON) -m venv $(VENV) && \

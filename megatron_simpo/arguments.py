@@ -24,7 +24,7 @@ PROG = "train_simpo"
 
 SECTIONS = (
     Section("model", TrainConfig, key="train", fields=(
-        "pretrained_checkpoint", "model_config_path", "transformer_impl", "recompute_granularity",
+        "pretrained_checkpoint", "reference_logps", "model_config_path", "transformer_impl", "recompute_granularity",
         "recompute_method", "recompute_num_layers", "logprob_chunk_size"),
         names={"model_config_path": ("--model-config",)}),
     Section("parallelism", ParallelConfig, key="parallel", fields=(
@@ -47,10 +47,9 @@ SECTIONS = (
                             "margin")}),
     Section("preference loss", LossConfig, key="loss", fields=(
         "algorithm", "loss_type", "beta", "gamma", "gamma_beta_ratio", "label_smoothing",
-        "sft_weight", "length_normalization"),
+        "sft_weight", "length_normalization", "orpo_lambda", "rdpo_alpha", "slic_delta"),
         names={"beta": ("--simpo-beta", "--beta"), "gamma": ("--simpo-gamma",),
-               "gamma_beta_ratio": ("--simpo-gamma-beta-ratio",),
-               "length_normalization": ("--no-length-normalization",)}),
+               "gamma_beta_ratio": ("--simpo-gamma-beta-ratio",)}),
     Section("checkpoints and logging", TrainConfig, key="train", fields=(
         "load", "save", "save_interval", "overwrite", "eval_interval", "log_interval",
         "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
@@ -75,7 +74,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="SimPO (or DPO) training on Megatron-Core")
+    parser = _Parser(prog=PROG, description="SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on Megatron-Core")
     for section in SECTIONS:
         section.add_to(parser)
     parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)

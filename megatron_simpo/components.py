@@ -3,8 +3,8 @@
 The policy ``GPTModel`` is built and its weights filled before it is wrapped (DDP copies
 parameters into its contiguous buffers at wrap time); memory-lean log-probs are switched on
 before wrapping too; the optimizer is built over the wrapped model and installs the gradient
-finalisation hooks; the schedule wraps the optimizer. DPO's frozen reference model gets the
-same layers and precision but no recomputation, no DDP and no gradients. The training loop,
+finalisation hooks; the schedule wraps the optimizer. The frozen reference model (dpo, ipo,
+rdpo) gets the same layers and precision but no recomputation, no DDP and no gradients. The training loop,
 the benchmark and the tests all build through :func:`build_components`.
 """
 
@@ -36,7 +36,7 @@ class TrainingComponents:
     scheduler: Any | None
     """Megatron-Core's ``OptimizerParamScheduler`` (None when no run length was given)."""
     reference: Any | None
-    """DPO's frozen reference ``GPTModel`` (None for SimPO)."""
+    """The frozen reference ``GPTModel`` (dpo, ipo, rdpo; None otherwise)."""
     logprob_chunk_size: int
     """What the step passes on: tokens scored at a time (memory-lean), or 0 for full logits."""
 
@@ -85,3 +85,28 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
         reference.eval().requires_grad_(False)
     return TrainingComponents(model=model, optimizer=megatron_optimizer, scheduler=scheduler,
                               reference=reference, logprob_chunk_size=logprob_chunk_size)
+
+
+def release(parts: TrainingComponents) -> None:
+    """Let a finished run's model, optimizer and process groups be freed in a process that
+    goes on (a sweep, a notebook, the tests' reused ranks).
+
+    Megatron-Core's DDP is kept alive past the run by links the garbage collector cannot undo:
+    the model's config holds the optimizer (``grad_scale_func``, installed by
+    ``optimizer.build_optimizer``), whose shards are views of the parameters with autograd
+    edges to their accumulator nodes, and those nodes (C++, kept by the DDP) hold the DDP's
+    gradient hooks, which hold the DDP; with ``--overlap-param-gather`` every submodule holds a
+    forward pre-hook on the DDP, and Megatron's rotary embedding stays in a module-level cache.
+    Without cutting these, the run's buffers and its gloo/NCCL groups (and their threads) stay
+    alive for the rest of the process.
+    """
+    config = getattr(parts.model, "config", None)
+    for hook in ("grad_scale_func", "finalize_model_grads_func", "no_sync_func",
+                 "grad_sync_func", "param_sync_func"):
+        if config is not None and hasattr(config, hook):
+            setattr(config, hook, None)
+    getattr(parts.model, "grad_accs", []).clear()
+    handles = getattr(parts.model, "remove_forward_pre_hook_handles", {})
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()

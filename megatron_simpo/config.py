@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from megatron_simpo.data import DataConfig
-from megatron_simpo.losses import LossConfig
+from megatron_simpo.losses import WITH_REFERENCE, LossConfig
 from megatron_simpo.model import TRANSFORMER_IMPLS, TransformerImpl, check_chunk_size
 from megatron_simpo.optimizer import OptimizerSettings
 from megatron_simpo.parallel import ParallelConfig
@@ -57,7 +57,10 @@ class TrainConfig:
     """Hugging Face config.json of a randomly initialised model."""
     pretrained_checkpoint: str | None = None
     """Weights to start a new run from (converted by convert_hf_to_megatron, or trained); for
-    DPO also the frozen reference model."""
+    dpo, ipo and rdpo also the frozen reference model."""
+    reference_logps: str | None = None
+    """dpo, ipo, rdpo: the reference model's log-probs precomputed from
+    --pretrained-checkpoint by megatron-simpo-reference-logps; no reference model is loaded."""
     load: str | None = None
     """Resume exactly from this save folder (model, optimizer, schedule, data position, RNG)."""
     save: str | None = None
@@ -146,12 +149,23 @@ class TrainConfig:
         for flag, path in (("--train-data-path", self.data.train_data_path),
                            ("--valid-data-path", self.data.valid_data_path),
                            ("--model-config", self.model_config_path),
-                           ("--tokenizer", self.data.tokenizer_path)):
+                           ("--tokenizer", self.data.tokenizer_path),
+                           ("--reference-logps", self.reference_logps)):
             if path and not Path(path).exists():
                 raise FileNotFoundError(f"{flag}: {path} does not exist")
+        if self.reference_logps is not None and not self.loss.needs_reference:
+            raise ValueError(f"--reference-logps applies to --algorithm "
+                             f"{', '.join(WITH_REFERENCE)}, not {self.loss.algorithm}")
         if self.loss.needs_reference and self.pretrained_checkpoint is None:
-            raise ValueError("--algorithm dpo needs the reference model's weights: give "
-                             "--pretrained-checkpoint (also when resuming with --load)")
+            raise ValueError(f"--algorithm {self.loss.algorithm} needs the reference model's "
+                             "weights: give --pretrained-checkpoint (also when resuming with "
+                             "--load)")
+
+    @property
+    def needs_reference_model(self) -> bool:
+        """A frozen reference model runs beside the policy (not when its log-probs are
+        precomputed)."""
+        return self.loss.needs_reference and self.reference_logps is None
 
     def check_world(self, world_size: int) -> int:
         """Validate the batch sizes against the data-parallel size; returns micro-batches per step."""

@@ -86,6 +86,11 @@ class Section:
             default = None if required else spec.default
             text = docs.get(name, "")
             options = dict(dest=self.dest(name), default=argparse.SUPPRESS)
+            if kind is bool and hints[name] is not bool:
+                # bool | None: None lets the dataclass decide; --x sets True, --no-x False.
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction,
+                                   help=text, **options)
+                continue
             if kind is bool:
                 # A flag switches the dataclass default: --x sets True, --no-x sets False.
                 value = not flags[0].startswith("--no-")

@@ -109,8 +109,8 @@ def _exit_now() -> None:
 
 
 def _thread_count() -> int:
-    """Threads of this process (Linux; 0 elsewhere): torch's gloo process groups leave some
-    behind after they are destroyed, so a long-lived rank is replaced once it holds many."""
+    """Threads of this process (Linux; 0 elsewhere): a call that leaves a model alive keeps its
+    gloo process groups' threads, so a caller can replace a rank that holds many."""
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:

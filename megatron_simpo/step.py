@@ -22,7 +22,7 @@ from megatron_simpo.guards import finite_everywhere, gradient_buffers
 from megatron_simpo.logprobs import (fused_output_logprobs, sequence_logprobs,
                                      vocab_parallel_logprobs)
 from megatron_simpo.model import check_output_mode, output_weight
-from megatron_simpo.losses import METRIC_NAMES, LossConfig, preference_loss
+from megatron_simpo.losses import WITH_REFERENCE, LossConfig, preference_loss
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Ten
         logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], spec.loss,
         None if reference is None else reference[0::2],
         None if reference is None else reference[1::2])
-    metric_sums = torch.stack([metrics[name].sum() for name in METRIC_NAMES])
+    metric_sums = torch.stack([metrics[name].sum() for name in spec.loss.metric_names])
     num_pairs = torch.tensor(batch.num_pairs, dtype=torch.int, device=loss.device)
     return loss.sum(), num_pairs, metric_sums
 
@@ -133,7 +133,8 @@ def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], mo
 
 def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBatch],
                            vocab_size: int, logprob_chunk_size: int = 0) -> list[PreferenceBatch]:
-    """DPO's extra pass: the frozen reference model's summed log-probs, attached to each batch.
+    """The extra pass of DPO, IPO and R-DPO: the frozen reference model's summed log-probs,
+    attached to each batch.
 
     A forward-only pipeline pass; the sums exist on the last stage, which is the only place the
     loss reads them, so other stages get their batches back unchanged.
@@ -148,12 +149,13 @@ def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBat
 
 
 def _global_metric_means(per_microbatch: list[torch.Tensor],
-                         microbatches: Sequence[PreferenceBatch]) -> dict[str, float]:
+                         microbatches: Sequence[PreferenceBatch],
+                         names: Sequence[str]) -> dict[str, float]:
     """Sum metric sums over micro-batches and DP ranks, divide by pairs, share across stages."""
     from megatron.core import parallel_state
 
     # The last slot carries the pair count, so one all-reduce moves sums and count together.
-    totals = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64,
+    totals = torch.zeros(len(names) + 1, dtype=torch.float64,
                          device=microbatches[0].tokens.device)
     for sums in per_microbatch:
         totals[:-1] += sums.to(torch.float64)
@@ -164,14 +166,19 @@ def _global_metric_means(per_microbatch: list[torch.Tensor],
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
     means = (totals[:-1] / totals[-1]).tolist()
-    return dict(zip(METRIC_NAMES, means))
+    return dict(zip(names, means))
 
 
 def _prepare(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
              vocab_size: int, reference_model, logprob_chunk_size: int):
-    """Check the models against the step's settings; DPO's reference log-probs attached."""
-    if loss_config.needs_reference != (reference_model is not None):
-        raise ValueError("a reference model is needed for --algorithm dpo and only for it")
+    """Check the models against the step's settings; the reference log-probs attached."""
+    precomputed = all(batch.reference_logp_sum is not None for batch in microbatches)
+    if reference_model is not None and not loss_config.needs_reference:
+        raise ValueError("a reference model is for --algorithm "
+                         f"{', '.join(WITH_REFERENCE)} only")
+    if loss_config.needs_reference and reference_model is None and not precomputed:
+        raise ValueError(f"--algorithm {loss_config.algorithm} needs a reference model or "
+                         "precomputed reference log-probs on every batch")
     for chunk in model_chunks:
         check_output_mode(chunk, logprob_chunk_size)
     if reference_model is not None:
@@ -190,7 +197,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
         optimizer: from ``optimizer.build_optimizer`` (installs the gradient finalisation hooks).
         microbatches: this data-parallel rank's micro-batches, each with the same shape.
         vocab_size: true vocabulary size (padded logits are excluded from the softmax).
-        reference_model: the frozen reference ``GPTModel`` (DPO only).
+        reference_model: the frozen reference ``GPTModel`` (dpo, ipo, rdpo only).
         logprob_chunk_size: tokens scored at a time by the memory-lean log-probs, or 0 for full
             logits; must match how the models were built (``model.enable_memory_lean_logprobs``).
     """
@@ -201,7 +208,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     optimizer.zero_grad()
     per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches, model_chunks,
                                    forward_only=False)
-    metrics = _global_metric_means(per_microbatch, microbatches)
+    metrics = _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)
     # Checked before the optimizer reads the gradients (in bf16/fp32 nothing else would stop a
     # NaN from reaching the weights); every rank gets the same verdict.
     if not (math.isfinite(metrics["loss"]) and
@@ -227,4 +234,4 @@ def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_c
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return _global_metric_means(per_microbatch, microbatches)
+    return _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)

@@ -1,4 +1,4 @@
-"""The training loop: data -> step -> log / evaluate / checkpoint, for SimPO or DPO."""
+"""The training loop: data -> step -> log / evaluate / checkpoint, for SimPO or a baseline."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megatron_simpo import checkpointing, runtime
 from megatron_simpo.architecture import ModelConfig
-from megatron_simpo.components import TrainingComponents, build_components
+from megatron_simpo.components import TrainingComponents, build_components, release
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
                                  collate_pairs, load_datasets, load_tokenizer, padded_length)
@@ -23,6 +23,7 @@ from megatron_simpo.lifecycle import StopRequests, die_with_parent
 from megatron_simpo.model import check_transformer_impl
 from megatron_simpo.optimizer import finish_param_sync
 from megatron_simpo.precision import check_fp8_support, padding_multiple
+from megatron_simpo.reference_logps import ReferenceLogps, interleaved
 from megatron_simpo.step import evaluate, train_step
 
 
@@ -223,7 +224,7 @@ class Cadence:
 
 def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
                       ) -> TrainingComponents:
-    """The run's model, optimizer, schedule and (DPO) reference, weights from the checkpoint
+    """The run's model, optimizer, schedule and (dpo, ipo, rdpo) reference, weights from the checkpoint
     the source names (a resumed run's weights are loaded later, with the optimizer state)."""
 
     def load_pretrained(model):
@@ -238,7 +239,7 @@ def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
         reference_overrides=config.fp8.transformer_overrides() if config.fp8 else None,
         logprob_chunk_size=config.logprob_chunk_size,
         load_policy=load_pretrained if source.resume_from is None and source.weights_from else None,
-        with_reference=config.loss.needs_reference, load_reference=load_pretrained,
+        with_reference=config.needs_reference_model, load_reference=load_pretrained,
         total_iters=total_iters)
 
 
@@ -249,6 +250,14 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
     data = TrainingData.load(config, source)
     total_iters = config.train_iters or config.train_epochs * data.sampler.batches_per_epoch
     session = _Session(config, source, env, data, total_iters, num_microbatches)
+    try:
+        return _train_loop(config, session, data, total_iters)
+    finally:
+        release(session.parts)
+
+
+def _train_loop(config: TrainConfig, session: "_Session", data: "TrainingData",
+                total_iters: int) -> TrainSummary:
     iteration, consumed = session.start()
     cadence = Cadence.of(config, total_iters)
     health = StepHealth(config.max_skipped_steps)
@@ -345,7 +354,7 @@ class _Session:
             return
         pairs = self.data.train_pairs
         tokens = _pair_tokens(pairs, indices)
-        # Model FLOPs of SimPO's work (DPO's reference pass not counted) per rank.
+        # Model FLOPs of SimPO's work (a reference model's pass not counted) per rank.
         tflops = _pair_flops(self.source.config, pairs, indices) / elapsed / 1e12 / self.env.world_size
         self.writer.write(iteration, {**result.metrics, "learning_rate": self.lr,
                                       "grad_norm": result.grad_norm, "consumed_samples": consumed,
@@ -408,6 +417,10 @@ class TrainingData:
     padding_multiple: int
     dropped: list[str] = field(default_factory=list)
     """Rows left out because their two responses are the same tokens (file:line)."""
+    train_reference: torch.Tensor | None = None
+    """[n_train, 2] precomputed reference log-prob sums (chosen, rejected), --reference-logps."""
+    valid_reference: torch.Tensor | None = None
+    """[n_valid, 2] the same for the validation pairs."""
 
     @classmethod
     def load(cls, config: TrainConfig, source: ModelSource) -> "TrainingData":
@@ -418,9 +431,16 @@ class TrainingData:
         dropped: list[str] = []
         train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed, dropped)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        references = [None, None]
+        if config.reference_logps:
+            table = ReferenceLogps.load(config.reference_logps)
+            table.check_reference(source.weights_from, config.reference_logps)
+            references = [table.lookup(pairs, what, config.reference_logps)
+                          for pairs, what in ((train_pairs, "training"),
+                                              (valid_pairs, "validation"))]
         return cls(train_pairs, valid_pairs, pad_id,
                    PairSampler(len(train_pairs), config.global_batch_size, config.seed),
-                   padding_multiple(config.sequence_alignment), dropped)
+                   padding_multiple(config.sequence_alignment), dropped, *references)
 
     def warnings(self, config: TrainConfig, dp_size: int) -> list[str]:
         """What the user should know about the data before training starts."""
@@ -441,8 +461,11 @@ class TrainingData:
         return found
 
     def _collate(self, pairs: list[TokenizedPair], indices: list[int], length: int,
-                 device) -> PreferenceBatch:
-        return collate_pairs([pairs[i] for i in indices], length, self.pad_id).to(device)
+                 device, reference: torch.Tensor | None) -> PreferenceBatch:
+        batch = collate_pairs([pairs[i] for i in indices], length, self.pad_id)
+        if reference is not None:  # fp32, as the reference pass computes them
+            batch = batch.with_reference(interleaved(reference[indices]).float())
+        return batch.to(device)
 
     def train_microbatches(self, indices: list[int], config: TrainConfig, dp_rank: int,
                            dp_size: int, num_microbatches: int, device) -> list[PreferenceBatch]:
@@ -450,7 +473,8 @@ class TrainingData:
         length = padded_length([self.train_pairs[i] for i in indices], config.data.seq_length,
                                self.padding_multiple)
         shard = PairSampler.shard(indices, dp_rank, dp_size)
-        return self._collate(self.train_pairs, shard, length, device).split(num_microbatches)
+        return self._collate(self.train_pairs, shard, length, device,
+                             self.train_reference).split(num_microbatches)
 
     def eval_microbatches(self, config: TrainConfig, dp_rank: int, dp_size: int, device
                           ) -> list[PreferenceBatch]:
@@ -462,7 +486,7 @@ class TrainingData:
         length = padded_length(self.valid_pairs[:usable], config.data.seq_length,
                                self.padding_multiple)
         indices = PairSampler.shard(list(range(usable)), dp_rank, dp_size)
-        batch = self._collate(self.valid_pairs, indices, length, device)
+        batch = self._collate(self.valid_pairs, indices, length, device, self.valid_reference)
         return batch.split(len(indices) // config.micro_batch_size)
 
 

@@ -10,8 +10,8 @@ import atexit
 from megatron_simpo import launch
 
 _WORLDS: dict[int, launch.LocalWorld] = {}
-# torch's gloo groups of a training run (about 50 threads) outlive it and keep polling (about
-# 0.05% of a core each); past this many a world is replaced (a fresh start costs seconds).
+# A call that leaves a model alive keeps its gloo groups' threads polling (about 0.05% of a
+# core each; a run frees them: components.release); past this many a world is replaced.
 MAX_THREADS = 300
 
 

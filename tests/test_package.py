@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("megatron-simpo-train", "megatron-simpo-convert-hf-to-megatron",
-           "megatron-simpo-convert-megatron-to-hf")
+           "megatron-simpo-convert-megatron-to-hf", "megatron-simpo-reference-logps")
 
 
 def test_pip_install_then_import_and_help_from_outside_the_repo(tmp_path):

@@ -35,12 +35,32 @@ def _sequence_logps(hf_model, batch):
     return (token * batch.loss_mask).sum(-1), batch.loss_mask.sum(-1)
 
 
-def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=1e9):
-    """Loss, gradients (HF names), grad norm and AdamW-updated params, all on one process."""
+def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=1e9,
+                    loss_options=None):
+    """Loss, gradients (HF names), grad norm and AdamW-updated params, all on one process.
+
+    SimPO and DPO write their formulas out here; the other algorithms' per-pair formulas are
+    checked against the papers in test_losses.py, so here they take the package's per-pair
+    loss on these independently computed log-probs (what is under test is the parallel step).
+    """
     model = tiny_hf_model(hf_config)
     model.load_state_dict(hf_state)
     total, count = _sequence_logps(model, batch)
-    if algorithm == "simpo":
+    if loss_options is not None:
+        from megatron_simpo.losses import LossConfig, preference_loss
+
+        config = LossConfig(**loss_options)
+        refs = (None, None)
+        if config.needs_reference:
+            reference = tiny_hf_model(hf_config)
+            reference.load_state_dict(ref_state)
+            with torch.no_grad():
+                ref_total, _ = _sequence_logps(reference, batch)
+            refs = (ref_total[0::2], ref_total[1::2])
+        pair_losses, _ = preference_loss(total[0::2], count[0::2], total[1::2], count[1::2],
+                                         config, *refs)
+        loss = pair_losses.mean()
+    elif algorithm == "simpo":
         score = total / count
         h = BETA * (score[0::2] - score[1::2]) - GAMMA
     else:  # DPO with summed log-prob ratios against a frozen reference
@@ -50,7 +70,8 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
             ref_total, _ = _sequence_logps(reference, batch)
         ratio = total - ref_total
         h = 0.1 * (ratio[0::2] - ratio[1::2])
-    loss = -F.logsigmoid(h).mean()
+    if loss_options is None:
+        loss = -F.logsigmoid(h).mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
@@ -61,14 +82,15 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
 
 def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
                    use_distributed_optimizer, ref_state, clip, chunk_size, model_overrides=None,
-                   overlap_grad_reduce=False, sequence_parallel=False, overlap_param_gather=False):
+                   overlap_grad_reduce=False, sequence_parallel=False, overlap_param_gather=False,
+                   loss_options=None):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_simpo import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
     from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.components import build_components
+    from megatron_simpo.components import build_components, release
     from megatron_simpo.losses import LossConfig
     from megatron_simpo.optimizer import OptimizerSettings, finish_param_sync
     from megatron_simpo.parallel import ParallelConfig
@@ -89,15 +111,18 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
                                  use_distributed_optimizer=use_distributed_optimizer,
                                  overlap_grad_reduce=overlap_grad_reduce,
                                  overlap_param_gather=overlap_param_gather)
-    parts = build_components(config, parallel, settings, transformer_overrides=model_overrides,
-                             logprob_chunk_size=chunk_size or 0, load_policy=loader(hf_state),
-                             with_reference=algorithm == "dpo",
-                             load_reference=loader(ref_state) if algorithm == "dpo" else None)
-    model, optimizer, reference = parts.model, parts.optimizer, parts.reference
-    if algorithm == "dpo":
+    if loss_options is not None:
+        loss_config = LossConfig(**loss_options)
+    elif algorithm == "dpo":
         loss_config = LossConfig(algorithm="dpo", beta=0.1)
     else:
         loss_config = LossConfig(beta=BETA, gamma=GAMMA)
+    with_reference = loss_config.needs_reference
+    parts = build_components(config, parallel, settings, transformer_overrides=model_overrides,
+                             logprob_chunk_size=chunk_size or 0, load_policy=loader(hf_state),
+                             with_reference=with_reference,
+                             load_reference=loader(ref_state) if with_reference else None)
+    model, optimizer, reference = parts.model, parts.optimizer, parts.reference
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     rows = 2 * PAIRS // dp_size
@@ -119,6 +144,7 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     named = list(model.module.named_parameters())
     grads = None if use_distributed_optimizer else gather((n, p.main_grad) for n, p in named)
     params = gather((n, p.detach()) for n, p in named)
+    release(parts)  # this rank is reused by the next test
     return dict(metrics=result.metrics, grad_norm=result.grad_norm, grads=grads, params=params,
                 config=config)
 
@@ -219,4 +245,36 @@ def test_dpo_step_with_reference_model_matches(world, tp, pp, chunk_size, sequen
                            False, ref_state, 1e9, chunk_size, None, False, sequence_parallel)
     for result in results:
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
+    _compare(grads, results, hf_config, "grads", atol=1e-5)
+
+
+# The baselines through the same parallel step, each on a 4-rank layout combining two of TP2,
+# PP2 and DP2 (every pair of dimensions is covered twice), with micro-batches where DP allows.
+# name: (loss options, world, tp, pp, micro-batches)
+BASELINES = {
+    "ipo_tp2_pp2": (dict(algorithm="ipo", beta=0.5), 4, 2, 2, 2),
+    "cpo_pp2_dp2": (dict(algorithm="cpo", beta=0.5), 4, 1, 2, 2),
+    "orpo_tp2_dp2": (dict(algorithm="orpo", orpo_lambda=0.5), 4, 2, 1, 2),
+    "rdpo_pp2_dp2": (dict(algorithm="rdpo", rdpo_alpha=0.1), 4, 1, 2, 2),
+    "rrhf_tp2_pp2": (dict(algorithm="rrhf"), 4, 2, 2, 2),
+    "slic_tp2_dp2": (dict(algorithm="slic", slic_delta=5.0), 4, 2, 1, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASELINES))
+def test_baseline_step_matches_single_process_reference(case):
+    options, world, tp, pp, micro = BASELINES[case]
+    hf_config = tiny_hf_config("llama3")
+    hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
+    ref_state = tiny_hf_model(hf_config, seed=4).state_dict()
+    batch = _batch(hf_config["vocab_size"])
+    loss, grads, grad_norm, _ = _reference_step(hf_config, hf_state, batch, None, ref_state,
+                                                loss_options=options)
+    results = run_on_ranks(world, _megatron_step, hf_config, hf_state, batch, tp, pp, micro,
+                           None, False, ref_state, 1e9, 7, None, False, False, False, options)
+    for result in results:
+        assert abs(result["metrics"]["loss"] - loss) <= 1e-5
+        assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
+    if options["algorithm"] in ("rrhf", "slic"):  # the hinge is active on some pairs
+        assert results[0]["metrics"]["loss"] > results[0]["metrics"]["nll_loss"] + 1e-3
     _compare(grads, results, hf_config, "grads", atol=1e-5)

@@ -24,6 +24,7 @@ def test_bench_simpo_runs_and_reports_ratios(tmp_path):
         assert {"time_ratio", "peak_ratio"} <= set(report[section])
         assert report[section]["time_ratio"] > 0
     assert "SimPO / DPO step" in completed.stdout
-    for algorithm in ("simpo", "dpo"):
+    assert {"time_ratio_vs_precomputed", "peak_ratio_vs_precomputed"} <= set(report["steps"])
+    for algorithm in ("simpo", "dpo", "dpo_precomputed"):
         assert report["steps"][algorithm]["model_tflops_per_second"] > 0
         assert report["steps"][algorithm]["tokens_per_second"] > 0

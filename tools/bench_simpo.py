@@ -143,7 +143,9 @@ def _seeded_weights(model) -> None:
 
 def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chunk,
                      transformer_impl="local", fp8=None, parity_steps=0):
-    """Median time and peak memory of full optimizer steps (the DPO reference pass included).
+    """Median time and peak memory of full optimizer steps (the DPO reference pass included;
+    "dpo_precomputed" is DPO with its reference log-probs attached to the batch instead, as
+    with --reference-logps: no reference model).
 
     With ``parity_steps``, first trains that many steps on fresh batches (same seeds in every
     variant) and reports the losses, so precisions can be compared on the same trajectory.
@@ -178,10 +180,13 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
         params_dtype=dtype, transformer_impl=transformer_impl, transformer_overrides=overrides,
         reference_overrides=overrides, logprob_chunk_size=chunk, load_policy=_seeded_weights,
         with_reference=algorithm == "dpo", load_reference=_seeded_weights)
-    loss = LossConfig(algorithm=algorithm, beta=2.5 if algorithm == "simpo" else 0.1,
-                      gamma=1.375 if algorithm == "simpo" else None)
+    loss = (LossConfig(beta=2.5, gamma=1.375) if algorithm == "simpo"
+            else LossConfig(algorithm="dpo", beta=0.1))
 
     def step(batch):
+        if algorithm == "dpo_precomputed":  # what --reference-logps attaches (values: any)
+            sums = -torch.rand(batch.tokens.shape[0], generator=torch.Generator().manual_seed(0))
+            batch = batch.with_reference(sums.to(batch.tokens.device) * 100)
         return train_step([parts.model], parts.optimizer, batch.split(1), loss,
                           vocab_size=config.vocab_size, reference_model=parts.reference,
                           logprob_chunk_size=chunk)
@@ -441,11 +446,18 @@ def main() -> None:
     if args.only in (None, "steps"):
         simpo = run_on_ranks(1, _preference_step, "simpo", *common)[0]
         dpo = run_on_ranks(1, _preference_step, "dpo", *common)[0]
+        dpo_precomputed = run_on_ranks(1, _preference_step, "dpo_precomputed", *common)[0]
         report["steps"] = {"model": config.to_dict(), "pairs": args.pairs, "seq": args.step_seq,
                            "transformer_impl": args.transformer_impl, "simpo": simpo, "dpo": dpo,
+                           "dpo_precomputed": dpo_precomputed,
                            "time_ratio": simpo["seconds"] / dpo["seconds"],
-                           "peak_ratio": simpo["peak_bytes"] / dpo["peak_bytes"]}
-        rows += [("step, SimPO", simpo), ("step, DPO (+ reference)", dpo)]
+                           "peak_ratio": simpo["peak_bytes"] / dpo["peak_bytes"],
+                           "time_ratio_vs_precomputed":
+                               simpo["seconds"] / dpo_precomputed["seconds"],
+                           "peak_ratio_vs_precomputed":
+                               simpo["peak_bytes"] / dpo_precomputed["peak_bytes"]}
+        rows += [("step, SimPO", simpo), ("step, DPO (+ reference)", dpo),
+                 ("step, DPO (precomputed reference)", dpo_precomputed)]
     if args.only == "fp8":
         fp8 = dict(format=args.fp8_format, recipe=args.fp8_recipe)
         bf16 = run_on_ranks(1, _preference_step, "simpo", *common, None, args.parity_steps)[0]
@@ -472,7 +484,9 @@ def main() -> None:
               f"adding into DDP's main_grad: peak {r['main_grad_peak_ratio']:.3f}x")
     if "steps" in report:
         r = report["steps"]
-        print(f"SimPO / DPO step: time {r['time_ratio']:.3f}x, peak {r['peak_ratio']:.3f}x")
+        print(f"SimPO / DPO step: time {r['time_ratio']:.3f}x, peak {r['peak_ratio']:.3f}x; "
+              f"SimPO / DPO with precomputed reference: time "
+              f"{r['time_ratio_vs_precomputed']:.3f}x, peak {r['peak_ratio_vs_precomputed']:.3f}x")
     if "fp8" in report:
         r = report["fp8"]
         print(f"FP8 / bf16 tokens/s: {r['tokens_per_second_ratio']:.3f}x; loss after "

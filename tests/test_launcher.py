@@ -1,0 +1,188 @@
+"""The launcher (examples/train_simpo_llama3.sh) end to end under torchrun: the demo run
+learns, extra arguments replace its defaults, a bad flag is one line, and runs survive a stop
+signal or a killed launcher. These tests start their own processes; no reused world is idle
+(and polling) beside them in this module."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(save: Path) -> list[dict]:
+    """metrics.jsonl's rows; NaN/Infinity (not JSON) fail the test."""
+    def refuse(name):
+        raise AssertionError(f"metrics.jsonl holds {name}")
+
+    return [json.loads(line, parse_constant=refuse)
+            for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def _launch(env_overrides: dict, *args, **popen) -> subprocess.Popen:
+    env = dict(os.environ, MODEL="tiny", PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
+    env.update(env_overrides)
+    return subprocess.Popen(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh"),
+                             *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_assets(tmp_path_factory):
+    from megatron_simpo.tiny import write_default
+
+    root = tmp_path_factory.mktemp("assets")
+    write_default(root, train_pairs=2048, valid_pairs=64, seed=11)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo's run through the launcher, with its run length given on the command line (400
+    iterations replace the launcher's 500): (save folder, completed process)."""
+    from megatron_simpo.tiny import write_default
+
+    out = tmp_path_factory.mktemp("demo_run") / "demo"
+    write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
+    launcher = _launch({"SAVE": str(out)}, "--train-iters", 400)
+    stdout, stderr = launcher.communicate(timeout=900)
+    return out, subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
+
+
+def test_launcher_run_raises_held_out_accuracy(demo_run):
+    out, completed = demo_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [e["eval/rewards/accuracies"] for e in evals if "eval/rewards/accuracies" in e]
+    assert accuracies[0] < 0.7 and accuracies[-1] >= 0.8, accuracies
+    assert "held-out reward accuracy" in completed.stdout
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
+    assert (out / "iter_0000400" / "model_config.json").is_file()
+    assert (out / "iter_0000400" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _demo_folder(tmp_path: Path, assets: Path, name: str) -> Path:
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(assets, out / "assets")
+    return out
+
+
+def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo_assets, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    flags = ["--train-iters", 30, "--log-interval", 1, "--eval-interval", 1000,
+             "--save-interval", 1000]
+    straight_dir = _demo_folder(tmp_path, demo_assets, "straight")
+    straight = _launch({"SAVE": str(straight_dir)}, *flags)
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-3000:]
+    run_dir = _demo_folder(tmp_path, demo_assets, "run")
+    launcher = _launch({"SAVE": str(run_dir)}, *flags)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for a few steps, then preempt one rank
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "megatron_simpo.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < 30 and f"> stopped at iteration {stopped}: a stop signal" in out
+    resumed = _launch({"SAVE": str(run_dir)}, *flags, "--load", run_dir)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    rows = [row for row in _metrics(run_dir) if "loss" in row]
+    assert [row["iteration"] for row in rows] == list(range(1, 31))  # none twice, none lost
+    expected = [row["loss"] for row in _metrics(straight_dir) if "loss" in row]
+    assert [row["loss"] for row in rows] == expected
+
+
+def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tmp_path):
+    # The README's own example: a run length given on the command line replaces the
+    # launcher's (--train-iters for the tiny model: the demo run above stopped at 400, not 500;
+    # --train-epochs for the 8B recipe).
+    out_dir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert (out_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
+    # The 8B recipe on the tiny model: every recipe default of another meaning is replaced.
+    recipe_dir = tmp_path / "recipe"
+    completed = _launch({"MODEL": "llama3-8b-instruct", "CHECKPOINT": str(out_dir),
+                         "DATA": str(demo_assets / "train.jsonl"), "SAVE": str(recipe_dir),
+                         "GPUS_PER_NODE": "2", "TRANSFORMER_IMPL": "local", "TP": "1"},
+                        "--train-iters", 2, "--seq-length", 64, "--max-prompt-length", 48,
+                        "--global-batch-size", 4, "--valid-data-path", demo_assets / "valid.jsonl",
+                        "--tokenizer", demo_assets / "tokenizer")
+    out, err = completed.communicate(timeout=600)
+    assert completed.returncode == 0, err[-3000:]
+    assert "2 iterations of 4 pairs" in out
+    # DPO from the tiny model's checkpoint, with the margin and run length of one's choice.
+    dpo_dir = _demo_folder(tmp_path, demo_assets, "dpo")
+    completed = _launch({"SAVE": str(dpo_dir)}, "--algorithm", "dpo", "--beta", 0.1,
+                        "--pretrained-checkpoint", out_dir, "--train-epochs", 1,
+                        "--global-batch-size", 1024, "--micro-batch-size", 16)
+    out, err = completed.communicate(timeout=600)
+    assert completed.returncode == 0, err[-3000:]
+    first_eval = next(row for row in _metrics(dpo_dir) if "eval/loss" in row)
+    assert abs(first_eval["eval/loss"] - 0.6931471805599453) <= 1e-6  # policy == reference
+
+
+def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = _demo_folder(tmp_path, demo_assets, "run")
+    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, "--log-interval", 1,
+                       "--eval-interval", 100000, "--save-interval", 100000)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "megatron_simpo.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    launcher.send_signal(signal.SIGKILL)  # the torchrun agent (exec'd by the launcher script)
+    launcher.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, "ranks outlived their launcher"
+    stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= stopped < 2000
+
+
+def test_launcher_reports_a_bad_flag_once(tmp_path):
+    from megatron_simpo.tiny import write_default
+
+    write_default(tmp_path / "demo" / "assets", train_pairs=64, valid_pairs=16, seed=11)
+    env = dict(os.environ, MODEL="tiny", SAVE=str(tmp_path / "demo"), PYTHON=sys.executable)
+    completed = subprocess.run(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh"),
+                                "--lr-decay-style", "exponential"],
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "train_simpo: error: argument --lr-decay-style: invalid choice: 'exponential'"), lines
+    assert not (tmp_path / "demo" / "metrics.jsonl").exists()

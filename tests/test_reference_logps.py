@@ -1,0 +1,103 @@
+"""DPO, IPO and R-DPO from precomputed reference log-probs: the stored values are the online
+reference pass's, and a file from other data or another reference model is refused."""
+
+import json
+
+import pytest
+
+from tests.multiprocess import run_on_ranks
+from tests.test_train import _argv, _main_in_rank, _train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny default, a reference checkpoint (a short SimPO run) and its log-probs computed
+    at TP2 on 2 ranks."""
+    from megatron_simpo.tiny import write_default
+
+    root = tmp_path_factory.mktemp("reference")
+    tiny = write_default(root / "tiny", train_pairs=96, valid_pairs=16, seed=5)
+    run_on_ranks(1, _train, _argv(tiny, train_iters=3, save=root / "sft"))
+    logps = root / "reference.pt"
+    argv = _argv(tiny, train_iters=4, algorithm="dpo", pretrained_checkpoint=root / "sft",
+                 tensor_model_parallel_size=2, reference_logps=logps)
+    [(code, out, err), _] = run_on_ranks(2, _compute_in_rank, argv)
+    assert code == 0, err
+    assert f"> saved reference log-probs of 112 pairs from {root / 'sft' / 'iter_0000003'}" in out
+    return tiny, root / "sft", logps
+
+
+def _compute_in_rank(rank, argv):
+    """(exit code, stdout, stderr) of the command in this rank."""
+    import contextlib
+    import io
+
+    from megatron_simpo.reference_logps import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "ipo", "rdpo"])
+def test_precomputed_reference_trains_as_the_online_reference(setup, algorithm):
+    tiny, sft, logps = setup
+    common = dict(train_iters=3, eval_interval=3, algorithm=algorithm,
+                  pretrained_checkpoint=sft, pipeline_model_parallel_size=2)
+    online_losses, online_evals = run_on_ranks(2, _train, _argv(tiny, **common))[0]
+    losses, evals = run_on_ranks(2, _train, _argv(tiny, reference_logps=logps, **common))[0]
+    # The same reference sums up to fp32 round-off (the passes pad the pairs differently):
+    # 1e-5 relative to values that reach 30 (IPO's squared loss).
+    assert losses == pytest.approx(online_losses, abs=1e-5, rel=1e-5)
+    assert [at for at, _ in evals] == [at for at, _ in online_evals] == [0, 3]
+    for (at, metrics), (_, online) in zip(evals, online_evals):
+        assert metrics.keys() == online.keys()
+        for name, value in online.items():
+            # At 0 the policy is the reference: every reward is 0 up to round-off, so whether
+            # chosen > rejected is a coin flip; the margins themselves agree.
+            if not (at == 0 and name.endswith("accuracies")):
+                assert abs(metrics[name] - value) <= 1e-5 * max(1.0, abs(value)), (at, name)
+
+
+def test_reference_logps_from_other_data_or_another_model_are_refused(setup, tmp_path):
+    tiny, sft, logps = setup
+    argv = _argv(tiny, train_iters=2, algorithm="dpo", pretrained_checkpoint=sft,
+                 reference_logps=logps)
+    # A validation pair the file does not hold.
+    rows = tiny["valid"].read_text().splitlines()
+    other = json.loads(rows[0])
+    other["chosen"] += "x"
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("\n".join([json.dumps(other)] + rows[1:]) + "\n")
+    [(code, _, err)] = run_on_ranks(1, _main_in_rank, argv + ["--valid-data-path", str(valid)])
+    assert code == 2
+    assert (f"train_simpo: error: --reference-logps {logps} has no log-probs for 1 of 16 "
+            "validation pairs (first: pair 0)") in err
+    # Another reference model.
+    run_on_ranks(1, _train, _argv(tiny, train_iters=1, save=tmp_path / "other"))
+    argv_other = [str(tmp_path / "other") if a == str(sft) else a for a in argv]
+    [(code, _, err)] = run_on_ranks(1, _main_in_rank, argv_other)
+    assert code == 2
+    assert (f"--reference-logps {logps} was computed from {sft / 'iter_0000003'}, not from "
+            f"--pretrained-checkpoint {tmp_path / 'other' / 'iter_0000001'}") in err
+    # Not such a file.
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a file of log-probs")
+    argv_garbage = [str(garbage) if a == str(logps) else a for a in argv]
+    [(code, _, err)] = run_on_ranks(1, _main_in_rank, argv_garbage)
+    assert code == 2 and f"--reference-logps {garbage}: not a reference log-probs file" in err
+
+
+def test_reference_logps_go_with_reference_algorithms_only(setup):
+    from megatron_simpo.arguments import build_parser, config_from_namespace
+
+    tiny, sft, logps = setup
+    with pytest.raises(ValueError, match="--reference-logps applies to --algorithm dpo, ipo, "
+                                         "rdpo, not simpo"):
+        config_from_namespace(build_parser().parse_args(
+            _argv(tiny, train_iters=1, pretrained_checkpoint=sft, reference_logps=logps)))
