@@ -38,7 +38,8 @@ class PreferenceBatch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     reference_logp_sum: torch.Tensor | None = None
-    """[2n] summed response log-probs of the frozen reference model (DPO only)."""
+    """[2n] summed response log-probs of the frozen reference model (dpo, ipo, rdpo), from its
+    forward pass or precomputed (--reference-logps)."""
 
     @property
     def num_pairs(self) -> int:
