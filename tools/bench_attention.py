@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Local core attention: Megatron-Core's DotProductAttention vs SDPAttention (torch SDPA).
+
+Forward + backward of the attention core alone, causal, grouped-query, fp32 on CPU (bf16 on a
+GPU), median of --steps after --warmup, both in one process; prints the SDPA / local time ratio
+and the largest output difference.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+
+def _run(rank, seq, batch, heads, groups, head_dim, steps, warmup):
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_simpo import runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.attention import SDPAttention
+    from megatron_simpo.model import transformer_config
+    from megatron_simpo.parallel import ParallelConfig
+
+    config = ModelConfig(vocab_size=1024, hidden_size=heads * head_dim, ffn_hidden_size=256,
+                         num_layers=1, num_attention_heads=heads, num_query_groups=groups,
+                         max_position_embeddings=seq)
+    runtime.initialize(ParallelConfig(), seed=0, model_config=config)
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    device = "cuda" if gpu else "cpu"
+    tconfig = transformer_config(config, ParallelConfig(), params_dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(seq, batch, n, head_dim, generator=g).to(device, dtype)
+              for n in (heads, groups, groups)]
+    report = {}
+    outputs = {}
+    for name, cls in (("local", DotProductAttention), ("sdpa", SDPAttention)):
+        module = cls(tconfig, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                     attention_type="self")
+        times = []
+        for step in range(warmup + steps):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            if gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = module(*leaves, attention_mask=None)
+            out.float().sum().backward()
+            if gpu:
+                torch.cuda.synchronize()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+        outputs[name] = out.detach().float()
+        report[name] = {"seconds": statistics.median(times)}
+    report["time_ratio"] = report["sdpa"]["seconds"] / report["local"]["seconds"]
+    report["max_abs_diff"] = (outputs["sdpa"] - outputs["local"]).abs().max().item()
+    return report
+
+
+def main() -> None:
+    from megatron_simpo.launch import run_on_ranks
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    report = run_on_ranks(1, _run, args.seq, args.batch, args.heads, args.groups, args.head_dim,
+                          args.steps, args.warmup)[0]
+    report.update(vars(args), date=time.strftime("%Y-%m-%d"))
+    print(f"local {report['local']['seconds']:.4f} s, SDPA {report['sdpa']['seconds']:.4f} s: "
+          f"SDPA / local time {report['time_ratio']:.3f}x; max |diff| {report['max_abs_diff']:.2e}")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(report, handle, indent=2)
+
+
+if __name__ == "__main__":  # the guard matters: the benchmark spawns its rank
+    main()
