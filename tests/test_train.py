@@ -300,9 +300,28 @@ def test_non_finite_training_stops_and_writes_no_checkpoint(tiny, tmp_path):
     assert all(row["skipped"] == 1 and row["grad_norm"] is None for row in steps)
 
 
+def _save_zero_model(rank, save, config_path):
+    """A checkpoint whose weights are all 0, as after a collapse: every gradient is exactly 0."""
+    import torch
+
+    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.model import build_model
+    from megatron_simpo.parallel import ParallelConfig
+
+    config = ModelConfig.from_hf_config(config_path)
+    runtime.initialize(ParallelConfig(), seed=0)
+    model = build_model(config, ParallelConfig())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    checkpointing.save_model_only(save, 0, model, config)
+
+
 def test_a_collapsed_model_is_reported(tiny, tmp_path):
-    code, out, _ = run_on_ranks(1, _main_in_rank, _argv(tiny, train_iters=8, lr=1e6,
-                                                        lr_warmup_fraction=0))[0]
+    run_on_ranks(1, _save_zero_model, str(tmp_path / "zero"), str(tiny["config"]))
+    code, out, _ = run_on_ranks(1, _main_in_rank, _argv(
+        tiny, train_iters=4, pretrained_checkpoint=tmp_path / "zero"))[0]
     assert code == 0
     assert "warning: the gradient norm has been exactly 0 for 3 steps" in out
 
