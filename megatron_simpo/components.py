@@ -19,7 +19,7 @@ from megatron_simpo.architecture import ModelConfig
 from megatron_simpo.model import (TransformerImpl, build_model, check_chunk_size,
                                   enable_memory_lean_logprobs)
 from megatron_simpo.optimizer import (OptimizerSettings, build_optimizer, build_scheduler,
-                                      wrap_with_ddp)
+                                      remove_schedule_hooks, wrap_with_ddp)
 from megatron_simpo.parallel import ParallelConfig
 
 LoadWeights = Callable[[torch.nn.Module], None]
@@ -64,27 +64,48 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
         total_iters: run length in optimizer steps; builds the learning-rate schedule.
     """
     check_chunk_size(logprob_chunk_size)
-
-    def build(overrides: dict[str, Any] | None, load: LoadWeights | None):
-        model = build_model(model_config, parallel, transformer_impl=transformer_impl,
-                            params_dtype=params_dtype, **(overrides or {}))
-        if load is not None:
-            load(model)
-        if logprob_chunk_size:
-            enable_memory_lean_logprobs(model)
-        return model
-
-    model = wrap_with_ddp(build(transformer_overrides, load_policy), optimizer)
+    settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl,
+                    logprob_chunk_size=logprob_chunk_size)
+    policy = _build(model_config, parallel, overrides=transformer_overrides, load=load_policy,
+                    **settings)
+    model = wrap_with_ddp(policy, optimizer)
     megatron_optimizer = build_optimizer([model], optimizer,
                                          bf16=params_dtype == torch.bfloat16)
     scheduler = (build_scheduler(megatron_optimizer, optimizer, total_iters)
                  if total_iters is not None else None)
     reference = None
     if with_reference:
-        reference = build(reference_overrides, load_reference)
-        reference.eval().requires_grad_(False)
+        reference = build_reference(model_config, parallel, overrides=reference_overrides,
+                                    load=load_reference, **settings)
     return TrainingComponents(model=model, optimizer=megatron_optimizer, scheduler=scheduler,
                               reference=reference, logprob_chunk_size=logprob_chunk_size)
+
+
+def _build(model_config: ModelConfig, parallel: ParallelConfig, *, params_dtype: torch.dtype,
+           transformer_impl: TransformerImpl, overrides: dict[str, Any] | None,
+           load: LoadWeights | None, logprob_chunk_size: int):
+    """This rank's ``GPTModel``, weights from ``load`` (else random), lean log-probs on."""
+    model = build_model(model_config, parallel, transformer_impl=transformer_impl,
+                        params_dtype=params_dtype, **(overrides or {}))
+    if load is not None:
+        load(model)
+    if logprob_chunk_size:
+        enable_memory_lean_logprobs(model)
+    return model
+
+
+def build_reference(model_config: ModelConfig, parallel: ParallelConfig, *,
+                    params_dtype: torch.dtype = torch.float32,
+                    transformer_impl: TransformerImpl = "local",
+                    overrides: dict[str, Any] | None = None, load: LoadWeights | None = None,
+                    logprob_chunk_size: int = 1024):
+    """A frozen reference ``GPTModel`` (eval mode, no gradients), as :func:`build_components`
+    builds it beside the policy; also used alone to precompute its log-probs."""
+    check_chunk_size(logprob_chunk_size)
+    model = _build(model_config, parallel, params_dtype=params_dtype,
+                   transformer_impl=transformer_impl, overrides=overrides, load=load,
+                   logprob_chunk_size=logprob_chunk_size)
+    return model.eval().requires_grad_(False)
 
 
 def release(parts: TrainingComponents) -> None:
@@ -100,11 +121,7 @@ def release(parts: TrainingComponents) -> None:
     Without cutting these, the run's buffers and its gloo/NCCL groups (and their threads) stay
     alive for the rest of the process.
     """
-    config = getattr(parts.model, "config", None)
-    for hook in ("grad_scale_func", "finalize_model_grads_func", "no_sync_func",
-                 "grad_sync_func", "param_sync_func"):
-        if config is not None and hasattr(config, hook):
-            setattr(config, hook, None)
+    remove_schedule_hooks([parts.model])
     getattr(parts.model, "grad_accs", []).clear()
     handles = getattr(parts.model, "remove_forward_pre_hook_handles", {})
     for handle in handles.values():

@@ -113,6 +113,18 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bo
     return optimizer
 
 
+_SCHEDULE_HOOKS = ("finalize_model_grads_func", "grad_scale_func", "no_sync_func",
+                   "grad_sync_func")
+
+
+def remove_schedule_hooks(model_chunks: list) -> None:
+    """Undo what :func:`build_optimizer` installed on the models' configs (the optimizer's
+    ``scale_loss`` among them), so that a finished run's model no longer holds its optimizer."""
+    for chunk in model_chunks:
+        for hook in _SCHEDULE_HOOKS:
+            setattr(chunk.config, hook, None)
+
+
 def finish_param_sync(model_chunks: list) -> None:
     """Complete the parameters on every rank now (``--overlap-param-gather``).
 

@@ -133,11 +133,11 @@ def compute(config, output: str | Path) -> Path:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo import runtime
     from megatron_simpo.data import collate_pairs, padded_length
-    from megatron_simpo.model import build_model, enable_memory_lean_logprobs
     from megatron_simpo.step import attach_reference_logps
-    from megatron_simpo.train import TrainingData, resolve_model_source
+    from megatron_simpo.train import (TrainingData, build_reference_from_config,
+                                      resolve_model_source)
 
     if not config.pretrained_checkpoint:
         raise ValueError("give the reference model as --pretrained-checkpoint")
@@ -146,13 +146,7 @@ def compute(config, output: str | Path) -> Path:
     config.parallel.validate(world_size, source.config)
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     data = TrainingData.load(config, source)
-    model = build_model(source.config, config.parallel, transformer_impl=config.transformer_impl,
-                        params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                        **(config.fp8.transformer_overrides() if config.fp8 else {}))
-    checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
-    if config.logprob_chunk_size:
-        enable_memory_lean_logprobs(model)
-    model.eval().requires_grad_(False)
+    model = build_reference_from_config(config, source)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     holds_results = (parallel_state.is_pipeline_last_stage()

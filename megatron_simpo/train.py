@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from megatron_simpo import checkpointing, runtime
 from megatron_simpo.architecture import ModelConfig
-from megatron_simpo.components import TrainingComponents, build_components, release
+from megatron_simpo.components import (TrainingComponents, build_components,
+                                       build_reference, release)
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
                                  collate_pairs, load_datasets, load_tokenizer, padded_length)
@@ -222,25 +223,44 @@ class Cadence:
         return self.saving and self._every(self.save_interval, iteration)
 
 
+def _load_pretrained(source: ModelSource):
+    def load(model):
+        checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
+    return load
+
+
+def _model_settings(config: TrainConfig) -> dict:
+    """What the policy and the reference share: precision, layers, log-prob path."""
+    return dict(params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                transformer_impl=config.transformer_impl,
+                logprob_chunk_size=config.logprob_chunk_size)
+
+
+def _reference_overrides(config: TrainConfig) -> dict | None:
+    # Same precision as the policy (FP8 included); nothing to recompute without gradients.
+    return config.fp8.transformer_overrides() if config.fp8 else None
+
+
 def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
                       ) -> TrainingComponents:
-    """The run's model, optimizer, schedule and (dpo, ipo, rdpo) reference, weights from the checkpoint
-    the source names (a resumed run's weights are loaded later, with the optimizer state)."""
-
-    def load_pretrained(model):
-        checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
-
+    """The run's model, optimizer, schedule and (dpo, ipo, rdpo) reference, weights from the
+    checkpoint the source names (a resumed run's weights are loaded later, with the optimizer
+    state)."""
+    load_pretrained = _load_pretrained(source)
     return build_components(
-        source.config, config.parallel, config.optimizer,
-        params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
-        transformer_impl=config.transformer_impl,
+        source.config, config.parallel, config.optimizer, **_model_settings(config),
         transformer_overrides=config.transformer_overrides(),
-        # Same precision as the policy (FP8 included); nothing to recompute without gradients.
-        reference_overrides=config.fp8.transformer_overrides() if config.fp8 else None,
-        logprob_chunk_size=config.logprob_chunk_size,
+        reference_overrides=_reference_overrides(config),
         load_policy=load_pretrained if source.resume_from is None and source.weights_from else None,
         with_reference=config.needs_reference_model, load_reference=load_pretrained,
         total_iters=total_iters)
+
+
+def build_reference_from_config(config: TrainConfig, source: ModelSource):
+    """The run's frozen reference model alone (megatron-simpo-reference-logps)."""
+    return build_reference(source.config, config.parallel, **_model_settings(config),
+                           overrides=_reference_overrides(config),
+                           load=_load_pretrained(source))
 
 
 def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
@@ -256,7 +276,7 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) ->
         release(session.parts)
 
 
-def _train_loop(config: TrainConfig, session: "_Session", data: "TrainingData",
+def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
                 total_iters: int) -> TrainSummary:
     iteration, consumed = session.start()
     cadence = Cadence.of(config, total_iters)

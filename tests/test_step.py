@@ -46,32 +46,26 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
     model = tiny_hf_model(hf_config)
     model.load_state_dict(hf_state)
     total, count = _sequence_logps(model, batch)
-    if loss_options is not None:
-        from megatron_simpo.losses import LossConfig, preference_loss
-
-        config = LossConfig(**loss_options)
-        refs = (None, None)
-        if config.needs_reference:
-            reference = tiny_hf_model(hf_config)
-            reference.load_state_dict(ref_state)
-            with torch.no_grad():
-                ref_total, _ = _sequence_logps(reference, batch)
-            refs = (ref_total[0::2], ref_total[1::2])
-        pair_losses, _ = preference_loss(total[0::2], count[0::2], total[1::2], count[1::2],
-                                         config, *refs)
-        loss = pair_losses.mean()
-    elif algorithm == "simpo":
-        score = total / count
-        h = BETA * (score[0::2] - score[1::2]) - GAMMA
-    else:  # DPO with summed log-prob ratios against a frozen reference
+    ref_total = None
+    if ref_state is not None:
         reference = tiny_hf_model(hf_config)
         reference.load_state_dict(ref_state)
         with torch.no_grad():
             ref_total, _ = _sequence_logps(reference, batch)
+    if loss_options is not None:
+        from megatron_simpo.losses import LossConfig, preference_loss
+
+        config = LossConfig(**loss_options)
+        refs = (ref_total[0::2], ref_total[1::2]) if config.needs_reference else (None, None)
+        pair_losses, _ = preference_loss(total[0::2], count[0::2], total[1::2], count[1::2],
+                                         config, *refs)
+    elif algorithm == "simpo":
+        score = total / count
+        pair_losses = -F.logsigmoid(BETA * (score[0::2] - score[1::2]) - GAMMA)
+    else:  # DPO with summed log-prob ratios against a frozen reference
         ratio = total - ref_total
-        h = 0.1 * (ratio[0::2] - ratio[1::2])
-    if loss_options is None:
-        loss = -F.logsigmoid(h).mean()
+        pair_losses = -F.logsigmoid(0.1 * (ratio[0::2] - ratio[1::2]))
+    loss = pair_losses.mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
