@@ -12,6 +12,7 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
+from megatron_simpo.batching import BatchingConfig
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import DataConfig
 from megatron_simpo.flags import Section, check_coverage
@@ -32,6 +33,8 @@ SECTIONS = (
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "valid_fraction", "tokenizer_path", "seq_length",
         "max_prompt_length", "identical_pairs"), names={"tokenizer_path": ("--tokenizer",)}),
+    Section("batching", BatchingConfig, key="batching", fields=(
+        "batch_layout", "max_tokens_per_microbatch", "pack_sequences")),
     Section("training", TrainConfig, key="train", fields=(
         "micro_batch_size", "global_batch_size", "train_iters", "train_epochs", "bf16", "seed",
         "max_skipped_steps")),
@@ -54,7 +57,7 @@ SECTIONS = (
         "load", "save", "save_interval", "overwrite", "eval_interval", "log_interval",
         "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
 )
-_NESTED = ("data", "parallel", "loss", "optimizer", "fp8")
+_NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8")
 check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 

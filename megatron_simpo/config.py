@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from megatron_simpo.batching import BatchingConfig
 from megatron_simpo.data import DataConfig
 from megatron_simpo.losses import WITH_REFERENCE, LossConfig
 from megatron_simpo.model import TRANSFORMER_IMPLS, TransformerImpl, check_chunk_size
@@ -27,10 +28,12 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     fp8: Fp8Config | None = None
     """FP8 GEMMs in the decoder layers through Transformer Engine; None = bf16 GEMMs."""
-    micro_batch_size: int = 1
-    """Pairs per micro-batch; the model sees twice as many rows (chosen + rejected)."""
+    micro_batch_size: int | None = None
+    """Pairs per micro-batch (default 1); the model sees twice as many rows (chosen +
+    rejected). With --max-tokens-per-microbatch the token budget sizes micro-batches instead."""
     global_batch_size: int = 128
     """Pairs per optimizer step, reached by gradient accumulation over micro-batches and
     data-parallel ranks."""
@@ -87,7 +90,14 @@ class TrainConfig:
     """Also write the metrics as TensorBoard events here (needs the tensorboard package)."""
 
     def __post_init__(self) -> None:
-        for flag, value in (("--micro-batch-size", self.micro_batch_size),
+        if self.batching.token_budget:
+            if self.micro_batch_size is not None:
+                raise ValueError("give --micro-batch-size or --max-tokens-per-microbatch, not "
+                                 "both: the token budget decides how many pairs a micro-batch "
+                                 "holds")
+        elif self.micro_batch_size is None:
+            object.__setattr__(self, "micro_batch_size", 1)
+        for flag, value in (("--micro-batch-size", self.micro_batch_size or 1),
                             ("--global-batch-size", self.global_batch_size),
                             ("--log-interval", self.log_interval)):
             if value < 1:
@@ -132,6 +142,11 @@ class TrainConfig:
             raise ValueError(f"--seq-length ({self.data.seq_length}) must be a multiple of "
                              f"{self.sequence_alignment}: {'; '.join(reasons)}")
         check_chunk_size(self.logprob_chunk_size)
+        budget = self.batching.max_tokens_per_microbatch
+        if self.batching.pack_sequences and budget % self.sequence_alignment:
+            raise ValueError(f"--max-tokens-per-microbatch ({budget}) must be a multiple of "
+                             f"{self.sequence_alignment} with --pack-sequences (a packed row is "
+                             "split over sequence-parallel ranks / fed to FP8 GEMMs)")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}, "
                              f"got {self.transformer_impl!r}")
@@ -167,9 +182,15 @@ class TrainConfig:
         precomputed)."""
         return self.loss.needs_reference and self.reference_logps is None
 
-    def check_world(self, world_size: int) -> int:
-        """Validate the batch sizes against the data-parallel size; returns micro-batches per step."""
+    def check_world(self, world_size: int) -> int | None:
+        """Validate the batch sizes against the data-parallel size; returns micro-batches per
+        step and rank (None under a token budget: it varies)."""
         dp = self.parallel.data_parallel_size(world_size)
+        if self.batching.token_budget:
+            if self.global_batch_size < dp:
+                raise ValueError(f"--global-batch-size ({self.global_batch_size}) must be at "
+                                 f"least the data-parallel size ({dp})")
+            return None
         if self.global_batch_size % (self.micro_batch_size * dp) != 0:
             raise ValueError(
                 f"--global-batch-size ({self.global_batch_size}) must be divisible by "

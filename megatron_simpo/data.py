@@ -13,12 +13,13 @@ causal mask real tokens never attend to the padding that follows them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
 
+from megatron_simpo.batching import round_up
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -31,7 +32,10 @@ class TokenizedPair:
 
 @dataclass(frozen=True)
 class PreferenceBatch:
-    """2n interleaved rows of n pairs. All tensors are [2n, s] unless noted."""
+    """The sequences of n pairs, 2n of them: sequence 2i is pair i's chosen response, 2i+1 its
+    rejected one. Unpacked (the default), sequence j is row j and tensors are [2n, s]. Packed,
+    the sequences lie back to back in one row ([1, s] tensors): ``sequence_ids`` says which
+    sequence each position belongs to, ``cu_seqlens`` where each segment starts."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -40,14 +44,45 @@ class PreferenceBatch:
     reference_logp_sum: torch.Tensor | None = None
     """[2n] summed response log-probs of the frozen reference model (dpo, ipo, rdpo), from its
     forward pass or precomputed (--reference-logps)."""
+    sequence_ids: torch.Tensor | None = None
+    """Packed only: [1, s] the sequence (0 .. 2n-1) of each position; 0 on the padding tail,
+    whose loss mask is 0."""
+    cu_seqlens: torch.Tensor | None = None
+    """Packed only: [segments + 1] int32 segment starts in the row (the 2n sequences, then the
+    padding tail if any), as Transformer Engine's THD layout takes them."""
+    attention_mask: torch.Tensor | None = None
+    """Packed for the local layer spec: [1, 1, s, s] bool, True where a position may NOT attend
+    (another sequence, or the future): block-diagonal causal."""
+    packed_pairs: int = 0
+    """Packed only: the number of pairs in the row."""
+
+    @property
+    def packed(self) -> bool:
+        return self.sequence_ids is not None
+
+    @property
+    def num_sequences(self) -> int:
+        return 2 * self.packed_pairs if self.packed else self.tokens.shape[0]
 
     @property
     def num_pairs(self) -> int:
-        return self.tokens.shape[0] // 2
+        return self.num_sequences // 2
 
     @property
     def seq_length(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def real_tokens(self) -> int:
+        """Input positions holding a real token (not padding)."""
+        if self.packed:
+            return int(self.cu_seqlens[2 * self.num_pairs].item())
+        return int((self.position_ids < self._row_lengths().unsqueeze(-1)).sum().item())
+
+    def _row_lengths(self) -> torch.Tensor:
+        # A row's length is its last scored position + 1: responses end each row.
+        positions = torch.arange(self.seq_length).expand_as(self.loss_mask)
+        return torch.where(self.loss_mask > 0, positions + 1, 0).amax(dim=-1)
 
     def split(self, num_microbatches: int) -> list["PreferenceBatch"]:
         """Equal micro-batches of whole pairs, in order."""
@@ -57,6 +92,8 @@ class PreferenceBatch:
         return [self.rows(i * rows, (i + 1) * rows) for i in range(num_microbatches)]
 
     def rows(self, start: int, stop: int) -> "PreferenceBatch":
+        if self.packed:
+            raise ValueError("a packed batch is one row: it does not split into pairs by rows")
         if start % 2 or stop % 2:
             raise ValueError("row ranges must cover whole pairs (even bounds)")
         ref = None if self.reference_logp_sum is None else self.reference_logp_sum[start:stop]
@@ -64,12 +101,29 @@ class PreferenceBatch:
                                self.loss_mask[start:stop], self.position_ids[start:stop], ref)
 
     def to(self, device: torch.device) -> "PreferenceBatch":
-        ref = None if self.reference_logp_sum is None else self.reference_logp_sum.to(device)
-        return PreferenceBatch(self.tokens.to(device), self.labels.to(device),
-                               self.loss_mask.to(device), self.position_ids.to(device), ref)
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def with_reference(self, reference_logp_sum: torch.Tensor) -> "PreferenceBatch":
         return replace(self, reference_logp_sum=reference_logp_sum)
+
+
+def _sequence(pair: TokenizedPair, index: int, offset: int, limit: int) -> tuple[torch.Tensor, int]:
+    """(prompt + response tokens, prompt length) of a pair's chosen (offset 0) or rejected row."""
+    which = "chosen" if offset == 0 else "rejected"
+    response = pair.chosen if offset == 0 else pair.rejected
+    if len(pair.prompt) == 0:
+        raise ValueError(f"pair {index}: empty prompt (need at least one token, e.g. BOS)")
+    if len(response) == 0:
+        raise ValueError(f"pair {index}: empty {which} response")
+    full = torch.tensor(list(pair.prompt) + list(response), dtype=torch.long)
+    if len(full) - 1 > limit:
+        raise ValueError(f"pair {index}: prompt + {which} is {len(full)} tokens, more than "
+                         f"seq_length + 1 = {limit + 1}")
+    return full, len(pair.prompt)
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], seq_length: int, pad_id: int = 0
@@ -84,22 +138,56 @@ def collate_pairs(pairs: Sequence[TokenizedPair], seq_length: int, pad_id: int =
     labels = torch.full((n_rows, seq_length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((n_rows, seq_length), dtype=torch.float32)
     for index, pair in enumerate(pairs):
-        for offset, response in enumerate((pair.chosen, pair.rejected)):
-            which = "chosen" if offset == 0 else "rejected"
-            if len(pair.prompt) == 0:
-                raise ValueError(f"pair {index}: empty prompt (need at least one token, e.g. BOS)")
-            if len(response) == 0:
-                raise ValueError(f"pair {index}: empty {which} response")
-            full = torch.tensor(list(pair.prompt) + list(response), dtype=torch.long)
-            if len(full) - 1 > seq_length:
-                raise ValueError(f"pair {index}: prompt + {which} is {len(full)} tokens, more than "
-                                 f"seq_length + 1 = {seq_length + 1}")
+        for offset in (0, 1):
+            full, prompt_length = _sequence(pair, index, offset, seq_length)
             row, length = 2 * index + offset, len(full) - 1
             tokens[row, :length] = full[:-1]
             labels[row, :length] = full[1:]
-            loss_mask[row, len(pair.prompt) - 1:length] = 1.0
+            loss_mask[row, prompt_length - 1:length] = 1.0
     position_ids = torch.arange(seq_length, dtype=torch.long).unsqueeze(0).expand(n_rows, -1)
     return PreferenceBatch(tokens, labels, loss_mask, position_ids.contiguous())
+
+
+def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0, *,
+                   attention_mask: bool = True) -> PreferenceBatch:
+    """Lay out pairs back to back in ONE row of ``length`` positions: chosen 0, rejected 0,
+    chosen 1, ... then padding. Position ids restart at 0 for every sequence.
+
+    ``attention_mask`` builds the explicit block-diagonal causal mask the local layer spec uses;
+    without it the row is for Transformer Engine's THD layout (``cu_seqlens`` alone).
+    """
+    tokens = torch.full((1, length), pad_id, dtype=torch.long)
+    labels = torch.full((1, length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((1, length), dtype=torch.float32)
+    position_ids = torch.zeros((1, length), dtype=torch.long)
+    sequence_ids = torch.zeros((1, length), dtype=torch.long)
+    starts, at = [0], 0
+    for index, pair in enumerate(pairs):
+        for offset in (0, 1):
+            full, prompt_length = _sequence(pair, index, offset, length)
+            size = len(full) - 1
+            if at + size > length:
+                raise ValueError(f"packed pairs need more than {length} positions")
+            tokens[0, at:at + size] = full[:-1]
+            labels[0, at:at + size] = full[1:]
+            loss_mask[0, at + prompt_length - 1:at + size] = 1.0
+            position_ids[0, at:at + size] = torch.arange(size)
+            sequence_ids[0, at:at + size] = 2 * index + offset
+            at += size
+            starts.append(at)
+    if at < length:  # the padding tail is a segment of its own: it attends only to itself
+        position_ids[0, at:] = torch.arange(length - at)
+        starts.append(length)
+    cu_seqlens = torch.tensor(starts, dtype=torch.int32)
+    mask = None
+    if attention_mask:
+        segment = torch.repeat_interleave(torch.arange(len(starts) - 1),
+                                          cu_seqlens.diff().long())
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = ~(causal & (segment.unsqueeze(0) == segment.unsqueeze(1)))
+        mask = mask.view(1, 1, length, length)
+    return PreferenceBatch(tokens, labels, loss_mask, position_ids, None, sequence_ids,
+                           cu_seqlens, mask, packed_pairs=len(pairs))
 
 
 # ---- JSONL preference data ------------------------------------------------------------------
@@ -298,10 +386,6 @@ def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] |
         valid_rows = []
     return tokenize_rows(train_rows, tokenizer, config, dropped), \
         (tokenize_rows(valid_rows, tokenizer, config, dropped) if valid_rows else [])
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def padded_length(pairs: Sequence[TokenizedPair], seq_length: int, multiple: int = 8) -> int:

@@ -8,6 +8,7 @@ vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, get_args
 
 import torch
@@ -55,6 +56,11 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
+        # Micro-batches are padded to their own longest row (megatron_simpo.batching): stages
+        # exchange each one's shape before its activations.
+        variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
+        # (Megatron-Core refuses that beside its default MoE dispatcher; there are no experts.)
+        moe_token_dispatcher_type="alltoall",
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
@@ -107,6 +113,24 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
 
 
+def check_packed_attention(transformer_impl: str) -> None:
+    """Refuse --pack-sequences where the attention cannot keep packed sequences apart: on
+    Transformer Engine it needs THD segments (TE >= 1.7, fused or flash attention on a GPU of
+    compute capability 8.0 or newer). The local spec's SDPA attention takes the explicit
+    block-diagonal mask anywhere."""
+    if transformer_impl != "transformer_engine":
+        return
+    from megatron.core.utils import is_te_min_version
+
+    if not is_te_min_version("1.7.0"):
+        raise RuntimeError("--pack-sequences with --transformer-impl transformer_engine needs "
+                           "Transformer Engine 1.7 or newer (THD packed attention)")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        raise RuntimeError("--pack-sequences with --transformer-impl transformer_engine needs "
+                           "fused or flash attention with THD segments (compute capability "
+                           "8.0+); use --transformer-impl local")
+
+
 def check_transformer_impl(transformer_impl: str) -> None:
     """Refuse an unknown ``--transformer-impl``, or Transformer Engine's where it is missing."""
     if transformer_impl not in TRANSFORMER_IMPLS:
@@ -149,7 +173,6 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
     vocab-parallel logits (``parallel_output=True``): [b, s, V_padded/tp] when no labels are given.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     parallel.check_model(config)
     if pre_process is None:
@@ -158,7 +181,7 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         post_process = parallel_state.is_pipeline_last_stage()
     megatron_config = transformer_config(config, parallel, params_dtype=params_dtype,
                                          **transformer_overrides)
-    model = GPTModel(
+    model = _gpt_model_class()(
         config=megatron_config,
         transformer_layer_spec=block_spec(config, megatron_config, transformer_impl),
         vocab_size=config.padded_vocab_size(parallel.tensor_model_parallel_size),
@@ -176,6 +199,42 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
+
+
+def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor
+                         ) -> torch.Tensor:
+    """RoPE angles at each row's own positions: [s, b, 1, d] for position_ids [b, s].
+
+    Megatron-Core's GPTModel takes RoPE angles for 0..s-1, shared by all rows ([s, 1, 1, d]),
+    and ignores ``position_ids``; packed rows restart their positions at every sequence.
+    """
+    if position_ids is None or rotary_pos_emb is None:
+        return rotary_pos_emb
+    s = position_ids.shape[-1]
+    if torch.equal(position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
+        return rotary_pos_emb  # the usual case: nothing to change, bit for bit
+    table = model.rotary_pos_emb(model.max_sequence_length)  # [L, 1, 1, d]
+    return table[position_ids.t()].squeeze(2)
+
+
+@functools.cache
+def _gpt_model_class():
+    """Megatron-Core's ``GPTModel`` with RoPE that follows ``position_ids`` (packed rows); made
+    on first use so that importing this module does not import Megatron-Core."""
+    from megatron.core.models.gpt import GPTModel
+
+    class PositionedGPTModel(GPTModel):
+        """GPTModel whose rotary embedding is taken at ``position_ids`` (restarting per packed
+        sequence) instead of 0..s-1; THD-packed batches (Transformer Engine) keep
+        Megatron-Core's own per-segment RoPE."""
+
+        def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+            output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+            if kwargs.get("packed_seq_params") is not None:
+                return output
+            return (output[0], _rotary_at_positions(self, output[1], position_ids), *output[2:])
+
+    return PositionedGPTModel
 
 
 class _HiddenStatesOut:

@@ -128,13 +128,31 @@ def interleaved(sums: torch.Tensor) -> torch.Tensor:
     return sums.reshape(-1)
 
 
+def _forward_microbatches(data, pairs, indices: list[int], config) -> list:
+    """Micro-batches over these pairs for a forward-only pass: the run's token budget (and
+    packing), or --micro-batch-size pairs of similar lengths each padded to its longest."""
+    from megatron_simpo.batching import Microbatch
+    from megatron_simpo.data import padded_length
+
+    if not indices:
+        return []
+    if config.batching.token_budget:
+        return list(data.plan(pairs, indices, config, dp_size=1).ranks[0])
+    order = sorted(indices, key=lambda i: -(len(pairs[i].prompt) +
+                                            max(len(pairs[i].chosen), len(pairs[i].rejected))))
+    size = config.micro_batch_size
+    groups = [order[start:start + size] for start in range(0, len(order), size)]
+    return [Microbatch(tuple(group), padded_length([pairs[i] for i in group],
+                                                   config.data.seq_length, data.padding_multiple))
+            for group in groups]
+
+
 def compute(config, output: str | Path) -> Path:
     """Compute and save the reference log-probs of the run ``config`` describes (every rank)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_simpo import runtime
-    from megatron_simpo.data import collate_pairs, padded_length
     from megatron_simpo.step import attach_reference_logps
     from megatron_simpo.train import (TrainingData, build_reference_from_config,
                                       resolve_model_source)
@@ -153,16 +171,15 @@ def compute(config, output: str | Path) -> Path:
                      and parallel_state.get_tensor_model_parallel_rank() == 0)
     found: dict[str, tuple[float, float]] = {}
     for pairs in (data.train_pairs, data.valid_pairs):
-        mine = pairs[dp_rank::dp_size]  # every pair on exactly one data-parallel rank
-        for start in range(0, len(mine), config.micro_batch_size):
-            group = mine[start:start + config.micro_batch_size]
-            length = padded_length(group, config.data.seq_length, data.padding_multiple)
-            batch = collate_pairs(group, length, data.pad_id).to(env.device)
+        mine = list(range(dp_rank, len(pairs), dp_size))  # each pair on one data-parallel rank
+        for microbatch in _forward_microbatches(data, pairs, mine, config):
+            batch = data.collate(pairs, microbatch, config, env.device, None)
             [batch] = attach_reference_logps(model, [batch], source.config.vocab_size,
                                              config.logprob_chunk_size)
             if holds_results:
                 sums = batch.reference_logp_sum.double().cpu().reshape(-1, 2)
-                found.update((pair_key(p), tuple(s.tolist())) for p, s in zip(group, sums))
+                found.update((pair_key(pairs[i]), tuple(s.tolist()))
+                             for i, s in zip(microbatch.pairs, sums))
     everything = [None] * world_size if env.rank == 0 else None
     dist.gather_object(found if holds_results else {}, everything, dst=0)
     output = Path(output)

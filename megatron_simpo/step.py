@@ -45,9 +45,10 @@ def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab
                       chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
 
-    ``output`` is [2n, s, V_p/tp] logits (``chunk_size`` 0), or [2n, s, h] hidden states when
+    ``output`` is [b, s, V_p/tp] logits (``chunk_size`` 0), or [b, s, h] hidden states when
     the model runs with memory-lean log-probs: then only the response positions are scored,
-    through the output weight, ``chunk_size`` tokens at a time.
+    through the output weight, ``chunk_size`` tokens at a time. Unpacked, sequence j is row j
+    (b = 2n); packed (b = 1), ``batch.sequence_ids`` says which sequence a position scores.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
@@ -56,19 +57,25 @@ def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab
     if not chunk_size:
         token_logps = vocab_parallel_logprobs(output, batch.labels, vocab_size=vocab_size,
                                               tp_group=group)
-        return sequence_logprobs(token_logps, batch.loss_mask)
-    rows, positions = batch.loss_mask.nonzero(as_tuple=True)
-    hidden = output[rows, positions]
-    if not _unwrap(model).config.sequence_parallel:
-        # Identity forward, all-reduce of the hidden-state gradient over TP in backward. Under
-        # sequence parallelism the output layer's gather already reduce-scatters that gradient.
-        hidden = copy_to_tensor_model_parallel_region(hidden)
-    weight = output_weight(_unwrap(model))
-    logps = fused_output_logprobs(hidden, weight, batch.labels[rows, positions],
-                                  vocab_size=vocab_size, tp_group=group, chunk_size=chunk_size)
-    sums = torch.zeros(batch.tokens.shape[0], dtype=logps.dtype, device=logps.device)
-    sums = sums.index_add(0, rows, logps * batch.loss_mask[rows, positions].to(logps.dtype))
-    return sums, batch.loss_mask.sum(dim=-1).to(logps.dtype)
+        if not batch.packed:
+            return sequence_logprobs(token_logps, batch.loss_mask)
+        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+        logps = token_logps[rows, positions]
+    else:
+        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+        hidden = output[rows, positions]
+        if not _unwrap(model).config.sequence_parallel:
+            # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
+            # Under sequence parallelism the output layer's gather already reduce-scatters it.
+            hidden = copy_to_tensor_model_parallel_region(hidden)
+        weight = output_weight(_unwrap(model))
+        logps = fused_output_logprobs(hidden, weight, batch.labels[rows, positions],
+                                      vocab_size=vocab_size, tp_group=group,
+                                      chunk_size=chunk_size)
+    sequences = batch.sequence_ids[rows, positions] if batch.packed else rows
+    mask = batch.loss_mask[rows, positions].to(logps.dtype)
+    zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
+    return zeros.index_add(0, sequences, logps * mask), zeros.index_add(0, sequences, mask)
 
 
 @dataclass(frozen=True)
@@ -95,10 +102,21 @@ def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Ten
 
 
 def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
-    # No attention mask: rows are right-padded, so the causal mask alone keeps real tokens from
-    # seeing padding. The last stage returns [b, s, V_p/tp] logits, or [b, s, h] hidden states
-    # with memory-lean log-probs.
-    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None)
+    """The model on one micro-batch. Unpacked rows are right-padded, so the causal mask alone
+    keeps real tokens from seeing padding (no mask tensor). Packed rows carry their
+    block-diagonal mask (local layer spec), or go to Transformer Engine as THD segments. The
+    last stage returns [b, s, V_p/tp] logits, or [b, s, h] hidden states with memory-lean
+    log-probs."""
+    packed_seq_params = None
+    if batch.packed and batch.attention_mask is None:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        longest = int(batch.cu_seqlens.diff().max())
+        packed_seq_params = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+            max_seqlen_q=longest, max_seqlen_kv=longest)
+    return model(input_ids=batch.tokens, position_ids=batch.position_ids,
+                 attention_mask=batch.attention_mask, packed_seq_params=packed_seq_params)
 
 
 def _forward_step(spec: _StepSpec, data_iterator, model):
@@ -125,8 +143,10 @@ def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], mo
         data_iterator=iter(microbatches),
         model=model_chunks,
         num_microbatches=len(microbatches),
-        seq_length=microbatches[0].seq_length,
-        micro_batch_size=microbatches[0].tokens.shape[0],  # rows: 2 x pairs
+        # Pipeline stages exchange each micro-batch's own shape (variable_seq_lengths, set in
+        # model.transformer_config): these are only the largest.
+        seq_length=max(batch.seq_length for batch in microbatches),
+        micro_batch_size=max(batch.tokens.shape[0] for batch in microbatches),
         forward_only=forward_only,
     )
 
@@ -195,7 +215,8 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     Args:
         model_chunks: [DDP-wrapped GPTModel] (one chunk; built by ``optimizer.wrap_with_ddp``).
         optimizer: from ``optimizer.build_optimizer`` (installs the gradient finalisation hooks).
-        microbatches: this data-parallel rank's micro-batches, each with the same shape.
+        microbatches: this data-parallel rank's micro-batches (shapes may differ; so may their
+            number across data-parallel ranks: the loss is normalised by the global pair count).
         vocab_size: true vocabulary size (padded logits are excluded from the softmax).
         reference_model: the frozen reference ``GPTModel`` (dpo, ipo, rdpo only).
         logprob_chunk_size: tokens scored at a time by the memory-lean log-probs, or 0 for full

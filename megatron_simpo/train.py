@@ -16,12 +16,13 @@ from megatron_simpo.architecture import ModelConfig
 from megatron_simpo.components import (TrainingComponents, build_components,
                                        build_reference, release)
 from megatron_simpo.config import TrainConfig
+from megatron_simpo.batching import BatchPlan, Microbatch, pair_lengths, plan_global_batch
 from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
-                                 collate_pairs, load_datasets, load_tokenizer, padded_length)
+                                 collate_packed, collate_pairs, load_datasets, load_tokenizer)
 from megatron_simpo.flops import step_flops
 from megatron_simpo.guards import StepHealth, finite_everywhere, json_number, parameters
 from megatron_simpo.lifecycle import StopRequests, die_with_parent
-from megatron_simpo.model import check_transformer_impl
+from megatron_simpo.model import check_packed_attention, check_transformer_impl
 from megatron_simpo.optimizer import finish_param_sync
 from megatron_simpo.precision import check_fp8_support, padding_multiple
 from megatron_simpo.reference_logps import ReferenceLogps, interleaved
@@ -77,11 +78,6 @@ def resolve_model_source(config: TrainConfig) -> ModelSource:
         raise ValueError(f"--seq-length ({config.data.seq_length}) exceeds the model's maximum "
                          f"sequence length ({model_config.max_position_embeddings})")
     return ModelSource(model_config, resume, pretrained, Path(tokenizer))
-
-
-def _pair_tokens(pairs: list[TokenizedPair], indices: list[int]) -> int:
-    return sum(2 * len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected) - 2
-               for i in indices)
 
 
 def _pair_flops(config: ModelConfig, pairs: list[TokenizedPair], indices: list[int]) -> int:
@@ -142,14 +138,15 @@ class MetricsWriter:
 
 def _log_line(iteration: int, total: int, consumed: int, lr: float, metrics: dict,
               grad_norm, elapsed: float, tokens: int, tflops_per_gpu: float,
-              skipped: bool = False) -> str:
+              padding_efficiency: float, skipped: bool = False) -> str:
     norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
     return (f" iteration {iteration:8d}/{total:8d} | consumed samples: {consumed:12d} | "
             f"elapsed time per iteration (ms): {1000 * elapsed:.1f} | "
             f"throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} | learning rate: {lr:.3E} | "
             f"loss: {metrics['loss']:.6E} | reward accuracy: {metrics['rewards/accuracies']:.3f} | "
             f"reward margin: {metrics['rewards/margins']:.4f} | grad norm: {norm} | "
-            f"tokens/s: {tokens / max(elapsed, 1e-9):.0f} |" +
+            f"tokens/s: {tokens / max(elapsed, 1e-9):.0f} | "
+            f"padding efficiency: {padding_efficiency:.3f} |" +
             (" skipped: non-finite loss or gradient |" if skipped else ""))
 
 
@@ -165,6 +162,8 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         config.fp8.check_model(source.config.num_layers,
                                config.parallel.pipeline_model_parallel_size)
     check_transformer_impl(config.transformer_impl)  # then what the machine has
+    if config.batching.pack_sequences:
+        check_packed_attention(config.transformer_impl)
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
     if config.save:
@@ -317,10 +316,14 @@ class _Session:
         self.config, self.source, self.env, self.data = config, source, env, data
         self.total_iters, self.num_microbatches = total_iters, num_microbatches
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
+        layout = (f"micro-batches of up to {config.batching.max_tokens_per_microbatch} tokens"
+                  f"{' (packed)' if config.batching.pack_sequences else ''}"
+                  if num_microbatches is None else
+                  f"{num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
+                  f"{config.batching.batch_layout}")
         self.say(f"> {len(data.train_pairs)} training pairs, {len(data.valid_pairs)} validation "
                  f"pairs, {total_iters} iterations of {config.global_batch_size} pairs "
-                 f"({num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
-                 f"DP={env.data_parallel_size})")
+                 f"({layout}, DP={env.data_parallel_size})")
         for warning in data.warnings(config, self.dp_size):
             self.say(warning)
         self.parts = build_from_config(config, source, total_iters)
@@ -354,9 +357,8 @@ class _Session:
         return state.iteration, state.consumed_samples
 
     def step(self, indices: list[int]):
-        microbatches = self.data.train_microbatches(indices, self.config, self.dp_rank,
-                                                    self.dp_size, self.num_microbatches,
-                                                    self.env.device)
+        microbatches, self.plan = self.data.train_microbatches(
+            indices, self.config, self.dp_rank, self.dp_size, self.env.device)
         self.lr = self.parts.optimizer.param_groups[0]["lr"]
         result = train_step([self.parts.model], self.parts.optimizer, microbatches,
                             self.config.loss, **self.step_options)
@@ -373,17 +375,19 @@ class _Session:
         if not log and not result.skipped_non_finite:
             return
         pairs = self.data.train_pairs
-        tokens = _pair_tokens(pairs, indices)
+        tokens = self.plan.real_tokens
         # Model FLOPs of SimPO's work (a reference model's pass not counted) per rank.
         tflops = _pair_flops(self.source.config, pairs, indices) / elapsed / 1e12 / self.env.world_size
         self.writer.write(iteration, {**result.metrics, "learning_rate": self.lr,
                                       "grad_norm": result.grad_norm, "consumed_samples": consumed,
                                       "iteration_time_s": elapsed,
                                       "tokens_per_second": tokens / elapsed,
+                                      "padding_efficiency": self.plan.padding_efficiency,
                                       "tflops_per_gpu": tflops,
                                       "skipped": int(result.skipped_non_finite)})
         self.say(_log_line(iteration, self.total_iters, consumed, self.lr, result.metrics,
-                           result.grad_norm, elapsed, tokens, tflops, result.skipped_non_finite))
+                           result.grad_norm, elapsed, tokens, tflops, self.plan.padding_efficiency,
+                           result.skipped_non_finite))
 
     def evaluate(self, at: int) -> None:
         if not self.eval_batches:
@@ -469,45 +473,66 @@ class TrainingData:
             found.append(f"warning: {len(self.dropped)} pair(s) dropped: chosen and rejected are "
                          f"the same tokens (first: {', '.join(self.dropped[:3])}); "
                          "--identical-pairs refuse stops on them instead")
-        per_step = config.micro_batch_size * dp_size
-        if self.valid_pairs and len(self.valid_pairs) < per_step:
+        usable = self.usable_valid_pairs(config, dp_size)
+        per_step = (config.micro_batch_size or 1) * dp_size
+        if self.valid_pairs and usable == 0:
             found.append(f"warning: the validation set has {len(self.valid_pairs)} pair(s), fewer "
                          f"than one micro-batch per data-parallel rank ({per_step}): no "
                          "evaluation")
-        elif self.valid_pairs and len(self.valid_pairs) % per_step:
-            found.append(f"warning: {len(self.valid_pairs) % per_step} of "
+        elif usable < len(self.valid_pairs):
+            found.append(f"warning: {len(self.valid_pairs) - usable} of "
                          f"{len(self.valid_pairs)} validation pairs are left out of evaluation "
                          f"(it uses whole micro-batches of {per_step} across the ranks)")
         return found
 
-    def _collate(self, pairs: list[TokenizedPair], indices: list[int], length: int,
-                 device, reference: torch.Tensor | None) -> PreferenceBatch:
-        batch = collate_pairs([pairs[i] for i in indices], length, self.pad_id)
+    def plan(self, pairs: list[TokenizedPair], indices: list[int], config: TrainConfig,
+             dp_size: int) -> BatchPlan:
+        """How these pairs run on the data-parallel ranks (megatron_simpo.batching)."""
+        lengths = [pair_lengths(len(pairs[i].prompt), len(pairs[i].chosen),
+                                len(pairs[i].rejected)) for i in indices]
+        return plan_global_batch(indices, lengths, dp_size=dp_size,
+                                 micro_batch_size=config.micro_batch_size or 1,
+                                 config=config.batching, seq_length=config.data.seq_length,
+                                 multiple=self.padding_multiple)
+
+    def collate(self, pairs: list[TokenizedPair], microbatch: Microbatch, config: TrainConfig,
+                device, reference: torch.Tensor | None) -> PreferenceBatch:
+        """One micro-batch as tensors on ``device``; packed rows carry a block-diagonal mask
+        for the local layer spec and THD segments for Transformer Engine."""
+        chosen = [pairs[i] for i in microbatch.pairs]
+        if microbatch.packed:
+            batch = collate_packed(chosen, microbatch.length, self.pad_id,
+                                   attention_mask=config.transformer_impl == "local")
+        else:
+            batch = collate_pairs(chosen, microbatch.length, self.pad_id)
         if reference is not None:  # fp32, as the reference pass computes them
-            batch = batch.with_reference(interleaved(reference[indices]).float())
+            batch = batch.with_reference(interleaved(reference[list(microbatch.pairs)]).float())
         return batch.to(device)
 
     def train_microbatches(self, indices: list[int], config: TrainConfig, dp_rank: int,
-                           dp_size: int, num_microbatches: int, device) -> list[PreferenceBatch]:
-        """This rank's shard of a global batch, padded to the global batch's longest pair."""
-        length = padded_length([self.train_pairs[i] for i in indices], config.data.seq_length,
-                               self.padding_multiple)
-        shard = PairSampler.shard(indices, dp_rank, dp_size)
-        return self._collate(self.train_pairs, shard, length, device,
-                             self.train_reference).split(num_microbatches)
+                           dp_size: int, device) -> tuple[list[PreferenceBatch], BatchPlan]:
+        """This rank's micro-batches of a global batch, and the plan of the whole batch."""
+        plan = self.plan(self.train_pairs, indices, config, dp_size)
+        return [self.collate(self.train_pairs, mb, config, device, self.train_reference)
+                for mb in plan.ranks[dp_rank]], plan
+
+    def usable_valid_pairs(self, config: TrainConfig, dp_size: int) -> int:
+        """Validation pairs evaluated: all under a token budget, else whole micro-batches
+        on every rank."""
+        if config.batching.token_budget:
+            return len(self.valid_pairs) if len(self.valid_pairs) >= dp_size else 0
+        chunk = config.micro_batch_size * dp_size
+        return len(self.valid_pairs) // chunk * chunk
 
     def eval_microbatches(self, config: TrainConfig, dp_rank: int, dp_size: int, device
                           ) -> list[PreferenceBatch]:
-        """This rank's share of the validation pairs as equal micro-batches (remainder dropped)."""
-        chunk = config.micro_batch_size * dp_size
-        usable = len(self.valid_pairs) // chunk * chunk
+        """This rank's share of the validation pairs, laid out as the training batches are."""
+        usable = self.usable_valid_pairs(config, dp_size)
         if usable == 0:
             return []
-        length = padded_length(self.valid_pairs[:usable], config.data.seq_length,
-                               self.padding_multiple)
-        indices = PairSampler.shard(list(range(usable)), dp_rank, dp_size)
-        batch = self._collate(self.valid_pairs, indices, length, device, self.valid_reference)
-        return batch.split(len(indices) // config.micro_batch_size)
+        plan = self.plan(self.valid_pairs, list(range(usable)), config, dp_size)
+        return [self.collate(self.valid_pairs, mb, config, device, self.valid_reference)
+                for mb in plan.ranks[dp_rank]]
 
 
 def main(argv=None) -> None:

@@ -84,3 +84,30 @@ def test_a_bad_flag_is_one_line_from_rank_zero(capsys, monkeypatch, rank, expect
     assert len(err.splitlines()) == expected_lines
     if expected_lines:
         assert err.startswith("train_simpo: error: argument --lr-decay-style: invalid choice")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-tokens-per-microbatch", "4096", "--micro-batch-size", "2"],
+     "give --micro-batch-size or --max-tokens-per-microbatch, not both"),
+    (["--pack-sequences"], "--pack-sequences needs --max-tokens-per-microbatch"),
+    (["--batch-layout", "global-max", "--max-tokens-per-microbatch", "4096"],
+     "goes with --batch-layout sorted"),
+    (["--pack-sequences", "--max-tokens-per-microbatch", "4100", "--sequence-parallel",
+      "--tensor-model-parallel-size", "8"], "must be a multiple of 8 with --pack-sequences"),
+])
+def test_batching_flags_refuse_contradictions(paths, flags, message, capsys):
+    base = ["--train-data-path", str(paths / "train.jsonl"), "--model-config",
+            str(paths / "config.json"), "--tokenizer", str(paths), "--train-iters", "5"]
+    with pytest.raises(SystemExit):
+        parse_args(base + flags)
+    assert message in capsys.readouterr().err
+
+
+def test_token_budget_leaves_the_micro_batch_size_to_the_plan(paths):
+    config = parse_args(["--train-data-path", str(paths / "train.jsonl"), "--model-config",
+                         str(paths / "config.json"), "--tokenizer", str(paths), "--train-iters",
+                         "5", "--max-tokens-per-microbatch", "4096", "--pack-sequences"])
+    assert config.micro_batch_size is None and config.batching.pack_sequences
+    assert config.check_world(4) is None  # micro-batches per rank vary
+    assert TrainConfig(data=config.data, model_config_path=config.model_config_path,
+                       train_iters=5).micro_batch_size == 1

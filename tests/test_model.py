@@ -88,3 +88,76 @@ def test_memory_lean_logprobs_flag_is_validated():
 
     with pytest.raises(ValueError, match="--logprob-chunk-size must be an integer >= 0"):
         check_output_mode(object(), -1)
+
+
+def _packed_worker(rank, hf_config, hf_state, sequences):
+    from megatron_simpo import runtime
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
+    from megatron_simpo.data import TokenizedPair, collate_packed
+    from megatron_simpo.model import build_model
+    from megatron_simpo.parallel import ParallelConfig
+
+    parallel = ParallelConfig()
+    runtime.initialize(parallel, seed=1)
+    config = ModelConfig.from_hf_config(hf_config)
+    model = build_model(config, parallel)
+    load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)), config,
+                    tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    model.eval()
+    # One pair = two sequences (prompt token + response); the row ends in padding.
+    pair = TokenizedPair(sequences[0][:1], sequences[0][1:], sequences[1][1:])
+    length = len(sequences[0]) + len(sequences[1]) - 2 + 5
+    batch = collate_packed([pair], length)
+    with torch.no_grad():
+        logits = model(input_ids=batch.tokens, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask)
+    return logits[0, :, :config.vocab_size], batch.cu_seqlens.tolist()
+
+
+def test_packed_row_equals_each_sequence_alone():
+    """A packed row (block-diagonal mask, positions restarting per sequence) gives each
+    sequence the logits Hugging Face gives it alone; the second sequence starts 1,500
+    positions in, where RoPE at the row's positions instead of the sequence's drifts."""
+    hf_config = tiny_hf_config("llama3.1")
+    model = tiny_hf_model(hf_config, seed=2)
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (1501, 40)]
+    sequences[1][0] = sequences[0][0]  # a pair's two sequences share the prompt
+    [(logits, starts)] = run_on_ranks(1, _packed_worker, hf_config, model.state_dict(), sequences)
+    for index, sequence in enumerate(sequences):
+        with torch.no_grad():
+            expected = model(torch.tensor([sequence[:-1]])).logits[0]
+        got = logits[starts[index]:starts[index + 1]]
+        assert (got - expected).abs().max().item() <= 2e-5, f"sequence {index}"
+
+
+def _rope_worker(rank, positions):
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_simpo import runtime
+    from megatron_simpo.model import _rotary_at_positions
+    from megatron_simpo.parallel import ParallelConfig
+
+    runtime.initialize(ParallelConfig(), seed=1)  # CPU redirections for Megatron's RoPE
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000,
+                           use_cpu_initialization=True)
+    model = SimpleNamespace(rotary_pos_emb=rope, max_sequence_length=64)
+    shared = rope(positions.shape[1])  # [s, 1, 1, d]: what GPTModel hands its layers
+    plain = torch.arange(positions.shape[1]).expand_as(positions)
+    return (_rotary_at_positions(model, shared, positions),
+            _rotary_at_positions(model, shared, plain) is shared)
+
+
+def test_rope_follows_restarting_position_ids():
+    """RoPE angles of a packed row are those of each sequence's own positions (RoPE is
+    relative, so the logits above barely see an offset; the angles must still restart)."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [0, 1, 0, 1, 2, 3, 4, 5, 0, 1]])
+    [(got, plain_untouched)] = run_on_ranks(1, _rope_worker, positions)
+    inverse = 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    angles = positions.t().double().unsqueeze(-1) * inverse  # [s, b, d/2]
+    expected = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # [s, b, 1, d]
+    assert got.shape == (10, 2, 1, 8)
+    assert (got.double() - expected).abs().max().item() <= 1e-6
+    assert plain_untouched  # unpacked rows keep GPTModel's shared angles, bit for bit

@@ -77,7 +77,10 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
 def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, algorithm,
                    use_distributed_optimizer, ref_state, clip, chunk_size, model_overrides=None,
                    overlap_grad_reduce=False, sequence_parallel=False, overlap_param_gather=False,
-                   loss_options=None):
+                   loss_options=None, layout=None):
+    """One step on this rank's share of ``batch``: a collated batch split into equal
+    micro-batches, or, with ``layout`` (micro-batch size, BatchingConfig fields), a list of
+    pairs laid out by megatron_simpo.batching as training does."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -119,9 +122,13 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     model, optimizer, reference = parts.model, parts.optimizer, parts.reference
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    rows = 2 * PAIRS // dp_size
-    shard = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
-    result = train_step([model], optimizer, shard.split(num_microbatches), loss_config,
+    if layout is None:
+        rows = 2 * PAIRS // dp_size
+        shard = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
+        microbatches = shard.split(num_microbatches)
+    else:
+        microbatches = _laid_out(batch, layout, dp_size)[dp_rank]
+    result = train_step([model], optimizer, microbatches, loss_config,
                         vocab_size=config.vocab_size, reference_model=reference,
                         logprob_chunk_size=chunk_size or 0)
     finish_param_sync([model])
@@ -141,6 +148,21 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     release(parts)  # this rank is reused by the next test
     return dict(metrics=result.metrics, grad_norm=result.grad_norm, grads=grads, params=params,
                 config=config)
+
+
+def _laid_out(pairs, layout, dp_size):
+    """Every rank's micro-batches of ``pairs`` under ``layout`` (micro-batch size, batching)."""
+    from megatron_simpo.batching import BatchingConfig, pair_lengths, plan_global_batch
+    from megatron_simpo.data import collate_packed
+
+    micro_batch_size, batching = layout
+    lengths = [pair_lengths(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs]
+    plan = plan_global_batch(list(range(len(pairs))), lengths, dp_size=dp_size,
+                             micro_batch_size=micro_batch_size,
+                             config=BatchingConfig(**batching), seq_length=SEQ)
+    return [[collate_packed([pairs[i] for i in mb.pairs], mb.length) if mb.packed else
+             collate_pairs([pairs[i] for i in mb.pairs], mb.length) for mb in rank]
+            for rank in plan.ranks]
 
 
 def _compare(expected, results, hf_config, what, atol):
@@ -272,3 +294,70 @@ def test_baseline_step_matches_single_process_reference(case):
     if options["algorithm"] in ("rrhf", "slic"):  # the hinge is active on some pairs
         assert results[0]["metrics"]["loss"] > results[0]["metrics"]["nll_loss"] + 1e-3
     _compare(grads, results, hf_config, "grads", atol=1e-5)
+
+
+# Micro-batch layouts (megatron_simpo.batching) on pairs of very different lengths: each
+# micro-batch padded to its own longest row (sorted, balanced over ranks), a token budget
+# (pairs per micro-batch and micro-batches per rank vary) and packing (several sequences in
+# one row, block-diagonal mask, restarting positions) give the loss, gradients and update of
+# the whole batch padded to its longest pair, computed by Hugging Face on one process.
+# name: (world, tp, pp, micro-batch size, batching, distributed optimizer, chunk, algorithm)
+LAYOUT_PAIRS = 12
+SORTED = dict(batch_layout="sorted")
+BUDGET = dict(max_tokens_per_microbatch=64)
+PACKED = dict(max_tokens_per_microbatch=48, pack_sequences=True)
+LAYOUTS = {
+    "sorted_dp2": (2, 1, 1, 2, SORTED, False, 7, "simpo"),
+    "sorted_pp2": (2, 1, 2, 2, SORTED, False, 7, "simpo"),
+    "in_order_tp2": (2, 2, 1, 3, dict(batch_layout="in-order"), False, 7, "simpo"),
+    "budget_dp2": (2, 1, 1, None, BUDGET, False, 7, "simpo"),
+    "budget_pp2_plain_logits": (2, 1, 2, None, BUDGET, False, None, "simpo"),
+    "budget_tp2_sequence_parallel": (2, 2, 1, None, BUDGET, False, 7, "simpo"),
+    "packed_dp2_distopt": (2, 1, 1, None, PACKED, True, 7, "simpo"),
+    "packed_pp2": (2, 1, 2, None, PACKED, False, 7, "simpo"),
+    "packed_tp2_sequence_parallel_plain_logits": (2, 2, 1, None, PACKED, False, None, "simpo"),
+    "packed_pp2_dpo": (2, 1, 2, None, PACKED, False, 7, "dpo"),
+}
+
+
+def _varied_pairs(vocab: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    return [TokenizedPair(ids(1, 9), ids(1, 17), ids(1, 17)) for _ in range(LAYOUT_PAIRS)]
+
+
+def test_layouts_under_test_really_vary():
+    """The cases above exercise what they claim: short micro-batches, varying counts, packing."""
+    pairs = _varied_pairs(tiny_hf_config("llama3")["vocab_size"])
+    sorted_ranks = _laid_out(pairs, (2, SORTED), 2)
+    assert len({mb.seq_length for rank in sorted_ranks for mb in rank}) > 1
+    budget = _laid_out(pairs, (None, BUDGET), 2)
+    assert len({len(rank) for rank in budget}) > 1 or len({mb.num_pairs for r in budget for mb in r}) > 1
+    assert all(mb.tokens.numel() <= 64 or mb.num_pairs == 1 for rank in budget for mb in rank)
+    packed = _laid_out(pairs, (None, PACKED), 2)
+    assert max(mb.num_pairs for rank in packed for mb in rank) > 1
+    assert all(mb.tokens.shape[0] == 1 for rank in packed for mb in rank)
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+def test_microbatch_layouts_match_single_process_reference(case):
+    world, tp, pp, micro, batching, distopt, chunk_size, algorithm = LAYOUTS[case]
+    hf_config = tiny_hf_config("llama3")
+    hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
+    ref_state = tiny_hf_model(hf_config, seed=4).state_dict() if algorithm == "dpo" else None
+    pairs = _varied_pairs(hf_config["vocab_size"])
+    clip = 0.05 if distopt else 1e9
+    loss, grads, grad_norm, params = _reference_step(hf_config, hf_state, collate_pairs(pairs, SEQ),
+                                                     algorithm, ref_state, clip=clip)
+    results = run_on_ranks(world, _megatron_step, hf_config, hf_state, pairs, tp, pp, None,
+                           algorithm, distopt, ref_state, clip, chunk_size, None, False,
+                           "sequence_parallel" in case, False, None, (micro, batching))
+    for result in results:
+        assert abs(result["metrics"]["loss"] - loss) <= 1e-5
+        assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
+    _compare(grads, results, hf_config, "grads", atol=1e-5)
+    _compare(params, results, hf_config, "params", atol=1e-5)
