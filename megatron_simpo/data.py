@@ -72,18 +72,6 @@ class PreferenceBatch:
     def seq_length(self) -> int:
         return self.tokens.shape[1]
 
-    @property
-    def real_tokens(self) -> int:
-        """Input positions holding a real token (not padding)."""
-        if self.packed:
-            return int(self.cu_seqlens[2 * self.num_pairs].item())
-        return int((self.position_ids < self._row_lengths().unsqueeze(-1)).sum().item())
-
-    def _row_lengths(self) -> torch.Tensor:
-        # A row's length is its last scored position + 1: responses end each row.
-        positions = torch.arange(self.seq_length).expand_as(self.loss_mask)
-        return torch.where(self.loss_mask > 0, positions + 1, 0).amax(dim=-1)
-
     def split(self, num_microbatches: int) -> list["PreferenceBatch"]:
         """Equal micro-batches of whole pairs, in order."""
         if self.num_pairs % num_microbatches != 0:

@@ -179,3 +179,59 @@ def test_bf16_logprobs_match_fp32():
         worst, mean = errors[name]
         assert worst <= 0.1, errors
         assert mean <= 0.01, errors
+
+
+def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
+    """Per-sequence summed log-probs of the same pairs through Transformer Engine, padded rows
+    vs one THD-packed row (and the local spec's packed row with its explicit mask)."""
+    from megatron.core import parallel_state
+
+    from megatron_simpo import runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.data import TokenizedPair, collate_packed
+    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.step import _forward, _policy_logp_sums
+
+    config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
+    runtime.initialize(parallel, seed=0, model_config=config)
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    g = torch.Generator().manual_seed(1)
+
+    def ids(low, high):
+        return torch.randint(0, config.vocab_size, (int(torch.randint(low, high, (1,),
+                                                                      generator=g)),),
+                             generator=g).tolist()
+
+    pairs = [TokenizedPair(ids(4, 24), ids(8, 40), ids(8, 40)) for _ in range(4)]
+    used = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+    length = -(-used // 64) * 64
+    padded = collate_pairs(pairs, SEQ).to(torch.device("cuda"))
+    thd = collate_packed(pairs, length, attention_mask=False).to(torch.device("cuda"))
+    masked = collate_packed(pairs, length).to(torch.device("cuda"))
+    te = _build(hf_state, config, parallel, "transformer_engine", torch.bfloat16, tmp_dir).eval()
+    local = _build(hf_state, config, parallel, "local", torch.bfloat16).eval()
+    sums = {}
+    with torch.no_grad():
+        for name, model, batch in (("te_padded", te, padded), ("te_thd", te, thd),
+                                   ("local_masked", local, masked)):
+            sums[name] = _policy_logp_sums(batch, _forward(batch, model), model,
+                                           config.vocab_size, 0)[0].float().cpu()
+    return sums
+
+
+@needs_te
+def test_transformer_engine_thd_packing_matches_padded_rows(tmp_path):
+    """--pack-sequences on Transformer Engine: THD segments give each sequence the log-probs
+    of its own padded row (bf16 rounding apart), as the local spec's masked row does."""
+    from megatron_simpo.model import check_packed_attention
+
+    try:
+        check_packed_attention("transformer_engine")
+    except RuntimeError as unsupported:
+        pytest.skip(str(unsupported))
+    hf_config = tiny_hf_config("llama3", **GPU_MODEL)
+    hf_state = tiny_hf_model(hf_config, seed=1).state_dict()
+    sums = run_on_ranks(1, _te_packed_logps, hf_state, hf_config, str(tmp_path / "ckpt"))[0]
+    scale = sums["te_padded"].abs().max().item()
+    for name in ("te_thd", "local_masked"):
+        assert (sums[name] - sums["te_padded"]).abs().max().item() <= 0.02 * scale, sums

@@ -353,6 +353,191 @@ def _trl_comparison(args, config) -> dict:
             "first_loss_abs_diff": abs(ours["first_loss"] - trl["first_loss"])}
 
 
+def _length_rows(num_pairs: int, scale: float, max_length: int) -> list[dict]:
+    """Plain-text pairs with SimPO-like lengths (megatron_simpo.synthetic) for the char-level
+    tiny tokenizer (one token per letter; TRL adds BOS to the prompt and EOS to responses)."""
+    import random
+
+    from megatron_simpo.synthetic import preference_lengths
+
+    rng = random.Random(0)
+    rows = []
+    for prompt, chosen, rejected in preference_lengths(num_pairs, 0, scale, max_length):
+        rows.append({"prompt": _letters(rng, max(1, prompt - 1)),
+                     "chosen": _letters(rng, max(1, chosen - 1)),
+                     "rejected": _letters(rng, max(1, rejected - 1))})
+    return rows
+
+
+def _trl_length_run(rank, model_dir, rows, global_batch, micro, warmup, beta, gamma, lr, out_dir,
+                    threads):
+    """TRL's CPOTrainer (SimPO, cpo_alpha=0) over ``rows`` in order: global batches of
+    ``global_batch`` pairs by gradient accumulation over micro-batches of ``micro`` pairs, each
+    padded to its own longest row (TRL's collator). Returns the step times and TRL's token ids."""
+    import torch
+    import transformers
+    from datasets import Dataset
+
+    try:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+    except ImportError:  # TRL < 1.0 exports it at the top level
+        from trl import CPOConfig, CPOTrainer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    times, losses = [], []
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.began)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    config = CPOConfig(output_dir=out_dir, per_device_train_batch_size=micro,
+                       gradient_accumulation_steps=global_batch // micro,
+                       max_steps=len(rows) // global_batch, learning_rate=lr,
+                       lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                       max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+                       use_cpu=True, seed=0, dataloader_num_workers=0, loss_type="simpo",
+                       cpo_alpha=0.0, beta=beta, simpo_gamma=gamma, max_length=1 << 16,
+                       disable_dropout=True, train_sampling_strategy="sequential")
+    trainer = CPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[StepTimer()])
+    torch.set_num_threads(threads)  # after the Trainer: accelerate sets its own count
+    trainer.train()
+    pairs = []
+    for row in trainer.train_dataset:
+        prompt = list(row["prompt_input_ids"])
+        pairs.append((prompt, list(row["chosen_input_ids"])[len(prompt):],
+                      list(row["rejected_input_ids"])[len(prompt):]))
+    return {"step_seconds": times, "losses": losses, "pairs": pairs,
+            "threads": torch.get_num_threads()}
+
+
+def _layout_run(rank, model_dir, pairs, global_batch, micro, batching, seq_length, chunk, lr,
+                threads):
+    """This trainer over the same pairs, global batches in the same order, laid out as
+    ``batching`` says: per-step times (planning and collation included), real and processed
+    tokens."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    from megatron_simpo import runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.batching import BatchingConfig, pair_lengths, plan_global_batch
+    from megatron_simpo.components import build_components
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
+    from megatron_simpo.data import TokenizedPair, collate_packed, collate_pairs
+    from megatron_simpo.losses import LossConfig
+    from megatron_simpo.optimizer import OptimizerSettings
+    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.step import train_step
+
+    config, parallel = ModelConfig.from_hf_config(model_dir), ParallelConfig()
+    env = runtime.initialize(parallel, seed=0, model_config=config)
+    hf_state = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32).state_dict()
+
+    def load(model):
+        load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)),
+                        config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+
+    parts = build_components(config, parallel, OptimizerSettings(lr=lr, clip_grad=1.0),
+                             logprob_chunk_size=chunk, load_policy=load)
+    tokenized = [TokenizedPair(*pair) for pair in pairs]
+    batching = BatchingConfig(**batching)
+    loss = LossConfig(beta=2.5, gamma=1.375)
+    times, real, processed, losses = [], [], [], []
+    for start in range(0, len(tokenized) - global_batch + 1, global_batch):
+        began = time.perf_counter()
+        indices = list(range(start, start + global_batch))
+        lengths = [pair_lengths(len(tokenized[i].prompt), len(tokenized[i].chosen),
+                                len(tokenized[i].rejected)) for i in indices]
+        plan = plan_global_batch(indices, lengths, dp_size=1, micro_batch_size=micro,
+                                 config=batching, seq_length=seq_length)
+        microbatches = [(collate_packed if mb.packed else collate_pairs)(
+            [tokenized[i] for i in mb.pairs], mb.length).to(env.device) for mb in plan.ranks[0]]
+        result = train_step([parts.model], parts.optimizer, microbatches, loss,
+                            vocab_size=config.vocab_size, logprob_chunk_size=chunk)
+        times.append(time.perf_counter() - began)
+        real.append(plan.real_tokens)
+        processed.append(plan.processed_tokens)
+        losses.append(result.metrics["loss"])
+    return {"step_seconds": times, "real_tokens": real, "processed_tokens": processed,
+            "losses": losses}
+
+
+def _lengths_comparison(args, config) -> dict:
+    """Layouts on SimPO-like lengths, and TRL's CPOTrainer, on the same weights and pairs."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from megatron_simpo.architecture import hf_config_dict
+    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.tiny import build_tokenizer
+
+    beta, gamma, lr = 2.5, 1.375, 1e-6
+    warmup, steps, G, micro = args.warmup, args.steps, args.global_batch, args.micro_batch
+    seq_length = int(2048 * args.length_scale)
+    budget = args.max_tokens or 2 * micro * seq_length
+    threads = args.threads or os.cpu_count()
+    variants = {
+        "global-max (before)": dict(batch_layout="global-max"),
+        "in-order (TRL's layout)": dict(batch_layout="in-order"),
+        "sorted (default)": dict(batch_layout="sorted"),
+        f"token budget {budget}": dict(max_tokens_per_microbatch=budget),
+        f"packed {budget}": dict(max_tokens_per_microbatch=budget, pack_sequences=True),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer()
+        hf_config = transformers.AutoConfig.for_model(
+            **hf_config_dict(config, None, torch.float32), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # TRL adds BOS and EOS: leave it room under the length cap.
+        rows = _length_rows((warmup + steps) * G, args.length_scale, seq_length - 2)
+        trl = run_on_ranks(1, _trl_length_run, tmp, rows, G, micro, warmup, beta, gamma, lr,
+                           f"{tmp}/trl", threads)[0]
+        pairs = trl.pop("pairs")
+        ours = {name: run_on_ranks(1, _layout_run, tmp, pairs, G, micro, batching, seq_length,
+                                   args.chunk, lr, threads)[0]
+                for name, batching in variants.items()}
+
+    def real_tokens(first, last):
+        return sum(2 * len(p) + len(c) + len(r) - 2 for p, c, r in pairs[first * G:last * G])
+
+    timed = slice(warmup, warmup + steps)
+    report = {"model": config.to_dict(), "global_batch": G, "micro_batch": micro,
+              "length_scale": args.length_scale, "seq_length": seq_length, "budget": budget,
+              "warmup": warmup, "steps": steps, "threads": threads, "variants": {}}
+    trl_seconds = sum(trl["step_seconds"][timed])
+    trl_real = real_tokens(warmup, warmup + steps)
+    report["trl"] = {"seconds": trl_seconds, "real_tokens_per_second": trl_real / trl_seconds,
+                     "first_loss": trl["losses"][0] if trl["losses"] else None}
+    for name, run in ours.items():
+        seconds = sum(run["step_seconds"][timed])
+        real, processed = sum(run["real_tokens"][timed]), sum(run["processed_tokens"][timed])
+        assert real == trl_real, (name, real, trl_real)  # the very same tokens
+        report["variants"][name] = {"seconds": seconds, "padding_efficiency": real / processed,
+                                    "real_tokens_per_second": real / seconds,
+                                    "first_loss": run["losses"][0]}
+    base = report["variants"]["global-max (before)"]["real_tokens_per_second"]
+    for row in report["variants"].values():
+        row["speedup_vs_global_max"] = row["real_tokens_per_second"] / base
+        row["speedup_vs_trl"] = row["real_tokens_per_second"] / report["trl"]["real_tokens_per_second"]
+    return report
+
+
 # Model shapes by name (ModelConfig fields, head_dim spelled out as a converted config has it);
 # the default CPU shape is small enough for 2 cores.
 PRESETS = {
@@ -389,9 +574,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["steps", "logprobs", "fp8", "trl"],
+    parser.add_argument("--only", choices=["steps", "logprobs", "fp8", "trl", "lengths"],
                         help="one benchmark (default: steps and logprobs; fp8 needs a GPU + TE; "
-                             "trl compares with TRL's CPOTrainer on CPU: pip install trl)")
+                             "trl compares with TRL's CPOTrainer on CPU: pip install trl; "
+                             "lengths: micro-batch layouts on SimPO-like lengths vs TRL)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128256, help="log-prob benchmark vocabulary")
@@ -412,6 +598,15 @@ def main() -> None:
     parser.add_argument("--step-seq", type=int, default=256)
     parser.add_argument("--threads", type=int,
                         help="trl benchmark: CPU threads of each side (default: all cores)")
+    parser.add_argument("--global-batch", type=int, default=16,
+                        help="lengths benchmark: pairs per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=2,
+                        help="lengths benchmark: pairs per micro-batch (TRL and fixed layouts)")
+    parser.add_argument("--length-scale", type=float, default=0.25,
+                        help="lengths benchmark: SimPO's lengths times this (cap 2048 x this)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="lengths benchmark: token budget / packed row (default: a "
+                             "micro-batch of --micro-batch pairs at the length cap)")
     parser.add_argument("--output")
     args = parser.parse_args()
     if args.only == "fp8" and args.transformer_impl != "transformer_engine":
@@ -477,7 +672,14 @@ def main() -> None:
         report["trl"] = _trl_comparison(args, config)
         rows += [("SimPO step, TRL CPOTrainer", report["trl"]["trl"]),
                  ("SimPO step, megatron_simpo", report["trl"]["megatron_simpo"])]
-    _print_table(device, rows)
+    if args.only == "lengths":
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            parser.error("--only lengths needs TRL: pip install trl (or pip install -e '.[bench]')")
+        report["lengths"] = _lengths_comparison(args, config)
+    if rows:
+        _print_table(device, rows)
     if "logprobs" in report:
         r = report["logprobs"]
         print(f"lean / plain log-probs: peak {r['peak_ratio']:.3f}x, time {r['time_ratio']:.3f}x; "
@@ -495,6 +697,20 @@ def main() -> None:
         r = report["trl"]
         print(f"megatron_simpo / TRL CPOTrainer step: time {r['time_ratio']:.3f}x, peak "
               f"{r['peak_ratio']:.3f}x; first-step loss differs by {r['first_loss_abs_diff']:.2e}")
+    if "lengths" in report:
+        r = report["lengths"]
+        print(f"device: {device}; {r['steps']} steps of {r['global_batch']} pairs (micro-batches "
+              f"of {r['micro_batch']}), lengths x{r['length_scale']} (cap {r['seq_length']})")
+        print(f"{'layout':<28}{'padding eff.':>13}{'real tok/s':>12}{'vs before':>11}"
+              f"{'vs TRL':>8}")
+        trl_rate = r["trl"]["real_tokens_per_second"]
+        print(f"{'TRL CPOTrainer (simpo)':<28}{'':>13}{trl_rate:>12.0f}{'':>11}{1.0:>8.2f}")
+        print(f"first-step loss: TRL {r['trl']['first_loss']}, ours "
+              f"{[round(row['first_loss'], 6) for row in r['variants'].values()]}")
+        for name, row in r["variants"].items():
+            print(f"{name:<28}{row['padding_efficiency']:>13.3f}"
+                  f"{row['real_tokens_per_second']:>12.0f}{row['speedup_vs_global_max']:>11.2f}"
+                  f"{row['speedup_vs_trl']:>8.2f}")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
