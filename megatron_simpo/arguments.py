@@ -31,8 +31,10 @@ SECTIONS = (
     Section("parallelism", ParallelConfig, key="parallel", fields=(
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")),
     Section("data", DataConfig, key="data", fields=(
-        "train_data_path", "valid_data_path", "valid_fraction", "tokenizer_path", "seq_length",
-        "max_prompt_length", "identical_pairs"), names={"tokenizer_path": ("--tokenizer",)}),
+        "train_data_path", "valid_data_path", "train_split", "valid_split", "dataset_config",
+        "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",
+        "seq_length", "max_prompt_length", "identical_pairs"),
+        names={"tokenizer_path": ("--tokenizer",)}),
     Section("batching", BatchingConfig, key="batching", fields=(
         "batch_layout", "max_tokens_per_microbatch", "pack_sequences")),
     Section("training", TrainConfig, key="train", fields=(

@@ -161,9 +161,16 @@ class TrainConfig:
             raise ValueError("--save-interval needs --save")
         if self.data.tokenizer_path is None and self.pretrained_checkpoint is None and not self.load:
             raise ValueError("no tokenizer: give --tokenizer (a Hugging Face tokenizer folder)")
-        for flag, path in (("--train-data-path", self.data.train_data_path),
-                           ("--valid-data-path", self.data.valid_data_path),
-                           ("--model-config", self.model_config_path),
+        from megatron_simpo.sources import SourceError, kind_of
+
+        for flag, source in (("--train-data-path", self.data.train_data_path),
+                             ("--valid-data-path", self.data.valid_data_path)):
+            try:
+                if source:
+                    kind_of(source)  # a file, a save_to_disk folder or a Hub name
+            except SourceError as error:
+                raise FileNotFoundError(f"{flag}: {error}") from None
+        for flag, path in (("--model-config", self.model_config_path),
                            ("--tokenizer", self.data.tokenizer_path),
                            ("--reference-logps", self.reference_logps)):
             if path and not Path(path).exists():

@@ -189,9 +189,24 @@ class DataConfig:
     """Where the pairs come from and how they are cut to length."""
 
     train_data_path: str
-    """JSONL with prompt, chosen, rejected (strings or lists of {role, content} messages)."""
+    """Preference pairs: a .jsonl/.json/.parquet file, a Dataset.save_to_disk folder or a
+    Hugging Face Hub dataset name; columns prompt, chosen, rejected (strings or lists of
+    {role, content} messages)."""
     valid_data_path: str | None = None
-    """Held-out JSONL; without it, valid_fraction of the training file is held out."""
+    """Held-out pairs (same kinds of source); without it, valid_fraction of the training
+    pairs is held out."""
+    train_split: str = "train"
+    """Split of a Hub dataset or DatasetDict folder to train on."""
+    valid_split: str = "test"
+    """Split of --valid-data-path (Hub dataset or DatasetDict folder) to evaluate on."""
+    dataset_config: str | None = None
+    """Configuration (subset) name of a Hub dataset."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt."""
+    chosen_column: str = "chosen"
+    """Column holding the preferred response (NeMo-Aligner: chosen_response)."""
+    rejected_column: str = "rejected"
+    """Column holding the dispreferred response (NeMo-Aligner: rejected_response)."""
     valid_fraction: float = 0.0
     """Share of the training rows held out (seeded) when no validation file is given."""
     tokenizer_path: str | None = None
@@ -217,8 +232,12 @@ class DataConfig:
             raise ValueError(f"--identical-pairs must be drop or refuse, got {self.identical_pairs!r}")
 
 
-def read_preference_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; every problem is reported with the file and line number."""
+def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
+    """Rows of a JSONL file, columns mapped (``sources.ColumnMap``); every problem is reported
+    with the file and line number."""
+    from megatron_simpo.sources import ColumnMap
+
+    columns = columns or ColumnMap()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -239,11 +258,10 @@ def read_preference_rows(path: str | Path) -> list[dict]:
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object")
-            missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+            missing = [name for _, name in columns if name not in row]
             if missing:
                 raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
-            rows.append(dict(prompt=row["prompt"], chosen=row["chosen"],
-                             rejected=row["rejected"], source=where))
+            rows.append({**{ours: row[theirs] for ours, theirs in columns}, "source": where})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -284,14 +302,16 @@ def _response_messages(prompt: list[dict], value, where: str, column: str) -> li
 
 
 def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
-                  dropped: list[str] | None = None) -> list[TokenizedPair]:
+                  dropped: list[str] | None = None, cut: dict[str, int] | None = None
+                  ) -> list[TokenizedPair]:
     """Apply the chat template, tokenize, and truncate: prompt from the left, response from the right.
 
     The response tokens are what the template adds after the generation prompt (Llama-3: the
     answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
     tokenizer's special tokens and the response gets the EOS token appended. Pairs whose two
     responses end up as the same tokens are left out and their rows added to ``dropped`` (or
-    refused, as ``config.identical_pairs`` says).
+    refused, as ``config.identical_pairs`` says). ``cut`` counts prompts cut on the left
+    (``"prompts"``) and responses cut on the right (``"responses"``).
     """
     has_template = getattr(tokenizer, "chat_template", None) is not None
     roles = known_roles(tokenizer)
@@ -334,6 +354,9 @@ def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
         kept_prompt = prompt[-config.max_prompt_length:]
         budget = config.seq_length - len(kept_prompt)
         chosen, rejected = (answer[:budget] for answer in answers)
+        if cut is not None:
+            cut["prompts"] += len(kept_prompt) < len(prompt)
+            cut["responses"] += sum(len(answer) > budget for answer in answers)
         for column, answer in (("chosen", chosen), ("rejected", rejected)):
             if not answer:
                 raise DataError(f"{row['source']}: empty {column} response after tokenization")
@@ -358,22 +381,45 @@ def load_tokenizer(path: str | Path):
         raise DataError(f"cannot load tokenizer from {path}: {error}") from error
 
 
-def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] | None = None
+def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] | None = None,
+                  cut: dict[str, int] | None = None
                   ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """(train pairs, validation pairs), tokenized; the held-out split is seeded and disjoint.
-    Rows left out as identical pairs are added to ``dropped``."""
-    train_rows = read_preference_rows(config.train_data_path)
-    if config.valid_data_path:
-        valid_rows = read_preference_rows(config.valid_data_path)
-    elif config.valid_fraction > 0:
+    Rows left out as identical pairs are added to ``dropped``, truncations counted in ``cut``."""
+    from megatron_simpo.sources import ColumnMap, SourceError, read_rows
+
+    columns = ColumnMap(config.prompt_column, config.chosen_column, config.rejected_column)
+    try:
+        train_rows = read_rows(config.train_data_path, split=config.train_split,
+                               columns=columns, dataset_config=config.dataset_config)
+        valid_rows = (read_rows(config.valid_data_path, split=config.valid_split,
+                                columns=columns, dataset_config=config.dataset_config)
+                      if config.valid_data_path else None)
+    except SourceError as error:
+        raise DataError(str(error)) from None
+    if valid_rows is None and config.valid_fraction > 0:
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed))
         n_valid = max(1, int(round(config.valid_fraction * len(train_rows))))
         valid_rows = [train_rows[i] for i in order[:n_valid].tolist()]
         train_rows = [train_rows[i] for i in sorted(order[n_valid:].tolist())]
-    else:
+    elif valid_rows is None:
         valid_rows = []
-    return tokenize_rows(train_rows, tokenizer, config, dropped), \
-        (tokenize_rows(valid_rows, tokenizer, config, dropped) if valid_rows else [])
+    return tokenize_rows(train_rows, tokenizer, config, dropped, cut), \
+        (tokenize_rows(valid_rows, tokenizer, config, dropped, cut) if valid_rows else [])
+
+
+def length_statistics(pairs: Sequence[TokenizedPair]) -> str:
+    """Token counts of a set of pairs: total, and prompt / response p50, p90, p99, max."""
+    def percentiles(values: list[int]) -> str:
+        ordered = sorted(values)
+        picks = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)]
+        return "/".join(str(v) for v in picks + [ordered[-1]])
+
+    prompts = [len(p.prompt) for p in pairs]
+    responses = [len(r) for p in pairs for r in (p.chosen, p.rejected)]
+    total = 2 * sum(prompts) + sum(responses)
+    return (f"{total} tokens; prompt tokens p50/p90/p99/max {percentiles(prompts)}, response "
+            f"tokens {percentiles(responses)}")
 
 
 def padded_length(pairs: Sequence[TokenizedPair], seq_length: int, multiple: int = 8) -> int:

@@ -18,7 +18,8 @@ from megatron_simpo.components import (TrainingComponents, build_components,
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.batching import BatchPlan, Microbatch, pair_lengths, plan_global_batch
 from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
-                                 collate_packed, collate_pairs, load_datasets, load_tokenizer)
+                                 collate_packed, collate_pairs, length_statistics,
+                                 load_datasets, load_tokenizer)
 from megatron_simpo.flops import step_flops
 from megatron_simpo.guards import StepHealth, finite_everywhere, json_number, parameters
 from megatron_simpo.lifecycle import StopRequests, die_with_parent
@@ -441,6 +442,8 @@ class TrainingData:
     padding_multiple: int
     dropped: list[str] = field(default_factory=list)
     """Rows left out because their two responses are the same tokens (file:line)."""
+    cut: dict[str, int] = field(default_factory=lambda: {"prompts": 0, "responses": 0})
+    """Prompts cut on the left (--max-prompt-length), responses on the right (--seq-length)."""
     train_reference: torch.Tensor | None = None
     """[n_train, 2] precomputed reference log-prob sums (chosen, rejected), --reference-logps."""
     valid_reference: torch.Tensor | None = None
@@ -453,7 +456,9 @@ class TrainingData:
             raise ValueError(f"tokenizer {source.tokenizer_path} has {len(tokenizer)} tokens, "
                              f"more than the model's vocabulary ({source.config.vocab_size})")
         dropped: list[str] = []
-        train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed, dropped)
+        cut = {"prompts": 0, "responses": 0}
+        train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed, dropped,
+                                                 cut)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         references = [None, None]
         if config.reference_logps:
@@ -464,11 +469,14 @@ class TrainingData:
                                               (valid_pairs, "validation"))]
         return cls(train_pairs, valid_pairs, pad_id,
                    PairSampler(len(train_pairs), config.global_batch_size, config.seed),
-                   padding_multiple(config.sequence_alignment), dropped, *references)
+                   padding_multiple(config.sequence_alignment), dropped, cut, *references)
 
     def warnings(self, config: TrainConfig, dp_size: int) -> list[str]:
         """What the user should know about the data before training starts."""
-        found = []
+        found = [f"> training data: {len(self.train_pairs)} pairs, "
+                 f"{length_statistics(self.train_pairs)}; {self.cut['prompts']} prompt(s) cut on "
+                 f"the left (--max-prompt-length), {self.cut['responses']} response(s) on the "
+                 f"right (--seq-length); {len(self.dropped)} pair(s) dropped"]
         if self.dropped:
             found.append(f"warning: {len(self.dropped)} pair(s) dropped: chosen and rejected are "
                          f"the same tokens (first: {', '.join(self.dropped[:3])}); "

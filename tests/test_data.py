@@ -136,3 +136,21 @@ def test_identical_pairs_are_dropped_or_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=rf"{path}:1: chosen and rejected are the same tokens"):
         tokenize_rows(read_preference_rows(path), tokenizer,
                       _config(path, identical_pairs="refuse"))
+
+
+def test_truncations_are_counted_and_lengths_summarised(tokenizer, tmp_path):
+    from megatron_simpo.data import length_statistics
+
+    rows = [{"prompt": "p" * 60, "chosen": "a", "rejected": "b"},      # prompt cut on the left
+            {"prompt": "hi", "chosen": "a" * 80, "rejected": "b"},     # chosen cut on the right
+            {"prompt": "hi", "chosen": "ab", "rejected": "c"}]
+    path = _write(tmp_path / "d.jsonl", rows)
+    cut = {"prompts": 0, "responses": 0}
+    pairs = tokenize_rows(read_preference_rows(path), tokenizer, _config(path), None, cut)
+    assert cut == {"prompts": 1, "responses": 1}
+    assert len(pairs[0].prompt) == 40 and len(pairs[1].prompt) + len(pairs[1].chosen) == 64
+    prompts = sorted(len(p.prompt) for p in pairs)
+    total = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    summary = length_statistics(pairs)
+    assert summary.startswith(f"{total} tokens; prompt tokens p50/p90/p99/max "
+                              f"{prompts[1]}/{prompts[2]}/{prompts[2]}/{prompts[2]}")
