@@ -277,26 +277,22 @@ def _trl_cpo_step(rank, model_dir, rows, steps, warmup, beta, gamma, lr, out_dir
             "first_loss": first_loss.item(), "threads": torch.get_num_threads(), "pairs": pairs}
 
 
-def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr, chunk, threads):
-    """This trainer on the same HF weights and token ids: first-step loss and step times."""
+def _simpo_from_hf(model_dir, lr, chunk, initialized=lambda: None):
+    """(model config, runtime env, components) of this trainer on one CPU rank, holding the HF
+    weights in ``model_dir``; ``initialized()`` runs once the runtime is up (memory baselines)."""
     import torch
     import transformers
 
-    torch.set_num_threads(threads)
     from megatron_simpo import runtime
-    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.data import TokenizedPair, collate_pairs, padded_length
-    from megatron_simpo.losses import LossConfig
     from megatron_simpo.architecture import ModelConfig
     from megatron_simpo.components import build_components
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
     from megatron_simpo.optimizer import OptimizerSettings
     from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.step import train_step
 
     config, parallel = ModelConfig.from_hf_config(model_dir), ParallelConfig()
     env = runtime.initialize(parallel, seed=0, model_config=config)
-    start, peak = _peak_tracker()
-    base = start()
+    initialized()
     hf_state = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32).state_dict()
 
@@ -306,7 +302,22 @@ def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr,
 
     parts = build_components(config, parallel, OptimizerSettings(lr=lr, clip_grad=1.0),
                              logprob_chunk_size=chunk, load_policy=load)
-    del hf_state
+    return config, env, parts
+
+
+def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr, chunk, threads):
+    """This trainer on the same HF weights and token ids: first-step loss and step times."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from megatron_simpo.data import TokenizedPair, collate_pairs, padded_length
+    from megatron_simpo.losses import LossConfig
+    from megatron_simpo.step import train_step
+
+    start, peak = _peak_tracker()
+    bases = []
+    config, env, parts = _simpo_from_hf(model_dir, lr, chunk, lambda: bases.append(start()))
+    base = bases[0]
     tokenized = [TokenizedPair(*pair) for pair in pairs]
     batch = collate_pairs(tokenized, padded_length(tokenized, 1 << 20)).to(env.device)
     loss = LossConfig(beta=beta, gamma=gamma)
@@ -427,31 +438,14 @@ def _layout_run(rank, model_dir, pairs, global_batch, micro, batching, seq_lengt
     ``batching`` says: per-step times (planning and collation included), real and processed
     tokens."""
     import torch
-    import transformers
 
     torch.set_num_threads(threads)
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
     from megatron_simpo.batching import BatchingConfig, pair_lengths, plan_global_batch
-    from megatron_simpo.components import build_components
-    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
     from megatron_simpo.data import TokenizedPair, collate_packed, collate_pairs
     from megatron_simpo.losses import LossConfig
-    from megatron_simpo.optimizer import OptimizerSettings
-    from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import train_step
 
-    config, parallel = ModelConfig.from_hf_config(model_dir), ParallelConfig()
-    env = runtime.initialize(parallel, seed=0, model_config=config)
-    hf_state = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32).state_dict()
-
-    def load(model):
-        load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)),
-                        config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
-
-    parts = build_components(config, parallel, OptimizerSettings(lr=lr, clip_grad=1.0),
-                             logprob_chunk_size=chunk, load_policy=load)
+    config, env, parts = _simpo_from_hf(model_dir, lr, chunk)
     tokenized = [TokenizedPair(*pair) for pair in pairs]
     batching = BatchingConfig(**batching)
     loss = LossConfig(beta=2.5, gamma=1.375)
@@ -671,19 +665,17 @@ def main() -> None:
                          "tokens_per_second_ratio": low["tokens_per_second"] / bf16["tokens_per_second"],
                          "final_loss_relative_diff": abs(last_fp8 - last_bf16) / abs(last_bf16)}
         rows += [("SimPO step, bf16", bf16), (f"SimPO step, FP8 {args.fp8_recipe}", low)]
-    if args.only == "trl":
+    if args.only in ("trl", "lengths"):
         try:
             import trl  # noqa: F401
         except ImportError:
-            parser.error("--only trl needs TRL: pip install trl (or pip install -e '.[bench]')")
+            parser.error(f"--only {args.only} needs TRL: pip install trl (or pip install -e "
+                         "'.[bench]')")
+    if args.only == "trl":
         report["trl"] = _trl_comparison(args, config)
         rows += [("SimPO step, TRL CPOTrainer", report["trl"]["trl"]),
                  ("SimPO step, megatron_simpo", report["trl"]["megatron_simpo"])]
     if args.only == "lengths":
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            parser.error("--only lengths needs TRL: pip install trl (or pip install -e '.[bench]')")
         report["lengths"] = _lengths_comparison(args, config)
     if rows:
         _print_table(device, rows)
