@@ -333,26 +333,32 @@ def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr,
             "threads": torch.get_num_threads()}
 
 
-def _trl_comparison(args, config) -> dict:
-    """Same tiny Llama, same pairs, one CPU process each: TRL's CPOTrainer vs this trainer."""
-    import tempfile
-
+def _save_random_hf_model(config, folder) -> None:
+    """A seeded random HF Llama of ``config``'s shape and the char-level tiny tokenizer."""
     import torch
     import transformers
 
     from megatron_simpo.architecture import hf_config_dict
-    from megatron_simpo.launch import run_on_ranks
     from megatron_simpo.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    hf_config = transformers.AutoConfig.for_model(
+        **hf_config_dict(config, None, torch.float32), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _trl_comparison(args, config) -> dict:
+    """Same tiny Llama, same pairs, one CPU process each: TRL's CPOTrainer vs this trainer."""
+    import tempfile
+
+    from megatron_simpo.launch import run_on_ranks
 
     beta, gamma, lr = 2.5, 1.375, 1e-5
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer()
-        hf_config = transformers.AutoConfig.for_model(
-            **hf_config_dict(config, None, torch.float32), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _save_random_hf_model(config, tmp)
         rows = _trl_rows(args.pairs, args.step_seq)
         threads = args.threads or os.cpu_count()
         trl = run_on_ranks(1, _trl_cpo_step, tmp, rows, args.steps, args.warmup, beta, gamma, lr,
@@ -473,12 +479,7 @@ def _lengths_comparison(args, config) -> dict:
     """Layouts on SimPO-like lengths, and TRL's CPOTrainer, on the same weights and pairs."""
     import tempfile
 
-    import torch
-    import transformers
-
-    from megatron_simpo.architecture import hf_config_dict
     from megatron_simpo.launch import run_on_ranks
-    from megatron_simpo.tiny import build_tokenizer
 
     beta, gamma, lr = 2.5, 1.375, 1e-6
     warmup, steps, G, micro = args.warmup, args.steps, args.global_batch, args.micro_batch
@@ -493,13 +494,7 @@ def _lengths_comparison(args, config) -> dict:
         f"packed {budget}": dict(max_tokens_per_microbatch=budget, pack_sequences=True),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer()
-        hf_config = transformers.AutoConfig.for_model(
-            **hf_config_dict(config, None, torch.float32), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _save_random_hf_model(config, tmp)
         # TRL adds BOS and EOS: leave it room under the length cap.
         rows = _length_rows((warmup + steps) * G, args.length_scale, seq_length - 2)
         trl = run_on_ranks(1, _trl_length_run, tmp, rows, G, micro, warmup, beta, gamma, lr,
