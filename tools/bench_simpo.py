@@ -268,13 +268,19 @@ def _trl_cpo_step(rank, model_dir, rows, steps, warmup, beta, gamma, lr, out_dir
         first_loss, _ = trainer.get_batch_loss_metrics(
             model, next(iter(trainer.get_train_dataloader())))
     trainer.train()
+    pairs = _trl_token_ids(trainer)
+    return {"seconds": statistics.median(times[warmup:]), "peak_bytes": peak(base),
+            "first_loss": first_loss.item(), "threads": torch.get_num_threads(), "pairs": pairs}
+
+
+def _trl_token_ids(trainer) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token ids as TRL tokenized its dataset (BOS/EOS included)."""
     pairs = []
     for row in trainer.train_dataset:
         prompt = list(row["prompt_input_ids"])
         pairs.append((prompt, list(row["chosen_input_ids"])[len(prompt):],
                       list(row["rejected_input_ids"])[len(prompt):]))
-    return {"seconds": statistics.median(times[warmup:]), "peak_bytes": peak(base),
-            "first_loss": first_loss.item(), "threads": torch.get_num_threads(), "pairs": pairs}
+    return pairs
 
 
 def _simpo_from_hf(model_dir, lr, chunk, initialized=lambda: None):
@@ -429,11 +435,7 @@ def _trl_length_run(rank, model_dir, rows, global_batch, micro, warmup, beta, ga
                          processing_class=tokenizer, callbacks=[StepTimer()])
     torch.set_num_threads(threads)  # after the Trainer: accelerate sets its own count
     trainer.train()
-    pairs = []
-    for row in trainer.train_dataset:
-        prompt = list(row["prompt_input_ids"])
-        pairs.append((prompt, list(row["chosen_input_ids"])[len(prompt):],
-                      list(row["rejected_input_ids"])[len(prompt):]))
+    pairs = _trl_token_ids(trainer)
     return {"step_seconds": times, "losses": losses, "pairs": pairs,
             "threads": torch.get_num_threads()}
 
