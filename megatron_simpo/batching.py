@@ -90,7 +90,14 @@ class PairLengths:
         return self.chosen + self.rejected
 
 
+    @classmethod
+    def of(cls, pair) -> "PairLengths":
+        """The lengths of a pair of token lists (anything with prompt, chosen, rejected)."""
+        return pair_lengths(len(pair.prompt), len(pair.chosen), len(pair.rejected))
+
+
 def pair_lengths(prompt: int, chosen: int, rejected: int) -> PairLengths:
+    """From token counts: each row is prompt + response tokens, minus the last (a label)."""
     return PairLengths(prompt + chosen - 1, prompt + rejected - 1)
 
 
@@ -138,23 +145,24 @@ class BatchPlan:
         return [sum(mb.processed_tokens for mb in rank) for rank in self.ranks]
 
 
-def _padded(lengths: Sequence[PairLengths], multiple: int, cap: int | None) -> int:
-    longest = round_up(max(p.longest for p in lengths), multiple)
-    return min(longest, cap) if cap else longest
+def _padded(lengths: Sequence[PairLengths], multiple: int, seq_length: int) -> int:
+    """Row length of pairs run together: their longest row, rounded up, at most seq_length."""
+    return min(round_up(max(p.longest for p in lengths), multiple), seq_length)
 
 
-def _balanced_deal(groups: list[list[int]], cost, dp_size: int, equal_counts: bool
-                   ) -> list[list[list[int]]]:
-    """Groups dealt to ranks, largest first to the least loaded rank (with ``equal_counts``,
-    among ranks that still have room: every rank gets len(groups) / dp_size groups)."""
-    per_rank = len(groups) // dp_size if equal_counts else None
+def _balanced_deal(microbatches: list[Microbatch], dp_size: int, equal_counts: bool
+                   ) -> tuple[tuple[Microbatch, ...], ...]:
+    """Micro-batches dealt to ranks, most processed tokens first, each to the least loaded rank
+    (with ``equal_counts``, among ranks that still have room: every rank gets
+    len(microbatches) / dp_size of them)."""
+    per_rank = len(microbatches) // dp_size if equal_counts else None
     loads, dealt = [0] * dp_size, [[] for _ in range(dp_size)]
-    for group in sorted(groups, key=lambda g: (-cost(g), g[0])):
+    for mb in sorted(microbatches, key=lambda mb: (-mb.processed_tokens, mb.pairs[0])):
         open_ranks = [r for r in range(dp_size) if per_rank is None or len(dealt[r]) < per_rank]
         rank = min(open_ranks, key=lambda r: (loads[r], r))
-        dealt[rank].append(group)
-        loads[rank] += cost(group)
-    return dealt
+        dealt[rank].append(mb)
+        loads[rank] += mb.processed_tokens
+    return tuple(tuple(rank) for rank in dealt)
 
 
 def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *, dp_size: int,
@@ -184,28 +192,22 @@ def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *,
     if per_rank * dp_size != len(indices) or per_rank % micro_batch_size:
         raise ValueError(f"{len(indices)} pairs do not split into micro-batches of "
                          f"{micro_batch_size} pairs on {dp_size} data-parallel ranks")
-    if config.batch_layout == "global-max":
-        length = _padded(lengths, multiple, seq_length)
-        shards = [list(indices[r * per_rank:(r + 1) * per_rank]) for r in range(dp_size)]
-        ranks = tuple(tuple(Microbatch(tuple(shard[i:i + micro_batch_size]), length)
-                            for i in range(0, per_rank, micro_batch_size)) for shard in shards)
-        return BatchPlan(ranks, real)
-    if config.batch_layout == "in-order":
-        shards = [list(indices[r * per_rank:(r + 1) * per_rank]) for r in range(dp_size)]
-        groups_per_rank = [[shard[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
-                           for shard in shards]
-    else:  # sorted: longest first; ties keep sampler order
+
+    def microbatch(group: Sequence[int], length: int | None = None) -> Microbatch:
+        return Microbatch(tuple(group), length or _padded([length_of[i] for i in group],
+                                                          multiple, seq_length))
+
+    if config.batch_layout == "sorted":  # longest first; ties keep sampler order
         order = sorted(indices, key=lambda i: -length_of[i].longest)
-        groups = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-
-        def cost(group):
-            return 2 * len(group) * _padded([length_of[i] for i in group], multiple, seq_length)
-
-        groups_per_rank = _balanced_deal(groups, cost, dp_size, equal_counts=True)
-    ranks = tuple(tuple(Microbatch(tuple(g), _padded([length_of[i] for i in g], multiple,
-                                                     seq_length)) for g in groups)
-                  for groups in groups_per_rank)
-    return BatchPlan(ranks, real)
+        return BatchPlan(_balanced_deal(
+            [microbatch(order[i:i + micro_batch_size])
+             for i in range(0, len(order), micro_batch_size)], dp_size, equal_counts=True), real)
+    # Sampler order, contiguous shards; global-max pads every row to the batch's longest.
+    length = _padded(lengths, multiple, seq_length) if config.batch_layout == "global-max" else None
+    shards = [indices[r * per_rank:(r + 1) * per_rank] for r in range(dp_size)]
+    return BatchPlan(tuple(tuple(microbatch(shard[i:i + micro_batch_size], length)
+                                 for i in range(0, per_rank, micro_batch_size))
+                           for shard in shards), real)
 
 
 def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config: BatchingConfig,
@@ -215,7 +217,7 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
     budget = config.max_tokens_per_microbatch
 
     def row_length(index: int) -> int:
-        return min(round_up(length_of[index].longest, multiple), seq_length)
+        return _padded([length_of[index]], multiple, seq_length)
 
     order = sorted(indices, key=lambda i: -length_of[i].longest)
     if config.pack_sequences:
@@ -232,16 +234,12 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
         fullest = max(range(len(groups)), key=lambda g: len(groups[g]))
         group = groups.pop(fullest)
         groups[fullest:fullest] = [group[:len(group) // 2], group[len(group) // 2:]]
-
-    def microbatch(group: list[int]) -> Microbatch:
-        if config.pack_sequences:
-            used = sum(length_of[i].total for i in group)
-            return Microbatch(tuple(group), round_up(used, multiple), packed=True)
-        return Microbatch(tuple(group), row_length(group[0]))
-
-    dealt = _balanced_deal(groups, lambda g: microbatch(g).processed_tokens, dp_size,
-                           equal_counts=False)
-    return tuple(tuple(microbatch(g) for g in rank) for rank in dealt)
+    if config.pack_sequences:
+        microbatches = [Microbatch(tuple(g), round_up(sum(length_of[i].total for i in g),
+                                                      multiple), packed=True) for g in groups]
+    else:
+        microbatches = [Microbatch(tuple(g), row_length(g[0])) for g in groups]
+    return _balanced_deal(microbatches, dp_size, equal_counts=False)
 
 
 def _first_fit_decreasing(pairs: list[int], length_of: dict, capacity: int) -> list[list[int]]:

@@ -55,6 +55,9 @@ class PreferenceBatch:
     (another sequence, or the future): block-diagonal causal."""
     packed_pairs: int = 0
     """Packed only: the number of pairs in the row."""
+    longest_segment: int = 0
+    """Packed only: the longest segment of ``cu_seqlens`` (THD's max_seqlen, known on the host
+    so that the forward never reads it back from the device)."""
 
     @property
     def packed(self) -> bool:
@@ -89,10 +92,7 @@ class PreferenceBatch:
                                self.loss_mask[start:stop], self.position_ids[start:stop], ref)
 
     def to(self, device: torch.device) -> "PreferenceBatch":
-        def move(tensor):
-            return None if tensor is None else tensor.to(device)
-
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def with_reference(self, reference_logp_sum: torch.Tensor) -> "PreferenceBatch":
@@ -175,7 +175,18 @@ def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0,
         mask = ~(causal & (segment.unsqueeze(0) == segment.unsqueeze(1)))
         mask = mask.view(1, 1, length, length)
     return PreferenceBatch(tokens, labels, loss_mask, position_ids, None, sequence_ids,
-                           cu_seqlens, mask, packed_pairs=len(pairs))
+                           cu_seqlens, mask, packed_pairs=len(pairs),
+                           longest_segment=int(cu_seqlens.diff().max()))
+
+
+def collate_microbatch(pairs: Sequence[TokenizedPair], microbatch, pad_id: int = 0, *,
+                       attention_mask: bool = True) -> PreferenceBatch:
+    """The pairs ``microbatch`` (a ``batching.Microbatch``) names, taken from ``pairs``: padded
+    rows of its length, or its packed row (``attention_mask`` as in ``collate_packed``)."""
+    chosen = [pairs[i] for i in microbatch.pairs]
+    if microbatch.packed:
+        return collate_packed(chosen, microbatch.length, pad_id, attention_mask=attention_mask)
+    return collate_pairs(chosen, microbatch.length, pad_id)
 
 
 # ---- JSONL preference data ------------------------------------------------------------------

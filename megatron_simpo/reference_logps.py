@@ -131,15 +131,14 @@ def interleaved(sums: torch.Tensor) -> torch.Tensor:
 def _forward_microbatches(data, pairs, indices: list[int], config) -> list:
     """Micro-batches over these pairs for a forward-only pass: the run's token budget (and
     packing), or --micro-batch-size pairs of similar lengths each padded to its longest."""
-    from megatron_simpo.batching import Microbatch
+    from megatron_simpo.batching import Microbatch, PairLengths
     from megatron_simpo.data import padded_length
 
     if not indices:
         return []
     if config.batching.token_budget:
         return list(data.plan(pairs, indices, config, dp_size=1).ranks[0])
-    order = sorted(indices, key=lambda i: -(len(pairs[i].prompt) +
-                                            max(len(pairs[i].chosen), len(pairs[i].rejected))))
+    order = sorted(indices, key=lambda i: -PairLengths.of(pairs[i]).longest)
     size = config.micro_batch_size
     groups = [order[start:start + size] for start in range(0, len(order), size)]
     return [Microbatch(tuple(group), padded_length([pairs[i] for i in group],

@@ -64,15 +64,6 @@ def kind_of(source: str) -> str:
     raise SourceError(f"{source} does not exist")
 
 
-def exists(source: str) -> bool:
-    """Whether ``source`` names something that can be read (a Hub name counts)."""
-    try:
-        kind_of(source)
-    except SourceError:
-        return False
-    return True
-
-
 def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
               dataset_config: str | None = None) -> list[dict]:
     """Rows as ``{prompt, chosen, rejected, source}`` dicts, columns mapped."""

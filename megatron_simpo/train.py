@@ -16,9 +16,9 @@ from megatron_simpo.architecture import ModelConfig
 from megatron_simpo.components import (TrainingComponents, build_components,
                                        build_reference, release)
 from megatron_simpo.config import TrainConfig
-from megatron_simpo.batching import BatchPlan, Microbatch, pair_lengths, plan_global_batch
+from megatron_simpo.batching import BatchPlan, Microbatch, PairLengths, plan_global_batch
 from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
-                                 collate_packed, collate_pairs, length_statistics,
+                                 collate_microbatch, length_statistics,
                                  load_datasets, load_tokenizer)
 from megatron_simpo.flops import step_flops
 from megatron_simpo.guards import StepHealth, finite_everywhere, json_number, parameters
@@ -496,9 +496,7 @@ class TrainingData:
     def plan(self, pairs: list[TokenizedPair], indices: list[int], config: TrainConfig,
              dp_size: int) -> BatchPlan:
         """How these pairs run on the data-parallel ranks (megatron_simpo.batching)."""
-        lengths = [pair_lengths(len(pairs[i].prompt), len(pairs[i].chosen),
-                                len(pairs[i].rejected)) for i in indices]
-        return plan_global_batch(indices, lengths, dp_size=dp_size,
+        return plan_global_batch(indices, [PairLengths.of(pairs[i]) for i in indices], dp_size=dp_size,
                                  micro_batch_size=config.micro_batch_size or 1,
                                  config=config.batching, seq_length=config.data.seq_length,
                                  multiple=self.padding_multiple)
@@ -507,12 +505,8 @@ class TrainingData:
                 device, reference: torch.Tensor | None) -> PreferenceBatch:
         """One micro-batch as tensors on ``device``; packed rows carry a block-diagonal mask
         for the local layer spec and THD segments for Transformer Engine."""
-        chosen = [pairs[i] for i in microbatch.pairs]
-        if microbatch.packed:
-            batch = collate_packed(chosen, microbatch.length, self.pad_id,
+        batch = collate_microbatch(pairs, microbatch, self.pad_id,
                                    attention_mask=config.transformer_impl == "local")
-        else:
-            batch = collate_pairs(chosen, microbatch.length, self.pad_id)
         if reference is not None:  # fp32, as the reference pass computes them
             batch = batch.with_reference(interleaved(reference[list(microbatch.pairs)]).float())
         return batch.to(device)

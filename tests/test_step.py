@@ -152,17 +152,14 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
 
 def _laid_out(pairs, layout, dp_size):
     """Every rank's micro-batches of ``pairs`` under ``layout`` (micro-batch size, batching)."""
-    from megatron_simpo.batching import BatchingConfig, pair_lengths, plan_global_batch
-    from megatron_simpo.data import collate_packed
+    from megatron_simpo.batching import BatchingConfig, PairLengths, plan_global_batch
+    from megatron_simpo.data import collate_microbatch
 
     micro_batch_size, batching = layout
-    lengths = [pair_lengths(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs]
-    plan = plan_global_batch(list(range(len(pairs))), lengths, dp_size=dp_size,
-                             micro_batch_size=micro_batch_size,
+    plan = plan_global_batch(list(range(len(pairs))), [PairLengths.of(p) for p in pairs],
+                             dp_size=dp_size, micro_batch_size=micro_batch_size,
                              config=BatchingConfig(**batching), seq_length=SEQ)
-    return [[collate_packed([pairs[i] for i in mb.pairs], mb.length) if mb.packed else
-             collate_pairs([pairs[i] for i in mb.pairs], mb.length) for mb in rank]
-            for rank in plan.ranks]
+    return [[collate_microbatch(pairs, mb) for mb in rank] for rank in plan.ranks]
 
 
 def _compare(expected, results, hf_config, what, atol):

@@ -448,8 +448,8 @@ def _layout_run(rank, model_dir, pairs, global_batch, micro, batching, seq_lengt
     import torch
 
     torch.set_num_threads(threads)
-    from megatron_simpo.batching import BatchingConfig, pair_lengths, plan_global_batch
-    from megatron_simpo.data import TokenizedPair, collate_packed, collate_pairs
+    from megatron_simpo.batching import BatchingConfig, PairLengths, plan_global_batch
+    from megatron_simpo.data import TokenizedPair, collate_microbatch
     from megatron_simpo.losses import LossConfig
     from megatron_simpo.step import train_step
 
@@ -461,12 +461,10 @@ def _layout_run(rank, model_dir, pairs, global_batch, micro, batching, seq_lengt
     for start in range(0, len(tokenized) - global_batch + 1, global_batch):
         began = time.perf_counter()
         indices = list(range(start, start + global_batch))
-        lengths = [pair_lengths(len(tokenized[i].prompt), len(tokenized[i].chosen),
-                                len(tokenized[i].rejected)) for i in indices]
-        plan = plan_global_batch(indices, lengths, dp_size=1, micro_batch_size=micro,
-                                 config=batching, seq_length=seq_length)
-        microbatches = [(collate_packed if mb.packed else collate_pairs)(
-            [tokenized[i] for i in mb.pairs], mb.length).to(env.device) for mb in plan.ranks[0]]
+        plan = plan_global_batch(indices, [PairLengths.of(tokenized[i]) for i in indices],
+                                 dp_size=1, micro_batch_size=micro, config=batching,
+                                 seq_length=seq_length)
+        microbatches = [collate_microbatch(tokenized, mb).to(env.device) for mb in plan.ranks[0]]
         result = train_step([parts.model], parts.optimizer, microbatches, loss,
                             vocab_size=config.vocab_size, logprob_chunk_size=chunk)
         times.append(time.perf_counter() - began)
