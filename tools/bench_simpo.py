@@ -214,6 +214,16 @@ def _letters(rng, n: int) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
 
 
+def _trl_precision() -> dict:
+    """TRL's precision settings matching ours: fp32 on CPU (TRL's configs default to bf16
+    autocast, 35x slower there), and on a GPU the usual recipe, fp32 weights under bf16 autocast
+    (ours: bf16 weights with fp32 main parameters in the optimizer)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return {"use_cpu": not on_gpu, "bf16": on_gpu}
+
+
 def _trl_rows(pairs: int, seq: int) -> list[dict]:
     """Plain-text pairs for the char-level tiny tokenizer: one token per letter, so each side of
     a pair is about ``seq`` tokens (half prompt, half response)."""
@@ -256,10 +266,10 @@ def _trl_cpo_step(rank, model_dir, rows, steps, warmup, beta, gamma, lr, out_dir
     config = CPOConfig(output_dir=out_dir, per_device_train_batch_size=len(rows),
                        max_steps=warmup + steps, learning_rate=lr, lr_scheduler_type="constant",
                        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-                       save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                       save_strategy="no", report_to=[], seed=0,
                        dataloader_num_workers=0, loss_type="simpo", cpo_alpha=0.0, beta=beta,
                        simpo_gamma=gamma, max_length=4096, disable_dropout=True,
-                       bf16=False)  # fp32 as ours on CPU (TRL's configs default to bf16)
+                       **_trl_precision())
     trainer = CPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[StepTimer()])
     torch.set_num_threads(threads)  # after the Trainer: accelerate sets its own count
@@ -306,8 +316,10 @@ def _simpo_from_hf(model_dir, lr, chunk, initialized=lambda: None):
         load_rank_state(model, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)),
                         config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
 
+    # bf16 weights on a GPU (fp32 main parameters in the optimizer), as a GPU user trains.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     parts = build_components(config, parallel, OptimizerSettings(lr=lr, clip_grad=1.0),
-                             logprob_chunk_size=chunk, load_policy=load)
+                             params_dtype=dtype, logprob_chunk_size=chunk, load_policy=load)
     return config, env, parts
 
 
@@ -427,10 +439,10 @@ def _trl_length_run(rank, model_dir, rows, global_batch, micro, warmup, beta, ga
                        max_steps=len(rows) // global_batch, learning_rate=lr,
                        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
-                       use_cpu=True, seed=0, dataloader_num_workers=0, loss_type="simpo",
+                       seed=0, dataloader_num_workers=0, loss_type="simpo",
                        cpo_alpha=0.0, beta=beta, simpo_gamma=gamma, max_length=1 << 16,
                        disable_dropout=True, train_sampling_strategy="sequential",
-                       bf16=False)  # fp32 as ours on CPU (TRL's configs default to bf16)
+                       **_trl_precision())
     trainer = CPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[StepTimer()])
     torch.set_num_threads(threads)  # after the Trainer: accelerate sets its own count

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# What only a GPU can show, in one pass sized for a short lease (about 8 minutes on an H100/H200):
+# the gpu-marked tests, then the benchmarks of docs/gpu.md on the local spec (bf16) -- SimPO vs
+# DPO steps at the Llama-3.2-1B shape, memory-lean vs plain log-probs at Llama-3's vocabulary, and
+# the micro-batch layouts vs TRL's CPOTrainer on SimPO-like lengths.
+#
+#   bash tools/gpu_checks.sh OUTDIR [transformer_engine]
+#
+# Each stage has its own time limit and its log goes to OUTDIR/gpu-checks.log (the tail of each is
+# echoed); a failing stage does not stop the others. The JSON reports land in OUTDIR.
+# FALLBACK_PYTHONPATH: if the smoke stage fails (e.g. a Megatron-Core release this project does not
+# run on yet), the remaining stages run again with this PYTHONPATH instead.
+set -u
+out=${1:?usage: bash tools/gpu_checks.sh OUTDIR [local|transformer_engine]}
+impl=${2:-local}
+mkdir -p "$out"
+log="$out/gpu-checks.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+bench="python3 tools/bench_simpo.py --transformer-impl $impl"
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2 began rc
+    shift 2
+    began=$(date +%s)
+    echo "=== $name: $*" | tee -a "$log"
+    timeout "$limit" "$@" > "$out/.stage.log" 2>&1
+    rc=$?
+    cat "$out/.stage.log" >> "$log"
+    echo "=== $name: rc=$rc in $(( $(date +%s) - began )) s" | tee -a "$log"
+    tail -n 20 "$out/.stage.log"
+    rm -f "$out/.stage.log"
+    return $rc
+}
+
+stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+    python3 -c "import sys, torch, megatron.core, transformers
+print(sys.version.split()[0], torch.__version__, torch.version.cuda, megatron.core.__version__, transformers.__version__)
+try:
+    import transformer_engine; print(\"transformer_engine\", transformer_engine.__version__)
+except ImportError as e: print(\"no transformer_engine:\", e)"'
+
+smoke() { stage smoke 90 $bench --only steps --preset cpu-small --pairs 2 --step-seq 256 --steps 1 --warmup 1; }
+if ! smoke && [ -n "${FALLBACK_PYTHONPATH:-}" ]; then
+    export PYTHONPATH="$(pwd):$FALLBACK_PYTHONPATH"
+    stage env-fallback 30 python3 -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
+    smoke
+fi
+
+stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests/test_gpu.py
+stage steps 150 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
+    --output "$out/steps.json"
+stage logprobs 60 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
+    --output "$out/logprobs.json"
+stage lengths 240 $bench --only lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
+    --steps 2 --warmup 1 --output "$out/lengths.json"
+echo "=== done" | tee -a "$log"
