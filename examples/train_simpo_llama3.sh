@@ -11,7 +11,7 @@
 # MODEL=tiny runs the embedded tiny default on CPU with two gloo processes (DP=2; TP=2 also
 # works) and needs nothing else:  MODEL=tiny bash examples/train_simpo_llama3.sh
 #
-# Variables: CHECKPOINT, DATA, VALID_DATA, SAVE, TP, PP, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
+# Variables: CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
 # NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the GPU recipe also
 # TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by default when TP > 1)
 # and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra arguments are passed on
@@ -44,6 +44,7 @@ case "$MODEL" in
       --tokenizer "$ASSETS/tokenizer"
       --train-data-path "$ASSETS/train.jsonl"
       --valid-data-path "$ASSETS/valid.jsonl"
+      --data-cache-dir "$ASSETS/data-cache"
       --tensor-model-parallel-size "${TP:-1}"
       --pipeline-model-parallel-size "${PP:-1}"
       --seq-length 64 --max-prompt-length 48
@@ -82,6 +83,9 @@ case "$MODEL" in
     if [ -n "${FP8:-}" ]; then
       ARGS+=(--fp8-format "$FP8" --fp8-recipe "${FP8_RECIPE:-tensorwise}")
     fi
+    if [ -n "${DATA_CACHE_DIR:-}" ]; then  # tokenized pairs (default ~/.cache/megatron_simpo/data)
+      ARGS+=(--data-cache-dir "$DATA_CACHE_DIR")
+    fi
     if [ -n "${VALID_DATA:-}" ]; then
       ARGS+=(--valid-data-path "$VALID_DATA")
     else
@@ -102,6 +106,7 @@ SAME_MEANING=(
   "--simpo-beta --beta"
   "--model-config --pretrained-checkpoint"
   "--valid-data-path --valid-fraction"
+  "--data-cache-dir --data-cache-path"
 )
 replaced_by_user() {  # is default flag $1 set by the user's arguments (the rest)?
   local flag=$1 given group

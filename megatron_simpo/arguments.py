@@ -33,8 +33,10 @@ SECTIONS = (
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "train_split", "valid_split", "dataset_config",
         "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",
-        "seq_length", "max_prompt_length", "identical_pairs"),
-        names={"tokenizer_path": ("--tokenizer",)}),
+        "seq_length", "max_prompt_length", "identical_pairs", "data_cache_dir",
+        "dataset_num_proc"),
+        names={"tokenizer_path": ("--tokenizer",),
+               "data_cache_dir": ("--data-cache-dir", "--data-cache-path")}),
     Section("batching", BatchingConfig, key="batching", fields=(
         "batch_layout", "max_tokens_per_microbatch", "pack_sequences")),
     Section("training", TrainConfig, key="train", fields=(
@@ -56,7 +58,8 @@ SECTIONS = (
         names={"beta": ("--simpo-beta", "--beta"), "gamma": ("--simpo-gamma",),
                "gamma_beta_ratio": ("--simpo-gamma-beta-ratio",)}),
     Section("checkpoints and logging", TrainConfig, key="train", fields=(
-        "load", "save", "save_interval", "overwrite", "eval_interval", "log_interval",
+        "load", "override_data", "save", "save_interval", "overwrite", "eval_interval",
+        "log_interval",
         "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
 )
 _NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8")

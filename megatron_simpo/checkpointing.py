@@ -52,6 +52,9 @@ class TrainState:
 
     iteration: int
     consumed_samples: int
+    data_fingerprint: str | None = None
+    """Identity of the training data the run read (data_cache.PreparedData.fingerprint); None
+    in checkpoints written before it was recorded."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -88,12 +91,21 @@ def saved_iterations(root: str | Path) -> list[int]:
     return sorted(found)
 
 
-def read_train_iteration(checkpoint: Path) -> int | None:
-    """The iteration a full checkpoint was saved at (None for weights only)."""
+def read_train_state(checkpoint: Path) -> TrainState | None:
+    """Where a full checkpoint stands, read without its shards (None for weights only)."""
     from megatron.core import dist_checkpointing
 
     saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
-    return None if saved is None else int(saved["iteration"])
+    if saved is None:
+        return None
+    return TrainState(int(saved["iteration"]), int(saved["consumed_samples"]),
+                      saved.get("data_fingerprint"))
+
+
+def read_train_iteration(checkpoint: Path) -> int | None:
+    """The iteration a full checkpoint was saved at (None for weights only)."""
+    state = read_train_state(checkpoint)
+    return None if state is None else state.iteration
 
 
 def remove_iterations_after(root: str | Path, iteration: int) -> None:
@@ -364,6 +376,7 @@ def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimi
     state = _sharded_state(model, optimizer, scheduler, is_loading=False)
     state["train_state"] = {"iteration": train_state.iteration,
                             "consumed_samples": train_state.consumed_samples,
+                            "data_fingerprint": train_state.data_fingerprint,
                             "parallel_sizes": list(sizes),
                             "optimizer_sharding_type": OPTIMIZER_SHARDING_TYPE}
     return _write_checkpoint(save_dir, train_state.iteration, state, model, model_config, assets)
@@ -452,4 +465,5 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return TrainState(iteration=int(saved["iteration"]),
-                      consumed_samples=int(saved["consumed_samples"]))
+                      consumed_samples=int(saved["consumed_samples"]),
+                      data_fingerprint=saved.get("data_fingerprint"))

@@ -66,6 +66,10 @@ class TrainConfig:
     --pretrained-checkpoint by megatron-simpo-reference-logps; no reference model is loaded."""
     load: str | None = None
     """Resume exactly from this save folder (model, optimizer, schedule, data position, RNG)."""
+    override_data: bool = False
+    """Resume with --load although the training data changed since the checkpoint (another
+    source, tokenizer, --seq-length or held-out split): training goes on from the saved
+    position in the new data's order. Without it such a resume is refused."""
     save: str | None = None
     """Save folder: checkpoints (iter_NNNNNNN/) and metrics.jsonl."""
     save_interval: int | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 from megatron_simpo.batching import round_up
@@ -107,7 +108,8 @@ def _sequence(pair: TokenizedPair, index: int, offset: int, limit: int) -> tuple
         raise ValueError(f"pair {index}: empty prompt (need at least one token, e.g. BOS)")
     if len(response) == 0:
         raise ValueError(f"pair {index}: empty {which} response")
-    full = torch.tensor(list(pair.prompt) + list(response), dtype=torch.long)
+    full = torch.from_numpy(np.concatenate([np.asarray(pair.prompt, dtype=np.int64),
+                                            np.asarray(response, dtype=np.int64)]))
     if len(full) - 1 > limit:
         raise ValueError(f"pair {index}: prompt + {which} is {len(full)} tokens, more than "
                          f"seq_length + 1 = {limit + 1}")
@@ -227,6 +229,14 @@ class DataConfig:
     right to fit."""
     max_prompt_length: int = 1800
     """Most prompt tokens; longer prompts lose tokens on the left."""
+    data_cache_dir: str | None = None
+    """Where tokenized pairs are kept (Arrow, memory-mapped by every rank; one folder per
+    source and setting, reused by later runs); default $XDG_CACHE_HOME/megatron_simpo/data
+    (~/.cache/...). On a disk that all nodes share, one rank builds it; on local disks, one rank
+    per node."""
+    dataset_num_proc: int | None = None
+    """Processes that tokenize a source the first time (datasets.map's num_proc); default one
+    per 10,000 rows, at most the CPU count."""
     identical_pairs: Literal["drop", "refuse"] = "drop"
     """Pairs whose chosen and rejected responses are the same tokens teach nothing: drop them
     (counted, with a warning), or refuse the data naming the first one."""
@@ -239,6 +249,8 @@ class DataConfig:
                              f"less than --seq-length ({self.seq_length})")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset-num-proc must be >= 1, got {self.dataset_num_proc}")
         if self.identical_pairs not in ("drop", "refuse"):
             raise ValueError(f"--identical-pairs must be drop or refuse, got {self.identical_pairs!r}")
 
@@ -312,17 +324,29 @@ def _response_messages(prompt: list[dict], value, where: str, column: str) -> li
     return messages
 
 
-def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
-                  dropped: list[str] | None = None, cut: dict[str, int] | None = None
-                  ) -> list[TokenizedPair]:
-    """Apply the chat template, tokenize, and truncate: prompt from the left, response from the right.
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One row after the chat template, tokenization and truncation, with what happened to it."""
+
+    source: str
+    """Where the row came from (file:line, or source[split] row N)."""
+    pair: TokenizedPair
+    identical: bool
+    """Chosen and rejected are the same tokens after truncation (such a pair teaches nothing)."""
+    prompt_cut: bool
+    """The prompt lost tokens on the left (--max-prompt-length)."""
+    responses_cut: int
+    """How many of the two responses lost tokens on the right (--seq-length)."""
+
+
+def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[TokenizedRow]:
+    """Apply the chat template, tokenize, and truncate: prompt from the left, response from the
+    right. Every row comes back (identical pairs flagged, not dropped); a bad row raises
+    DataError naming it.
 
     The response tokens are what the template adds after the generation prompt (Llama-3: the
     answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
-    tokenizer's special tokens and the response gets the EOS token appended. Pairs whose two
-    responses end up as the same tokens are left out and their rows added to ``dropped`` (or
-    refused, as ``config.identical_pairs`` says). ``cut`` counts prompts cut on the left
-    (``"prompts"``) and responses cut on the right (``"responses"``).
+    tokenizer's special tokens and the response gets the EOS token appended.
     """
     has_template = getattr(tokenizer, "chat_template", None) is not None
     roles = known_roles(tokenizer)
@@ -339,6 +363,8 @@ def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
         else:
             prompts.append("\n".join(str(m["content"]) for m in prompt))
             fulls.extend("".join(str(m["content"]) for m in r) for r in responses)
+    if not rows:
+        return []
     if has_template:
         # One batched call per kind: the template is rendered far faster than row by row.
         prompts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
@@ -349,7 +375,7 @@ def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         full_ids = [ids + eos for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
-    pairs = []
+    records = []
     for index, row in enumerate(rows):
         prompt = prompt_ids[index]
         answers = []
@@ -365,21 +391,41 @@ def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
         kept_prompt = prompt[-config.max_prompt_length:]
         budget = config.seq_length - len(kept_prompt)
         chosen, rejected = (answer[:budget] for answer in answers)
-        if cut is not None:
-            cut["prompts"] += len(kept_prompt) < len(prompt)
-            cut["responses"] += sum(len(answer) > budget for answer in answers)
         for column, answer in (("chosen", chosen), ("rejected", rejected)):
             if not answer:
                 raise DataError(f"{row['source']}: empty {column} response after tokenization")
-        if chosen == rejected:
+        records.append(TokenizedRow(row["source"], TokenizedPair(kept_prompt, chosen, rejected),
+                                    identical=chosen == rejected,
+                                    prompt_cut=len(kept_prompt) < len(prompt),
+                                    responses_cut=sum(len(a) > budget for a in answers)))
+    return records
+
+
+def identical_pair_error(source: str, config: DataConfig) -> DataError:
+    return DataError(f"{source}: chosen and rejected are the same tokens (after truncation to "
+                     f"--seq-length {config.seq_length}); such a pair teaches nothing "
+                     "(--identical-pairs drop skips them)")
+
+
+def tokenize_rows(rows: list[dict], tokenizer, config: DataConfig,
+                  dropped: list[str] | None = None, cut: dict[str, int] | None = None
+                  ) -> list[TokenizedPair]:
+    """``tokenize_records``, keeping the pairs: those whose two responses are the same tokens
+    are left out and their rows added to ``dropped`` (or refused, as
+    ``config.identical_pairs`` says). ``cut`` counts prompts cut on the left (``"prompts"``)
+    and responses cut on the right (``"responses"``)."""
+    pairs = []
+    for record in tokenize_records(rows, tokenizer, config):
+        if cut is not None:
+            cut["prompts"] += record.prompt_cut
+            cut["responses"] += record.responses_cut
+        if record.identical:
             if config.identical_pairs == "refuse":
-                raise DataError(f"{row['source']}: chosen and rejected are the same tokens "
-                                 f"(after truncation to --seq-length {config.seq_length}); "
-                                 "such a pair teaches nothing (--identical-pairs drop skips them)")
+                raise identical_pair_error(record.source, config)
             if dropped is not None:
-                dropped.append(row["source"])
+                dropped.append(record.source)
             continue
-        pairs.append(TokenizedPair(kept_prompt, chosen, rejected))
+        pairs.append(record.pair)
     return pairs
 
 
@@ -420,15 +466,22 @@ def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] |
 
 
 def length_statistics(pairs: Sequence[TokenizedPair]) -> str:
-    """Token counts of a set of pairs: total, and prompt / response p50, p90, p99, max."""
-    def percentiles(values: list[int]) -> str:
-        ordered = sorted(values)
-        picks = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)]
-        return "/".join(str(v) for v in picks + [ordered[-1]])
+    """Token counts of a set of pairs (a list, or a data_cache.PairTable, read from its length
+    arrays): total, and prompt / response p50, p90, p99, max."""
+    if hasattr(pairs, "lengths"):
+        prompts = pairs.lengths("prompt")
+        responses = np.concatenate([pairs.lengths("chosen"), pairs.lengths("rejected")])
+    else:
+        prompts = np.array([len(p.prompt) for p in pairs], dtype=np.int64)
+        responses = np.array([len(r) for p in pairs for r in (p.chosen, p.rejected)],
+                             dtype=np.int64)
 
-    prompts = [len(p.prompt) for p in pairs]
-    responses = [len(r) for p in pairs for r in (p.chosen, p.rejected)]
-    total = 2 * sum(prompts) + sum(responses)
+    def percentiles(values: np.ndarray) -> str:
+        ordered = np.sort(values)
+        picks = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)]
+        return "/".join(str(int(v)) for v in picks + [ordered[-1]])
+
+    total = int(2 * prompts.sum() + responses.sum())
     return (f"{total} tokens; prompt tokens p50/p90/p99/max {percentiles(prompts)}, response "
             f"tokens {percentiles(responses)}")
 

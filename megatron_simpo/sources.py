@@ -72,6 +72,15 @@ def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
         from megatron_simpo.data import read_preference_rows
 
         return read_preference_rows(source, columns)
+    dataset, where = open_dataset(source, kind, split=split, columns=columns,
+                                  dataset_config=dataset_config)
+    return [{**row, "source": f"{where} row {index}"} for index, row in enumerate(dataset)]
+
+
+def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),
+                 dataset_config: str | None = None):
+    """(``datasets.Dataset`` with exactly the columns prompt, chosen, rejected; how to name it
+    in messages) for a source that ``datasets`` reads (not JSONL)."""
     dataset, where = _open(source, kind, split, dataset_config)
     missing = [f"{name!r}" for _, name in columns if name not in dataset.column_names]
     if missing:
@@ -81,8 +90,12 @@ def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
     if len(dataset) == 0:
         raise SourceError(f"{where}: no rows")
     dataset = dataset.select_columns([name for _, name in columns])
-    return [{**{ours: row[theirs] for ours, theirs in columns}, "source": f"{where} row {index}"}
-            for index, row in enumerate(dataset)]
+    renames = {theirs: ours for ours, theirs in columns if theirs != ours}
+    if renames:
+        # Through temporary names: a mapping may swap names (e.g. chosen <-> rejected).
+        dataset = dataset.rename_columns({theirs: f"__{ours}" for theirs, ours in renames.items()})
+        dataset = dataset.rename_columns({f"__{ours}": ours for ours in renames.values()})
+    return dataset, where
 
 
 def _open(source: str, kind: str, split: str, dataset_config: str | None):

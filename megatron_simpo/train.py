@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from megatron_simpo.components import (TrainingComponents, build_components,
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.batching import BatchPlan, Microbatch, PairLengths, plan_global_batch
 from megatron_simpo.data import (DataError, PairSampler, PreferenceBatch, TokenizedPair,
-                                 collate_microbatch, length_statistics,
-                                 load_datasets, load_tokenizer)
+                                 collate_microbatch, length_statistics, load_tokenizer)
+from megatron_simpo.data_cache import prepare_data
 from megatron_simpo.flops import step_flops
 from megatron_simpo.guards import StepHealth, finite_everywhere, json_number, parameters
 from megatron_simpo.lifecycle import StopRequests, die_with_parent
@@ -342,6 +343,7 @@ class _Session:
         (iteration, consumed samples)."""
         state = checkpointing.TrainState(0, 0)
         if self.source.resume_from is not None:
+            self._check_data(checkpointing.read_train_state(self.source.resume_from))
             state = checkpointing.load_checkpoint(
                 self.source.resume_from, self.parts.model.module, self.parts.optimizer,
                 self.parts.scheduler, model_config=self.source.config)
@@ -356,6 +358,21 @@ class _Session:
         self.updated = self.source.resume_from is not None
         self.evaluate(state.iteration)
         return state.iteration, state.consumed_samples
+
+    def _check_data(self, saved: checkpointing.TrainState | None) -> None:
+        """Refuse to resume on other data than the checkpoint's, unless --override-data."""
+        if saved is None or saved.data_fingerprint in (None, self.data.fingerprint):
+            return
+        if not self.config.override_data:
+            raise DataError(f"--load {self.source.resume_from} was trained on other data "
+                            f"(fingerprint {saved.data_fingerprint}, now {self.data.fingerprint}:"
+                            " the data's content, its split or columns, the tokenizer, "
+                            "--seq-length, --max-prompt-length or the held-out split changed); "
+                            "give --override-data to go on from its position "
+                            f"({saved.consumed_samples} samples) in the new data")
+        self.say(f"warning: --override-data: resuming {self.source.resume_from} on other data "
+                 f"than it was trained on (fingerprint {saved.data_fingerprint}, now "
+                 f"{self.data.fingerprint})")
 
     def step(self, indices: list[int]):
         microbatches, self.plan = self.data.train_microbatches(
@@ -414,7 +431,8 @@ class _Session:
         source_dir = source.weights_from or source.resume_from
         source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
         path = checkpointing.save_checkpoint(
-            self.config.save, checkpointing.TrainState(iteration, consumed), parts.model.module,
+            self.config.save, checkpointing.TrainState(iteration, consumed, self.data.fingerprint),
+            parts.model.module,
             parts.optimizer, parts.scheduler, source.config,
             assets={**source_assets, "tokenizer": source.tokenizer_path})
         self.say(f"> saved checkpoint {path}")
@@ -435,8 +453,9 @@ class _Session:
 class TrainingData:
     """The tokenized pairs, their order, and how a global batch becomes this rank's batches."""
 
-    train_pairs: list[TokenizedPair]
-    valid_pairs: list[TokenizedPair]
+    train_pairs: Sequence[TokenizedPair]
+    """A data_cache.PairTable: memory-mapped, read pair by pair."""
+    valid_pairs: Sequence[TokenizedPair]
     pad_id: int
     sampler: PairSampler
     padding_multiple: int
@@ -448,6 +467,10 @@ class TrainingData:
     """[n_train, 2] precomputed reference log-prob sums (chosen, rejected), --reference-logps."""
     valid_reference: torch.Tensor | None = None
     """[n_valid, 2] the same for the validation pairs."""
+    fingerprint: str | None = None
+    """Identity of the training data (saved in checkpoints, checked on resume)."""
+    messages: list[str] = field(default_factory=list)
+    """How the data was prepared (tokenized now, or the cache reused)."""
 
     @classmethod
     def load(cls, config: TrainConfig, source: ModelSource) -> "TrainingData":
@@ -455,10 +478,8 @@ class TrainingData:
         if len(tokenizer) > source.config.vocab_size:
             raise ValueError(f"tokenizer {source.tokenizer_path} has {len(tokenizer)} tokens, "
                              f"more than the model's vocabulary ({source.config.vocab_size})")
-        dropped: list[str] = []
-        cut = {"prompts": 0, "responses": 0}
-        train_pairs, valid_pairs = load_datasets(config.data, tokenizer, config.seed, dropped,
-                                                 cut)
+        prepared = prepare_data(config.data, tokenizer, source.tokenizer_path, config.seed)
+        train_pairs, valid_pairs = prepared.train, prepared.valid
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         references = [None, None]
         if config.reference_logps:
@@ -469,11 +490,13 @@ class TrainingData:
                                               (valid_pairs, "validation"))]
         return cls(train_pairs, valid_pairs, pad_id,
                    PairSampler(len(train_pairs), config.global_batch_size, config.seed),
-                   padding_multiple(config.sequence_alignment), dropped, cut, *references)
+                   padding_multiple(config.sequence_alignment), prepared.dropped, prepared.cut,
+                   *references, fingerprint=prepared.fingerprint, messages=prepared.messages)
 
     def warnings(self, config: TrainConfig, dp_size: int) -> list[str]:
         """What the user should know about the data before training starts."""
-        found = [f"> training data: {len(self.train_pairs)} pairs, "
+        found = list(self.messages)
+        found += [f"> training data: {len(self.train_pairs)} pairs, "
                  f"{length_statistics(self.train_pairs)}; {self.cut['prompts']} prompt(s) cut on "
                  f"the left (--max-prompt-length), {self.cut['responses']} response(s) on the "
                  f"right (--seq-length); {len(self.dropped)} pair(s) dropped"]

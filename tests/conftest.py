@@ -1,9 +1,21 @@
-"""Test-session plumbing: the reused ranks of tests/multiprocess.py end with each module, so
-an idle world does not keep its leftover threads polling while other modules run."""
+"""Test-session plumbing: a private cache folder for the session, and the reused ranks of
+tests/multiprocess.py end with each module, so an idle world does not keep its leftover threads
+polling while other modules run."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests import multiprocess
+
+# Tokenized-data caches (megatron_simpo.data_cache's default place) and datasets' own cache go
+# to a folder of this test session, never to the user's ~/.cache; ranks spawned later inherit it.
+_CACHE_HOME = tempfile.mkdtemp(prefix="megatron-simpo-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")

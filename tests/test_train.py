@@ -426,3 +426,25 @@ def test_exit_interval_saves_and_stops_and_a_tiny_validation_set_is_reported(tin
     assert "warning: the validation set has 3 pair(s), fewer than one micro-batch per " \
            "data-parallel rank (4): no evaluation" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_resuming_on_changed_data_is_refused_unless_overridden(tiny, tmp_path):
+    """Checkpoints record the data's fingerprint; a resume on other pairs (here one row less)
+    ends in one line naming the checkpoint, unless --override-data; the same data resumes
+    with no word (the bitwise resume tests)."""
+    run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=tmp_path / "a"))
+    changed = tmp_path / "train.jsonl"
+    changed.write_text("".join(Path(tiny["train"]).read_text().splitlines(keepends=True)[1:]))
+    argv = _argv(tiny, train_iters=4, load=tmp_path / "a", save=tmp_path / "b")
+    argv[argv.index("--train-data-path") + 1] = str(changed)
+    [(code, out, err)] = run_on_ranks(1, _main_in_rank, argv)
+    assert code == 2
+    [line] = _error_lines(err)
+    assert line.startswith(f"train_simpo: error: --load {tmp_path / 'a' / 'iter_0000002'} was "
+                           "trained on other data (fingerprint ")
+    assert line.endswith("give --override-data to go on from its position (16 samples) in the "
+                         "new data")
+    [(code, out, err)] = run_on_ranks(1, _main_in_rank, argv + ["--override-data"])
+    assert code == 0, err
+    assert "warning: --override-data: resuming" in out
+    assert [row["iteration"] for row in _metrics(tmp_path / "b") if "loss" in row] == [3, 4]

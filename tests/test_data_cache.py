@@ -1,0 +1,224 @@
+"""Tokenize once: the Arrow cache equals the in-memory path, is reused, is built by one rank per
+node, reports bad rows from its worker processes, and reads pairs without copying them."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from megatron_simpo import data_cache
+from megatron_simpo.data import DataConfig, DataError, load_datasets
+from megatron_simpo.data_cache import PairTable, prepare_data
+from megatron_simpo.tiny import build_tokenizer, make_pair
+from tests.multiprocess import run_on_ranks
+
+
+def _rows(n, seed, identical_every=0):
+    rng = random.Random(seed)
+    rows = []
+    for index in range(n):
+        row = make_pair(rng)
+        if identical_every and index % identical_every == 3:
+            row["rejected"] = row["chosen"]
+        # Messages in some rows, strings in others (JSONL allows both in one file).
+        if index % 2:
+            row["chosen"] = [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["chosen"]}]
+        rows.append(row)
+    return rows
+
+
+def _uniform(rows):
+    """The rows with one Arrow type per column (chosen as strings), for Parquet and Arrow."""
+    return [{**r, "chosen": r["chosen"] if isinstance(r["chosen"], str)
+             else r["chosen"][1]["content"]} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from datasets import Dataset, DatasetDict
+
+    out = tmp_path_factory.mktemp("data")
+    train, valid = _rows(300, 0, identical_every=50), _rows(40, 1)
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (out / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in valid))
+    Dataset.from_list(_uniform(train)).to_parquet(str(out / "train.parquet"))
+    DatasetDict(train=Dataset.from_list(_uniform(train)),
+                test=Dataset.from_list(_uniform(valid))).save_to_disk(str(out / "arrow"))
+    build_tokenizer().save_pretrained(out / "tokenizer")
+    return out
+
+
+def _config(data, tmp_path, train="train.jsonl", **options):
+    options.setdefault("seq_length", 48)
+    options.setdefault("max_prompt_length", 12)  # some prompts and responses get cut
+    return DataConfig(train_data_path=str(data / train), data_cache_dir=str(tmp_path / "cache"),
+                      **options)
+
+
+def _as_lists(pairs):
+    return [(list(map(int, p.prompt)), list(map(int, p.chosen)), list(map(int, p.rejected)))
+            for p in pairs]
+
+
+@pytest.mark.parametrize("source, options", [
+    ("train.jsonl", dict(valid_data_path="valid.jsonl")),
+    ("train.jsonl", dict(valid_fraction=0.2, dataset_num_proc=2)),
+    ("train.parquet", dict(valid_fraction=0.1)),
+    ("arrow", dict(valid_data_path="arrow", train_split="train", valid_split="test")),
+    ("train.jsonl", dict(valid_fraction=0.1, seq_length=18)),
+], ids=["jsonl", "jsonl_held_out_2_procs", "parquet", "arrow_dict", "jsonl_responses_cut"])
+def test_cached_pairs_equal_the_in_memory_path(data, tmp_path, source, options):
+    if "valid_data_path" in options:
+        options["valid_data_path"] = str(data / options["valid_data_path"])
+    config = _config(data, tmp_path, source, **options)
+    tokenizer = build_tokenizer()
+    dropped, cut = [], {"prompts": 0, "responses": 0}
+    train, valid = load_datasets(config, tokenizer, seed=5, dropped=dropped, cut=cut)
+    prepared = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert isinstance(prepared.train, PairTable)
+    assert _as_lists(prepared.train) == _as_lists(train)
+    assert _as_lists(prepared.valid) == _as_lists(valid)
+    assert prepared.dropped == dropped and prepared.cut == cut and cut["prompts"] > 0
+    if "seq_length" in options:  # every response loses its end; some pairs become identical
+        assert cut["responses"] == 2 * (len(train) + len(valid) + len(dropped)) and dropped
+    else:
+        assert len(dropped) == 6 and cut["responses"] == 0
+    lengths = prepared.train.lengths("chosen")
+    assert lengths.tolist() == [len(p[1]) for p in _as_lists(train)]
+
+
+def test_a_second_preparation_reuses_the_cache_and_never_tokenizes(data, tmp_path, monkeypatch):
+    tokenizer = build_tokenizer()
+    config = _config(data, tmp_path, valid_data_path=str(data / "valid.jsonl"))
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert all(m.startswith("> data: tokenized") for m in first.messages)
+    # The same bytes under another name are the same data (its rows are cached anew: messages
+    # name the file).
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes((data / "train.jsonl").read_bytes())
+    moved = prepare_data(_config(data, tmp_path, train=str(copy),
+                                 valid_data_path=str(data / "valid.jsonl")),
+                         tokenizer, data / "tokenizer", seed=5)
+    assert moved.fingerprint == first.fingerprint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data_cache, "tokenize_records", refuse)
+    again = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert all(m.startswith("> data: reusing tokenized") for m in again.messages)
+    assert _as_lists(again.train) == _as_lists(first.train)
+    assert again.fingerprint == first.fingerprint
+    # Anything that changes the pairs is another entry, and another fingerprint.
+    for changed in (dict(seq_length=40), dict(max_prompt_length=10)):
+        with pytest.raises(AssertionError, match="tokenized again"):
+            prepare_data(_config(data, tmp_path, valid_data_path=str(data / "valid.jsonl"),
+                                 **changed), tokenizer, data / "tokenizer", seed=5)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text((data / "train.jsonl").read_text().replace("reverse", "revert", 1))
+    with pytest.raises(AssertionError, match="tokenized again"):
+        prepare_data(_config(data, tmp_path, train=str(edited)), tokenizer, data / "tokenizer",
+                     seed=5)
+    held_out = prepare_data(_config(data, tmp_path, valid_fraction=0.1), tokenizer,
+                            data / "tokenizer", seed=5)
+    assert held_out.fingerprint != first.fingerprint  # the training pairs are others
+
+
+def test_bad_rows_are_named_even_from_worker_processes(data, tmp_path):
+    rows = _rows(30, 2)
+    rows[17]["rejected"] = "   "
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = DataConfig(train_data_path=str(path), data_cache_dir=str(tmp_path / "cache"),
+                        seq_length=48, max_prompt_length=12, dataset_num_proc=2)
+    with pytest.raises(DataError, match=rf"^{path}:18: empty rejected response$"):
+        prepare_data(config, build_tokenizer(), data / "tokenizer", seed=0)
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-built is left behind
+    from datasets import Dataset
+
+    Dataset.from_list([{k: v if isinstance(v, str) else v[1]["content"] for k, v in r.items()}
+                       for r in rows]).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad.parquet row 17: empty rejected response$"):
+        prepare_data(DataConfig(train_data_path=str(tmp_path / "bad.parquet"),
+                                data_cache_dir=str(tmp_path / "cache")),
+                     build_tokenizer(), data / "tokenizer", seed=0)
+    refuse = _config(data, tmp_path, identical_pairs="refuse")
+    with pytest.raises(DataError, match=r"train.jsonl:4: chosen and rejected are the same"):
+        prepare_data(refuse, build_tokenizer(), data / "tokenizer", seed=0)
+
+
+def test_pairs_are_views_of_the_memory_mapped_file(data, tmp_path):
+    prepared = prepare_data(_config(data, tmp_path), build_tokenizer(), data / "tokenizer", 0)
+    pair = prepared.train[7]
+    assert pair.prompt.dtype == np.int32 and not pair.prompt.flags.owndata
+    assert all(not v.flags.owndata for column in prepared.train._columns.values()
+               for v in column.values)
+
+
+def test_list_columns_read_across_arrow_chunks():
+    import pyarrow as pa
+
+    rng = random.Random(0)
+    lists = [[rng.randrange(100) for _ in range(rng.randrange(1, 9))] for _ in range(25)]
+    chunks = [lists[0:7], lists[7:8], lists[8:20], lists[20:]]
+    column = pa.chunked_array([pa.array(c, type=pa.list_(pa.int32())) for c in chunks])
+    table = pa.table({"prompt": column, "chosen": column, "rejected": column,
+                      "identical": pa.array([False] * 25)})
+    pairs = PairTable(table)
+    assert [pairs[i].chosen.tolist() for i in range(25)] == lists
+    picked = pairs.subset([24, 3, 9])
+    assert [p.prompt.tolist() for p in picked] == [lists[24], lists[3], lists[9]]
+    assert picked.lengths("rejected").tolist() == [len(lists[i]) for i in (24, 3, 9)]
+
+
+def _prepare_on_rank(rank, config_fields, node_local):
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_simpo.data import DataConfig, DataError
+
+    dist.init_process_group("gloo")  # as runtime.initialize does before the data is read
+
+    fields = dict(config_fields)
+    if node_local:  # two "nodes", each with its cache on its own disk
+        fields["data_cache_dir"] = f"{fields['data_cache_dir']}/node{rank}"
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        prepared = prepare_data(DataConfig(**fields), build_tokenizer(), fields["tokenizer_path"],
+                                seed=0)
+    except DataError as error:
+        return f"DataError: {error}"
+    return prepared.messages, prepared.fingerprint, _as_lists(prepared.train)
+
+
+def test_one_rank_per_node_builds_and_every_rank_reads(data, tmp_path):
+    fields = dict(train_data_path=str(data / "train.jsonl"), seq_length=48, max_prompt_length=12,
+                  data_cache_dir=str(tmp_path / "shared"), tokenizer_path=str(data / "tokenizer"))
+    shared = run_on_ranks(2, _prepare_on_rank, fields, False)
+    assert shared[0][0][0].startswith("> data: tokenized")
+    assert shared[1][0][0].startswith("> data: reusing tokenized")  # rank 0 built it
+    assert shared[0][1:] == shared[1][1:]
+    local = run_on_ranks(2, _prepare_on_rank, dict(fields, data_cache_dir=str(tmp_path / "local")),
+                         True)
+    assert all(messages[0].startswith("> data: tokenized") for messages, _, _ in local)
+    assert local[0][1:] == local[1][1:] == shared[0][1:]
+    # A build error reaches every rank, with the builder's message.
+    rows = _rows(10, 3)
+    rows[4]["chosen"] = 7
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    errors = run_on_ranks(2, _prepare_on_rank, dict(fields, train_data_path=str(tmp_path / "bad.jsonl")),
+                          False)
+    assert errors[0] == errors[1] and errors[0].startswith(f"DataError: {tmp_path / 'bad.jsonl'}:5:")
+
+
+def test_an_unwritable_cache_is_one_clear_line(data, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    config = DataConfig(train_data_path=str(data / "train.jsonl"),
+                        data_cache_dir=str(blocked / "cache"))
+    with pytest.raises(DataError, match=rf"^cannot write the data cache {blocked}/cache: .* "
+                                        r"\(choose another with --data-cache-dir\)$"):
+        prepare_data(config, build_tokenizer(), data / "tokenizer", seed=0)
