@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	  echo "[setup] container torch/megatron-core found: reusing them"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
 	  $(VENV_PY) -m pip install -q --no-deps -e . && \
-	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops "pytest>=7" "trl==1.16.0"; \
+	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops matplotlib "pytest>=7" "trl==1.16.0" scipy; \
 	else \
 	  echo "[setup] CPU environment: $(TORCH_CPU_PIN) + megatron-core"; \
 	  $(PYTHON) -m venv $(VENV) && \
@@ -34,6 +34,7 @@ test: setup
 # and metrics in outputs/demo (the tiny default's assets there stay).
 demo: setup
 	MODEL=tiny PYTHON=$(abspath $(VENV_PY)) bash examples/train_simpo_llama3.sh --overwrite
+	$(VENV_PY) tools/analyze_run.py outputs/demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

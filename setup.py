@@ -26,15 +26,19 @@ setup(
         "numpy",
         "einops",
         "tqdm",  # the converters' progress bar
+        "matplotlib",  # tools/analyze_run.py's plots
     ],
     # Transformer Engine and NVIDIA Apex come from the NGC container: optional imports only.
     # TRL (pinned: the tests call its trainers' loss methods) is for tests and benchmarks only:
     # its losses are compared with ours, and tools/bench_simpo.py --only trl times its CPOTrainer.
-    extras_require={"test": ["pytest>=7", "trl==1.16.0"], "bench": ["trl==1.16.0"]},
+    # scipy: the tests check the analyses' statistics against it.
+    extras_require={"test": ["pytest>=7", "trl==1.16.0", "scipy"], "bench": ["trl==1.16.0"]},
     entry_points={"console_scripts": [
         "megatron-simpo-train = megatron_simpo.train:main",
         "megatron-simpo-convert-hf-to-megatron = megatron_simpo.convert.cli:hf_to_megatron_main",
         "megatron-simpo-convert-megatron-to-hf = megatron_simpo.convert.cli:megatron_to_hf_main",
         "megatron-simpo-reference-logps = megatron_simpo.reference_logps:main",
+        "megatron-simpo-generate-answers = megatron_simpo.generation:main",
+        "megatron-simpo-analyze-run = megatron_simpo.analysis:main",
     ]},
 )

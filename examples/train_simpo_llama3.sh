@@ -52,7 +52,7 @@ case "$MODEL" in
       --train-iters "${TRAIN_ITERS:-500}"
       --lr 1e-3 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.05
       --use-distributed-optimizer
-      --eval-interval 100 --log-interval 50
+      --eval-interval 100 --log-interval 50 --eval-dump
       --save "$OUT" --seed 42
     )
     ;;

@@ -59,7 +59,7 @@ SECTIONS = (
                "gamma_beta_ratio": ("--simpo-gamma-beta-ratio",)}),
     Section("checkpoints and logging", TrainConfig, key="train", fields=(
         "load", "override_data", "save", "save_interval", "overwrite", "eval_interval",
-        "log_interval",
+        "eval_dump", "log_interval",
         "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
 )
 _NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8")

@@ -76,6 +76,10 @@ class TrainConfig:
     """Save a checkpoint every this many iterations (and always at the end)."""
     eval_interval: int | None = None
     """Evaluate on the held-out pairs every this many iterations (and at the start and end)."""
+    eval_dump: bool = False
+    """At each evaluation also write every held-out pair's summed and average log-probs,
+    response lengths and rewards to <save>/eval_dump/iter_NNNNNNN.jsonl (tools/analyze_run.py
+    plots them); needs --save."""
     log_interval: int = 1
     """Print the log line and write metrics every this many iterations."""
     seed: int = 42
@@ -163,6 +167,8 @@ class TrainConfig:
             raise ValueError("no model: give --pretrained-checkpoint, --model-config or --load")
         if self.save_interval is not None and not self.save:
             raise ValueError("--save-interval needs --save")
+        if self.eval_dump and not self.save:
+            raise ValueError("--eval-dump needs --save (the dumps go to <save>/eval_dump/)")
         if self.data.tokenizer_path is None and self.pretrained_checkpoint is None and not self.load:
             raise ValueError("no tokenizer: give --tokenizer (a Hugging Face tokenizer folder)")
         from megatron_simpo.sources import SourceError, kind_of

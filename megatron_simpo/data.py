@@ -357,22 +357,19 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
         if not any(str(m["content"]).strip() for m in prompt):
             raise DataError(f"{where}: empty prompt")
         responses = [_response_messages(prompt, row[c], where, c) for c in ("chosen", "rejected")]
+        prompts.append(prompt)
         if has_template:
-            prompts.append(prompt)
             fulls.extend(prompt + r for r in responses)
         else:
-            prompts.append("\n".join(str(m["content"]) for m in prompt))
             fulls.extend("".join(str(m["content"]) for m in r) for r in responses)
     if not rows:
         return []
+    # One batched call per kind: the template is rendered far faster than row by row.
+    prompt_ids = encode_prompts(tokenizer, prompts)
     if has_template:
-        # One batched call per kind: the template is rendered far faster than row by row.
-        prompts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
         fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
     else:
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         full_ids = [ids + eos for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
     records = []
@@ -399,6 +396,19 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
                                     prompt_cut=len(kept_prompt) < len(prompt),
                                     responses_cut=sum(len(a) > budget for a in answers)))
     return records
+
+
+def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Token ids of prompts exactly as training sees them: the chat template with the
+    generation prompt, encoded without adding special tokens again (the template's BOS is the
+    only one); without a template, the messages' text with the tokenizer's special tokens.
+    Generation for evaluation uses this too, so it never differs from training."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
+                                                 tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    texts = ["\n".join(str(m["content"]) for m in messages) for messages in conversations]
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
 def identical_pair_error(source: str, config: DataConfig) -> DataError:

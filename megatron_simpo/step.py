@@ -160,13 +160,26 @@ def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBat
     A forward-only pipeline pass; the sums exist on the last stage, which is the only place the
     loss reads them, so other stages get their batches back unchanged.
     """
-    check_output_mode(reference_model, logprob_chunk_size)
-    with torch.no_grad():
-        sums = _run_schedule(partial(_reference_forward_step, vocab_size, logprob_chunk_size),
-                             microbatches, [reference_model], forward_only=True)
+    sums = sequence_logp_sums(reference_model, microbatches, vocab_size, logprob_chunk_size)
     if not sums:  # not the last pipeline stage
         return list(microbatches)
     return [batch.with_reference(logp_sum) for batch, logp_sum in zip(microbatches, sums)]
+
+
+def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], vocab_size: int,
+                       logprob_chunk_size: int = 0) -> list[torch.Tensor]:
+    """A forward-only pipeline pass of ``model``: each micro-batch's [2n] summed response
+    log-probs (chosen, rejected, ... as the batch's sequences), fp32. On the last pipeline
+    stage; an empty list on the others."""
+    check_output_mode(model, logprob_chunk_size)
+    was_training = _unwrap(model).training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _run_schedule(partial(_reference_forward_step, vocab_size, logprob_chunk_size),
+                                 microbatches, [model], forward_only=True)
+    finally:
+        model.train(was_training)
 
 
 def _global_metric_means(per_microbatch: list[torch.Tensor],

@@ -28,7 +28,7 @@ from megatron_simpo.model import check_packed_attention, check_transformer_impl
 from megatron_simpo.optimizer import finish_param_sync
 from megatron_simpo.precision import check_fp8_support, padding_multiple
 from megatron_simpo.reference_logps import ReferenceLogps, interleaved
-from megatron_simpo.step import evaluate, train_step
+from megatron_simpo.step import evaluate, sequence_logp_sums, train_step
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -323,6 +323,8 @@ class _Session:
                   if num_microbatches is None else
                   f"{num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
                   f"{config.batching.batch_layout}")
+        for message in data.messages:  # tokenized now, or the cache reused
+            self.say(message)
         self.say(f"> {len(data.train_pairs)} training pairs, {len(data.valid_pairs)} validation "
                  f"pairs, {total_iters} iterations of {config.global_batch_size} pairs "
                  f"({layout}, DP={env.data_parallel_size})")
@@ -332,7 +334,8 @@ class _Session:
         self.step_options = dict(vocab_size=source.config.vocab_size,
                                  reference_model=self.parts.reference,
                                  logprob_chunk_size=self.parts.logprob_chunk_size)
-        self.eval_batches = data.eval_microbatches(config, self.dp_rank, self.dp_size, env.device)
+        self.eval_batches, self.eval_pairs = data.eval_microbatches(config, self.dp_rank,
+                                                                    self.dp_size, env.device)
 
     def say(self, message: str | None) -> None:
         if message and self.env.rank == 0:
@@ -415,8 +418,60 @@ class _Session:
         metrics = {f"eval/{name}": value for name, value in metrics.items()}
         self.summary.evals.append((at, metrics))
         self.writer.write(at, metrics)
+        if self.config.eval_dump:
+            self.dump_eval(at)
         self.say(f" validation at iteration {at:8d} | " +
                  " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + " |")
+
+    def dump_eval(self, at: int) -> None:
+        """<save>/eval_dump/iter_NNNNNNN.jsonl: one line per held-out pair (its index in the
+        validation set): summed and average log-probs, response lengths, rewards and margin
+        under the run's objective. A forward pass of its own, after evaluate()."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_simpo.losses import preference_loss
+
+        options = dict(vocab_size=self.source.config.vocab_size,
+                       logprob_chunk_size=self.parts.logprob_chunk_size)
+        sums = sequence_logp_sums(self.parts.model, self.eval_batches, **options)
+        references = [batch.reference_logp_sum for batch in self.eval_batches]
+        if self.parts.reference is not None:
+            references = sequence_logp_sums(self.parts.reference, self.eval_batches, **options)
+        rows = []
+        if sums and ps.get_tensor_model_parallel_rank() == 0:  # the last stage holds them
+            pairs = self.data.valid_pairs
+            for indices, logps, reference in zip(self.eval_pairs, sums, references):
+                logps = logps.double().cpu().view(-1, 2)
+                counts = torch.tensor([[len(pairs[i].chosen), len(pairs[i].rejected)]
+                                       for i in indices], dtype=torch.float64)
+                ref = None if reference is None else reference.double().cpu().view(-1, 2)
+                _, metrics = preference_loss(
+                    logps[:, 0], counts[:, 0], logps[:, 1], counts[:, 1], self.config.loss,
+                    None if ref is None else ref[:, 0], None if ref is None else ref[:, 1])
+                for k, index in enumerate(indices):
+                    rows.append({"pair": index,
+                                 "chosen_logp_sum": logps[k, 0].item(),
+                                 "rejected_logp_sum": logps[k, 1].item(),
+                                 "chosen_tokens": int(counts[k, 0]),
+                                 "rejected_tokens": int(counts[k, 1]),
+                                 "chosen_logp_mean": (logps[k, 0] / counts[k, 0]).item(),
+                                 "rejected_logp_mean": (logps[k, 1] / counts[k, 1]).item(),
+                                 "reward_chosen": metrics["rewards/chosen"][k].item(),
+                                 "reward_rejected": metrics["rewards/rejected"][k].item(),
+                                 "reward_margin": metrics["rewards/margins"][k].item(),
+                                 **({} if ref is None else {
+                                     "reference_chosen_logp_sum": ref[k, 0].item(),
+                                     "reference_rejected_logp_sum": ref[k, 1].item()})})
+        gathered = [None] * self.env.world_size if self.env.rank == 0 else None
+        dist.gather_object(rows, gathered, dst=0)
+        if self.env.rank == 0:
+            folder = Path(self.config.save) / "eval_dump"
+            folder.mkdir(parents=True, exist_ok=True)
+            ordered = sorted((row for part in gathered for row in part), key=lambda r: r["pair"])
+            path = folder / f"iter_{at:07d}.jsonl"
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(json.dumps(row) + "\n" for row in ordered))
+            os.replace(partial, path)
 
     def save(self, iteration: int, consumed: int) -> None:
         parts, source = self.parts, self.source
@@ -495,8 +550,7 @@ class TrainingData:
 
     def warnings(self, config: TrainConfig, dp_size: int) -> list[str]:
         """What the user should know about the data before training starts."""
-        found = list(self.messages)
-        found += [f"> training data: {len(self.train_pairs)} pairs, "
+        found = [f"> training data: {len(self.train_pairs)} pairs, "
                  f"{length_statistics(self.train_pairs)}; {self.cut['prompts']} prompt(s) cut on "
                  f"the left (--max-prompt-length), {self.cut['responses']} response(s) on the "
                  f"right (--seq-length); {len(self.dropped)} pair(s) dropped"]
@@ -550,14 +604,16 @@ class TrainingData:
         return len(self.valid_pairs) // chunk * chunk
 
     def eval_microbatches(self, config: TrainConfig, dp_rank: int, dp_size: int, device
-                          ) -> list[PreferenceBatch]:
-        """This rank's share of the validation pairs, laid out as the training batches are."""
+                          ) -> tuple[list[PreferenceBatch], list[tuple[int, ...]]]:
+        """This rank's share of the validation pairs, laid out as the training batches are,
+        and the validation indices of each micro-batch's pairs."""
         usable = self.usable_valid_pairs(config, dp_size)
         if usable == 0:
-            return []
+            return [], []
         plan = self.plan(self.valid_pairs, list(range(usable)), config, dp_size)
-        return [self.collate(self.valid_pairs, mb, config, device, self.valid_reference)
-                for mb in plan.ranks[dp_rank]]
+        mine = plan.ranks[dp_rank]
+        return ([self.collate(self.valid_pairs, mb, config, device, self.valid_reference)
+                 for mb in mine], [tuple(mb.pairs) for mb in mine])
 
 
 def main(argv=None) -> None:

@@ -448,3 +448,52 @@ def test_resuming_on_changed_data_is_refused_unless_overridden(tiny, tmp_path):
     assert code == 0, err
     assert "warning: --override-data: resuming" in out
     assert [row["iteration"] for row in _metrics(tmp_path / "b") if "loss" in row] == [3, 4]
+
+
+def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
+    """--eval-dump: one line per held-out pair at each evaluation; its means are the eval
+    metrics, its token counts the pairs' response lengths, and its log-prob sums those of the
+    Hugging Face model the run started from (at iteration 0)."""
+    import torch
+    import transformers
+
+    from megatron_simpo.convert import cli
+    from megatron_simpo.data import DataConfig, load_datasets, load_tokenizer
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tiny["config"])).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    load_tokenizer(tiny["tokenizer"]).save_pretrained(tmp_path / "hf")
+    cli.hf_to_megatron_main(["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "mg")])
+    _, evals = run_on_ranks(2, _train, _argv(tiny, pretrained_checkpoint=tmp_path / "mg",
+                                             train_iters=2, eval_interval=2, eval_dump=True,
+                                             save=tmp_path / "run"))[0]
+    valid = load_datasets(DataConfig(train_data_path=str(tiny["train"]),
+                                     valid_data_path=str(tiny["valid"]), seq_length=64,
+                                     max_prompt_length=48),
+                          load_tokenizer(tiny["tokenizer"]), seed=3)[1]
+    for at, metrics in evals:
+        rows = [json.loads(line) for line in
+                (tmp_path / "run" / "eval_dump" / f"iter_{at:07d}.jsonl").read_text().splitlines()]
+        assert [row["pair"] for row in rows] == list(range(len(valid)))  # 32 pairs, each once
+        assert [(r["chosen_tokens"], r["rejected_tokens"]) for r in rows] == \
+            [(len(p.chosen), len(p.rejected)) for p in valid]
+        for name, key in (("eval/rewards/margins", "reward_margin"),
+                          ("eval/rewards/chosen", "reward_chosen"),
+                          ("eval/logps/chosen", "chosen_logp_mean"),
+                          ("eval/logps/rejected", "rejected_logp_mean")):
+            mean = sum(row[key] for row in rows) / len(rows)
+            assert abs(mean - metrics[name]) <= 1e-5, (at, name)
+        accuracy = sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / len(rows)
+        assert abs(accuracy - metrics["eval/rewards/accuracies"]) <= 1e-6
+        if at == 0:
+            for row in rows[:4]:
+                pair = valid[row["pair"]]
+                for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                    ids = torch.tensor([list(pair.prompt) + list(response)])
+                    with torch.no_grad():
+                        logps = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+                    targets = ids[0, 1:]
+                    scored = logps[torch.arange(len(targets)), targets][len(pair.prompt) - 1:]
+                    assert abs(row[f"{side}_logp_sum"] - scored.sum().item()) <= 1e-4

@@ -1,0 +1,204 @@
+"""Answer files for the benchmarks the SimPO paper reports: AlpacaEval 2, Arena-Hard, MT-Bench.
+
+Questions are the benchmark's own files, given by the user (nothing is downloaded); answers are
+written in the exact layout each benchmark's judge reads:
+
+* AlpacaEval 2: questions a JSON list (or JSONL) of ``{"instruction", "dataset"?}``; answers a
+  JSON list of ``{"instruction", "output", "generator", "dataset"}``, in the questions' order.
+* Arena-Hard: ``question.jsonl`` rows ``{"question_id", "category", "turns": [{"content"}]}``;
+  answers ``model_answer/<model>.jsonl`` rows ``{"question_id", "answer_id", "model_id",
+  "choices": [{"index": 0, "turns": [{"content": ...}]}], "tstamp"}`` (turns are dicts).
+* MT-Bench (FastChat llm_judge): ``question.jsonl`` rows ``{"question_id", "category",
+  "turns": [str, str]}``; answers ``model_answer/<model>.jsonl`` rows with
+  ``"choices": [{"index": 0, "turns": [str, str]}]`` (turns are strings); the second turn is
+  generated with the model's first answer in the conversation.
+
+Sampling follows the SimPO authors' evaluation settings and each benchmark's generation script
+(``SAMPLING``); every value can be overridden. An interrupted run resumes: questions already in
+the answer file are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal
+
+Benchmark = Literal["alpaca_eval", "arena_hard", "mt_bench"]
+BENCHMARKS: tuple[str, ...] = ("alpaca_eval", "arena_hard", "mt_bench")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    """0 = greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+
+
+SAMPLING: dict[str, Sampling] = {
+    # SimPO's AlpacaEval 2 configs (vLLM): temperature 0.9, top_p 1.0.
+    "alpaca_eval": Sampling(temperature=0.9, top_p=1.0, max_new_tokens=4096),
+    # Arena-Hard's gen_answer_config: temperature 0 (greedy), max_tokens 4096.
+    "arena_hard": Sampling(temperature=0.0, max_new_tokens=4096),
+    # FastChat's gen_model_answer: max_new_token 1024, temperature by category below.
+    "mt_bench": Sampling(temperature=0.7, max_new_tokens=1024),
+}
+MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
+                        "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+"""FastChat's temperature_config; other categories take 0.7, as FastChat does."""
+
+
+class QuestionError(ValueError):
+    """A question file that is not in its benchmark's format; the message names file and row."""
+
+
+@dataclass(frozen=True)
+class Question:
+    key: str
+    """The question's identity in the answer file (question_id; AlpacaEval: the instruction)."""
+    turns: tuple[str, ...]
+    category: str | None = None
+    extra: tuple[tuple[str, object], ...] = ()
+    """Fields copied to the answer (AlpacaEval's dataset)."""
+
+
+def _read_rows(path: Path) -> list[tuple[str, object]]:
+    """(where, row) of a JSON list or a JSON-lines file."""
+    if not path.is_file():
+        raise QuestionError(f"{path}: no such question file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"{path} item {i}", row) for i, row in enumerate(json.loads(text))]
+        except json.JSONDecodeError as error:
+            raise QuestionError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise QuestionError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def read_questions(benchmark: str, path: str | Path) -> list[Question]:
+    """The questions of a benchmark's question file, checked against its format."""
+    questions = []
+    for where, row in _read_rows(Path(path)):
+        if not isinstance(row, dict):
+            raise QuestionError(f"{where}: a question must be a JSON object")
+        if benchmark == "alpaca_eval":
+            if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+                raise QuestionError(f"{where}: needs a non-empty 'instruction' string")
+            questions.append(Question(row["instruction"], (row["instruction"],),
+                                      extra=(("dataset", row.get("dataset", "custom")),)))
+            continue
+        if "question_id" not in row:
+            raise QuestionError(f"{where}: missing 'question_id'")
+        turns = row.get("turns")
+        if benchmark == "arena_hard":
+            ok = isinstance(turns, list) and turns and all(
+                isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns)
+            if not ok:
+                raise QuestionError(f"{where}: 'turns' must be a list of {{\"content\": str}} "
+                                    "(Arena-Hard's format)")
+            turns = [t["content"] for t in turns]
+        else:
+            if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+                raise QuestionError(f"{where}: 'turns' must be a list of strings (MT-Bench's "
+                                    "format)")
+        questions.append(Question(str(row["question_id"]), tuple(turns), row.get("category")))
+    keys = [q.key for q in questions]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise QuestionError(f"{path}: question {duplicate!r} appears twice")
+    return questions
+
+
+def sampling_for(benchmark: str, question: Question, overrides: dict) -> Sampling:
+    """The benchmark's sampling for this question, with the user's overrides."""
+    sampling = SAMPLING[benchmark]
+    if benchmark == "mt_bench":
+        sampling = replace(sampling, temperature=MT_BENCH_TEMPERATURE.get(
+            question.category or "", sampling.temperature))
+    return replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def answer_path(benchmark: str, output: str | Path, model_id: str) -> Path:
+    """AlpacaEval: the JSON file ``output``; Arena-Hard / MT-Bench: ``output/model_answer/
+    <model_id>.jsonl`` (the folder layout their judges read)."""
+    output = Path(output)
+    return output if benchmark == "alpaca_eval" else output / "model_answer" / f"{model_id}.jsonl"
+
+
+def answered(benchmark: str, path: Path) -> dict[str, dict]:
+    """The answers already in ``path`` by question key (resuming an interrupted run)."""
+    if not path.is_file():
+        return {}
+    if benchmark == "alpaca_eval":
+        return {row["instruction"]: row for row in json.loads(path.read_text(encoding="utf-8"))}
+    return {str(row["question_id"]): row for row in
+            (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip())}
+
+
+def answer_record(benchmark: str, question: Question, outputs: list[str], model_id: str) -> dict:
+    """One answer in the benchmark's format."""
+    if benchmark == "alpaca_eval":
+        return {"instruction": question.key, "output": outputs[0], "generator": model_id,
+                **dict(question.extra)}
+    turns = [{"content": o} for o in outputs] if benchmark == "arena_hard" else list(outputs)
+    question_id = int(question.key) if question.key.isdigit() else question.key
+    return {"question_id": question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+            "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+
+
+Generate = Callable[[list[list[dict]], list[Sampling]], list[str]]
+"""(conversations, their sampling) -> the model's next assistant message for each."""
+
+
+def write_answers(benchmark: str, questions: list[Question], generate: Generate, *,
+                  output: str | Path, model_id: str, overrides: dict, batch_size: int = 8,
+                  say: Callable[[str], None] = print) -> Path:
+    """Answer every question not yet in the answer file, ``batch_size`` at a time; the file is
+    updated after each batch (atomically for AlpacaEval's JSON list, by appended lines for the
+    others), so an interruption loses at most one batch."""
+    path = answer_path(benchmark, output, model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = answered(benchmark, path)
+    todo = [q for q in questions if q.key not in done]
+    say(f"> {benchmark}: {len(questions)} questions, {len(questions) - len(todo)} already "
+        f"answered in {path}, {len(todo)} to go")
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        samplings = [sampling_for(benchmark, q, overrides) for q in batch]
+        conversations = [[] for _ in batch]
+        outputs = [[] for _ in batch]
+        for turn in range(max(len(q.turns) for q in batch)):
+            live = [i for i, q in enumerate(batch) if turn < len(q.turns)]
+            for i in live:
+                conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
+            replies = generate([list(conversations[i]) for i in live],
+                               [samplings[i] for i in live])
+            for i, reply in zip(live, replies):
+                conversations[i].append({"role": "assistant", "content": reply})
+                outputs[i].append(reply)
+        records = [answer_record(benchmark, q, o, model_id) for q, o in zip(batch, outputs)]
+        if benchmark == "alpaca_eval":
+            done.update((r["instruction"], r) for r in records)
+            ordered = [done[q.key] for q in questions if q.key in done]
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(ordered, indent=1, ensure_ascii=False), encoding="utf-8")
+            os.replace(partial, path)
+        else:
+            with path.open("a", encoding="utf-8") as out:
+                out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        say(f"> {benchmark}: {min(start + batch_size, len(todo))}/{len(todo)} answered")
+    return path

@@ -1,0 +1,95 @@
+"""tools/analyze_run.py: its figures equal numpy/scipy computed here, and it writes the plots."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_simpo.analysis import main, ranks, spearman, summarize
+
+
+def _fake_run(folder, seed=0, pairs=40):
+    rng = np.random.default_rng(seed)
+    metrics = []
+    for iteration in range(1, 11):
+        metrics.append({"iteration": iteration, "loss": 1.0 / iteration,
+                        "rewards/accuracies": 0.5 + 0.04 * iteration,
+                        "rewards/margins": 0.1 * iteration, "logps/chosen": -1.0,
+                        "logps/rejected": -1.2 - 0.01 * iteration})
+    for iteration in (0, 5, 10):
+        metrics.append({"iteration": iteration, "eval/rewards/accuracies": 0.5,
+                        "eval/rewards/margins": 0.01 * iteration, "eval/logps/chosen": -1.0,
+                        "eval/logps/rejected": -1.1})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    dumps = folder / "eval_dump"
+    dumps.mkdir()
+    tokens = rng.integers(5, 400, size=(pairs, 2))
+    for iteration in (0, 5, 10):
+        rows = []
+        for pair in range(pairs):
+            row = {"pair": pair}
+            for k, side in enumerate(("chosen", "rejected")):
+                mean = -1.0 - 0.1 * rng.random() - 0.001 * iteration * k
+                row.update({f"{side}_tokens": int(tokens[pair, k]),
+                            f"{side}_logp_mean": mean,
+                            f"{side}_logp_sum": mean * int(tokens[pair, k]),
+                            f"reward_{side}": 2.5 * mean})
+            row["reward_margin"] = row["reward_chosen"] - row["reward_rejected"]
+            rows.append(row)
+        (dumps / f"iter_{iteration:07d}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    return folder
+
+
+def test_ranks_and_spearman_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 6, size=200)  # many ties
+    y = x + rng.normal(size=200)
+    assert np.array_equal(ranks(x), stats.rankdata(x))
+    assert abs(spearman(x, y) - stats.spearmanr(x, y).statistic) <= 1e-12
+    assert np.isnan(spearman(np.ones(5), np.arange(5)))
+
+
+def test_summary_figures_equal_an_independent_computation(tmp_path):
+    stats = pytest.importorskip("scipy.stats")
+    run = _fake_run(tmp_path / "run")
+    summary = summarize(run)
+    assert summary["train"]["rewards/margins"][-1] == [10, 1.0]
+    assert [x for x, _ in summary["eval"]["rewards/accuracies"]] == [0, 5, 10]
+    rows = {at: [json.loads(line) for line in
+                 (run / "eval_dump" / f"iter_{at:07d}.jsonl").read_text().splitlines()]
+            for at in (0, 5, 10)}
+    last = rows[10]
+    tokens = [r[f"{s}_tokens"] for r in last for s in ("chosen", "rejected")]
+    for key, field in (("length_vs_mean_logp", "logp_mean"), ("length_vs_summed_logp", "logp_sum")):
+        values = [r[f"{s}_{field}"] for r in last for s in ("chosen", "rejected")]
+        assert abs(summary["length_correlation"][key]
+                   - stats.spearmanr(tokens, values).statistic) <= 1e-12
+    # Summed log-probs of lengths 5..400 follow the length; averages hardly do.
+    assert summary["length_correlation"]["length_vs_summed_logp"] < -0.9
+    assert abs(summary["length_correlation"]["length_vs_mean_logp"]) < 0.3
+    margins = [r["reward_margin"] for r in last]
+    assert abs(summary["margins"]["last"]["mean"] - np.mean(margins)) <= 1e-12
+    assert abs(summary["margins"]["last"]["quantiles"]["0.5"] - np.median(margins)) <= 1e-12
+    start = {r["pair"]: r["chosen_logp_sum"] for r in rows[0]}
+    for at, kl in summary["kl_from_start"]:
+        expected = np.mean([r["chosen_logp_sum"] - start[r["pair"]] for r in rows[at]])
+        assert abs(kl - expected) <= 1e-12
+    assert summary["kl_from_start"][0] == [0, 0.0]
+
+
+def test_the_tool_writes_plots_and_a_summary(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    main([str(run)])
+    out = run / "analysis"
+    for name in ("training_curves.png", "margin_distribution.png", "length_correlation.png",
+                 "kl_from_start.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    summary = json.loads((out / "summary.json").read_text())
+    assert "values" not in summary["margins"]["last"] and summary["eval_dump_iterations"] == [0, 5, 10]
+    assert "Spearman(length, average log-prob)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nothing")])

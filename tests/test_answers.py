@@ -1,0 +1,203 @@
+"""Answer files for AlpacaEval 2, Arena-Hard and MT-Bench: each benchmark's schema, sampling
+defaults, resuming, bad question files; greedy answers of a converted TP2 checkpoint equal
+transformers' own generate, with exactly one BOS."""
+
+import json
+
+import pytest
+
+from megatron_simpo.answers import (MT_BENCH_TEMPERATURE, QuestionError, read_questions,
+                                    write_answers)
+
+ALPACA = [{"instruction": "Name a colour.", "dataset": "helpful_base"},
+          {"instruction": "Count to three.", "dataset": "oasst"},
+          {"instruction": "Say hi."}]
+ARENA = [{"question_id": f"q{i}", "category": "arena-hard-v0.1", "cluster": "c",
+          "turns": [{"content": f"arena question {i}"}]} for i in range(5)]
+MT_BENCH = [{"question_id": 81 + i, "category": category,
+             "turns": [f"first turn {i}", f"second turn {i}"]}
+            for i, category in enumerate(["writing", "math", "stem", "roleplay", "other"])]
+
+
+def _write(path, rows, as_list=False):
+    path.write_text(json.dumps(rows) if as_list else "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class Recorder:
+    """A stand-in model: answers name the conversation it saw; calls are recorded."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = [], fail_after
+
+    def __call__(self, conversations, samplings):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("interrupted")
+        self.calls.append((conversations, samplings))
+        return [f"answer to {c[-1]['content']} after {len(c)} messages" for c in conversations]
+
+
+def test_alpaca_eval_answers(tmp_path):
+    questions = read_questions("alpaca_eval", _write(tmp_path / "q.json", ALPACA, as_list=True))
+    model = Recorder()
+    path = write_answers("alpaca_eval", questions, model, output=tmp_path / "out.json",
+                         model_id="tiny-simpo", overrides={}, batch_size=2, say=lambda _: None)
+    answers = json.loads(path.read_text())
+    assert [set(a) for a in answers] == [{"instruction", "output", "generator", "dataset"}] * 3
+    assert [a["instruction"] for a in answers] == [q["instruction"] for q in ALPACA]
+    assert [a["dataset"] for a in answers] == ["helpful_base", "oasst", "custom"]
+    assert {a["generator"] for a in answers} == {"tiny-simpo"}
+    assert answers[1]["output"] == "answer to Count to three. after 1 messages"
+    # SimPO's AlpacaEval 2 sampling: temperature 0.9, top_p 1.0.
+    assert {(s.temperature, s.top_p) for _, samplings in model.calls for s in samplings} == {(0.9, 1.0)}
+
+
+def test_arena_hard_answers_have_dict_turns(tmp_path):
+    questions = read_questions("arena_hard", _write(tmp_path / "question.jsonl", ARENA))
+    model = Recorder()
+    path = write_answers("arena_hard", questions, model, output=tmp_path / "arena",
+                         model_id="m", overrides={"max_new_tokens": 64}, say=lambda _: None)
+    assert path == tmp_path / "arena" / "model_answer" / "m.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [q["question_id"] for q in ARENA]
+    for row in rows:
+        assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert row["model_id"] == "m" and isinstance(row["tstamp"], float)
+        [choice] = row["choices"]
+        assert choice["index"] == 0 and len(choice["turns"]) == 1
+        assert set(choice["turns"][0]) == {"content"}
+    assert len({r["answer_id"] for r in rows}) == 5
+    # Greedy, with the override applied.
+    assert {(s.temperature, s.max_new_tokens) for _, ss in model.calls for s in ss} == {(0.0, 64)}
+
+
+def test_mt_bench_two_turns_with_the_first_answer_in_context(tmp_path):
+    questions = read_questions("mt_bench", _write(tmp_path / "question.jsonl", MT_BENCH))
+    model = Recorder()
+    path = write_answers("mt_bench", questions, model, output=tmp_path / "mt_bench",
+                         model_id="m", overrides={}, batch_size=5, say=lambda _: None)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [81, 82, 83, 84, 85]  # ints stay ints
+    for row, question in zip(rows, MT_BENCH):
+        first, second = row["choices"][0]["turns"]
+        assert isinstance(first, str) and isinstance(second, str)
+        assert first == f"answer to {question['turns'][0]} after 1 messages"
+        assert second == f"answer to {question['turns'][1]} after 3 messages"
+    [(_, first_turn), (second_conversations, second_turn)] = model.calls
+    # The second turn's context: question 1, the model's answer, question 2.
+    assert [m["role"] for m in second_conversations[0]] == ["user", "assistant", "user"]
+    assert second_conversations[0][1]["content"] == rows[0]["choices"][0]["turns"][0]
+    # FastChat's temperatures by category (0.7 for a category it does not list).
+    expected = [MT_BENCH_TEMPERATURE.get(q["category"], 0.7) for q in MT_BENCH]
+    assert [s.temperature for s in first_turn] == [s.temperature for s in second_turn] == expected
+    assert {s.max_new_tokens for s in first_turn} == {1024}
+
+
+@pytest.mark.parametrize("benchmark, rows", [("alpaca_eval", ALPACA), ("arena_hard", ARENA),
+                                             ("mt_bench", MT_BENCH)])
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, benchmark, rows):
+    questions = read_questions(benchmark, _write(tmp_path / "q.jsonl", rows))
+    output = tmp_path / ("out.json" if benchmark == "alpaca_eval" else "data")
+    # MT-Bench calls the model twice per batch (two turns): stop after one batch either way.
+    interrupted = Recorder(fail_after=2 if benchmark == "mt_bench" else 1)
+    with pytest.raises(KeyboardInterrupt):
+        write_answers(benchmark, questions, interrupted, output=output, model_id="m",
+                      overrides={}, batch_size=2, say=lambda _: None)
+    model = Recorder()
+    path = write_answers(benchmark, questions, model, output=output, model_id="m",
+                         overrides={}, batch_size=2, say=lambda _: None)
+    asked = [c[0]["content"] for conversations, _ in model.calls for c in conversations
+             if len(c) == 1]
+    expected = [q.turns[0] for q in questions[2:]]
+    assert asked == expected  # the first batch was not asked again
+    if benchmark == "alpaca_eval":
+        keys = [a["instruction"] for a in json.loads(path.read_text())]
+    else:
+        keys = [str(json.loads(line)["question_id"]) for line in path.read_text().splitlines()]
+    assert keys == [q.key for q in questions]  # each once, in order
+
+
+def test_question_files_in_the_wrong_format_are_named(tmp_path):
+    bad_arena = [dict(ARENA[0]), dict(ARENA[1], turns=["a plain string"])]
+    with pytest.raises(QuestionError, match=r"q.jsonl:2: 'turns' must be a list of "
+                                            r"\{\"content\": str\} \(Arena-Hard's format\)"):
+        read_questions("arena_hard", _write(tmp_path / "q.jsonl", bad_arena))
+    with pytest.raises(QuestionError, match=r"q.jsonl:1: 'turns' must be a list of strings"):
+        read_questions("mt_bench", _write(tmp_path / "q.jsonl", ARENA))
+    with pytest.raises(QuestionError, match=r"q.json item 1: needs a non-empty 'instruction'"):
+        read_questions("alpaca_eval", _write(tmp_path / "q.json", [ALPACA[0], {"prompt": "x"}],
+                                             as_list=True))
+    with pytest.raises(QuestionError, match=r"q.jsonl:1: missing 'question_id'"):
+        read_questions("mt_bench", _write(tmp_path / "q.jsonl", [{"turns": ["a"]}]))
+    with pytest.raises(QuestionError, match=r"question 'q0' appears twice"):
+        read_questions("arena_hard", _write(tmp_path / "q.jsonl", [ARENA[0], ARENA[0]]))
+
+
+def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path):
+    """From a Megatron checkpoint at TP2 (exported inside the tool), batched and left-padded:
+    the same tokens as transformers' generate on each prompt alone; prompts carry one BOS."""
+    import torch
+    import transformers
+
+    from megatron_simpo.convert import cli
+    from megatron_simpo.data import encode_prompts
+    from megatron_simpo.generation import main
+    from megatron_simpo.tiny import write_default
+
+    tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)
+    config = transformers.AutoConfig.from_pretrained(tiny["config"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tokenizer.save_pretrained(tmp_path / "hf")
+    cli.hf_to_megatron_main(["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "mg"),
+                             "--tensor-parallel-size", "2"])
+    questions = [{"question_id": i, "category": "x", "turns": [{"content": text}]} for i, text in
+                 enumerate(["reverse abcdefgh", "hi", "reverse zyxwvuts and more words"])]
+    _write(tmp_path / "question.jsonl", questions)
+    main(["--benchmark", "arena_hard", "--questions", str(tmp_path / "question.jsonl"),
+          "--output", str(tmp_path / "arena"), "--load", str(tmp_path / "mg"),
+          "--hf-out", str(tmp_path / "exported"), "--backend", "transformers",
+          "--max-new-tokens", "12", "--model-id", "tiny"])
+    rows = [json.loads(line) for line in
+            (tmp_path / "arena" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported",
+                                                                  dtype=torch.float32).eval()
+    for row, question in zip(rows, questions):
+        [ids] = encode_prompts(tokenizer, [[{"role": "user",
+                                             "content": question["turns"][0]["content"]}]])
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                                                dtype=torch.long),
+                                 do_sample=False, max_new_tokens=12,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        assert row["choices"][0]["turns"][0]["content"] == expected
+    assert len({r["choices"][0]["turns"][0]["content"] for r in rows}) > 1  # not one constant
+
+
+@pytest.mark.gpu
+def test_vllm_backend_writes_greedy_answers(tmp_path):
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import transformers
+
+    from megatron_simpo.generation import main
+    from megatron_simpo.tiny import write_default
+
+    tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tiny["config"])).save_pretrained(tmp_path / "hf")
+    transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"]).save_pretrained(tmp_path / "hf")
+    _write(tmp_path / "question.jsonl", ARENA)
+    main(["--benchmark", "arena_hard", "--questions", str(tmp_path / "question.jsonl"),
+          "--output", str(tmp_path / "arena"), "--hf", str(tmp_path / "hf"), "--backend", "vllm",
+          "--max-new-tokens", "8", "--model-id", "tiny"])
+    rows = (tmp_path / "arena" / "model_answer" / "tiny.jsonl").read_text().splitlines()
+    assert len(rows) == len(ARENA)

@@ -1,0 +1,10 @@
+"""Plots and a JSON summary of a training run (``megatron-simpo-analyze-run``): training and
+held-out curves, held-out margin distributions, length correlations, KL from the start.
+
+  python tools/analyze_run.py outputs/demo          # -> outputs/demo/analysis/*.png, summary.json
+"""
+
+from megatron_simpo.analysis import main
+
+if __name__ == "__main__":
+    main()
