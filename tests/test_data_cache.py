@@ -222,3 +222,51 @@ def test_an_unwritable_cache_is_one_clear_line(data, tmp_path):
     with pytest.raises(DataError, match=rf"^cannot write the data cache {blocked}/cache: .* "
                                         r"\(choose another with --data-cache-dir\)$"):
         prepare_data(config, build_tokenizer(), data / "tokenizer", seed=0)
+
+
+def _offline_hub_cache(root, name, files, monkeypatch):
+    """What ``load_dataset(name)`` leaves in datasets' cache after a download (one config,
+    "default"), built offline from local Parquet files; datasets then reads ``name`` offline."""
+    import glob
+    import shutil
+
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    builder = Parquet(cache_dir=str(root / "build"), data_files=files,
+                      dataset_name=name.split("/")[1], config_name="default")
+    builder.download_and_prepare()
+    [built] = glob.glob(str(root / "build" / name.split("/")[1] / "*" / "0.0.0"))
+    target = root / "hub" / name.replace("/", "___") / "default" / "0.0.0" / "0123456789abcdef"
+    shutil.copytree(built, target)
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": "default"}))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+
+
+def test_a_hub_name_is_read_offline_from_the_local_cache(data, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    valid = _uniform(_rows(40, 1))
+    Dataset.from_list(valid).to_parquet(str(tmp_path / "valid.parquet"))
+    _offline_hub_cache(tmp_path, "someone/simpo-pairs",
+                       {"train": str(data / "train.parquet"),
+                        "test": str(tmp_path / "valid.parquet")}, monkeypatch)
+    tokenizer = build_tokenizer()
+    hub = _config(data, tmp_path, train="train.parquet")
+    hub = DataConfig(**{**hub.__dict__, "train_data_path": "someone/simpo-pairs",
+                        "valid_data_path": "someone/simpo-pairs"})
+    prepared = prepare_data(hub, tokenizer, data / "tokenizer", seed=5)
+    assert prepared.messages[0].startswith("> data: tokenized someone/simpo-pairs[train] (300 rows)")
+    assert prepared.messages[1].startswith("> data: tokenized someone/simpo-pairs[test] (40 rows)")
+    local = _config(data, tmp_path, train="train.parquet",
+                    valid_data_path=str(tmp_path / "valid.parquet"))
+    train, held_out = load_datasets(local, tokenizer, seed=5)
+    assert _as_lists(prepared.train) == _as_lists(train)
+    assert _as_lists(prepared.valid) == _as_lists(held_out)
+    again = prepare_data(hub, tokenizer, data / "tokenizer", seed=5)  # the same fingerprint
+    assert all(m.startswith("> data: reusing") for m in again.messages)
+    assert again.fingerprint == prepared.fingerprint
