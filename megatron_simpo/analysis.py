@@ -124,6 +124,13 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        written.append(out_dir / name)
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+
     figure, axes = plt.subplots(2, 2, figsize=(10, 7))
     for axis, name in zip(axes.flat, CURVES):
         for split, style in (("train", "-"), ("eval", "o-")):
@@ -135,10 +142,7 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
         axis.set_title(name)
         axis.set_xlabel("iteration")
         axis.legend()
-    figure.tight_layout()
-    written.append(out_dir / "training_curves.png")
-    figure.savefig(written[-1], dpi=100)
-    plt.close(figure)
+    save(figure, "training_curves.png")
     if "margins" in summary:
         figure, axis = plt.subplots(figsize=(6, 4))
         for which in ("first", "last"):
@@ -149,10 +153,7 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
         axis.set_xlabel("held-out reward margin")
         axis.set_ylabel("pairs")
         axis.legend()
-        figure.tight_layout()
-        written.append(out_dir / "margin_distribution.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
+        save(figure, "margin_distribution.png")
         correlation = summary["length_correlation"]
         figure, axis = plt.subplots(figsize=(6, 4))
         names = ["length vs\naverage log-prob", "length vs\nsummed log-prob", "length vs\nreward"]
@@ -162,10 +163,7 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_ylabel("Spearman correlation")
         axis.set_title(f"held-out responses, iteration {correlation['iteration']}")
-        figure.tight_layout()
-        written.append(out_dir / "length_correlation.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
+        save(figure, "length_correlation.png")
     if "kl_from_start" in summary:
         figure, axis = plt.subplots(figsize=(6, 4))
         x, y = zip(*summary["kl_from_start"])
@@ -173,10 +171,7 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
         axis.set_xlabel("iteration")
         axis.set_ylabel("mean log pi - log pi_0 (chosen)")
         axis.set_title("sequence-level KL estimate from the starting model")
-        figure.tight_layout()
-        written.append(out_dir / "kl_from_start.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
+        save(figure, "kl_from_start.png")
     return written
 
 
