@@ -7,9 +7,10 @@
 * length exploitation: the Spearman correlation between response length and the average
   log-prob (SimPO's length-normalised reward) and the summed log-prob (a DPO-like reward), and
   between length and the run's reward;
-* the sequence-level KL estimate from the starting model on held-out chosen responses:
-  the mean over pairs of log pi(y_w|x) - log pi_0(y_w|x), with pi_0's log-probs from the
-  iteration-0 dump (the run starts from its reference/SFT model and evaluates it first).
+* the sequence-level KL estimate from the reference on held-out chosen responses: the mean over
+  pairs of log pi(y_w|x) - log pi_ref(y_w|x), with pi_ref's log-probs from the run's iteration-0
+  dump (the run starts from its reference/SFT model and evaluates it first) or from another
+  dump of the same held-out pairs (``--reference``).
 
 ``summarize`` computes the numbers (numpy only); ``plot`` draws PNGs with matplotlib.
 """
@@ -93,8 +94,31 @@ def _length_correlations(rows: list[dict]) -> dict:
             "length_vs_reward": spearman(tokens, reward)}
 
 
-def summarize(run: str | Path) -> dict:
-    """Every figure of the analyses, as plain numbers (the JSON summary)."""
+def read_dump(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such eval-dump file")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _kl(dumps: dict[int, list[dict]], reference: list[dict], what: str) -> list[list[float]]:
+    """Per evaluation: mean over held-out pairs of log pi(y_w) - log pi_ref(y_w)."""
+    start = {r["pair"]: r["chosen_logp_sum"] for r in reference}
+    found = []
+    for at, rows in sorted(dumps.items()):
+        missing = [r["pair"] for r in rows if r["pair"] not in start]
+        if missing:
+            raise RunError(f"{what} has no pair {min(missing)} of the evaluation at iteration "
+                           f"{at}: it was not made on the same held-out pairs")
+        found.append([at, float(np.mean([r["chosen_logp_sum"] - start[r["pair"]]
+                                         for r in rows]))])
+    return found
+
+
+def summarize(run: str | Path, reference: str | Path | None = None) -> dict:
+    """Every figure of the analyses, as plain numbers (the JSON summary). ``reference``: an
+    eval-dump file of another model on the same held-out pairs, for the KL estimate from it
+    (default: the run's own iteration-0 dump, i.e. the model it started from)."""
     run = Path(run)
     metrics = read_metrics(run)
     summary = {"run": str(run), "train": _series(metrics, ""), "eval": _series(metrics, "eval/")}
@@ -106,11 +130,12 @@ def summarize(run: str | Path) -> dict:
     summary["margins"] = {"first": {"iteration": first, **_margins(dumps[first])},
                           "last": {"iteration": last, **_margins(dumps[last])}}
     summary["length_correlation"] = {"iteration": last, **_length_correlations(dumps[last])}
-    if first == 0:
-        start = {r["pair"]: r["chosen_logp_sum"] for r in dumps[0]}
-        summary["kl_from_start"] = [
-            [at, float(np.mean([r["chosen_logp_sum"] - start[r["pair"]] for r in rows]))]
-            for at, rows in sorted(dumps.items())]
+    if reference is not None:
+        summary["kl_reference"] = str(reference)
+        summary["kl_from_reference"] = _kl(dumps, read_dump(reference), str(reference))
+    elif first == 0:
+        summary["kl_reference"] = "the run's iteration-0 evaluation (its starting model)"
+        summary["kl_from_reference"] = _kl(dumps, dumps[0], "iteration 0")
     return summary
 
 
@@ -164,14 +189,14 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
         axis.set_ylabel("Spearman correlation")
         axis.set_title(f"held-out responses, iteration {correlation['iteration']}")
         save(figure, "length_correlation.png")
-    if "kl_from_start" in summary:
+    if "kl_from_reference" in summary:
         figure, axis = plt.subplots(figsize=(6, 4))
-        x, y = zip(*summary["kl_from_start"])
+        x, y = zip(*summary["kl_from_reference"])
         axis.plot(x, y, "o-")
         axis.set_xlabel("iteration")
-        axis.set_ylabel("mean log pi - log pi_0 (chosen)")
-        axis.set_title("sequence-level KL estimate from the starting model")
-        save(figure, "kl_from_start.png")
+        axis.set_ylabel("mean log pi - log pi_ref (chosen)")
+        axis.set_title("sequence-level KL estimate from the reference", fontsize=10)
+        save(figure, "kl_from_reference.png")
     return written
 
 
@@ -184,9 +209,12 @@ def main(argv=None) -> None:
     parser.add_argument("run", help="the run's --save folder")
     parser.add_argument("--output", help="where the PNGs and summary.json go (default: "
                                          "<run>/analysis)")
+    parser.add_argument("--reference", help="an eval_dump/iter_*.jsonl file of the reference "
+                                            "model on the same held-out pairs, for the KL "
+                                            "estimate (default: the run's iteration-0 dump)")
     args = parser.parse_args(argv)
     try:
-        summary = summarize(args.run)
+        summary = summarize(args.run, args.reference)
     except RunError as error:
         parser.error(str(error))
     out = Path(args.output or Path(args.run) / "analysis")

@@ -74,10 +74,14 @@ def test_summary_figures_equal_an_independent_computation(tmp_path):
     assert abs(summary["margins"]["last"]["mean"] - np.mean(margins)) <= 1e-12
     assert abs(summary["margins"]["last"]["quantiles"]["0.5"] - np.median(margins)) <= 1e-12
     start = {r["pair"]: r["chosen_logp_sum"] for r in rows[0]}
-    for at, kl in summary["kl_from_start"]:
+    for at, kl in summary["kl_from_reference"]:
         expected = np.mean([r["chosen_logp_sum"] - start[r["pair"]] for r in rows[at]])
         assert abs(kl - expected) <= 1e-12
-    assert summary["kl_from_start"][0] == [0, 0.0]
+    assert summary["kl_from_reference"][0] == [0, 0.0]
+    # Another model's dump as the reference (here iteration 5's): KL 0 at iteration 5.
+    other = summarize(run, run / "eval_dump" / "iter_0000005.jsonl")
+    assert other["kl_from_reference"][1] == [5, 0.0]
+    assert other["kl_from_reference"][0][1] == -summary["kl_from_reference"][1][1]
 
 
 def test_the_tool_writes_plots_and_a_summary(tmp_path, capsys):
@@ -86,10 +90,14 @@ def test_the_tool_writes_plots_and_a_summary(tmp_path, capsys):
     main([str(run)])
     out = run / "analysis"
     for name in ("training_curves.png", "margin_distribution.png", "length_correlation.png",
-                 "kl_from_start.png"):
+                 "kl_from_reference.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     summary = json.loads((out / "summary.json").read_text())
     assert "values" not in summary["margins"]["last"] and summary["eval_dump_iterations"] == [0, 5, 10]
     assert "Spearman(length, average log-prob)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing")])
+    (tmp_path / "short.jsonl").write_text(json.dumps({"pair": 0, "chosen_logp_sum": -1.0}) + "\n")
+    with pytest.raises(SystemExit):  # a reference made on other pairs
+        main([str(run), "--reference", str(tmp_path / "short.jsonl")])
+    assert "has no pair 1 of the evaluation at iteration 0" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Plots and a JSON summary of a training run (``megatron-simpo-analyze-run``): training and
-held-out curves, held-out margin distributions, length correlations, KL from the start.
+held-out curves, held-out margin distributions, length correlations, KL from the reference.
 
   python tools/analyze_run.py outputs/demo          # -> outputs/demo/analysis/*.png, summary.json
 """
