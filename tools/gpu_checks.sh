@@ -46,7 +46,7 @@ if ! smoke && [ -n "${FALLBACK_PYTHONPATH:-}" ]; then
     smoke
 fi
 
-stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests/test_gpu.py
+stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests
 stage steps 150 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
     --output "$out/steps.json"
 stage logprobs 60 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
