@@ -33,9 +33,11 @@ SECTIONS = (
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "train_split", "valid_split", "dataset_config",
         "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",
+        "apply_chat_template",
         "seq_length", "max_prompt_length", "identical_pairs", "data_cache_dir",
         "dataset_num_proc"),
         names={"tokenizer_path": ("--tokenizer",),
+               "apply_chat_template": ("--no-apply-chat-template",),
                "data_cache_dir": ("--data-cache-dir", "--data-cache-path")}),
     Section("batching", BatchingConfig, key="batching", fields=(
         "batch_layout", "max_tokens_per_microbatch", "pack_sequences")),

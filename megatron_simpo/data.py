@@ -224,6 +224,11 @@ class DataConfig:
     """Share of the training rows held out (seeded) when no validation file is given."""
     tokenizer_path: str | None = None
     """Hugging Face tokenizer folder; its chat template is applied (default: the checkpoint's)."""
+    apply_chat_template: bool = True
+    """Render rows with the tokenizer's chat template. --no-apply-chat-template takes the
+    columns as text already formatted (e.g. NeMo-Aligner JSONL with its template baked in):
+    the prompt is encoded with the tokenizer's special tokens (its BOS), each response as text
+    followed by EOS."""
     seq_length: int = 2048
     """Most tokens of prompt + response (the paper's max length); responses are cut on the
     right to fit."""
@@ -348,7 +353,7 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
     tokenizer's special tokens and the response gets the EOS token appended.
     """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
+    has_template = uses_chat_template(tokenizer, config.apply_chat_template)
     roles = known_roles(tokenizer)
     prompts, fulls = [], []
     for row in rows:
@@ -365,7 +370,7 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     if not rows:
         return []
     # One batched call per kind: the template is rendered far faster than row by row.
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, apply_chat_template=has_template)
     if has_template:
         fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
         full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
@@ -398,12 +403,19 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     return records
 
 
-def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+def uses_chat_template(tokenizer, apply_chat_template: bool = True) -> bool:
+    """Whether prompts are rendered with a chat template: asked for, and the tokenizer has one."""
+    return apply_chat_template and getattr(tokenizer, "chat_template", None) is not None
+
+
+def encode_prompts(tokenizer, conversations: list[list[dict]], *,
+                   apply_chat_template: bool = True) -> list[list[int]]:
     """Token ids of prompts exactly as training sees them: the chat template with the
     generation prompt, encoded without adding special tokens again (the template's BOS is the
-    only one); without a template, the messages' text with the tokenizer's special tokens.
-    Generation for evaluation uses this too, so it never differs from training."""
-    if getattr(tokenizer, "chat_template", None) is not None:
+    only one); without a template (none, or not applied), the messages' text with the
+    tokenizer's special tokens. Generation for evaluation uses this too, so it never differs
+    from training."""
+    if uses_chat_template(tokenizer, apply_chat_template):
         rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
                                                  tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]

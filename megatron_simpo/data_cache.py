@@ -4,8 +4,8 @@ A source (a file, a ``save_to_disk`` folder or a Hub split) is read, templated, 
 truncated once per setting by ``datasets.Dataset.map`` (batched, ``--dataset-num-proc``
 processes, a progress bar) and saved with ``save_to_disk`` under ``--data-cache-dir``, in a folder
 named by a hash of everything that changes the result: the source's content, split and column
-mapping, the tokenizer's files and chat template, ``--seq-length``, ``--max-prompt-length`` and
-``FORMAT`` below. Later runs, and every other rank, only memory-map it (``load_from_disk``): a
+mapping, the tokenizer's files and chat template (and whether it is applied), ``--seq-length``,
+``--max-prompt-length`` and ``FORMAT`` below. Later runs, and every other rank, only memory-map it (``load_from_disk``): a
 rank reads token ids straight from the page cache, which the ranks of a node share, and holds
 no Python list of pairs (``PairTable``).
 
@@ -103,6 +103,7 @@ class CacheKey:
     tokenizer_fingerprint: str
     seq_length: int
     max_prompt_length: int
+    apply_chat_template: bool = True
     format: str = FORMAT
 
     @property
@@ -137,7 +138,8 @@ def cache_key(config: DataConfig, which: str, tokenizer_id: str) -> CacheKey:
     return CacheKey(source=source, kind=kind, split=split, dataset_config=config.dataset_config,
                     columns=(config.prompt_column, config.chosen_column, config.rejected_column),
                     source_fingerprint=fingerprint, tokenizer_fingerprint=tokenizer_id,
-                    seq_length=config.seq_length, max_prompt_length=config.max_prompt_length)
+                    seq_length=config.seq_length, max_prompt_length=config.max_prompt_length,
+                    apply_chat_template=config.apply_chat_template)
 
 
 # ---- the cached pairs ------------------------------------------------------------------------

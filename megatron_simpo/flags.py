@@ -94,6 +94,8 @@ class Section:
             if kind is bool:
                 # A flag switches the dataclass default: --x sets True, --no-x sets False.
                 value = not flags[0].startswith("--no-")
+                if spec.default is True:
+                    text = f"{text} (default: True)" if text else "(default: True)"
                 group.add_argument(*flags, action="store_const", const=value,
                                    help=text, **options)
                 continue

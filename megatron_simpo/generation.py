@@ -28,7 +28,8 @@ def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
     return groups
 
 
-def transformers_generator(hf_dir: str | Path, *, seed: int = 0, dtype: str = "auto"):
+def transformers_generator(hf_dir: str | Path, *, seed: int = 0, dtype: str = "auto",
+                           apply_chat_template: bool = True):
     """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
     in the batch, prompts left-padded."""
     import torch
@@ -49,7 +50,8 @@ def transformers_generator(hf_dir: str | Path, *, seed: int = 0, dtype: str = "a
     torch.manual_seed(seed)
 
     def generate(conversations, samplings):
-        ids = encode_prompts(tokenizer, conversations)
+        ids = encode_prompts(tokenizer, conversations,
+                             apply_chat_template=apply_chat_template)
         replies: list[str] = [""] * len(ids)
         for sampling, members in _groups(samplings).items():
             longest = max(len(ids[i]) for i in members)
@@ -73,7 +75,7 @@ def transformers_generator(hf_dir: str | Path, *, seed: int = 0, dtype: str = "a
 
 
 def vllm_generator(hf_dir: str | Path, *, seed: int = 0, tensor_parallel_size: int = 1,
-                   dtype: str = "auto"):
+                   dtype: str = "auto", apply_chat_template: bool = True):
     """``answers.Generate`` on vLLM, from our token ids (vLLM never re-renders the prompt)."""
     import transformers
     from vllm import LLM, SamplingParams
@@ -85,7 +87,8 @@ def vllm_generator(hf_dir: str | Path, *, seed: int = 0, tensor_parallel_size: i
               dtype=dtype)
 
     def generate(conversations, samplings):
-        ids = encode_prompts(tokenizer, conversations)
+        ids = encode_prompts(tokenizer, conversations,
+                             apply_chat_template=apply_chat_template)
         params = [SamplingParams(temperature=s.temperature, top_p=s.top_p,
                                  max_tokens=s.max_new_tokens) for s in samplings]
         outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params)
@@ -159,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    parser.add_argument("--no-apply-chat-template", dest="apply_chat_template",
+                        action="store_false",
+                        help="the model was trained with --no-apply-chat-template: questions are "
+                             "encoded as plain text with the tokenizer's special tokens")
     parser.add_argument("--dtype", default="auto",
                         help="model dtype (auto: bf16 on a GPU, fp32 on CPU for transformers; "
                              "the checkpoint's for vLLM)")
@@ -199,9 +206,11 @@ def main(argv=None) -> None:
         model_id = args.model_id or default_id
         if backend == "vllm":
             generate = vllm_generator(hf_dir, seed=args.seed, dtype=args.dtype,
-                                      tensor_parallel_size=args.tensor_parallel_size)
+                                      tensor_parallel_size=args.tensor_parallel_size,
+                                      apply_chat_template=args.apply_chat_template)
         else:
-            generate = transformers_generator(hf_dir, seed=args.seed, dtype=args.dtype)
+            generate = transformers_generator(hf_dir, seed=args.seed, dtype=args.dtype,
+                                              apply_chat_template=args.apply_chat_template)
         overrides = dict(temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens)
         path = write_answers(args.benchmark, questions, generate, output=args.output,

@@ -72,6 +72,12 @@ def test_flags_given_only_are_passed_on(paths):
     assert (config.loss.beta, config.loss.margin, config.loss.normalize_length) == (2.0, 0.5, False)
     assert config.fp8.format == "hybrid" and config.fp8.recipe == "delayed"
     assert config.optimizer.use_distributed_optimizer and config.bf16
+    assert parse_args(base).data.apply_chat_template is True
+    data = parse_args(base + ["--no-apply-chat-template", "--data-cache-path", "/tmp/c",
+                              "--dataset-num-proc", "3", "--override-data", "--eval-dump",
+                              "--save", "/tmp/s"])
+    assert data.data.apply_chat_template is False and data.data.data_cache_dir == "/tmp/c"
+    assert data.data.dataset_num_proc == 3 and data.override_data and data.eval_dump
 
 
 @pytest.mark.parametrize("rank, expected_lines", [("0", 1), ("1", 0)])

@@ -154,3 +154,25 @@ def test_truncations_are_counted_and_lengths_summarised(tokenizer, tmp_path):
     summary = length_statistics(pairs)
     assert summary.startswith(f"{total} tokens; prompt tokens p50/p90/p99/max "
                               f"{prompts[1]}/{prompts[2]}/{prompts[2]}/{prompts[2]}")
+
+
+def test_text_already_formatted_is_not_templated_again(tokenizer, tmp_path):
+    """--no-apply-chat-template (NeMo-Aligner JSONL with its template baked in): the prompt is
+    its own text encoded with the tokenizer's special tokens, responses get EOS; evaluation's
+    prompt encoding follows the same switch."""
+    from megatron_simpo.data import encode_prompts
+
+    baked = "<extra_id_0>system\n\n<extra_id_1>user\nreverse abc\n<extra_id_1>assistant\n"
+    rows = [{"prompt": baked, "chosen_response": "cba", "rejected_response": "cbb"}]
+    [plain] = _tokenize(tokenizer, tmp_path, [{"prompt": r["prompt"], "chosen": r["chosen_response"],
+                                               "rejected": r["rejected_response"]} for r in rows],
+                        apply_chat_template=False, seq_length=256, max_prompt_length=200)
+    assert list(plain.prompt) == tokenizer(baked, add_special_tokens=True)["input_ids"]
+    assert list(plain.chosen) == tokenizer("cba", add_special_tokens=False)["input_ids"] + \
+        [tokenizer.eos_token_id]
+    [templated] = _tokenize(tokenizer, tmp_path, [{"prompt": baked, "chosen": "cba",
+                                                    "rejected": "cbb"}],
+                            seq_length=256, max_prompt_length=200)
+    assert templated.prompt[0] == tokenizer.bos_token_id and list(templated.prompt) != list(plain.prompt)
+    assert encode_prompts(tokenizer, [[{"role": "user", "content": baked}]],
+                          apply_chat_template=False) == [list(plain.prompt)]

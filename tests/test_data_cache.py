@@ -112,7 +112,8 @@ def test_a_second_preparation_reuses_the_cache_and_never_tokenizes(data, tmp_pat
     assert _as_lists(again.train) == _as_lists(first.train)
     assert again.fingerprint == first.fingerprint
     # Anything that changes the pairs is another entry, and another fingerprint.
-    for changed in (dict(seq_length=40), dict(max_prompt_length=10)):
+    for changed in (dict(seq_length=40), dict(max_prompt_length=10),
+                    dict(apply_chat_template=False)):
         with pytest.raises(AssertionError, match="tokenized again"):
             prepare_data(_config(data, tmp_path, valid_data_path=str(data / "valid.jsonl"),
                                  **changed), tokenizer, data / "tokenizer", seed=5)
