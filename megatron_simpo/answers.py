@@ -142,11 +142,25 @@ def answered(benchmark: str, path: Path) -> dict[str, dict]:
     """The answers already in ``path`` by question key (resuming an interrupted run)."""
     if not path.is_file():
         return {}
-    if benchmark == "alpaca_eval":
-        return {row["instruction"]: row for row in json.loads(path.read_text(encoding="utf-8"))}
-    return {str(row["question_id"]): row for row in
-            (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip())}
+    text = path.read_text(encoding="utf-8")
+    if benchmark == "alpaca_eval":  # replaced atomically: whole or absent
+        try:
+            return {row["instruction"]: row for row in json.loads(text)}
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise QuestionError(f"{path}: not an AlpacaEval answer list; move it away or give "
+                                "another --output") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise QuestionError(f"{path}:{number}: not valid JSON; move the file away or "
+                                    "give another --output") from None
+            # The run was stopped while writing its last line: drop it, it is asked again.
+            path.write_text("".join(l + "\n" for l in lines[:-1]), encoding="utf-8")
+    return {str(row["question_id"]): row for row in rows}
 
 
 def answer_record(benchmark: str, question: Question, outputs: list[str], model_id: str) -> dict:

@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_simpo.answers import (BENCHMARKS, SAMPLING, QuestionError, Sampling,
-                                    read_questions, write_answers)
+from megatron_simpo.answers import (BENCHMARKS, SAMPLING, QuestionError, Sampling, answer_path,
+                                    answered, read_questions, write_answers)
 
 
 def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
@@ -194,16 +194,18 @@ def main(argv=None) -> None:
         parser.error(str(error))
     if args.hf and not (Path(args.hf) / "config.json").is_file():
         parser.error(f"--hf {args.hf}: no config.json (not a Hugging Face model folder)")
+    model_id = args.model_id or Path(args.load or args.hf).resolve().name
+    try:  # an unreadable answer file is found before any model is loaded
+        answered(args.benchmark, answer_path(args.benchmark, args.output, model_id))
+    except QuestionError as error:
+        parser.error(str(error))
     with contextlib.ExitStack() as stack:
         if args.load:
             out = Path(args.hf_out) if args.hf_out else Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="answers-hf-")))
             hf_dir = export_checkpoint(args.load, out)
-            default_id = Path(args.load).resolve().name
         else:
             hf_dir = Path(args.hf)
-            default_id = hf_dir.resolve().name
-        model_id = args.model_id or default_id
         if backend == "vllm":
             generate = vllm_generator(hf_dir, seed=args.seed, dtype=args.dtype,
                                       tensor_parallel_size=args.tensor_parallel_size,

@@ -201,3 +201,23 @@ def test_vllm_backend_writes_greedy_answers(tmp_path):
           "--max-new-tokens", "8", "--model-id", "tiny"])
     rows = (tmp_path / "arena" / "model_answer" / "tiny.jsonl").read_text().splitlines()
     assert len(rows) == len(ARENA)
+
+
+def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
+    questions = read_questions("arena_hard", _write(tmp_path / "question.jsonl", ARENA))
+    write_answers("arena_hard", questions[:2], Recorder(), output=tmp_path / "data",
+                  model_id="m", overrides={}, say=lambda _: None)
+    path = tmp_path / "data" / "model_answer" / "m.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + '{"question_id": "q2", "answer_id": "ab')  # killed mid-line
+    model = Recorder()
+    write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
+                  overrides={}, say=lambda _: None)
+    assert [c[0]["content"] for conversations, _ in model.calls for c in conversations] == \
+        ["arena question 2", "arena question 3", "arena question 4"]
+    assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
+        ["q0", "q1", "q2", "q3", "q4"]
+    path.write_text("not json\n" + whole)
+    with pytest.raises(QuestionError, match=r"m.jsonl:1: not valid JSON"):
+        write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
+                      overrides={}, say=lambda _: None)
