@@ -96,8 +96,11 @@ def read_train_state(checkpoint: Path) -> TrainState | None:
     from megatron.core import dist_checkpointing
 
     saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
-    if saved is None:
-        return None
+    return None if saved is None else _train_state(saved)
+
+
+def _train_state(saved: dict) -> TrainState:
+    """The TrainState of a checkpoint's saved "train_state" entry."""
     return TrainState(int(saved["iteration"]), int(saved["consumed_samples"]),
                       saved.get("data_fingerprint"))
 
@@ -464,6 +467,4 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
-    return TrainState(iteration=int(saved["iteration"]),
-                      consumed_samples=int(saved["consumed_samples"]),
-                      data_fingerprint=saved.get("data_fingerprint"))
+    return _train_state(saved)

@@ -460,6 +460,14 @@ def load_tokenizer(path: str | Path):
         raise DataError(f"cannot load tokenizer from {path}: {error}") from error
 
 
+def held_out_split(num_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out row indices in the seeded permutation's order, the other rows in file order):
+    ``fraction`` of the rows, at least one."""
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_valid = max(1, int(round(fraction * num_rows)))
+    return order[:n_valid], sorted(order[n_valid:])
+
+
 def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] | None = None,
                   cut: dict[str, int] | None = None
                   ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
@@ -477,10 +485,9 @@ def load_datasets(config: DataConfig, tokenizer, seed: int, dropped: list[str] |
     except SourceError as error:
         raise DataError(str(error)) from None
     if valid_rows is None and config.valid_fraction > 0:
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed))
-        n_valid = max(1, int(round(config.valid_fraction * len(train_rows))))
-        valid_rows = [train_rows[i] for i in order[:n_valid].tolist()]
-        train_rows = [train_rows[i] for i in sorted(order[n_valid:].tolist())]
+        held_out, kept = held_out_split(len(train_rows), config.valid_fraction, seed)
+        valid_rows = [train_rows[i] for i in held_out]
+        train_rows = [train_rows[i] for i in kept]
     elif valid_rows is None:
         valid_rows = []
     return tokenize_rows(train_rows, tokenizer, config, dropped, cut), \

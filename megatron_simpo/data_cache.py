@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from megatron_simpo.data import (DataConfig, DataError, TokenizedPair, identical_pair_error,
-                                 read_preference_rows, tokenize_records)
+from megatron_simpo.data import (DataConfig, DataError, TokenizedPair, held_out_split,
+                                 identical_pair_error, read_preference_rows, tokenize_records)
 
 FORMAT = "megatron_simpo.pairs/1"
 """Changes whenever tokenization (data.tokenize_records) or the cached layout changes."""
@@ -424,10 +423,8 @@ def prepare_data(config: DataConfig, tokenizer, tokenizer_path: str | Path, seed
     train, valid = tables[0], (tables[1] if len(tables) > 1 else None)
     held_out = "valid-path"
     if valid is None and config.valid_fraction > 0:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        n_valid = max(1, int(round(config.valid_fraction * len(train))))
-        valid = train.subset(order[:n_valid].numpy())
-        train = train.subset(np.sort(order[n_valid:].numpy()))
+        held, kept = held_out_split(len(train), config.valid_fraction, seed)
+        valid, train = train.subset(held), train.subset(kept)
         held_out = f"fraction {config.valid_fraction} seed {seed}"
     cut = {"prompts": 0, "responses": 0}
     dropped: list[str] = []

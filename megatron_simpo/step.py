@@ -125,7 +125,7 @@ def _forward_step(spec: _StepSpec, data_iterator, model):
     return _forward(batch, model), partial(_loss_func, batch, spec, model)
 
 
-def _reference_forward_step(vocab_size: int, chunk_size: int, data_iterator, model):
+def _logp_sums_forward_step(vocab_size: int, chunk_size: int, data_iterator, model):
     batch = next(data_iterator)
 
     def collect(output):
@@ -176,7 +176,7 @@ def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], vocab_siz
     model.eval()
     try:
         with torch.no_grad():
-            return _run_schedule(partial(_reference_forward_step, vocab_size, logprob_chunk_size),
+            return _run_schedule(partial(_logp_sums_forward_step, vocab_size, logprob_chunk_size),
                                  microbatches, [model], forward_only=True)
     finally:
         model.train(was_training)

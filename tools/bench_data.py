@@ -169,10 +169,9 @@ def main() -> None:
     if not (work / "tokenizer" / "tokenizer.json").is_file():
         train_tokenizer(data, work / "tokenizer", args.vocab)
     print(f"setup (data + tokenizer): {time.perf_counter() - began:.0f} s in {work}", flush=True)
-    common = (work / "tokenizer", None, None, args.dataset_num_proc, args.global_batch)
-
     def run(path, cache, cached):
-        return _on_ranks(args.ranks, path, common[0], cache, cached, *common[3:])
+        return _on_ranks(args.ranks, path, work / "tokenizer", cache, cached,
+                         args.dataset_num_proc, args.global_batch)
 
     report = {"pairs": args.pairs, "list_pairs": args.list_pairs, "vocab": args.vocab,
               "ranks": args.ranks, "cpus": os.cpu_count()}

@@ -294,8 +294,9 @@ def _trl_token_ids(trainer) -> list[tuple[list[int], list[int], list[int]]]:
 
 
 def _simpo_from_hf(model_dir, lr, chunk, initialized=lambda: None):
-    """(model config, runtime env, components) of this trainer on one CPU rank, holding the HF
-    weights in ``model_dir``; ``initialized()`` runs once the runtime is up (memory baselines)."""
+    """(model config, runtime env, components) of this trainer on one rank (CPU in fp32, a GPU
+    in bf16), holding the HF weights in ``model_dir``; ``initialized()`` runs once the runtime
+    is up (memory baselines)."""
     import torch
     import transformers
 
