@@ -7,16 +7,62 @@ module (it inherits the partition sizes, softmax scale and checks) with its forw
 CPUs and on GPUs without Transformer Engine. Inputs and output keep Megatron's layout:
 query [sq, b, np, hn], key and value [sk, b, ng, hn] (ng query groups, GQA), output [sq, b, hp].
 It equals ``DotProductAttention`` within 1e-5 in fp32 (tests/test_attention.py). What it does
-not do (attention dropout, learnable softmax offsets, sliding windows, packed sequences,
-attention bias) is refused, not ignored.
+not do (attention dropout, learnable softmax offsets, sliding windows, attention bias) is
+refused, not ignored.
+
+On GPUs:
+- SDPA's backends are tried in the order flash, memory-efficient, cuDNN, math. PyTorch's own
+  order puts cuDNN first on Hopper, and cuDNN builds an execution plan for every new shape
+  (~4-5 ms of host time per layer and direction on an H200): with micro-batches padded to their
+  own longest row, nearly every micro-batch has a new shape (docs/performance.md, 2026-11-28).
+- Packed rows (several sequences back to back in one row, ``PackedSeqParams`` with
+  ``qkv_format="sbhd"`` and ``cu_seqlens``) go through PyTorch's variable-length flash attention
+  (``torch.nn.attention.varlen``) in bf16/fp16: each sequence attends causally to itself, with
+  no [s, s] mask. Elsewhere (CPUs, fp32, an older PyTorch) the same segments become the
+  block-diagonal causal mask.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # PyTorch < 2.10
+    varlen_attn = None
+
+CUDA_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+_VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``scaled_dot_product_attention``, on CUDA with the backend order of the module doc."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def segment_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, 1, s, s] bool, True where a query may NOT attend (Megatron's convention): each
+    segment [cu[i], cu[i+1]) attends causally to itself only."""
+    segment = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device),
+                                      cu_seqlens.diff().long(), output_size=length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ~(causal & (segment.unsqueeze(0) == segment.unsqueeze(1))).view(1, 1, length, length)
+
+
+def uses_varlen(query: torch.Tensor) -> bool:
+    """Whether packed rows of this query go through variable-length flash attention."""
+    return (varlen_attn is not None and query.is_cuda
+            and query.dtype in (torch.bfloat16, torch.float16))
 
 
 class SDPAttention(DotProductAttention):
@@ -51,9 +97,17 @@ class SDPAttention(DotProductAttention):
         """query [sq, b, np, hn], key/value [sk, b, ng, hn]; ``attention_mask`` True where a
         query may NOT attend (Megatron's convention), or None with a causal mask type.
         Returns [sq, b, np * hn]."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("the local layer spec's SDPA attention takes no packed sequences or "
-                             "attention bias: use --transformer-impl transformer_engine")
+        if attention_bias is not None:
+            raise ValueError("the local layer spec's SDPA attention takes no attention bias: use "
+                             "--transformer-impl transformer_engine")
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "sbhd" or query.shape[1] != 1:
+                raise ValueError("the local layer spec's SDPA attention takes packed sequences as "
+                                 "one row in sbhd layout (THD is Transformer Engine's), got "
+                                 f"{packed_seq_params.qkv_format} with {query.shape[1]} rows")
+            if uses_varlen(query):
+                return self._varlen(query, key, value, packed_seq_params)
+            attention_mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
         mask_type = attn_mask_type or self.attn_mask_type
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -62,13 +116,31 @@ class SDPAttention(DotProductAttention):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         if attention_mask is not None:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
-                                                     scale=self.sdpa_scale)
+            context = sdpa(q, k, v, attn_mask=~attention_mask, scale=self.sdpa_scale)
         elif mask_type == AttnMaskType.causal:
-            context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                     scale=self.sdpa_scale)
+            context = sdpa(q, k, v, is_causal=True, scale=self.sdpa_scale)
         else:
             raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
         sq, b = query.shape[0], query.shape[1]
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _varlen(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """Packed row [t, 1, heads, hn] through variable-length flash attention: [t, 1, hp]."""
+        # [t, 1, heads, hn] -> [t, heads, hn]
+        q, k, v = (t[:, 0].contiguous() for t in (query, key, value))
+        options = {"scale": self.sdpa_scale}
+        repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if "enable_gqa" in _VARLEN_ARGS:
+            options["enable_gqa"] = repeat > 1
+        elif repeat > 1:
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        if "window_size" in _VARLEN_ARGS:
+            options["window_size"] = (-1, 0)  # causal
+        else:
+            options["is_causal"] = True
+        cu, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
+        context = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+        # [t, np, hn] -> [t, 1, np * hn]
+        return context.reshape(query.shape[0], 1, self.hidden_size_per_partition)

@@ -25,12 +25,10 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _label_logprobs_and_softmax(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                                group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward math on one rank's slice: (log p(label) [..], softmax [.., V_p/tp], labels, owned).
-
-    ``logits`` is consumed (overwritten); pass a fresh fp32 tensor.
-    """
+def _shifted_exponentials(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, group):
+    """The forward terms on one rank's slice ``logits`` [.., V_p/tp] (consumed: it becomes
+    exp(z - m)): (z_label - m [..], exp(z - m), sum of exp over the whole vocabulary [..],
+    m = the max over the whole vocabulary [..], local labels, whether this rank owns them)."""
     rank, world = _group_rank_size(group)
     local_vocab = logits.shape[-1]
     vocab_start = rank * local_vocab
@@ -48,13 +46,32 @@ def _label_logprobs_and_softmax(logits: torch.Tensor, labels: torch.Tensor, voca
     label_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     label_logit = torch.where(owned, label_logit, torch.zeros_like(label_logit))
 
-    softmax = logits.exp_()
-    sum_exp = softmax.sum(dim=-1)
+    exps = logits.exp_()
+    sum_exp = exps.sum(dim=-1)
     if world > 1:
         dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(label_logit, op=dist.ReduceOp.SUM, group=group)
-    softmax.div_(sum_exp.unsqueeze(-1))
-    return label_logit - sum_exp.log(), softmax, safe_labels, owned
+    return label_logit, exps, sum_exp, global_max, safe_labels, owned
+
+
+def _label_logprobs_and_softmax(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward math on one rank's slice: (log p(label) [..], softmax [.., V_p/tp], labels, owned).
+
+    ``logits`` is consumed (overwritten); pass a fresh fp32 tensor.
+    """
+    label_logit, exps, sum_exp, _, safe_labels, owned = _shifted_exponentials(
+        logits, labels, vocab_size, group)
+    return label_logit - sum_exp.log(), exps.div_(sum_exp.unsqueeze(-1)), safe_labels, owned
+
+
+def _label_logprobs_and_lse(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                            group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) [..], log-sum-exp over the whole vocabulary [..]); ``logits`` consumed."""
+    label_logit, _, sum_exp, global_max, _, _ = _shifted_exponentials(
+        logits, labels, vocab_size, group)
+    log_sum = sum_exp.log()
+    return label_logit - log_sum, global_max + log_sum
 
 
 def _grad_logits(softmax: torch.Tensor, safe_labels: torch.Tensor, owned: torch.Tensor,
@@ -86,28 +103,47 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             None, None, None
 
 
+def add_product_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``accumulator += a @ b`` with ``accumulator`` fp32 and ``a``, ``b`` in any float dtype.
+
+    bf16/fp16 inputs on a GPU run one tensor-core GEMM that accumulates and writes in fp32
+    (``torch.addmm(..., out_dtype=torch.float32)``, PyTorch >= 2.9, CUDA): the products of
+    half-precision values are exact in fp32, so this equals the fp32 GEMM of the upcast inputs
+    up to summation order, at bf16 speed (an H200: 0.95 ms against 10.9 ms for
+    [128k x 1k] @ [1k x 2k]). Elsewhere the inputs are upcast and added with an fp32 GEMM.
+    """
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype:
+        torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+    else:
+        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+
+
 class _FusedOutputLogProbs(torch.autograd.Function):
     """log p(label) straight from hidden states and the vocab-parallel output weight.
 
     Logits exist only for ``chunk_size`` tokens at a time, in forward and again (recomputed) in
-    backward; the [tokens, V_p/tp] logits of the whole micro-batch are never held.
+    backward; the [tokens, V_p/tp] logits of the whole micro-batch are never held. Forward keeps
+    each token's log-sum-exp over the whole vocabulary ([n] fp32), so backward needs neither the
+    max and sum passes again nor their tensor-parallel all-reduces:
+    d log p(y) / d z_j = onehot(y)_j - exp(z_j - lse).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             logits = (hidden[start:stop] @ weight.t()).float()
-            out[start:stop] = _label_logprobs_and_softmax(logits, labels[start:stop],
-                                                          vocab_size, group)[0]
-        ctx.save_for_backward(hidden, weight, labels)
+            out[start:stop], lse[start:stop] = _label_logprobs_and_lse(
+                logits, labels[start:stop], vocab_size, group)
+        ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.vocab_size, ctx.group, ctx.chunk_size = vocab_size, group, chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, labels, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
         # Under Megatron's DDP the weight carries its fp32 gradient buffer (main_grad): add the
         # chunks straight into it, as Megatron's fused weight-gradient GEMMs do, instead of
@@ -116,16 +152,23 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         into_main_grad = main_grad is not None and main_grad.dtype == torch.float32
         grad_weight = main_grad if into_main_grad else torch.zeros(
             weight.shape, dtype=torch.float32, device=weight.device)
+        rank, _ = _group_rank_size(ctx.group)
+        local_vocab = weight.shape[0]
+        valid_local = max(0, min(local_vocab, ctx.vocab_size - rank * local_vocab))
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
-            logits = (hidden[start:stop] @ weight.t()).float()
-            _, softmax, safe_labels, owned = _label_logprobs_and_softmax(
-                logits, labels[start:stop], ctx.vocab_size, ctx.group)
+            softmax = (hidden[start:stop] @ weight.t()).float()
+            softmax.sub_(lse[start:stop].unsqueeze(-1)).exp_()
+            if valid_local < local_vocab:
+                softmax[:, valid_local:] = 0.0  # padded vocabulary rows
+            local_labels = labels[start:stop] - rank * local_vocab
+            owned = (local_labels >= 0) & (local_labels < valid_local)
+            safe_labels = torch.where(owned, local_labels, torch.zeros_like(local_labels))
             grad_logits = _grad_logits(softmax, safe_labels, owned,
                                        grad_output[start:stop]).to(weight.dtype)
             grad_hidden[start:stop] = grad_logits @ weight
             # Accumulate in place: no [V_p/tp, h] temporary per chunk.
-            grad_weight.addmm_(grad_logits.t().float(), hidden[start:stop].float())
+            add_product_(grad_weight, grad_logits.t(), hidden[start:stop])
         if into_main_grad:
             # Autograd still needs a gradient for the weight (DDP's hook runs when it arrives,
             # and a tied embedding adds its own to it): zeros, which the hook adds to main_grad.

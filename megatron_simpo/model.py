@@ -226,11 +226,12 @@ def _gpt_model_class():
     class PositionedGPTModel(GPTModel):
         """GPTModel whose rotary embedding is taken at ``position_ids`` (restarting per packed
         sequence) instead of 0..s-1; THD-packed batches (Transformer Engine) keep
-        Megatron-Core's own per-segment RoPE."""
+        Megatron-Core's own per-segment RoPE (packed rows of the local spec, sbhd, do not)."""
 
         def _preprocess(self, input_ids, position_ids, *args, **kwargs):
             output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-            if kwargs.get("packed_seq_params") is not None:
+            packed = kwargs.get("packed_seq_params")
+            if packed is not None and packed.qkv_format == "thd":
                 return output
             return (output[0], _rotary_at_positions(self, output[1], position_ids), *output[2:])
 

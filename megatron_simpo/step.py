@@ -105,19 +105,21 @@ def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
     """The model on one micro-batch. Unpacked rows are right-padded, so the causal mask alone
     keeps real tokens from seeing padding (no mask tensor), and their positions are the model's
     default 0..s-1 (no position ids: the model need not compare them with that default on every
-    forward). Packed rows carry their restarting positions and their block-diagonal mask (local
-    layer spec), or go to Transformer Engine as THD segments. The last stage returns
+    forward). Packed rows carry their restarting positions and their segments (``cu_seqlens``):
+    to the local spec's attention in sbhd layout, to Transformer Engine as THD. The last stage returns
     [b, s, V_p/tp] logits, or [b, s, h] hidden states with memory-lean log-probs."""
-    packed_seq_params = None
-    if batch.packed and batch.attention_mask is None:
-        from megatron.core.packed_seq_params import PackedSeqParams
+    if not batch.packed:
+        return model(input_ids=batch.tokens, position_ids=None, attention_mask=None)
+    from megatron.core.packed_seq_params import PackedSeqParams
 
-        packed_seq_params = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-            max_seqlen_q=batch.longest_segment, max_seqlen_kv=batch.longest_segment)
-    return model(input_ids=batch.tokens,
-                 position_ids=batch.position_ids if batch.packed else None,
-                 attention_mask=batch.attention_mask, packed_seq_params=packed_seq_params)
+    # Without a mask the row is for Transformer Engine (THD); the local spec's attention takes
+    # the segments in sbhd layout (variable-length flash attention on GPUs, else their mask).
+    packed_seq_params = PackedSeqParams(
+        qkv_format="thd" if batch.attention_mask is None else "sbhd",
+        cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+        max_seqlen_q=batch.longest_segment, max_seqlen_kv=batch.longest_segment)
+    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None,
+                 packed_seq_params=packed_seq_params)
 
 
 def _forward_step(spec: _StepSpec, data_iterator, model):

@@ -235,3 +235,107 @@ def test_transformer_engine_thd_packing_matches_padded_rows(tmp_path):
     scale = sums["te_padded"].abs().max().item()
     for name in ("te_thd", "local_masked"):
         assert (sums[name] - sums["te_padded"]).abs().max().item() <= 0.02 * scale, sums
+
+
+@needs_gpu
+def test_weight_gradient_product_in_bf16_equals_fp32_gemm():
+    """The lean log-probs' weight gradient: a bf16 GEMM accumulating into fp32 on a GPU adds
+    what the fp32 GEMM of the same (upcast) values adds, up to summation order."""
+    from megatron_simpo.logprobs import add_product_
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
+    b = torch.randn(512, 256, device="cuda", generator=g).bfloat16()
+    start = torch.randn(4096, 256, device="cuda", generator=g)
+    fast, exact = start.clone(), start.clone()
+    add_product_(fast, a.t().contiguous().t(), b)  # a transposed view, as in backward
+    exact.addmm_(a.float(), b.float())
+    assert fast.dtype == torch.float32
+    assert (fast - exact).abs().max().item() <= 1e-5 * exact.abs().max().item()
+
+
+def _lean_gradients(rank, vocab, tokens, hidden_size, chunk):
+    """Lean log-probs and their gradients on a GPU in bf16 (weight gradient into an fp32
+    main_grad, as under DDP) and in fp32 on the CPU from the same bf16 values."""
+    from megatron_simpo.logprobs import fused_output_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, generator=g).bfloat16()
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5 * 3).bfloat16()
+    labels = torch.randint(0, vocab - 7, (tokens,), generator=g)
+    upstream = torch.randn(tokens, generator=g)
+    results = {}
+    for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        h = hidden.to(device, dtype).requires_grad_()
+        w = weight.to(device, dtype).requires_grad_()
+        w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=device)
+        logps = fused_output_logprobs(h, w, labels.to(device), vocab_size=vocab - 7,
+                                      chunk_size=chunk)
+        (logps * upstream.to(device)).sum().backward()
+        results[device] = [t.detach().float().cpu() for t in (logps, h.grad, w.main_grad)]
+    return results
+
+
+@needs_gpu
+def test_lean_logprobs_in_bf16_match_fp32_on_cpu():
+    """The GPU path of the lean log-probs (bf16 GEMMs, fp32 softmax, bf16 weight-gradient GEMMs
+    into fp32) against the CPU-exact fp32 path on the same bf16 values (padded vocabulary,
+    a short last chunk): log-probs and both gradients within bf16 rounding."""
+    results = run_on_ranks(1, _lean_gradients, 32000, 700, 256, 256)[0]
+    for name, gpu, cpu in zip(("logps", "grad_hidden", "main_grad"), results["cuda"],
+                              results["cpu"]):
+        scale = cpu.abs().max().item()
+        assert (gpu - cpu).abs().max().item() <= 0.02 * scale, (name, scale)
+    assert (results["cuda"][2][-7:] == 0).all()  # padded vocabulary rows get no gradient
+
+
+def _local_packed_logps(rank, hf_state, hf_config):
+    """Summed log-probs of the same pairs on the local spec in bf16: padded rows (SDPA, flash
+    first), one packed row through variable-length flash attention, and fp32 padded rows."""
+    from megatron_simpo import runtime
+    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.attention import uses_varlen
+    from megatron_simpo.data import TokenizedPair, collate_packed
+    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.step import _forward, _policy_logp_sums
+
+    config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
+    runtime.initialize(parallel, seed=0, model_config=config)
+    g = torch.Generator().manual_seed(1)
+
+    def ids(low, high):
+        return torch.randint(0, config.vocab_size, (int(torch.randint(low, high, (1,),
+                                                                      generator=g)),),
+                             generator=g).tolist()
+
+    pairs = [TokenizedPair(ids(4, 24), ids(8, 40), ids(8, 40)) for _ in range(4)]
+    used = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+    padded = collate_pairs(pairs, SEQ).to(torch.device("cuda"))
+    packed = collate_packed(pairs, -(-used // 64) * 64).to(torch.device("cuda"))
+    sums = {}
+    with torch.no_grad():
+        for name, dtype, batch in (("bf16_padded", torch.bfloat16, padded),
+                                   ("bf16_packed_varlen", torch.bfloat16, packed),
+                                   ("fp32_padded", torch.float32, padded)):
+            model = _build(hf_state, config, parallel, "local", dtype).eval()
+            sums[name] = _policy_logp_sums(batch, _forward(batch, model), model,
+                                           config.vocab_size, 0)[0].float().cpu()
+    q = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    return sums, uses_varlen(q)
+
+
+@needs_gpu
+def test_local_spec_packed_rows_through_varlen_attention_match_padded_rows():
+    """--pack-sequences on the local spec on a GPU: each sequence of the packed row gets the
+    log-probs of its own padded row, through variable-length flash attention (no mask)."""
+    from megatron_simpo.attention import varlen_attn
+
+    if varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    hf_config = tiny_hf_config("llama3", **GPU_MODEL)
+    hf_state = tiny_hf_model(hf_config, seed=1).state_dict()
+    sums, varlen_used = run_on_ranks(1, _local_packed_logps, hf_state, hf_config)[0]
+    assert varlen_used
+    scale = sums["fp32_padded"].abs().max().item()
+    for name in ("bf16_padded", "bf16_packed_varlen"):
+        assert (sums[name] - sums["fp32_padded"]).abs().max().item() <= 0.02 * scale, sums

@@ -96,6 +96,7 @@ def _packed_worker(rank, hf_config, hf_state, sequences):
     from megatron_simpo.data import TokenizedPair, collate_packed
     from megatron_simpo.model import build_model
     from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.step import _forward
 
     parallel = ParallelConfig()
     runtime.initialize(parallel, seed=1)
@@ -109,26 +110,29 @@ def _packed_worker(rank, hf_config, hf_state, sequences):
     length = len(sequences[0]) + len(sequences[1]) - 2 + 5
     batch = collate_packed([pair], length)
     with torch.no_grad():
-        logits = model(input_ids=batch.tokens, position_ids=batch.position_ids,
+        masked = model(input_ids=batch.tokens, position_ids=batch.position_ids,
                        attention_mask=batch.attention_mask)
-    return logits[0, :, :config.vocab_size], batch.cu_seqlens.tolist()
+        segments = _forward(batch, model)  # the step's way: segments, no mask tensor
+    return ([logits[0, :, :config.vocab_size] for logits in (masked, segments)],
+            batch.cu_seqlens.tolist())
 
 
 def test_packed_row_equals_each_sequence_alone():
-    """A packed row (block-diagonal mask, positions restarting per sequence) gives each
-    sequence the logits Hugging Face gives it alone; the second sequence starts 1,500
-    positions in, where RoPE at the row's positions instead of the sequence's drifts."""
+    """A packed row (block-diagonal mask or its segments, positions restarting per sequence)
+    gives each sequence the logits Hugging Face gives it alone; the second sequence starts
+    1,500 positions in, where RoPE at the row's positions instead of the sequence's drifts."""
     hf_config = tiny_hf_config("llama3.1")
     model = tiny_hf_model(hf_config, seed=2)
     g = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (1501, 40)]
     sequences[1][0] = sequences[0][0]  # a pair's two sequences share the prompt
-    [(logits, starts)] = run_on_ranks(1, _packed_worker, hf_config, model.state_dict(), sequences)
+    [(both, starts)] = run_on_ranks(1, _packed_worker, hf_config, model.state_dict(), sequences)
     for index, sequence in enumerate(sequences):
         with torch.no_grad():
             expected = model(torch.tensor([sequence[:-1]])).logits[0]
-        got = logits[starts[index]:starts[index + 1]]
-        assert (got - expected).abs().max().item() <= 2e-5, f"sequence {index}"
+        for way, logits in zip(("explicit mask", "segments (PackedSeqParams sbhd)"), both):
+            got = logits[starts[index]:starts[index + 1]]
+            assert (got - expected).abs().max().item() <= 2e-5, f"sequence {index}, {way}"
 
 
 def _rope_worker(rank, positions):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What only a GPU can show, in one pass sized for a short lease (about 8 minutes on an H100/H200):
-# the gpu-marked tests, then the benchmarks of docs/gpu.md on the local spec (bf16) -- SimPO vs
-# DPO steps at the Llama-3.2-1B shape, memory-lean vs plain log-probs at Llama-3's vocabulary, and
-# the micro-batch layouts vs TRL's CPOTrainer on SimPO-like lengths.
+# the gpu-marked tests, then the benchmarks of docs/gpu.md on the local spec (bf16) -- memory-lean
+# vs plain log-probs at Llama-3's vocabulary, time per micro-batch against its size, SimPO vs DPO
+# steps at the Llama-3.2-1B shape, and the micro-batch layouts vs TRL's CPOTrainer on SimPO-like
+# lengths.
 #
 #   bash tools/gpu_checks.sh OUTDIR [transformer_engine]
 #
@@ -47,10 +48,16 @@ if ! smoke && [ -n "${FALLBACK_PYTHONPATH:-}" ]; then
 fi
 
 stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests
-stage steps 150 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
-    --output "$out/steps.json"
-stage logprobs 60 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
+# The lean log-prob stage at 2,048 tokens (speed) and 16k tokens (memory), against the plain one.
+stage logprobs 45 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
     --output "$out/logprobs.json"
-stage lengths 240 $bench --only lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
+stage logprobs-16k 60 $bench --only logprobs --vocab 128256 --seq 16384 --hidden 2048 \
+    --chunk 1024 --steps 3 --warmup 1 --output "$out/logprobs-16k.json"
+# Time per micro-batch of new shape vs its FLOPs at the 4,096-token rate (one profiled step).
+stage microbatch 100 python3 tools/bench_microbatch.py --preset llama3.2-1b --tokens 1024 4096 \
+    --microbatches 8 --steps 3 --warmup 2 --profile "$out" --output "$out/microbatch.json"
+stage steps 120 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
+    --output "$out/steps.json"
+stage lengths 200 $bench --only lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
     --steps 2 --warmup 1 --output "$out/lengths.json"
 echo "=== done" | tee -a "$log"
