@@ -25,7 +25,8 @@ class Checkpointer:
     """Loads the resumed state and saves the run's weights, optimizer and position."""
 
     def __init__(self, config: TrainConfig, source: ModelSource, parts: TrainingComponents,
-                 data: TrainingData, total_iters: int, rank: int, say: Callable[[str], None]):
+                 data: TrainingData, total_iters: int, rank: int,
+                 say: Callable[[str | None], None]):
         self.config, self.source, self.parts, self.data = config, source, parts, data
         self.total_iters, self.rank, self.say = total_iters, rank, say
 

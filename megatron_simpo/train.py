@@ -47,8 +47,9 @@ def load_data(config: TrainConfig, source: ModelSource) -> TrainingData:
         return data
     table = ReferenceLogps.load(path)
     table.check_reference(source.weights_from, path)
-    return dataclasses.replace(data, train_reference=table.lookup(data.train_pairs, "training", path),
-                               valid_reference=table.lookup(data.valid_pairs, "validation", path))
+    return dataclasses.replace(
+        data, train_reference=table.lookup(data.train_pairs, "training", path),
+        valid_reference=table.lookup(data.valid_pairs, "validation", path))
 
 
 def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
