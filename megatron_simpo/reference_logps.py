@@ -153,8 +153,8 @@ def compute(config, output: str | Path) -> Path:
 
     from megatron_simpo import runtime
     from megatron_simpo.step import attach_reference_logps
-    from megatron_simpo.train import (TrainingData, build_reference_from_config,
-                                      resolve_model_source)
+    from megatron_simpo.run_setup import build_reference_from_config, resolve_model_source
+    from megatron_simpo.training_data import TrainingData
 
     if not config.pretrained_checkpoint:
         raise ValueError("give the reference model as --pretrained-checkpoint")

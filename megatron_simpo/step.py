@@ -87,8 +87,18 @@ class _StepSpec:
     logprob_chunk_size: int
 
 
+@dataclass(frozen=True)
+class _Report:
+    """What the loss function reports of one micro-batch (the schedule collects it)."""
+
+    metric_sums: torch.Tensor
+    """[n_metrics] sums over the micro-batch's pairs, in ``LossConfig.metric_names`` order."""
+    logp_sums: torch.Tensor
+    """[2n] the policy's summed response log-probs (chosen, rejected, ...), detached."""
+
+
 def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Tensor):
-    """Megatron schedule loss function: (sum of pair losses, pair count, metric sums)."""
+    """Megatron schedule loss function: (sum of pair losses, pair count, ``_Report``)."""
     logp_sum, count = _policy_logp_sums(batch, output, model, spec.vocab_size,
                                         spec.logprob_chunk_size)
     reference = batch.reference_logp_sum
@@ -98,7 +108,7 @@ def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Ten
         None if reference is None else reference[1::2])
     metric_sums = torch.stack([metrics[name].sum() for name in spec.loss.metric_names])
     num_pairs = torch.tensor(batch.num_pairs, dtype=torch.int, device=loss.device)
-    return loss.sum(), num_pairs, metric_sums
+    return loss.sum(), num_pairs, _Report(metric_sums, logp_sum.detach())
 
 
 def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
@@ -184,7 +194,7 @@ def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], vocab_siz
         model.train(was_training)
 
 
-def _global_metric_means(per_microbatch: list[torch.Tensor],
+def _global_metric_means(per_microbatch: list[_Report],
                          microbatches: Sequence[PreferenceBatch],
                          names: Sequence[str]) -> dict[str, float]:
     """Sum metric sums over micro-batches and DP ranks, divide by pairs, share across stages."""
@@ -193,8 +203,8 @@ def _global_metric_means(per_microbatch: list[torch.Tensor],
     # The last slot carries the pair count, so one all-reduce moves sums and count together.
     totals = torch.zeros(len(names) + 1, dtype=torch.float64,
                          device=microbatches[0].tokens.device)
-    for sums in per_microbatch:
-        totals[:-1] += sums.to(torch.float64)
+    for report in per_microbatch:
+        totals[:-1] += report.metric_sums.to(torch.float64)
     if per_microbatch:  # the last pipeline stage
         totals[-1] = sum(batch.num_pairs for batch in microbatches)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
@@ -256,10 +266,25 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=update_successful)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out metrics, and the per-pair log-probs of the same forward pass (--eval-dump)."""
+
+    metrics: dict[str, float]
+    """Global means of the step's metrics (TRL names), on every rank."""
+    logp_sums: list[torch.Tensor]
+    """Per micro-batch, [2n] fp32 summed response log-probs of the policy (chosen, rejected,
+    ...): on the last pipeline stage; an empty list on the others."""
+    reference_logp_sums: list[torch.Tensor | None]
+    """Per micro-batch, [2n] the reference's sums the loss used (a resident reference model's
+    pass, or --reference-logps), None without a reference; on the last stage as above."""
+
+
 def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
              *, vocab_size: int, reference_model=None, logprob_chunk_size: int = 0
-             ) -> dict[str, float]:
-    """Forward-only pass over held-out micro-batches: global means of the same metrics."""
+             ) -> Evaluation:
+    """Forward-only pass over held-out micro-batches: global means of the same metrics, and
+    each pair's log-prob sums from that pass (no second pass for per-pair values)."""
     microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
                                   reference_model, logprob_chunk_size)
     for chunk in model_chunks:
@@ -271,4 +296,8 @@ def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_c
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)
+    metrics = _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)
+    if not per_microbatch:  # not the last pipeline stage
+        return Evaluation(metrics, [], [])
+    return Evaluation(metrics, [report.logp_sums for report in per_microbatch],
+                      [batch.reference_logp_sum for batch in microbatches])

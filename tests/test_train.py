@@ -356,7 +356,7 @@ def test_a_collapsed_model_is_reported(tiny, tmp_path):
 
 def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, monkeypatch):
     from megatron_simpo.arguments import parse_args
-    from megatron_simpo.train import prepare
+    from megatron_simpo.run_setup import prepare
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     other = tmp_path / "other"
@@ -497,3 +497,52 @@ def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
                     targets = ids[0, 1:]
                     scored = logps[torch.arange(len(targets)), targets][len(pair.prompt) - 1:]
                     assert abs(row[f"{side}_logp_sum"] - scored.sum().item()) <= 1e-4
+
+
+def _count_forward_passes(rank, runs):
+    """Train each argument list, counting the model's forward passes (one per micro-batch of
+    every pipeline schedule: steps, evaluations, a reference model's passes)."""
+    from megatron_simpo import runtime, step
+    from megatron_simpo.arguments import parse_args
+    from megatron_simpo.train import run
+
+    real_forward, calls = step._forward, []
+
+    def counting(batch, model):
+        calls.append(batch.num_pairs)
+        return real_forward(batch, model)
+
+    step._forward = counting
+    counts = []
+    try:
+        for argv in runs:
+            calls.clear()
+            summary = run(parse_args(argv))
+            runtime.shutdown()  # the next run initialises its own process groups
+            counts.append((len(calls), len(summary.evals)))
+    finally:
+        step._forward = real_forward
+    return counts
+
+
+def test_eval_dump_adds_no_forward_pass(easy_preference, tmp_path):
+    """--eval-dump writes what the evaluation's own forward pass computed: a run with it makes
+    exactly as many forward passes as one without, for SimPO and for DPO (whose reference
+    model runs once per evaluation batch either way)."""
+    data, start = easy_preference
+    runs = []
+    for algorithm in ("simpo", "dpo"):
+        for dump in (False, True):
+            name = f"{algorithm}_{'dump' if dump else 'plain'}"
+            runs.append(_argv(data, train_iters=2, eval_interval=1, algorithm=algorithm,
+                              pretrained_checkpoint=start, save=tmp_path / name,
+                              **({"eval_dump": True} if dump else {})))
+    simpo, simpo_dumped, dpo, dpo_dumped = run_on_ranks(1, _count_forward_passes, runs)[0]
+    for plain, dumped in ((simpo, simpo_dumped), (dpo, dpo_dumped)):
+        assert plain == dumped and plain[1] == 3  # evaluations at 0, 1 and 2
+    for name in ("simpo_dump", "dpo_dump"):
+        assert sorted(p.name for p in (tmp_path / name / "eval_dump").iterdir()) == \
+            [f"iter_{at:07d}.jsonl" for at in range(3)]
+    # 32 validation pairs in micro-batches of 2, 8 pairs per step in micro-batches of 2:
+    # SimPO 3 x 16 + 2 x 4 passes; DPO's reference model doubles each.
+    assert simpo[0] == 3 * 16 + 2 * 4 and dpo[0] == 2 * simpo[0]
