@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from megatron_simpo.flags import Command, Section, run_command
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -200,31 +203,31 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def main(argv=None) -> None:
-    import argparse
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """``megatron-simpo-analyze-run``: plots and a JSON summary of one run."""
 
-    parser = argparse.ArgumentParser(
-        prog="analyze_run", description="Plots and a JSON summary of a training run "
-        "(its --save folder; held-out analyses need --eval-dump)")
-    parser.add_argument("run", help="the run's --save folder")
-    parser.add_argument("--output", help="where the PNGs and summary.json go (default: "
-                                         "<run>/analysis)")
-    parser.add_argument("--reference", help="an eval_dump/iter_*.jsonl file of the reference "
-                                            "model on the same held-out pairs, for the KL "
-                                            "estimate (default: the run's iteration-0 dump)")
-    args = parser.parse_args(argv)
-    try:
-        summary = summarize(args.run, args.reference)
-    except RunError as error:
-        parser.error(str(error))
-    out = Path(args.output or Path(args.run) / "analysis")
+    run: str
+    """the run's --save folder"""
+    output: str | None = None
+    """where the PNGs and summary.json go (default: <run>/analysis)"""
+    reference: str | None = None
+    """an eval_dump/iter_*.jsonl file of the reference model on the same held-out pairs, for
+    the KL estimate (default: the run's iteration-0 dump)"""
+
+
+def analyze(config: AnalysisConfig) -> Path:
+    """Write the plots and summary.json, print where and the length correlations; a run that
+    cannot be analysed raises :class:`RunError` naming what is missing."""
+    summary = summarize(config.run, config.reference)
+    out = Path(config.output or Path(config.run) / "analysis")
     written = plot(summary, out)
     compact = {k: v for k, v in summary.items() if k != "margins"}
     if "margins" in summary:
         compact["margins"] = {w: {k: v for k, v in m.items() if k != "values"}
                               for w, m in summary["margins"].items()}
     (out / "summary.json").write_text(json.dumps(compact, indent=1))
-    print(f"> analysis of {args.run}: {', '.join(p.name for p in written)} and summary.json "
+    print(f"> analysis of {config.run}: {', '.join(p.name for p in written)} and summary.json "
           f"in {out}")
     if "length_correlation" in summary:
         c = summary["length_correlation"]
@@ -234,3 +237,15 @@ def main(argv=None) -> None:
             print(f"> Spearman(length, average log-prob) {c['length_vs_mean_logp']:.3f}, "
                   f"(length, summed log-prob) {c['length_vs_summed_logp']:.3f}, "
                   f"(length, reward) {c['length_vs_reward']:.3f}")
+    return out
+
+
+COMMAND = Command("analyze_run", "Plots and a JSON summary of a training run (its --save "
+                  "folder; held-out analyses need --eval-dump)",
+                  (Section("analysis", AnalysisConfig, key="config", positional=("run",),
+                           fields=("run", "output", "reference")),))
+
+
+def main(argv=None) -> None:
+    config = COMMAND.parse(argv)["config"]
+    run_command(COMMAND.prog, lambda: analyze(config))

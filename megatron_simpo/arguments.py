@@ -8,14 +8,12 @@ group and where a flag's name differs from the field's.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from megatron_simpo.batching import BatchingConfig
 from megatron_simpo.config import TrainConfig
 from megatron_simpo.data import DataConfig
-from megatron_simpo.flags import Section, check_coverage
+from megatron_simpo.flags import Parser, Section, check_coverage
 from megatron_simpo.losses import LossConfig
 from megatron_simpo.optimizer import OptimizerSettings
 from megatron_simpo.parallel import ParallelConfig
@@ -68,23 +66,8 @@ _NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8")
 check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 
-def user_error(message: str, exit_code: int = 2) -> NoReturn:
-    """End the run for a user's mistake: one line on stderr from rank 0 (every rank of a
-    torchrun world sees the same mistake), ``exit_code`` on every rank."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(exit_code)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line from rank 0 (the usage is in ``--help``)."""
-
-    def error(self, message: str) -> NoReturn:
-        user_error(f"{message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on Megatron-Core")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description="SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on Megatron-Core")
     for section in SECTIONS:
         section.add_to(parser)
     parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
@@ -111,9 +94,10 @@ def config_from_namespace(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**top, **{key: _section(key).build(args) for key in _NESTED})
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Parse and validate; any bad flag raises SystemExit(2) with a message naming it."""
-    parser = build_parser()
+def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> TrainConfig:
+    """Parse and validate; any bad flag raises SystemExit(2) with a message naming it (after
+    ``prog``: the command that takes a training command line)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return config_from_namespace(args)

@@ -1,9 +1,11 @@
-"""Command-line flags generated from typed config dataclasses.
+"""Command lines generated from typed config dataclasses, and the one way a command ends.
 
 A field's type gives the flag's type and choices (``Literal``), its attribute docstring the help
 text, and its default the "(default: ...)" shown in ``--help``. Parsing keeps only the flags the
 user gave (``argparse.SUPPRESS``), so the dataclass builds itself from them and its own defaults:
-no default is written twice.
+no default is written twice. Every console script parses through :class:`Command` (or, for
+training, the same :class:`Section` s) and ends through :func:`run_command`: a user's mistake is
+one ``<prog>: error: ...`` line from rank 0 and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import re
+import sys
 import textwrap
 import types
 import typing
 from dataclasses import dataclass
+from typing import Callable, Mapping, NoReturn, Sequence, TypeVar
+
+T = TypeVar("T")
+USER_ERRORS = (ValueError, FileNotFoundError)
+"""What a command reports as the user's mistake (exit code 2) unless it says otherwise."""
 
 
 @functools.cache
@@ -57,6 +66,8 @@ class Section:
         key: where the built dataclass goes (the caller's name for it; also the flags' dest prefix).
         trigger: for a dataclass that is absent unless asked for (FP8): the field whose flag
             asks for it; its other flags are refused without that one.
+        positional: fields given as positional arguments (named as the field), not flags.
+        notes: field -> text appended to its help (values computed elsewhere, e.g. a table).
     """
 
     title: str
@@ -65,6 +76,8 @@ class Section:
     key: str
     names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     trigger: str | None = None
+    positional: tuple[str, ...] = ()
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def flag(self, name: str) -> str:
         return self.names.get(name, ("--" + name.replace("_", "-"),))[0]
@@ -84,7 +97,7 @@ class Section:
             required = (spec.default is dataclasses.MISSING
                         and spec.default_factory is dataclasses.MISSING)
             default = None if required else spec.default
-            text = docs.get(name, "")
+            text = " ".join(filter(None, (docs.get(name, ""), self.notes.get(name))))
             options = dict(dest=self.dest(name), default=argparse.SUPPRESS)
             if kind is bool and hints[name] is not bool:
                 # bool | None: None lets the dataclass decide; --x sets True, --no-x False.
@@ -108,6 +121,10 @@ class Section:
                 raise TypeError(f"{self.cls.__name__}.{name}: no flag for type {kind!r}")
             if default is not None and not required:
                 text = f"{text} (default: {default})" if text else f"(default: {default})"
+            if name in self.positional:  # the dest doubles as its name; shown as the field's
+                options.pop("dest")
+                group.add_argument(self.dest(name), help=text, metavar=name, **options)
+                continue
             group.add_argument(*flags, required=required and self.trigger is None,
                                help=text, metavar=_metavar(name, options), **options)
 
@@ -145,3 +162,77 @@ def _metavar(name: str, options: dict) -> str | None:
     if "choices" in options:
         return None  # argparse shows {a,b,...}
     return re.sub(r"_(path|dir)$", "", name).upper()
+
+
+def user_error(prog: str, message: str, exit_code: int = 2) -> NoReturn:
+    """End a command for a user's mistake: one ``<prog>: error: ...`` line on stderr from rank 0
+    (every rank of a torchrun world sees the same mistake), ``exit_code`` on every rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(exit_code)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line from rank 0 (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        user_error(self.prog, f"{message} (see --help)")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A console script's command line: its sections, one per config dataclass.
+
+    Args:
+        prog: the name in ``--help`` and in error lines.
+        description: ``--help``'s first paragraph.
+        sections: the help groups; each section's ``key`` names the dataclass it builds.
+    """
+
+    prog: str
+    description: str
+    sections: tuple[Section, ...]
+
+    def __post_init__(self) -> None:
+        check_coverage(self.sections, skip={})
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = Parser(prog=self.prog, description=self.description)
+        for section in self.sections:
+            section.add_to(parser)
+        return parser
+
+    def parse(self, argv: Sequence[str] | None = None) -> dict[str, object]:
+        """key -> its dataclass built from the flags; a bad flag (argparse's or a dataclass's
+        ValueError/FileNotFoundError) ends the command as :func:`user_error`."""
+        parser = self.parser()
+        namespace = parser.parse_args(argv)
+        try:
+            return {section.key: section.build(namespace) for section in self.sections}
+        except USER_ERRORS as error:
+            parser.error(str(error))
+
+
+def run_command(prog: str, call: Callable[[], T], *,
+                errors: Mapping[type | tuple[type, ...], int] | None = None,
+                distributed: bool = False) -> T:
+    """How every entry point ends: ``call()``'s result, or, for an exception ``errors`` lists
+    (default: :data:`USER_ERRORS`, exit code 2), :func:`user_error` with its message and code.
+
+    Args:
+        distributed: the command starts process groups: they are shut down however it ends.
+    """
+    try:
+        return call()
+    except Exception as error:
+        for kinds, exit_code in ({USER_ERRORS: 2} if errors is None else errors).items():
+            if isinstance(error, kinds):
+                # KeyError's str() is its repr: the message is its argument.
+                user_error(prog, str(error.args[0] if isinstance(error, KeyError) else error),
+                           exit_code)
+        raise
+    finally:
+        if distributed:
+            from megatron_simpo import runtime
+
+            runtime.shutdown()

@@ -5,20 +5,23 @@ the project's converter first. Prompts are rendered exactly as training rendered
 (``data.encode_prompts``: the chat template's BOS and no other), so evaluation never sees a
 double BOS or another template. Backends: vLLM when installed and a GPU is present (its own
 tensor parallelism), else Hugging Face transformers (batched, left padding; CPU or GPU).
-The answer files and sampling defaults are ``answers.py``'s.
+The answer files and sampling defaults are ``answers.py``'s; the options are
+:class:`AnswersConfig`'s, and :func:`generate_answers` is the command.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
+import dataclasses
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from megatron_simpo.answers import (BENCHMARKS, SAMPLING, QuestionError, Sampling, answer_path,
-                                    answered, read_questions, write_answers)
+from megatron_simpo.answers import (SAMPLING, Benchmark, Sampling, answer_path, answered,
+                                    read_questions, write_answers)
+from megatron_simpo.flags import Command, Section, run_command
 
 
 def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
@@ -28,8 +31,8 @@ def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
     return groups
 
 
-def transformers_generator(hf_dir: str | Path, *, seed: int = 0, dtype: str = "auto",
-                           apply_chat_template: bool = True):
+def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
+                           apply_chat_template: bool):
     """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
     in the batch, prompts left-padded."""
     import torch
@@ -74,8 +77,8 @@ def transformers_generator(hf_dir: str | Path, *, seed: int = 0, dtype: str = "a
     return generate
 
 
-def vllm_generator(hf_dir: str | Path, *, seed: int = 0, tensor_parallel_size: int = 1,
-                   dtype: str = "auto", apply_chat_template: bool = True):
+def vllm_generator(hf_dir: str | Path, *, seed: int, tensor_parallel_size: int, dtype: str,
+                   apply_chat_template: bool):
     """``answers.Generate`` on vLLM, from our token ids (vLLM never re-renders the prompt)."""
     import transformers
     from vllm import LLM, SamplingParams
@@ -109,115 +112,123 @@ def pick_backend(name: str) -> str:
         "transformers"
 
 
-@contextlib.contextmanager
-def _environment_kept(*names: str):
-    """The converter hides GPUs from its process (conversion is CPU work): keep them visible
-    for the generation that follows in this one."""
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+@dataclass(frozen=True)
+class AnswersConfig:
+    """``megatron-simpo-generate-answers``: one benchmark's answer file from one model."""
+
+    benchmark: Benchmark
+    """the benchmark whose questions and answer format are used"""
+    questions: str
+    """the benchmark's question file (AlpacaEval: JSON list or JSONL with instruction;
+    Arena-Hard, MT-Bench: question.jsonl)"""
+    output: str
+    """AlpacaEval: the answers' JSON file; Arena-Hard / MT-Bench: the benchmark's data folder
+    (answers go to model_answer/<model-id>.jsonl)"""
+    hf: str | None = None
+    """a Hugging Face model folder (this or --load)"""
+    load: str | None = None
+    """a Megatron checkpoint (save folder or iter_ folder; this or --hf)"""
+    hf_out: str | None = None
+    """with --load: keep the exported HF folder here (default: a temporary folder, removed at
+    the end)"""
+    model_id: str | None = None
+    """the name in the answers (default: the model folder's name)"""
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """auto: vLLM where it is installed and a GPU is present, else transformers"""
+    temperature: float | None = None
+    """override"""
+    top_p: float | None = None
+    """override"""
+    max_new_tokens: int | None = None
+    """override"""
+    seed: int = 0
+    """the sampling seed"""
+    batch_size: int = 8
+    """questions per generate call"""
+    tensor_parallel_size: int = 1
+    """vLLM only"""
+    apply_chat_template: bool = True
+    """the model was trained with --no-apply-chat-template: questions are encoded as plain text
+    with the tokenizer's special tokens"""
+    dtype: str = "auto"
+    """model dtype (auto: bf16 on a GPU, fp32 on CPU for transformers; the checkpoint's for
+    vLLM)"""
+
+    def __post_init__(self) -> None:
+        if (self.hf is None) == (self.load is None):
+            raise ValueError("give one of --hf and --load")
+        for flag, value in (("--batch-size", self.batch_size),
+                            ("--max-new-tokens", self.max_new_tokens or 1),
+                            ("--tensor-parallel-size", self.tensor_parallel_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        if self.hf_out and not self.load:
+            raise ValueError("--hf-out goes with --load (it is where the checkpoint is exported)")
+
+    @property
+    def overrides(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p,
+                    max_new_tokens=self.max_new_tokens)
 
 
-def export_checkpoint(load: str | Path, out: Path) -> Path:
-    """A Megatron checkpoint (save folder or iter_ folder, any TP/PP) as an HF folder."""
-    from megatron_simpo.convert.cli import megatron_to_hf_main
+def generate_answers(config: AnswersConfig) -> Path:
+    """Write (or complete) the answer file; every input is checked before any model loads
+    (ValueError naming the flag or file)."""
+    from megatron_simpo.convert.conversion import ExportConfig, export_hf
 
-    with _environment_kept("CUDA_VISIBLE_DEVICES"):
-        megatron_to_hf_main(["--load", str(load), "--save", str(out), "--force"])
-    return out
+    backend = pick_backend(config.backend)
+    if backend == "transformers" and config.tensor_parallel_size != 1:
+        raise ValueError("--tensor-parallel-size is vLLM's: the transformers backend runs on one "
+                         "device")
+    questions = read_questions(config.benchmark, config.questions)
+    if config.hf and not (Path(config.hf) / "config.json").is_file():
+        raise ValueError(f"--hf {config.hf}: no config.json (not a Hugging Face model folder)")
+    model_id = config.model_id or Path(config.load or config.hf).resolve().name
+    # An unreadable answer file is found before any model is loaded.
+    answered(config.benchmark, answer_path(config.benchmark, config.output, model_id))
+    with contextlib.ExitStack() as stack:
+        if config.load:
+            out = config.hf_out or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="answers-hf-"))
+            hf_dir = export_hf(ExportConfig(load=config.load, save=str(out), force=True)).path
+            print(f"> exported {config.load} to {hf_dir}")
+        else:
+            hf_dir = Path(config.hf)
+        options = dict(seed=config.seed, dtype=config.dtype,
+                       apply_chat_template=config.apply_chat_template)
+        if backend == "vllm":
+            generate = vllm_generator(hf_dir, tensor_parallel_size=config.tensor_parallel_size,
+                                      **options)
+        else:
+            generate = transformers_generator(hf_dir, **options)
+        path = write_answers(config.benchmark, questions, generate, output=config.output,
+                             model_id=model_id, overrides=config.overrides,
+                             batch_size=config.batch_size)
+    print(f"> wrote {path} ({backend}, model id {model_id})")
+    return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="generate_answers",
-        description="Answer files for AlpacaEval 2, Arena-Hard and MT-Bench from a trained model")
-    parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    parser.add_argument("--questions", required=True,
-                        help="the benchmark's question file (AlpacaEval: JSON list or JSONL "
-                             "with instruction; Arena-Hard, MT-Bench: question.jsonl)")
-    parser.add_argument("--output", required=True,
-                        help="AlpacaEval: the answers' JSON file; Arena-Hard / MT-Bench: the "
-                             "benchmark's data folder (answers go to model_answer/<model-id>.jsonl)")
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--hf", help="a Hugging Face model folder")
-    model.add_argument("--load", help="a Megatron checkpoint (save folder or iter_ folder)")
-    parser.add_argument("--hf-out", help="with --load: keep the exported HF folder here "
-                                         "(default: a temporary folder, removed at the end)")
-    parser.add_argument("--model-id", help="the name in the answers (default: the model "
-                                           "folder's name)")
-    parser.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
-    parser.add_argument("--temperature", type=float,
-                        help="override (defaults: " + ", ".join(
-                            f"{b} {s.temperature}" for b, s in SAMPLING.items())
-                        + " with FastChat's per-category values)")
-    parser.add_argument("--top-p", type=float, help="override (default 1.0)")
-    parser.add_argument("--max-new-tokens", type=int, help="override (defaults: " + ", ".join(
-        f"{b} {s.max_new_tokens}" for b, s in SAMPLING.items()) + ")")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
-    parser.add_argument("--no-apply-chat-template", dest="apply_chat_template",
-                        action="store_false",
-                        help="the model was trained with --no-apply-chat-template: questions are "
-                             "encoded as plain text with the tokenizer's special tokens")
-    parser.add_argument("--dtype", default="auto",
-                        help="model dtype (auto: bf16 on a GPU, fp32 on CPU for transformers; "
-                             "the checkpoint's for vLLM)")
-    return parser
+def _sampling_defaults(what: str) -> str:
+    return ", ".join(f"{b} {getattr(s, what)}" for b, s in SAMPLING.items())
+
+
+COMMAND = Command(
+    "generate_answers",
+    "Answer files for AlpacaEval 2, Arena-Hard and MT-Bench from a trained model",
+    (Section("answers", AnswersConfig, key="config",
+             fields=tuple(f.name for f in dataclasses.fields(AnswersConfig)),
+             names={"apply_chat_template": ("--no-apply-chat-template",)},
+             notes={"temperature": f"(defaults: {_sampling_defaults('temperature')} with "
+                                   "FastChat's per-category values)",
+                    "top_p": f"(defaults: {_sampling_defaults('top_p')})",
+                    "max_new_tokens": f"(defaults: {_sampling_defaults('max_new_tokens')})"}),))
 
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens",
-                                                            args.max_new_tokens or 1),
-                        ("--tensor-parallel-size", args.tensor_parallel_size)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1")
-    if args.temperature is not None and args.temperature < 0:
-        parser.error("--temperature must be >= 0")
-    backend = pick_backend(args.backend)
-    if backend == "transformers" and args.tensor_parallel_size != 1:
-        parser.error("--tensor-parallel-size is vLLM's: the transformers backend runs on one "
-                     "device")
-    if args.hf_out and not args.load:
-        parser.error("--hf-out goes with --load (it is where the checkpoint is exported)")
-    try:
-        questions = read_questions(args.benchmark, args.questions)
-    except QuestionError as error:
-        parser.error(str(error))
-    if args.hf and not (Path(args.hf) / "config.json").is_file():
-        parser.error(f"--hf {args.hf}: no config.json (not a Hugging Face model folder)")
-    model_id = args.model_id or Path(args.load or args.hf).resolve().name
-    try:  # an unreadable answer file is found before any model is loaded
-        answered(args.benchmark, answer_path(args.benchmark, args.output, model_id))
-    except QuestionError as error:
-        parser.error(str(error))
-    with contextlib.ExitStack() as stack:
-        if args.load:
-            out = Path(args.hf_out) if args.hf_out else Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="answers-hf-")))
-            hf_dir = export_checkpoint(args.load, out)
-        else:
-            hf_dir = Path(args.hf)
-        if backend == "vllm":
-            generate = vllm_generator(hf_dir, seed=args.seed, dtype=args.dtype,
-                                      tensor_parallel_size=args.tensor_parallel_size,
-                                      apply_chat_template=args.apply_chat_template)
-        else:
-            generate = transformers_generator(hf_dir, seed=args.seed, dtype=args.dtype,
-                                              apply_chat_template=args.apply_chat_template)
-        overrides = dict(temperature=args.temperature, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens)
-        path = write_answers(args.benchmark, questions, generate, output=args.output,
-                             model_id=model_id, overrides=overrides, batch_size=args.batch_size)
-    print(f"> wrote {path} ({backend}, model id {model_id})")
+    config = COMMAND.parse(argv)["config"]
+    run_command(COMMAND.prog, lambda: generate_answers(config))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from megatron_simpo.data import DataError, TokenizedPair
+from megatron_simpo.flags import Parser, Section, run_command
 
 FORMAT = "megatron_simpo.reference_logps/1"
 
@@ -196,30 +197,47 @@ def compute(config, output: str | Path) -> Path:
     return output
 
 
+@dataclass(frozen=True)
+class ReferenceLogpsOptions:
+    """``megatron-simpo-reference-logps``'s own options, taken out of the training command
+    line before it is parsed (the file they name does not exist yet)."""
+
+    output: str | None = None
+    """where the log-probs are written (default: --reference-logps)"""
+    reference_logps: str | None = None
+    """the training command line's file of precomputed log-probs: here, the file written"""
+
+    def __post_init__(self) -> None:
+        if not (self.output or self.reference_logps):
+            raise ValueError("give --output FILE (or the training command line's "
+                             "--reference-logps FILE)")
+
+    @property
+    def path(self) -> str:
+        return self.output or self.reference_logps
+
+
+PROG = "compute_reference_logps"
+_OPTIONS = Section("reference log-probs", ReferenceLogpsOptions, key="reference",
+                   fields=("output", "reference_logps"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``megatron-simpo-reference-logps [--output FILE] <training flags>``."""
-    from megatron_simpo.arguments import parse_args, user_error
+    from megatron_simpo import checkpointing
+    from megatron_simpo.arguments import build_parser, parse_args
 
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--output")
-    own.add_argument("--reference-logps")
+    own = Parser(prog=PROG, description=__doc__, add_help=False,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _OPTIONS.add_to(own)
     known, rest = own.parse_known_args(argv)
-    output = known.output or known.reference_logps
     if "-h" in rest or "--help" in rest:
-        print("usage: megatron-simpo-reference-logps [--output FILE] <training flags>\n\n"
-              + __doc__ + "\nThe training flags: megatron-simpo-train --help")
+        print(own.format_help() + "\n" + build_parser(PROG).format_help())
         return
-    if not output:
-        user_error("give --output FILE (or the training command line's --reference-logps FILE)")
-    config = parse_args(rest)
-    from megatron_simpo import checkpointing, runtime
-
-    try:
-        compute(config, output)
-    except (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError) as error:
-        user_error(str(error))
-    finally:
-        runtime.shutdown()
+    options = run_command(PROG, lambda: _OPTIONS.build(known))
+    config = parse_args(rest, prog=PROG)
+    run_command(PROG, lambda: compute(config, options.path), distributed=True, errors={
+        (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError): 2})
 
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes

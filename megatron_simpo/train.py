@@ -194,23 +194,16 @@ def main(argv=None) -> None:
     """CLI entry point. A user's mistake (flags, data, checkpoints, disk) ends in one
     ``train_simpo: error: ...`` line from rank 0 and exit code 2; a run that cannot go on
     (non-finite steps, unsavable weights) in one such line and exit code 3."""
-    from megatron_simpo.arguments import parse_args, user_error
+    from megatron_simpo.arguments import PROG, parse_args
+    from megatron_simpo.flags import run_command
 
     config = parse_args(argv)
-    try:
-        prepared = prepare(config)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        user_error(str(error))
+    prepared = run_command(PROG, lambda: prepare(config),
+                           errors={(ValueError, FileNotFoundError, RuntimeError): 2})
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
         die_with_parent()
-    try:
-        run(config, prepared)
-    except RunFailed as error:
-        user_error(str(error), exit_code=3)
-    except (checkpointing.CheckpointError, DataError) as error:
-        user_error(str(error))
-    finally:
-        runtime.shutdown()
+    run_command(PROG, lambda: run(config, prepared), distributed=True,
+                errors={RunFailed: 3, (checkpointing.CheckpointError, DataError): 2})
 
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes

@@ -117,3 +117,112 @@ def test_token_budget_leaves_the_micro_batch_size_to_the_plan(paths):
     assert config.check_world(4) is None  # micro-batches per rank vary
     assert TrainConfig(data=config.data, model_config_path=config.model_config_path,
                        train_iters=5).micro_batch_size == 1
+
+
+# ---- every other command: its flags from its config dataclass, one way to end ----------------
+
+def _commands():
+    from megatron_simpo import analysis, generation
+    from megatron_simpo.convert import cli
+
+    return {"convert_hf_to_megatron": cli.IMPORT, "convert_megatron_to_hf": cli.EXPORT,
+            "generate_answers": generation.COMMAND, "analyze_run": analysis.COMMAND}
+
+
+# The flag names users know, unchanged (Megatron-LM's and the tools' own).
+_FLAGS = {
+    "convert_hf_to_megatron": ["--hf-path", "--save", "--tensor-parallel-size",
+                               "--pipeline-parallel-size", "--dtype", "--force"],
+    "convert_megatron_to_hf": ["--load", "--save", "--iteration", "--dtype", "--max-shard-size",
+                               "--force", "--allow-non-finite"],
+    "generate_answers": ["--benchmark", "--questions", "--output", "--hf", "--load", "--hf-out",
+                         "--model-id", "--backend", "--temperature", "--top-p",
+                         "--max-new-tokens", "--seed", "--batch-size", "--tensor-parallel-size",
+                         "--no-apply-chat-template", "--dtype"],
+    "analyze_run": ["--output", "--reference"],
+}
+
+
+@pytest.mark.parametrize("prog", sorted(_FLAGS))
+def test_every_command_shows_its_dataclass_defaults_and_docstrings(prog):
+    command = _commands()[prog]
+    assert command.prog == prog
+    parser = command.parser()
+    actions = {action.dest: action for action in parser._actions}
+    for section in command.sections:
+        fields = {f.name: f for f in dataclasses.fields(section.cls)}
+        docs = field_docs(section.cls)
+        for name in section.fields:
+            action = actions[section.dest(name)]
+            assert docs[name] and action.help.startswith(docs[name]), (section.cls, name)
+            default = fields[name].default
+            if default not in (None, False, dataclasses.MISSING):
+                assert action.help.endswith(f"(default: {default})"), (name, action.help)
+    help_text = parser.format_help()
+    for flag in _FLAGS[prog]:
+        assert f"{flag} " in help_text or f"{flag}\n" in help_text, (prog, flag)
+
+
+def test_one_default_for_each_converter_option():
+    import inspect
+
+    from megatron_simpo.convert.conversion import ExportConfig
+    from megatron_simpo.convert.megatron_to_hf import export_rank0
+
+    config = _commands()["convert_megatron_to_hf"].parse(["--load", "a", "--save", "b"])["config"]
+    assert config == ExportConfig(load="a", save="b") and config.max_shard_size == "5GB"
+    assert all(p.default is inspect.Parameter.empty
+               for p in inspect.signature(export_rank0).parameters.values())
+
+
+def test_analysis_takes_its_run_as_a_positional_argument():
+    from megatron_simpo.analysis import AnalysisConfig
+
+    parsed = _commands()["analyze_run"].parse(["runs/a", "--reference", "r.jsonl"])
+    assert parsed["config"] == AnalysisConfig(run="runs/a", reference="r.jsonl")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give one of --hf and --load"),
+    (["--hf", "h", "--load", "l"], "give one of --hf and --load"),
+    (["--hf", "h", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--hf", "h", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--hf", "h", "--hf-out", "o"], "--hf-out goes with --load"),
+    (["--hf", "h", "--backend", "gpt"], "argument --backend: invalid choice"),
+])
+def test_answers_options_are_validated_naming_the_flag(argv, message, capsys):
+    base = ["--benchmark", "arena_hard", "--questions", "q.jsonl", "--output", "o"]
+    with pytest.raises(SystemExit) as info:
+        _commands()["generate_answers"].parse(base + argv)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("generate_answers: error: ") and message in line
+
+
+@pytest.mark.parametrize("rank, expected_lines", [("0", 1), ("1", 0)])
+def test_run_command_ends_in_one_line_from_rank_zero(capsys, monkeypatch, rank, expected_lines):
+    from megatron_simpo import runtime
+    from megatron_simpo.flags import run_command
+
+    shutdowns = []
+    monkeypatch.setattr(runtime, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setenv("RANK", rank)
+
+    def missing():
+        raise KeyError("--save x: no such key")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_command("tool", missing, errors={KeyError: 3}, distributed=True)
+    assert exit_info.value.code == 3 and shutdowns == [1]
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == expected_lines
+    if expected_lines:  # a KeyError's message, not its repr
+        assert err == "tool: error: --save x: no such key\n"
+    with pytest.raises(SystemExit) as exit_info:  # the default: a user's mistake, exit code 2
+        run_command("tool", lambda: open("/nonexistent/file"))
+    assert exit_info.value.code == 2 and shutdowns == [1]
+    if expected_lines:
+        assert capsys.readouterr().err.startswith("tool: error: [Errno 2]")
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug: its traceback
+        run_command("tool", lambda: 1 / 0, distributed=True)
+    assert run_command("tool", lambda: 7) == 7 and shutdowns == [1, 1]

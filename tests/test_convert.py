@@ -194,10 +194,21 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------
 
-def _convert_error(capsys, argv) -> str:
+def _error_line(capsys, main, argv) -> str:
+    """A refused conversion ends as every command does: exit code 2, its error on stderr."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        hf_to_megatron_main(argv)
-    return str(info.value.code)
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    prog = {cli.hf_to_megatron_main: cli.IMPORT.prog,
+            cli.megatron_to_hf_main: cli.EXPORT.prog}[getattr(main, "func", main)]
+    assert err.startswith(f"{prog}: error: ")
+    return err
+
+
+def _convert_error(capsys, argv) -> str:
+    return _error_line(capsys, hf_to_megatron_main, argv)
 
 
 def test_unsupported_architecture_is_named(tmp_path, capsys):
@@ -270,11 +281,11 @@ def test_bad_checkpoints_fail_and_publish_nothing(hf_models, converted_llama3, t
         find_checkpoint(tmp_path / "fresh")
 
 
-def test_export_refuses_a_folder_without_checkpoint(tmp_path):
+def test_export_refuses_a_folder_without_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as info:
-        megatron_to_hf_main(["--load", str(tmp_path / "empty"), "--save", str(tmp_path / "hf")])
-    assert "no checkpoint there" in str(info.value.code)
+    error = _error_line(capsys, megatron_to_hf_main,
+                        ["--load", str(tmp_path / "empty"), "--save", str(tmp_path / "hf")])
+    assert "no checkpoint there" in error
 
 
 def test_checkpoint_keys_are_the_transformer_engine_spec_names(hf_models, tmp_path):
@@ -305,23 +316,22 @@ def _save_with_nan(rank, save, hf_dir):
     checkpointing.save_model_only(save, 0, model, config)
 
 
-def test_export_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path):
+def test_export_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path, capsys):
     run_on_ranks(1, _save_with_nan, str(tmp_path / "mg"), str(hf_models["llama3"][1]))
-    with pytest.raises(SystemExit) as info:
-        megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf")])
-    assert "tensor decoder.layers.1.mlp.linear_fc2.weight holds NaN/inf values" in str(info.value.code)
+    error = _error_line(capsys, megatron_to_hf_main,
+                        ["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf")])
+    assert "tensor decoder.layers.1.mlp.linear_fc2.weight holds NaN/inf values" in error
     assert not (tmp_path / "hf").exists()
     megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf"),
                          "--allow-non-finite"])
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-def test_a_truncated_shard_is_named(converted_llama3, tmp_path):
+def test_a_truncated_shard_is_named(converted_llama3, tmp_path, capsys):
     damaged = tmp_path / "damaged"
     shutil.copytree(converted_llama3, damaged)
     [shard, *_] = sorted((damaged / "iter_0000000").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(SystemExit) as info:
-        cli.megatron_to_hf_main(["--load", str(damaged), "--save", str(tmp_path / "hf")])
-    message = str(info.value.code)
+    message = _error_line(capsys, cli.megatron_to_hf_main,
+                          ["--load", str(damaged), "--save", str(tmp_path / "hf")])
     assert f"cannot read checkpoint {damaged / 'iter_0000000'}: shard {shard.name}" in message

@@ -24,10 +24,11 @@ from megatron_simpo.model import build_model
 from megatron_simpo.parallel import ParallelConfig
 
 
-def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None = None,
-                 dtype: torch.dtype | None = None, max_shard_size: str = "5GB",
-                 allow_non_finite: bool = False) -> Path:
-    """Export; ``runtime.initialize(ParallelConfig())`` must have run (a world of one).
+def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
+                 dtype: torch.dtype | None, max_shard_size: str, allow_non_finite: bool) -> Path:
+    """Export; ``runtime.initialize(ParallelConfig())`` must have run (a world of one). The
+    options are ``conversion.ExportConfig``'s (its defaults are the only ones); ``dtype`` None
+    keeps the saved one.
 
     A tensor holding NaN/inf (a diverged run) is refused, naming it, unless
     ``allow_non_finite``; nothing is published then.
