@@ -9,6 +9,7 @@
 #
 # Each stage has its own time limit and its log goes to OUTDIR/gpu-checks.log (the tail of each is
 # echoed); a failing stage does not stop the others. The JSON reports land in OUTDIR.
+# STAGES="pytest-gpu steps": run only these stages (a rerun of part of it).
 # FALLBACK_PYTHONPATH: if the smoke stage fails (e.g. a Megatron-Core release this project does not
 # run on yet), the remaining stages run again with this PYTHONPATH instead.
 set -u
@@ -22,6 +23,7 @@ bench="python3 tools/bench_simpo.py --transformer-impl $impl"
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2 began rc
     shift 2
+    if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then return 0; fi
     began=$(date +%s)
     echo "=== $name: $*" | tee -a "$log"
     timeout "$limit" "$@" > "$out/.stage.log" 2>&1
