@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_simpo import logprob_kernels
+
 
 def _group_rank_size(group) -> tuple[int, int]:
     if group is None or not dist.is_initialized():
@@ -25,14 +27,19 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _local_slice(group, local_vocab: int, vocab_size: int) -> tuple[int, int]:
+    """(first id of this rank's vocabulary slice, how many of its entries are real)."""
+    rank, _ = _group_rank_size(group)
+    return rank * local_vocab, max(0, min(local_vocab, vocab_size - rank * local_vocab))
+
+
 def _shifted_exponentials(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, group):
     """The forward terms on one rank's slice ``logits`` [.., V_p/tp] (consumed: it becomes
     exp(z - m)): (z_label - m [..], exp(z - m), sum of exp over the whole vocabulary [..],
     m = the max over the whole vocabulary [..], local labels, whether this rank owns them)."""
-    rank, world = _group_rank_size(group)
+    _, world = _group_rank_size(group)
     local_vocab = logits.shape[-1]
-    vocab_start = rank * local_vocab
-    valid_local = max(0, min(local_vocab, vocab_size - vocab_start))
+    vocab_start, valid_local = _local_slice(group, local_vocab, vocab_size)
     if valid_local < local_vocab:
         logits[..., valid_local:] = float("-inf")  # padded vocabulary rows
     global_max = logits.max(dim=-1).values
@@ -103,6 +110,47 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             None, None, None
 
 
+def _chunk_forward(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, group
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) [c], log-sum-exp [c]) of a chunk of logits [c, V_p/tp] in any dtype
+    (consumed). Half precision on a GPU goes through the fused kernel, each rank's (max,
+    sum-exp) pair then combined over tensor-parallel ranks on [c] tensors; else fp32 torch."""
+    if not logprob_kernels.available(logits):
+        return _label_logprobs_and_lse(logits.float(), labels, vocab_size, group)
+    _, world = _group_rank_size(group)
+    vocab_start, valid_local = _local_slice(group, logits.shape[-1], vocab_size)
+    row_max, row_sum, label_logit = logprob_kernels.row_statistics(logits, labels, vocab_start,
+                                                                   valid_local)
+    if world > 1:
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        row_sum = torch.where(row_max == float("-inf"), torch.zeros_like(row_sum),
+                              row_sum * torch.exp(row_max - global_max))
+        dist.all_reduce(row_sum, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(label_logit, op=dist.ReduceOp.SUM, group=group)
+        row_max = global_max
+    lse = row_max + row_sum.log()
+    return label_logit - lse, lse
+
+
+def _chunk_gradients(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                     grad_output: torch.Tensor, vocab_size: int, group,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """d/d logits of sum(grad * log p(label)) for one chunk, ``grad * (onehot - exp(z - lse))``,
+    in ``dtype``; ``logits`` [c, V_p/tp] is consumed."""
+    vocab_start, valid_local = _local_slice(group, logits.shape[-1], vocab_size)
+    if logprob_kernels.available(logits):
+        return logprob_kernels.logit_gradients_(logits, labels, lse, grad_output, vocab_start,
+                                                valid_local).to(dtype)
+    softmax = logits.float().sub_(lse.unsqueeze(-1)).exp_()
+    if valid_local < logits.shape[-1]:
+        softmax[:, valid_local:] = 0.0  # padded vocabulary rows
+    local_labels = labels - vocab_start
+    owned = (local_labels >= 0) & (local_labels < valid_local)
+    safe_labels = torch.where(owned, local_labels, torch.zeros_like(local_labels))
+    return _grad_logits(softmax, safe_labels, owned, grad_output).to(dtype)
+
+
 def add_product_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``accumulator += a @ b`` with ``accumulator`` fp32 and ``a``, ``b`` in any float dtype.
 
@@ -134,9 +182,8 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
-            logits = (hidden[start:stop] @ weight.t()).float()
-            out[start:stop], lse[start:stop] = _label_logprobs_and_lse(
-                logits, labels[start:stop], vocab_size, group)
+            out[start:stop], lse[start:stop] = _chunk_forward(
+                hidden[start:stop] @ weight.t(), labels[start:stop], vocab_size, group)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.vocab_size, ctx.group, ctx.chunk_size = vocab_size, group, chunk_size
         return out
@@ -152,20 +199,11 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         into_main_grad = main_grad is not None and main_grad.dtype == torch.float32
         grad_weight = main_grad if into_main_grad else torch.zeros(
             weight.shape, dtype=torch.float32, device=weight.device)
-        rank, _ = _group_rank_size(ctx.group)
-        local_vocab = weight.shape[0]
-        valid_local = max(0, min(local_vocab, ctx.vocab_size - rank * local_vocab))
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
-            softmax = (hidden[start:stop] @ weight.t()).float()
-            softmax.sub_(lse[start:stop].unsqueeze(-1)).exp_()
-            if valid_local < local_vocab:
-                softmax[:, valid_local:] = 0.0  # padded vocabulary rows
-            local_labels = labels[start:stop] - rank * local_vocab
-            owned = (local_labels >= 0) & (local_labels < valid_local)
-            safe_labels = torch.where(owned, local_labels, torch.zeros_like(local_labels))
-            grad_logits = _grad_logits(softmax, safe_labels, owned,
-                                       grad_output[start:stop]).to(weight.dtype)
+            grad_logits = _chunk_gradients(hidden[start:stop] @ weight.t(), labels[start:stop],
+                                           lse[start:stop], grad_output[start:stop],
+                                           ctx.vocab_size, ctx.group, weight.dtype)
             grad_hidden[start:stop] = grad_logits @ weight
             # Accumulate in place: no [V_p/tp, h] temporary per chunk.
             add_product_(grad_weight, grad_logits.t(), hidden[start:stop])
