@@ -9,8 +9,8 @@
 #
 # Each stage has its own time limit and its log goes to OUTDIR/gpu-checks.log (the tail of each is
 # echoed); a failing stage does not stop the others. The JSON reports land in OUTDIR.
-# STAGES="pytest-gpu steps": run only these stages (a rerun of part of it); GPU_TEST_ARGS: more
-# pytest arguments for the gpu-marked tests (e.g. -k lean).
+# STAGES="pytest-gpu steps": run only these stages (a rerun of part of it); GPU_TESTS_K: a -k
+# expression selecting gpu-marked tests (e.g. "lean or varlen").
 # FALLBACK_PYTHONPATH: if the smoke stage fails (e.g. a Megatron-Core release this project does not
 # run on yet), the remaining stages run again with this PYTHONPATH instead.
 set -u
@@ -50,7 +50,7 @@ if ! smoke && [ -n "${FALLBACK_PYTHONPATH:-}" ]; then
     smoke
 fi
 
-stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests ${GPU_TEST_ARGS:-}
+stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests ${GPU_TESTS_K:+-k "$GPU_TESTS_K"}
 # The lean log-prob stage at 2,048 tokens (speed) and 16k tokens (memory), against the plain one.
 stage logprobs 45 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
     --output "$out/logprobs.json"
