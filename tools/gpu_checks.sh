@@ -52,14 +52,14 @@ fi
 
 stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests ${GPU_TESTS_K:+-k "$GPU_TESTS_K"}
 # The lean log-prob stage at 2,048 tokens (speed) and 16k tokens (memory), against the plain one.
-stage logprobs 45 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
+stage logprobs 90 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
     --output "$out/logprobs.json"
 stage logprobs-16k 60 $bench --only logprobs --vocab 128256 --seq 16384 --hidden 2048 \
     --chunk 1024 --steps 3 --warmup 1 --output "$out/logprobs-16k.json"
 # Time per micro-batch of new shape vs its FLOPs at the 4,096-token rate (one profiled step).
 stage microbatch 100 python3 tools/bench_microbatch.py --preset llama3.2-1b --tokens 1024 4096 \
     --microbatches 8 --steps 3 --warmup 2 --profile "$out" --output "$out/microbatch.json"
-stage steps 120 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
+stage steps 180 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
     --output "$out/steps.json"
 stage lengths 200 $bench --only lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
     --steps 2 --warmup 1 --output "$out/lengths.json"
