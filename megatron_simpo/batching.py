@@ -23,6 +23,9 @@ Layouts (``BatchingConfig``):
   back to back (first-fit decreasing); each sequence attends only to itself and its position ids
   restart at 0.
 
+A forward-only pass over any number of pairs (the reference log-prob pass) plans with
+``plan_forward``: the same micro-batches on one rank, the last holding what is left.
+
 Every rank computes the same plan from the same lengths, so no communication is needed.
 Lengths here are model input positions: a sequence of L tokens (prompt + response) occupies
 L - 1 positions (the last token is only a label).

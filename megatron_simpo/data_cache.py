@@ -14,6 +14,9 @@ first rank of every node whose cache (on local disk) still lacks it builds it th
 error is raised on every rank with the builder's message. Entries are written to a temporary
 folder and renamed into place, so an interrupted build never leaves a half entry behind.
 
+Rank 0 names the entries; the source's content hash is remembered in ``fingerprints.MEMO_FILE``
+beside the entries by path, size and mtime, so a warm start does not read the source again.
+
 This is the only pipeline: ``prepare_in_memory`` (``data.load_datasets``) builds the same entries
 in a temporary folder and returns the pairs as lists. The held-out split, the dropping of
 identical pairs and the counting of cuts happen once, in ``_select``, on the cached rows.
