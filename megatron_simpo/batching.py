@@ -23,6 +23,9 @@ Layouts (``BatchingConfig``):
   back to back (first-fit decreasing); each sequence attends only to itself and its position ids
   restart at 0.
 
+A forward-only pass over any number of pairs (the reference log-prob pass) plans with
+``plan_forward``: the same micro-batches on one rank, the last holding what is left.
+
 Every rank computes the same plan from the same lengths, so no communication is needed.
 Lengths here are model input positions: a sequence of L tokens (prompt + response) occupies
 L - 1 positions (the last token is only a label).
@@ -145,9 +148,20 @@ class BatchPlan:
         return [sum(mb.processed_tokens for mb in rank) for rank in self.ranks]
 
 
-def _padded(lengths: Sequence[PairLengths], multiple: int, seq_length: int) -> int:
-    """Row length of pairs run together: their longest row, rounded up, at most seq_length."""
+def row_length(lengths: Sequence[PairLengths], seq_length: int, multiple: int = 8) -> int:
+    """Row length of pairs run together: their longest row, rounded up to ``multiple``, at most
+    ``seq_length`` (the one row-length rule)."""
     return min(round_up(max(p.longest for p in lengths), multiple), seq_length)
+
+
+def _sorted_microbatches(indices: Sequence[int], length_of: dict, size: int, multiple: int,
+                         seq_length: int) -> list[Microbatch]:
+    """Pairs longest first (ties keep the given order) cut into micro-batches of ``size``
+    pairs (the last may hold fewer), each padded to its own longest row."""
+    order = sorted(indices, key=lambda i: -length_of[i].longest)
+    return [Microbatch(tuple(group), row_length([length_of[i] for i in group], seq_length,
+                                                multiple))
+            for group in (order[i:i + size] for i in range(0, len(order), size))]
 
 
 def _balanced_deal(microbatches: list[Microbatch], dp_size: int, equal_counts: bool
@@ -194,20 +208,39 @@ def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *,
                          f"{micro_batch_size} pairs on {dp_size} data-parallel ranks")
 
     def microbatch(group: Sequence[int], length: int | None = None) -> Microbatch:
-        return Microbatch(tuple(group), length or _padded([length_of[i] for i in group],
-                                                          multiple, seq_length))
+        return Microbatch(tuple(group), length or row_length([length_of[i] for i in group],
+                                                             seq_length, multiple))
 
     if config.batch_layout == "sorted":  # longest first; ties keep sampler order
-        order = sorted(indices, key=lambda i: -length_of[i].longest)
         return BatchPlan(_balanced_deal(
-            [microbatch(order[i:i + micro_batch_size])
-             for i in range(0, len(order), micro_batch_size)], dp_size, equal_counts=True), real)
+            _sorted_microbatches(indices, length_of, micro_batch_size, multiple, seq_length),
+            dp_size, equal_counts=True), real)
     # Sampler order, contiguous shards; global-max pads every row to the batch's longest.
-    length = _padded(lengths, multiple, seq_length) if config.batch_layout == "global-max" else None
+    length = row_length(lengths, seq_length, multiple) if config.batch_layout == "global-max" \
+        else None
     shards = [indices[r * per_rank:(r + 1) * per_rank] for r in range(dp_size)]
     return BatchPlan(tuple(tuple(microbatch(shard[i:i + micro_batch_size], length)
                                  for i in range(0, per_rank, micro_batch_size))
                            for shard in shards), real)
+
+
+def plan_forward(indices: Sequence[int], lengths: Sequence[PairLengths], *,
+                 micro_batch_size: int | None, config: BatchingConfig, seq_length: int,
+                 multiple: int = 8) -> tuple[Microbatch, ...]:
+    """One rank's micro-batches for a forward-only pass over any number of pairs (the
+    reference log-prob pass): under a token budget the plan of ``plan_global_batch`` on one
+    rank; otherwise ``micro_batch_size`` pairs of similar lengths each, longest first, the last
+    micro-batch holding what is left."""
+    if len(indices) != len(lengths):
+        raise ValueError("indices and lengths differ in number")
+    if not indices:
+        return ()
+    if config.token_budget:
+        return plan_global_batch(indices, lengths, dp_size=1,
+                                 micro_batch_size=micro_batch_size or 1, config=config,
+                                 seq_length=seq_length, multiple=multiple).ranks[0]
+    return tuple(_sorted_microbatches(indices, dict(zip(indices, lengths)), micro_batch_size,
+                                      multiple, seq_length))
 
 
 def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config: BatchingConfig,
@@ -216,8 +249,8 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
     are alike), then dealt to ranks largest first to the least loaded one."""
     budget = config.max_tokens_per_microbatch
 
-    def row_length(index: int) -> int:
-        return _padded([length_of[index]], multiple, seq_length)
+    def row_of(index: int) -> int:
+        return row_length([length_of[index]], seq_length, multiple)
 
     order = sorted(indices, key=lambda i: -length_of[i].longest)
     if config.pack_sequences:
@@ -225,7 +258,7 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
     else:
         groups, current = [], []
         for index in order:  # longest first: the first pair of a micro-batch sets its length
-            if current and 2 * (len(current) + 1) * row_length(current[0]) > budget:
+            if current and 2 * (len(current) + 1) * row_of(current[0]) > budget:
                 groups.append(current)
                 current = []
             current.append(index)
@@ -238,7 +271,7 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
         microbatches = [Microbatch(tuple(g), round_up(sum(length_of[i].total for i in g),
                                                       multiple), packed=True) for g in groups]
     else:
-        microbatches = [Microbatch(tuple(g), row_length(g[0])) for g in groups]
+        microbatches = [Microbatch(tuple(g), row_of(g[0])) for g in groups]
     return _balanced_deal(microbatches, dp_size, equal_counts=False)
 
 

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_simpo.batching import PairLengths, plan_forward
 from megatron_simpo.data import DataError, TokenizedPair
 from megatron_simpo.flags import Parser, Section, run_command
 
@@ -129,22 +130,13 @@ def interleaved(sums: torch.Tensor) -> torch.Tensor:
     return sums.reshape(-1)
 
 
-def _forward_microbatches(data, pairs, indices: list[int], config) -> list:
-    """Micro-batches over these pairs for a forward-only pass: the run's token budget (and
-    packing), or --micro-batch-size pairs of similar lengths each padded to its longest."""
-    from megatron_simpo.batching import Microbatch, PairLengths
-    from megatron_simpo.data import padded_length
-
-    if not indices:
-        return []
-    if config.batching.token_budget:
-        return list(data.plan(pairs, indices, config, dp_size=1).ranks[0])
-    order = sorted(indices, key=lambda i: -PairLengths.of(pairs[i]).longest)
-    size = config.micro_batch_size
-    groups = [order[start:start + size] for start in range(0, len(order), size)]
-    return [Microbatch(tuple(group), padded_length([pairs[i] for i in group],
-                                                   config.data.seq_length, data.padding_multiple))
-            for group in groups]
+def _forward_microbatches(data, pairs, indices: list[int], config) -> tuple:
+    """Micro-batches over these pairs for a forward-only pass, from the training planner
+    (``batching.plan_forward``): the run's token budget (and packing), or --micro-batch-size
+    pairs of similar lengths each padded to its longest."""
+    return plan_forward(indices, [PairLengths.of(pairs[i]) for i in indices],
+                        micro_batch_size=config.micro_batch_size, config=config.batching,
+                        seq_length=config.data.seq_length, multiple=data.padding_multiple)
 
 
 def compute(config, output: str | Path) -> Path:

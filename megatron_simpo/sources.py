@@ -18,10 +18,14 @@ carries where it came from (``file:line``, or ``source[split] row N``) for error
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_simpo.data_config import DataError
+
+FILE_KINDS = ("jsonl", "json", "parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -64,24 +68,88 @@ def kind_of(source: str) -> str:
     raise SourceError(f"{source} does not exist")
 
 
+def where_of(source: str, kind: str, split: str) -> str:
+    """How a source is named in messages: a file by its path, anything else with its split."""
+    return source if kind in FILE_KINDS else f"{source}[{split}]"
+
+
+def row_source(where: str, index: int) -> str:
+    """Where row ``index`` of a source without line numbers came from."""
+    return f"{where} row {index}"
+
+
+def rows_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),
+                 dataset_config: str | None = None):
+    """The one choice of a source's reader: (``datasets.Dataset`` with the columns prompt,
+    chosen, rejected, whether their values are JSON-encoded). JSONL is read by our own reader
+    for line numbers in errors (a ``source`` column holds ``file:line``); its values are
+    JSON-encoded so that rows of mixed shapes (a string here, messages there) make one Arrow
+    column. Rows of other sources are named by ``row_source``."""
+    if kind == "jsonl":
+        import datasets
+
+        rows = read_preference_rows(source, columns)
+        return datasets.Dataset.from_dict(
+            {"source": [row["source"] for row in rows],
+             **{name: [json.dumps(row[name]) for row in rows]
+                for name in ("prompt", "chosen", "rejected")}}), True
+    dataset, _ = open_dataset(source, kind, split=split, columns=columns,
+                              dataset_config=dataset_config)
+    return dataset, False
+
+
 def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
               dataset_config: str | None = None) -> list[dict]:
     """Rows as ``{prompt, chosen, rejected, source}`` dicts, columns mapped."""
     kind = kind_of(source)
-    if kind == "jsonl":
-        from megatron_simpo.data import read_preference_rows
+    dataset, encoded = rows_dataset(source, kind, split=split, columns=columns,
+                                    dataset_config=dataset_config)
+    where = where_of(source, kind, split)
+    return [{**{name: json.loads(row[name]) if encoded else row[name]
+                for name in ("prompt", "chosen", "rejected")},
+             "source": row["source"] if encoded else row_source(where, index)}
+            for index, row in enumerate(dataset)]
 
-        return read_preference_rows(source, columns)
-    dataset, where = open_dataset(source, kind, split=split, columns=columns,
-                                  dataset_config=dataset_config)
-    return [{**row, "source": f"{where} row {index}"} for index, row in enumerate(dataset)]
+
+def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
+    """Rows of a JSONL file, columns mapped (``ColumnMap``); every problem is reported
+    with the file and line number."""
+    columns = columns or ColumnMap()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at "
+                                 f"column {error.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object")
+            missing = [name for _, name in columns if name not in row]
+            if missing:
+                raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
+            rows.append({**{ours: row[theirs] for ours, theirs in columns}, "source": where})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
 
 
 def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),
                  dataset_config: str | None = None):
     """(``datasets.Dataset`` with exactly the columns prompt, chosen, rejected; how to name it
     in messages) for a source that ``datasets`` reads (not JSONL)."""
-    dataset, where = _open(source, kind, split, dataset_config)
+    dataset, where = open_source(source, kind, split, dataset_config)
     missing = [f"{name!r}" for _, name in columns if name not in dataset.column_names]
     if missing:
         raise SourceError(f"{where}: missing column(s) {', '.join(missing)} (has "
@@ -98,7 +166,7 @@ def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = Col
     return dataset, where
 
 
-def _open(source: str, kind: str, split: str, dataset_config: str | None):
+def open_source(source: str, kind: str, split: str, dataset_config: str | None):
     """(datasets.Dataset, how to name it) for a non-JSONL source."""
     import datasets
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from megatron_simpo.data import TokenizedPair
+from megatron_simpo.collate import TokenizedPair
 
 
 def preference_lengths(num_pairs: int, seed: int = 0, scale: float = 1.0,

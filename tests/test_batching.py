@@ -3,8 +3,8 @@ padding efficiency the layouts exist for, on SimPO-like lengths."""
 
 import pytest
 
-from megatron_simpo.batching import (BatchingConfig, PairLengths, pair_lengths,
-                                     plan_global_batch, round_up)
+from megatron_simpo.batching import (BatchingConfig, PairLengths, pair_lengths, plan_forward,
+                                     plan_global_batch, round_up, row_length)
 from megatron_simpo.synthetic import preference_lengths
 
 LAYOUTS = {
@@ -105,3 +105,25 @@ def test_refused_settings_name_their_flags():
     with pytest.raises(ValueError, match="do not split into micro-batches of 3"):
         plan_global_batch(list(range(8)), [PairLengths(4, 4)] * 8, dp_size=2,
                           micro_batch_size=3, config=BatchingConfig(), seq_length=64)
+
+
+def test_a_forward_pass_plans_any_number_of_pairs_with_the_training_rules():
+    """The reference log-prob pass: every pair once on one rank, micro-batches of similar
+    lengths (the last holds what is left) padded by the one row-length rule; under a token
+    budget exactly the training plan on one rank."""
+    lengths = _global_batches(1)[0][:45]
+    indices = [3 * i for i in range(45)]
+    plan = plan_forward(indices, lengths, micro_batch_size=4, config=BatchingConfig(),
+                        seq_length=2048)
+    assert [len(mb.pairs) for mb in plan] == [4] * 11 + [1]
+    assert sorted(i for mb in plan for i in mb.pairs) == indices
+    length_of = dict(zip(indices, lengths))
+    longest = [length_of[mb.pairs[0]].longest for mb in plan]
+    assert longest == sorted(longest, reverse=True)
+    assert all(mb.length == row_length([length_of[i] for i in mb.pairs], 2048)
+               for mb in plan)
+    budget = BatchingConfig(max_tokens_per_microbatch=4096)
+    assert plan_forward(indices, lengths, micro_batch_size=None, config=budget,
+                        seq_length=2048) == plan_global_batch(
+        indices, lengths, dp_size=1, micro_batch_size=1, config=budget, seq_length=2048).ranks[0]
+    assert plan_forward([], [], micro_batch_size=4, config=budget, seq_length=2048) == ()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_simpo.data import (DataConfig, PairSampler, TokenizedPair, collate_pairs,
-                                 load_datasets, read_preference_rows, tokenize_rows)
+                                 load_datasets, read_preference_rows)
 from megatron_simpo.tiny import build_tokenizer
 
 
@@ -25,8 +25,9 @@ def _config(path, **kw):
 
 
 def _tokenize(tokenizer, tmp_path, rows, **kw):
+    """The training pairs of ``rows`` written as a JSONL file (the one data path)."""
     path = _write(tmp_path / "d.jsonl", rows)
-    return tokenize_rows(read_preference_rows(path), tokenizer, _config(path, **kw))
+    return load_datasets(_config(path, **kw), tokenizer, seed=0)[0]
 
 
 def test_chat_template_applied_and_response_is_the_assistant_turn(tokenizer, tmp_path):
@@ -131,11 +132,10 @@ def test_identical_pairs_are_dropped_or_refused(tokenizer, tmp_path):
             {"prompt": "r", "chosen": "x" * 80 + "1", "rejected": "x" * 80 + "2"}]
     path = _write(tmp_path / "d.jsonl", rows)
     dropped = []
-    pairs = tokenize_rows(read_preference_rows(path), tokenizer, _config(path), dropped)
+    pairs = load_datasets(_config(path), tokenizer, 0, dropped)[0]
     assert len(pairs) == 1 and dropped == [f"{path}:1", f"{path}:3"]
     with pytest.raises(ValueError, match=rf"{path}:1: chosen and rejected are the same tokens"):
-        tokenize_rows(read_preference_rows(path), tokenizer,
-                      _config(path, identical_pairs="refuse"))
+        load_datasets(_config(path, identical_pairs="refuse"), tokenizer, 0)
 
 
 def test_truncations_are_counted_and_lengths_summarised(tokenizer, tmp_path):
@@ -146,7 +146,7 @@ def test_truncations_are_counted_and_lengths_summarised(tokenizer, tmp_path):
             {"prompt": "hi", "chosen": "ab", "rejected": "c"}]
     path = _write(tmp_path / "d.jsonl", rows)
     cut = {"prompts": 0, "responses": 0}
-    pairs = tokenize_rows(read_preference_rows(path), tokenizer, _config(path), None, cut)
+    pairs = load_datasets(_config(path), tokenizer, 0, None, cut)[0]
     assert cut == {"prompts": 1, "responses": 1}
     assert len(pairs[0].prompt) == 40 and len(pairs[1].prompt) + len(pairs[1].chosen) == 64
     prompts = sorted(len(p.prompt) for p in pairs)

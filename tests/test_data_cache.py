@@ -271,3 +271,34 @@ def test_a_hub_name_is_read_offline_from_the_local_cache(data, tmp_path, monkeyp
     again = prepare_data(hub, tokenizer, data / "tokenizer", seed=5)  # the same fingerprint
     assert all(m.startswith("> data: reusing") for m in again.messages)
     assert again.fingerprint == prepared.fingerprint
+
+
+def test_a_warm_start_does_not_hash_the_source_again(data, tmp_path, monkeypatch):
+    """Content hashes are remembered beside the cache by (path, size, mtime): an unchanged
+    source is not hashed again; one whose modification time changed is."""
+    import os
+
+    from megatron_simpo import fingerprints
+
+    source = tmp_path / "train.jsonl"
+    source.write_bytes((data / "train.jsonl").read_bytes())
+    config = _config(data, tmp_path, train=str(source))
+    tokenizer = build_tokenizer()
+    hashed = []
+    real = fingerprints._hash_files
+
+    def counting(root, files):
+        hashed.append(root)
+        return real(root, files)
+
+    monkeypatch.setattr(fingerprints, "_hash_files", counting)
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert source in hashed and (tmp_path / "cache" / fingerprints.MEMO_FILE).is_file()
+    hashed.clear()
+    again = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert hashed == [] and again.fingerprint == first.fingerprint
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched
+    touched = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert hashed == [source] and touched.fingerprint == first.fingerprint
+    assert all(m.startswith("> data: reusing tokenized") for m in touched.messages)
