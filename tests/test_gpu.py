@@ -181,6 +181,19 @@ def test_bf16_logprobs_match_fp32():
         assert mean <= 0.01, errors
 
 
+def _gpu_pairs(vocab: int):
+    """Four random pairs (prompts 4-23 tokens, responses 8-39) and the positions they fill
+    packed."""
+    g = torch.Generator().manual_seed(1)
+
+    def ids(low, high):
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    pairs = [TokenizedPair(ids(4, 24), ids(8, 40), ids(8, 40)) for _ in range(4)]
+    return pairs, sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+
+
 def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
     """Per-sequence summed log-probs of the same pairs through Transformer Engine, padded rows
     vs one THD-packed row (and the local spec's packed row with its explicit mask)."""
@@ -188,22 +201,14 @@ def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
 
     from megatron_simpo import runtime
     from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.data import TokenizedPair, collate_packed
+    from megatron_simpo.data import collate_packed
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import _forward, _policy_logp_sums
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
     runtime.initialize(parallel, seed=0, model_config=config)
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
-    g = torch.Generator().manual_seed(1)
-
-    def ids(low, high):
-        return torch.randint(0, config.vocab_size, (int(torch.randint(low, high, (1,),
-                                                                      generator=g)),),
-                             generator=g).tolist()
-
-    pairs = [TokenizedPair(ids(4, 24), ids(8, 40), ids(8, 40)) for _ in range(4)]
-    used = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+    pairs, used = _gpu_pairs(config.vocab_size)
     length = -(-used // 64) * 64
     padded = collate_pairs(pairs, SEQ).to(torch.device("cuda"))
     thd = collate_packed(pairs, length, attention_mask=False).to(torch.device("cuda"))
@@ -295,21 +300,13 @@ def _local_packed_logps(rank, hf_state, hf_config):
     from megatron_simpo import runtime
     from megatron_simpo.architecture import ModelConfig
     from megatron_simpo.attention import uses_varlen
-    from megatron_simpo.data import TokenizedPair, collate_packed
+    from megatron_simpo.data import collate_packed
     from megatron_simpo.parallel import ParallelConfig
     from megatron_simpo.step import _forward, _policy_logp_sums
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
     runtime.initialize(parallel, seed=0, model_config=config)
-    g = torch.Generator().manual_seed(1)
-
-    def ids(low, high):
-        return torch.randint(0, config.vocab_size, (int(torch.randint(low, high, (1,),
-                                                                      generator=g)),),
-                             generator=g).tolist()
-
-    pairs = [TokenizedPair(ids(4, 24), ids(8, 40), ids(8, 40)) for _ in range(4)]
-    used = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+    pairs, used = _gpu_pairs(config.vocab_size)
     padded = collate_pairs(pairs, SEQ).to(torch.device("cuda"))
     packed = collate_packed(pairs, -(-used // 64) * 64).to(torch.device("cuda"))
     sums = {}
