@@ -11,7 +11,7 @@ import pytest
 
 from tests import multiprocess
 
-# Tokenized-data caches (megatron_simpo.data_cache's default place) and datasets' own cache go
+# Tokenized-data caches (megatron_simpo.data.cache's default place) and datasets' own cache go
 # to a folder of this test session, never to the user's ~/.cache; ranks spawned later inherit it.
 _CACHE_HOME = tempfile.mkdtemp(prefix="megatron-simpo-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE_HOME

@@ -7,7 +7,7 @@ and the suite saves the start-up of Python, torch and Megatron-Core in every ran
 
 import atexit
 
-from megatron_simpo import launch
+from megatron_simpo.distributed import launch
 
 _WORLDS: dict[int, launch.LocalWorld] = {}
 # A call that leaves a model alive keeps its gloo groups' threads polling (about 0.05% of a

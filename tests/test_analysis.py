@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from megatron_simpo.analysis import main, ranks, spearman, summarize
+from megatron_simpo.evaluation.analysis import main, ranks, spearman, summarize
 
 
 def _fake_run(folder, seed=0, pairs=40):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_simpo.answers import (MT_BENCH_TEMPERATURE, QuestionError, read_questions,
-                                    write_answers)
+from megatron_simpo.evaluation.answers import (MT_BENCH_TEMPERATURE, QuestionError, read_questions,
+                                               write_answers)
 
 ALPACA = [{"instruction": "Name a colour.", "dataset": "helpful_base"},
           {"instruction": "Count to three.", "dataset": "oasst"},
@@ -140,9 +140,9 @@ def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path
     import transformers
 
     from megatron_simpo.convert import cli
-    from megatron_simpo.data import encode_prompts
-    from megatron_simpo.generation import main
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.data.tokenization import encode_prompts
+    from megatron_simpo.evaluation.generation import main
+    from megatron_simpo.model.tiny import write_default
 
     tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)
     config = transformers.AutoConfig.from_pretrained(tiny["config"])
@@ -187,8 +187,8 @@ def test_vllm_backend_writes_greedy_answers(tmp_path):
         pytest.skip("needs a CUDA GPU")
     import transformers
 
-    from megatron_simpo.generation import main
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.evaluation.generation import main
+    from megatron_simpo.model.tiny import write_default
 
     tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatron_simpo.architecture import ModelConfig, hf_config_dict, hf_config_dtype
+from megatron_simpo.model.architecture import ModelConfig, hf_config_dict, hf_config_dtype
 from tests.tiny import ARCHITECTURES, tiny_hf_config
 
 
@@ -74,7 +74,7 @@ def test_architecture_imports_no_megatron():
     import subprocess
     import sys
 
-    code = ("import sys, megatron_simpo.architecture, megatron_simpo.flops; "
+    code = ("import sys, megatron_simpo.model.architecture, megatron_simpo.model.flops; "
             "print(sorted(m for m in sys.modules if m.startswith('megatron.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

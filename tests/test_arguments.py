@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 
-from megatron_simpo.arguments import SECTIONS, build_parser, parse_args
-from megatron_simpo.config import TrainConfig
-from megatron_simpo.data import DataConfig
-from megatron_simpo.flags import Section, check_coverage, field_docs
-from megatron_simpo.losses import LossConfig
-from megatron_simpo.optimizer import OptimizerSettings
-from megatron_simpo.parallel import ParallelConfig
+from megatron_simpo.cli.arguments import SECTIONS, build_parser, parse_args
+from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.data.config import DataConfig
+from megatron_simpo.cli.flags import Section, check_coverage, field_docs
+from megatron_simpo.training.losses import LossConfig
+from megatron_simpo.training.optimizer import OptimizerSettings
+from megatron_simpo.distributed.parallel import ParallelConfig
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_token_budget_leaves_the_micro_batch_size_to_the_plan(paths):
 # ---- every other command: its flags from its config dataclass, one way to end ----------------
 
 def _commands():
-    from megatron_simpo import analysis, generation
+    from megatron_simpo.evaluation import analysis, generation
     from megatron_simpo.convert import cli
 
     return {"convert_hf_to_megatron": cli.IMPORT, "convert_megatron_to_hf": cli.EXPORT,
@@ -176,7 +176,7 @@ def test_one_default_for_each_converter_option():
 
 
 def test_analysis_takes_its_run_as_a_positional_argument():
-    from megatron_simpo.analysis import AnalysisConfig
+    from megatron_simpo.evaluation.analysis import AnalysisConfig
 
     parsed = _commands()["analyze_run"].parse(["runs/a", "--reference", "r.jsonl"])
     assert parsed["config"] == AnalysisConfig(run="runs/a", reference="r.jsonl")
@@ -201,8 +201,8 @@ def test_answers_options_are_validated_naming_the_flag(argv, message, capsys):
 
 @pytest.mark.parametrize("rank, expected_lines", [("0", 1), ("1", 0)])
 def test_run_command_ends_in_one_line_from_rank_zero(capsys, monkeypatch, rank, expected_lines):
-    from megatron_simpo import runtime
-    from megatron_simpo.flags import run_command
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.cli.flags import run_command
 
     shutdowns = []
     monkeypatch.setattr(runtime, "shutdown", lambda: shutdowns.append(1))

@@ -12,11 +12,11 @@ def _compare(rank, hf_config, tp, masked):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.attention import SDPAttention
-    from megatron_simpo.model import transformer_config
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.attention import SDPAttention
+    from megatron_simpo.model.builder import transformer_config
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config = ModelConfig.from_hf_config(hf_config)
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
@@ -58,11 +58,11 @@ def test_sdpa_attention_equals_megatron_local_attention(tp, masked):
 def _refused(rank, hf_config):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.attention import SDPAttention
-    from megatron_simpo.model import transformer_config
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.attention import SDPAttention
+    from megatron_simpo.model.builder import transformer_config
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config = ModelConfig.from_hf_config(hf_config)
     runtime.initialize(ParallelConfig(), seed=0, model_config=config)

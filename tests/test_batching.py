@@ -3,9 +3,9 @@ padding efficiency the layouts exist for, on SimPO-like lengths."""
 
 import pytest
 
-from megatron_simpo.batching import (BatchingConfig, PairLengths, pair_lengths, plan_forward,
-                                     plan_global_batch, round_up, row_length)
-from megatron_simpo.synthetic import preference_lengths
+from megatron_simpo.data.batching import (BatchingConfig, PairLengths, pair_lengths, plan_forward,
+                                          plan_global_batch, round_up, row_length)
+from megatron_simpo.data.synthetic import preference_lengths
 
 LAYOUTS = {
     "global-max": (BatchingConfig(batch_layout="global-max"), 2),

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_simpo.checkpointing import load_model_state
+from megatron_simpo.checkpoint.checkpointing import load_model_state
 
 
 class _WithExtraState(torch.nn.Module):

@@ -21,7 +21,7 @@ SEQ = 64
 
 
 def _save_hf(model, path: Path) -> Path:
-    from megatron_simpo.tiny import build_tokenizer
+    from megatron_simpo.model.tiny import build_tokenizer
 
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
@@ -50,11 +50,12 @@ def _megatron_logits(model, tokens):
 def _convert_and_run(rank, tp, pp, cases, out_dir):
     from megatron.core import parallel_state as ps
 
-    from megatron_simpo import checkpointing, runtime
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.distributed import runtime
     from megatron_simpo.convert.hf_to_megatron import convert_rank
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.model import build_model
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.builder import build_model
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     runtime.initialize(parallel, seed=0)
@@ -140,16 +141,17 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
 
 
 def _train_two_steps(rank, argv):
-    from megatron_simpo.arguments import parse_args
-    from megatron_simpo.train import run
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.loop import run
 
     run(parse_args(argv))
 
 
 def _trained_logits(rank, load, tokens):
-    from megatron_simpo import checkpointing, runtime
-    from megatron_simpo.model import build_model
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.builder import build_model
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     runtime.initialize(ParallelConfig(tensor_model_parallel_size=2))
     checkpoint = checkpointing.find_checkpoint(load)
@@ -162,7 +164,7 @@ def _trained_logits(rank, load, tokens):
 def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
     import transformers
 
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.model.tiny import write_default
 
     tiny = write_default(tmp_path / "tiny", train_pairs=64, valid_pairs=8)
     argv = ["--model-config", str(tiny["config"]), "--tokenizer", str(tiny["tokenizer"]),
@@ -265,7 +267,7 @@ def converted_llama3(hf_models, tmp_path_factory):
 ])
 def test_bad_checkpoints_fail_and_publish_nothing(hf_models, converted_llama3, tmp_path, capsys,
                                                  how, message):
-    from megatron_simpo.checkpointing import find_checkpoint
+    from megatron_simpo.checkpoint.checkpointing import find_checkpoint
 
     src = _broken_copy(hf_models["llama3"][1], tmp_path / "hf", how)
     # Over an existing valid checkpoint, with --force: a failure must leave it intact.
@@ -293,7 +295,7 @@ def test_checkpoint_keys_are_the_transformer_engine_spec_names(hf_models, tmp_pa
     checkpoint loads into either spec; pin that, since the converter relies on it."""
     from megatron.core import dist_checkpointing
 
-    from megatron_simpo.checkpointing import find_checkpoint
+    from megatron_simpo.checkpoint.checkpointing import find_checkpoint
 
     hf_to_megatron_main(["--hf-path", str(hf_models["llama3"][1]), "--save", str(tmp_path / "mg")])
     keys = set(dist_checkpointing.load_tensors_metadata(str(find_checkpoint(tmp_path / "mg"))))
@@ -303,10 +305,11 @@ def test_checkpoint_keys_are_the_transformer_engine_spec_names(hf_models, tmp_pa
 
 
 def _save_with_nan(rank, save, hf_dir):
-    from megatron_simpo import checkpointing, runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.model import build_model
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.builder import build_model
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config = ModelConfig.from_hf_config(hf_dir)
     runtime.initialize(ParallelConfig(), seed=0)

@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
-from megatron_simpo.data import (DataConfig, PairSampler, TokenizedPair, collate_pairs,
-                                 load_datasets, read_preference_rows)
-from megatron_simpo.tiny import build_tokenizer
+from megatron_simpo.data.config import DataConfig
+from megatron_simpo.data.sampler import PairSampler
+from megatron_simpo.data.collate import TokenizedPair, collate_pairs
+from megatron_simpo.data.loading import load_datasets
+from megatron_simpo.data.sources import read_preference_rows
+from megatron_simpo.model.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def test_identical_pairs_are_dropped_or_refused(tokenizer, tmp_path):
 
 
 def test_truncations_are_counted_and_lengths_summarised(tokenizer, tmp_path):
-    from megatron_simpo.data import length_statistics
+    from megatron_simpo.data.pair_table import length_statistics
 
     rows = [{"prompt": "p" * 60, "chosen": "a", "rejected": "b"},      # prompt cut on the left
             {"prompt": "hi", "chosen": "a" * 80, "rejected": "b"},     # chosen cut on the right
@@ -160,7 +163,7 @@ def test_text_already_formatted_is_not_templated_again(tokenizer, tmp_path):
     """--no-apply-chat-template (NeMo-Aligner JSONL with its template baked in): the prompt is
     its own text encoded with the tokenizer's special tokens, responses get EOS; evaluation's
     prompt encoding follows the same switch."""
-    from megatron_simpo.data import encode_prompts
+    from megatron_simpo.data.tokenization import encode_prompts
 
     baked = "<extra_id_0>system\n\n<extra_id_1>user\nreverse abc\n<extra_id_1>assistant\n"
     rows = [{"prompt": baked, "chosen_response": "cba", "rejected_response": "cbb"}]

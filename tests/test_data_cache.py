@@ -7,10 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from megatron_simpo import data_cache
-from megatron_simpo.data import DataConfig, DataError, load_datasets
-from megatron_simpo.data_cache import PairTable, prepare_data
-from megatron_simpo.tiny import build_tokenizer, make_pair
+from megatron_simpo.data import cache as data_cache
+from megatron_simpo.data.config import DataConfig, DataError
+from megatron_simpo.data.loading import load_datasets
+from megatron_simpo.data.cache import PairTable, prepare_data
+from megatron_simpo.model.tiny import build_tokenizer, make_pair
 from tests.multiprocess import run_on_ranks
 
 
@@ -179,7 +180,7 @@ def _prepare_on_rank(rank, config_fields, node_local):
 
     import torch.distributed as dist
 
-    from megatron_simpo.data import DataConfig, DataError
+    from megatron_simpo.data.config import DataConfig, DataError
 
     dist.init_process_group("gloo")  # as runtime.initialize does before the data is read
 
@@ -278,7 +279,7 @@ def test_a_warm_start_does_not_hash_the_source_again(data, tmp_path, monkeypatch
     source is not hashed again; one whose modification time changed is."""
     import os
 
-    from megatron_simpo import fingerprints
+    from megatron_simpo.data import fingerprints
 
     source = tmp_path / "train.jsonl"
     source.write_bytes((data / "train.jsonl").read_bytes())

@@ -3,9 +3,9 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_simpo.flops import (bf16_peak_flops, decoder_forward_flops, output_layer_flops,
-                                  step_flops)
-from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.model.flops import (bf16_peak_flops, decoder_forward_flops, output_layer_flops,
+                                        step_flops)
+from megatron_simpo.model.architecture import ModelConfig
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
 

@@ -8,7 +8,7 @@ process (one rank, NCCL) so Megatron's global parallel state never leaks between
 import pytest
 import torch
 
-from megatron_simpo.data import TokenizedPair, collate_pairs
+from megatron_simpo.data.collate import TokenizedPair, collate_pairs
 from tests.multiprocess import run_on_ranks
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
@@ -45,9 +45,9 @@ def _batch(vocab: int, pairs: int = 8, seed: int = 0):
 
 def _build(hf_state, config, parallel, transformer_impl, dtype, tmp_dir=None, **overrides):
     """A GPTModel of either spec holding the HF weights (through a dist checkpoint for TE)."""
-    from megatron_simpo import checkpointing
+    from megatron_simpo.checkpoint import checkpointing
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.model import build_model
+    from megatron_simpo.model.builder import build_model
 
     local = build_model(config, parallel, params_dtype=dtype)
     load_rank_state(local, hf_to_megatron(hf_state, config, config.padded_vocab_size(1)), config,
@@ -70,9 +70,9 @@ def _logits(model, batch):
 
 
 def _te_matches_local(rank, hf_state, hf_config, tmp_dir):
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
     runtime.initialize(parallel, seed=0, model_config=config)
@@ -103,14 +103,15 @@ def test_transformer_engine_spec_matches_local_spec_in_bf16(tmp_path):
 
 
 def _fp8_steps(rank, hf_state, hf_config, tmp_dir, recipe, steps):
-    from megatron_simpo import checkpointing, runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.components import build_components
-    from megatron_simpo.losses import LossConfig
-    from megatron_simpo.optimizer import OptimizerSettings
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.precision import Fp8Config, check_fp8_support
-    from megatron_simpo.step import train_step
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.precision import Fp8Config, check_fp8_support
+    from megatron_simpo.training.step import train_step
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
     runtime.initialize(parallel, seed=0, model_config=config)
@@ -137,7 +138,7 @@ def _fp8_steps(rank, hf_state, hf_config, tmp_dir, recipe, steps):
 @needs_te
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_training_step_runs_and_loss_falls(tmp_path, recipe):
-    from megatron_simpo.precision import Fp8Config, check_fp8_support
+    from megatron_simpo.model.precision import Fp8Config, check_fp8_support
 
     try:
         check_fp8_support(Fp8Config(format="hybrid", recipe=recipe))
@@ -151,7 +152,7 @@ def test_fp8_training_step_runs_and_loss_falls(tmp_path, recipe):
 
 
 def _bf16_logprobs(rank, vocab, tokens, hidden_size, chunk):
-    from megatron_simpo.logprobs import fused_output_logprobs, vocab_parallel_logprobs
+    from megatron_simpo.training.logprobs import fused_output_logprobs, vocab_parallel_logprobs
 
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, device="cuda", generator=g)
@@ -199,11 +200,11 @@ def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
     vs one THD-packed row (and the local spec's packed row with its explicit mask)."""
     from megatron.core import parallel_state
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.data import collate_packed
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.step import _forward, _policy_logp_sums
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.data.collate import collate_packed
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.step import _forward, _policy_logp_sums
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
     runtime.initialize(parallel, seed=0, model_config=config)
@@ -228,7 +229,7 @@ def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
 def test_transformer_engine_thd_packing_matches_padded_rows(tmp_path):
     """--pack-sequences on Transformer Engine: THD segments give each sequence the log-probs
     of its own padded row (bf16 rounding apart), as the local spec's masked row does."""
-    from megatron_simpo.model import check_packed_attention
+    from megatron_simpo.model.builder import check_packed_attention
 
     try:
         check_packed_attention("transformer_engine")
@@ -246,7 +247,7 @@ def test_transformer_engine_thd_packing_matches_padded_rows(tmp_path):
 def test_weight_gradient_product_in_bf16_equals_fp32_gemm():
     """The lean log-probs' weight gradient: a bf16 GEMM accumulating into fp32 on a GPU adds
     what the fp32 GEMM of the same (upcast) values adds, up to summation order."""
-    from megatron_simpo.logprobs import add_product_
+    from megatron_simpo.training.logprobs import add_product_
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()
@@ -262,7 +263,7 @@ def test_weight_gradient_product_in_bf16_equals_fp32_gemm():
 def _lean_gradients(rank, vocab, tokens, hidden_size, chunk):
     """Lean log-probs and their gradients on a GPU in bf16 (weight gradient into an fp32
     main_grad, as under DDP) and in fp32 on the CPU from the same bf16 values."""
-    from megatron_simpo.logprobs import fused_output_logprobs
+    from megatron_simpo.training.logprobs import fused_output_logprobs
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, generator=g).bfloat16()
@@ -297,12 +298,12 @@ def test_lean_logprobs_in_bf16_match_fp32_on_cpu():
 def _local_packed_logps(rank, hf_state, hf_config):
     """Summed log-probs of the same pairs on the local spec in bf16: padded rows (SDPA, flash
     first), one packed row through variable-length flash attention, and fp32 padded rows."""
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.attention import uses_varlen
-    from megatron_simpo.data import collate_packed
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.step import _forward, _policy_logp_sums
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.attention import uses_varlen
+    from megatron_simpo.data.collate import collate_packed
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.step import _forward, _policy_logp_sums
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
     runtime.initialize(parallel, seed=0, model_config=config)
@@ -325,7 +326,7 @@ def _local_packed_logps(rank, hf_state, hf_config):
 def test_local_spec_packed_rows_through_varlen_attention_match_padded_rows():
     """--pack-sequences on the local spec on a GPU: each sequence of the packed row gets the
     log-probs of its own padded row, through variable-length flash attention (no mask)."""
-    from megatron_simpo.attention import varlen_attn
+    from megatron_simpo.model.attention import varlen_attn
 
     if varlen_attn is None:
         pytest.skip("this PyTorch has no torch.nn.attention.varlen")

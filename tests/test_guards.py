@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from megatron_simpo.guards import StepHealth, finite_everywhere, json_number
+from megatron_simpo.training.guards import StepHealth, finite_everywhere, json_number
 
 
 def test_non_finite_steps_in_a_row_stop_the_run():

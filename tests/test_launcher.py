@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_assets(tmp_path_factory):
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.model.tiny import write_default
 
     root = tmp_path_factory.mktemp("assets")
     write_default(root, train_pairs=2048, valid_pairs=64, seed=11)
@@ -52,7 +52,7 @@ def demo_assets(tmp_path_factory):
 def demo_run(tmp_path_factory):
     """The demo's run through the launcher, with its run length given on the command line (400
     iterations replace the launcher's 500): (save folder, completed process)."""
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.model.tiny import write_default
 
     out = tmp_path_factory.mktemp("demo_run") / "demo"
     write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
@@ -102,7 +102,7 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
             break
         time.sleep(0.2)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "megatron_simpo.train" in " ".join(p.cmdline())]
+             if "megatron_simpo.training.loop" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
@@ -163,7 +163,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
             break
         time.sleep(0.2)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "megatron_simpo.train" in " ".join(p.cmdline())]
+             if "megatron_simpo.training.loop" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     launcher.send_signal(signal.SIGKILL)  # the torchrun agent (exec'd by the launcher script)
     launcher.communicate(timeout=60)
@@ -174,7 +174,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
 
 
 def test_launcher_reports_a_bad_flag_once(tmp_path):
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.model.tiny import write_default
 
     write_default(tmp_path / "demo" / "assets", train_pairs=64, valid_pairs=16, seed=11)
     env = dict(os.environ, MODEL="tiny", SAVE=str(tmp_path / "demo"), PYTHON=sys.executable)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_simpo.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from megatron_simpo.training.logprobs import sequence_logprobs, vocab_parallel_logprobs
 from tests.multiprocess import run_on_ranks
 
 BATCH, SEQ, PADDED_VOCAB, TRUE_VOCAB = 3, 5, 48, 41  # 7 padded ids, spread over the last ranks
@@ -29,8 +29,8 @@ def _reference(logits, labels, upstream):
 def _tp_worker(rank, tp):
     import torch.distributed as dist
 
-    from megatron_simpo import runtime
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp))
     from megatron.core import parallel_state
@@ -119,9 +119,9 @@ def _fused_reference():
 def _fused_worker(rank, tp):
     import torch.distributed as dist
 
-    from megatron_simpo import runtime
-    from megatron_simpo.logprobs import fused_output_logprobs
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.training.logprobs import fused_output_logprobs
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp))
     from megatron.core import parallel_state

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_simpo.losses import LossConfig, preference_loss
+from megatron_simpo.training.losses import LossConfig, preference_loss
 
 N = 6
 

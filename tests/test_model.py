@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.model.architecture import ModelConfig
 from tests.multiprocess import run_on_ranks
 from tests.tiny import ARCHITECTURES, tiny_hf_config, tiny_hf_model
 
@@ -13,10 +13,11 @@ SEQ = 96  # long enough for rope-base and rope-scaling mistakes to exceed the to
 def _parity_worker(rank, tp, cases):
     from megatron.core import parallel_state
 
-    from megatron_simpo import runtime
+    from megatron_simpo.distributed import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.model import build_model, check_output_mode, enable_memory_lean_logprobs
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.model.builder import (build_model, check_output_mode,
+                                              enable_memory_lean_logprobs)
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     runtime.initialize(parallel, seed=1)
@@ -70,7 +71,7 @@ def test_logits_match_hugging_face(tp):
 def test_spec_selection():
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megatron_simpo.model import layer_spec
+    from megatron_simpo.model.builder import layer_spec
 
     config = ModelConfig.from_hf_config(tiny_hf_config("llama3"))
     assert isinstance(layer_spec(config, "local"), ModuleSpec)
@@ -84,19 +85,19 @@ def test_spec_selection():
 
 
 def test_memory_lean_logprobs_flag_is_validated():
-    from megatron_simpo.model import check_output_mode
+    from megatron_simpo.model.builder import check_output_mode
 
     with pytest.raises(ValueError, match="--logprob-chunk-size must be an integer >= 0"):
         check_output_mode(object(), -1)
 
 
 def _packed_worker(rank, hf_config, hf_state, sequences):
-    from megatron_simpo import runtime
+    from megatron_simpo.distributed import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.data import TokenizedPair, collate_packed
-    from megatron_simpo.model import build_model
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.step import _forward
+    from megatron_simpo.data.collate import TokenizedPair, collate_packed
+    from megatron_simpo.model.builder import build_model
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.step import _forward
 
     parallel = ParallelConfig()
     runtime.initialize(parallel, seed=1)
@@ -140,9 +141,9 @@ def _rope_worker(rank, positions):
 
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_simpo import runtime
-    from megatron_simpo.model import _rotary_at_positions
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.builder import _rotary_at_positions
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     runtime.initialize(ParallelConfig(), seed=1)  # CPU redirections for Megatron's RoPE
     rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000,

@@ -19,7 +19,7 @@ def test_pip_install_then_import_and_help_from_outside_the_repo(tmp_path):
                    check=True, capture_output=True, text=True, timeout=600)
     env = dict(os.environ, PYTHONPATH=str(target))
     imported = subprocess.run(
-        [sys.executable, "-c", "import megatron_simpo, megatron_simpo.train; "
+        [sys.executable, "-c", "import megatron_simpo, megatron_simpo.training.loop; "
                                "print(megatron_simpo.__file__, megatron_simpo.__version__)"],
         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
     location, version = imported.stdout.split()

@@ -3,9 +3,9 @@
 import pytest
 import torch.distributed as dist
 
-from megatron_simpo import runtime
-from megatron_simpo.architecture import ModelConfig
-from megatron_simpo.parallel import ParallelConfig
+from megatron_simpo.distributed import runtime
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.distributed.parallel import ParallelConfig
 from tests.tiny import tiny_hf_config
 
 MODEL = ModelConfig.from_hf_config(tiny_hf_config("llama3"))  # 4 heads, 2 groups, 4 layers
@@ -37,7 +37,7 @@ def test_data_parallel_size_is_the_remainder():
 
 
 def test_build_model_checks_sizes_too():
-    from megatron_simpo.model import build_model
+    from megatron_simpo.model.builder import build_model
 
     with pytest.raises(ValueError, match="--tensor-model-parallel-size"):
         build_model(MODEL, ParallelConfig(tensor_model_parallel_size=8))

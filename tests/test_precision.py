@@ -5,12 +5,12 @@ the sequence alignment they need, and a clear refusal where Transformer Engine o
 import pytest
 import torch
 
-from megatron_simpo.architecture import ModelConfig
-from megatron_simpo.data import TokenizedPair, padded_length
-from megatron_simpo.model import transformer_config
-from megatron_simpo.parallel import ParallelConfig
-from megatron_simpo.precision import (Fp8Config, check_fp8_support, padding_multiple,
-                                      sequence_alignment)
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.data.collate import TokenizedPair, padded_length
+from megatron_simpo.model.builder import transformer_config
+from megatron_simpo.distributed.parallel import ParallelConfig
+from megatron_simpo.model.precision import (Fp8Config, check_fp8_support, padding_multiple,
+                                            sequence_alignment)
 from tests.tiny import tiny_hf_config
 
 

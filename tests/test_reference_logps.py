@@ -13,7 +13,7 @@ from tests.test_train import _argv, _main_in_rank, _train
 def setup(tmp_path_factory):
     """The tiny default, a reference checkpoint (a short SimPO run) and its log-probs computed
     at TP2 on 2 ranks."""
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.model.tiny import write_default
 
     root = tmp_path_factory.mktemp("reference")
     tiny = write_default(root / "tiny", train_pairs=96, valid_pairs=16, seed=5)
@@ -32,7 +32,7 @@ def _compute_in_rank(rank, argv):
     import contextlib
     import io
 
-    from megatron_simpo.reference_logps import main
+    from megatron_simpo.training.reference_logps import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -94,7 +94,7 @@ def test_reference_logps_from_other_data_or_another_model_are_refused(setup, tmp
 
 
 def test_reference_logps_go_with_reference_algorithms_only(setup):
-    from megatron_simpo.arguments import build_parser, config_from_namespace
+    from megatron_simpo.cli.arguments import build_parser, config_from_namespace
 
     tiny, sft, logps = setup
     with pytest.raises(ValueError, match="--reference-logps applies to --algorithm dpo, ipo, "

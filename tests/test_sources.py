@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from megatron_simpo.data import DataConfig, DataError, load_datasets
-from megatron_simpo.sources import ColumnMap, SourceError, kind_of, read_rows
-from megatron_simpo.tiny import build_tokenizer, make_pair
+from megatron_simpo.data.config import DataConfig, DataError
+from megatron_simpo.data.loading import load_datasets
+from megatron_simpo.data.sources import ColumnMap, SourceError, kind_of, read_rows
+from megatron_simpo.model.tiny import build_tokenizer, make_pair
 from tests.multiprocess import run_on_ranks
 
 
@@ -105,14 +106,14 @@ def test_bad_sources_give_one_clear_line(sources, tmp_path, monkeypatch):
 
 
 def _first_loss(rank, argv):
-    from megatron_simpo.arguments import parse_args
-    from megatron_simpo.train import run
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.loop import run
 
     return run(parse_args(argv)).losses[0]
 
 
 def test_parquet_arrow_jsonl_and_nemo_columns_train_to_the_same_first_loss(sources, tmp_path):
-    from megatron_simpo.tiny import TINY_MODEL
+    from megatron_simpo.model.tiny import TINY_MODEL
 
     config = dict(TINY_MODEL, vocab_size=len(build_tokenizer()))
     (tmp_path / "config.json").write_text(json.dumps(config))

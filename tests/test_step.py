@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_simpo.data import TokenizedPair, collate_pairs
+from megatron_simpo.data.collate import TokenizedPair, collate_pairs
 from tests.multiprocess import run_on_ranks
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
@@ -53,7 +53,7 @@ def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=
         with torch.no_grad():
             ref_total, _ = _sequence_logps(reference, batch)
     if loss_options is not None:
-        from megatron_simpo.losses import LossConfig, preference_loss
+        from megatron_simpo.training.losses import LossConfig, preference_loss
 
         config = LossConfig(**loss_options)
         refs = (ref_total[0::2], ref_total[1::2]) if config.needs_reference else (None, None)
@@ -80,18 +80,18 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
                    loss_options=None, layout=None):
     """One step on this rank's share of ``batch``: a collated batch split into equal
     micro-batches, or, with ``layout`` (micro-batch size, BatchingConfig fields), a list of
-    pairs laid out by megatron_simpo.batching as training does."""
+    pairs laid out by megatron_simpo.data.batching as training does."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_simpo import runtime
+    from megatron_simpo.distributed import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.components import build_components, release
-    from megatron_simpo.losses import LossConfig
-    from megatron_simpo.optimizer import OptimizerSettings, finish_param_sync
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.step import train_step
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components, release
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings, finish_param_sync
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.step import train_step
 
     config = ModelConfig.from_hf_config(hf_config)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -152,8 +152,8 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
 
 def _laid_out(pairs, layout, dp_size):
     """Every rank's micro-batches of ``pairs`` under ``layout`` (micro-batch size, batching)."""
-    from megatron_simpo.batching import BatchingConfig, PairLengths, plan_global_batch
-    from megatron_simpo.data import collate_microbatch
+    from megatron_simpo.data.batching import BatchingConfig, PairLengths, plan_global_batch
+    from megatron_simpo.data.collate import collate_microbatch
 
     micro_batch_size, batching = layout
     plan = plan_global_batch(list(range(len(pairs))), [PairLengths.of(p) for p in pairs],
@@ -293,7 +293,7 @@ def test_baseline_step_matches_single_process_reference(case):
     _compare(grads, results, hf_config, "grads", atol=1e-5)
 
 
-# Micro-batch layouts (megatron_simpo.batching) on pairs of very different lengths: each
+# Micro-batch layouts (megatron_simpo.data.batching) on pairs of very different lengths: each
 # micro-batch padded to its own longest row (sorted, balanced over ranks), a token budget
 # (pairs per micro-batch and micro-batches per rank vary) and packing (several sequences in
 # one row, block-diagonal mask, restarting positions) give the loss, gradients and update of

@@ -10,7 +10,7 @@ from tests.multiprocess import run_on_ranks
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from megatron_simpo.tiny import write_default
+    from megatron_simpo.model.tiny import write_default
 
     return write_default(tmp_path_factory.mktemp("tiny"), train_pairs=512, valid_pairs=32, seed=7)
 
@@ -34,8 +34,8 @@ def _argv(tiny, **flags):
 
 
 def _train(rank, argv):
-    from megatron_simpo.arguments import parse_args
-    from megatron_simpo.train import run
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.loop import run
 
     summary = run(parse_args(argv))
     return summary.losses, summary.evals
@@ -103,7 +103,7 @@ def _train_and_count_leftovers(rank, argv):
 
     from megatron.core.distributed import DistributedDataParallel
 
-    from megatron_simpo import runtime
+    from megatron_simpo.distributed import runtime
 
     _train(rank, argv)
     runtime.shutdown()
@@ -160,7 +160,7 @@ def easy_preference(tiny, tmp_path_factory):
     reference model of dpo, ipo and rdpo)."""
     import random
 
-    from megatron_simpo.tiny import make_pair
+    from megatron_simpo.model.tiny import make_pair
 
     root = tmp_path_factory.mktemp("easy")
     for name, count, seed in (("train", 256, 1), ("valid", 32, 2)):
@@ -209,7 +209,7 @@ def test_dpo_run_starts_at_log_2_with_the_policy_as_reference(tiny, tmp_path):
 
 
 def _main_error(capsys, monkeypatch, argv, world="1"):
-    from megatron_simpo.train import main
+    from megatron_simpo.training.loop import main
 
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("RANK", "0")
@@ -297,7 +297,7 @@ def _main_in_rank(rank, argv):
     import contextlib
     import io
 
-    from megatron_simpo.train import main
+    from megatron_simpo.training.loop import main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -332,10 +332,11 @@ def _save_zero_model(rank, save, config_path):
     """A checkpoint whose weights are all 0, as after a collapse: every gradient is exactly 0."""
     import torch
 
-    from megatron_simpo import checkpointing, runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.model import build_model
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.builder import build_model
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config = ModelConfig.from_hf_config(config_path)
     runtime.initialize(ParallelConfig(), seed=0)
@@ -355,8 +356,8 @@ def test_a_collapsed_model_is_reported(tiny, tmp_path):
 
 
 def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, monkeypatch):
-    from megatron_simpo.arguments import parse_args
-    from megatron_simpo.run_setup import prepare
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.run_setup import prepare
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     other = tmp_path / "other"
@@ -458,7 +459,9 @@ def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
     import transformers
 
     from megatron_simpo.convert import cli
-    from megatron_simpo.data import DataConfig, load_datasets, load_tokenizer
+    from megatron_simpo.data.config import DataConfig
+    from megatron_simpo.data.loading import load_datasets
+    from megatron_simpo.data.tokenization import load_tokenizer
 
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(
@@ -502,9 +505,10 @@ def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
 def _count_forward_passes(rank, runs):
     """Train each argument list, counting the model's forward passes (one per micro-batch of
     every pipeline schedule: steps, evaluations, a reference model's passes)."""
-    from megatron_simpo import runtime, step
-    from megatron_simpo.arguments import parse_args
-    from megatron_simpo.train import run
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.training import step
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.loop import run
 
     real_forward, calls = step._forward, []
 

@@ -17,11 +17,11 @@ def _run(rank, seq, batch, heads, groups, head_dim, steps, warmup):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.attention import SDPAttention
-    from megatron_simpo.model import transformer_config
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.attention import SDPAttention
+    from megatron_simpo.model.builder import transformer_config
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config = ModelConfig(vocab_size=1024, hidden_size=heads * head_dim, ffn_hidden_size=256,
                          num_layers=1, num_attention_heads=heads, num_query_groups=groups,
@@ -59,7 +59,7 @@ def _run(rank, seq, batch, heads, groups, head_dim, steps, warmup):
 
 
 def main() -> None:
-    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.distributed.launch import run_on_ranks
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,7 +40,7 @@ def write_synthetic(path: Path, config: dict, shard_size: str) -> int:
 
     from megatron_simpo.convert.hf_io import write_safetensors
     from megatron_simpo.convert.llama import expected_hf_shape, hf_names_for, megatron_names
-    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.model.architecture import ModelConfig
 
     model_config = ModelConfig.from_hf_config(config)
     names = []

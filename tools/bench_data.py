@@ -2,7 +2,7 @@
 in-memory path (every rank reads and tokenizes the whole set into Python lists).
 
 The data: ``--pairs`` synthetic pairs with SimPO's length distribution
-(``megatron_simpo.synthetic``: prompts lognormal, median ~120 tokens, tail to 1,800; responses
+(``megatron_simpo.data.synthetic``: prompts lognormal, median ~120 tokens, tail to 1,800; responses
 median ~350; cut at 2,048), as plain text of Zipf-distributed words, in a JSONL file; a BPE
 tokenizer with a ``--vocab`` vocabulary trained on it here with ``tokenizers``, with Llama-3's
 special tokens and chat template. Every measurement runs on ``--ranks`` spawned gloo ranks, as
@@ -44,7 +44,7 @@ def write_pairs(path: Path, num_pairs: int, seed: int = 0) -> None:
     """SimPO-like pairs as text: about one word per target token (BPE merges common words)."""
     import numpy as np
 
-    from megatron_simpo.synthetic import preference_lengths
+    from megatron_simpo.data.synthetic import preference_lengths
 
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -99,10 +99,13 @@ def _data_stage(rank, path, tokenizer_path, cache_dir, cached, num_proc, global_
     import psutil
     import torch.distributed as dist
 
-    from megatron_simpo.batching import BatchingConfig, PairLengths, plan_global_batch
-    from megatron_simpo.data import (DataConfig, PairSampler, collate_microbatch,
-                                     load_datasets, load_tokenizer)
-    from megatron_simpo.data_cache import prepare_data
+    from megatron_simpo.data.batching import BatchingConfig, PairLengths, plan_global_batch
+    from megatron_simpo.data.config import DataConfig
+    from megatron_simpo.data.sampler import PairSampler
+    from megatron_simpo.data.collate import collate_microbatch
+    from megatron_simpo.data.loading import load_datasets
+    from megatron_simpo.data.tokenization import load_tokenizer
+    from megatron_simpo.data.cache import prepare_data
 
     import datasets  # noqa: F401  (imports before the baseline)
 
@@ -134,7 +137,7 @@ def _data_stage(rank, path, tokenizer_path, cache_dir, cached, num_proc, global_
 
 
 def _on_ranks(ranks, *args):
-    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.distributed.launch import run_on_ranks
 
     return run_on_ranks(ranks, _data_stage, *args)
 

@@ -10,7 +10,7 @@ kinds of step are timed:
 - ``repeat``: every micro-batch has the one row length the warm-up steps already used.
 
 Time per micro-batch = step time / micro-batches (the optimizer step included, as in training).
-The report gives model TFLOP/s (megatron_simpo.flops) and, against the largest size's ``repeat``
+The report gives model TFLOP/s (megatron_simpo.model.flops) and, against the largest size's ``repeat``
 rate, how much slower than its FLOPs each kind runs: 1.0 means no fixed cost at all.
 
   python tools/bench_microbatch.py --preset llama3.2-1b --tokens 1024 4096 --profile OUT
@@ -46,7 +46,7 @@ def _microbatch(vocab: int, pairs: int, row: int, seed: int):
     """``pairs`` pairs whose rows are exactly ``row`` tokens (half prompt, half response)."""
     import torch
 
-    from megatron_simpo.data import TokenizedPair, collate_pairs
+    from megatron_simpo.data.collate import TokenizedPair, collate_pairs
 
     g = torch.Generator().manual_seed(seed)
     half = row // 2
@@ -85,14 +85,14 @@ def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, ov
          profile_dir):
     import torch
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.components import build_components
-    from megatron_simpo.flops import step_flops
-    from megatron_simpo.losses import LossConfig
-    from megatron_simpo.optimizer import OptimizerSettings
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.step import train_step
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components
+    from megatron_simpo.model.flops import step_flops
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.step import train_step
 
     config, parallel = ModelConfig.from_dict(model_dict), ParallelConfig()
     env = runtime.initialize(parallel, seed=0)
@@ -148,7 +148,7 @@ def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, ov
 
 
 def main() -> None:
-    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.distributed.launch import run_on_ranks
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,7 +17,7 @@ medians over --steps after --warmup. Prints a table of values and ratios; --outp
   python tools/bench_simpo.py --only fp8 --preset llama3.2-1b --transformer-impl transformer_engine \
       --pairs 4 --step-seq 2048 --chunk 1024 --fp8-recipe tensorwise
 
-Steps also report tokens/s, model TFLOP/s (megatron_simpo.flops: the matmuls SimPO needs, causal
+Steps also report tokens/s, model TFLOP/s (megatron_simpo.model.flops: the matmuls SimPO needs, causal
 attention, log-probs of response tokens only) and, on known GPUs, MFU against the bf16 peak.
 """
 
@@ -82,7 +82,7 @@ def _logprob_stage(rank, variant, vocab, seq, hidden_size, chunk, steps, warmup)
     """Forward + backward of the log-prob stage alone, from hidden states to d(hidden), d(W)."""
     import torch
 
-    from megatron_simpo.logprobs import fused_output_logprobs, vocab_parallel_logprobs
+    from megatron_simpo.training.logprobs import fused_output_logprobs, vocab_parallel_logprobs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -117,7 +117,7 @@ def _pairs(vocab: int, pairs: int, seq: int, seed: int):
     """``pairs`` random pairs of exactly ``seq`` tokens each side (half prompt, half response)."""
     import torch
 
-    from megatron_simpo.data import TokenizedPair
+    from megatron_simpo.data.collate import TokenizedPair
 
     g = torch.Generator().manual_seed(seed)
     half = seq // 2
@@ -152,16 +152,16 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
     """
     import torch
 
-    from megatron_simpo import runtime
-    from megatron_simpo.data import collate_pairs
-    from megatron_simpo.flops import bf16_peak_flops, step_flops
-    from megatron_simpo.losses import LossConfig
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.components import build_components
-    from megatron_simpo.optimizer import OptimizerSettings
-    from megatron_simpo.parallel import ParallelConfig
-    from megatron_simpo.precision import Fp8Config, check_fp8_support
-    from megatron_simpo.step import train_step
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.data.collate import collate_pairs
+    from megatron_simpo.model.flops import bf16_peak_flops, step_flops
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components
+    from megatron_simpo.training.optimizer import OptimizerSettings
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.precision import Fp8Config, check_fp8_support
+    from megatron_simpo.training.step import train_step
 
     config, parallel = ModelConfig.from_dict(model_dict), ParallelConfig()
     env = runtime.initialize(parallel, seed=0)
@@ -300,12 +300,12 @@ def _simpo_from_hf(model_dir, lr, chunk, initialized=lambda: None):
     import torch
     import transformers
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
-    from megatron_simpo.components import build_components
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.optimizer import OptimizerSettings
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     config, parallel = ModelConfig.from_hf_config(model_dir), ParallelConfig()
     env = runtime.initialize(parallel, seed=0, model_config=config)
@@ -329,9 +329,9 @@ def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr,
     import torch
 
     torch.set_num_threads(threads)
-    from megatron_simpo.data import TokenizedPair, collate_pairs, padded_length
-    from megatron_simpo.losses import LossConfig
-    from megatron_simpo.step import train_step
+    from megatron_simpo.data.collate import TokenizedPair, collate_pairs, padded_length
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.step import train_step
 
     start, peak = _peak_tracker()
     bases = []
@@ -357,8 +357,8 @@ def _save_random_hf_model(config, folder) -> None:
     import torch
     import transformers
 
-    from megatron_simpo.architecture import hf_config_dict
-    from megatron_simpo.tiny import build_tokenizer
+    from megatron_simpo.model.architecture import hf_config_dict
+    from megatron_simpo.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     hf_config = transformers.AutoConfig.for_model(
@@ -373,7 +373,7 @@ def _trl_comparison(args, config) -> dict:
     """Same tiny Llama, same pairs, one CPU process each: TRL's CPOTrainer vs this trainer."""
     import tempfile
 
-    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.distributed.launch import run_on_ranks
 
     beta, gamma, lr = 2.5, 1.375, 1e-5
     with tempfile.TemporaryDirectory() as tmp:
@@ -391,11 +391,11 @@ def _trl_comparison(args, config) -> dict:
 
 
 def _length_rows(num_pairs: int, scale: float, max_length: int) -> list[dict]:
-    """Plain-text pairs with SimPO-like lengths (megatron_simpo.synthetic) for the char-level
+    """Plain-text pairs with SimPO-like lengths (megatron_simpo.data.synthetic) for the char-level
     tiny tokenizer (one token per letter; TRL adds BOS to the prompt and EOS to responses)."""
     import random
 
-    from megatron_simpo.synthetic import preference_lengths
+    from megatron_simpo.data.synthetic import preference_lengths
 
     rng = random.Random(0)
     rows = []
@@ -461,10 +461,10 @@ def _layout_run(rank, model_dir, pairs, global_batch, micro, batching, seq_lengt
     import torch
 
     torch.set_num_threads(threads)
-    from megatron_simpo.batching import BatchingConfig, PairLengths, plan_global_batch
-    from megatron_simpo.data import TokenizedPair, collate_microbatch
-    from megatron_simpo.losses import LossConfig
-    from megatron_simpo.step import train_step
+    from megatron_simpo.data.batching import BatchingConfig, PairLengths, plan_global_batch
+    from megatron_simpo.data.collate import TokenizedPair, collate_microbatch
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.step import train_step
 
     config, env, parts = _simpo_from_hf(model_dir, lr, chunk)
     tokenized = [TokenizedPair(*pair) for pair in pairs]
@@ -492,7 +492,7 @@ def _lengths_comparison(args, config) -> dict:
     """Layouts on SimPO-like lengths, and TRL's CPOTrainer, on the same weights and pairs."""
     import tempfile
 
-    from megatron_simpo.launch import run_on_ranks
+    from megatron_simpo.distributed.launch import run_on_ranks
 
     beta, gamma, lr = 2.5, 1.375, 1e-6
     warmup, steps, G, micro = args.warmup, args.steps, args.global_batch, args.micro_batch
@@ -577,9 +577,9 @@ def _print_table(device: str, rows: list) -> None:
 
 
 def main() -> None:
-    from megatron_simpo.launch import run_on_ranks
-    from megatron_simpo.model import TRANSFORMER_IMPLS
-    from megatron_simpo.precision import FP8_FORMATS, FP8_RECIPES
+    from megatron_simpo.distributed.launch import run_on_ranks
+    from megatron_simpo.model.builder import TRANSFORMER_IMPLS
+    from megatron_simpo.model.precision import FP8_FORMATS, FP8_RECIPES
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -623,7 +623,7 @@ def main() -> None:
                      "Transformer Engine's)")
     import torch
 
-    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.model.architecture import ModelConfig
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}

@@ -4,8 +4,8 @@
 import inspect
 from dataclasses import dataclass
 
-from megatron_simpo.flags import Command, Section, run_command
-from megatron_simpo.tiny import write_default
+from megatron_simpo.cli.flags import Command, Section, run_command
+from megatron_simpo.model.tiny import write_default
 
 _DEFAULTS = inspect.signature(write_default).parameters  # the one place they are written
 

@@ -9,7 +9,7 @@ import sys
 
 from megatron_simpo.convert.conversion import (ConversionError, ExportConfig, ImportConfig,
                                                export_hf, import_hf)
-from megatron_simpo.flags import USER_ERRORS, Command, Section, run_command
+from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command
 
 IMPORT = Command("convert_hf_to_megatron",
                  "Hugging Face checkpoint -> Megatron distributed checkpoint for training",

@@ -116,7 +116,7 @@ def _gpus_hidden():
 def _on_ranks(run_on_ranks, world_size: int, worker, *args) -> list:
     """``run_on_ranks(world_size, worker, *args)`` on the CPU: fresh processes
     (:func:`megatron_simpo.launch.run_on_ranks`) unless a caller that keeps ranks passes its own."""
-    from megatron_simpo import launch
+    from megatron_simpo.distributed import launch
 
     with _gpus_hidden():
         try:
@@ -128,10 +128,10 @@ def _on_ranks(run_on_ranks, world_size: int, worker, *args) -> list:
 def _import_worker(rank, config: ImportConfig, model_config: dict, dtype_name: str) -> str:
     import torch
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import ModelConfig
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import ModelConfig
     from megatron_simpo.convert.hf_to_megatron import convert_rank
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     parallel = ParallelConfig(tensor_model_parallel_size=config.tensor_parallel_size,
                               pipeline_model_parallel_size=config.pipeline_parallel_size)
@@ -144,9 +144,9 @@ def _import_worker(rank, config: ImportConfig, model_config: dict, dtype_name: s
 def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
     """Convert; a bad checkpoint or layout is refused (ValueError, FileNotFoundError, KeyError
     naming the file or flag) before any rank starts."""
-    from megatron_simpo.architecture import ModelConfig, hf_config_dtype
+    from megatron_simpo.model.architecture import ModelConfig, hf_config_dtype
     from megatron_simpo.convert.hf_to_megatron import check_hf_checkpoint
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     hf_path, save = Path(config.hf_path), Path(config.save)
     model = ModelConfig.from_hf_config(hf_path)
@@ -177,10 +177,10 @@ def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
 def _export_worker(rank, config: ExportConfig) -> tuple[str, str]:
     import torch
 
-    from megatron_simpo import runtime
-    from megatron_simpo.architecture import hf_config_dtype
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.architecture import hf_config_dtype
     from megatron_simpo.convert.megatron_to_hf import export_rank0
-    from megatron_simpo.parallel import ParallelConfig
+    from megatron_simpo.distributed.parallel import ParallelConfig
 
     runtime.initialize(ParallelConfig(), seed=0)
     path = export_rank0(config.load, config.save, iteration=config.iteration,
@@ -194,7 +194,7 @@ def _export_worker(rank, config: ExportConfig) -> tuple[str, str]:
 def export_hf(config: ExportConfig, *, run_on_ranks=None) -> Converted:
     """Export (one rank, whatever the checkpoint's TP/PP); a missing checkpoint or a non-empty
     --save without --force is refused before it starts."""
-    from megatron_simpo import checkpointing
+    from megatron_simpo.checkpoint import checkpointing
 
     if config.iteration is None:
         checkpointing.find_checkpoint(config.load, "--load")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from megatron_simpo.convert.llama import expected_hf_shape
-from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.model.architecture import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",

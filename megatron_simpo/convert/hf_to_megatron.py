@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo.checkpointing import save_model_only
+from megatron_simpo.checkpoint.checkpointing import save_model_only
 from megatron_simpo.convert.hf_io import HFCheckpointReader, copy_metadata
 from megatron_simpo.convert.llama import (hf_names_for, megatron_names, megatron_tensor,
                                           split_tensor, to_global_name)
-from megatron_simpo.architecture import ModelConfig
-from megatron_simpo.model import build_model
-from megatron_simpo.parallel import ParallelConfig
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.model.builder import build_model
+from megatron_simpo.distributed.parallel import ParallelConfig
 
 
 def check_hf_checkpoint(hf_path: str | Path, config: ModelConfig) -> None:

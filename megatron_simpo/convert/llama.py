@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from megatron_simpo.architecture import ModelConfig
+from megatron_simpo.model.architecture import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo import checkpointing
-from megatron_simpo.architecture import hf_config_dict
+from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
 from megatron_simpo.convert.llama import (expected_hf_shape, hf_names_for, hf_tensors_from,
                                           megatron_names)
-from megatron_simpo.model import build_model
-from megatron_simpo.parallel import ParallelConfig
+from megatron_simpo.model.builder import build_model
+from megatron_simpo.distributed.parallel import ParallelConfig
 
 
 def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,

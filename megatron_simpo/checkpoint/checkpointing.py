@@ -1,0 +1,470 @@
+"""Checkpoints in Megatron-LM's folder layout and Megatron-Core's distributed format.
+
+    SAVE/
+      latest_checkpointed_iteration.txt     the newest complete iteration, e.g. "100"
+      iter_0000100/
+        model_config.json                   the architecture: later commands need no model flags
+        metadata.json, common.pt, *.distcp  dist checkpoint: model, optimizer, scheduler, state
+        tokenizer/, hf/                     the tokenizer (and original HF config) of these weights
+
+Distributed checkpoints are resharded on load, so a checkpoint saved at one TP/PP loads at
+another. An iteration is written to ``iter_NNNNNNN.partial`` and renamed once every rank has
+finished, and the tracker file is replaced atomically afterwards (never to an older iteration):
+an interrupted or failed save never leaves a folder that training would take as valid, nor
+touches an existing checkpoint. Failures are ``CheckpointError``s naming the folder and the
+operating system's reason, or the damaged shard.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.distributed.runtime import max_over_world
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG_FILE = "model_config.json"
+# Distributed-optimizer state in canonical per-parameter form, which reshards over TP, PP and DP
+# (Megatron-LM's choice too). The type is recorded in the checkpoint and reused when loading.
+OPTIMIZER_SHARDING_TYPE = "fully_reshardable"
+
+
+def _optimizer_metadata(sharding_type: str) -> dict:
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or written; the message names the folder (and the shard or
+    the operating system's reason)."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where training stands: what a resume needs besides weights and optimizer state."""
+
+    iteration: int
+    consumed_samples: int
+    data_fingerprint: str | None = None
+    """Identity of the training data the run read (data_cache.PreparedData.fingerprint); None
+    in checkpoints written before it was recorded."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
+    """The iteration folder a path names: a save root (its latest iteration) or an iter_ folder."""
+    path = Path(path)
+    if (path / MODEL_CONFIG_FILE).is_file() and (path / "metadata.json").is_file():
+        return path
+    tracker = path / TRACKER_FILE
+    if not tracker.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no checkpoint there (no {TRACKER_FILE} and not "
+                                f"an iter_NNNNNNN folder)")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{flag} {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
+    folder = iteration_dir(path, int(text))
+    if not (folder / "metadata.json").is_file():
+        raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
+                                f"{folder} is missing or incomplete")
+    return folder
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """The complete iterations saved under a save folder, in order."""
+    root = Path(root)
+    found = []
+    for folder in root.glob("iter_*"):
+        number = folder.name.removeprefix("iter_")
+        if number.isdigit() and (folder / "metadata.json").is_file():
+            found.append(int(number))
+    return sorted(found)
+
+
+def read_train_state(checkpoint: Path) -> TrainState | None:
+    """Where a full checkpoint stands, read without its shards (None for weights only)."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
+    return None if saved is None else _train_state(saved)
+
+
+def _train_state(saved: dict) -> TrainState:
+    """The TrainState of a checkpoint's saved "train_state" entry."""
+    return TrainState(int(saved["iteration"]), int(saved["consumed_samples"]),
+                      saved.get("data_fingerprint"))
+
+
+def read_train_iteration(checkpoint: Path) -> int | None:
+    """The iteration a full checkpoint was saved at (None for weights only)."""
+    state = read_train_state(checkpoint)
+    return None if state is None else state.iteration
+
+
+def remove_iterations_after(root: str | Path, iteration: int) -> None:
+    """What ``--overwrite`` replaces: the iterations after ``iteration`` (all of a fresh run's,
+    with its tracker; the metrics file is the loop's to trim). Rank 0 only."""
+    root = Path(root)
+    for number in saved_iterations(root):
+        if number > iteration:
+            shutil.rmtree(iteration_dir(root, number))
+    for partial in root.glob("iter_*.partial"):
+        shutil.rmtree(partial)
+    if iteration == 0:
+        (root / TRACKER_FILE).unlink(missing_ok=True)
+    elif (root / TRACKER_FILE).is_file():
+        _write_tracker(root, iteration)
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    temporary = root / (TRACKER_FILE + ".tmp")
+    temporary.write_text(f"{iteration}\n")
+    os.replace(temporary, root / TRACKER_FILE)
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's reason behind a failed write, found in the exception chain (and
+    in the per-rank failures PyTorch's distributed checkpoint collects), else its first line."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror + (f": {current.filename}" if current.filename else "")
+        pending += [current.__cause__, current.__context__,
+                    getattr(current, "exception", None), getattr(current, "exc", None)]
+        pending += list(getattr(current, "failures", {}).values() or [])
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _damaged_shards(checkpoint: Path) -> list[str]:
+    """Shard files shorter than the checkpoint's index says they are, or missing."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    except BaseException:  # no readable index either: nothing more to say
+        return []
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    damaged = []
+    for name, size in sorted(needed.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            damaged.append(f"{name} (missing)")
+        elif path.stat().st_size < size:
+            damaged.append(f"{name} ({path.stat().st_size} of {size} bytes: truncated)")
+    return damaged
+
+
+def _shard_reason(checkpoint: Path, error: BaseException) -> str:
+    """Which file of a checkpoint failed to load and why, as far as can be told."""
+    damaged = _damaged_shards(checkpoint)
+    if damaged:
+        return f"shard {', '.join(damaged)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}{': ' + lines[-1] if lines else ''}"
+
+
+def read_model_config(checkpoint: Path) -> ModelConfig:
+    return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
+
+
+def check_model_config(checkpoint: Path, expected: ModelConfig) -> None:
+    """Refuse a checkpoint of another architecture, naming the fields that differ."""
+    saved = read_model_config(checkpoint).to_dict()
+    wanted = expected.to_dict()
+    differ = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted.get(k)!r}"
+              for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differ:
+        raise ValueError(f"checkpoint {checkpoint} does not match the model: " + "; ".join(differ))
+
+
+def _rng_state_object(parallel_ranks: tuple[int, int, int], parallel_sizes: tuple[int, int, int]):
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {
+        "random": random.getstate(),
+        "np_random": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, parallel_sizes, parallel_ranks, replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np_random"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    from megatron.core import parallel_state as ps
+
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank())
+    sizes = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    return ranks, sizes
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers under a Megatron (possibly chained) optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [inner.optimizer for inner in chained if getattr(inner, "optimizer", None) is not None]
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give torch's Adam/AdamW zero state (step 0) before a checkpoint is loaded into it.
+
+    Megatron-Core's loading path reads the optimizer state's structure, including each param's
+    ``step``; its own state initialiser creates only the moments for torch's Adam (used where
+    neither Transformer Engine nor Apex is installed, e.g. on CPU). The values are overwritten
+    by the checkpoint; parameters are not touched.
+    """
+    for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                state.setdefault("step", torch.tensor(0.0))
+                state.setdefault("exp_avg", torch.zeros_like(param, memory_format=torch.preserve_format))
+                state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
+
+
+def _load_optimizer_state(optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, working around a megatron-core 0.16.1 bug with torch Adam.
+
+    With torch's Adam (no Transformer Engine/Apex, e.g. on CPU) every parameter's optimizer
+    state holds a ``step``; the distributed optimizer's "fully_reshardable" loader copies every
+    state key from the checkpoint but deliberately skips ``step`` there (it comes from the
+    param groups), so it fails with KeyError 'step'. Here the param groups (and step) are
+    loaded first and the per-parameter tensors then loaded with ``step`` set aside.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    inner = chained[0]
+    torch_state = inner.optimizer.state if getattr(inner, "optimizer", None) is not None else {}
+    if (len(chained) == 1 and isinstance(inner, DistributedOptimizer)
+            and state_dict.get("param_state_sharding_type") == "fully_reshardable"
+            and any("step" in s for s in torch_state.values())):
+        state_dict = dict(state_dict)
+        param_state = state_dict.pop("param_state")
+        state_dict.pop("param_state_sharding_type")
+        optimizer.load_state_dict(state_dict)
+        steps = {param: state.pop("step") for param, state in inner.optimizer.state.items()
+                 if "step" in state}
+        try:
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():
+                inner.optimizer.state[param]["step"] = step
+    else:
+        optimizer.load_state_dict(state_dict)
+    # Megatron restores torch Adam's step as ONE tensor shared by every parameter; torch then
+    # increments it once per parameter per step, corrupting the bias correction. Unshare it.
+    for torch_optimizer in _torch_optimizers(optimizer):
+        for state in torch_optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
+                   with_rng: bool = True,
+                   optimizer_sharding_type: str = OPTIMIZER_SHARDING_TYPE) -> dict:
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading,
+            metadata=_optimizer_metadata(optimizer_sharding_type))
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        ranks, sizes = _layout()
+        state["rng_state"] = _rng_state_object(ranks, sizes)
+    return state
+
+
+def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
+                      model_config: ModelConfig, assets: dict[str, Path] | None) -> Path:
+    """Save ``state`` into ``iter_NNNNNNN.partial``, then publish it (all ranks call this).
+
+    ``assets`` (name -> folder, e.g. the tokenizer) are copied next to the iterations once.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(save_dir)
+    final = iteration_dir(root, iteration)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    failure = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+        dist.barrier()
+        dtype = next(model.parameters()).dtype
+        state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
+        dist_checkpointing.save(state, str(partial))
+        if rank == 0:
+            model_config.save(partial / MODEL_CONFIG_FILE)
+            # The assets (tokenizer, original HF config) travel inside the iteration, so they
+            # are published, and replaced, with the weights they belong to.
+            for name, source in (assets or {}).items():
+                if source is not None and Path(source).is_dir():
+                    shutil.copytree(source, partial / name)
+    except BaseException as error:  # any rank: a full disk, a quota, a permission
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        failure = error
+    if max_over_world(0 if failure is None else 1):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        reason = _os_reason(failure) if failure is not None else "another rank failed to write"
+        raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
+                              f"{_latest_note(root)}") from failure
+    if rank == 0:
+        if final.exists():  # re-saving an iteration (--overwrite): the old folder goes only now
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        current = _tracked_iteration(root)
+        if current is None or iteration >= current:  # the tracker never moves backwards
+            _write_tracker(root, iteration)
+    dist.barrier()
+    return final
+
+
+def _tracked_iteration(root: Path) -> int | None:
+    tracker = root / TRACKER_FILE
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    return int(text) if text.isdigit() else None
+
+
+def _latest_note(root: Path) -> str:
+    latest = _tracked_iteration(root)
+    return ("nothing was published" if latest is None
+            else f"iteration {latest} stays the latest checkpoint")
+
+
+def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimizer, scheduler,
+                    model_config: ModelConfig, assets: dict[str, Path] | None = None) -> Path:
+    """Everything a resume needs: model, optimizer, scheduler, RNG, iteration and data position."""
+    _, sizes = _layout()
+    state = _sharded_state(model, optimizer, scheduler, is_loading=False)
+    state["train_state"] = {"iteration": train_state.iteration,
+                            "consumed_samples": train_state.consumed_samples,
+                            "data_fingerprint": train_state.data_fingerprint,
+                            "parallel_sizes": list(sizes),
+                            "optimizer_sharding_type": OPTIMIZER_SHARDING_TYPE}
+    return _write_checkpoint(save_dir, train_state.iteration, state, model, model_config, assets)
+
+
+def save_model_only(save_dir: str | Path, iteration: int, model, model_config: ModelConfig,
+                    assets: dict[str, Path] | None = None) -> Path:
+    """Weights only, same layout: what converters write for ``--pretrained-checkpoint``."""
+    return _write_checkpoint(save_dir, iteration, {"model": model.sharded_state_dict()}, model,
+                             model_config, assets)
+
+
+def saved_params_dtype(checkpoint: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in."""
+    from megatron.core import dist_checkpointing
+
+    info = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("checkpoint_info", {})
+    return getattr(torch, info.get("params_dtype", "float32"))
+
+
+def checkpoint_assets(checkpoint: Path) -> dict[str, Path]:
+    """Folders saved with a checkpoint (tokenizer, original HF config): inside the iteration,
+    or next to the iterations in checkpoints written before assets moved inside."""
+    found = {}
+    for name in ("tokenizer", "hf"):
+        for folder in (checkpoint / name, checkpoint.parent / name):
+            if folder.is_dir():
+                found[name] = folder
+                break
+    return found
+
+
+def load_model_state(model, state: dict, checkpoint: Path) -> None:
+    """``load_state_dict`` that requires every weight but tolerates absent ``_extra_state``.
+
+    Transformer Engine's attention core keeps an ``_extra_state`` (FP8 metadata) in its
+    ``state_dict`` but leaves it out of its sharded state dict, so no dist checkpoint carries it,
+    and a checkpoint written with the local spec has none at all; TE starts such state fresh.
+    Any other missing or unexpected tensor is an error naming it.
+    """
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{checkpoint} does not fit the model: missing {missing}, unexpected "
+                         f"{list(result.unexpected_keys)}")
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
+                    model_config: ModelConfig) -> TrainState | None:
+    """Load weights (and, when given, optimizer, scheduler, RNG and train state) from a checkpoint.
+
+    Loading at another TP/PP than saved works (dist checkpoints reshard); the RNG state is then
+    not restored, as it belongs to ranks that no longer exist. Returns the saved train state when
+    the optimizer is loaded, None for weights only.
+    """
+    from megatron.core import dist_checkpointing
+
+    check_model_config(checkpoint, model_config)
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    saved = common.get("train_state")
+    _, sizes = _layout()
+    same_layout = saved is not None and tuple(saved["parallel_sizes"]) == sizes
+    full = optimizer is not None
+    if full and saved is None:
+        raise ValueError(f"{checkpoint} holds weights only (no optimizer or train state); "
+                         f"start from it with --pretrained-checkpoint, not --load")
+    if full:
+        _materialize_adam_state(optimizer)
+    state = _sharded_state(model, optimizer if full else None, scheduler if full else None,
+                           is_loading=True, with_rng=full and same_layout,
+                           optimizer_sharding_type=(saved or {}).get("optimizer_sharding_type",
+                                                                     OPTIMIZER_SHARDING_TYPE))
+    try:
+        loaded = dist_checkpointing.load(state, str(checkpoint))
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
+                              f"{_shard_reason(checkpoint, error)}") from error
+    load_model_state(model, loaded["model"], checkpoint)
+    if not full:
+        return None
+    _load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"])
+    return _train_state(saved)

@@ -1,0 +1,196 @@
+"""Where preference rows come from: JSONL files, or anything Hugging Face ``datasets`` reads.
+
+``--train-data-path`` / ``--valid-data-path`` name one of:
+
+* a ``.jsonl`` file: read line by line here, so a bad line is reported with its number;
+* a ``.json`` file (JSON lines or one JSON array) or a ``.parquet`` file: ``datasets``'s
+  ``json`` / ``parquet`` builders;
+* a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``:
+  ``datasets.load_from_disk`` (a ``DatasetDict`` takes ``--train-split`` / ``--valid-split``);
+* a Hugging Face Hub dataset name (``princeton-nlp/llama3-ultrafeedback-armorm``) with its split
+  and ``--dataset-config``: ``datasets.load_dataset``, which honours ``HF_DATASETS_OFFLINE=1``
+  and its cache.
+
+Columns are ``prompt`` / ``chosen`` / ``rejected`` unless mapped (``--prompt-column`` etc.; e.g.
+NeMo-Aligner's ``chosen_response`` / ``rejected_response``); other columns are ignored. Every row
+carries where it came from (``file:line``, or ``source[split] row N``) for error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_simpo.data.config import DataError
+
+FILE_KINDS = ("jsonl", "json", "parquet")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class SourceError(ValueError):
+    """A data source that cannot be read; the message names it (and the row)."""
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which columns hold the prompt and the two responses."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+    def __iter__(self):
+        return iter((("prompt", self.prompt), ("chosen", self.chosen),
+                     ("rejected", self.rejected)))
+
+
+def kind_of(source: str) -> str:
+    """jsonl, json, parquet, arrow (a save_to_disk folder) or hub; refuses what is none."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
+                or (path / "state.json").is_file():
+            return "arrow"
+        raise SourceError(f"{source}: a folder, but not one written by Dataset.save_to_disk "
+                          "(no dataset_info.json / dataset_dict.json)")
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix in (".jsonl", ".json", ".parquet"):
+            return suffix[1:]
+        raise SourceError(f"{source}: unknown data file type {suffix or '(no suffix)'} "
+                          "(.jsonl, .json, .parquet, a save_to_disk folder, or a Hub dataset name)")
+    if suffix in (".jsonl", ".json", ".parquet") or "/" in source and source.startswith(("/", ".")):
+        raise SourceError(f"{source} does not exist")
+    if _HUB_NAME.match(source):
+        return "hub"
+    raise SourceError(f"{source} does not exist")
+
+
+def where_of(source: str, kind: str, split: str) -> str:
+    """How a source is named in messages: a file by its path, anything else with its split."""
+    return source if kind in FILE_KINDS else f"{source}[{split}]"
+
+
+def row_source(where: str, index: int) -> str:
+    """Where row ``index`` of a source without line numbers came from."""
+    return f"{where} row {index}"
+
+
+def rows_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),
+                 dataset_config: str | None = None):
+    """The one choice of a source's reader: (``datasets.Dataset`` with the columns prompt,
+    chosen, rejected, whether their values are JSON-encoded). JSONL is read by our own reader
+    for line numbers in errors (a ``source`` column holds ``file:line``); its values are
+    JSON-encoded so that rows of mixed shapes (a string here, messages there) make one Arrow
+    column. Rows of other sources are named by ``row_source``."""
+    if kind == "jsonl":
+        import datasets
+
+        rows = read_preference_rows(source, columns)
+        return datasets.Dataset.from_dict(
+            {"source": [row["source"] for row in rows],
+             **{name: [json.dumps(row[name]) for row in rows]
+                for name in ("prompt", "chosen", "rejected")}}), True
+    dataset, _ = open_dataset(source, kind, split=split, columns=columns,
+                              dataset_config=dataset_config)
+    return dataset, False
+
+
+def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
+              dataset_config: str | None = None) -> list[dict]:
+    """Rows as ``{prompt, chosen, rejected, source}`` dicts, columns mapped."""
+    kind = kind_of(source)
+    dataset, encoded = rows_dataset(source, kind, split=split, columns=columns,
+                                    dataset_config=dataset_config)
+    where = where_of(source, kind, split)
+    return [{**{name: json.loads(row[name]) if encoded else row[name]
+                for name in ("prompt", "chosen", "rejected")},
+             "source": row["source"] if encoded else row_source(where, index)}
+            for index, row in enumerate(dataset)]
+
+
+def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
+    """Rows of a JSONL file, columns mapped (``ColumnMap``); every problem is reported
+    with the file and line number."""
+    columns = columns or ColumnMap()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at "
+                                 f"column {error.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object")
+            missing = [name for _, name in columns if name not in row]
+            if missing:
+                raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
+            rows.append({**{ours: row[theirs] for ours, theirs in columns}, "source": where})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+
+def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),
+                 dataset_config: str | None = None):
+    """(``datasets.Dataset`` with exactly the columns prompt, chosen, rejected; how to name it
+    in messages) for a source that ``datasets`` reads (not JSONL)."""
+    dataset, where = open_source(source, kind, split, dataset_config)
+    missing = [f"{name!r}" for _, name in columns if name not in dataset.column_names]
+    if missing:
+        raise SourceError(f"{where}: missing column(s) {', '.join(missing)} (has "
+                          f"{', '.join(dataset.column_names)}; map them with --prompt-column, "
+                          "--chosen-column, --rejected-column)")
+    if len(dataset) == 0:
+        raise SourceError(f"{where}: no rows")
+    dataset = dataset.select_columns([name for _, name in columns])
+    renames = {theirs: ours for ours, theirs in columns if theirs != ours}
+    if renames:
+        # Through temporary names: a mapping may swap names (e.g. chosen <-> rejected).
+        dataset = dataset.rename_columns({theirs: f"__{ours}" for theirs, ours in renames.items()})
+        dataset = dataset.rename_columns({f"__{ours}": ours for ours in renames.values()})
+    return dataset, where
+
+
+def open_source(source: str, kind: str, split: str, dataset_config: str | None):
+    """(datasets.Dataset, how to name it) for a non-JSONL source."""
+    import datasets
+
+    try:
+        if kind in ("json", "parquet"):
+            return datasets.load_dataset(kind, data_files=source, split="train"), source
+        if kind == "arrow":
+            loaded = datasets.load_from_disk(source)
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise SourceError(f"{source}: no split {split!r} (has "
+                                      f"{', '.join(loaded)})")
+                return loaded[split], f"{source}[{split}]"
+            return loaded, source
+        return (datasets.load_dataset(source, dataset_config, split=split),
+                f"{source}[{split}]")
+    except SourceError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceError(f"cannot read {source}" + (f" (split {split!r})" if kind == "hub" else "")
+                          + f": {reason}") from None
+    except Exception as error:  # datasets raises its own types (DatasetNotFoundError, ...)
+        if type(error).__module__.startswith("datasets"):
+            reason = str(error).strip().splitlines()[0]
+            raise SourceError(f"cannot read {source}: {reason}") from None
+        raise

@@ -1,0 +1,159 @@
+"""Chat templates and tokenization: preference rows to token ids, truncated to length.
+
+A row's prompt and responses (strings, or lists of {role, content} messages) are rendered with
+the tokenizer's chat template; the response tokens are what the template adds after the
+generation prompt. The prompt loses tokens on the left (``--max-prompt-length``), the responses
+on the right (``--seq-length``). ``encode_prompts`` is shared with generation for evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_simpo.data.collate import TokenizedPair
+from megatron_simpo.data.config import DataConfig, DataError
+
+
+def _messages(value, where: str, column: str, roles: tuple[str, ...] = ()) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}] if column == "prompt" else \
+               [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                       for m in value):
+        unknown = sorted({str(m["role"]) for m in value} - set(roles)) if roles else []
+        if unknown:
+            raise DataError(f"{where}: column {column!r} has messages with unknown role(s) "
+                             f"{', '.join(map(repr, unknown))} (known: {', '.join(roles)})")
+        return list(value)
+    raise DataError(f"{where}: column {column!r} must be a string or a list of "
+                     f"{{role, content}} messages")
+
+
+def known_roles(tokenizer) -> tuple[str, ...]:
+    """Message roles a prompt may use: system, user, assistant, and tool where the chat
+    template renders tool messages."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return ("system", "user", "assistant") + (("tool",) if "tool" in template else ())
+
+
+def _response_messages(prompt: list[dict], value, where: str, column: str) -> list[dict]:
+    """The assistant turn(s) of a response; a full conversation repeating the prompt is cut."""
+    messages = _messages(value, where, column)
+    if messages[:len(prompt)] == prompt and len(messages) > len(prompt):
+        messages = messages[len(prompt):]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: column {column!r} must hold assistant message(s) after the prompt")
+    if not any(str(m["content"]).strip() for m in messages):
+        raise DataError(f"{where}: empty {column} response")
+    return messages
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One row after the chat template, tokenization and truncation, with what happened to it."""
+
+    source: str
+    """Where the row came from (file:line, or source[split] row N)."""
+    pair: TokenizedPair
+    identical: bool
+    """Chosen and rejected are the same tokens after truncation (such a pair teaches nothing)."""
+    prompt_cut: bool
+    """The prompt lost tokens on the left (--max-prompt-length)."""
+    responses_cut: int
+    """How many of the two responses lost tokens on the right (--seq-length)."""
+
+
+def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[TokenizedRow]:
+    """Apply the chat template, tokenize, and truncate: prompt from the left, response from the
+    right. Every row comes back (identical pairs flagged, not dropped); a bad row raises
+    DataError naming it.
+
+    The response tokens are what the template adds after the generation prompt (Llama-3: the
+    answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
+    tokenizer's special tokens and the response gets the EOS token appended.
+    """
+    has_template = uses_chat_template(tokenizer, config.apply_chat_template)
+    roles = known_roles(tokenizer)
+    prompts, fulls = [], []
+    for row in rows:
+        where = row["source"]
+        prompt = _messages(row["prompt"], where, "prompt", roles)
+        if not any(str(m["content"]).strip() for m in prompt):
+            raise DataError(f"{where}: empty prompt")
+        responses = [_response_messages(prompt, row[c], where, c) for c in ("chosen", "rejected")]
+        prompts.append(prompt)
+        if has_template:
+            fulls.extend(prompt + r for r in responses)
+        else:
+            fulls.extend("".join(str(m["content"]) for m in r) for r in responses)
+    if not rows:
+        return []
+    # One batched call per kind: the template is rendered far faster than row by row.
+    prompt_ids = encode_prompts(tokenizer, prompts, apply_chat_template=has_template)
+    if has_template:
+        fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
+        full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    else:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        full_ids = [ids + eos for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
+    records = []
+    for index, row in enumerate(rows):
+        prompt = prompt_ids[index]
+        answers = []
+        for offset, column in enumerate(("chosen", "rejected")):
+            full = full_ids[2 * index + offset]
+            if has_template:
+                if full[:len(prompt)] != prompt:
+                    raise DataError(f"{row['source']}: the chat template does not render the "
+                                     f"prompt as a prefix of the conversation; cannot find the "
+                                     f"{column} response tokens")
+                full = full[len(prompt):]
+            answers.append(full)
+        kept_prompt = prompt[-config.max_prompt_length:]
+        budget = config.seq_length - len(kept_prompt)
+        chosen, rejected = (answer[:budget] for answer in answers)
+        for column, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not answer:
+                raise DataError(f"{row['source']}: empty {column} response after tokenization")
+        records.append(TokenizedRow(row["source"], TokenizedPair(kept_prompt, chosen, rejected),
+                                    identical=chosen == rejected,
+                                    prompt_cut=len(kept_prompt) < len(prompt),
+                                    responses_cut=sum(len(a) > budget for a in answers)))
+    return records
+
+
+def uses_chat_template(tokenizer, apply_chat_template: bool = True) -> bool:
+    """Whether prompts are rendered with a chat template: asked for, and the tokenizer has one."""
+    return apply_chat_template and getattr(tokenizer, "chat_template", None) is not None
+
+
+def encode_prompts(tokenizer, conversations: list[list[dict]], *,
+                   apply_chat_template: bool = True) -> list[list[int]]:
+    """Token ids of prompts exactly as training sees them: the chat template with the
+    generation prompt, encoded without adding special tokens again (the template's BOS is the
+    only one); without a template (none, or not applied), the messages' text with the
+    tokenizer's special tokens. Generation for evaluation uses this too, so it never differs
+    from training."""
+    if uses_chat_template(tokenizer, apply_chat_template):
+        rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
+                                                 tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    texts = ["\n".join(str(m["content"]) for m in messages) for messages in conversations]
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def identical_pair_error(source: str, config: DataConfig) -> DataError:
+    return DataError(f"{source}: chosen and rejected are the same tokens (after truncation to "
+                     f"--seq-length {config.seq_length}); such a pair teaches nothing "
+                     "(--identical-pairs drop skips them)")
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot load tokenizer from {path}: {error}") from error
+

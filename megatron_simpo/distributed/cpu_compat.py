@@ -1,0 +1,94 @@
+"""Let Megatron-Core's real code paths run on a CPU-only machine (gloo backend).
+
+Megatron-Core hard-codes CUDA in a handful of places that are not about compute: it creates
+small bookkeeping tensors with ``device="cuda"``, asks ``torch.cuda.current_device()``, checks
+``param.type() == "torch.cuda.FloatTensor"``, saves and restores the CUDA RNG state and calls
+``torch.cuda.synchronize()``. None of that matters on CPU, so this module redirects exactly
+those calls (see docs/megatron-on-cpu.md for the list and where each one lives):
+
+* a ``TorchFunctionMode`` that rewrites ``device="cuda"`` in factory calls to the CPU, makes
+  ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` with the CUDA spelling;
+* ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` does nothing;
+* the tensor-parallel RNG tracker saves and restores the CPU generator instead of the CUDA one;
+* the default causal mask is built on the CPU. Torch function modes are thread-local, and the
+  autograd engine re-runs forward code on its own thread for activation recomputation, where the
+  mode does not reach; the mask builder is the one CUDA literal on that path.
+
+It is installed once per process by :func:`megatron_simpo.runtime.initialize` when no GPU is
+present and never on a GPU. Nothing else in the package knows about it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device requests to the CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron asserts on 'torch.cuda.FloatTensor' etc.; report the same dtype, CUDA-spelled.
+            spelled = func(*args)
+            return spelled if ".cuda." in spelled else spelled.replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+@functools.lru_cache
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """Megatron's ``get_default_causal_mask`` (True above the diagonal = masked), on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def install() -> None:
+    """Install the CPU redirections for this process (idempotent). Refused on a GPU machine."""
+    global _installed_mode
+    if _installed_mode is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("megatron_simpo.distributed.cpu_compat is for CPU-only processes; a GPU is visible.")
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.get_rng_state = _cpu_rng_state
+    torch.cuda.set_rng_state = _set_cpu_rng_state
+    torch.cuda.manual_seed = torch.manual_seed
+    tp_random._get_cuda_rng_state = _cpu_rng_state
+    tp_random._set_cuda_rng_state = _set_cpu_rng_state
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
+
+    _installed_mode = _CudaToCpuMode()
+    _installed_mode.__enter__()

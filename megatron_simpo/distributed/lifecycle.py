@@ -1,0 +1,100 @@
+"""Stopping a run cleanly: signals (Slurm preemption, time limits, Ctrl-C), a wall-clock budget,
+an iteration interval, and ranks that do not outlive their launcher.
+
+A signal reaches one rank, or all of them at slightly different moments. Each rank only notes
+it; at the next step boundary the ranks agree (one all-reduce of a small flag over the world)
+and all of them save a checkpoint, flush their metrics and exit 0 together. A second signal of
+the same kind, more than 2 s after the first, ends the process at once, as it would without this
+module (repeats within 2 s are one event: a dying parent signals once per thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+
+from megatron_simpo.distributed.runtime import max_over_world
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_REPEAT_WINDOW_S = 2.0
+# Reasons by priority: the largest code any rank reports wins (all-reduce MAX).
+_REASONS = {1: "--exit-interval reached", 2: "--exit-duration-in-mins reached",
+            3: "a stop signal (SIGTERM/SIGINT) arrived"}
+
+
+class StopRequests:
+    """Context manager: while active, SIGTERM/SIGINT are noted instead of ending the process.
+
+    Args:
+        exit_duration_in_mins: stop once the run has lasted this long (None: no limit).
+        exit_interval: stop at the first iteration that is a multiple of this (None: never).
+    """
+
+    def __init__(self, exit_duration_in_mins: float | None = None,
+                 exit_interval: int | None = None):
+        self.exit_duration_in_mins = exit_duration_in_mins
+        self.exit_interval = exit_interval
+        self.received: int | None = None
+        self._received_at = 0.0
+        self._started = time.monotonic()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequests":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in _SIGNALS:
+                self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _note(self, number: int, frame) -> None:
+        now = time.monotonic()
+        if self.received == number:
+            # One event can deliver several: a parent-death signal arrives once per thread of a
+            # dying multi-threaded parent. A repeat within a moment is that, not a second ask.
+            if now - self._received_at < _REPEAT_WINDOW_S:
+                return
+            signal.signal(number, self._previous.get(number, signal.SIG_DFL))
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), number)  # asked twice: end now, as without this handler
+            return
+        self.received, self._received_at = number, now
+        print(f"> rank {os.environ.get('RANK', '0')}: received {signal.Signals(number).name}; "
+              "saving and stopping at the next step boundary", file=sys.stderr, flush=True)
+
+    def reason(self, iteration: int) -> str | None:
+        """Agreed on by every rank (a collective: call on all ranks at the same boundary)."""
+        code = 0
+        if self.exit_interval and iteration % self.exit_interval == 0:
+            code = 1
+        if (self.exit_duration_in_mins is not None
+                and time.monotonic() - self._started >= 60.0 * self.exit_duration_in_mins):
+            code = 2
+        if self.received is not None:
+            code = 3
+        return _REASONS.get(max_over_world(code))
+
+
+def die_with_parent(number: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``number`` to this process when its parent (torchrun's agent)
+    dies, so ranks never train on unattended after a ``kill -9`` of the launcher. Linux only;
+    elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, number)
+    if os.getppid() == 1:  # the parent is already gone
+        os.kill(os.getpid(), number)

@@ -1,0 +1,81 @@
+"""Parallel layout of a run: tensor- and pipeline-parallel sizes, validated before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_simpo.model.architecture import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the world is split. The data-parallel size is what remains: world / (TP * PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split every layer's weights (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the layers into consecutive stages (PP)."""
+    sequence_parallel: bool = False
+    """Split norm/residual activations along the sequence over the TP ranks: all-reduces
+    become reduce-scatter + all-gather pairs and those activations take 1/TP of the memory."""
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel splits activations over tensor-parallel ranks: "
+                             "it needs --tensor-model-parallel-size > 1")
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Model input lengths must be a multiple of this (the TP size under sequence parallelism)."""
+        return self.tensor_model_parallel_size if self.sequence_parallel else 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.check_world_size(world_size)
+        return world_size // self.model_parallel_size
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size % self.model_parallel_size != 0:
+            raise ValueError(
+                f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) x "
+                f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}) = "
+                f"{self.model_parallel_size} does not divide the world size ({world_size})"
+            )
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse sizes the model cannot be split by, naming the flag (before the model is built)."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if model.num_attention_heads % tp != 0:
+            raise ValueError(
+                f"--tensor-model-parallel-size ({tp}) must divide the number of attention heads "
+                f"({model.num_attention_heads})"
+            )
+        if model.num_query_groups % tp != 0:
+            raise ValueError(
+                f"--tensor-model-parallel-size ({tp}) must divide the number of query groups "
+                f"(key/value heads: {model.num_query_groups}); TP splits whole groups"
+            )
+        if model.ffn_hidden_size % tp != 0:
+            raise ValueError(
+                f"--tensor-model-parallel-size ({tp}) must divide the MLP hidden size "
+                f"({model.ffn_hidden_size})"
+            )
+        if model.num_layers % pp != 0:
+            raise ValueError(
+                f"--pipeline-model-parallel-size ({pp}) must divide the number of layers "
+                f"({model.num_layers})"
+            )
+
+    def validate(self, world_size: int, model: ModelConfig | None = None) -> None:
+        self.check_world_size(world_size)
+        if model is not None:
+            self.check_model(model)

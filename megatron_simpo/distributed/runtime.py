@@ -1,0 +1,97 @@
+"""Distributed start-up: process group, Megatron ``parallel_state`` and seeds.
+
+Works under ``torchrun`` (reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and as
+a single plain process. On a GPU machine it uses NCCL; without a GPU it uses gloo and installs
+:mod:`megatron_simpo.distributed.cpu_compat` so that Megatron-Core's own code paths run on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_simpo.distributed.parallel import ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits. ``device`` is where tensors of this rank live."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    data_parallel_size: int
+
+
+def read_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; a lone process is rank 0 of 1."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world_size, local_rank
+
+
+def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -> DistributedEnv:
+    """Start the process group and Megatron's parallel state, and seed every generator.
+
+    Parallel sizes are validated against the world size (and the model, when given) first, so
+    a bad layout fails before any process group or model exists.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    rank, world_size, local_rank = read_world()
+    parallel.validate(world_size, model_config)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        from megatron_simpo.distributed import cpu_compat
+
+        cpu_compat.install()
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+    )
+    set_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                          data_parallel_size=parallel.data_parallel_size(world_size))
+
+
+def max_over_world(value: int) -> int:
+    """The largest ``value`` any rank holds: one all-reduce of a scalar over the whole world
+    (``value`` itself without a process group). Every rank must call it at the same point;
+    it is how the ranks agree on a verdict (skip a step, stop, a failed save)."""
+    if not dist.is_initialized():
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and, where present, CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""After training: benchmark answer files, generation, run analyses."""

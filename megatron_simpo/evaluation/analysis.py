@@ -1,0 +1,251 @@
+"""The SimPO paper's analyses of a run, from its metrics.jsonl and --eval-dump files.
+
+* training curves: reward accuracy, reward margin, chosen/rejected log-probs over iterations,
+  for the training batches and the held-out pairs;
+* the distribution of held-out reward margins at the first and the last evaluation (how gamma
+  moves it);
+* length exploitation: the Spearman correlation between response length and the average
+  log-prob (SimPO's length-normalised reward) and the summed log-prob (a DPO-like reward), and
+  between length and the run's reward;
+* the sequence-level KL estimate from the reference on held-out chosen responses: the mean over
+  pairs of log pi(y_w|x) - log pi_ref(y_w|x), with pi_ref's log-probs from the run's iteration-0
+  dump (the run starts from its reference/SFT model and evaluates it first) or from another
+  dump of the same held-out pairs (``--reference``).
+
+``summarize`` computes the numbers (numpy only); ``plot`` draws PNGs with matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_simpo.cli.flags import Command, Section, run_command
+
+CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be analysed; the message names what is missing."""
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise RunError(f"{run}: no metrics.jsonl (the --save folder of a training run)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_dumps(run: Path) -> dict[int, list[dict]]:
+    """iteration -> the held-out pairs' rows of its --eval-dump file."""
+    folder = Path(run) / "eval_dump"
+    dumps = {}
+    for path in sorted(folder.glob("iter_*.jsonl")):
+        dumps[int(path.stem.removeprefix("iter_"))] = [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return dumps
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranked = np.empty(len(values), dtype=np.float64)
+    ranked[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranked)
+    return sums[inverse] / counts[inverse]
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson's on average ranks); nan if either is constant."""
+    rx, ry = ranks(np.asarray(x)), ranks(np.asarray(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / denominator) if denominator else float("nan")
+
+
+def _series(metrics: list[dict], prefix: str) -> dict[str, list[list[float]]]:
+    found = {}
+    for name in CURVES:
+        points = [[row["iteration"], row[prefix + name]] for row in metrics
+                  if row.get(prefix + name) is not None]
+        if points:
+            found[name] = points
+    return found
+
+
+def _margins(rows: list[dict]) -> dict:
+    margins = np.array([r["reward_margin"] for r in rows])
+    return {"mean": float(margins.mean()), "std": float(margins.std()),
+            "quantiles": {str(q): float(np.quantile(margins, q)) for q in (0.1, 0.5, 0.9)},
+            "positive_fraction": float((margins > 0).mean()), "values": margins.tolist()}
+
+
+def _length_correlations(rows: list[dict]) -> dict:
+    """Over both responses of every pair: length vs average log-prob, summed log-prob, reward."""
+    tokens = np.array([r[f"{s}_tokens"] for r in rows for s in ("chosen", "rejected")])
+    mean = np.array([r[f"{s}_logp_mean"] for r in rows for s in ("chosen", "rejected")])
+    summed = np.array([r[f"{s}_logp_sum"] for r in rows for s in ("chosen", "rejected")])
+    reward = np.array([r[f"reward_{s}"] for r in rows for s in ("chosen", "rejected")])
+    return {"length_vs_mean_logp": spearman(tokens, mean),
+            "length_vs_summed_logp": spearman(tokens, summed),
+            "length_vs_reward": spearman(tokens, reward)}
+
+
+def read_dump(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such eval-dump file")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _kl(dumps: dict[int, list[dict]], reference: list[dict], what: str) -> list[list[float]]:
+    """Per evaluation: mean over held-out pairs of log pi(y_w) - log pi_ref(y_w)."""
+    start = {r["pair"]: r["chosen_logp_sum"] for r in reference}
+    found = []
+    for at, rows in sorted(dumps.items()):
+        missing = [r["pair"] for r in rows if r["pair"] not in start]
+        if missing:
+            raise RunError(f"{what} has no pair {min(missing)} of the evaluation at iteration "
+                           f"{at}: it was not made on the same held-out pairs")
+        found.append([at, float(np.mean([r["chosen_logp_sum"] - start[r["pair"]]
+                                         for r in rows]))])
+    return found
+
+
+def summarize(run: str | Path, reference: str | Path | None = None) -> dict:
+    """Every figure of the analyses, as plain numbers (the JSON summary). ``reference``: an
+    eval-dump file of another model on the same held-out pairs, for the KL estimate from it
+    (default: the run's own iteration-0 dump, i.e. the model it started from)."""
+    run = Path(run)
+    metrics = read_metrics(run)
+    summary = {"run": str(run), "train": _series(metrics, ""), "eval": _series(metrics, "eval/")}
+    dumps = read_dumps(run)
+    if not dumps:
+        return summary  # no --eval-dump: the curves only
+    first, last = min(dumps), max(dumps)
+    summary["eval_dump_iterations"] = sorted(dumps)
+    summary["margins"] = {"first": {"iteration": first, **_margins(dumps[first])},
+                          "last": {"iteration": last, **_margins(dumps[last])}}
+    summary["length_correlation"] = {"iteration": last, **_length_correlations(dumps[last])}
+    if reference is not None:
+        summary["kl_reference"] = str(reference)
+        summary["kl_from_reference"] = _kl(dumps, read_dump(reference), str(reference))
+    elif first == 0:
+        summary["kl_reference"] = "the run's iteration-0 evaluation (its starting model)"
+        summary["kl_from_reference"] = _kl(dumps, dumps[0], "iteration 0")
+    return summary
+
+
+def plot(summary: dict, out_dir: str | Path) -> list[Path]:
+    """PNG figures of ``summary`` in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        written.append(out_dir / name)
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for axis, name in zip(axes.flat, CURVES):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            points = summary[split].get(name)
+            if points:
+                x, y = zip(*points)
+                axis.plot(x, y, style, label="held-out" if split == "eval" else "training",
+                          markersize=3)
+        axis.set_title(name)
+        axis.set_xlabel("iteration")
+        axis.legend()
+    save(figure, "training_curves.png")
+    if "margins" in summary:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for which in ("first", "last"):
+            data = summary["margins"][which]
+            axis.hist(data["values"], bins=30, alpha=0.6,
+                      label=f"iteration {data['iteration']} (mean {data['mean']:.2f})")
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_xlabel("held-out reward margin")
+        axis.set_ylabel("pairs")
+        axis.legend()
+        save(figure, "margin_distribution.png")
+        correlation = summary["length_correlation"]
+        figure, axis = plt.subplots(figsize=(6, 4))
+        names = ["length vs\naverage log-prob", "length vs\nsummed log-prob", "length vs\nreward"]
+        values = [correlation["length_vs_mean_logp"], correlation["length_vs_summed_logp"],
+                  correlation["length_vs_reward"]]
+        axis.bar(names, values)
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_ylabel("Spearman correlation")
+        axis.set_title(f"held-out responses, iteration {correlation['iteration']}")
+        save(figure, "length_correlation.png")
+    if "kl_from_reference" in summary:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        x, y = zip(*summary["kl_from_reference"])
+        axis.plot(x, y, "o-")
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("mean log pi - log pi_ref (chosen)")
+        axis.set_title("sequence-level KL estimate from the reference", fontsize=10)
+        save(figure, "kl_from_reference.png")
+    return written
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """``megatron-simpo-analyze-run``: plots and a JSON summary of one run."""
+
+    run: str
+    """the run's --save folder"""
+    output: str | None = None
+    """where the PNGs and summary.json go (default: <run>/analysis)"""
+    reference: str | None = None
+    """an eval_dump/iter_*.jsonl file of the reference model on the same held-out pairs, for
+    the KL estimate (default: the run's iteration-0 dump)"""
+
+
+def analyze(config: AnalysisConfig) -> Path:
+    """Write the plots and summary.json, print where and the length correlations; a run that
+    cannot be analysed raises :class:`RunError` naming what is missing."""
+    summary = summarize(config.run, config.reference)
+    out = Path(config.output or Path(config.run) / "analysis")
+    written = plot(summary, out)
+    compact = {k: v for k, v in summary.items() if k != "margins"}
+    if "margins" in summary:
+        compact["margins"] = {w: {k: v for k, v in m.items() if k != "values"}
+                              for w, m in summary["margins"].items()}
+    (out / "summary.json").write_text(json.dumps(compact, indent=1))
+    print(f"> analysis of {config.run}: {', '.join(p.name for p in written)} and summary.json "
+          f"in {out}")
+    if "length_correlation" in summary:
+        c = summary["length_correlation"]
+        if math.isnan(c["length_vs_mean_logp"]):
+            print("> length correlations: undefined, every held-out response has the same length")
+        else:
+            print(f"> Spearman(length, average log-prob) {c['length_vs_mean_logp']:.3f}, "
+                  f"(length, summed log-prob) {c['length_vs_summed_logp']:.3f}, "
+                  f"(length, reward) {c['length_vs_reward']:.3f}")
+    return out
+
+
+COMMAND = Command("analyze_run", "Plots and a JSON summary of a training run (its --save "
+                  "folder; held-out analyses need --eval-dump)",
+                  (Section("analysis", AnalysisConfig, key="config", positional=("run",),
+                           fields=("run", "output", "reference")),))
+
+
+def main(argv=None) -> None:
+    config = COMMAND.parse(argv)["config"]
+    run_command(COMMAND.prog, lambda: analyze(config))

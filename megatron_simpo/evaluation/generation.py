@@ -1,0 +1,235 @@
+"""Generating benchmark answers from a trained model: ``megatron-simpo-generate-answers``.
+
+The model is a Hugging Face folder, or a Megatron checkpoint (any TP/PP) exported to one with
+the project's converter first. Prompts are rendered exactly as training rendered them
+(``data.encode_prompts``: the chat template's BOS and no other), so evaluation never sees a
+double BOS or another template. Backends: vLLM when installed and a GPU is present (its own
+tensor parallelism), else Hugging Face transformers (batched, left padding; CPU or GPU).
+The answer files and sampling defaults are ``answers.py``'s; the options are
+:class:`AnswersConfig`'s, and :func:`generate_answers` is the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from megatron_simpo.evaluation.answers import (SAMPLING, Benchmark, Sampling, answer_path, answered,
+                                               read_questions, write_answers)
+from megatron_simpo.cli.flags import Command, Section, run_command
+
+
+def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
+    groups: dict[Sampling, list[int]] = {}
+    for index, sampling in enumerate(samplings):
+        groups.setdefault(sampling, []).append(index)
+    return groups
+
+
+def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
+                           apply_chat_template: bool):
+    """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
+    in the batch, prompts left-padded."""
+    import torch
+    import transformers
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=getattr(torch, dtype)).to(device).eval()
+    configured = model.generation_config.eos_token_id
+    stops = sorted({*(configured if isinstance(configured, list) else [configured]),
+                    tokenizer.eos_token_id} - {None})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    torch.manual_seed(seed)
+
+    def generate(conversations, samplings):
+        ids = encode_prompts(tokenizer, conversations,
+                             apply_chat_template=apply_chat_template)
+        replies: list[str] = [""] * len(ids)
+        for sampling, members in _groups(samplings).items():
+            longest = max(len(ids[i]) for i in members)
+            tokens = torch.full((len(members), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(members), longest), dtype=torch.long)
+            for row, i in enumerate(members):  # left padding: every prompt ends at the same column
+                tokens[row, longest - len(ids[i]):] = torch.tensor(ids[i])
+                mask[row, longest - len(ids[i]):] = 1
+            options = dict(do_sample=False) if sampling.temperature == 0 else dict(
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            with torch.no_grad():
+                out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
+                                     eos_token_id=stops, **options)
+            texts = tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+            for i, text in zip(members, texts):
+                replies[i] = text.strip()
+        return replies
+
+    return generate
+
+
+def vllm_generator(hf_dir: str | Path, *, seed: int, tensor_parallel_size: int, dtype: str,
+                   apply_chat_template: bool):
+    """``answers.Generate`` on vLLM, from our token ids (vLLM never re-renders the prompt)."""
+    import transformers
+    from vllm import LLM, SamplingParams
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, seed=seed,
+              dtype=dtype)
+
+    def generate(conversations, samplings):
+        ids = encode_prompts(tokenizer, conversations,
+                             apply_chat_template=apply_chat_template)
+        params = [SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                 max_tokens=s.max_new_tokens) for s in samplings]
+        outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+    return generate
+
+
+def pick_backend(name: str) -> str:
+    """auto: vLLM where it is installed and a GPU is present, else transformers."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    import torch
+
+    return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else \
+        "transformers"
+
+
+@dataclass(frozen=True)
+class AnswersConfig:
+    """``megatron-simpo-generate-answers``: one benchmark's answer file from one model."""
+
+    benchmark: Benchmark
+    """the benchmark whose questions and answer format are used"""
+    questions: str
+    """the benchmark's question file (AlpacaEval: JSON list or JSONL with instruction;
+    Arena-Hard, MT-Bench: question.jsonl)"""
+    output: str
+    """AlpacaEval: the answers' JSON file; Arena-Hard / MT-Bench: the benchmark's data folder
+    (answers go to model_answer/<model-id>.jsonl)"""
+    hf: str | None = None
+    """a Hugging Face model folder (this or --load)"""
+    load: str | None = None
+    """a Megatron checkpoint (save folder or iter_ folder; this or --hf)"""
+    hf_out: str | None = None
+    """with --load: keep the exported HF folder here (default: a temporary folder, removed at
+    the end)"""
+    model_id: str | None = None
+    """the name in the answers (default: the model folder's name)"""
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """auto: vLLM where it is installed and a GPU is present, else transformers"""
+    temperature: float | None = None
+    """override"""
+    top_p: float | None = None
+    """override"""
+    max_new_tokens: int | None = None
+    """override"""
+    seed: int = 0
+    """the sampling seed"""
+    batch_size: int = 8
+    """questions per generate call"""
+    tensor_parallel_size: int = 1
+    """vLLM only"""
+    apply_chat_template: bool = True
+    """the model was trained with --no-apply-chat-template: questions are encoded as plain text
+    with the tokenizer's special tokens"""
+    dtype: str = "auto"
+    """model dtype (auto: bf16 on a GPU, fp32 on CPU for transformers; the checkpoint's for
+    vLLM)"""
+
+    def __post_init__(self) -> None:
+        if (self.hf is None) == (self.load is None):
+            raise ValueError("give one of --hf and --load")
+        for flag, value in (("--batch-size", self.batch_size),
+                            ("--max-new-tokens", self.max_new_tokens or 1),
+                            ("--tensor-parallel-size", self.tensor_parallel_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        if self.hf_out and not self.load:
+            raise ValueError("--hf-out goes with --load (it is where the checkpoint is exported)")
+
+    @property
+    def overrides(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p,
+                    max_new_tokens=self.max_new_tokens)
+
+
+def generate_answers(config: AnswersConfig) -> Path:
+    """Write (or complete) the answer file; every input is checked before any model loads
+    (ValueError naming the flag or file)."""
+    from megatron_simpo.convert.conversion import ExportConfig, export_hf
+
+    backend = pick_backend(config.backend)
+    if backend == "transformers" and config.tensor_parallel_size != 1:
+        raise ValueError("--tensor-parallel-size is vLLM's: the transformers backend runs on one "
+                         "device")
+    questions = read_questions(config.benchmark, config.questions)
+    if config.hf and not (Path(config.hf) / "config.json").is_file():
+        raise ValueError(f"--hf {config.hf}: no config.json (not a Hugging Face model folder)")
+    model_id = config.model_id or Path(config.load or config.hf).resolve().name
+    # An unreadable answer file is found before any model is loaded.
+    answered(config.benchmark, answer_path(config.benchmark, config.output, model_id))
+    with contextlib.ExitStack() as stack:
+        if config.load:
+            out = config.hf_out or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="answers-hf-"))
+            hf_dir = export_hf(ExportConfig(load=config.load, save=str(out), force=True)).path
+            print(f"> exported {config.load} to {hf_dir}")
+        else:
+            hf_dir = Path(config.hf)
+        options = dict(seed=config.seed, dtype=config.dtype,
+                       apply_chat_template=config.apply_chat_template)
+        if backend == "vllm":
+            generate = vllm_generator(hf_dir, tensor_parallel_size=config.tensor_parallel_size,
+                                      **options)
+        else:
+            generate = transformers_generator(hf_dir, **options)
+        path = write_answers(config.benchmark, questions, generate, output=config.output,
+                             model_id=model_id, overrides=config.overrides,
+                             batch_size=config.batch_size)
+    print(f"> wrote {path} ({backend}, model id {model_id})")
+    return path
+
+
+def _sampling_defaults(what: str) -> str:
+    return ", ".join(f"{b} {getattr(s, what)}" for b, s in SAMPLING.items())
+
+
+COMMAND = Command(
+    "generate_answers",
+    "Answer files for AlpacaEval 2, Arena-Hard and MT-Bench from a trained model",
+    (Section("answers", AnswersConfig, key="config",
+             fields=tuple(f.name for f in dataclasses.fields(AnswersConfig)),
+             names={"apply_chat_template": ("--no-apply-chat-template",)},
+             notes={"temperature": f"(defaults: {_sampling_defaults('temperature')} with "
+                                   "FastChat's per-category values)",
+                    "top_p": f"(defaults: {_sampling_defaults('top_p')})",
+                    "max_new_tokens": f"(defaults: {_sampling_defaults('max_new_tokens')})"}),))
+
+
+def main(argv=None) -> None:
+    config = COMMAND.parse(argv)["config"]
+    run_command(COMMAND.prog, lambda: generate_answers(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

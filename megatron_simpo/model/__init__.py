@@ -1,0 +1,1 @@
+"""The model: the architecture, its Megatron-Core GPTModel build (layer specs, attention), precision and FLOPs."""

@@ -1,0 +1,223 @@
+"""The architecture of a Llama-family decoder, and its Hugging Face ``config.json`` both ways.
+
+:class:`ModelConfig` is the one description of the architecture. It reads a Hugging Face
+``config.json`` (``from_hf_config``), is written into every checkpoint (so later commands need no
+architecture flags) and turns back into a ``config.json`` for export (``hf_config_dict``). It
+imports nothing from Megatron-Core: the builder (``megatron_simpo.model.builder``), the FLOP counter and
+the converters all read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+# Megatron-Core applies Llama-3.1 rope scaling with these constants hard-coded
+# (RotaryEmbedding._apply_scaling); a checkpoint that asks for others cannot be reproduced.
+_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+# Hugging Face ``model_type`` of each supported class (config.json carries both).
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                "Qwen2ForCausalLM": "qwen2"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2)."""
+
+    architecture: str = "LlamaForCausalLM"
+    """Hugging Face class name; one of ``SUPPORTED_ARCHITECTURES``."""
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    """SwiGLU inner size (HF ``intermediate_size``)."""
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (HF ``num_key_value_heads``); equal to the heads means no GQA."""
+    head_dim: int | None = None
+    """Per-head size; ``hidden_size // num_attention_heads`` when None."""
+    vocab_size: int
+    """True vocabulary size of the tokenizer/embedding, before padding."""
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float | None = None
+    """Llama-3.1 ("llama3") rope scaling factor, None for no scaling."""
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times the TP size (Megatron-LM's rule)."""
+    init_method_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "max_position_embeddings",
+                     "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_query_groups ({self.num_query_groups})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"model config: hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads}) and no head_dim is given"
+            )
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        """Vocabulary rows in the Megatron embedding: a multiple of divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown fields {unknown}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any] | str | Path) -> "ModelConfig":
+        """Read a Hugging Face ``config.json`` (a dict, the file, or its folder).
+
+        Understands both spellings of RoPE settings: ``rope_theta`` + ``rope_scaling`` (the
+        released Llama files) and ``rope_parameters`` (transformers >= 5).
+        """
+        source = "config"
+        if not isinstance(hf, dict):
+            path = Path(hf)
+            if path.is_dir():
+                path = path / "config.json"
+            source = str(path)
+            try:
+                hf = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"cannot read Hugging Face config {source}: {error}") from error
+        architectures = hf.get("architectures") or []
+        by_type = {model_type: name for name, model_type in _MODEL_TYPES.items()}
+        architecture = architectures[0] if architectures else by_type.get(
+            hf.get("model_type"), hf.get("model_type"))
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: unsupported architecture {architecture!r}; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                             else None)
+        rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        rope_scaling_factor = None
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind != "llama3":
+                raise ValueError(f"{source}: rope scaling type {kind!r} unsupported (only 'llama3')")
+            for key, expected in _MEGATRON_LLAMA3_ROPE.items():
+                if float(scaling.get(key, expected)) != expected:
+                    raise ValueError(
+                        f"{source}: rope_scaling {key}={scaling[key]} unsupported; Megatron-Core "
+                        f"implements llama3 scaling with {key}={expected}"
+                    )
+            rope_scaling_factor = float(scaling["factor"])
+        if architecture != "Qwen2ForCausalLM" and hf.get("attention_bias", False):
+            raise ValueError(f"{source}: attention_bias=True is only supported for Qwen2")
+        if hf.get("mlp_bias", False):
+            raise ValueError(f"{source}: mlp_bias=True is unsupported")
+        if hf.get("use_sliding_window", False):
+            raise ValueError(f"{source}: sliding-window attention is unsupported")
+        heads = int(hf["num_attention_heads"])
+        return cls(
+            architecture=architecture,
+            num_layers=int(hf["num_hidden_layers"]),
+            hidden_size=int(hf["hidden_size"]),
+            ffn_hidden_size=int(hf["intermediate_size"]),
+            num_attention_heads=heads,
+            num_query_groups=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+            vocab_size=int(hf["vocab_size"]),
+            max_position_embeddings=int(hf["max_position_embeddings"]),
+            rope_theta=rope_theta,
+            rope_scaling_factor=rope_scaling_factor,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            init_method_std=float(hf.get("initializer_range", 0.02)),
+        )
+
+
+def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -> dict:
+    """config.json for an exported model: the original one when known, updated from ``config``."""
+    out = dict(base or {})
+    out.update(
+        architectures=[config.architecture], model_type=_MODEL_TYPES[config.architecture],
+        hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
+        vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+        hidden_act="silu", initializer_range=config.init_method_std,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if "dtype" in out:  # transformers >= 5 spells it so; a stale one would win on load
+        out["dtype"] = out["torch_dtype"]
+    if config.architecture != "Qwen2ForCausalLM":
+        out["attention_bias"] = config.qkv_bias
+    if base is None:
+        out["rope_theta"] = config.rope_theta
+        if config.rope_scaling_factor is not None:
+            out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,
+                                       **_MEGATRON_LLAMA3_ROPE)
+    described = ModelConfig.from_hf_config(out).to_dict()
+    differ = {k: (v, described[k]) for k, v in config.to_dict().items() if described[k] != v}
+    if differ:  # e.g. the original's RoPE fields no longer hold
+        raise ValueError(f"the exported config.json would not describe the checkpoint's model "
+                         f"(field: (checkpoint, config.json)): {differ}")
+    return out
+
+
+def hf_config_dtype(hf: dict[str, Any], source: str = "config.json") -> torch.dtype | None:
+    """The dtype a Hugging Face config says its weights are stored in, or None if it says none.
+
+    transformers < 5 writes ``torch_dtype``, transformers >= 5 writes ``dtype``.
+    """
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name is None:
+        return None
+    name = str(name).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"{source}: dtype {name!r} unsupported (one of {', '.join(_DTYPES)})")
+    return _DTYPES[name]

@@ -1,0 +1,302 @@
+"""The Megatron-Core ``GPTModel`` of a Llama-family architecture: layer specs and the builder.
+
+The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
+onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
+SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2) and
+vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.distributed.parallel import ParallelConfig
+
+TransformerImpl = Literal["local", "transformer_engine"]
+TRANSFORMER_IMPLS = get_args(TransformerImpl)
+
+
+def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
+                       params_dtype: torch.dtype = torch.float32,
+                       use_cpu_initialization: bool | None = None, **overrides: Any):
+    """The ``TransformerConfig`` of an architecture at the given parallel layout.
+
+    Dropout is 0 (Llama has none). ``calculate_per_token_loss`` is on because the training
+    step normalises by the global number of pairs itself (see ``megatron_simpo.training.step``).
+    Kernel fusions are enabled only where a GPU is present.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not on_gpu
+    values = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=config.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=config.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        # Micro-batches are padded to their own longest row (megatron_simpo.data.batching): stages
+        # exchange each one's shape before its activations.
+        variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
+        # (Megatron-Core refuses that beside its default MoE dispatcher; there are no experts.)
+        moe_token_dispatcher_type="alltoall",
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """The local spec's RMSNorm: torch's, built like Megatron-Core's norms and SP-aware.
+
+    Megatron-Core's own local choice (``WrappedTorchNorm``) refuses sequence parallelism and
+    keeps an fp32 weight under bf16 (which knocks torch off its fused kernel). This one takes
+    ``params_dtype`` like Transformer Engine's norms, and marks its weight ``sequence_parallel``
+    so the gradient finalisation sums the partial weight gradients of the TP ranks' sequence
+    slices, as it does for Transformer Engine's and Apex's norms.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            raise ValueError("RMSNorm is plain RMSNorm: got normalization="
+                             f"{config.normalization!r}, zero-centred gamma="
+                             f"{config.layernorm_zero_centered_gamma}")
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local"):
+    """The per-layer ``ModuleSpec``: local torch modules (core attention on torch's SDPA), or
+    Transformer Engine's (GPU, FP8)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_impl == "local":
+        from megatron_simpo.model.attention import SDPAttention
+
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        # torch's fused SDPA in place of the unfused baddbmm-softmax-bmm: same results (fp32,
+        # 1e-5), 2.5-4x faster on CPU (docs/performance.md)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return spec
+    check_transformer_impl(transformer_impl)
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def check_packed_attention(transformer_impl: str) -> None:
+    """Refuse --pack-sequences where the attention cannot keep packed sequences apart: on
+    Transformer Engine it needs THD segments (TE >= 1.7, fused or flash attention on a GPU of
+    compute capability 8.0 or newer). The local spec's SDPA attention takes the explicit
+    block-diagonal mask anywhere."""
+    if transformer_impl != "transformer_engine":
+        return
+    from megatron.core.utils import is_te_min_version
+
+    if not is_te_min_version("1.7.0"):
+        raise RuntimeError("--pack-sequences with --transformer-impl transformer_engine needs "
+                           "Transformer Engine 1.7 or newer (THD packed attention)")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        raise RuntimeError("--pack-sequences with --transformer-impl transformer_engine needs "
+                           "fused or flash attention with THD segments (compute capability "
+                           "8.0+); use --transformer-impl local")
+
+
+def check_transformer_impl(transformer_impl: str) -> None:
+    """Refuse an unknown ``--transformer-impl``, or Transformer Engine's where it is missing."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}, "
+                         f"got {transformer_impl!r}")
+    if transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as error:
+            raise RuntimeError(
+                "--transformer-impl transformer_engine needs Transformer Engine, which is not "
+                "installed (it ships in NGC PyTorch containers); use --transformer-impl local"
+            ) from error
+
+
+def block_spec(config: ModelConfig, megatron_config, transformer_impl: TransformerImpl = "local"):
+    """What ``GPTModel`` builds its decoder from: this stage's layers and the final norm.
+
+    Transformer Engine's layer spec is enough (the block picks TE's norm for the final one);
+    the local spec is spelled out as a block so the final norm is :class:`RMSNorm` too.
+    """
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    spec = layer_spec(config, transformer_impl)
+    if transformer_impl != "local":
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(megatron_config), layer_norm=RMSNorm)
+
+
+def build_model(config: ModelConfig, parallel: ParallelConfig, *,
+                transformer_impl: TransformerImpl = "local",
+                params_dtype: torch.dtype = torch.float32,
+                pre_process: bool | None = None, post_process: bool | None = None,
+                **transformer_overrides: Any):
+    """Build this rank's ``GPTModel`` (its TP shard of its pipeline stage).
+
+    Needs ``parallel_state`` initialised with the same TP/PP sizes. The output layer returns
+    vocab-parallel logits (``parallel_output=True``): [b, s, V_padded/tp] when no labels are given.
+    """
+    from megatron.core import parallel_state
+
+    parallel.check_model(config)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    megatron_config = transformer_config(config, parallel, params_dtype=params_dtype,
+                                         **transformer_overrides)
+    model = _gpt_model_class()(
+        config=megatron_config,
+        transformer_layer_spec=block_spec(config, megatron_config, transformer_impl),
+        vocab_size=config.padded_vocab_size(parallel.tensor_model_parallel_size),
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        # GPTModel's RotaryEmbedding takes the base from here, not from the TransformerConfig.
+        rotary_base=config.rope_theta,
+        rope_scaling=config.rope_scaling_factor is not None,
+        rope_scaling_factor=config.rope_scaling_factor or 8.0,
+    )
+    if not torch.cuda.is_available():
+        return model
+    return model.cuda(torch.cuda.current_device())
+
+
+def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor
+                         ) -> torch.Tensor:
+    """RoPE angles at each row's own positions: [s, b, 1, d] for position_ids [b, s].
+
+    Megatron-Core's GPTModel takes RoPE angles for 0..s-1, shared by all rows ([s, 1, 1, d]),
+    and ignores ``position_ids``; packed rows restart their positions at every sequence.
+    """
+    if position_ids is None or rotary_pos_emb is None:
+        return rotary_pos_emb
+    s = position_ids.shape[-1]
+    if torch.equal(position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
+        return rotary_pos_emb  # the usual case: nothing to change, bit for bit
+    table = model.rotary_pos_emb(model.max_sequence_length)  # [L, 1, 1, d]
+    return table[position_ids.t()].squeeze(2)
+
+
+@functools.cache
+def _gpt_model_class():
+    """Megatron-Core's ``GPTModel`` with RoPE that follows ``position_ids`` (packed rows); made
+    on first use so that importing this module does not import Megatron-Core."""
+    from megatron.core.models.gpt import GPTModel
+
+    class PositionedGPTModel(GPTModel):
+        """GPTModel whose rotary embedding is taken at ``position_ids`` (restarting per packed
+        sequence) instead of 0..s-1; THD-packed batches (Transformer Engine) keep
+        Megatron-Core's own per-segment RoPE (packed rows of the local spec, sbhd, do not)."""
+
+        def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+            output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+            packed = kwargs.get("packed_seq_params")
+            if packed is not None and packed.qkv_format == "thd":
+                return output
+            return (output[0], _rotary_at_positions(self, output[1], position_ids), *output[2:])
+
+    return PositionedGPTModel
+
+
+class _HiddenStatesOut:
+    """The output layer's forward under memory-lean log-probs: hidden states pass through."""
+
+    def __init__(self, output_layer):
+        self.sequence_parallel = output_layer.sequence_parallel
+
+    def __call__(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # [s/tp, b, h] -> [s, b, h], as the output layer would gather its input. Backward
+            # reduce-scatters: each TP rank's gradient is its vocabulary shard's share.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True)
+        return hidden_states, None
+
+
+def enable_memory_lean_logprobs(model) -> None:
+    """Make the last stage return final hidden states [b, s, h] instead of logits.
+
+    The log-probs are then computed by ``logprobs.fused_output_logprobs`` from the hidden states
+    (gathered along the sequence under sequence parallelism) and the output weight, a chunk of
+    tokens at a time, so the micro-batch's full [b, s, V_p/tp] logits never exist. The output
+    layer keeps its parameters (and checkpoint names); only its forward becomes a pass-through.
+    The chunk size is the training step's argument (``logprob_chunk_size``), checked against the
+    model by :func:`check_output_mode`. Other pipeline stages have no output layer: a no-op.
+    """
+    if getattr(model, "post_process", False):
+        model.output_layer.forward = _HiddenStatesOut(model.output_layer)
+
+
+def returns_hidden_states(model) -> bool | None:
+    """True if the last stage returns hidden states (memory-lean), False for logits, None if
+    this stage has no output layer."""
+    model = getattr(model, "module", model)
+    if not getattr(model, "post_process", False):
+        return None
+    return isinstance(model.output_layer.forward, _HiddenStatesOut)
+
+
+def check_chunk_size(logprob_chunk_size: int) -> None:
+    if not isinstance(logprob_chunk_size, int) or logprob_chunk_size < 0:
+        raise ValueError("--logprob-chunk-size must be an integer >= 0 (0 = full logits), got "
+                         f"{logprob_chunk_size!r}")
+
+
+def check_output_mode(model, logprob_chunk_size: int) -> None:
+    """Refuse a step whose log-prob path does not match what the model returns."""
+    check_chunk_size(logprob_chunk_size)
+    hidden = returns_hidden_states(model)
+    if hidden is not None and hidden != (logprob_chunk_size > 0):
+        raise ValueError(
+            f"logprob_chunk_size={logprob_chunk_size} but the model returns "
+            f"{'hidden states' if hidden else 'logits'}: build it with memory-lean log-probs "
+            "exactly when the chunk size is > 0 (model.enable_memory_lean_logprobs)")
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's [V_p/tp, h] output-layer weight (the embedding's when they are tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

@@ -1,0 +1,58 @@
+"""Model FLOPs of a preference step: what TFLOP/s and MFU are measured against.
+
+Counts the matrix multiplications a Llama-family decoder needs (2 FLOPs per multiply-add):
+the attention projections, the attention itself (causal: only the keys at or before each query),
+the SwiGLU MLP, and the output layer for the tokens whose log-probs are needed. Element-wise work
+(norms, RoPE, softmax) is left out, as is any recomputation: these are *model* FLOPs, so the
+same run reports the same figure with or without activation recomputation.
+
+A training step is forward + backward = 3x the forward FLOPs; DPO's reference forward is extra
+work that SimPO does not need, so it is reported separately by the benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from megatron_simpo.model.architecture import ModelConfig
+
+
+def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,
+                          causal: bool = True) -> int:
+    """Forward FLOPs of the decoder layers (no output layer) over rows of the given lengths."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    q = config.num_attention_heads * config.kv_channels
+    kv = config.num_query_groups * config.kv_channels
+    per_token = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f
+    total = 0
+    for s in row_lengths:
+        # Scores (Q K^T) and the weighted sum of values: 2 * q FLOPs per (query, key) pair each.
+        pairs = s * (s + 1) // 2 if causal else s * s
+        total += per_token * s + 2 * 2 * q * pairs
+    return config.num_layers * total
+
+
+def output_layer_flops(config: ModelConfig, scored_tokens: int) -> int:
+    """Forward FLOPs of the output layer for the tokens that get log-probs (true vocabulary)."""
+    return 2 * config.hidden_size * config.vocab_size * scored_tokens
+
+
+def step_flops(config: ModelConfig, row_lengths: list[int], scored_tokens: int) -> int:
+    """Model FLOPs of one training step (forward + backward) over these rows."""
+    return 3 * (decoder_forward_flops(config, row_lengths)
+                + output_layer_flops(config, scored_tokens))
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of the GPUs this project targets, from NVIDIA's data
+# sheets (SXM parts); MFU is reported against these, for FP8 runs as well.
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
+
+
+def bf16_peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a device from its name, or None when it is not in the table."""
+    if "H100" in device_name and "PCIe" in device_name:
+        return 756e12
+    for key, value in BF16_PEAK_FLOPS.items():
+        if key in device_name:
+            return value
+    return None

@@ -1,0 +1,73 @@
+"""A run's checkpoints: the resumed state from --load, and saves to --save (every
+--save-interval iterations, at the end, and when the run stops early)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.training.components import TrainingComponents
+from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.training.guards import finite_everywhere, parameters
+from megatron_simpo.training.metrics import at_interval
+from megatron_simpo.training.optimizer import finish_param_sync
+from megatron_simpo.training.run_setup import ModelSource
+from megatron_simpo.training.training_data import TrainingData
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on for a reason the user must act on (one line, exit code 3)."""
+
+
+class Checkpointer:
+    """Loads the resumed state and saves the run's weights, optimizer and position."""
+
+    def __init__(self, config: TrainConfig, source: ModelSource, parts: TrainingComponents,
+                 data: TrainingData, total_iters: int, rank: int,
+                 say: Callable[[str | None], None]):
+        self.config, self.source, self.parts, self.data = config, source, parts, data
+        self.total_iters, self.rank, self.say = total_iters, rank, say
+
+    def resume(self) -> checkpointing.TrainState:
+        """The state of --load (weights, optimizer, schedule loaded; its data checked), or
+        iteration 0; clears what --overwrite replaces in --save. Every rank."""
+        state = checkpointing.TrainState(0, 0)
+        resume_from = self.source.resume_from
+        if resume_from is not None:
+            self.say(self.data.check_resume(checkpointing.read_train_state(resume_from),
+                                            self.config, resume_from))
+            state = checkpointing.load_checkpoint(
+                resume_from, self.parts.model.module, self.parts.optimizer,
+                self.parts.scheduler, model_config=self.source.config)
+            self.say(f"> resumed from {resume_from} at iteration {state.iteration}")
+        if self.config.save and self.config.overwrite and self.rank == 0:
+            checkpointing.remove_iterations_after(self.config.save, state.iteration)
+        dist.barrier()
+        return state
+
+    def due(self, iteration: int, stopping: bool) -> bool:
+        """At the interval, at the end, and when the run stops early (with --save)."""
+        return bool(self.config.save) and (
+            stopping or at_interval(iteration, self.config.save_interval, self.total_iters))
+
+    def save(self, iteration: int, consumed: int, updated: bool) -> None:
+        """Save iteration ``iteration``; ``updated``: whether any step has updated the weights
+        (before that, the start point is all there is, and nothing is saved)."""
+        parts, source = self.parts, self.source
+        if not updated:
+            self.say(f"> no checkpoint at iteration {iteration}: no step has updated the "
+                     "weights yet")
+            return
+        finish_param_sync([parts.model])
+        if not finite_everywhere(parameters([parts.model])):
+            raise RunFailed(f"refusing to save iteration {iteration}: the weights hold NaN/inf "
+                            f"values; the last checkpoint in {self.config.save} stays the latest")
+        source_dir = source.weights_from or source.resume_from
+        source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
+        path = checkpointing.save_checkpoint(
+            self.config.save, checkpointing.TrainState(iteration, consumed, self.data.fingerprint),
+            parts.model.module, parts.optimizer, parts.scheduler, source.config,
+            assets={**source_assets, "tokenizer": source.tokenizer_path})
+        self.say(f"> saved checkpoint {path}")

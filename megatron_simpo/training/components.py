@@ -1,0 +1,129 @@
+"""What a training step needs, built in the one order Megatron-Core requires.
+
+The policy ``GPTModel`` is built and its weights filled before it is wrapped (DDP copies
+parameters into its contiguous buffers at wrap time); memory-lean log-probs are switched on
+before wrapping too; the optimizer is built over the wrapped model and installs the gradient
+finalisation hooks; the schedule wraps the optimizer. The frozen reference model (dpo, ipo,
+rdpo) gets the same layers and precision but no recomputation, no DDP and no gradients. The training loop,
+the benchmark and the tests all build through :func:`build_components`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.model.builder import (TransformerImpl, build_model, check_chunk_size,
+                                          enable_memory_lean_logprobs)
+from megatron_simpo.training.optimizer import (OptimizerSettings, build_optimizer, build_scheduler,
+                                               remove_schedule_hooks, wrap_with_ddp)
+from megatron_simpo.distributed.parallel import ParallelConfig
+
+LoadWeights = Callable[[torch.nn.Module], None]
+
+
+@dataclass
+class TrainingComponents:
+    """This rank's share of the training state."""
+
+    model: Any
+    """The policy: Megatron ``DistributedDataParallel`` around this rank's ``GPTModel``."""
+    optimizer: Any
+    """Megatron-Core's (distributed) Adam over ``model``."""
+    scheduler: Any | None
+    """Megatron-Core's ``OptimizerParamScheduler`` (None when no run length was given)."""
+    reference: Any | None
+    """The frozen reference ``GPTModel`` (dpo, ipo, rdpo; None otherwise)."""
+    logprob_chunk_size: int
+    """What the step passes on: tokens scored at a time (memory-lean), or 0 for full logits."""
+
+
+def build_components(model_config: ModelConfig, parallel: ParallelConfig,
+                     optimizer: OptimizerSettings, *,
+                     params_dtype: torch.dtype = torch.float32,
+                     transformer_impl: TransformerImpl = "local",
+                     transformer_overrides: dict[str, Any] | None = None,
+                     reference_overrides: dict[str, Any] | None = None,
+                     logprob_chunk_size: int = 1024,
+                     load_policy: LoadWeights | None = None,
+                     with_reference: bool = False,
+                     load_reference: LoadWeights | None = None,
+                     total_iters: int | None = None) -> TrainingComponents:
+    """Build the policy (weights from ``load_policy``, else random), its DDP wrapper, optimizer
+    and schedule, and with ``with_reference`` the frozen reference (weights from
+    ``load_reference``). Needs ``runtime.initialize`` with the same parallel layout.
+
+    Args:
+        transformer_overrides: ``TransformerConfig`` fields of the policy beyond the
+            architecture (recomputation, FP8).
+        reference_overrides: the same for the reference (FP8 only: nothing to recompute).
+        logprob_chunk_size: > 0 switches both models to memory-lean log-probs.
+        total_iters: run length in optimizer steps; builds the learning-rate schedule.
+    """
+    check_chunk_size(logprob_chunk_size)
+    settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl,
+                    logprob_chunk_size=logprob_chunk_size)
+    policy = _build(model_config, parallel, overrides=transformer_overrides, load=load_policy,
+                    **settings)
+    model = wrap_with_ddp(policy, optimizer)
+    megatron_optimizer = build_optimizer([model], optimizer,
+                                         bf16=params_dtype == torch.bfloat16)
+    scheduler = (build_scheduler(megatron_optimizer, optimizer, total_iters)
+                 if total_iters is not None else None)
+    reference = None
+    if with_reference:
+        reference = build_reference(model_config, parallel, overrides=reference_overrides,
+                                    load=load_reference, **settings)
+    return TrainingComponents(model=model, optimizer=megatron_optimizer, scheduler=scheduler,
+                              reference=reference, logprob_chunk_size=logprob_chunk_size)
+
+
+def _build(model_config: ModelConfig, parallel: ParallelConfig, *, params_dtype: torch.dtype,
+           transformer_impl: TransformerImpl, overrides: dict[str, Any] | None,
+           load: LoadWeights | None, logprob_chunk_size: int):
+    """This rank's ``GPTModel``, weights from ``load`` (else random), lean log-probs on."""
+    model = build_model(model_config, parallel, transformer_impl=transformer_impl,
+                        params_dtype=params_dtype, **(overrides or {}))
+    if load is not None:
+        load(model)
+    if logprob_chunk_size:
+        enable_memory_lean_logprobs(model)
+    return model
+
+
+def build_reference(model_config: ModelConfig, parallel: ParallelConfig, *,
+                    params_dtype: torch.dtype = torch.float32,
+                    transformer_impl: TransformerImpl = "local",
+                    overrides: dict[str, Any] | None = None, load: LoadWeights | None = None,
+                    logprob_chunk_size: int = 1024):
+    """A frozen reference ``GPTModel`` (eval mode, no gradients), as :func:`build_components`
+    builds it beside the policy; also used alone to precompute its log-probs."""
+    check_chunk_size(logprob_chunk_size)
+    model = _build(model_config, parallel, params_dtype=params_dtype,
+                   transformer_impl=transformer_impl, overrides=overrides, load=load,
+                   logprob_chunk_size=logprob_chunk_size)
+    return model.eval().requires_grad_(False)
+
+
+def release(parts: TrainingComponents) -> None:
+    """Let a finished run's model, optimizer and process groups be freed in a process that
+    goes on (a sweep, a notebook, the tests' reused ranks).
+
+    Megatron-Core's DDP is kept alive past the run by links the garbage collector cannot undo:
+    the model's config holds the optimizer (``grad_scale_func``, installed by
+    ``optimizer.build_optimizer``), whose shards are views of the parameters with autograd
+    edges to their accumulator nodes, and those nodes (C++, kept by the DDP) hold the DDP's
+    gradient hooks, which hold the DDP; with ``--overlap-param-gather`` every submodule holds a
+    forward pre-hook on the DDP, and Megatron's rotary embedding stays in a module-level cache.
+    Without cutting these, the run's buffers and its gloo/NCCL groups (and their threads) stay
+    alive for the rest of the process.
+    """
+    remove_schedule_hooks([parts.model])
+    getattr(parts.model, "grad_accs", []).clear()
+    handles = getattr(parts.model, "remove_forward_pre_hook_handles", {})
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()

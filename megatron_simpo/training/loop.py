@@ -1,0 +1,211 @@
+"""The training loop: data -> step -> log / evaluate / checkpoint, for SimPO or a baseline.
+
+The parts it drives: run_setup (model source, early checks, the build), training_data (pairs,
+order, micro-batches), step (one optimisation step), metrics (metrics.jsonl, the log line),
+evaluator (held-out metrics and --eval-dump), checkpointer (resume and saves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.distributed import runtime
+from megatron_simpo.training.checkpointer import Checkpointer, RunFailed
+from megatron_simpo.training.components import release
+from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.data.config import DataError
+from megatron_simpo.training.evaluator import Evaluator
+from megatron_simpo.training.guards import StepHealth
+from megatron_simpo.distributed.lifecycle import StopRequests, die_with_parent
+from megatron_simpo.training.metrics import MetricsWriter, StepRecord, at_interval, pair_flops
+from megatron_simpo.training.reference_logps import ReferenceLogps
+from megatron_simpo.training.run_setup import ModelSource, build_from_config, prepare
+from megatron_simpo.training.step import train_step
+from megatron_simpo.training.training_data import TrainingData
+
+
+@dataclass
+class TrainSummary:
+    """What a run did, on every rank (tests and the demo read it)."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    iteration: int = 0
+    skipped_steps: int = 0
+    stopped_early: str | None = None
+    """Why the run saved and stopped before its last iteration (a signal, an exit option)."""
+
+
+def load_data(config: TrainConfig, source: ModelSource) -> TrainingData:
+    """The run's pairs, with the reference log-probs of --reference-logps attached."""
+    data = TrainingData.load(config, source)
+    path = config.reference_logps
+    if not path:
+        return data
+    table = ReferenceLogps.load(path)
+    table.check_reference(source.weights_from, path)
+    return dataclasses.replace(
+        data, train_reference=table.lookup(data.train_pairs, "training", path),
+        valid_reference=table.lookup(data.valid_pairs, "validation", path))
+
+
+def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
+    """Train as configured; call on every rank (under torchrun or spawned)."""
+    source, num_microbatches = prepared or prepare(config)
+    env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
+    data = load_data(config, source)
+    total_iters = config.train_iters or config.train_epochs * data.sampler.batches_per_epoch
+    session = _Session(config, source, env, data, total_iters, num_microbatches)
+    try:
+        return _train_loop(config, session, data, total_iters)
+    finally:
+        release(session.parts)
+
+
+def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
+                total_iters: int) -> TrainSummary:
+    iteration, consumed = session.start()
+    health = StepHealth(config.max_skipped_steps)
+    with StopRequests(config.exit_duration_in_mins, config.exit_interval) as stop_requests:
+        while iteration < total_iters:
+            start = time.perf_counter()
+            record = session.step(data.sampler.global_batch(consumed))
+            iteration, consumed = iteration + 1, consumed + config.global_batch_size
+            session.record(iteration, consumed, record, time.perf_counter() - start)
+            stop_run, warning = health.record(iteration, record.result.skipped_non_finite,
+                                              record.result.grad_norm)
+            session.say(warning)
+            if stop_run:
+                raise RunFailed(stop_run)
+            if session.evaluator.due(iteration):
+                session.evaluate(iteration)
+            stop = stop_requests.reason(iteration) if iteration < total_iters else None
+            if session.checkpointer.due(iteration, stopping=bool(stop)):
+                session.checkpointer.save(iteration, consumed, session.updated)
+            if stop:
+                session.summary.stopped_early = stop
+                session.say(f"> stopped at iteration {iteration}: {stop}")
+                break
+    return session.finish(health)
+
+
+class _Session:
+    """A run's state and its actions (step, record, evaluate), so the loop above reads as the
+    order of events."""
+
+    def __init__(self, config: TrainConfig, source: ModelSource, env, data: TrainingData,
+                 total_iters: int, num_microbatches: int):
+        from megatron.core import parallel_state as ps
+
+        self.config, self.source, self.env, self.data = config, source, env, data
+        self.total_iters = total_iters
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
+        layout = (f"micro-batches of up to {config.batching.max_tokens_per_microbatch} tokens"
+                  f"{' (packed)' if config.batching.pack_sequences else ''}"
+                  if num_microbatches is None else
+                  f"{num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
+                  f"{config.batching.batch_layout}")
+        for message in data.messages:  # tokenized now, or the cache reused
+            self.say(message)
+        self.say(f"> {len(data.train_pairs)} training pairs, {len(data.valid_pairs)} validation "
+                 f"pairs, {total_iters} iterations of {config.global_batch_size} pairs "
+                 f"({layout}, DP={env.data_parallel_size})")
+        for warning in data.warnings(config, self.dp_size):
+            self.say(warning)
+        self.parts = build_from_config(config, source, total_iters)
+        self.evaluator = Evaluator(config, data, self.parts, source.config.vocab_size,
+                                   total_iters, self.dp_rank, self.dp_size, env.device)
+        self.checkpointer = Checkpointer(config, source, self.parts, data, total_iters,
+                                         env.rank, self.say)
+
+    def say(self, message: str | None) -> None:
+        if message and self.env.rank == 0:
+            print(message, flush=True)
+
+    def start(self) -> tuple[int, int]:
+        """Load the resumed state (or clear what --overwrite replaces); evaluate; returns
+        (iteration, consumed samples)."""
+        state = self.checkpointer.resume()
+        resumed = self.source.resume_from is not None
+        self.writer = MetricsWriter(self.config.save, self.config.tensorboard_dir, self.env.rank,
+                                    state.iteration if resumed else None)
+        self.summary = TrainSummary(iteration=state.iteration)
+        # Whether the optimizer has state to save: not before its first update of a new run.
+        self.updated = resumed
+        self.evaluate(state.iteration)
+        return state.iteration, state.consumed_samples
+
+    def step(self, indices: list[int]) -> StepRecord:
+        """One optimisation step over the global batch ``indices``."""
+        microbatches, plan = self.data.train_microbatches(
+            indices, self.config, self.dp_rank, self.dp_size, self.env.device)
+        learning_rate = self.parts.optimizer.param_groups[0]["lr"]
+        result = train_step([self.parts.model], self.parts.optimizer, microbatches,
+                            self.config.loss, vocab_size=self.source.config.vocab_size,
+                            reference_model=self.parts.reference,
+                            logprob_chunk_size=self.parts.logprob_chunk_size)
+        if not result.skipped_non_finite:  # a skipped step leaves the schedule where it was
+            self.parts.scheduler.step(increment=1)
+            self.updated = True
+        return StepRecord(result, tuple(indices), learning_rate, plan.real_tokens,
+                          plan.padding_efficiency)
+
+    def record(self, iteration: int, consumed: int, record: StepRecord, elapsed: float) -> None:
+        """Into the summary; to the metrics and the log every --log-interval iterations, at
+        the last one, and at every skipped step."""
+        result = record.result
+        self.summary.losses.append(result.metrics["loss"])
+        self.summary.iteration = iteration
+        self.summary.skipped_steps += int(result.skipped_non_finite)
+        logged = at_interval(iteration, self.config.log_interval, self.total_iters)
+        if not logged and not result.skipped_non_finite:
+            return
+        # Model FLOPs of SimPO's work (a reference model's pass not counted) per rank.
+        flops = pair_flops(self.source.config, self.data.train_pairs, record.indices)
+        tflops = flops / elapsed / 1e12 / self.env.world_size
+        self.writer.write(iteration, record.values(consumed, elapsed, tflops))
+        self.say(record.log_line(iteration, self.total_iters, consumed, elapsed, tflops))
+
+    def evaluate(self, at: int) -> None:
+        metrics = self.evaluator(at)
+        if metrics is None:
+            return
+        self.summary.evals.append((at, metrics))
+        self.writer.write(at, metrics)
+        self.say(f" validation at iteration {at:8d} | " +
+                 " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()) + " |")
+
+    def finish(self, health: StepHealth) -> TrainSummary:
+        evals = self.summary.evals
+        if len(evals) > 1:
+            (first_at, first), (last_at, last) = evals[0], evals[-1]
+            key = "eval/rewards/accuracies"
+            self.say(f"> held-out reward accuracy: {first[key]:.3f} at iteration {first_at} -> "
+                     f"{last[key]:.3f} at iteration {last_at}")
+        if health.skipped_total:
+            self.say(f"> {health.skipped_total} step(s) skipped for non-finite values")
+        return self.summary
+
+
+def main(argv=None) -> None:
+    """CLI entry point. A user's mistake (flags, data, checkpoints, disk) ends in one
+    ``train_simpo: error: ...`` line from rank 0 and exit code 2; a run that cannot go on
+    (non-finite steps, unsavable weights) in one such line and exit code 3."""
+    from megatron_simpo.cli.arguments import PROG, parse_args
+    from megatron_simpo.cli.flags import run_command
+
+    config = parse_args(argv)
+    prepared = run_command(PROG, lambda: prepare(config),
+                           errors={(ValueError, FileNotFoundError, RuntimeError): 2})
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
+        die_with_parent()
+    run_command(PROG, lambda: run(config, prepared), distributed=True,
+                errors={RunFailed: 3, (checkpointing.CheckpointError, DataError): 2})
+
+
+if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
+    main()

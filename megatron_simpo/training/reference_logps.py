@@ -1,0 +1,237 @@
+"""Reference log-probs computed once: DPO, IPO and R-DPO without a resident reference model.
+
+``megatron-simpo-reference-logps`` (``python -m megatron_simpo.training.reference_logps``, under torchrun
+like training) takes the training command line, whose ``--pretrained-checkpoint`` is the
+reference model, and writes ``--output`` (default: the ``--reference-logps`` of that command
+line). It runs the reference model forward-only over every training and validation pair,
+data-parallel over the ranks at any TP/PP, and stores each pair's summed response log-probs
+keyed by the pair's token ids (after the chat template and truncation). Training with
+``--reference-logps FILE`` attaches them to the batches instead of running a reference model:
+no reference weights in memory and no reference forward pass per step.
+
+Refused: a file computed from another reference checkpoint (its fingerprint differs from the
+run's ``--pretrained-checkpoint``), and a run with a pair the file does not hold (other data,
+tokenizer, ``--seq-length`` or ``--max-prompt-length``). Flags of the command line that do not
+change the log-probs (loss, optimizer, run length, ``--save``) are accepted and not used, so
+that one argument list serves both commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron_simpo.data.batching import PairLengths, plan_forward
+from megatron_simpo.data.config import DataError
+from megatron_simpo.data.collate import TokenizedPair
+from megatron_simpo.cli.flags import Parser, Section, run_command
+
+FORMAT = "megatron_simpo.reference_logps/1"
+
+
+def pair_key(pair: TokenizedPair) -> str:
+    """A pair's identity: a hash of its prompt, chosen and rejected token ids."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (pair.prompt, pair.chosen, pair.rejected):
+        ids = np.asarray(part, dtype=np.int64)
+        digest.update(np.int64(len(ids)).tobytes())
+        digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> str:
+    """A checkpoint's identity without reading all of it: its model config, the dist
+    checkpoint's metadata, and every shard file's name, size, first and last MiB."""
+    digest = hashlib.sha256()
+    checkpoint = Path(checkpoint)
+    files = sorted(p for p in checkpoint.iterdir()
+                   if p.is_file() and (p.suffix == ".distcp" or p.name in (
+                       "model_config.json", ".metadata", "common.pt", "metadata.json")))
+    mib = 1 << 20
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(mib))
+            if size > 2 * mib:
+                handle.seek(size - mib)
+                digest.update(handle.read(mib))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """Summed response log-probs of a reference model, per pair."""
+
+    rows: dict[str, int]
+    """pair key -> row of ``sums``."""
+    sums: torch.Tensor
+    """[n, 2] float64: chosen and rejected summed response log-probs."""
+    checkpoint: str
+    """The reference checkpoint (iteration folder) they were computed from."""
+    fingerprint: str
+    """``checkpoint_fingerprint`` of that checkpoint."""
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a partial file never replaces a good one."""
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        torch.save({"format": FORMAT, "keys": list(self.rows), "sums": self.sums,
+                    "checkpoint": self.checkpoint, "fingerprint": self.fingerprint}, partial)
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReferenceLogps":
+        try:
+            saved = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise DataError(f"--reference-logps {path}: no such file") from None
+        except Exception as error:
+            raise DataError(f"--reference-logps {path}: not a reference log-probs file "
+                            f"({type(error).__name__}: {error})") from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise DataError(f"--reference-logps {path}: not a reference log-probs file "
+                            f"(format {saved.get('format') if isinstance(saved, dict) else None!r}, "
+                            f"expected {FORMAT})")
+        return cls({key: row for row, key in enumerate(saved["keys"])}, saved["sums"],
+                   saved["checkpoint"], saved["fingerprint"])
+
+    def check_reference(self, checkpoint: Path, path: str | Path) -> None:
+        """Refuse log-probs of another model than the run's reference checkpoint."""
+        if checkpoint_fingerprint(checkpoint) != self.fingerprint:
+            raise DataError(f"--reference-logps {path} was computed from {self.checkpoint}, not "
+                            f"from --pretrained-checkpoint {checkpoint} (the fingerprints "
+                            "differ): recompute it with megatron-simpo-reference-logps")
+
+    def lookup(self, pairs: Sequence[TokenizedPair], what: str, path: str | Path) -> torch.Tensor:
+        """[len(pairs), 2] float64 sums of ``pairs``; every pair must be in the file."""
+        rows, missing = [], []
+        for index, pair in enumerate(pairs):
+            row = self.rows.get(pair_key(pair))
+            if row is None:
+                missing.append(index)
+            rows.append(row)
+        if missing:
+            raise DataError(f"--reference-logps {path} has no log-probs for {len(missing)} of "
+                            f"{len(pairs)} {what} pairs (first: pair {missing[0]}): it was "
+                            "computed for other data, tokenizer, --seq-length or "
+                            "--max-prompt-length; recompute it with megatron-simpo-reference-logps")
+        return self.sums[torch.tensor(rows, dtype=torch.long)]
+
+
+def interleaved(sums: torch.Tensor) -> torch.Tensor:
+    """[n, 2] (chosen, rejected) -> [2n] in the batch's row order (chosen, rejected, ...)."""
+    return sums.reshape(-1)
+
+
+def _forward_microbatches(data, pairs, indices: list[int], config) -> tuple:
+    """Micro-batches over these pairs for a forward-only pass, from the training planner
+    (``batching.plan_forward``): the run's token budget (and packing), or --micro-batch-size
+    pairs of similar lengths each padded to its longest."""
+    return plan_forward(indices, [PairLengths.of(pairs[i]) for i in indices],
+                        micro_batch_size=config.micro_batch_size, config=config.batching,
+                        seq_length=config.data.seq_length, multiple=data.padding_multiple)
+
+
+def compute(config, output: str | Path) -> Path:
+    """Compute and save the reference log-probs of the run ``config`` describes (every rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.training.step import attach_reference_logps
+    from megatron_simpo.training.run_setup import build_reference_from_config, resolve_model_source
+    from megatron_simpo.training.training_data import TrainingData
+
+    if not config.pretrained_checkpoint:
+        raise ValueError("give the reference model as --pretrained-checkpoint")
+    source = resolve_model_source(config)
+    _, world_size, _ = runtime.read_world()
+    config.parallel.validate(world_size, source.config)
+    env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
+    data = TrainingData.load(config, source)
+    model = build_reference_from_config(config, source)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    holds_results = (parallel_state.is_pipeline_last_stage()
+                     and parallel_state.get_tensor_model_parallel_rank() == 0)
+    found: dict[str, tuple[float, float]] = {}
+    for pairs in (data.train_pairs, data.valid_pairs):
+        mine = list(range(dp_rank, len(pairs), dp_size))  # each pair on one data-parallel rank
+        for microbatch in _forward_microbatches(data, pairs, mine, config):
+            batch = data.collate(pairs, microbatch, config, env.device, None)
+            [batch] = attach_reference_logps(model, [batch], source.config.vocab_size,
+                                             config.logprob_chunk_size)
+            if holds_results:
+                sums = batch.reference_logp_sum.double().cpu().reshape(-1, 2)
+                found.update((pair_key(pairs[i]), tuple(s.tolist()))
+                             for i, s in zip(microbatch.pairs, sums))
+    everything = [None] * world_size if env.rank == 0 else None
+    dist.gather_object(found if holds_results else {}, everything, dst=0)
+    output = Path(output)
+    if env.rank == 0:
+        merged = {key: sums for part in everything for key, sums in part.items()}
+        result = ReferenceLogps({key: row for row, key in enumerate(merged)},
+                                torch.tensor(list(merged.values()), dtype=torch.float64),
+                                str(source.weights_from),
+                                checkpoint_fingerprint(source.weights_from))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        result.save(output)
+        print(f"> saved reference log-probs of {len(merged)} pairs from {source.weights_from} "
+              f"to {output}", flush=True)
+    dist.barrier()
+    return output
+
+
+@dataclass(frozen=True)
+class ReferenceLogpsOptions:
+    """``megatron-simpo-reference-logps``'s own options, taken out of the training command
+    line before it is parsed (the file they name does not exist yet)."""
+
+    output: str | None = None
+    """where the log-probs are written (default: --reference-logps)"""
+    reference_logps: str | None = None
+    """the training command line's file of precomputed log-probs: here, the file written"""
+
+    def __post_init__(self) -> None:
+        if not (self.output or self.reference_logps):
+            raise ValueError("give --output FILE (or the training command line's "
+                             "--reference-logps FILE)")
+
+    @property
+    def path(self) -> str:
+        return self.output or self.reference_logps
+
+
+PROG = "compute_reference_logps"
+_OPTIONS = Section("reference log-probs", ReferenceLogpsOptions, key="reference",
+                   fields=("output", "reference_logps"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``megatron-simpo-reference-logps [--output FILE] <training flags>``."""
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.cli.arguments import build_parser, parse_args
+
+    own = Parser(prog=PROG, description=__doc__, add_help=False,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _OPTIONS.add_to(own)
+    known, rest = own.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print(own.format_help() + "\n" + build_parser(PROG).format_help())
+        return
+    options = run_command(PROG, lambda: _OPTIONS.build(known))
+    config = parse_args(rest, prog=PROG)
+    run_command(PROG, lambda: compute(config, options.path), distributed=True, errors={
+        (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError): 2})
+
+
+if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
+    main()

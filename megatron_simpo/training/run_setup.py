@@ -1,0 +1,133 @@
+"""Before a run trains: which model it starts from, every check that can fail early, and
+the build of its model, optimizer, schedule and reference from the configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.distributed import runtime
+from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.training.components import TrainingComponents, build_components, build_reference
+from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.training.metrics import METRICS_FILE
+from megatron_simpo.model.builder import check_packed_attention, check_transformer_impl
+from megatron_simpo.model.precision import check_fp8_support
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    config: ModelConfig
+    resume_from: Path | None
+    weights_from: Path | None
+    tokenizer_path: Path
+
+
+def resolve_model_source(config: TrainConfig) -> ModelSource:
+    """Which architecture, weights and tokenizer the run uses (before anything is built)."""
+    resume = checkpointing.find_checkpoint(config.load, "--load") if config.load else None
+    pretrained = (checkpointing.find_checkpoint(config.pretrained_checkpoint,
+                                                "--pretrained-checkpoint")
+                  if config.pretrained_checkpoint else None)
+    if resume is not None:
+        model_config = checkpointing.read_model_config(resume)
+    elif pretrained is not None:
+        model_config = checkpointing.read_model_config(pretrained)
+    else:
+        model_config = ModelConfig.from_hf_config(config.model_config_path)
+    tokenizer = config.data.tokenizer_path
+    if tokenizer is None:
+        source = resume or pretrained
+        tokenizer = checkpointing.checkpoint_assets(source).get("tokenizer")
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer saved with {source}; give --tokenizer")
+    if config.data.seq_length > model_config.max_position_embeddings:
+        raise ValueError(f"--seq-length ({config.data.seq_length}) exceeds the model's maximum "
+                         f"sequence length ({model_config.max_position_embeddings})")
+    return ModelSource(model_config, resume, pretrained, Path(tokenizer))
+
+
+def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
+    """Every check that can fail before training: model source, world layout, batch sizes.
+
+    Returns the model source and the number of micro-batches per step and rank.
+    """
+    source = resolve_model_source(config)
+    _, world_size, _ = runtime.read_world()
+    config.parallel.validate(world_size, source.config)
+    if config.fp8 is not None:
+        config.fp8.check_model(source.config.num_layers,
+                               config.parallel.pipeline_model_parallel_size)
+    check_transformer_impl(config.transformer_impl)  # then what the machine has
+    if config.batching.pack_sequences:
+        check_packed_attention(config.transformer_impl)
+    if config.fp8 is not None:
+        check_fp8_support(config.fp8)
+    if config.save:
+        check_save_folder(config, source)
+    return source, config.check_world(world_size)
+
+
+def check_save_folder(config: TrainConfig, source: ModelSource) -> None:
+    """Refuse to write over another run: a new run needs an empty --save (or --overwrite),
+    and a resumed one must not find iterations there beyond the one it resumes from."""
+    save = Path(config.save)
+    saved = checkpointing.saved_iterations(save)
+    resumed = checkpointing.read_train_iteration(source.resume_from) if source.resume_from else None
+    if resumed is None:
+        found = [str(save / name) for name in (checkpointing.TRACKER_FILE, METRICS_FILE)
+                 if (save / name).exists()]
+        found += [str(checkpointing.iteration_dir(save, i)) for i in saved]
+        if found and not config.overwrite:
+            raise ValueError(f"--save {save} already holds a run ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}): resume it with --load "
+                             f"{save}, or give --overwrite to replace it")
+        return
+    later = [i for i in saved if i > resumed]
+    if later and not config.overwrite:
+        raise ValueError(f"--save {save} holds iterations after the resumed one ({resumed}): "
+                         f"{', '.join(map(str, later))}; resuming would overwrite them. Save "
+                         "elsewhere, or give --overwrite")
+
+
+def _load_pretrained(source: ModelSource):
+    def load(model):
+        checkpointing.load_checkpoint(source.weights_from, model, model_config=source.config)
+    return load
+
+
+def _model_settings(config: TrainConfig) -> dict:
+    """What the policy and the reference share: precision, layers, log-prob path."""
+    return dict(params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                transformer_impl=config.transformer_impl,
+                logprob_chunk_size=config.logprob_chunk_size)
+
+
+def _reference_overrides(config: TrainConfig) -> dict | None:
+    # Same precision as the policy (FP8 included); nothing to recompute without gradients.
+    return config.fp8.transformer_overrides() if config.fp8 else None
+
+
+def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
+                      ) -> TrainingComponents:
+    """The run's model, optimizer, schedule and (dpo, ipo, rdpo) reference, weights from the
+    checkpoint the source names (a resumed run's weights are loaded later, with the optimizer
+    state)."""
+    load_pretrained = _load_pretrained(source)
+    return build_components(
+        source.config, config.parallel, config.optimizer, **_model_settings(config),
+        transformer_overrides=config.transformer_overrides(),
+        reference_overrides=_reference_overrides(config),
+        load_policy=load_pretrained if source.resume_from is None and source.weights_from else None,
+        with_reference=config.needs_reference_model, load_reference=load_pretrained,
+        total_iters=total_iters)
+
+
+def build_reference_from_config(config: TrainConfig, source: ModelSource):
+    """The run's frozen reference model alone (megatron-simpo-reference-logps)."""
+    return build_reference(source.config, config.parallel, **_model_settings(config),
+                           overrides=_reference_overrides(config),
+                           load=_load_pretrained(source))

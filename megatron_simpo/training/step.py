@@ -1,0 +1,303 @@
+"""One optimisation step over a global batch, through Megatron-Core's pipeline schedules.
+
+Normalisation is decided once, here: every micro-batch's loss function returns the SUM of its
+pair losses and its number of pairs (``calculate_per_token_loss=True``). The schedule adds the
+counts, ``finalize_model_grads`` all-reduces them over data-parallel ranks and scales the
+gradients by 1 / (pairs in the global batch). The gradient is therefore that of the exact mean
+over all pairs, whatever the split into micro-batches, pipeline stages and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_simpo.data.collate import PreferenceBatch
+from megatron_simpo.training.guards import finite_everywhere, gradient_buffers
+from megatron_simpo.training.logprobs import (fused_output_logprobs, sequence_logprobs,
+                                              vocab_parallel_logprobs)
+from megatron_simpo.model.builder import check_output_mode, output_weight
+from megatron_simpo.training.losses import WITH_REFERENCE, LossConfig, preference_loss
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Global-batch means of the metrics (TRL names) plus the optimizer's report, on every rank."""
+
+    metrics: dict[str, float]
+    grad_norm: float | None
+    update_successful: bool
+    """False when the optimizer did not update the weights (a skipped step)."""
+    skipped_non_finite: bool = False
+    """The loss or a gradient was NaN/inf on some rank: every rank skipped the update."""
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab_size: int,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
+
+    ``output`` is [b, s, V_p/tp] logits (``chunk_size`` 0), or [b, s, h] hidden states when
+    the model runs with memory-lean log-probs: then only the response positions are scored,
+    through the output weight, ``chunk_size`` tokens at a time. Unpacked, sequence j is row j
+    (b = 2n); packed (b = 1), ``batch.sequence_ids`` says which sequence a position scores.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if not chunk_size:
+        token_logps = vocab_parallel_logprobs(output, batch.labels, vocab_size=vocab_size,
+                                              tp_group=group)
+        if not batch.packed:
+            return sequence_logprobs(token_logps, batch.loss_mask)
+        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+        logps = token_logps[rows, positions]
+    else:
+        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+        hidden = output[rows, positions]
+        if not _unwrap(model).config.sequence_parallel:
+            # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
+            # Under sequence parallelism the output layer's gather already reduce-scatters it.
+            hidden = copy_to_tensor_model_parallel_region(hidden)
+        weight = output_weight(_unwrap(model))
+        logps = fused_output_logprobs(hidden, weight, batch.labels[rows, positions],
+                                      vocab_size=vocab_size, tp_group=group,
+                                      chunk_size=chunk_size)
+    sequences = batch.sequence_ids[rows, positions] if batch.packed else rows
+    mask = batch.loss_mask[rows, positions].to(logps.dtype)
+    zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
+    return zeros.index_add(0, sequences, logps * mask), zeros.index_add(0, sequences, mask)
+
+
+@dataclass(frozen=True)
+class _StepSpec:
+    """What every micro-batch's forward step needs besides its batch and model."""
+
+    loss: LossConfig
+    vocab_size: int
+    logprob_chunk_size: int
+
+
+@dataclass(frozen=True)
+class _Report:
+    """What the loss function reports of one micro-batch (the schedule collects it)."""
+
+    metric_sums: torch.Tensor
+    """[n_metrics] sums over the micro-batch's pairs, in ``LossConfig.metric_names`` order."""
+    logp_sums: torch.Tensor
+    """[2n] the policy's summed response log-probs (chosen, rejected, ...), detached."""
+
+
+def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Tensor):
+    """Megatron schedule loss function: (sum of pair losses, pair count, ``_Report``)."""
+    logp_sum, count = _policy_logp_sums(batch, output, model, spec.vocab_size,
+                                        spec.logprob_chunk_size)
+    reference = batch.reference_logp_sum
+    loss, metrics = preference_loss(
+        logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], spec.loss,
+        None if reference is None else reference[0::2],
+        None if reference is None else reference[1::2])
+    metric_sums = torch.stack([metrics[name].sum() for name in spec.loss.metric_names])
+    num_pairs = torch.tensor(batch.num_pairs, dtype=torch.int, device=loss.device)
+    return loss.sum(), num_pairs, _Report(metric_sums, logp_sum.detach())
+
+
+def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
+    """The model on one micro-batch. Unpacked rows are right-padded, so the causal mask alone
+    keeps real tokens from seeing padding (no mask tensor), and their positions are the model's
+    default 0..s-1 (no position ids: the model need not compare them with that default on every
+    forward). Packed rows carry their restarting positions and their segments (``cu_seqlens``):
+    to the local spec's attention in sbhd layout, to Transformer Engine as THD. The last stage returns
+    [b, s, V_p/tp] logits, or [b, s, h] hidden states with memory-lean log-probs."""
+    if not batch.packed:
+        return model(input_ids=batch.tokens, position_ids=None, attention_mask=None)
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    # Without a mask the row is for Transformer Engine (THD); the local spec's attention takes
+    # the segments in sbhd layout (variable-length flash attention on GPUs, else their mask).
+    packed_seq_params = PackedSeqParams(
+        qkv_format="thd" if batch.attention_mask is None else "sbhd",
+        cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+        max_seqlen_q=batch.longest_segment, max_seqlen_kv=batch.longest_segment)
+    return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None,
+                 packed_seq_params=packed_seq_params)
+
+
+def _forward_step(spec: _StepSpec, data_iterator, model):
+    batch = next(data_iterator)
+    return _forward(batch, model), partial(_loss_func, batch, spec, model)
+
+
+def _logp_sums_forward_step(vocab_size: int, chunk_size: int, data_iterator, model):
+    batch = next(data_iterator)
+
+    def collect(output):
+        logp_sum, _ = _policy_logp_sums(batch, output, model, vocab_size, chunk_size)
+        return logp_sum.sum(), torch.tensor(0, dtype=torch.int), logp_sum
+
+    return _forward(batch, model), collect
+
+
+def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], model_chunks,
+                  forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iter(microbatches),
+        model=model_chunks,
+        num_microbatches=len(microbatches),
+        # Pipeline stages exchange each micro-batch's own shape (variable_seq_lengths, set in
+        # model.transformer_config): these are only the largest.
+        seq_length=max(batch.seq_length for batch in microbatches),
+        micro_batch_size=max(batch.tokens.shape[0] for batch in microbatches),
+        forward_only=forward_only,
+    )
+
+
+def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBatch],
+                           vocab_size: int, logprob_chunk_size: int = 0) -> list[PreferenceBatch]:
+    """The extra pass of DPO, IPO and R-DPO: the frozen reference model's summed log-probs,
+    attached to each batch.
+
+    A forward-only pipeline pass; the sums exist on the last stage, which is the only place the
+    loss reads them, so other stages get their batches back unchanged.
+    """
+    sums = sequence_logp_sums(reference_model, microbatches, vocab_size, logprob_chunk_size)
+    if not sums:  # not the last pipeline stage
+        return list(microbatches)
+    return [batch.with_reference(logp_sum) for batch, logp_sum in zip(microbatches, sums)]
+
+
+def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], vocab_size: int,
+                       logprob_chunk_size: int = 0) -> list[torch.Tensor]:
+    """A forward-only pipeline pass of ``model``: each micro-batch's [2n] summed response
+    log-probs (chosen, rejected, ... as the batch's sequences), fp32. On the last pipeline
+    stage; an empty list on the others."""
+    check_output_mode(model, logprob_chunk_size)
+    was_training = _unwrap(model).training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _run_schedule(partial(_logp_sums_forward_step, vocab_size, logprob_chunk_size),
+                                 microbatches, [model], forward_only=True)
+    finally:
+        model.train(was_training)
+
+
+def _global_metric_means(per_microbatch: list[_Report],
+                         microbatches: Sequence[PreferenceBatch],
+                         names: Sequence[str]) -> dict[str, float]:
+    """Sum metric sums over micro-batches and DP ranks, divide by pairs, share across stages."""
+    from megatron.core import parallel_state
+
+    # The last slot carries the pair count, so one all-reduce moves sums and count together.
+    totals = torch.zeros(len(names) + 1, dtype=torch.float64,
+                         device=microbatches[0].tokens.device)
+    for report in per_microbatch:
+        totals[:-1] += report.metric_sums.to(torch.float64)
+    if per_microbatch:  # the last pipeline stage
+        totals[-1] = sum(batch.num_pairs for batch in microbatches)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    means = (totals[:-1] / totals[-1]).tolist()
+    return dict(zip(names, means))
+
+
+def _prepare(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
+             vocab_size: int, reference_model, logprob_chunk_size: int):
+    """Check the models against the step's settings; the reference log-probs attached."""
+    precomputed = all(batch.reference_logp_sum is not None for batch in microbatches)
+    if reference_model is not None and not loss_config.needs_reference:
+        raise ValueError("a reference model is for --algorithm "
+                         f"{', '.join(WITH_REFERENCE)} only")
+    if loss_config.needs_reference and reference_model is None and not precomputed:
+        raise ValueError(f"--algorithm {loss_config.algorithm} needs a reference model or "
+                         "precomputed reference log-probs on every batch")
+    for chunk in model_chunks:
+        check_output_mode(chunk, logprob_chunk_size)
+    if reference_model is not None:
+        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size,
+                                              logprob_chunk_size)
+    return microbatches, _StepSpec(loss_config, vocab_size, logprob_chunk_size)
+
+
+def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceBatch],
+               loss_config: LossConfig, *, vocab_size: int, reference_model=None,
+               logprob_chunk_size: int = 0) -> StepResult:
+    """Forward/backward every micro-batch of this DP rank's share of the global batch, then step.
+
+    Args:
+        model_chunks: [DDP-wrapped GPTModel] (one chunk; built by ``optimizer.wrap_with_ddp``).
+        optimizer: from ``optimizer.build_optimizer`` (installs the gradient finalisation hooks).
+        microbatches: this data-parallel rank's micro-batches (shapes may differ; so may their
+            number across data-parallel ranks: the loss is normalised by the global pair count).
+        vocab_size: true vocabulary size (padded logits are excluded from the softmax).
+        reference_model: the frozen reference ``GPTModel`` (dpo, ipo, rdpo only).
+        logprob_chunk_size: tokens scored at a time by the memory-lean log-probs, or 0 for full
+            logits; must match how the models were built (``model.enable_memory_lean_logprobs``).
+    """
+    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
+                                  reference_model, logprob_chunk_size)
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches, model_chunks,
+                                   forward_only=False)
+    metrics = _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)
+    # Checked before the optimizer reads the gradients (in bf16/fp32 nothing else would stop a
+    # NaN from reaching the weights); every rank gets the same verdict.
+    if not (math.isfinite(metrics["loss"]) and
+            finite_everywhere(gradient_buffers(model_chunks))):
+        return StepResult(metrics=metrics, grad_norm=None, update_successful=False,
+                          skipped_non_finite=True)
+    update_successful, grad_norm, _ = optimizer.step()
+    return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=update_successful)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out metrics, and the per-pair log-probs of the same forward pass (--eval-dump)."""
+
+    metrics: dict[str, float]
+    """Global means of the step's metrics (TRL names), on every rank."""
+    logp_sums: list[torch.Tensor]
+    """Per micro-batch, [2n] fp32 summed response log-probs of the policy (chosen, rejected,
+    ...): on the last pipeline stage; an empty list on the others."""
+    reference_logp_sums: list[torch.Tensor | None]
+    """Per micro-batch, [2n] the reference's sums the loss used (a resident reference model's
+    pass, or --reference-logps), None without a reference; on the last stage as above."""
+
+
+def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
+             *, vocab_size: int, reference_model=None, logprob_chunk_size: int = 0
+             ) -> Evaluation:
+    """Forward-only pass over held-out micro-batches: global means of the same metrics, and
+    each pair's log-prob sums from that pass (no second pass for per-pair values)."""
+    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
+                                  reference_model, logprob_chunk_size)
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches,
+                                           model_chunks, forward_only=True)
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    metrics = _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)
+    if not per_microbatch:  # not the last pipeline stage
+        return Evaluation(metrics, [], [])
+    return Evaluation(metrics, [report.logp_sums for report in per_microbatch],
+                      [batch.reference_logp_sum for batch in microbatches])
