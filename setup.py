@@ -34,11 +34,11 @@ setup(
     # scipy: the tests check the analyses' statistics against it.
     extras_require={"test": ["pytest>=7", "trl==1.16.0", "scipy"], "bench": ["trl==1.16.0"]},
     entry_points={"console_scripts": [
-        "megatron-simpo-train = megatron_simpo.training.loop:main",
-        "megatron-simpo-convert-hf-to-megatron = megatron_simpo.convert.cli:hf_to_megatron_main",
-        "megatron-simpo-convert-megatron-to-hf = megatron_simpo.convert.cli:megatron_to_hf_main",
-        "megatron-simpo-reference-logps = megatron_simpo.training.reference_logps:main",
-        "megatron-simpo-generate-answers = megatron_simpo.evaluation.generation:main",
-        "megatron-simpo-analyze-run = megatron_simpo.evaluation.analysis:main",
+        "megatron-simpo-train = megatron_simpo.cli.train:main",
+        "megatron-simpo-convert-hf-to-megatron = megatron_simpo.cli.convert:hf_to_megatron_main",
+        "megatron-simpo-convert-megatron-to-hf = megatron_simpo.cli.convert:megatron_to_hf_main",
+        "megatron-simpo-reference-logps = megatron_simpo.cli.reference_logps:main",
+        "megatron-simpo-generate-answers = megatron_simpo.cli.generate_answers:main",
+        "megatron-simpo-analyze-run = megatron_simpo.cli.analyze_run:main",
     ]},
 )

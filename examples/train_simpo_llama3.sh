@@ -15,7 +15,7 @@
 # NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the GPU recipe also
 # TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by default when TP > 1)
 # and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra arguments are passed on
-# to megatron_simpo.training.loop (megatron-simpo-train) and override the defaults (e.g. --lr 5e-7).
+# to megatron_simpo.cli.train (megatron-simpo-train) and override the defaults (e.g. --lr 5e-7).
 # The package must be installed (pip install ., or make setup).
 set -euo pipefail
 
@@ -139,4 +139,4 @@ ARGS=("${KEPT[@]}")
 exec "${TORCHRUN[@]}" \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m megatron_simpo.training.loop "${ARGS[@]}" "$@"
+  -m megatron_simpo.cli.train "${ARGS[@]}" "$@"

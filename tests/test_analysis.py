@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from megatron_simpo.evaluation.analysis import main, ranks, spearman, summarize
+from megatron_simpo.cli.analyze_run import main
+from megatron_simpo.evaluation.analysis import ranks, spearman, summarize
 
 
 def _fake_run(folder, seed=0, pairs=40):

@@ -139,9 +139,9 @@ def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path
     import torch
     import transformers
 
-    from megatron_simpo.convert import cli
+    from megatron_simpo.cli import convert as cli
     from megatron_simpo.data.tokenization import encode_prompts
-    from megatron_simpo.evaluation.generation import main
+    from megatron_simpo.cli.generate_answers import main
     from megatron_simpo.model.tiny import write_default
 
     tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)
@@ -187,7 +187,7 @@ def test_vllm_backend_writes_greedy_answers(tmp_path):
         pytest.skip("needs a CUDA GPU")
     import transformers
 
-    from megatron_simpo.evaluation.generation import main
+    from megatron_simpo.cli.generate_answers import main
     from megatron_simpo.model.tiny import write_default
 
     tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)

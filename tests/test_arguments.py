@@ -122,8 +122,8 @@ def test_token_budget_leaves_the_micro_batch_size_to_the_plan(paths):
 # ---- every other command: its flags from its config dataclass, one way to end ----------------
 
 def _commands():
-    from megatron_simpo.evaluation import analysis, generation
-    from megatron_simpo.convert import cli
+    from megatron_simpo.cli import analyze_run as analysis, generate_answers as generation
+    from megatron_simpo.cli import convert as cli
 
     return {"convert_hf_to_megatron": cli.IMPORT, "convert_megatron_to_hf": cli.EXPORT,
             "generate_answers": generation.COMMAND, "analyze_run": analysis.COMMAND}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_simpo.convert import cli
+from megatron_simpo.cli import convert as cli
 from tests.multiprocess import run_on_ranks
 from tests.tiny import ARCHITECTURES, tiny_hf_config, tiny_hf_model
 

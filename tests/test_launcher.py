@@ -102,7 +102,7 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
             break
         time.sleep(0.2)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "megatron_simpo.training.loop" in " ".join(p.cmdline())]
+             if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
@@ -163,7 +163,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
             break
         time.sleep(0.2)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "megatron_simpo.training.loop" in " ".join(p.cmdline())]
+             if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     launcher.send_signal(signal.SIGKILL)  # the torchrun agent (exec'd by the launcher script)
     launcher.communicate(timeout=60)

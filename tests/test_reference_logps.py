@@ -32,7 +32,7 @@ def _compute_in_rank(rank, argv):
     import contextlib
     import io
 
-    from megatron_simpo.training.reference_logps import main
+    from megatron_simpo.cli.reference_logps import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0

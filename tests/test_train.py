@@ -209,7 +209,7 @@ def test_dpo_run_starts_at_log_2_with_the_policy_as_reference(tiny, tmp_path):
 
 
 def _main_error(capsys, monkeypatch, argv, world="1"):
-    from megatron_simpo.training.loop import main
+    from megatron_simpo.cli.train import main
 
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("RANK", "0")
@@ -297,7 +297,7 @@ def _main_in_rank(rank, argv):
     import contextlib
     import io
 
-    from megatron_simpo.training.loop import main
+    from megatron_simpo.cli.train import main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -458,7 +458,7 @@ def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
     import torch
     import transformers
 
-    from megatron_simpo.convert import cli
+    from megatron_simpo.cli import convert as cli
     from megatron_simpo.data.config import DataConfig
     from megatron_simpo.data.loading import load_datasets
     from megatron_simpo.data.tokenization import load_tokenizer

@@ -101,12 +101,12 @@ def main() -> None:
         model_bytes = write_synthetic(tmp / "hf", config, "1GB")
         python = sys.executable
         return model_bytes, {
-            "hf_to_megatron": measure([python, "-m", "megatron_simpo.convert.cli", "hf-to-megatron",
+            "hf_to_megatron": measure([python, "-m", "megatron_simpo.cli.convert", "hf-to-megatron",
                                        "--hf-path", str(tmp / "hf"), "--save", str(tmp / "mg"),
                                        "--tensor-parallel-size", str(args.tensor_parallel_size),
                                        "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                        "--dtype", "bf16"]),
-            "megatron_to_hf": measure([python, "-m", "megatron_simpo.convert.cli", "megatron-to-hf",
+            "megatron_to_hf": measure([python, "-m", "megatron_simpo.cli.convert", "megatron-to-hf",
                                        "--load", str(tmp / "mg"), "--save", str(tmp / "hf2")]),
         }
 

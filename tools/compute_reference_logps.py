@@ -3,7 +3,7 @@
 
 Run it like training (torchrun ... tools/compute_reference_logps.py <training flags>)."""
 
-from megatron_simpo.training.reference_logps import main
+from megatron_simpo.cli.reference_logps import main
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
     main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Megatron checkpoint -> Hugging Face folder (= megatron-simpo-convert-megatron-to-hf)."""
 
-from megatron_simpo.convert.cli import megatron_to_hf_main
+from megatron_simpo.cli.convert import megatron_to_hf_main
 
 if __name__ == "__main__":  # the guard matters: the converter spawns its ranks
     megatron_to_hf_main()

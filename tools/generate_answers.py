@@ -5,7 +5,7 @@
 See docs/evaluation.md and ``--help``.
 """
 
-from megatron_simpo.evaluation.generation import main
+from megatron_simpo.cli.generate_answers import main
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_simpo.cli.flags import Command, Section, run_command
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -238,14 +237,3 @@ def analyze(config: AnalysisConfig) -> Path:
                   f"(length, summed log-prob) {c['length_vs_summed_logp']:.3f}, "
                   f"(length, reward) {c['length_vs_reward']:.3f}")
     return out
-
-
-COMMAND = Command("analyze_run", "Plots and a JSON summary of a training run (its --save "
-                  "folder; held-out analyses need --eval-dump)",
-                  (Section("analysis", AnalysisConfig, key="config", positional=("run",),
-                           fields=("run", "output", "reference")),))
-
-
-def main(argv=None) -> None:
-    config = COMMAND.parse(argv)["config"]
-    run_command(COMMAND.prog, lambda: analyze(config))

@@ -12,16 +12,13 @@ The answer files and sampling defaults are ``answers.py``'s; the options are
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from megatron_simpo.evaluation.answers import (SAMPLING, Benchmark, Sampling, answer_path, answered,
+from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
                                                read_questions, write_answers)
-from megatron_simpo.cli.flags import Command, Section, run_command
 
 
 def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
@@ -208,28 +205,3 @@ def generate_answers(config: AnswersConfig) -> Path:
                              batch_size=config.batch_size)
     print(f"> wrote {path} ({backend}, model id {model_id})")
     return path
-
-
-def _sampling_defaults(what: str) -> str:
-    return ", ".join(f"{b} {getattr(s, what)}" for b, s in SAMPLING.items())
-
-
-COMMAND = Command(
-    "generate_answers",
-    "Answer files for AlpacaEval 2, Arena-Hard and MT-Bench from a trained model",
-    (Section("answers", AnswersConfig, key="config",
-             fields=tuple(f.name for f in dataclasses.fields(AnswersConfig)),
-             names={"apply_chat_template": ("--no-apply-chat-template",)},
-             notes={"temperature": f"(defaults: {_sampling_defaults('temperature')} with "
-                                   "FastChat's per-category values)",
-                    "top_p": f"(defaults: {_sampling_defaults('top_p')})",
-                    "max_new_tokens": f"(defaults: {_sampling_defaults('max_new_tokens')})"}),))
-
-
-def main(argv=None) -> None:
-    config = COMMAND.parse(argv)["config"]
-    run_command(COMMAND.prog, lambda: generate_answers(config))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

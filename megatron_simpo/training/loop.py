@@ -8,19 +8,16 @@ evaluator (held-out metrics and --eval-dump), checkpointer (resume and saves).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 
-from megatron_simpo.checkpoint import checkpointing
 from megatron_simpo.distributed import runtime
 from megatron_simpo.training.checkpointer import Checkpointer, RunFailed
 from megatron_simpo.training.components import release
 from megatron_simpo.training.config import TrainConfig
-from megatron_simpo.data.config import DataError
 from megatron_simpo.training.evaluator import Evaluator
 from megatron_simpo.training.guards import StepHealth
-from megatron_simpo.distributed.lifecycle import StopRequests, die_with_parent
+from megatron_simpo.distributed.lifecycle import StopRequests
 from megatron_simpo.training.metrics import MetricsWriter, StepRecord, at_interval, pair_flops
 from megatron_simpo.training.reference_logps import ReferenceLogps
 from megatron_simpo.training.run_setup import ModelSource, build_from_config, prepare
@@ -189,23 +186,3 @@ class _Session:
         if health.skipped_total:
             self.say(f"> {health.skipped_total} step(s) skipped for non-finite values")
         return self.summary
-
-
-def main(argv=None) -> None:
-    """CLI entry point. A user's mistake (flags, data, checkpoints, disk) ends in one
-    ``train_simpo: error: ...`` line from rank 0 and exit code 2; a run that cannot go on
-    (non-finite steps, unsavable weights) in one such line and exit code 3."""
-    from megatron_simpo.cli.arguments import PROG, parse_args
-    from megatron_simpo.cli.flags import run_command
-
-    config = parse_args(argv)
-    prepared = run_command(PROG, lambda: prepare(config),
-                           errors={(ValueError, FileNotFoundError, RuntimeError): 2})
-    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
-        die_with_parent()
-    run_command(PROG, lambda: run(config, prepared), distributed=True,
-                errors={RunFailed: 3, (checkpointing.CheckpointError, DataError): 2})
-
-
-if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
-    main()

@@ -18,7 +18,6 @@ that one argument list serves both commands.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ import torch
 from megatron_simpo.data.batching import PairLengths, plan_forward
 from megatron_simpo.data.config import DataError
 from megatron_simpo.data.collate import TokenizedPair
-from megatron_simpo.cli.flags import Parser, Section, run_command
 
 FORMAT = "megatron_simpo.reference_logps/1"
 
@@ -188,50 +186,3 @@ def compute(config, output: str | Path) -> Path:
               f"to {output}", flush=True)
     dist.barrier()
     return output
-
-
-@dataclass(frozen=True)
-class ReferenceLogpsOptions:
-    """``megatron-simpo-reference-logps``'s own options, taken out of the training command
-    line before it is parsed (the file they name does not exist yet)."""
-
-    output: str | None = None
-    """where the log-probs are written (default: --reference-logps)"""
-    reference_logps: str | None = None
-    """the training command line's file of precomputed log-probs: here, the file written"""
-
-    def __post_init__(self) -> None:
-        if not (self.output or self.reference_logps):
-            raise ValueError("give --output FILE (or the training command line's "
-                             "--reference-logps FILE)")
-
-    @property
-    def path(self) -> str:
-        return self.output or self.reference_logps
-
-
-PROG = "compute_reference_logps"
-_OPTIONS = Section("reference log-probs", ReferenceLogpsOptions, key="reference",
-                   fields=("output", "reference_logps"))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``megatron-simpo-reference-logps [--output FILE] <training flags>``."""
-    from megatron_simpo.checkpoint import checkpointing
-    from megatron_simpo.cli.arguments import build_parser, parse_args
-
-    own = Parser(prog=PROG, description=__doc__, add_help=False,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _OPTIONS.add_to(own)
-    known, rest = own.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(own.format_help() + "\n" + build_parser(PROG).format_help())
-        return
-    options = run_command(PROG, lambda: _OPTIONS.build(known))
-    config = parse_args(rest, prog=PROG)
-    run_command(PROG, lambda: compute(config, options.path), distributed=True, errors={
-        (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError): 2})
-
-
-if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
-    main()

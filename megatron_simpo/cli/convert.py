@@ -42,8 +42,8 @@ def megatron_to_hf_main(argv=None, *, run_on_ranks=None) -> None:
     print(f"saved {done.path} ({done.dtype}: {done.why})")
 
 
-if __name__ == "__main__":  # python -m megatron_simpo.convert.cli hf-to-megatron|megatron-to-hf ...
+if __name__ == "__main__":  # python -m megatron_simpo.cli.convert hf-to-megatron|megatron-to-hf ...
     commands = {"hf-to-megatron": hf_to_megatron_main, "megatron-to-hf": megatron_to_hf_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m megatron_simpo.convert.cli {{{','.join(commands)}}} ...")
+        sys.exit(f"usage: python -m megatron_simpo.cli.convert {{{','.join(commands)}}} ...")
     commands[sys.argv[1]](sys.argv[2:])
