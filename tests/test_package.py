@@ -1,5 +1,6 @@
 """The package installs with pip and works from any directory, console scripts included."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -29,3 +30,44 @@ def test_pip_install_then_import_and_help_from_outside_the_repo(tmp_path):
                                    env=env, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-2000:]
         assert "usage:" in completed.stdout and "--save" in completed.stdout
+
+
+# Which sub-packages each may import (besides itself and the package's own __init__): the
+# architecture, from the bottom up. Nothing imports cli/; data/ and model/ never import training/.
+LAYERS = {
+    "distributed": set(),
+    "model": {"distributed"},
+    "data": {"distributed"},
+    "checkpoint": {"model", "distributed"},
+    "training": {"data", "model", "distributed", "checkpoint"},
+    "convert": {"model", "distributed", "checkpoint"},
+    "evaluation": {"data", "model", "distributed", "checkpoint", "convert"},
+    "cli": {"data", "model", "distributed", "checkpoint", "training", "convert", "evaluation"},
+}
+
+
+def _imported_subpackages(path: Path) -> set[str]:
+    """Sub-packages of megatron_simpo a file imports at run time (TYPE_CHECKING blocks aside)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and "TYPE_CHECKING" in ast.unparse(node.test) for b in node.body for n in ast.walk(b)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.ImportFrom) or not node.module:
+            continue
+        if node.module == "megatron_simpo":
+            found.update(alias.name for alias in node.names)
+        elif node.module.startswith("megatron_simpo."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_sub_packages_depend_one_way():
+    package = ROOT / "megatron_simpo"
+    assert sorted(p.name for p in package.iterdir() if (p / "__init__.py").exists()) == \
+        sorted(LAYERS)
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py"]  # no flat modules
+    for layer, allowed in LAYERS.items():
+        for path in sorted((package / layer).rglob("*.py")):
+            wrong = _imported_subpackages(path) - allowed - {layer}
+            assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"

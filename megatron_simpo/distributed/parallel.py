@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from megatron_simpo.model.architecture import ModelConfig
+if TYPE_CHECKING:  # an annotation only: distributed/ does not depend on model/
+    from megatron_simpo.model.architecture import ModelConfig
 
 
 @dataclass(frozen=True, kw_only=True)
