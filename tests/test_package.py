@@ -71,3 +71,21 @@ def test_sub_packages_depend_one_way():
         for path in sorted((package / layer).rglob("*.py")):
             wrong = _imported_subpackages(path) - allowed - {layer}
             assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+
+
+def test_one_batch_walkthrough_names_only_functions_that_exist():
+    """docs/one-batch.md follows a batch through `file:function` hops; each must still be
+    defined there (a module-level function or class, or Class.method)."""
+    import re
+
+    text = (ROOT / "docs" / "one-batch.md").read_text()
+    hops = re.findall(r"(megatron_simpo/[\w/]+\.py):([\w.]+)", text)
+    assert len(hops) >= 25
+    for path, qualname in hops:
+        tree = ast.parse((ROOT / path).read_text())
+        scope = tree.body
+        for part in qualname.split("."):
+            found = [node for node in scope if isinstance(
+                node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.name == part]
+            assert found, f"docs/one-batch.md: {path}:{qualname} is not defined there"
+            scope = found[0].body
