@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from megatron_simpo.data.config import DataConfig
 from megatron_simpo.data.sampler import PairSampler

@@ -59,8 +59,6 @@ def _microbatch(vocab: int, pairs: int, row: int, seed: int):
 
 
 def _profile_report(profiler, path: Path) -> None:
-    import torch
-
     averages = profiler.key_averages()
     lines = ["== by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=30),
              "== by device time", averages.table(sort_by="self_device_time_total", row_limit=20)]

@@ -55,27 +55,17 @@ class ParallelConfig:
 
     def check_model(self, model: ModelConfig) -> None:
         """Refuse sizes the model cannot be split by, naming the flag (before the model is built)."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if model.num_attention_heads % tp != 0:
-            raise ValueError(
-                f"--tensor-model-parallel-size ({tp}) must divide the number of attention heads "
-                f"({model.num_attention_heads})"
-            )
-        if model.num_query_groups % tp != 0:
-            raise ValueError(
-                f"--tensor-model-parallel-size ({tp}) must divide the number of query groups "
-                f"(key/value heads: {model.num_query_groups}); TP splits whole groups"
-            )
-        if model.ffn_hidden_size % tp != 0:
-            raise ValueError(
-                f"--tensor-model-parallel-size ({tp}) must divide the MLP hidden size "
-                f"({model.ffn_hidden_size})"
-            )
-        if model.num_layers % pp != 0:
-            raise ValueError(
-                f"--pipeline-model-parallel-size ({pp}) must divide the number of layers "
-                f"({model.num_layers})"
-            )
+        tp = ("--tensor-model-parallel-size", self.tensor_model_parallel_size)
+        pp = ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size)
+        for (flag, size), count, what in (
+                (tp, model.num_attention_heads,
+                 f"the number of attention heads ({model.num_attention_heads})"),
+                (tp, model.num_query_groups, "the number of query groups (key/value heads: "
+                                             f"{model.num_query_groups}); TP splits whole groups"),
+                (tp, model.ffn_hidden_size, f"the MLP hidden size ({model.ffn_hidden_size})"),
+                (pp, model.num_layers, f"the number of layers ({model.num_layers})")):
+            if count % size != 0:
+                raise ValueError(f"{flag} ({size}) must divide {what}")
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> None:
         self.check_world_size(world_size)
