@@ -20,179 +20,29 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARDING_TYPE,
+                                              TRACKER_FILE, CheckpointError, TrainState,
+                                              check_model_config, checkpoint_assets,
+                                              find_checkpoint, iteration_dir, optimizer_metadata,
+                                              os_reason, read_model_config, read_train_iteration,
+                                              read_train_state, remove_iterations_after,
+                                              saved_iterations, shard_reason, train_state_from,
+                                              write_tracker)
 from megatron_simpo.distributed.runtime import max_over_world
+from megatron_simpo.model.architecture import ModelConfig
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-MODEL_CONFIG_FILE = "model_config.json"
-# Distributed-optimizer state in canonical per-parameter form, which reshards over TP, PP and DP
-# (Megatron-LM's choice too). The type is recorded in the checkpoint and reused when loading.
-OPTIMIZER_SHARDING_TYPE = "fully_reshardable"
-
-
-def _optimizer_metadata(sharding_type: str) -> dict:
-    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or written; the message names the folder (and the shard or
-    the operating system's reason)."""
-
-
-@dataclass(frozen=True)
-class TrainState:
-    """Where training stands: what a resume needs besides weights and optimizer state."""
-
-    iteration: int
-    consumed_samples: int
-    data_fingerprint: str | None = None
-    """Identity of the training data the run read (data_cache.PreparedData.fingerprint); None
-    in checkpoints written before it was recorded."""
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
-    """The iteration folder a path names: a save root (its latest iteration) or an iter_ folder."""
-    path = Path(path)
-    if (path / MODEL_CONFIG_FILE).is_file() and (path / "metadata.json").is_file():
-        return path
-    tracker = path / TRACKER_FILE
-    if not tracker.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no checkpoint there (no {TRACKER_FILE} and not "
-                                f"an iter_NNNNNNN folder)")
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{flag} {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
-    folder = iteration_dir(path, int(text))
-    if not (folder / "metadata.json").is_file():
-        raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
-                                f"{folder} is missing or incomplete")
-    return folder
-
-
-def saved_iterations(root: str | Path) -> list[int]:
-    """The complete iterations saved under a save folder, in order."""
-    root = Path(root)
-    found = []
-    for folder in root.glob("iter_*"):
-        number = folder.name.removeprefix("iter_")
-        if number.isdigit() and (folder / "metadata.json").is_file():
-            found.append(int(number))
-    return sorted(found)
-
-
-def read_train_state(checkpoint: Path) -> TrainState | None:
-    """Where a full checkpoint stands, read without its shards (None for weights only)."""
-    from megatron.core import dist_checkpointing
-
-    saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
-    return None if saved is None else _train_state(saved)
-
-
-def _train_state(saved: dict) -> TrainState:
-    """The TrainState of a checkpoint's saved "train_state" entry."""
-    return TrainState(int(saved["iteration"]), int(saved["consumed_samples"]),
-                      saved.get("data_fingerprint"))
-
-
-def read_train_iteration(checkpoint: Path) -> int | None:
-    """The iteration a full checkpoint was saved at (None for weights only)."""
-    state = read_train_state(checkpoint)
-    return None if state is None else state.iteration
-
-
-def remove_iterations_after(root: str | Path, iteration: int) -> None:
-    """What ``--overwrite`` replaces: the iterations after ``iteration`` (all of a fresh run's,
-    with its tracker; the metrics file is the loop's to trim). Rank 0 only."""
-    root = Path(root)
-    for number in saved_iterations(root):
-        if number > iteration:
-            shutil.rmtree(iteration_dir(root, number))
-    for partial in root.glob("iter_*.partial"):
-        shutil.rmtree(partial)
-    if iteration == 0:
-        (root / TRACKER_FILE).unlink(missing_ok=True)
-    elif (root / TRACKER_FILE).is_file():
-        _write_tracker(root, iteration)
-
-
-def _write_tracker(root: Path, iteration: int) -> None:
-    temporary = root / (TRACKER_FILE + ".tmp")
-    temporary.write_text(f"{iteration}\n")
-    os.replace(temporary, root / TRACKER_FILE)
-
-
-def _os_reason(error: BaseException) -> str:
-    """The operating system's reason behind a failed write, found in the exception chain (and
-    in the per-rank failures PyTorch's distributed checkpoint collects), else its first line."""
-    seen, pending = set(), [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror + (f": {current.filename}" if current.filename else "")
-        pending += [current.__cause__, current.__context__,
-                    getattr(current, "exception", None), getattr(current, "exc", None)]
-        pending += list(getattr(current, "failures", {}).values() or [])
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _damaged_shards(checkpoint: Path) -> list[str]:
-    """Shard files shorter than the checkpoint's index says they are, or missing."""
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
-    except BaseException:  # no readable index either: nothing more to say
-        return []
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
-    damaged = []
-    for name, size in sorted(needed.items()):
-        path = checkpoint / name
-        if not path.is_file():
-            damaged.append(f"{name} (missing)")
-        elif path.stat().st_size < size:
-            damaged.append(f"{name} ({path.stat().st_size} of {size} bytes: truncated)")
-    return damaged
-
-
-def _shard_reason(checkpoint: Path, error: BaseException) -> str:
-    """Which file of a checkpoint failed to load and why, as far as can be told."""
-    damaged = _damaged_shards(checkpoint)
-    if damaged:
-        return f"shard {', '.join(damaged)}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}{': ' + lines[-1] if lines else ''}"
-
-
-def read_model_config(checkpoint: Path) -> ModelConfig:
-    return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
-
-
-def check_model_config(checkpoint: Path, expected: ModelConfig) -> None:
-    """Refuse a checkpoint of another architecture, naming the fields that differ."""
-    saved = read_model_config(checkpoint).to_dict()
-    wanted = expected.to_dict()
-    differ = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted.get(k)!r}"
-              for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-    if differ:
-        raise ValueError(f"checkpoint {checkpoint} does not match the model: " + "; ".join(differ))
-
+# The folder layout and its readers live in checkpoint.layout; callers reach them here too.
+__all__ = ["CheckpointError", "MODEL_CONFIG_FILE", "TRACKER_FILE", "TrainState",
+           "check_model_config", "checkpoint_assets", "find_checkpoint", "iteration_dir",
+           "load_checkpoint", "load_model_state", "read_model_config", "read_train_iteration",
+           "read_train_state", "remove_iterations_after", "save_checkpoint", "save_model_only",
+           "saved_iterations", "saved_params_dtype"]
 
 def _rng_state_object(parallel_ranks: tuple[int, int, int], parallel_sizes: tuple[int, int, int]):
     from megatron.core import tensor_parallel
@@ -301,7 +151,7 @@ def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading,
-            metadata=_optimizer_metadata(optimizer_sharding_type))
+            metadata=optimizer_metadata(optimizer_sharding_type))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -346,7 +196,7 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
     if max_over_world(0 if failure is None else 1):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        reason = _os_reason(failure) if failure is not None else "another rank failed to write"
+        reason = os_reason(failure) if failure is not None else "another rank failed to write"
         raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
                               f"{_latest_note(root)}") from failure
     if rank == 0:
@@ -355,7 +205,7 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
         os.replace(partial, final)
         current = _tracked_iteration(root)
         if current is None or iteration >= current:  # the tracker never moves backwards
-            _write_tracker(root, iteration)
+            write_tracker(root, iteration)
     dist.barrier()
     return final
 
@@ -398,18 +248,6 @@ def saved_params_dtype(checkpoint: Path) -> torch.dtype:
 
     info = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("checkpoint_info", {})
     return getattr(torch, info.get("params_dtype", "float32"))
-
-
-def checkpoint_assets(checkpoint: Path) -> dict[str, Path]:
-    """Folders saved with a checkpoint (tokenizer, original HF config): inside the iteration,
-    or next to the iterations in checkpoints written before assets moved inside."""
-    found = {}
-    for name in ("tokenizer", "hf"):
-        for folder in (checkpoint / name, checkpoint.parent / name):
-            if folder.is_dir():
-                found[name] = folder
-                break
-    return found
 
 
 def load_model_state(model, state: dict, checkpoint: Path) -> None:
@@ -458,7 +296,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
-                              f"{_shard_reason(checkpoint, error)}") from error
+                              f"{shard_reason(checkpoint, error)}") from error
     load_model_state(model, loaded["model"], checkpoint)
     if not full:
         return None
@@ -467,4 +305,4 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
-    return _train_state(saved)
+    return train_state_from(saved)

@@ -292,7 +292,7 @@ def check_output_mode(model, logprob_chunk_size: int) -> None:
         raise ValueError(
             f"logprob_chunk_size={logprob_chunk_size} but the model returns "
             f"{'hidden states' if hidden else 'logits'}: build it with memory-lean log-probs "
-            "exactly when the chunk size is > 0 (model.enable_memory_lean_logprobs)")
+            "exactly when the chunk size is > 0 (model.builder.enable_memory_lean_logprobs)")
 
 
 def output_weight(model) -> torch.Tensor:

@@ -246,7 +246,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
         vocab_size: true vocabulary size (padded logits are excluded from the softmax).
         reference_model: the frozen reference ``GPTModel`` (dpo, ipo, rdpo only).
         logprob_chunk_size: tokens scored at a time by the memory-lean log-probs, or 0 for full
-            logits; must match how the models were built (``model.enable_memory_lean_logprobs``).
+            logits; must match how the models were built (``model.builder.enable_memory_lean_logprobs``).
     """
     microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
                                   reference_model, logprob_chunk_size)

@@ -1,0 +1,187 @@
+"""The checkpoint folder: Megatron-LM's layout, the tracker file, what a saved iteration
+holds besides its shards, and the readers that need no model (see ``checkpointing``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_simpo.model.architecture import ModelConfig
+
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG_FILE = "model_config.json"
+# Distributed-optimizer state in canonical per-parameter form, which reshards over TP, PP and DP
+# (Megatron-LM's choice too). The type is recorded in the checkpoint and reused when loading.
+OPTIMIZER_SHARDING_TYPE = "fully_reshardable"
+
+
+def optimizer_metadata(sharding_type: str) -> dict:
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or written; the message names the folder (and the shard or
+    the operating system's reason)."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where training stands: what a resume needs besides weights and optimizer state."""
+
+    iteration: int
+    consumed_samples: int
+    data_fingerprint: str | None = None
+    """Identity of the training data the run read (data_cache.PreparedData.fingerprint); None
+    in checkpoints written before it was recorded."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
+    """The iteration folder a path names: a save root (its latest iteration) or an iter_ folder."""
+    path = Path(path)
+    if (path / MODEL_CONFIG_FILE).is_file() and (path / "metadata.json").is_file():
+        return path
+    tracker = path / TRACKER_FILE
+    if not tracker.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no checkpoint there (no {TRACKER_FILE} and not "
+                                f"an iter_NNNNNNN folder)")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{flag} {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
+    folder = iteration_dir(path, int(text))
+    if not (folder / "metadata.json").is_file():
+        raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
+                                f"{folder} is missing or incomplete")
+    return folder
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """The complete iterations saved under a save folder, in order."""
+    root = Path(root)
+    found = []
+    for folder in root.glob("iter_*"):
+        number = folder.name.removeprefix("iter_")
+        if number.isdigit() and (folder / "metadata.json").is_file():
+            found.append(int(number))
+    return sorted(found)
+
+
+def read_train_state(checkpoint: Path) -> TrainState | None:
+    """Where a full checkpoint stands, read without its shards (None for weights only)."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
+    return None if saved is None else train_state_from(saved)
+
+
+def train_state_from(saved: dict) -> TrainState:
+    """The TrainState of a checkpoint's saved "train_state" entry."""
+    return TrainState(int(saved["iteration"]), int(saved["consumed_samples"]),
+                      saved.get("data_fingerprint"))
+
+
+def read_train_iteration(checkpoint: Path) -> int | None:
+    """The iteration a full checkpoint was saved at (None for weights only)."""
+    state = read_train_state(checkpoint)
+    return None if state is None else state.iteration
+
+
+def remove_iterations_after(root: str | Path, iteration: int) -> None:
+    """What ``--overwrite`` replaces: the iterations after ``iteration`` (all of a fresh run's,
+    with its tracker; the metrics file is the loop's to trim). Rank 0 only."""
+    root = Path(root)
+    for number in saved_iterations(root):
+        if number > iteration:
+            shutil.rmtree(iteration_dir(root, number))
+    for partial in root.glob("iter_*.partial"):
+        shutil.rmtree(partial)
+    if iteration == 0:
+        (root / TRACKER_FILE).unlink(missing_ok=True)
+    elif (root / TRACKER_FILE).is_file():
+        write_tracker(root, iteration)
+
+
+def write_tracker(root: Path, iteration: int) -> None:
+    temporary = root / (TRACKER_FILE + ".tmp")
+    temporary.write_text(f"{iteration}\n")
+    os.replace(temporary, root / TRACKER_FILE)
+
+
+def os_reason(error: BaseException) -> str:
+    """The operating system's reason behind a failed write, found in the exception chain (and
+    in the per-rank failures PyTorch's distributed checkpoint collects), else its first line."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror + (f": {current.filename}" if current.filename else "")
+        pending += [current.__cause__, current.__context__,
+                    getattr(current, "exception", None), getattr(current, "exc", None)]
+        pending += list(getattr(current, "failures", {}).values() or [])
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def damaged_shards(checkpoint: Path) -> list[str]:
+    """Shard files shorter than the checkpoint's index says they are, or missing."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    except BaseException:  # no readable index either: nothing more to say
+        return []
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    damaged = []
+    for name, size in sorted(needed.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            damaged.append(f"{name} (missing)")
+        elif path.stat().st_size < size:
+            damaged.append(f"{name} ({path.stat().st_size} of {size} bytes: truncated)")
+    return damaged
+
+
+def shard_reason(checkpoint: Path, error: BaseException) -> str:
+    """Which file of a checkpoint failed to load and why, as far as can be told."""
+    damaged = damaged_shards(checkpoint)
+    if damaged:
+        return f"shard {', '.join(damaged)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}{': ' + lines[-1] if lines else ''}"
+
+
+def read_model_config(checkpoint: Path) -> ModelConfig:
+    return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
+
+
+def check_model_config(checkpoint: Path, expected: ModelConfig) -> None:
+    """Refuse a checkpoint of another architecture, naming the fields that differ."""
+    saved = read_model_config(checkpoint).to_dict()
+    wanted = expected.to_dict()
+    differ = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted.get(k)!r}"
+              for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differ:
+        raise ValueError(f"checkpoint {checkpoint} does not match the model: " + "; ".join(differ))
+
+
+def checkpoint_assets(checkpoint: Path) -> dict[str, Path]:
+    """Folders saved with a checkpoint (tokenizer, original HF config): inside the iteration,
+    or next to the iterations in checkpoints written before assets moved inside."""
+    found = {}
+    for name in ("tokenizer", "hf"):
+        for folder in (checkpoint / name, checkpoint.parent / name):
+            if folder.is_dir():
+                found[name] = folder
+                break
+    return found
