@@ -4,7 +4,7 @@ held-out curves, held-out margin distributions, length correlations, KL from the
   python tools/analyze_run.py outputs/demo          # -> outputs/demo/analysis/*.png, summary.json
 """
 
-from megatron_simpo.evaluation.analysis import main
+from megatron_simpo.cli.analyze_run import main
 
 if __name__ == "__main__":
     main()
