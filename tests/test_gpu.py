@@ -129,8 +129,7 @@ def _fp8_steps(rank, hf_state, hf_config, tmp_dir, recipe, steps):
     losses = []
     for _ in range(steps):
         result = train_step([parts.model], parts.optimizer, batch.split(2),
-                            LossConfig(beta=2.5, gamma=1.375), vocab_size=config.vocab_size,
-                            logprob_chunk_size=64)
+                            LossConfig(beta=2.5, gamma=1.375), head=parts.head)
         losses.append(result.metrics["loss"])
     return losses
 
@@ -204,6 +203,7 @@ def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
     from megatron_simpo.model.architecture import ModelConfig
     from megatron_simpo.data.collate import collate_packed
     from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.logprob_head import LogprobHead
     from megatron_simpo.training.step import _forward, _policy_logp_sums
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
@@ -221,7 +221,7 @@ def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
         for name, model, batch in (("te_padded", te, padded), ("te_thd", te, thd),
                                    ("local_masked", local, masked)):
             sums[name] = _policy_logp_sums(batch, _forward(batch, model), model,
-                                           config.vocab_size, 0)[0].float().cpu()
+                                           LogprobHead(0, config.vocab_size))[0].float().cpu()
     return sums
 
 
@@ -303,6 +303,7 @@ def _local_packed_logps(rank, hf_state, hf_config):
     from megatron_simpo.model.attention import uses_varlen
     from megatron_simpo.data.collate import collate_packed
     from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.training.logprob_head import LogprobHead
     from megatron_simpo.training.step import _forward, _policy_logp_sums
 
     config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
@@ -317,7 +318,7 @@ def _local_packed_logps(rank, hf_state, hf_config):
                                    ("fp32_padded", torch.float32, padded)):
             model = _build(hf_state, config, parallel, "local", dtype).eval()
             sums[name] = _policy_logp_sums(batch, _forward(batch, model), model,
-                                           config.vocab_size, 0)[0].float().cpu()
+                                           LogprobHead(0, config.vocab_size))[0].float().cpu()
     q = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     return sums, uses_varlen(q)
 

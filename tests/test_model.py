@@ -15,8 +15,8 @@ def _parity_worker(rank, tp, cases):
 
     from megatron_simpo.distributed import runtime
     from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
-    from megatron_simpo.model.builder import (build_model, check_output_mode,
-                                              enable_memory_lean_logprobs)
+    from megatron_simpo.training.logprob_head import LogprobHead
+    from megatron_simpo.model.builder import build_model
     from megatron_simpo.distributed.parallel import ParallelConfig
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
@@ -32,16 +32,22 @@ def _parity_worker(rank, tp, cases):
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         with torch.no_grad():
             outputs[arch] = model(input_ids=tokens, position_ids=positions, attention_mask=None)
-    # The step's log-prob path must match what the model returns: logits here ...
+    # The step's log-prob head must match what the model returns: logits here ...
     outputs["mode_errors"] = []
-    for build_lean, chunk in ((False, 8), (True, 0)):
-        if build_lean:  # ... and hidden states once memory-lean log-probs are on.
-            enable_memory_lean_logprobs(model)
+    lean = build_model(config, parallel, output_mode="hidden_states")
+    for built, chunk in ((model, 8), (lean, 0)):  # ... and hidden states when built lean.
         try:
-            check_output_mode(model, chunk)
+            LogprobHead(chunk, config.vocab_size).check(built)
         except ValueError as error:
             outputs["mode_errors"].append(str(error))
-    check_output_mode(model, 8)  # the matching chunk size passes
+    LogprobHead(8, config.vocab_size).check(lean)  # the matching heads pass
+    LogprobHead(0, config.vocab_size).check(model)
+    # Built lean, the last stage returns the final hidden states [b, s, h] (gathered along the
+    # sequence), and keeps the output layer's parameters under their checkpoint names.
+    with torch.no_grad():
+        hidden = lean.eval()(input_ids=tokens, position_ids=positions, attention_mask=None)
+    outputs["lean_shape"] = tuple(hidden.shape)
+    outputs["same_names"] = lean.state_dict().keys() == model.state_dict().keys()
     return outputs
 
 
@@ -60,6 +66,8 @@ def test_logits_match_hugging_face(tp):
     for result in results:
         assert [e.split(" but ")[1][:25] for e in result["mode_errors"]] == [
             "the model returns logits:", "the model returns hidden "]
+        assert result["lean_shape"] == (2, SEQ, cases[-1][1]["hidden_size"])
+        assert result["same_names"]
     for arch, hf_logits in expected.items():
         logits = torch.cat([r[arch] for r in results], dim=-1)  # [b, s, V_padded]
         vocab = hf_logits.shape[-1]
@@ -85,10 +93,14 @@ def test_spec_selection():
 
 
 def test_memory_lean_logprobs_flag_is_validated():
-    from megatron_simpo.model.builder import check_output_mode
+    from megatron_simpo.training.logprob_head import LogprobHead
+    from megatron_simpo.model.builder import build_model
 
     with pytest.raises(ValueError, match="--logprob-chunk-size must be an integer >= 0"):
-        check_output_mode(object(), -1)
+        LogprobHead(-1, vocab_size=128)
+    with pytest.raises(ValueError, match="output_mode must be one of logits, hidden_states"):
+        build_model(ModelConfig.from_hf_config(tiny_hf_config("llama3")), None,
+                    output_mode="hidden")
 
 
 def _packed_worker(rank, hf_config, hf_state, sequences):

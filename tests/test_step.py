@@ -128,9 +128,9 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
         microbatches = shard.split(num_microbatches)
     else:
         microbatches = _laid_out(batch, layout, dp_size)[dp_rank]
-    result = train_step([model], optimizer, microbatches, loss_config,
-                        vocab_size=config.vocab_size, reference_model=reference,
-                        logprob_chunk_size=chunk_size or 0)
+    assert parts.head.chunk_size == (chunk_size or 0)
+    result = train_step([model], optimizer, microbatches, loss_config, head=parts.head,
+                        reference_model=reference)
     finish_param_sync([model])
 
     def gather(tensors):

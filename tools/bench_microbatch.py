@@ -112,8 +112,7 @@ def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, ov
     def step(mbs):
         _sync()
         began = time.perf_counter()
-        train_step([parts.model], parts.optimizer, mbs, loss, vocab_size=config.vocab_size,
-                   logprob_chunk_size=chunk)
+        train_step([parts.model], parts.optimizer, mbs, loss, head=parts.head)
         _sync()
         return time.perf_counter() - began
 

@@ -188,8 +188,7 @@ def _preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chu
             sums = -torch.rand(batch.tokens.shape[0], generator=torch.Generator().manual_seed(0))
             batch = batch.with_reference(sums.to(batch.tokens.device) * 100)
         return train_step([parts.model], parts.optimizer, batch.split(1), loss,
-                          vocab_size=config.vocab_size, reference_model=parts.reference,
-                          logprob_chunk_size=chunk)
+                          head=parts.head, reference_model=parts.reference)
 
     parity_losses = [step(collate_pairs(_pairs(config.vocab_size, pairs, seq, 1000 + i), seq)
                           .to(env.device)).metrics["loss"] for i in range(parity_steps)]
@@ -344,7 +343,7 @@ def _megatron_simpo_step(rank, model_dir, pairs, steps, warmup, beta, gamma, lr,
 
     def step():
         result = train_step([parts.model], parts.optimizer, batch.split(1), loss,
-                            vocab_size=config.vocab_size, logprob_chunk_size=chunk)
+                            head=parts.head)
         losses.append(result.metrics["loss"])
 
     seconds = _median_seconds(step, steps, warmup)
@@ -479,7 +478,7 @@ def _layout_run(rank, model_dir, pairs, global_batch, micro, batching, seq_lengt
                                  seq_length=seq_length)
         microbatches = [collate_microbatch(tokenized, mb).to(env.device) for mb in plan.ranks[0]]
         result = train_step([parts.model], parts.optimizer, microbatches, loss,
-                            vocab_size=config.vocab_size, logprob_chunk_size=chunk)
+                            head=parts.head)
         times.append(time.perf_counter() - began)
         real.append(plan.real_tokens)
         processed.append(plan.processed_tokens)

@@ -19,6 +19,10 @@ from megatron_simpo.distributed.parallel import ParallelConfig
 
 TransformerImpl = Literal["local", "transformer_engine"]
 TRANSFORMER_IMPLS = get_args(TransformerImpl)
+ModelOutput = Literal["logits", "hidden_states"]
+"""What the last pipeline stage returns: [b, s, V_p/tp] logits, or [b, s, h] final hidden states
+(memory-lean log-probs: ``megatron_simpo.logprob_head``)."""
+MODEL_OUTPUTS = get_args(ModelOutput)
 
 
 def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
@@ -166,14 +170,19 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
                 transformer_impl: TransformerImpl = "local",
                 params_dtype: torch.dtype = torch.float32,
                 pre_process: bool | None = None, post_process: bool | None = None,
-                **transformer_overrides: Any):
+                output_mode: ModelOutput = "logits", **transformer_overrides: Any):
     """Build this rank's ``GPTModel`` (its TP shard of its pipeline stage).
 
-    Needs ``parallel_state`` initialised with the same TP/PP sizes. The output layer returns
-    vocab-parallel logits (``parallel_output=True``): [b, s, V_padded/tp] when no labels are given.
+    Needs ``parallel_state`` initialised with the same TP/PP sizes. With ``output_mode``
+    "logits" the last stage returns vocab-parallel logits (``parallel_output=True``):
+    [b, s, V_padded/tp] when no labels are given; with "hidden_states" its final hidden states
+    [b, s, h] (the output layer is built all the same: same parameters, same checkpoint names).
     """
     from megatron.core import parallel_state
 
+    if output_mode not in MODEL_OUTPUTS:
+        raise ValueError(f"output_mode must be one of {', '.join(MODEL_OUTPUTS)}, got "
+                         f"{output_mode!r}")
     parallel.check_model(config)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -195,6 +204,7 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         rotary_base=config.rope_theta,
         rope_scaling=config.rope_scaling_factor is not None,
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
+        output_mode=output_mode,
     )
     if not torch.cuda.is_available():
         return model
@@ -226,7 +236,15 @@ def _gpt_model_class():
     class PositionedGPTModel(GPTModel):
         """GPTModel whose rotary embedding is taken at ``position_ids`` (restarting per packed
         sequence) instead of 0..s-1; THD-packed batches (Transformer Engine) keep
-        Megatron-Core's own per-segment RoPE (packed rows of the local spec, sbhd, do not)."""
+        Megatron-Core's own per-segment RoPE (packed rows of the local spec, sbhd, do not).
+
+        ``output_mode`` "hidden_states": the last stage returns its final hidden states
+        [b, s, h] in place of the logits (the output layer keeps its parameters, unused here;
+        the log-prob head reads its weight)."""
+
+        def __init__(self, *args, output_mode: ModelOutput = "logits", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.output_mode = output_mode
 
         def _preprocess(self, input_ids, position_ids, *args, **kwargs):
             output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -235,64 +253,44 @@ def _gpt_model_class():
                 return output
             return (output[0], _rotary_at_positions(self, output[1], position_ids), *output[2:])
 
+        def _postprocess(self, hidden_states, **kwargs):
+            if self.output_mode == "logits" or not self.post_process:
+                return super()._postprocess(hidden_states, **kwargs)
+            return _final_hidden_states(self, hidden_states, kwargs.get("labels"))
+
     return PositionedGPTModel
 
 
-class _HiddenStatesOut:
-    """The output layer's forward under memory-lean log-probs: hidden states pass through."""
+def _final_hidden_states(model, hidden_states: torch.Tensor, labels) -> torch.Tensor:
+    """The last stage's output with ``output_mode`` "hidden_states": [b, s, h] from the final
+    norm's [s, b, h] ([s/tp, b, h] under sequence parallelism, gathered as the output layer
+    would gather its input; backward reduce-scatters, so each TP rank's gradient is its
+    vocabulary shard's share)."""
+    if labels is not None:
+        raise ValueError("a model built with output_mode='hidden_states' computes no "
+                         "language-model loss: give no labels")
+    # The output layer is not called: run its forward pre-hooks as a call would (Megatron
+    # DDP's wait for its weight's all-gather under --overlap-param-gather is one).
+    _run_forward_pre_hooks(model.output_layer, hidden_states)
+    if model.output_layer.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    def __init__(self, output_layer):
-        self.sequence_parallel = output_layer.sequence_parallel
-
-    def __call__(self, hidden_states, weight=None, runtime_gather_output=None):
-        if self.sequence_parallel:
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-            # [s/tp, b, h] -> [s, b, h], as the output layer would gather its input. Backward
-            # reduce-scatters: each TP rank's gradient is its vocabulary shard's share.
-            hidden_states = gather_from_sequence_parallel_region(
-                hidden_states, tensor_parallel_output_grad=True)
-        return hidden_states, None
-
-
-def enable_memory_lean_logprobs(model) -> None:
-    """Make the last stage return final hidden states [b, s, h] instead of logits.
-
-    The log-probs are then computed by ``logprobs.fused_output_logprobs`` from the hidden states
-    (gathered along the sequence under sequence parallelism) and the output weight, a chunk of
-    tokens at a time, so the micro-batch's full [b, s, V_p/tp] logits never exist. The output
-    layer keeps its parameters (and checkpoint names); only its forward becomes a pass-through.
-    The chunk size is the training step's argument (``logprob_chunk_size``), checked against the
-    model by :func:`check_output_mode`. Other pipeline stages have no output layer: a no-op.
-    """
-    if getattr(model, "post_process", False):
-        model.output_layer.forward = _HiddenStatesOut(model.output_layer)
+        hidden_states = gather_from_sequence_parallel_region(  # [s/tp, b, h] -> [s, b, h]
+            hidden_states, tensor_parallel_output_grad=True)
+    return hidden_states.transpose(0, 1).contiguous()  # [s b h] => [b s h]
 
 
-def returns_hidden_states(model) -> bool | None:
-    """True if the last stage returns hidden states (memory-lean), False for logits, None if
-    this stage has no output layer."""
-    model = getattr(model, "module", model)
-    if not getattr(model, "post_process", False):
-        return None
-    return isinstance(model.output_layer.forward, _HiddenStatesOut)
+def _run_forward_pre_hooks(module: torch.nn.Module, *args) -> None:
+    """What ``module(*args)`` runs before its forward: the global and the module's own
+    forward pre-hooks (their results, which would replace the arguments, are not needed)."""
+    from torch.nn.modules.module import _global_forward_pre_hooks
 
-
-def check_chunk_size(logprob_chunk_size: int) -> None:
-    if not isinstance(logprob_chunk_size, int) or logprob_chunk_size < 0:
-        raise ValueError("--logprob-chunk-size must be an integer >= 0 (0 = full logits), got "
-                         f"{logprob_chunk_size!r}")
-
-
-def check_output_mode(model, logprob_chunk_size: int) -> None:
-    """Refuse a step whose log-prob path does not match what the model returns."""
-    check_chunk_size(logprob_chunk_size)
-    hidden = returns_hidden_states(model)
-    if hidden is not None and hidden != (logprob_chunk_size > 0):
-        raise ValueError(
-            f"logprob_chunk_size={logprob_chunk_size} but the model returns "
-            f"{'hidden states' if hidden else 'logits'}: build it with memory-lean log-probs "
-            "exactly when the chunk size is > 0 (model.builder.enable_memory_lean_logprobs)")
+    for hooks in (_global_forward_pre_hooks, module._forward_pre_hooks):
+        for hook_id, hook in hooks.items():
+            if hook_id in module._forward_pre_hooks_with_kwargs:
+                hook(module, args, {})
+            else:
+                hook(module, args)
 
 
 def output_weight(model) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """What a training step needs, built in the one order Megatron-Core requires.
 
 The policy ``GPTModel`` is built and its weights filled before it is wrapped (DDP copies
-parameters into its contiguous buffers at wrap time); memory-lean log-probs are switched on
-before wrapping too; the optimizer is built over the wrapped model and installs the gradient
+parameters into its contiguous buffers at wrap time), with the output its log-prob head needs
+(``logprob_head``: logits, or hidden states for memory-lean log-probs); the optimizer is built over the wrapped model and installs the gradient
 finalisation hooks; the schedule wraps the optimizer. The frozen reference model (dpo, ipo,
 rdpo) gets the same layers and precision but no recomputation, no DDP and no gradients. The training loop,
 the benchmark and the tests all build through :func:`build_components`.
@@ -16,10 +16,10 @@ from typing import Any, Callable
 import torch
 
 from megatron_simpo.model.architecture import ModelConfig
-from megatron_simpo.model.builder import (TransformerImpl, build_model, check_chunk_size,
-                                          enable_memory_lean_logprobs)
+from megatron_simpo.training.logprob_head import LogprobHead
+from megatron_simpo.model.builder import TransformerImpl, build_model
 from megatron_simpo.training.optimizer import (OptimizerSettings, build_optimizer, build_scheduler,
-                                               remove_schedule_hooks, wrap_with_ddp)
+                                      remove_schedule_hooks, wrap_with_ddp)
 from megatron_simpo.distributed.parallel import ParallelConfig
 
 LoadWeights = Callable[[torch.nn.Module], None]
@@ -37,8 +37,8 @@ class TrainingComponents:
     """Megatron-Core's ``OptimizerParamScheduler`` (None when no run length was given)."""
     reference: Any | None
     """The frozen reference ``GPTModel`` (dpo, ipo, rdpo; None otherwise)."""
-    logprob_chunk_size: int
-    """What the step passes on: tokens scored at a time (memory-lean), or 0 for full logits."""
+    head: LogprobHead
+    """How the step scores the models' output: the policy and the reference were built for it."""
 
 
 def build_components(model_config: ModelConfig, parallel: ParallelConfig,
@@ -60,12 +60,12 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
         transformer_overrides: ``TransformerConfig`` fields of the policy beyond the
             architecture (recomputation, FP8).
         reference_overrides: the same for the reference (FP8 only: nothing to recompute).
-        logprob_chunk_size: > 0 switches both models to memory-lean log-probs.
+        logprob_chunk_size: > 0 builds both models for memory-lean log-probs (the head's
+            chunk size; 0 = full logits).
         total_iters: run length in optimizer steps; builds the learning-rate schedule.
     """
-    check_chunk_size(logprob_chunk_size)
-    settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl,
-                    logprob_chunk_size=logprob_chunk_size)
+    head = LogprobHead(logprob_chunk_size, vocab_size=model_config.vocab_size)
+    settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl, head=head)
     policy = _build(model_config, parallel, overrides=transformer_overrides, load=load_policy,
                     **settings)
     model = wrap_with_ddp(policy, optimizer)
@@ -78,33 +78,31 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
         reference = build_reference(model_config, parallel, overrides=reference_overrides,
                                     load=load_reference, **settings)
     return TrainingComponents(model=model, optimizer=megatron_optimizer, scheduler=scheduler,
-                              reference=reference, logprob_chunk_size=logprob_chunk_size)
+                              reference=reference, head=head)
 
 
 def _build(model_config: ModelConfig, parallel: ParallelConfig, *, params_dtype: torch.dtype,
            transformer_impl: TransformerImpl, overrides: dict[str, Any] | None,
-           load: LoadWeights | None, logprob_chunk_size: int):
-    """This rank's ``GPTModel``, weights from ``load`` (else random), lean log-probs on."""
+           load: LoadWeights | None, head: LogprobHead):
+    """This rank's ``GPTModel`` returning what ``head`` scores, weights from ``load`` (else
+    random)."""
     model = build_model(model_config, parallel, transformer_impl=transformer_impl,
-                        params_dtype=params_dtype, **(overrides or {}))
+                        params_dtype=params_dtype, output_mode=head.model_output,
+                        **(overrides or {}))
     if load is not None:
         load(model)
-    if logprob_chunk_size:
-        enable_memory_lean_logprobs(model)
     return model
 
 
-def build_reference(model_config: ModelConfig, parallel: ParallelConfig, *,
+def build_reference(model_config: ModelConfig, parallel: ParallelConfig, *, head: LogprobHead,
                     params_dtype: torch.dtype = torch.float32,
                     transformer_impl: TransformerImpl = "local",
-                    overrides: dict[str, Any] | None = None, load: LoadWeights | None = None,
-                    logprob_chunk_size: int = 1024):
-    """A frozen reference ``GPTModel`` (eval mode, no gradients), as :func:`build_components`
-    builds it beside the policy; also used alone to precompute its log-probs."""
-    check_chunk_size(logprob_chunk_size)
+                    overrides: dict[str, Any] | None = None, load: LoadWeights | None = None):
+    """A frozen reference ``GPTModel`` (eval mode, no gradients) returning what ``head``
+    scores, as :func:`build_components` builds it beside the policy; also used alone to
+    precompute its log-probs."""
     model = _build(model_config, parallel, params_dtype=params_dtype,
-                   transformer_impl=transformer_impl, overrides=overrides, load=load,
-                   logprob_chunk_size=logprob_chunk_size)
+                   transformer_impl=transformer_impl, overrides=overrides, load=load, head=head)
     return model.eval().requires_grad_(False)
 
 

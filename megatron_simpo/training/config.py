@@ -10,7 +10,8 @@ from typing import Literal, get_args
 from megatron_simpo.data.batching import BatchingConfig
 from megatron_simpo.data.config import DataConfig
 from megatron_simpo.training.losses import WITH_REFERENCE, LossConfig
-from megatron_simpo.model.builder import TRANSFORMER_IMPLS, TransformerImpl, check_chunk_size
+from megatron_simpo.training.logprob_head import check_chunk_size
+from megatron_simpo.model.builder import TRANSFORMER_IMPLS, TransformerImpl
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
 from megatron_simpo.model.precision import Fp8Config, sequence_alignment

@@ -17,11 +17,10 @@ class Evaluator:
     forward pass."""
 
     def __init__(self, config: TrainConfig, data: TrainingData, parts: TrainingComponents,
-                 vocab_size: int, total_iters: int, dp_rank: int, dp_size: int, device):
+                 total_iters: int, dp_rank: int, dp_size: int, device):
         self.config, self.parts, self.total_iters = config, parts, total_iters
         self.valid_pairs = data.valid_pairs
-        self.options = dict(vocab_size=vocab_size, reference_model=parts.reference,
-                            logprob_chunk_size=parts.logprob_chunk_size)
+        self.options = dict(head=parts.head, reference_model=parts.reference)
         self.batches, self.batch_pairs = data.eval_microbatches(config, dp_rank, dp_size,
                                                                 device)
 

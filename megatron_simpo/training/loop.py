@@ -114,8 +114,8 @@ class _Session:
         for warning in data.warnings(config, self.dp_size):
             self.say(warning)
         self.parts = build_from_config(config, source, total_iters)
-        self.evaluator = Evaluator(config, data, self.parts, source.config.vocab_size,
-                                   total_iters, self.dp_rank, self.dp_size, env.device)
+        self.evaluator = Evaluator(config, data, self.parts, total_iters, self.dp_rank,
+                                   self.dp_size, env.device)
         self.checkpointer = Checkpointer(config, source, self.parts, data, total_iters,
                                          env.rank, self.say)
 
@@ -142,9 +142,8 @@ class _Session:
             indices, self.config, self.dp_rank, self.dp_size, self.env.device)
         learning_rate = self.parts.optimizer.param_groups[0]["lr"]
         result = train_step([self.parts.model], self.parts.optimizer, microbatches,
-                            self.config.loss, vocab_size=self.source.config.vocab_size,
-                            reference_model=self.parts.reference,
-                            logprob_chunk_size=self.parts.logprob_chunk_size)
+                            self.config.loss, head=self.parts.head,
+                            reference_model=self.parts.reference)
         if not result.skipped_non_finite:  # a skipped step leaves the schedule where it was
             self.parts.scheduler.step(increment=1)
             self.updated = True

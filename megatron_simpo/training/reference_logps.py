@@ -155,7 +155,7 @@ def compute(config, output: str | Path) -> Path:
     config.parallel.validate(world_size, source.config)
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     data = TrainingData.load(config, source)
-    model = build_reference_from_config(config, source)
+    model, head = build_reference_from_config(config, source)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     holds_results = (parallel_state.is_pipeline_last_stage()
@@ -165,8 +165,7 @@ def compute(config, output: str | Path) -> Path:
         mine = list(range(dp_rank, len(pairs), dp_size))  # each pair on one data-parallel rank
         for microbatch in _forward_microbatches(data, pairs, mine, config):
             batch = data.collate(pairs, microbatch, config, env.device, None)
-            [batch] = attach_reference_logps(model, [batch], source.config.vocab_size,
-                                             config.logprob_chunk_size)
+            [batch] = attach_reference_logps(model, [batch], head)
             if holds_results:
                 sums = batch.reference_logp_sum.double().cpu().reshape(-1, 2)
                 found.update((pair_key(pairs[i]), tuple(s.tolist()))

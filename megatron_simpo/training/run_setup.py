@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ from megatron_simpo.distributed import runtime
 from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.training.components import TrainingComponents, build_components, build_reference
 from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.training.metrics import METRICS_FILE
 from megatron_simpo.model.builder import check_packed_attention, check_transformer_impl
 from megatron_simpo.model.precision import check_fp8_support
@@ -100,10 +102,9 @@ def _load_pretrained(source: ModelSource):
 
 
 def _model_settings(config: TrainConfig) -> dict:
-    """What the policy and the reference share: precision, layers, log-prob path."""
+    """What the policy and the reference share: precision, layers."""
     return dict(params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                transformer_impl=config.transformer_impl,
-                logprob_chunk_size=config.logprob_chunk_size)
+                transformer_impl=config.transformer_impl)
 
 
 def _reference_overrides(config: TrainConfig) -> dict | None:
@@ -119,6 +120,7 @@ def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
     load_pretrained = _load_pretrained(source)
     return build_components(
         source.config, config.parallel, config.optimizer, **_model_settings(config),
+        logprob_chunk_size=config.logprob_chunk_size,
         transformer_overrides=config.transformer_overrides(),
         reference_overrides=_reference_overrides(config),
         load_policy=load_pretrained if source.resume_from is None and source.weights_from else None,
@@ -126,8 +128,12 @@ def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
         total_iters=total_iters)
 
 
-def build_reference_from_config(config: TrainConfig, source: ModelSource):
-    """The run's frozen reference model alone (megatron-simpo-reference-logps)."""
-    return build_reference(source.config, config.parallel, **_model_settings(config),
-                           overrides=_reference_overrides(config),
-                           load=_load_pretrained(source))
+def build_reference_from_config(config: TrainConfig, source: ModelSource
+                                ) -> tuple[Any, LogprobHead]:
+    """The run's frozen reference model alone (megatron-simpo-reference-logps), and the
+    log-prob head it was built for."""
+    head = LogprobHead(config.logprob_chunk_size, vocab_size=source.config.vocab_size)
+    model = build_reference(source.config, config.parallel, head=head,
+                            **_model_settings(config), overrides=_reference_overrides(config),
+                            load=_load_pretrained(source))
+    return model, head

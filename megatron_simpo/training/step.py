@@ -19,9 +19,8 @@ import torch.distributed as dist
 
 from megatron_simpo.data.collate import PreferenceBatch
 from megatron_simpo.training.guards import finite_everywhere, gradient_buffers
-from megatron_simpo.training.logprobs import (fused_output_logprobs, sequence_logprobs,
-                                              vocab_parallel_logprobs)
-from megatron_simpo.model.builder import check_output_mode, output_weight
+from megatron_simpo.training.logprob_head import LogprobHead
+from megatron_simpo.training.logprobs import sequence_logprobs
 from megatron_simpo.training.losses import WITH_REFERENCE, LossConfig, preference_loss
 
 
@@ -41,37 +40,18 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, vocab_size: int,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
 
-    ``output`` is [b, s, V_p/tp] logits (``chunk_size`` 0), or [b, s, h] hidden states when
-    the model runs with memory-lean log-probs: then only the response positions are scored,
-    through the output weight, ``chunk_size`` tokens at a time. Unpacked, sequence j is row j
+    ``output`` is what ``head`` scores: [b, s, V_p/tp] logits, or [b, s, h] hidden states
+    (memory-lean: only the response positions are scored). Unpacked, sequence j is row j
     (b = 2n); packed (b = 1), ``batch.sequence_ids`` says which sequence a position scores.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    if not chunk_size:
-        token_logps = vocab_parallel_logprobs(output, batch.labels, vocab_size=vocab_size,
-                                              tp_group=group)
-        if not batch.packed:
-            return sequence_logprobs(token_logps, batch.loss_mask)
-        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
-        logps = token_logps[rows, positions]
-    else:
-        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
-        hidden = output[rows, positions]
-        if not _unwrap(model).config.sequence_parallel:
-            # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
-            # Under sequence parallelism the output layer's gather already reduce-scatters it.
-            hidden = copy_to_tensor_model_parallel_region(hidden)
-        weight = output_weight(_unwrap(model))
-        logps = fused_output_logprobs(hidden, weight, batch.labels[rows, positions],
-                                      vocab_size=vocab_size, tp_group=group,
-                                      chunk_size=chunk_size)
+    if head.full_logits and not batch.packed:
+        return sequence_logprobs(head.logps(output, batch.labels, model), batch.loss_mask)
+    rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+    logps = head.logps(output, batch.labels, model, at=(rows, positions))
     sequences = batch.sequence_ids[rows, positions] if batch.packed else rows
     mask = batch.loss_mask[rows, positions].to(logps.dtype)
     zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
@@ -83,8 +63,7 @@ class _StepSpec:
     """What every micro-batch's forward step needs besides its batch and model."""
 
     loss: LossConfig
-    vocab_size: int
-    logprob_chunk_size: int
+    head: LogprobHead
 
 
 @dataclass(frozen=True)
@@ -99,8 +78,7 @@ class _Report:
 
 def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Tensor):
     """Megatron schedule loss function: (sum of pair losses, pair count, ``_Report``)."""
-    logp_sum, count = _policy_logp_sums(batch, output, model, spec.vocab_size,
-                                        spec.logprob_chunk_size)
+    logp_sum, count = _policy_logp_sums(batch, output, model, spec.head)
     reference = batch.reference_logp_sum
     loss, metrics = preference_loss(
         logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], spec.loss,
@@ -137,11 +115,11 @@ def _forward_step(spec: _StepSpec, data_iterator, model):
     return _forward(batch, model), partial(_loss_func, batch, spec, model)
 
 
-def _logp_sums_forward_step(vocab_size: int, chunk_size: int, data_iterator, model):
+def _logp_sums_forward_step(head: LogprobHead, data_iterator, model):
     batch = next(data_iterator)
 
     def collect(output):
-        logp_sum, _ = _policy_logp_sums(batch, output, model, vocab_size, chunk_size)
+        logp_sum, _ = _policy_logp_sums(batch, output, model, head)
         return logp_sum.sum(), torch.tensor(0, dtype=torch.int), logp_sum
 
     return _forward(batch, model), collect
@@ -165,31 +143,31 @@ def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], mo
 
 
 def attach_reference_logps(reference_model, microbatches: Sequence[PreferenceBatch],
-                           vocab_size: int, logprob_chunk_size: int = 0) -> list[PreferenceBatch]:
+                           head: LogprobHead) -> list[PreferenceBatch]:
     """The extra pass of DPO, IPO and R-DPO: the frozen reference model's summed log-probs,
     attached to each batch.
 
     A forward-only pipeline pass; the sums exist on the last stage, which is the only place the
     loss reads them, so other stages get their batches back unchanged.
     """
-    sums = sequence_logp_sums(reference_model, microbatches, vocab_size, logprob_chunk_size)
+    sums = sequence_logp_sums(reference_model, microbatches, head)
     if not sums:  # not the last pipeline stage
         return list(microbatches)
     return [batch.with_reference(logp_sum) for batch, logp_sum in zip(microbatches, sums)]
 
 
-def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], vocab_size: int,
-                       logprob_chunk_size: int = 0) -> list[torch.Tensor]:
-    """A forward-only pipeline pass of ``model``: each micro-batch's [2n] summed response
-    log-probs (chosen, rejected, ... as the batch's sequences), fp32. On the last pipeline
-    stage; an empty list on the others."""
-    check_output_mode(model, logprob_chunk_size)
+def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], head: LogprobHead
+                       ) -> list[torch.Tensor]:
+    """A forward-only pipeline pass of ``model`` (built for ``head``): each micro-batch's [2n]
+    summed response log-probs (chosen, rejected, ... as the batch's sequences), fp32. On the
+    last pipeline stage; an empty list on the others."""
+    head.check(model)
     was_training = _unwrap(model).training
     model.eval()
     try:
         with torch.no_grad():
-            return _run_schedule(partial(_logp_sums_forward_step, vocab_size, logprob_chunk_size),
-                                 microbatches, [model], forward_only=True)
+            return _run_schedule(partial(_logp_sums_forward_step, head), microbatches, [model],
+                                 forward_only=True)
     finally:
         model.train(was_training)
 
@@ -216,7 +194,7 @@ def _global_metric_means(per_microbatch: list[_Report],
 
 
 def _prepare(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
-             vocab_size: int, reference_model, logprob_chunk_size: int):
+             head: LogprobHead, reference_model):
     """Check the models against the step's settings; the reference log-probs attached."""
     precomputed = all(batch.reference_logp_sum is not None for batch in microbatches)
     if reference_model is not None and not loss_config.needs_reference:
@@ -226,16 +204,15 @@ def _prepare(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_c
         raise ValueError(f"--algorithm {loss_config.algorithm} needs a reference model or "
                          "precomputed reference log-probs on every batch")
     for chunk in model_chunks:
-        check_output_mode(chunk, logprob_chunk_size)
+        head.check(chunk)
     if reference_model is not None:
-        microbatches = attach_reference_logps(reference_model, microbatches, vocab_size,
-                                              logprob_chunk_size)
-    return microbatches, _StepSpec(loss_config, vocab_size, logprob_chunk_size)
+        microbatches = attach_reference_logps(reference_model, microbatches, head)
+    return microbatches, _StepSpec(loss_config, head)
 
 
 def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceBatch],
-               loss_config: LossConfig, *, vocab_size: int, reference_model=None,
-               logprob_chunk_size: int = 0) -> StepResult:
+               loss_config: LossConfig, *, head: LogprobHead, reference_model=None
+               ) -> StepResult:
     """Forward/backward every micro-batch of this DP rank's share of the global batch, then step.
 
     Args:
@@ -243,13 +220,12 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
         optimizer: from ``optimizer.build_optimizer`` (installs the gradient finalisation hooks).
         microbatches: this data-parallel rank's micro-batches (shapes may differ; so may their
             number across data-parallel ranks: the loss is normalised by the global pair count).
-        vocab_size: true vocabulary size (padded logits are excluded from the softmax).
+        head: how the models' output is scored (full logits or memory-lean, the true
+            vocabulary size); the models must have been built for it (``build_components``).
         reference_model: the frozen reference ``GPTModel`` (dpo, ipo, rdpo only).
-        logprob_chunk_size: tokens scored at a time by the memory-lean log-probs, or 0 for full
-            logits; must match how the models were built (``model.builder.enable_memory_lean_logprobs``).
     """
-    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
-                                  reference_model, logprob_chunk_size)
+    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, head,
+                                  reference_model)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -281,12 +257,11 @@ class Evaluation:
 
 
 def evaluate(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
-             *, vocab_size: int, reference_model=None, logprob_chunk_size: int = 0
-             ) -> Evaluation:
+             *, head: LogprobHead, reference_model=None) -> Evaluation:
     """Forward-only pass over held-out micro-batches: global means of the same metrics, and
     each pair's log-prob sums from that pass (no second pass for per-pair values)."""
-    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, vocab_size,
-                                  reference_model, logprob_chunk_size)
+    microbatches, spec = _prepare(model_chunks, microbatches, loss_config, head,
+                                  reference_model)
     for chunk in model_chunks:
         chunk.eval()
     try:
