@@ -43,10 +43,15 @@ def _parity_worker(rank, tp, cases):
     LogprobHead(8, config.vocab_size).check(lean)  # the matching heads pass
     LogprobHead(0, config.vocab_size).check(model)
     # Built lean, the last stage returns the final hidden states [b, s, h] (gathered along the
-    # sequence), and keeps the output layer's parameters under their checkpoint names.
+    # sequence), and keeps the output layer's parameters under their checkpoint names. The
+    # output layer's forward pre-hooks still run (Megatron DDP waits there for its weight's
+    # all-gather under --overlap-param-gather).
+    hooked = []
+    lean.output_layer.register_forward_pre_hook(lambda module, args: hooked.append(module))
     with torch.no_grad():
         hidden = lean.eval()(input_ids=tokens, position_ids=positions, attention_mask=None)
     outputs["lean_shape"] = tuple(hidden.shape)
+    outputs["hooks_ran"] = hooked == [lean.output_layer]
     outputs["same_names"] = lean.state_dict().keys() == model.state_dict().keys()
     return outputs
 
@@ -67,7 +72,7 @@ def test_logits_match_hugging_face(tp):
         assert [e.split(" but ")[1][:25] for e in result["mode_errors"]] == [
             "the model returns logits:", "the model returns hidden "]
         assert result["lean_shape"] == (2, SEQ, cases[-1][1]["hidden_size"])
-        assert result["same_names"]
+        assert result["same_names"] and result["hooks_ran"]
     for arch, hf_logits in expected.items():
         logits = torch.cat([r[arch] for r in results], dim=-1)  # [b, s, V_padded]
         vocab = hf_logits.shape[-1]

@@ -1,11 +1,12 @@
 """What a training step needs, built in the one order Megatron-Core requires.
 
 The policy ``GPTModel`` is built and its weights filled before it is wrapped (DDP copies
-parameters into its contiguous buffers at wrap time), with the output its log-prob head needs
-(``logprob_head``: logits, or hidden states for memory-lean log-probs); the optimizer is built over the wrapped model and installs the gradient
-finalisation hooks; the schedule wraps the optimizer. The frozen reference model (dpo, ipo,
-rdpo) gets the same layers and precision but no recomputation, no DDP and no gradients. The training loop,
-the benchmark and the tests all build through :func:`build_components`.
+parameters into its contiguous buffers at wrap time), returning what its log-prob head scores
+(``logprob_head``: logits, or hidden states for memory-lean log-probs); the optimizer is built
+over the wrapped model and installs the gradient finalisation hooks; the schedule wraps the
+optimizer. The frozen reference model (dpo, ipo, rdpo) gets the same layers, precision and head
+but no recomputation, no DDP and no gradients. The training loop, the benchmark and the tests
+all build through :func:`build_components`.
 """
 
 from __future__ import annotations
