@@ -30,7 +30,7 @@ setup(
     ],
     # Transformer Engine and NVIDIA Apex come from the NGC container: optional imports only.
     # TRL (pinned: the tests call its trainers' loss methods) is for tests and benchmarks only:
-    # its losses are compared with ours, and tools/bench_simpo.py --only trl times its CPOTrainer.
+    # its losses are compared with ours, and `python -m tools.bench trl` times its CPOTrainer.
     # scipy: the tests check the analyses' statistics against it.
     extras_require={"test": ["pytest>=7", "trl==1.16.0", "scipy"], "bench": ["trl==1.16.0"]},
     entry_points={"console_scripts": [

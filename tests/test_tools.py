@@ -8,15 +8,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(name, out, *flags):
+    """``python -m tools.bench NAME FLAGS --output OUT`` from the repository root."""
+    return subprocess.run([sys.executable, "-m", "tools.bench", name, *flags, "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
 def test_bench_simpo_runs_and_reports_ratios(tmp_path):
-    out = tmp_path / "bench.json"
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_simpo.py"), "--steps", "1", "--warmup", "0",
-         "--seq", "64", "--vocab", "1000", "--hidden", "32", "--chunk", "16", "--step-seq", "32",
-         "--pairs", "2", "--output", str(out)],
-        capture_output=True, text=True, timeout=600)
+    timing = ("--steps", "1", "--warmup", "0", "--chunk", "16")
+    logprobs = _bench("logprobs", tmp_path / "logprobs.json", *timing, "--seq", "64", "--vocab",
+                      "1000", "--hidden", "32")
+    assert logprobs.returncode == 0, logprobs.stderr[-2000:]
+    completed = _bench("steps", tmp_path / "steps.json", *timing, "--step-seq", "32",
+                       "--pairs", "2")
     assert completed.returncode == 0, completed.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "steps.json").read_text())
+    report["logprobs"] = json.loads((tmp_path / "logprobs.json").read_text())["logprobs"]
     assert report["device"] == "cpu"
     # Toy sizes: the values are noise (a peak RSS can even sit below its baseline); the
     # report's shape is what is checked here.
@@ -28,3 +35,20 @@ def test_bench_simpo_runs_and_reports_ratios(tmp_path):
     for algorithm in ("simpo", "dpo", "dpo_precomputed"):
         assert report["steps"][algorithm]["model_tflops_per_second"] > 0
         assert report["steps"][algorithm]["tokens_per_second"] > 0
+
+
+def test_bench_dispatch_names_every_benchmark_and_builds_its_options():
+    """``python tools/bench/__main__.py --help`` (run as a file) lists the benchmarks; every
+    benchmark module imports and parses its defaults (its options dataclasses build)."""
+    import importlib
+
+    from tools.bench.__main__ import BENCHMARKS
+
+    listed = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "__main__.py"),
+                             "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    for name, (module_name, _) in BENCHMARKS.items():
+        assert f"  {name} " in listed.stdout
+        module = importlib.import_module(f"tools.bench.{module_name}")
+        if hasattr(module, "COMMAND"):  # microbatch parses with plain argparse
+            assert all(value is not None for value in module.COMMAND.parse([]).values())

@@ -19,7 +19,7 @@ impl=${2:-local}
 mkdir -p "$out"
 log="$out/gpu-checks.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
-bench="python3 tools/bench_simpo.py --transformer-impl $impl"
+bench="python3 -m tools.bench"
 
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2 began rc
@@ -43,7 +43,8 @@ try:
     import transformer_engine; print(\"transformer_engine\", transformer_engine.__version__)
 except ImportError as e: print(\"no transformer_engine:\", e)"'
 
-smoke() { stage smoke 90 $bench --only steps --preset cpu-small --pairs 2 --step-seq 256 --steps 1 --warmup 1; }
+smoke() { stage smoke 90 $bench steps --transformer-impl $impl --preset cpu-small --pairs 2 \
+    --step-seq 256 --steps 1 --warmup 1; }
 if ! smoke && [ -n "${FALLBACK_PYTHONPATH:-}" ]; then
     export PYTHONPATH="$(pwd):$FALLBACK_PYTHONPATH"
     stage env-fallback 30 python3 -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
@@ -52,15 +53,15 @@ fi
 
 stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests ${GPU_TESTS_K:+-k "$GPU_TESTS_K"}
 # The lean log-prob stage at 2,048 tokens (speed) and 16k tokens (memory), against the plain one.
-stage logprobs 90 $bench --only logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
+stage logprobs 90 $bench logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
     --output "$out/logprobs.json"
-stage logprobs-16k 60 $bench --only logprobs --vocab 128256 --seq 16384 --hidden 2048 \
+stage logprobs-16k 60 $bench logprobs --vocab 128256 --seq 16384 --hidden 2048 \
     --chunk 1024 --steps 3 --warmup 1 --output "$out/logprobs-16k.json"
 # Time per micro-batch of new shape vs its FLOPs at the 4,096-token rate (one profiled step).
-stage microbatch 100 python3 tools/bench_microbatch.py --preset llama3.2-1b --tokens 1024 4096 \
+stage microbatch 100 $bench microbatch --preset llama3.2-1b --tokens 1024 4096 \
     --microbatches 8 --steps 3 --warmup 2 --profile "$out" --output "$out/microbatch.json"
-stage steps 180 $bench --only steps --preset llama3.2-1b --pairs 4 --step-seq 2048 --chunk 1024 \
-    --output "$out/steps.json"
-stage lengths 200 $bench --only lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
+stage steps 180 $bench steps --transformer-impl $impl --preset llama3.2-1b --pairs 4 \
+    --step-seq 2048 --chunk 1024 --output "$out/steps.json"
+stage lengths 200 $bench lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
     --steps 2 --warmup 1 --output "$out/lengths.json"
 echo "=== done" | tee -a "$log"

@@ -1,15 +1,37 @@
-#!/usr/bin/env python
 """Local core attention: Megatron-Core's DotProductAttention vs SDPAttention (torch SDPA).
 
 Forward + backward of the attention core alone, causal, grouped-query, fp32 on CPU (bf16 on a
 GPU), median of --steps after --warmup, both in one process; prints the SDPA / local time ratio
 and the largest output difference.
+
+  python -m tools.bench attention --seq 1024 --heads 8 --groups 2
 """
 
-import argparse
-import json
+from __future__ import annotations
+
+import dataclasses
 import statistics
 import time
+from dataclasses import dataclass
+
+from tools.bench.common import Timing, command, sync, write_report
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    seq: int = 1024
+    """Tokens per sequence."""
+    batch: int = 2
+    """Sequences."""
+    heads: int = 8
+    """Query heads."""
+    groups: int = 2
+    """Key/value heads (query groups)."""
+    head_dim: int = 64
+    """Channels per head."""
+
+
+COMMAND = command("attention", __doc__, shape=AttentionOptions, timing=Timing)
 
 
 def _run(rank, seq, batch, heads, groups, head_dim, steps, warmup):
@@ -42,13 +64,11 @@ def _run(rank, seq, batch, heads, groups, head_dim, steps, warmup):
         times = []
         for step in range(warmup + steps):
             leaves = [t.clone().requires_grad_(True) for t in inputs]
-            if gpu:
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             out = module(*leaves, attention_mask=None)
             out.float().sum().backward()
-            if gpu:
-                torch.cuda.synchronize()
+            sync()
             if step >= warmup:
                 times.append(time.perf_counter() - start)
         outputs[name] = out.detach().float()
@@ -58,29 +78,15 @@ def _run(rank, seq, batch, heads, groups, head_dim, steps, warmup):
     return report
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from megatron_simpo.distributed.launch import run_on_ranks
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--groups", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--output")
-    args = parser.parse_args()
-    report = run_on_ranks(1, _run, args.seq, args.batch, args.heads, args.groups, args.head_dim,
-                          args.steps, args.warmup)[0]
-    report.update(vars(args), date=time.strftime("%Y-%m-%d"))
+    options = COMMAND.parse(argv)
+    shape, timing = options["shape"], options["timing"]
+    report = run_on_ranks(1, _run, shape.seq, shape.batch, shape.heads, shape.groups,
+                          shape.head_dim, timing.steps, timing.warmup)[0]
+    report.update(dataclasses.asdict(shape), **dataclasses.asdict(timing),
+                  date=time.strftime("%Y-%m-%d"))
     print(f"local {report['local']['seconds']:.4f} s, SDPA {report['sdpa']['seconds']:.4f} s: "
           f"SDPA / local time {report['time_ratio']:.3f}x; max |diff| {report['max_abs_diff']:.2e}")
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(report, handle, indent=2)
-
-
-if __name__ == "__main__":  # the guard matters: the benchmark spawns its rank
-    main()
+    write_report(timing.output, report)

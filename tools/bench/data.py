@@ -16,20 +16,21 @@ and micro-batch), and reports per rank:
 * the resident memory each rank gains in the data stage (RSS after minus before, file-backed
   pages of the memory map included), for the cache and for the in-memory path.
 
-  python tools/bench_data.py                    # 100,000 pairs, 32k vocabulary, 2 ranks
-  python tools/bench_data.py --pairs 5000 --list-pairs 5000   # a quick look
+  python -m tools.bench data                    # 100,000 pairs, 32k vocabulary, 2 ranks
+  python -m tools.bench data --pairs 5000 --list-pairs 5000   # a quick look
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from tools.bench.common import command, write_report
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -142,22 +143,32 @@ def _on_ranks(ranks, *args):
     return run_on_ranks(ranks, _data_stage, *args)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--pairs", type=int, default=100_000)
-    parser.add_argument("--list-pairs", type=int, default=20_000,
-                        help="pairs for the in-memory path (every rank holds them all as Python "
-                             "lists; 100,000 would need ~10 GB per rank); the cache is measured "
-                             "on the same pairs too, for the ratio")
-    parser.add_argument("--vocab", type=int, default=32_000)
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--dataset-num-proc", type=int, default=None)
-    parser.add_argument("--global-batch", type=int, default=128)
-    parser.add_argument("--workdir", default=None, help="keep the data here (default: a temp dir)")
-    parser.add_argument("--output", default=None, help="write the report as JSON")
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class DataOptions:
+    pairs: int = 100_000
+    """Synthetic pairs (the cache is measured on them)."""
+    list_pairs: int = 20_000
+    """Pairs for the in-memory path (every rank holds them all as Python lists; 100,000 would
+    need ~10 GB per rank); the cache is measured on the same pairs too, for the ratio."""
+    vocab: int = 32_000
+    """BPE vocabulary trained on the data."""
+    ranks: int = 2
+    """gloo ranks of every measurement."""
+    dataset_num_proc: int | None = None
+    """Tokenizing processes of a cold cache."""
+    global_batch: int = 128
+    """Pairs of the first global batch planned."""
+    workdir: str | None = None
+    """Keep the data here (default: a temp dir)."""
+    output: str | None = None
+    """Write the report as JSON."""
+
+
+COMMAND = command("data", __doc__, options=DataOptions)
+
+
+def main(argv=None) -> None:
+    args = COMMAND.parse(argv)["options"]
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -202,11 +213,7 @@ def main() -> None:
     summary["rss_ratio_cached_vs_list"] = (summary["cached_rss_growth_mb_per_rank_small"]
                                            / summary["list_rss_growth_mb_per_rank_small"])
     print(json.dumps(summary, indent=1))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=1))
+    write_report(args.output, report, indent=1)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Time per micro-batch against its size: is there a fixed cost per micro-batch of new shape?
 
 One rank, one model (random weights, bf16 on a GPU), SimPO steps of ``--microbatches`` micro-
@@ -13,7 +12,7 @@ Time per micro-batch = step time / micro-batches (the optimizer step included, a
 The report gives model TFLOP/s (megatron_simpo.model.flops) and, against the largest size's ``repeat``
 rate, how much slower than its FLOPs each kind runs: 1.0 means no fixed cost at all.
 
-  python tools/bench_microbatch.py --preset llama3.2-1b --tokens 1024 4096 --profile OUT
+  python -m tools.bench microbatch --preset llama3.2-1b --tokens 1024 4096 --profile OUT
 
 ``--profile DIR`` also records one ``new`` step of the smallest size with torch.profiler
 (DIR/microbatch_profile.txt: operators by host and device time, syncs, allocator calls, and
@@ -24,22 +23,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.bench_simpo import PRESETS  # noqa: E402
-
-
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from tools.bench.common import PRESETS, device_name, sync, write_report
 
 
 def _microbatch(vocab: int, pairs: int, row: int, seed: int):
@@ -110,10 +98,10 @@ def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, ov
                 for row in rows]
 
     def step(mbs):
-        _sync()
+        sync()
         began = time.perf_counter()
         train_step([parts.model], parts.optimizer, mbs, loss, head=parts.head)
-        _sync()
+        sync()
         return time.perf_counter() - began
 
     results = {}
@@ -144,10 +132,11 @@ def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, ov
     return results
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from megatron_simpo.distributed.launch import run_on_ranks
 
-    parser = argparse.ArgumentParser(description=__doc__,
+    # Plain argparse: --tokens takes several values, which the flag generator does not offer.
+    parser = argparse.ArgumentParser(prog="python -m tools.bench microbatch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048],
@@ -162,16 +151,14 @@ def main() -> None:
                              "bias-dropout-add, persistent layer norm)")
     parser.add_argument("--profile", help="folder for microbatch_profile.txt")
     parser.add_argument("--output", help="JSON report")
-    args = parser.parse_args()
-    import torch
-
+    args = parser.parse_args(argv)
     overrides = (dict(bias_activation_fusion=False, bias_dropout_fusion=False,
                       persist_layer_norm=False) if args.no_fusions else None)
     tokens = sorted(args.tokens)
     results = run_on_ranks(1, _run, PRESETS[args.preset], tokens, args.pairs, args.microbatches,
                            args.steps, args.warmup, args.chunk, overrides, args.profile)[0]
     reference = results[f"repeat {tokens[-1]}"]["tflops"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name()
     print(f"device: {device}; preset {args.preset}; {args.microbatches} micro-batches of "
           f"{args.pairs} pairs per step; fusions {'off' if args.no_fusions else 'on'}")
     print(f"{'micro-batches':<16}{'s / micro-batch':>16}{'TFLOP/s':>9}{'x FLOP time':>13}")
@@ -179,11 +166,6 @@ def main() -> None:
         row["slowdown_vs_largest"] = reference / row["tflops"]
         print(f"{name:<16}{row['seconds_per_microbatch']:>16.4f}{row['tflops']:>9.1f}"
               f"{row['slowdown_vs_largest']:>13.2f}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(
-            {"device": device, "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
-             "no_fusions": args.no_fusions, "results": results}, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    write_report(args.output, {"device": device, "date": time.strftime("%Y-%m-%d"),
+                               "preset": args.preset, "no_fusions": args.no_fusions,
+                               "results": results})

@@ -1,22 +1,26 @@
-#!/usr/bin/env python
 """Benchmark the converters on a synthetic Llama-3.2-1B-shaped checkpoint (random weights).
 
 Writes the HF checkpoint (bf16, sharded safetensors), then times
-tools/convert_hf_to_megatron.py and tools/convert_megatron_to_hf.py as subprocesses while
-sampling the summed proportional memory (PSS) of each process tree. Reports wall time and peak memory
-over the model's size in bytes, as a table and (with --output) JSON.
+``python -m megatron_simpo.cli.convert`` hf-to-megatron and megatron-to-hf as subprocesses
+while sampling the summed proportional memory (PSS) of each process tree. Reports wall time and
+peak memory over the model's size in bytes, as a table and (with --output) JSON. A toy model of
+the same architecture is converted first: its peak is the processes' fixed cost.
+
+  python -m tools.bench convert --tensor-parallel-size 2
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from tools.bench.common import command, write_report
 
 
 LLAMA32_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048,
@@ -90,13 +94,24 @@ def measure(command: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_pss_bytes": peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tensor-parallel-size", type=int, default=2)
-    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
-    parser.add_argument("--workdir", help="where to write the checkpoints (default: a temp dir)")
-    parser.add_argument("--output", help="write the results as JSON here")
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class ConvertOptions:
+    tensor_parallel_size: int = 2
+    """TP of the Megatron checkpoint."""
+    pipeline_parallel_size: int = 1
+    """PP of the Megatron checkpoint."""
+    workdir: str | None = None
+    """Where to write the checkpoints (default: a temp dir)."""
+    output: str | None = None
+    """Write the results as JSON here."""
+
+
+COMMAND = command("convert", __doc__, options=ConvertOptions)
+
+
+def main(argv=None) -> None:
+    args = COMMAND.parse(argv)["options"]
+
     def convert_both(tmp: Path, config: dict) -> tuple[int, dict]:
         model_bytes = write_synthetic(tmp / "hf", config, "1GB")
         python = sys.executable
@@ -130,9 +145,4 @@ def main() -> None:
                                 "peak_minus_fixed_over_model_bytes": net}
         print(f"{name:<16}{run['seconds']:>8.1f}{run['peak_pss_bytes'] / 1e9:>13.2f}{ratio:>12.2f}"
               f"{fixed_bytes / 1e9:>10.2f}{net:>20.2f}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    write_report(args.output, result)
