@@ -17,13 +17,14 @@ $(VENV)/.installed: setup.py
 	  echo "[setup] container torch/megatron-core found: reusing them"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
 	  $(VENV_PY) -m pip install -q --no-deps -e . && \
-	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops matplotlib "pytest>=7" "trl==1.16.0" scipy; \
+	  $(VENV_PY) -m pip install -q transformers datasets safetensors psutil einops matplotlib "pytest>=7" "trl==1.16.0" scipy \
+	    "fschat==0.2.36" anthropic "alpaca-eval==0.6.6" "setuptools<81"; \
 	else \
 	  echo "[setup] CPU environment: $(TORCH_CPU_PIN) + megatron-core"; \
 	  $(PYTHON) -m venv $(VENV) && \
 	  $(VENV_PY) -m pip install -q --upgrade pip && \
 	  $(VENV_PY) -m pip install -q "$(TORCH_CPU_PIN)" && \
-	  $(VENV_PY) -m pip install -q -e ".[test]"; \
+	  $(VENV_PY) -m pip install -q -e ".[test,eval-test]"; \
 	fi
 	touch $@
 

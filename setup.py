@@ -32,7 +32,11 @@ setup(
     # TRL (pinned: the tests call its trainers' loss methods) is for tests and benchmarks only:
     # its losses are compared with ours, and `python -m tools.bench trl` times its CPOTrainer.
     # scipy: the tests check the analyses' statistics against it.
-    extras_require={"test": ["pytest>=7", "trl==1.16.0", "scipy"], "bench": ["trl==1.16.0"]},
+    # eval-test: the judges' own loaders read our answer files in the tests (FastChat's
+    # llm_judge imports anthropic; alpaca-eval 0.6.6 imports pkg_resources, gone in setuptools 81).
+    extras_require={"test": ["pytest>=7", "trl==1.16.0", "scipy"], "bench": ["trl==1.16.0"],
+                    "eval-test": ["fschat==0.2.36", "anthropic", "alpaca-eval==0.6.6",
+                                  "setuptools<81"]},
     entry_points={"console_scripts": [
         "megatron-simpo-train = megatron_simpo.cli.train:main",
         "megatron-simpo-convert-hf-to-megatron = megatron_simpo.cli.convert:hf_to_megatron_main",

@@ -24,6 +24,10 @@ def _write(path, rows, as_list=False):
     return path
 
 
+def _words(text):
+    return len(text.split())
+
+
 class Recorder:
     """A stand-in model: answers name the conversation it saw; calls are recorded."""
 
@@ -56,12 +60,16 @@ def test_arena_hard_answers_have_dict_turns(tmp_path):
     questions = read_questions("arena_hard", _write(tmp_path / "question.jsonl", ARENA))
     model = Recorder()
     path = write_answers("arena_hard", questions, model, output=tmp_path / "arena",
-                         model_id="m", overrides={"max_new_tokens": 64}, say=lambda _: None)
+                         model_id="m", overrides={"max_new_tokens": 64}, count_tokens=_words,
+                         say=lambda _: None)
     assert path == tmp_path / "arena" / "model_answer" / "m.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [q["question_id"] for q in ARENA]
     for row in rows:
-        assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp",
+                            "conv_metadata"}
+        text = row["choices"][0]["turns"][0]["content"]
+        assert row["conv_metadata"]["token_len"] == _words(text)
         assert row["model_id"] == "m" and isinstance(row["tstamp"], float)
         [choice] = row["choices"]
         assert choice["index"] == 0 and len(choice["turns"]) == 1
@@ -102,10 +110,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, benchmark, rows):
     interrupted = Recorder(fail_after=2 if benchmark == "mt_bench" else 1)
     with pytest.raises(KeyboardInterrupt):
         write_answers(benchmark, questions, interrupted, output=output, model_id="m",
-                      overrides={}, batch_size=2, say=lambda _: None)
+                      overrides={}, batch_size=2, count_tokens=_words, say=lambda _: None)
     model = Recorder()
     path = write_answers(benchmark, questions, model, output=output, model_id="m",
-                         overrides={}, batch_size=2, say=lambda _: None)
+                         overrides={}, batch_size=2, count_tokens=_words, say=lambda _: None)
     asked = [c[0]["content"] for conversations, _ in model.calls for c in conversations
              if len(c) == 1]
     expected = [q.turns[0] for q in questions[2:]]
@@ -133,9 +141,12 @@ def test_question_files_in_the_wrong_format_are_named(tmp_path):
         read_questions("arena_hard", _write(tmp_path / "q.jsonl", [ARENA[0], ARENA[0]]))
 
 
-def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path):
+def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path, monkeypatch):
     """From a Megatron checkpoint at TP2 (exported inside the tool), batched and left-padded:
-    the same tokens as transformers' generate on each prompt alone; prompts carry one BOS."""
+    the same tokens as transformers' generate on each prompt alone; prompts carry one BOS.
+    Every answer carries Arena-Hard's conv_metadata, token_len by the model's tokenizer here
+    (no tiktoken cache)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-tiktoken-cache"))
     import torch
     import transformers
 
@@ -175,6 +186,10 @@ def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path
                                  eos_token_id=tokenizer.eos_token_id)
         expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
         assert row["choices"][0]["turns"][0]["content"] == expected
+        metadata = row["conv_metadata"]
+        assert metadata["token_len"] == len(tokenizer(expected, add_special_tokens=False)
+                                            ["input_ids"])
+        assert set(metadata) == {"token_len", "header_count", "list_count", "bold_count"}
     assert len({r["choices"][0]["turns"][0]["content"] for r in rows}) > 1  # not one constant
 
 
@@ -206,13 +221,13 @@ def test_vllm_backend_writes_greedy_answers(tmp_path):
 def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
     questions = read_questions("arena_hard", _write(tmp_path / "question.jsonl", ARENA))
     write_answers("arena_hard", questions[:2], Recorder(), output=tmp_path / "data",
-                  model_id="m", overrides={}, say=lambda _: None)
+                  model_id="m", overrides={}, count_tokens=_words, say=lambda _: None)
     path = tmp_path / "data" / "model_answer" / "m.jsonl"
     whole = path.read_text()
     path.write_text(whole + '{"question_id": "q2", "answer_id": "ab')  # killed mid-line
     model = Recorder()
     write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
-                  overrides={}, say=lambda _: None)
+                  overrides={}, count_tokens=_words, say=lambda _: None)
     assert [c[0]["content"] for conversations, _ in model.calls for c in conversations] == \
         ["arena question 2", "arena question 3", "arena question 4"]
     assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
@@ -220,4 +235,4 @@ def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
     path.write_text("not json\n" + whole)
     with pytest.raises(QuestionError, match=r"m.jsonl:1: not valid JSON"):
         write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
-                      overrides={}, say=lambda _: None)
+                      overrides={}, count_tokens=_words, say=lambda _: None)

@@ -7,7 +7,9 @@ written in the exact layout each benchmark's judge reads:
   JSON list of ``{"instruction", "output", "generator", "dataset"}``, in the questions' order.
 * Arena-Hard: ``question.jsonl`` rows ``{"question_id", "category", "turns": [{"content"}]}``;
   answers ``model_answer/<model>.jsonl`` rows ``{"question_id", "answer_id", "model_id",
-  "choices": [{"index": 0, "turns": [{"content": ...}]}], "tstamp"}`` (turns are dicts).
+  "choices": [{"index": 0, "turns": [{"content": ...}]}], "tstamp", "conv_metadata"}`` (turns
+  are dicts; ``conv_metadata``, the length and markdown counts its show_result.py and style
+  control read, on single-turn answers as arena-hard-auto writes it: ``judge_metadata``).
 * MT-Bench (FastChat llm_judge): ``question.jsonl`` rows ``{"question_id", "category",
   "turns": [str, str]}``; answers ``model_answer/<model>.jsonl`` rows with
   ``"choices": [{"index": 0, "turns": [str, str]}]`` (turns are strings); the second turn is
@@ -27,6 +29,8 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
+
+from megatron_simpo.evaluation.judge_metadata import TokenCount, conv_metadata
 
 Benchmark = Literal["alpaca_eval", "arena_hard", "mt_bench"]
 BENCHMARKS: tuple[str, ...] = ("alpaca_eval", "arena_hard", "mt_bench")
@@ -65,6 +69,9 @@ class Question:
     category: str | None = None
     extra: tuple[tuple[str, object], ...] = ()
     """Fields copied to the answer (AlpacaEval's dataset)."""
+    question_id: int | str | None = None
+    """The question file's question_id as written there (its JSON type kept: MT-Bench's are
+    numbers, Arena-Hard's hex strings, which may be all digits)."""
 
 
 def _read_rows(path: Path) -> list[tuple[str, object]]:
@@ -114,7 +121,8 @@ def read_questions(benchmark: str, path: str | Path) -> list[Question]:
             if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
                 raise QuestionError(f"{where}: 'turns' must be a list of strings (MT-Bench's "
                                     "format)")
-        questions.append(Question(str(row["question_id"]), tuple(turns), row.get("category")))
+        questions.append(Question(str(row["question_id"]), tuple(turns), row.get("category"),
+                                  question_id=row["question_id"]))
     keys = [q.key for q in questions]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
@@ -163,15 +171,21 @@ def answered(benchmark: str, path: Path) -> dict[str, dict]:
     return {str(row["question_id"]): row for row in rows}
 
 
-def answer_record(benchmark: str, question: Question, outputs: list[str], model_id: str) -> dict:
-    """One answer in the benchmark's format."""
+def answer_record(benchmark: str, question: Question, outputs: list[str], model_id: str,
+                  count_tokens: TokenCount | None = None) -> dict:
+    """One answer in the benchmark's format (``count_tokens``: Arena-Hard's token_len)."""
     if benchmark == "alpaca_eval":
         return {"instruction": question.key, "output": outputs[0], "generator": model_id,
                 **dict(question.extra)}
     turns = [{"content": o} for o in outputs] if benchmark == "arena_hard" else list(outputs)
-    question_id = int(question.key) if question.key.isdigit() else question.key
-    return {"question_id": question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-            "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+    record = {"question_id": question.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+              "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+    if benchmark == "arena_hard" and len(outputs) == 1:
+        if count_tokens is None:
+            raise ValueError("Arena-Hard answers carry token_len: give count_tokens "
+                             "(judge_metadata.token_counter)")
+        record["conv_metadata"] = conv_metadata(outputs[0], count_tokens)
+    return record
 
 
 Generate = Callable[[list[list[dict]], list[Sampling]], list[str]]
@@ -180,10 +194,12 @@ Generate = Callable[[list[list[dict]], list[Sampling]], list[str]]
 
 def write_answers(benchmark: str, questions: list[Question], generate: Generate, *,
                   output: str | Path, model_id: str, overrides: dict, batch_size: int = 8,
+                  count_tokens: TokenCount | None = None,
                   say: Callable[[str], None] = print) -> Path:
     """Answer every question not yet in the answer file, ``batch_size`` at a time; the file is
     updated after each batch (atomically for AlpacaEval's JSON list, by appended lines for the
-    others), so an interruption loses at most one batch."""
+    others), so an interruption loses at most one batch. ``count_tokens``: Arena-Hard's
+    ``token_len`` (needed for arena_hard)."""
     path = answer_path(benchmark, output, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = answered(benchmark, path)
@@ -204,7 +220,8 @@ def write_answers(benchmark: str, questions: list[Question], generate: Generate,
             for i, reply in zip(live, replies):
                 conversations[i].append({"role": "assistant", "content": reply})
                 outputs[i].append(reply)
-        records = [answer_record(benchmark, q, o, model_id) for q, o in zip(batch, outputs)]
+        records = [answer_record(benchmark, q, o, model_id, count_tokens)
+                   for q, o in zip(batch, outputs)]
         if benchmark == "alpaca_eval":
             done.update((r["instruction"], r) for r in records)
             ordered = [done[q.key] for q in questions if q.key in done]

@@ -19,6 +19,7 @@ from typing import Literal
 
 from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
                                                read_questions, write_answers)
+from megatron_simpo.evaluation.judge_metadata import token_counter
 
 
 def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
@@ -200,8 +201,12 @@ def generate_answers(config: AnswersConfig) -> Path:
                                       **options)
         else:
             generate = transformers_generator(hf_dir, **options)
+        count_tokens = None
+        if config.benchmark == "arena_hard":
+            count_tokens, how = token_counter(hf_dir)
+            print(f"> Arena-Hard token_len: {how}")
         path = write_answers(config.benchmark, questions, generate, output=config.output,
                              model_id=model_id, overrides=config.overrides,
-                             batch_size=config.batch_size)
+                             batch_size=config.batch_size, count_tokens=count_tokens)
     print(f"> wrote {path} ({backend}, model id {model_id})")
     return path
