@@ -287,3 +287,55 @@ def test_launcher_checks_before_the_ranks_start(case, tmp_path):
     assert launcher.returncode == 2, err[-3000:]
     lines = _one_line(err)
     assert len(lines) == 1 and lines[0].startswith(f"train_simpo: error: {expected}"), lines
+
+
+def test_a_taken_master_port_is_one_line(demo_assets, tmp_path):
+    # MASTER_PORT given and taken: the launcher (before any rank) and a one-process run (at
+    # its rendezvous) say so in one line, exit code 2, not a 27-line EADDRINUSE traceback.
+    expected = [f"train_simpo: error: MASTER_PORT {TORCH_PORT} is in use on this machine "
+                "(another job?): leave MASTER_PORT unset on a single node (a free port is then "
+                "used), or choose another"]
+    env = dict(os.environ, MASTER_PORT=str(TORCH_PORT), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
+    with _port_held(TORCH_PORT):
+        launcher = _launch({"SAVE": str(_demo_folder(tmp_path, demo_assets, "run")),
+                            "MASTER_PORT": str(TORCH_PORT)})
+        _, err = launcher.communicate(timeout=300)
+        one_process = subprocess.run(
+            [sys.executable, "-m", "megatron_simpo.cli.train", *_tiny_flags(demo_assets),
+             "--train-data-path", str(demo_assets / "train.jsonl")],
+            env=env, capture_output=True, text=True, timeout=300)
+    assert launcher.returncode == 2 and _one_line(err) == expected, err[-3000:]
+    assert one_process.returncode == 2, one_process.stderr[-3000:]
+    assert _one_line(one_process.stderr) == expected
+
+
+_RANK_SCRIPT = '''import os, sys
+if os.environ["RANK"] == "0":
+    print("rank 0 says why", file=sys.stderr, flush=True)
+if sys.argv[1] == "crash":
+    raise RuntimeError("a bug")
+sys.exit(int(sys.argv[1]))
+'''
+
+
+@pytest.mark.parametrize("ending", ["2", "3", "crash"])
+def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path):
+    # The launcher's agent on two ranks of a small script: a rank's verdict (2, 3) is its own
+    # output and exit code alone; a crash keeps torchrun's report (and the agent's log lines),
+    # exit code 1.
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    code = ("import sys; from torch.distributed.run import parse_args; "
+            "from megatron_simpo.cli.launch import start_ranks; "
+            f"sys.exit(start_ranks(parse_args(['--nproc-per-node', '2', '--standalone', "
+            f"{str(script)!r}, {ending!r}])))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if ending == "crash":
+        assert completed.returncode == 1
+        assert "RuntimeError: a bug" in completed.stderr and "Root Cause" in completed.stderr
+        assert "exitcode" in completed.stderr  # the agent's held log line, or the report's
+    else:
+        assert completed.returncode == int(ending), completed.stderr[-3000:]
+        assert _one_line(completed.stderr) == ["rank 0 says why"]

@@ -15,7 +15,8 @@ ending.
 * **A free port by default.** A single-node run without ``--master-port`` (or ``MASTER_PORT``
   in the environment) rendezvouses on a port the system picks (torchrun's ``--standalone``),
   so two jobs on one machine do not collide on torchrun's 29500. Several nodes need a port
-  they agree on: ``--master-port`` / ``MASTER_PORT`` (default 29500, as torchrun).
+  they agree on: ``--master-port`` / ``MASTER_PORT`` (default 29500, as torchrun). A port
+  given that is taken here is one line and exit code 2.
 * Ranks started here ask the kernel to stop them when this process dies (``cli.train``).
 """
 
@@ -30,6 +31,7 @@ from typing import Sequence
 
 from megatron_simpo.cli.arguments import PROG, parse_args
 from megatron_simpo.cli.flags import run_command, user_error
+from megatron_simpo.distributed.runtime import PortInUse, port_in_use_message
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.run_setup import prepare
 
@@ -109,6 +111,22 @@ def choose_rendezvous(args) -> None:
         args.standalone = True
 
 
+def check_master_port(args) -> None:
+    """The port the user gave is free here, on the node that hosts the rendezvous (node rank
+    0 of a static rendezvous). Raises PortInUse."""
+    import socket
+
+    if args.standalone or args.rdzv_backend != "static" or args.node_rank != 0:
+        return
+    port = int(args.master_port or 29500)  # torchrun's default
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store does
+        try:
+            sock.bind(("", port))
+        except OSError:
+            raise PortInUse(port_in_use_message(port)) from None
+
+
 class _HeldBack(logging.Handler):
     """Keeps the agent's log records until the run's end tells whether they are news."""
 
@@ -165,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(train_argv)
     args = parse_torchrun_args([*torchrun_argv, "-m", TRAIN_MODULE, *train_argv])
     choose_rendezvous(args)
-    run_command(PROG, lambda: preflight(config, world_size_of(args)),
+    run_command(PROG, lambda: (check_master_port(args), preflight(config, world_size_of(args))),
                 errors={SETUP_ERRORS: 2})
     raise SystemExit(start_ranks(args))
 

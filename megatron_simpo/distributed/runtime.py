@@ -78,7 +78,21 @@ def _init_process_group(backend: str, rank: int, world_size: int) -> None:
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")  # several ranks need a port they agree on
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    except dist.DistNetworkError as error:
+        if "EADDRINUSE" not in str(error):
+            raise
+        raise PortInUse(port_in_use_message(int(os.environ["MASTER_PORT"]))) from None
+
+
+class PortInUse(RuntimeError):
+    """The rendezvous port the user gave (MASTER_PORT, --master-port) is taken on this machine."""
+
+
+def port_in_use_message(port: int) -> str:
+    return (f"MASTER_PORT {port} is in use on this machine (another job?): leave MASTER_PORT "
+            "unset on a single node (a free port is then used), or choose another")
 
 
 def max_over_world(value: int) -> int:
