@@ -310,20 +310,28 @@ def test_a_taken_master_port_is_one_line(demo_assets, tmp_path):
     assert _one_line(one_process.stderr) == expected
 
 
-_RANK_SCRIPT = '''import os, sys
-if os.environ["RANK"] == "0":
-    print("rank 0 says why", file=sys.stderr, flush=True)
-if sys.argv[1] == "crash":
+_RANK_SCRIPT = """import os, sys, time
+from megatron_simpo.cli.flags import run_command
+rank, ending = int(os.environ["RANK"]), sys.argv[1]
+if ending == "crash":
     raise RuntimeError("a bug")
-sys.exit(int(sys.argv[1]))
-'''
+
+def mistake():
+    raise ValueError(f"bad thing seen by rank {rank}")
+
+if ending == "rank1":  # a mistake only rank 1 sees; rank 0 goes on until the agent stops it
+    if rank == 0:
+        time.sleep(60)
+    run_command("prog", mistake)
+run_command("prog", mistake, errors={ValueError: int(ending)})
+"""
 
 
-@pytest.mark.parametrize("ending", ["2", "3", "crash"])
+@pytest.mark.parametrize("ending", ["2", "3", "rank1", "crash"])
 def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path):
-    # The launcher's agent on two ranks of a small script: a rank's verdict (2, 3) is its own
-    # output and exit code alone; a crash keeps torchrun's report (and the agent's log lines),
-    # exit code 1.
+    # The launcher's agent on two ranks of a small script ending through run_command: a
+    # verdict (2, 3) is one line (rank 0's; rank 1's when only rank 1 saw the mistake) and the
+    # ranks' exit code; a crash keeps torchrun's report (and the agent's log lines), exit 1.
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     code = ("import sys; from torch.distributed.run import parse_args; "
@@ -336,6 +344,7 @@ def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path)
         assert completed.returncode == 1
         assert "RuntimeError: a bug" in completed.stderr and "Root Cause" in completed.stderr
         assert "exitcode" in completed.stderr  # the agent's held log line, or the report's
-    else:
-        assert completed.returncode == int(ending), completed.stderr[-3000:]
-        assert _one_line(completed.stderr) == ["rank 0 says why"]
+        return
+    assert completed.returncode == (2 if ending == "rank1" else int(ending)), completed.stderr
+    seen_by = 1 if ending == "rank1" else 0
+    assert _one_line(completed.stderr) == [f"prog: error: bad thing seen by rank {seen_by}"]

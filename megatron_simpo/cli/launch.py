@@ -8,8 +8,9 @@ ending.
   sources exist and are readable), before a rank starts: a mistake is one
   ``train_simpo: error: ...`` line and exit code 2.
 * **A rank's one line stays one line.** The ranks run ``megatron_simpo.cli.train``; one that
-  ends for a user's mistake (exit code 2) or a run that cannot go on (3) has already written
-  its line (rank 0). The launcher then exits with that code and adds nothing: the agent's
+  ends for a user's mistake (exit code 2) or a run that cannot go on (3) leaves its line in a
+  folder of the launcher's (``flags.run_command``). The launcher prints one: rank 0's, else the
+  first failed rank's (a mistake only one rank sees), and exits with that code; the agent's
   log lines and torchrun's failure report are held back. Any other failure (a traceback, a
   signal) is a bug or a crash: the held log lines and torchrun's report follow, exit code 1.
 * **A free port by default.** A single-node run without ``--master-port`` (or ``MASTER_PORT``
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_simpo.cli.arguments import PROG, parse_args
-from megatron_simpo.cli.flags import run_command, user_error
+from megatron_simpo.cli.flags import LAUNCHER_ERRORS, run_command, user_error
 from megatron_simpo.distributed.runtime import PortInUse, port_in_use_message
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.run_setup import prepare
@@ -154,20 +155,40 @@ def _agent_logs_held():
             logger.propagate = True
 
 
+def _rank_line(folder: str, first_rank: int) -> str | None:
+    """The line rank 0 left in ``folder`` (``run_command`` under the launcher), else the one
+    of the first rank that failed, else any rank's; None if none did."""
+    lines = {int(name[4:-4]): (Path(folder) / name).read_text().strip()
+             for name in os.listdir(folder) if name.startswith("rank") and name.endswith(".txt")}
+    for rank in (0, first_rank, *sorted(lines)):
+        if lines.get(rank):
+            return lines[rank]
+    return None
+
+
 def start_ranks(args) -> int:
     """Run torchrun's agent on ``args``; the exit code this command ends with."""
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
-    with _agent_logs_held() as held:
+    with tempfile.TemporaryDirectory(prefix="megatron-simpo-launch-") as folder, \
+            _agent_logs_held() as held:
+        os.environ[LAUNCHER_ERRORS] = folder  # the ranks inherit it
         try:
             run(args)
             failure = None
         except ChildFailedError as error:
             failure = error
-    _, first = failure.get_first_failure() if failure else (None, None)
+        finally:
+            os.environ.pop(LAUNCHER_ERRORS, None)
+        first_rank, first = failure.get_first_failure() if failure else (None, None)
+        line = _rank_line(folder, first_rank) if failure else None
     if first is not None and first.exitcode in RANK_VERDICTS:
-        return first.exitcode  # rank 0 has said why, in one line
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        return first.exitcode  # the ranks' one line, said once
     for record in held.records:  # news: a crash, a signal, or warnings of a run that ended well
         logging.getLogger("torch").handle(record)
     if failure is not None:
