@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SimPO with Megatron-Core, launched by torchrun.
+# SimPO with Megatron-Core, launched by torchrun's agent (python -m megatron_simpo.cli.launch).
 #
 # Default: the authors' Llama-3-8B-Instruct recipe (beta 2.5, gamma/beta 0.55, lr 1e-6, global
 # batch 128, max length 2048 / prompt 1800, cosine with 10% warmup, one epoch, bf16) on one
@@ -21,12 +21,11 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON=${PYTHON:-python}
-TORCHRUN=("$PYTHON" -m torch.distributed.run)
 MODEL=${MODEL:-llama3-8b-instruct}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_PORT=${MASTER_PORT:-}  # default: a free port on one node, 29500 on several
 
 case "$MODEL" in
   tiny)
@@ -132,11 +131,13 @@ while [ $i -lt ${#ARGS[@]} ]; do
 done
 ARGS=("${KEPT[@]}")
 
-# Check the command line once before torchrun starts a process per GPU: a bad flag is then one
-# line and exit code 2, not one message per rank followed by torchrun's failure report.
-"$PYTHON" -m megatron_simpo.cli.arguments "${ARGS[@]}" "$@"
+# megatron_simpo.cli.launch checks the command line, the data, the checkpoints and --save once,
+# then runs torchrun's agent on megatron_simpo.cli.train: a user's mistake, found before or after
+# the ranks start, is one line and exit code 2, never torchrun's failure report. Without
+# MASTER_PORT a single node rendezvouses on a free port (two jobs on one machine never collide).
+RENDEZVOUS=(--master-addr "$MASTER_ADDR")
+if [ -n "$MASTER_PORT" ]; then RENDEZVOUS+=(--master-port "$MASTER_PORT"); fi
 
-exec "${TORCHRUN[@]}" \
-  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m megatron_simpo.cli.train "${ARGS[@]}" "$@"
+exec "$PYTHON" -m megatron_simpo.cli.launch \
+  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" "${RENDEZVOUS[@]}" \
+  -- "${ARGS[@]}" "$@"

@@ -3,6 +3,7 @@ learns, extra arguments replace its defaults, a bad flag is one line, and runs s
 signal or a killed launcher. These tests start their own processes; no reused world is idle
 (and polling) beside them in this module."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,19 +25,36 @@ def _metrics(save: Path) -> list[dict]:
 
 
 def _launch(env_overrides: dict, *args, **popen) -> subprocess.Popen:
-    env = dict(os.environ, MODEL="tiny", PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
+    """The launcher as a user starts it: no MASTER_PORT (a free port is its default)."""
+    env = dict(os.environ, MODEL="tiny", PYTHON=sys.executable)
+    env.pop("MASTER_PORT", None)
     env.update(env_overrides)
     return subprocess.Popen(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh"),
                              *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _free_port() -> int:
+TORCH_PORT = 29500
+"""torchrun's and torch's default rendezvous port: another job on the machine may hold it."""
+
+
+@contextlib.contextmanager
+def _port_held(port: int):
+    """``port`` taken by a listening socket while the block runs, as by another job (or by one
+    already: then it is held as well)."""
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            pass  # another process holds it
+        yield
+
+
+def _one_line(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +69,15 @@ def demo_assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo's run through the launcher, with its run length given on the command line (400
-    iterations replace the launcher's 500): (save folder, completed process)."""
+    iterations replace the launcher's 500), while another job holds port 29500: (save folder,
+    completed process)."""
     from megatron_simpo.model.tiny import write_default
 
     out = tmp_path_factory.mktemp("demo_run") / "demo"
     write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
-    launcher = _launch({"SAVE": str(out)}, "--train-iters", 400)
-    stdout, stderr = launcher.communicate(timeout=900)
+    with _port_held(TORCH_PORT):  # beside another job on torch's default port
+        launcher = _launch({"SAVE": str(out)}, "--train-iters", 400)
+        stdout, stderr = launcher.communicate(timeout=900)
     return out, subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
 
 
@@ -186,3 +206,145 @@ def test_launcher_reports_a_bad_flag_once(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         "train_simpo: error: argument --lr-decay-style: invalid choice: 'exponential'"), lines
     assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def test_launcher_rendezvouses_on_a_free_port_beside_a_job_on_29500(demo_run):
+    # demo_run launched without MASTER_PORT while port 29500 was held (torchrun's default: an
+    # EADDRINUSE traceback before).
+    out, completed = demo_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "EADDRINUSE" not in completed.stderr
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
+
+
+def _tiny_flags(assets: Path) -> list[str]:
+    return ["--model-config", str(assets / "config.json"), "--tokenizer", str(assets / "tokenizer"),
+            "--valid-data-path", str(assets / "valid.jsonl"), "--seq-length", "64",
+            "--max-prompt-length", "48", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "1"]
+
+
+def _bad_row_file(demo_assets: Path, tmp_path: Path) -> Path:
+    """The demo's training pairs with row 5 cut short: found only when the ranks read it."""
+    lines = (demo_assets / "train.jsonl").read_text().splitlines()
+    lines[4] = '{"prompt": "x", "chosen": '
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_one_process_run_beside_a_job_on_29500_reports_a_bad_row_in_one_line(demo_assets,
+                                                                            tmp_path):
+    # megatron-simpo-train as one plain process (no torchrun, no MASTER_PORT): its process
+    # group starts on a free port, then the data's bad row ends it in one line, exit code 2.
+    bad = _bad_row_file(demo_assets, tmp_path)
+    env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning",
+               OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)
+    with _port_held(TORCH_PORT):
+        completed = subprocess.run(
+            [sys.executable, "-m", "megatron_simpo.cli.train", *_tiny_flags(demo_assets),
+             "--train-data-path", str(bad), "--save", str(tmp_path / "run")],
+            env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert _one_line(completed.stderr) == [f"train_simpo: error: {bad}:5: not valid JSON "
+                                           "(Expecting value)"], completed.stderr[-3000:]
+
+
+def test_launcher_reports_an_error_found_by_the_ranks_in_one_line(demo_assets, tmp_path):
+    # The ranks find the bad row (the launcher checks only that the file can be read): rank 0's
+    # line, exit code 2, and neither torchrun's failure report nor its agent's log lines.
+    bad = _bad_row_file(demo_assets, tmp_path)
+    launcher = _launch({"SAVE": str(_demo_folder(tmp_path, demo_assets, "run"))},
+                       "--train-data-path", bad, "--train-iters", 2)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 2, err[-3000:]
+    assert _one_line(err) == [f"train_simpo: error: {bad}:5: not valid JSON (Expecting value)"]
+
+
+@pytest.mark.parametrize("case", ["save_holds_a_run", "load_is_no_checkpoint",
+                                  "batch_does_not_fit_the_world"])
+def test_launcher_checks_before_the_ranks_start(case, tmp_path):
+    # Mistakes the ranks used to find (one line, then torchrun's report and exit code 1): the
+    # launcher's one process finds them first.
+    from megatron_simpo.model.tiny import write_default
+
+    save = tmp_path / "demo"
+    write_default(save / "assets", train_pairs=64, valid_pairs=16, seed=11)
+    args, expected = [], ""
+    if case == "save_holds_a_run":
+        (save / "metrics.jsonl").write_text("{}\n")
+        expected = f"--save {save} already holds a run ({save / 'metrics.jsonl'}): resume it"
+    elif case == "load_is_no_checkpoint":
+        (tmp_path / "empty").mkdir()
+        args, expected = ["--load", tmp_path / "empty"], f"--load {tmp_path / 'empty'}: no checkpoint"
+    else:
+        args = ["--global-batch-size", 33]  # the launcher's world: 2 ranks of micro-batch 16
+        expected = ("--global-batch-size (33) must be divisible by --micro-batch-size (16) x "
+                    "data-parallel size (2)")
+    launcher = _launch({"SAVE": str(save)}, *args)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 2, err[-3000:]
+    lines = _one_line(err)
+    assert len(lines) == 1 and lines[0].startswith(f"train_simpo: error: {expected}"), lines
+
+
+def test_a_taken_master_port_is_one_line(demo_assets, tmp_path):
+    # MASTER_PORT given and taken: the launcher (before any rank) and a one-process run (at
+    # its rendezvous) say so in one line, exit code 2, not a 27-line EADDRINUSE traceback.
+    expected = [f"train_simpo: error: MASTER_PORT {TORCH_PORT} is in use on this machine "
+                "(another job?): leave MASTER_PORT unset on a single node (a free port is then "
+                "used), or choose another"]
+    env = dict(os.environ, MASTER_PORT=str(TORCH_PORT), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
+    with _port_held(TORCH_PORT):
+        launcher = _launch({"SAVE": str(_demo_folder(tmp_path, demo_assets, "run")),
+                            "MASTER_PORT": str(TORCH_PORT)})
+        _, err = launcher.communicate(timeout=300)
+        one_process = subprocess.run(
+            [sys.executable, "-m", "megatron_simpo.cli.train", *_tiny_flags(demo_assets),
+             "--train-data-path", str(demo_assets / "train.jsonl")],
+            env=env, capture_output=True, text=True, timeout=300)
+    assert launcher.returncode == 2 and _one_line(err) == expected, err[-3000:]
+    assert one_process.returncode == 2, one_process.stderr[-3000:]
+    assert _one_line(one_process.stderr) == expected
+
+
+_RANK_SCRIPT = """import os, sys, time
+from megatron_simpo.cli.flags import run_command
+rank, ending = int(os.environ["RANK"]), sys.argv[1]
+if ending == "crash":
+    raise RuntimeError("a bug")
+
+def mistake():
+    raise ValueError(f"bad thing seen by rank {rank}")
+
+if ending == "rank1":  # a mistake only rank 1 sees; rank 0 goes on until the agent stops it
+    if rank == 0:
+        time.sleep(60)
+    run_command("prog", mistake)
+run_command("prog", mistake, errors={ValueError: int(ending)})
+"""
+
+
+@pytest.mark.parametrize("ending", ["2", "3", "rank1", "crash"])
+def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path):
+    # The launcher's agent on two ranks of a small script ending through run_command: a
+    # verdict (2, 3) is one line (rank 0's; rank 1's when only rank 1 saw the mistake) and the
+    # ranks' exit code; a crash keeps torchrun's report (and the agent's log lines), exit 1.
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    code = ("import sys; from torch.distributed.run import parse_args; "
+            "from megatron_simpo.cli.launch import start_ranks; "
+            f"sys.exit(start_ranks(parse_args(['--nproc-per-node', '2', '--standalone', "
+            f"{str(script)!r}, {ending!r}])))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if ending == "crash":
+        assert completed.returncode == 1
+        assert "RuntimeError: a bug" in completed.stderr and "Root Cause" in completed.stderr
+        assert "exitcode" in completed.stderr  # the agent's held log line, or the report's
+        return
+    assert completed.returncode == (2 if ending == "rank1" else int(ending)), completed.stderr
+    seen_by = 1 if ending == "rank1" else 0
+    assert _one_line(completed.stderr) == [f"prog: error: bad thing seen by rank {seen_by}"]

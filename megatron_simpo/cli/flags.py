@@ -213,11 +213,20 @@ class Command:
             parser.error(str(error))
 
 
+LAUNCHER_ERRORS = "MEGATRON_SIMPO_LAUNCHER_ERRORS"
+"""Environment variable: the folder where ranks started by the launcher leave their one line."""
+
+
 def run_command(prog: str, call: Callable[[], T], *,
                 errors: Mapping[type | tuple[type, ...], int] | None = None,
                 distributed: bool = False) -> T:
     """How every entry point ends: ``call()``'s result, or, for an exception ``errors`` lists
     (default: :data:`USER_ERRORS`, exit code 2), :func:`user_error` with its message and code.
+
+    Under the launcher (``megatron_simpo.cli.launch``, which sets :data:`LAUNCHER_ERRORS`), a
+    rank writes its line to ``rank<RANK>.txt`` in that folder instead of printing it, and exits
+    with the code: the launcher prints one line (rank 0's, else the first failed rank's), so a
+    mistake only one rank sees is reported too.
 
     Args:
         distributed: the command starts process groups: they are shut down however it ends.
@@ -228,8 +237,14 @@ def run_command(prog: str, call: Callable[[], T], *,
         for kinds, exit_code in ({USER_ERRORS: 2} if errors is None else errors).items():
             if isinstance(error, kinds):
                 # KeyError's str() is its repr: the message is its argument.
-                user_error(prog, str(error.args[0] if isinstance(error, KeyError) else error),
-                           exit_code)
+                message = str(error.args[0] if isinstance(error, KeyError) else error)
+                folder = os.environ.get(LAUNCHER_ERRORS)
+                if folder:
+                    rank = os.environ.get("RANK", "0")
+                    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as handle:
+                        handle.write(f"{prog}: error: {message}\n")
+                    raise SystemExit(exit_code)
+                user_error(prog, message, exit_code)
         raise
     finally:
         if distributed:

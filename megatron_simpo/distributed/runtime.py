@@ -1,7 +1,8 @@
 """Distributed start-up: process group, Megatron ``parallel_state`` and seeds.
 
 Works under ``torchrun`` (reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and as
-a single plain process. On a GPU machine it uses NCCL; without a GPU it uses gloo and installs
+a single plain process (on a free port unless MASTER_PORT says which). On a GPU machine it uses
+NCCL; without a GPU it uses gloo and installs
 :mod:`megatron_simpo.distributed.cpu_compat` so that Megatron-Core's own code paths run on the CPU.
 """
 
@@ -56,9 +57,7 @@ def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -
         cpu_compat.install()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        _init_process_group(backend, rank, world_size)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -67,6 +66,33 @@ def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                           data_parallel_size=parallel.data_parallel_size(world_size))
+
+
+def _init_process_group(backend: str, rank: int, world_size: int) -> None:
+    """torchrun's rendezvous (MASTER_ADDR/MASTER_PORT); a lone process without MASTER_PORT
+    holds its store on a port the system picks, so that runs side by side never collide (on
+    torch's 29500, or on a port picked and freed before use)."""
+    if world_size == 1 and not os.environ.get("MASTER_PORT"):
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")  # several ranks need a port they agree on
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    except dist.DistNetworkError as error:
+        if "EADDRINUSE" not in str(error):
+            raise
+        raise PortInUse(port_in_use_message(int(os.environ["MASTER_PORT"]))) from None
+
+
+class PortInUse(RuntimeError):
+    """The rendezvous port the user gave (MASTER_PORT, --master-port) is taken on this machine."""
+
+
+def port_in_use_message(port: int) -> str:
+    return (f"MASTER_PORT {port} is in use on this machine (another job?): leave MASTER_PORT "
+            "unset on a single node (a free port is then used), or choose another")
 
 
 def max_over_world(value: int) -> int:

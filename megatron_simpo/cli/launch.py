@@ -1,0 +1,213 @@
+"""``python -m megatron_simpo.cli.launch [torchrun options] -- <training flags>``: what
+examples/train_simpo_llama3.sh runs; torchrun's agent in this process, with the house's way of
+ending.
+
+* **One process checks first.** The flags are parsed and validated, and every start-up check
+  that needs no GPU of a rank runs here once (:func:`preflight`: the model source and the
+  checkpoint to load, the world layout, the batch sizes, the ``--save`` folder, the data
+  sources exist and are readable), before a rank starts: a mistake is one
+  ``train_simpo: error: ...`` line and exit code 2.
+* **A rank's one line stays one line.** The ranks run ``megatron_simpo.cli.train``; one that
+  ends for a user's mistake (exit code 2) or a run that cannot go on (3) leaves its line in a
+  folder of the launcher's (``flags.run_command``). The launcher prints one: rank 0's, else the
+  first failed rank's (a mistake only one rank sees), and exits with that code; the agent's
+  log lines and torchrun's failure report are held back. Any other failure (a traceback, a
+  signal) is a bug or a crash: the held log lines and torchrun's report follow, exit code 1.
+* **A free port by default.** A single-node run without ``--master-port`` (or ``MASTER_PORT``
+  in the environment) rendezvouses on a port the system picks (torchrun's ``--standalone``),
+  so two jobs on one machine do not collide on torchrun's 29500. Several nodes need a port
+  they agree on: ``--master-port`` / ``MASTER_PORT`` (default 29500, as torchrun). A port
+  given that is taken here is one line and exit code 2.
+* Ranks started here ask the kernel to stop them when this process dies (``cli.train``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+from megatron_simpo.cli.arguments import PROG, parse_args
+from megatron_simpo.cli.flags import LAUNCHER_ERRORS, run_command, user_error
+from megatron_simpo.distributed.runtime import PortInUse, port_in_use_message
+from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.training.run_setup import prepare
+
+TRAIN_MODULE = "megatron_simpo.cli.train"
+SETUP_ERRORS = (ValueError, OSError, RuntimeError)
+"""A start-up check's failure: the user's mistake (exit code 2), as ``cli.train`` reports it."""
+RANK_VERDICTS = (2, 3)
+"""Exit codes of a rank that has said why in one line (``cli.train``): passed on as they are."""
+_AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``[torchrun options] -- <training flags>`` -> (torchrun options, training flags)."""
+    argv = list(argv)
+    if "--" not in argv:
+        user_error(PROG, "launch: give torchrun's options, then --, then the training flags")
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def check_data_readable(config: TrainConfig) -> None:
+    """Every local data source can be read: a file's first byte, the first byte of each file of
+    a save_to_disk folder (a Hub name is left to the ranks; that each exists, the config checked
+    already). Raises OSError naming the flag and the path."""
+    for flag, source in (("--train-data-path", config.data.train_data_path),
+                         ("--valid-data-path", config.data.valid_data_path)):
+        path = Path(source) if source else None
+        if path is None or not path.exists():
+            continue
+        try:
+            for file in ([path] if path.is_file() else
+                         sorted(entry for entry in path.iterdir() if entry.is_file())):
+                with file.open("rb") as handle:
+                    handle.read(1)
+        except OSError as error:
+            raise OSError(f"{flag} {source}: cannot be read "
+                          f"({error.strerror or type(error).__name__})") from None
+
+
+def preflight(config: TrainConfig, world_size: int | None) -> None:
+    """The ranks' start-up checks (``run_setup.prepare``) for a world of ``world_size`` ranks
+    (None: elastic, not known yet; the ranks check it), and the data sources."""
+    saved = os.environ.get("WORLD_SIZE")
+    if world_size is not None:
+        os.environ["WORLD_SIZE"] = str(world_size)  # prepare() reads the world from it
+    try:
+        prepare(config)
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
+    check_data_readable(config)
+
+
+def world_size_of(args) -> int | None:
+    """Ranks in the world torchrun's ``args`` start; None when elastic or set by the machine."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    low, high = parse_min_max_nnodes(args.nnodes)
+    try:
+        per_node = int(args.nproc_per_node)
+    except ValueError:  # "gpu", "auto", ...: the ranks check the layout
+        return None
+    return low * per_node if low == high else None
+
+
+def choose_rendezvous(args) -> None:
+    """A single-node world without a port of the user's rendezvouses on a free one."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    if args.master_port is None and os.environ.get("MASTER_PORT"):
+        args.master_port = int(os.environ["MASTER_PORT"])
+    _, high = parse_min_max_nnodes(args.nnodes)
+    if (high == 1 and args.master_port is None and args.rdzv_backend == "static"
+            and not args.rdzv_endpoint):
+        args.standalone = True
+
+
+def check_master_port(args) -> None:
+    """The port the user gave is free here, on the node that hosts the rendezvous (node rank
+    0 of a static rendezvous). Raises PortInUse."""
+    import socket
+
+    if args.standalone or args.rdzv_backend != "static" or args.node_rank != 0:
+        return
+    port = int(args.master_port or 29500)  # torchrun's default
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store does
+        try:
+            sock.bind(("", port))
+        except OSError:
+            raise PortInUse(port_in_use_message(port)) from None
+
+
+class _HeldBack(logging.Handler):
+    """Keeps the agent's log records until the run's end tells whether they are news."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _agent_logs_held():
+    """The agent's log records, held (not printed) while the block runs."""
+    held = _HeldBack()
+    loggers = [logging.getLogger(name) for name in _AGENT_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(held)
+        logger.propagate = False
+    try:
+        yield held
+    finally:
+        for logger in loggers:
+            logger.removeHandler(held)
+            logger.propagate = True
+
+
+def _rank_line(folder: str, first_rank: int) -> str | None:
+    """The line rank 0 left in ``folder`` (``run_command`` under the launcher), else the one
+    of the first rank that failed, else any rank's; None if none did."""
+    lines = {int(name[4:-4]): (Path(folder) / name).read_text().strip()
+             for name in os.listdir(folder) if name.startswith("rank") and name.endswith(".txt")}
+    for rank in (0, first_rank, *sorted(lines)):
+        if lines.get(rank):
+            return lines[rank]
+    return None
+
+
+def start_ranks(args) -> int:
+    """Run torchrun's agent on ``args``; the exit code this command ends with."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    with tempfile.TemporaryDirectory(prefix="megatron-simpo-launch-") as folder, \
+            _agent_logs_held() as held:
+        os.environ[LAUNCHER_ERRORS] = folder  # the ranks inherit it
+        try:
+            run(args)
+            failure = None
+        except ChildFailedError as error:
+            failure = error
+        finally:
+            os.environ.pop(LAUNCHER_ERRORS, None)
+        first_rank, first = failure.get_first_failure() if failure else (None, None)
+        line = _rank_line(folder, first_rank) if failure else None
+    if first is not None and first.exitcode in RANK_VERDICTS:
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        return first.exitcode  # the ranks' one line, said once
+    for record in held.records:  # news: a crash, a signal, or warnings of a run that ended well
+        logging.getLogger("torch").handle(record)
+    if failure is not None:
+        print(failure.format_msg(), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from torch.distributed.run import parse_args as parse_torchrun_args
+
+    torchrun_argv, train_argv = split_command(sys.argv[1:] if argv is None else argv)
+    config = parse_args(train_argv)
+    args = parse_torchrun_args([*torchrun_argv, "-m", TRAIN_MODULE, *train_argv])
+    choose_rendezvous(args)
+    run_command(PROG, lambda: (check_master_port(args), preflight(config, world_size_of(args))),
+                errors={SETUP_ERRORS: 2})
+    raise SystemExit(start_ranks(args))
+
+
+if __name__ == "__main__":
+    main()
