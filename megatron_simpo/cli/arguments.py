@@ -106,6 +106,6 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> TrainC
 
 
 if __name__ == "__main__":
-    # Check a command line without training (the launcher does this once before torchrun, so a
-    # bad flag is reported once, without torchrun's failure report).
+    # Check a command line's flags without training (``cli.launch`` checks these and more, once,
+    # before torchrun starts any rank).
     parse_args()
