@@ -164,6 +164,48 @@ def test_best_and_worst_and_the_drops_follow_a_hand_written_table(tiny, monkeypa
            "tied, 1 with an empty best or worst sample" in said[-1]
 
 
+def test_message_prompts_from_a_dataset_folder_keep_their_ids(tiny, monkeypatch, tmp_path):
+    """Prompts as messages (a system turn) from a save_to_disk folder with its own prompt_id
+    column (a repeated id skipped): the model sees the whole conversation, the pairs keep the
+    ids and the messages, and the trainer reads the save_to_disk output with no column flags."""
+    import datasets
+    import transformers
+
+    from megatron_simpo.data.loading import DataConfig, load_datasets
+
+    system = {"role": "system", "content": "be brief"}
+    conversations = [[system, {"role": "user", "content": f"question {i}"}] for i in range(3)]
+    datasets.Dataset.from_dict({"prompt_id": ["id-0", "id-1", "id-0"],
+                                "messages": conversations}).save_to_disk(tmp_path / "prompts")
+    seen = []
+
+    def fake_sampler(hf_dir, **_):
+        def sample(batch, sampling, seeds):
+            seen.extend(batch)
+            return [["a", "bbb", "cc"] for _ in batch]
+        return sample
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    said = []
+    _run(["--prompts-path", str(tmp_path / "prompts"), "--prompt-column", "messages",
+          "--hf", str(tiny / "hf"), "--output", str(tmp_path / "pairs"), "--seeds", "1", "2", "3",
+          "--reward-fn", f"{tiny / 'reward.py'}:by_length", "--backend", "transformers"],
+         say=said.append)
+    assert seen == conversations[:2] and "1 repeated prompts skipped" in said[0]
+    rows = datasets.load_from_disk(str(tmp_path / "pairs")).to_list()
+    assert [r["prompt_id"] for r in rows] == ["id-0", "id-1"]
+    for row, conversation in zip(rows, conversations):
+        assert row["prompt"] == conversation
+        assert row["chosen"] == conversation + [{"content": "bbb", "role": "assistant"}]
+        assert row["rejected"] == conversation + [{"content": "a", "role": "assistant"}]
+        assert row["all_rm_scores"] == [1.0, 3.0, 2.0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    train, _ = load_datasets(DataConfig(train_data_path=str(tmp_path / "pairs"), seq_length=64,
+                                        max_prompt_length=40), tokenizer, seed=0)
+    expected = tokenizer("bbb<|eot_id|>", add_special_tokens=False)["input_ids"]
+    assert len(train) == 2 and all(list(p.chosen) == expected for p in train)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     """The tiny model's pairs in one uninterrupted run (JSONL), shared by the tests below."""
@@ -338,3 +380,30 @@ def test_two_processes_write_what_one_writes(tiny, uninterrupted, tmp_path):
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert output.read_bytes() == uninterrupted.read_bytes()
+
+
+@pytest.mark.gpu
+def test_vllm_samples_follow_its_own_seeded_generate(tiny):
+    """Each sample is vLLM's own generate of that prompt alone with SamplingParams(seed=...):
+    batching many prompts and seeds into one call changes nothing."""
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from vllm import SamplingParams
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    sample = generation.vllm_sampler(tiny / "hf", tensor_parallel_size=1, dtype="auto",
+                                     apply_chat_template=True, gpu_memory_utilization=0.3)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    seeds = (13, 21, 42, 79, 100)
+    batched = sample(conversations, Sampling(0.8, 0.95, 16), seeds)
+    tokenizer = sample.llm.get_tokenizer()
+    for conversation, samples in zip(conversations, batched):
+        [ids] = encode_prompts(tokenizer, [conversation])
+        for seed, text in zip(seeds, samples):
+            [out] = sample.llm.generate([{"prompt_token_ids": ids}], SamplingParams(
+                temperature=0.8, top_p=0.95, max_tokens=16, seed=seed))
+            assert text == out.outputs[0].text.strip()

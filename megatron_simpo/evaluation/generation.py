@@ -142,7 +142,7 @@ def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template:
 
 
 def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
-                 apply_chat_template: bool) -> Sample:
+                 apply_chat_template: bool, gpu_memory_utilization: float = 0.9) -> Sample:
     """``Sample`` on vLLM with a seed per request (``SamplingParams(seed=...)``, as the
     authors' decode.py): a sample depends on its prompt and seed only, not on the batch."""
     import transformers
@@ -151,7 +151,8 @@ def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
     from megatron_simpo.data.tokenization import encode_prompts
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype)
+    llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+              gpu_memory_utilization=gpu_memory_utilization)
 
     def sample(conversations, sampling, seeds):
         ids = encode_prompts(tokenizer, conversations, apply_chat_template=apply_chat_template)
@@ -162,6 +163,7 @@ def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
         texts = [o.outputs[0].text.strip() for o in llm.generate(requests, params)]
         return [texts[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(ids))]
 
+    sample.llm = llm  # the engine, for checks against its own generate
     return sample
 
 

@@ -72,11 +72,12 @@ def _message(message: dict) -> dict:
 
 
 def pair_record(prompt_id: str, prompt, messages: list[dict], responses: list[str],
-                scores: list[float], choice: Choice) -> dict:
-    """One row in the authors' schema (``COLUMNS``)."""
+                scores: list[float], choice: Choice, *, prompt_as_messages: bool = False) -> dict:
+    """One row in the authors' schema (``COLUMNS``); the prompt as messages where it is not
+    text (or ``prompt_as_messages``: a source mixing both kinds makes one column type)."""
     context = [_message(m) for m in messages]
-    return {"prompt_id": prompt_id,
-            "prompt": prompt if isinstance(prompt, str) else context,
+    as_text = isinstance(prompt, str) and not prompt_as_messages
+    return {"prompt_id": prompt_id, "prompt": prompt if as_text else context,
             "all_generated_responses": list(responses),
             "all_rm_scores": [float(s) for s in scores],
             "chosen": context + [{"content": responses[choice.chosen], "role": "assistant"}],

@@ -11,8 +11,12 @@ sampled again), one with other settings is refused naming the setting. When ever
 disk, the pairs are written in prompt order (``pairs``) and the parts folder is removed.
 
 Data parallel: under ``torchrun`` each process takes the batches ``b`` with ``b % WORLD_SIZE ==
-RANK`` (its own GPU, ``LOCAL_RANK``); rank 0 merges once all are written. Batches are the same
-whatever the world size, so two processes write what one does.
+RANK`` (its own GPU, ``LOCAL_RANK``; with vLLM, its own ``--tensor-parallel-size`` GPUs); rank 0
+merges once every batch file is on disk. No process group is started (vLLM starts its own), so
+the processes meet through the parts folder; torchrun ends all of them if one fails. Batches are
+the same whatever the world size, so two processes write what one does. With ``--load`` each
+process exports its own copy: export once (``megatron-simpo-convert-megatron-to-hf``) and give
+``--hf`` for large models.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -74,6 +79,9 @@ class PairsConfig:
     """auto: vLLM where it is installed and a GPU is present, else transformers"""
     tensor_parallel_size: int = 1
     """vLLM only"""
+    gpu_memory_utilization: float = 0.6
+    """vLLM only: the share of each GPU vLLM takes (vLLM's default is 0.9; the reward model
+    shares the GPU)"""
     dtype: str = "auto"
     """the sampled model's dtype (auto: bf16 on a GPU, fp32 on CPU for transformers)"""
     reward_model: str | None = None
@@ -109,6 +117,8 @@ class PairsConfig:
                              f"got {self.num_samples}")
         if len(self.seeds) < 2:
             raise ValueError("a pair needs at least two samples: give two or more --seeds")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
         pairs.output_kind(self.output)
@@ -247,9 +257,10 @@ def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], confi
           say: Callable[[str], None]) -> Path:
     """The pairs in prompt order from the parts, written whole; the parts then removed."""
     records, dropped = [], {"identical": 0, "tie": 0, "empty": 0}
-    size = config.batch_size
+    text = all(isinstance(p.prompt, str) for p in prompts)
+    size, seeds = config.batch_size, len(config.sample_seeds)
     for b in range(0, len(prompts), size):
-        rows = read_part(part_path(folder, b // size), prompts[b:b + size], len(config.sample_seeds))
+        rows = read_part(part_path(folder, b // size), prompts[b:b + size], seeds)
         if rows is None:
             raise ValueError(f"{part_path(folder, b // size)}: missing (a process stopped?); run "
                              "again with the same flags to finish")
@@ -261,8 +272,7 @@ def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], confi
                 continue
             records.append(pairs.pair_record(prompt.prompt_id, prompt.prompt,
                                              messages[prompt.index], row["samples"],
-                                             row["scores"], choice))
-    text = all(isinstance(p.prompt, str) for p in prompts)
+                                             row["scores"], choice, prompt_as_messages=not text))
     path = pairs.write_pairs(records, config.output, prompt_is_text=text)
     shutil.rmtree(folder)
     say(f"> wrote {len(records)} pairs to {path}; dropped {dropped['identical']} prompts whose "
@@ -295,21 +305,14 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         rewards.load_reward_fn(config.reward_fn)
     folder = parts_folder(config.output)
     expected = settings(config, prompts, backend)
-    group = _join(world, local_rank)
     if rank == 0:
         open_parts(folder, expected, create=True)
-    _wait(group)
+    _wait_until(lambda: (folder / "settings.json").is_file())
     open_parts(folder, expected, create=False)
+    _pin_device(backend, local_rank, config.tensor_parallel_size, world)
     with contextlib.ExitStack() as stack:
-        if config.load and world > 1:  # rank 0 exports, next to the parts unless --hf-out
-            shared = config.hf_out or str(folder / "hf")
-            if rank == 0:
-                generation.model_folder(stack, hf=None, load=config.load, hf_out=shared)
-            _wait(group)
-            hf_dir = Path(shared)
-        else:
-            hf_dir = generation.model_folder(stack, hf=config.hf, load=config.load,
-                                             hf_out=config.hf_out)
+        hf_dir = generation.model_folder(stack, hf=config.hf, load=config.load,
+                                         hf_out=config.hf_out if rank == 0 else None)
         tokenizer = load_tokenizer(hf_dir)
         roles = known_roles(tokenizer)
         messages = [prompt_messages(p.prompt, p.source, roles) for p in prompts]
@@ -324,7 +327,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         if todo:
             options = dict(dtype=config.dtype, apply_chat_template=config.apply_chat_template)
             sample = generation.vllm_sampler(
-                hf_dir, tensor_parallel_size=config.tensor_parallel_size, **options) \
+                hf_dir, tensor_parallel_size=config.tensor_parallel_size,
+                gpu_memory_utilization=config.gpu_memory_utilization, **options) \
                 if backend == "vllm" else generation.transformers_sampler(hf_dir, **options)
             score = rewards.reward_model_scorer(
                 config.reward_model, trust_remote_code=config.trust_remote_code,
@@ -334,27 +338,34 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
                 span = slice(b * size, (b + 1) * size)
                 write_part(part_path(folder, b),
                            sample_batch(prompts[span], messages[span], sample, score, config))
-        _wait(group)
+        if rank == 0:  # the others' batches (torchrun ends every process if one fails)
+            batches = range(math.ceil(len(prompts) / size))
+            _wait_until(lambda: all(part_path(folder, b).is_file() for b in batches))
         return merge(folder, prompts, messages, config, say) if rank == 0 else None
 
 
-def _join(world: int, local_rank: int):
-    """Under torchrun: this process's GPU, and a gloo group to wait for the others (None
-    alone). The wait is as long as sampling may take."""
-    if world == 1:
-        return None
-    import datetime
+def _wait_until(done: Callable[[], bool], poll_s: float = 1.0) -> None:
+    """Wait for a file another process writes. Only conditions that stay true are waited on
+    (the settings exist; every batch is written), so a folder left by an earlier run never
+    misleads."""
+    while not done():
+        time.sleep(poll_s)
 
+
+def _pin_device(backend: str, local_rank: int, tensor_parallel_size: int, world: int) -> None:
+    """Under torchrun on GPUs: this process's device(s), the ``local_rank``-th group of
+    ``tensor_parallel_size``. No process group is started (vLLM starts its own)."""
     import torch
-    import torch.distributed as dist
 
-    if torch.cuda.is_available():
+    if world == 1 or not torch.cuda.is_available():
+        return
+    if backend == "transformers":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return dist
-
-
-def _wait(group) -> None:
-    if group is not None:
-        group.barrier()
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    mine = devices[local_rank * tensor_parallel_size:(local_rank + 1) * tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise ValueError(f"{world} processes with --tensor-parallel-size {tensor_parallel_size} "
+                         f"need {world * tensor_parallel_size} GPUs; {len(devices)} are visible")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # read by vLLM's engine process

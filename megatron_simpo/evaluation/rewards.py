@@ -80,7 +80,8 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) 
 
     check_reward_model(path, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path,
+                                                           trust_remote_code=trust_remote_code)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"--reward-model {path}: its tokenizer has no chat template (the reward "
                          "is computed on the rendered conversation)")
