@@ -355,6 +355,15 @@ def test_an_interrupted_run_resumes_to_the_same_pairs(tiny, uninterrupted, tmp_p
         main(_flags(tiny, output, "--temperature", "0.7"))
     [line] = capsys.readouterr().err.splitlines()
     assert "was started with --temperature 0.8, now 0.7: give the same settings to resume" in line
+    # A batch file on disk is checked before it is trusted.
+    bad = tmp_path / "pairs.jsonl.parts" / "batch-000001.jsonl"
+    bad.write_text(json.dumps({"index": 2, "prompt_id": "x", "samples": [], "scores": None}))
+    with pytest.raises(SystemExit):
+        main(_flags(tiny, output))
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"build_pairs: error: {bad}: not this run's batch of 2 prompts from "
+                    f"{tiny / 'prompts.jsonl'}:3; move {bad.parent} away to start over")
+    bad.unlink()
 
     stop_after.clear()
     _run(_flags(tiny, output))

@@ -205,9 +205,11 @@ def read_part(path: Path, batch: list[Prompt], seeds: int) -> list[dict] | None:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         ok = [(r["index"], r["prompt_id"]) for r in rows] == \
              [(p.index, p.prompt_id) for p in batch] and all(
-                 len(r["samples"]) == seeds and (r["scores"] is None or len(r["scores"]) == seeds)
+                 len(r["samples"]) == seeds and all(isinstance(t, str) for t in r["samples"])
+                 and (r["scores"] is None if pairs.all_identical(r["samples"]) else
+                      len(r["scores"]) == seeds and all(isinstance(v, float) for v in r["scores"]))
                  for r in rows)
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not our rows
         ok = False
     if not ok:
         raise ValueError(f"{path}: not this run's batch of {len(batch)} prompts from "

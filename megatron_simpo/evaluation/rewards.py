@@ -128,7 +128,7 @@ def load_reward_fn(spec: str) -> Callable[[object, str], float]:
             found.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except ImportError as error:
+    except (ImportError, SyntaxError) as error:
         raise ValueError(f"--reward-fn {spec}: cannot import {module_name} ({error})") from None
     function = getattr(module, name, None)
     if not callable(function):
