@@ -43,6 +43,7 @@ setup(
         "megatron-simpo-convert-megatron-to-hf = megatron_simpo.cli.convert:megatron_to_hf_main",
         "megatron-simpo-reference-logps = megatron_simpo.cli.reference_logps:main",
         "megatron-simpo-generate-answers = megatron_simpo.cli.generate_answers:main",
+        "megatron-simpo-build-pairs = megatron_simpo.cli.build_pairs:main",
         "megatron-simpo-analyze-run = megatron_simpo.cli.analyze_run:main",
     ]},
 )

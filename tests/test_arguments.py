@@ -123,10 +123,11 @@ def test_token_budget_leaves_the_micro_batch_size_to_the_plan(paths):
 
 def _commands():
     from megatron_simpo.cli import analyze_run as analysis, generate_answers as generation
-    from megatron_simpo.cli import convert as cli
+    from megatron_simpo.cli import build_pairs, convert as cli
 
     return {"convert_hf_to_megatron": cli.IMPORT, "convert_megatron_to_hf": cli.EXPORT,
-            "generate_answers": generation.COMMAND, "analyze_run": analysis.COMMAND}
+            "generate_answers": generation.COMMAND, "analyze_run": analysis.COMMAND,
+            "build_pairs": build_pairs.COMMAND}
 
 
 # The flag names users know, unchanged (Megatron-LM's and the tools' own).
@@ -140,6 +141,10 @@ _FLAGS = {
                          "--max-new-tokens", "--seed", "--batch-size", "--tensor-parallel-size",
                          "--no-apply-chat-template", "--dtype"],
     "analyze_run": ["--output", "--reference"],
+    "build_pairs": ["--prompts-path", "--output", "--hf", "--load", "--hf-out", "--prompt-column",
+                    "--num-samples", "--seeds", "--temperature", "--top-p", "--max-new-tokens",
+                    "--batch-size", "--backend", "--tensor-parallel-size", "--reward-model",
+                    "--reward-fn", "--trust-remote-code", "--no-apply-chat-template"],
 }
 
 
@@ -197,6 +202,35 @@ def test_answers_options_are_validated_naming_the_flag(argv, message, capsys):
     assert info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("generate_answers: error: ") and message in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hf", "h"], "give one of --reward-model and --reward-fn"),
+    (["--hf", "h", "--reward-fn", "m:f", "--reward-model", "r"],
+     "give one of --reward-model and --reward-fn"),
+    (["--reward-fn", "m:f"], "give one of --hf and --load"),
+    (["--hf", "h", "--reward-fn", "m:f", "--trust-remote-code"],
+     "--trust-remote-code goes with --reward-model"),
+    (["--hf", "h", "--reward-fn", "m:f", "--seeds", "1", "1"], "--seeds must differ, got 1 1"),
+    (["--hf", "h", "--reward-fn", "m:f", "--num-samples", "6"],
+     "--num-samples must be 2..5 (one per --seeds), got 6"),
+    (["--hf", "h", "--reward-fn", "m:f", "--seeds", "4"], "a pair needs at least two samples"),
+    (["--hf", "h", "--reward-fn", "m:f", "--seeds", "x"], "argument --seeds: invalid int value"),
+])
+def test_pairs_options_are_validated_naming_the_flag(argv, message, capsys):
+    base = ["--prompts-path", "p.jsonl", "--output", "pairs.jsonl"]
+    with pytest.raises(SystemExit) as info:
+        _commands()["build_pairs"].parse(base + argv)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("build_pairs: error: ") and message in line
+
+
+def test_list_flags_take_several_values():
+    parsed = _commands()["build_pairs"].parse(["--prompts-path", "p", "--output", "o.parquet",
+                                               "--hf", "h", "--reward-fn", "m:f",
+                                               "--seeds", "3", "1", "2"])["config"]
+    assert parsed.seeds == (3, 1, 2) and parsed.sample_seeds == (3, 1, 2)
 
 
 @pytest.mark.parametrize("rank, expected_lines", [("0", 1), ("1", 0)])

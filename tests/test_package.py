@@ -30,6 +30,10 @@ def test_pip_install_then_import_and_help_from_outside_the_repo(tmp_path):
                                    env=env, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-2000:]
         assert "usage:" in completed.stdout and "--save" in completed.stdout
+    completed = subprocess.run([str(target / "bin" / "megatron-simpo-build-pairs"), "--help"],
+                               cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "--reward-model" in completed.stdout and "--prompts-path" in completed.stdout
 
 
 # Which sub-packages each may import (besides itself and the package's own __init__): the

@@ -1,6 +1,7 @@
 """Command lines generated from typed config dataclasses, and the one way a command ends.
 
-A field's type gives the flag's type and choices (``Literal``), its attribute docstring the help
+A field's type gives the flag's type and choices (``Literal``; ``tuple[int, ...]`` takes one or
+more values, as Megatron-LM's list flags do), its attribute docstring the help
 text, and its default the "(default: ...)" shown in ``--help``. Parsing keeps only the flags the
 user gave (``argparse.SUPPRESS``), so the dataclass builds itself from them and its own defaults:
 no default is written twice. Every console script parses through :class:`Command` (or, for
@@ -117,6 +118,8 @@ class Section:
                 options.update(choices=choices, type=type(choices[0]))
             elif kind in (int, float, str):
                 options.update(type=kind)
+            elif _is_value_tuple(kind):  # tuple[int, ...]: Megatron-LM's nargs='+' lists
+                options.update(type=typing.get_args(kind)[0], nargs="+")
             else:
                 raise TypeError(f"{self.cls.__name__}.{name}: no flag for type {kind!r}")
             if default is not None and not required:
@@ -131,7 +134,9 @@ class Section:
     def given(self, namespace: argparse.Namespace) -> dict:
         """field -> value for this section's flags that the user gave."""
         values = vars(namespace)
-        return {name: values[self.dest(name)] for name in self.fields if self.dest(name) in values}
+        return {name: tuple(value) if isinstance(value, list) else value
+                for name in self.fields if self.dest(name) in values
+                for value in (values[self.dest(name)],)}
 
     def build(self, namespace: argparse.Namespace, **extra):
         """The dataclass from the given flags (plus ``extra`` fields) and its own defaults; None
@@ -156,6 +161,13 @@ def check_coverage(sections: typing.Iterable[Section], skip: dict[type, tuple[st
         expected = sorted(f.name for f in dataclasses.fields(cls) if f.name not in skip.get(cls, ()))
         if sorted(names) != expected:
             raise TypeError(f"{cls.__name__}: flags {sorted(names)} do not match fields {expected}")
+
+
+def _is_value_tuple(kind) -> bool:
+    """``tuple[int, ...]`` (or of float, str): a flag taking one or more values."""
+    args = typing.get_args(kind)
+    return typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis \
+        and args[0] in (int, float, str)
 
 
 def _metavar(name: str, options: dict) -> str | None:

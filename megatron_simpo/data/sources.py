@@ -11,6 +11,7 @@
   and ``--dataset-config``: ``datasets.load_dataset``, which honours ``HF_DATASETS_OFFLINE=1``
   and its cache.
 
+``read_prompt_rows`` reads the prompts alone (on-policy pairs are sampled from them).
 Columns are ``prompt`` / ``chosen`` / ``rejected`` unless mapped (``--prompt-column`` etc.; e.g.
 NeMo-Aligner's ``chosen_response`` / ``rejected_response``); other columns are ignored. Every row
 carries where it came from (``file:line``, or ``source[split] row N``) for error messages.
@@ -111,14 +112,11 @@ def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
             for index, row in enumerate(dataset)]
 
 
-def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
-    """Rows of a JSONL file, columns mapped (``ColumnMap``); every problem is reported
-    with the file and line number."""
-    columns = columns or ColumnMap()
-    path = Path(path)
+def _jsonl_objects(path: Path):
+    """(where, row) for each non-blank line of a JSONL file; every problem is reported with
+    the file and line number."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -135,14 +133,49 @@ def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object")
-            missing = [name for _, name in columns if name not in row]
-            if missing:
-                raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
-            rows.append({**{ours: row[theirs] for ours, theirs in columns}, "source": where})
+            yield where, row
+
+
+def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
+    """Rows of a JSONL file, columns mapped (``ColumnMap``); every problem is reported
+    with the file and line number."""
+    columns = columns or ColumnMap()
+    rows = []
+    for where, row in _jsonl_objects(Path(path)):
+        missing = [name for _, name in columns if name not in row]
+        if missing:
+            raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
+        rows.append({**{ours: row[theirs] for ours, theirs in columns}, "source": where})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
 
+
+def read_prompt_rows(source: str, *, split: str, prompt_column: str = "prompt",
+                     dataset_config: str | None = None) -> list[dict]:
+    """Prompts only, from any source the trainer reads (``kind_of``): ``{prompt, prompt_id,
+    source}`` dicts, ``prompt_id`` the source's own column of that name where it has one (the
+    UltraFeedback sets do), else None. Other columns (responses among them) are ignored."""
+    kind = kind_of(source)
+    if kind == "jsonl":
+        rows = []
+        for where, row in _jsonl_objects(Path(source)):
+            if prompt_column not in row:
+                raise DataError(f"{where}: missing column {prompt_column} (--prompt-column)")
+            rows.append({"prompt": row[prompt_column], "prompt_id": row.get("prompt_id"),
+                         "source": where})
+        if not rows:
+            raise DataError(f"{source}: no rows")
+        return rows
+    dataset, where = open_source(source, kind, split, dataset_config)
+    if prompt_column not in dataset.column_names:
+        raise SourceError(f"{where}: missing column {prompt_column!r} (has "
+                          f"{', '.join(dataset.column_names)}; map it with --prompt-column)")
+    if len(dataset) == 0:
+        raise SourceError(f"{where}: no rows")
+    ids = dataset["prompt_id"] if "prompt_id" in dataset.column_names else [None] * len(dataset)
+    return [{"prompt": prompt, "prompt_id": prompt_id, "source": row_source(where, index)}
+            for index, (prompt, prompt_id) in enumerate(zip(dataset[prompt_column], ids))]
 
 
 def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),

@@ -37,6 +37,16 @@ def known_roles(tokenizer) -> tuple[str, ...]:
     return ("system", "user", "assistant") + (("tool",) if "tool" in template else ())
 
 
+def prompt_messages(value, where: str, roles: tuple[str, ...]) -> list[dict]:
+    """A prompt (a string, or {role, content} messages) as the messages training renders: a
+    string is one user message; roles must be among ``roles`` (``known_roles``); an empty
+    prompt raises DataError naming ``where``. On-policy sampling reads prompts through this."""
+    messages = _messages(value, where, "prompt", roles)
+    if not any(str(m["content"]).strip() for m in messages):
+        raise DataError(f"{where}: empty prompt")
+    return messages
+
+
 def _response_messages(prompt: list[dict], value, where: str, column: str) -> list[dict]:
     """The assistant turn(s) of a response; a full conversation repeating the prompt is cut."""
     messages = _messages(value, where, column)
@@ -78,9 +88,7 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     prompts, fulls = [], []
     for row in rows:
         where = row["source"]
-        prompt = _messages(row["prompt"], where, "prompt", roles)
-        if not any(str(m["content"]).strip() for m in prompt):
-            raise DataError(f"{where}: empty prompt")
+        prompt = prompt_messages(row["prompt"], where, roles)
         responses = [_response_messages(prompt, row[c], where, c) for c in ("chosen", "rejected")]
         prompts.append(prompt)
         if has_template:

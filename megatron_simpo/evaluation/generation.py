@@ -5,6 +5,7 @@ the project's converter first. Prompts are rendered exactly as training rendered
 (``data.encode_prompts``: the chat template's BOS and no other), so evaluation never sees a
 double BOS or another template. Backends: vLLM when installed and a GPU is present (its own
 tensor parallelism), else Hugging Face transformers (batched, left padding; CPU or GPU).
+Samplers (``Sample``: several seeded samples per prompt) serve on-policy pairs (``pairs_run``).
 The answer files and sampling defaults are ``answers.py``'s; the options are
 :class:`AnswersConfig`'s, and :func:`generate_answers` is the command.
 """
@@ -15,7 +16,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
                                                read_questions, write_answers)
@@ -29,14 +30,10 @@ def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
     return groups
 
 
-def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
-                           apply_chat_template: bool):
-    """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
-    in the batch, prompts left-padded."""
+def _causal_lm(hf_dir: str | Path, dtype: str):
+    """(tokenizer, model in eval mode, device, pad id, stop ids) of a Hugging Face folder."""
     import torch
     import transformers
-
-    from megatron_simpo.data.tokenization import encode_prompts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
@@ -48,28 +45,49 @@ def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
     stops = sorted({*(configured if isinstance(configured, list) else [configured]),
                     tokenizer.eos_token_id} - {None})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    return tokenizer, model, device, pad, stops
+
+
+def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling) -> list[str]:
+    """One ``generate`` call on prompts left-padded to one length (every prompt ends at the
+    same column); the replies decoded without special tokens, stripped."""
+    import torch
+
+    tokenizer, model, device, pad, stops = loaded
+    longest = max(len(i) for i in ids)
+    tokens = torch.full((len(ids), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), longest), dtype=torch.long)
+    for row, prompt in enumerate(ids):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt)
+        mask[row, longest - len(prompt):] = 1
+    options = dict(do_sample=False) if sampling.temperature == 0 else dict(
+        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    with torch.no_grad():
+        out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=stops, **options)
+    return [text.strip() for text in
+            tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)]
+
+
+def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
+                           apply_chat_template: bool):
+    """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
+    in the batch, prompts left-padded."""
+    import torch
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    loaded = _causal_lm(hf_dir, dtype)
     torch.manual_seed(seed)
 
     def generate(conversations, samplings):
-        ids = encode_prompts(tokenizer, conversations,
-                             apply_chat_template=apply_chat_template)
+        ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         replies: list[str] = [""] * len(ids)
         for sampling, members in _groups(samplings).items():
-            longest = max(len(ids[i]) for i in members)
-            tokens = torch.full((len(members), longest), pad, dtype=torch.long)
-            mask = torch.zeros((len(members), longest), dtype=torch.long)
-            for row, i in enumerate(members):  # left padding: every prompt ends at the same column
-                tokens[row, longest - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, longest - len(ids[i]):] = 1
-            options = dict(do_sample=False) if sampling.temperature == 0 else dict(
-                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-            with torch.no_grad():
-                out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
-                                     eos_token_id=stops, **options)
-            texts = tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+            texts = _left_padded_generate(loaded, [ids[i] for i in members], sampling)
             for i, text in zip(members, texts):
-                replies[i] = text.strip()
+                replies[i] = text
         return replies
 
     return generate
@@ -96,6 +114,72 @@ def vllm_generator(hf_dir: str | Path, *, seed: int, tensor_parallel_size: int, 
         return [o.outputs[0].text.strip() for o in outputs]
 
     return generate
+
+
+Sample = Callable[[list[list[dict]], Sampling, tuple[int, ...]], list[list[str]]]
+"""(conversations, sampling, seeds) -> for each conversation, one reply per seed."""
+
+
+def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template: bool) -> Sample:
+    """``Sample`` on ``transformers``: sample k of every prompt in the batch comes from one
+    ``generate`` call after ``torch.manual_seed(seeds[k])`` (prompts left-padded), so the same
+    prompts, batch and seeds give the same samples."""
+    import torch
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    loaded = _causal_lm(hf_dir, dtype)
+
+    def sample(conversations, sampling, seeds):
+        ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
+        by_seed = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            by_seed.append(_left_padded_generate(loaded, ids, sampling))
+        return [list(replies) for replies in zip(*by_seed)]
+
+    return sample
+
+
+def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
+                 apply_chat_template: bool, gpu_memory_utilization: float = 0.9) -> Sample:
+    """``Sample`` on vLLM with a seed per request (``SamplingParams(seed=...)``, as the
+    authors' decode.py): a sample depends on its prompt and seed only, not on the batch."""
+    import transformers
+    from vllm import LLM, SamplingParams
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+              gpu_memory_utilization=gpu_memory_utilization)
+
+    def sample(conversations, sampling, seeds):
+        ids = encode_prompts(tokenizer, conversations, apply_chat_template=apply_chat_template)
+        requests = [{"prompt_token_ids": i} for i in ids for _ in seeds]
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, seed=seed)
+                  for _ in ids for seed in seeds]
+        texts = [o.outputs[0].text.strip() for o in llm.generate(requests, params)]
+        return [texts[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(ids))]
+
+    sample.llm = llm  # the engine, for checks against its own generate
+    return sample
+
+
+def model_folder(stack: contextlib.ExitStack, *, hf: str | None, load: str | None,
+                 hf_out: str | None) -> Path:
+    """The Hugging Face folder to generate with: ``hf``, or the Megatron checkpoint ``load``
+    exported through the converter to ``hf_out`` (default: a temporary folder that ``stack``
+    removes)."""
+    from megatron_simpo.convert.conversion import ExportConfig, export_hf
+
+    if not load:
+        return Path(hf)
+    out = hf_out or stack.enter_context(tempfile.TemporaryDirectory(prefix="export-hf-"))
+    hf_dir = export_hf(ExportConfig(load=load, save=str(out), force=True)).path
+    print(f"> exported {load} to {hf_dir}")
+    return Path(hf_dir)
 
 
 def pick_backend(name: str) -> str:
@@ -174,8 +258,6 @@ class AnswersConfig:
 def generate_answers(config: AnswersConfig) -> Path:
     """Write (or complete) the answer file; every input is checked before any model loads
     (ValueError naming the flag or file)."""
-    from megatron_simpo.convert.conversion import ExportConfig, export_hf
-
     backend = pick_backend(config.backend)
     if backend == "transformers" and config.tensor_parallel_size != 1:
         raise ValueError("--tensor-parallel-size is vLLM's: the transformers backend runs on one "
@@ -187,13 +269,7 @@ def generate_answers(config: AnswersConfig) -> Path:
     # An unreadable answer file is found before any model is loaded.
     answered(config.benchmark, answer_path(config.benchmark, config.output, model_id))
     with contextlib.ExitStack() as stack:
-        if config.load:
-            out = config.hf_out or stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="answers-hf-"))
-            hf_dir = export_hf(ExportConfig(load=config.load, save=str(out), force=True)).path
-            print(f"> exported {config.load} to {hf_dir}")
-        else:
-            hf_dir = Path(config.hf)
+        hf_dir = model_folder(stack, hf=config.hf, load=config.load, hf_out=config.hf_out)
         options = dict(seed=config.seed, dtype=config.dtype,
                        apply_chat_template=config.apply_chat_template)
         if backend == "vllm":

@@ -1,0 +1,373 @@
+"""``megatron-simpo-build-pairs``: on-policy preference pairs from a model, prompts and a reward.
+
+The run (:func:`build_pairs`): prompts from any source the trainer reads (``data.sources``, the
+same column mapping and chat template), duplicates skipped; the model from ``--hf`` or a
+Megatron checkpoint (``--load``, exported as generate-answers does); for each batch of
+``--batch-size`` prompts, one sample per seed (``generation.Sample``), the samples scored
+(``rewards``), and the batch written to ``<output>.parts/batch-NNNNNN.jsonl`` (a temporary name,
+then renamed: whole or absent). The parts folder's ``settings.json`` records what the samples
+depend on; a rerun with the same flags resumes (batches on disk are checked against it and never
+sampled again), one with other settings is refused naming the setting. When every batch is on
+disk, the pairs are written in prompt order (``pairs``) and the parts folder is removed.
+
+Data parallel: under ``torchrun`` each process takes the batches ``b`` with ``b % WORLD_SIZE ==
+RANK`` (its own GPU, ``LOCAL_RANK``; with vLLM, its own ``--tensor-parallel-size`` GPUs); rank 0
+merges once every batch file is on disk. No process group is started (vLLM starts its own), so
+the processes meet through the parts folder; torchrun ends all of them if one fails. Batches are
+the same whatever the world size, so two processes write what one does. With ``--load`` each
+process exports its own copy: export once (``megatron-simpo-convert-megatron-to-hf``) and give
+``--hf`` for large models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from megatron_simpo.evaluation import generation, pairs, rewards
+from megatron_simpo.evaluation.answers import Sampling
+
+AUTHORS_SEEDS = (13, 21, 42, 79, 100)
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """``megatron-simpo-build-pairs``: the SimPO v0.2 recipe's data, from prompts to pairs."""
+
+    prompts_path: str
+    """the prompts: any source the trainer reads (.jsonl/.json/.parquet, a save_to_disk folder,
+    a Hub dataset name); only the prompt column is used"""
+    output: str
+    """the pairs: .jsonl, .parquet, or a folder name (Dataset.save_to_disk); the authors' columns
+    prompt_id, prompt, all_generated_responses, all_rm_scores, chosen, rejected"""
+    hf: str | None = None
+    """a Hugging Face model folder to sample from (this or --load)"""
+    load: str | None = None
+    """a Megatron checkpoint to sample from (save folder or iter_ folder; this or --hf)"""
+    hf_out: str | None = None
+    """with --load: keep the exported HF folder here (default: a temporary folder)"""
+    prompts_split: str = "train"
+    """split of a Hub dataset or DatasetDict folder (UltraFeedback binarized: train_prefs)"""
+    dataset_config: str | None = None
+    """configuration (subset) name of a Hub dataset"""
+    prompt_column: str = "prompt"
+    """column holding the prompt (a string, or a list of {role, content} messages)"""
+    apply_chat_template: bool = True
+    """prompts were trained with --no-apply-chat-template: they are encoded as plain text with
+    the tokenizer's special tokens"""
+    num_samples: int | None = None
+    """samples per prompt: the first this many of --seeds (default: one per seed)"""
+    seeds: tuple[int, ...] = AUTHORS_SEEDS
+    """one sampling seed per sample (the authors')"""
+    temperature: float = 0.8
+    """sampling temperature (0: greedy)"""
+    top_p: float = 0.95
+    """nucleus sampling"""
+    max_new_tokens: int = 4096
+    """most tokens per sample"""
+    batch_size: int = 8
+    """prompts per batch: per generate call, and per file written (resume loses at most one)"""
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """auto: vLLM where it is installed and a GPU is present, else transformers"""
+    tensor_parallel_size: int = 1
+    """vLLM only"""
+    gpu_memory_utilization: float = 0.6
+    """vLLM only: the share of each GPU vLLM takes (vLLM's default is 0.9; the reward model
+    shares the GPU)"""
+    dtype: str = "auto"
+    """the sampled model's dtype (auto: bf16 on a GPU, fp32 on CPU for transformers)"""
+    reward_model: str | None = None
+    """a Hugging Face sequence-classification reward model (e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1),
+    in its own dtype with its own chat template (this or --reward-fn)"""
+    reward_fn: str | None = None
+    """module:function or path/to/file.py:function, called as function(prompt, response) ->
+    float (this or --reward-model)"""
+    trust_remote_code: bool = False
+    """allow a reward model whose classifier is its repository's own Python (ArmoRM)"""
+    reward_batch_size: int = 8
+    """sequences per reward-model forward (sorted by length)"""
+
+    def __post_init__(self) -> None:
+        if (self.hf is None) == (self.load is None):
+            raise ValueError("give one of --hf and --load")
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError("give one of --reward-model and --reward-fn")
+        if self.hf_out and not self.load:
+            raise ValueError("--hf-out goes with --load (it is where the checkpoint is exported)")
+        if self.trust_remote_code and not self.reward_model:
+            raise ValueError("--trust-remote-code goes with --reward-model")
+        for flag, value in (("--batch-size", self.batch_size),
+                            ("--reward-batch-size", self.reward_batch_size),
+                            ("--max-new-tokens", self.max_new_tokens),
+                            ("--tensor-parallel-size", self.tensor_parallel_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must differ, got {' '.join(map(str, self.seeds))}")
+        if self.num_samples is not None and not 2 <= self.num_samples <= len(self.seeds):
+            raise ValueError(f"--num-samples must be 2..{len(self.seeds)} (one per --seeds), "
+                             f"got {self.num_samples}")
+        if len(self.seeds) < 2:
+            raise ValueError("a pair needs at least two samples: give two or more --seeds")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        pairs.output_kind(self.output)
+
+    @property
+    def sample_seeds(self) -> tuple[int, ...]:
+        return self.seeds[:self.num_samples or len(self.seeds)]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    prompt_id: str
+    prompt: object
+    source: str
+
+
+def read_prompts(config: PairsConfig, say: Callable[[str], None] = print) -> list[Prompt]:
+    """The distinct prompts in source order (a repeated prompt_id is skipped, counted)."""
+    from megatron_simpo.data.sources import read_prompt_rows
+
+    rows = read_prompt_rows(config.prompts_path, split=config.prompts_split,
+                            prompt_column=config.prompt_column,
+                            dataset_config=config.dataset_config)
+    prompts, seen = [], set()
+    for row in rows:
+        prompt_id = row["prompt_id"] if row["prompt_id"] is not None else \
+            pairs.prompt_id_of(row["prompt"])
+        if str(prompt_id) in seen:
+            continue
+        seen.add(str(prompt_id))
+        prompts.append(Prompt(len(prompts), str(prompt_id), row["prompt"], row["source"]))
+    if len(prompts) < len(rows):
+        say(f"> {len(rows) - len(prompts)} repeated prompts skipped")
+    return prompts
+
+
+def parts_folder(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".parts")
+
+
+def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
+    """What the samples and scores depend on (a resume must match it)."""
+    digest = hashlib.sha256(json.dumps([p.prompt_id for p in prompts]).encode()).hexdigest()
+    kept = ("prompts_path", "prompts_split", "dataset_config", "prompt_column", "hf", "load",
+            "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
+            "dtype", "reward_model", "reward_fn")
+    return {**{k: v for k, v in asdict(config).items() if k in kept},
+            "seeds": list(config.sample_seeds), "backend": backend, "prompts": digest}
+
+
+def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
+    """Create the parts folder with its settings (``create``: rank 0, when there is none), or
+    check a resumed one's against them (every rank)."""
+    path = folder / "settings.json"
+    if create and not folder.is_dir():
+        folder.mkdir(parents=True)
+        partial = folder / "settings.json.partial"
+        partial.write_text(json.dumps(expected, indent=1) + "\n")
+        os.replace(partial, path)
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ValueError(f"{path}: missing or unreadable; move {folder} away to start "
+                         "over") from None
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            name = "the prompts" if key == "prompts" else f"--{key.replace('_', '-')}"
+            raise ValueError(f"{folder} was started with {name} {recorded.get(key)!r}, now "
+                             f"{value!r}: give the same settings to resume, or move it away")
+
+
+def part_path(folder: Path, batch: int) -> Path:
+    return folder / f"batch-{batch:06d}.jsonl"
+
+
+def read_part(path: Path, batch: list[Prompt], seeds: int) -> list[dict] | None:
+    """A batch's rows from disk, checked against the prompts it must hold; None if absent."""
+    if not path.is_file():
+        return None
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        ok = [(r["index"], r["prompt_id"]) for r in rows] == \
+             [(p.index, p.prompt_id) for p in batch] and all(
+                 len(r["samples"]) == seeds and all(isinstance(t, str) for t in r["samples"])
+                 and (r["scores"] is None if pairs.all_identical(r["samples"]) else
+                      len(r["scores"]) == seeds and all(isinstance(v, float) for v in r["scores"]))
+                 for r in rows)
+    except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not our rows
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: not this run's batch of {len(batch)} prompts from "
+                         f"{batch[0].source}; move {path.parent} away to start over")
+    return rows
+
+
+def write_part(path: Path, rows: list[dict]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                       encoding="utf-8")
+    os.replace(partial, path)
+
+
+def checked_rewards(values: list, prompts: list[Prompt], count: int) -> list[float]:
+    """Rewards as floats; anything not a finite number is refused naming prompt and sample."""
+    out = []
+    for position, value in enumerate(values):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+        if not ok:
+            prompt = prompts[position // count]
+            raise ValueError(f"reward {value!r} for {prompt.source} (prompt_id "
+                             f"{prompt.prompt_id}) sample {position % count}: rewards must be "
+                             "finite numbers")
+        out.append(float(value))
+    return out
+
+
+def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
+                 config: PairsConfig) -> list[dict]:
+    """One batch: samples per seed, the non-identical ones scored."""
+    seeds = config.sample_seeds
+    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
+    samples = sample(messages, sampling, seeds)
+    scored = [i for i, s in enumerate(samples) if not pairs.all_identical(s)]
+    flat = [(i, response) for i in scored for response in samples[i]]
+    values = score([batch[i].prompt for i, _ in flat], [messages[i] for i, _ in flat],
+                   [response for _, response in flat]) if flat else []
+    values = checked_rewards(list(values), [batch[i] for i in scored], len(seeds))
+    scores = {i: values[k * len(seeds):(k + 1) * len(seeds)] for k, i in enumerate(scored)}
+    return [{"index": p.index, "prompt_id": p.prompt_id, "samples": samples[i],
+             "scores": scores.get(i)} for i, p in enumerate(batch)]
+
+
+def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], config: PairsConfig,
+          say: Callable[[str], None]) -> Path:
+    """The pairs in prompt order from the parts, written whole; the parts then removed."""
+    records, dropped = [], {"identical": 0, "tie": 0, "empty": 0}
+    text = all(isinstance(p.prompt, str) for p in prompts)
+    size, seeds = config.batch_size, len(config.sample_seeds)
+    for b in range(0, len(prompts), size):
+        rows = read_part(part_path(folder, b // size), prompts[b:b + size], seeds)
+        if rows is None:
+            raise ValueError(f"{part_path(folder, b // size)}: missing (a process stopped?); run "
+                             "again with the same flags to finish")
+        for row in rows:
+            prompt = prompts[row["index"]]
+            choice = pairs.choose(row["samples"], row["scores"])
+            if choice.dropped:
+                dropped[choice.dropped] += 1
+                continue
+            records.append(pairs.pair_record(prompt.prompt_id, prompt.prompt,
+                                             messages[prompt.index], row["samples"],
+                                             row["scores"], choice, prompt_as_messages=not text))
+    path = pairs.write_pairs(records, config.output, prompt_is_text=text)
+    shutil.rmtree(folder)
+    say(f"> wrote {len(records)} pairs to {path}; dropped {dropped['identical']} prompts whose "
+        f"samples were all identical, {dropped['tie']} whose best and worst scores tied, "
+        f"{dropped['empty']} with an empty best or worst sample")
+    return path
+
+
+def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path | None:
+    """Sample, score and write the pairs (module docstring); every input is checked before any
+    model loads (ValueError naming the flag, file or row). Returns the output on rank 0."""
+    from tqdm import tqdm
+
+    from megatron_simpo.data.tokenization import known_roles, load_tokenizer, prompt_messages
+    from megatron_simpo.distributed.runtime import read_world
+
+    rank, world, local_rank = read_world()
+    backend = generation.pick_backend(config.backend)
+    if backend == "transformers" and config.tensor_parallel_size != 1:
+        raise ValueError("--tensor-parallel-size is vLLM's: the transformers backend runs on one "
+                         "device")
+    if Path(config.output).exists():
+        raise ValueError(f"--output {config.output} exists; move it away or give another")
+    if config.hf and not (Path(config.hf) / "config.json").is_file():
+        raise ValueError(f"--hf {config.hf}: no config.json (not a Hugging Face model folder)")
+    prompts = read_prompts(config, say if rank == 0 else (lambda _: None))
+    if config.reward_model:
+        rewards.check_reward_model(config.reward_model, config.trust_remote_code)
+    else:
+        rewards.load_reward_fn(config.reward_fn)
+    folder = parts_folder(config.output)
+    expected = settings(config, prompts, backend)
+    if rank == 0:
+        open_parts(folder, expected, create=True)
+    _wait_until(lambda: (folder / "settings.json").is_file())
+    open_parts(folder, expected, create=False)
+    _pin_device(backend, local_rank, config.tensor_parallel_size, world)
+    with contextlib.ExitStack() as stack:
+        hf_dir = generation.model_folder(stack, hf=config.hf, load=config.load,
+                                         hf_out=config.hf_out if rank == 0 else None)
+        tokenizer = load_tokenizer(hf_dir)
+        roles = known_roles(tokenizer)
+        messages = [prompt_messages(p.prompt, p.source, roles) for p in prompts]
+        size = config.batch_size
+        mine = [b for b in range(math.ceil(len(prompts) / size)) if b % world == rank]
+        todo = [b for b in mine if read_part(part_path(folder, b), prompts[b * size:(b + 1) * size],
+                                             len(config.sample_seeds)) is None]
+        if rank == 0:
+            say(f"> {len(prompts)} prompts in {math.ceil(len(prompts) / size)} batches, "
+                f"{len(config.sample_seeds)} samples each ({backend}); {len(todo)} of this "
+                f"process's {len(mine)} batches to go")
+        if todo:
+            options = dict(dtype=config.dtype, apply_chat_template=config.apply_chat_template)
+            sample = generation.vllm_sampler(
+                hf_dir, tensor_parallel_size=config.tensor_parallel_size,
+                gpu_memory_utilization=config.gpu_memory_utilization, **options) \
+                if backend == "vllm" else generation.transformers_sampler(hf_dir, **options)
+            score = rewards.reward_model_scorer(
+                config.reward_model, trust_remote_code=config.trust_remote_code,
+                batch_size=config.reward_batch_size) if config.reward_model else \
+                rewards.reward_fn_scorer(config.reward_fn)
+            for b in tqdm(todo, desc=f"rank {rank} batches", disable=rank != 0):
+                span = slice(b * size, (b + 1) * size)
+                write_part(part_path(folder, b),
+                           sample_batch(prompts[span], messages[span], sample, score, config))
+        if rank == 0:  # the others' batches (torchrun ends every process if one fails)
+            batches = range(math.ceil(len(prompts) / size))
+            _wait_until(lambda: all(part_path(folder, b).is_file() for b in batches))
+        return merge(folder, prompts, messages, config, say) if rank == 0 else None
+
+
+def _wait_until(done: Callable[[], bool], poll_s: float = 1.0) -> None:
+    """Wait for a file another process writes. Only conditions that stay true are waited on
+    (the settings exist; every batch is written), so a folder left by an earlier run never
+    misleads."""
+    while not done():
+        time.sleep(poll_s)
+
+
+def _pin_device(backend: str, local_rank: int, tensor_parallel_size: int, world: int) -> None:
+    """Under torchrun on GPUs: this process's device(s), the ``local_rank``-th group of
+    ``tensor_parallel_size``. No process group is started (vLLM starts its own)."""
+    import torch
+
+    if world == 1 or not torch.cuda.is_available():
+        return
+    if backend == "transformers":
+        torch.cuda.set_device(local_rank)
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    mine = devices[local_rank * tensor_parallel_size:(local_rank + 1) * tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise ValueError(f"{world} processes with --tensor-parallel-size {tensor_parallel_size} "
+                         f"need {world * tensor_parallel_size} GPUs; {len(devices)} are visible")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # read by vLLM's engine process

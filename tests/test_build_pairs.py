@@ -1,0 +1,418 @@
+"""megatron-simpo-build-pairs: on-policy pairs (the SimPO v0.2 recipe's data) from the tiny model.
+
+Seeds to samples against transformers' own generate; the best/worst rule and its drops against a
+hand-written table; the authors' column types, read by the trainer with no column flags; a tiny
+reward model's scores against transformers' own forward; refusals in one line; an interrupted
+run resumed to the same file; two processes writing what one writes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_simpo.evaluation import generation, pairs_run
+from megatron_simpo.evaluation.answers import Sampling
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["reverse abcdefgh", "hi", "reverse ponmlkji", "say ok", "reverse aabbccdd"]
+REWARD = '''
+import os
+
+def letters(prompt, response):
+    """Verifiable reward: how many letters of the reversed word the response gets right."""
+    word = prompt.split()[-1][::-1]
+    return float(sum(a == b for a, b in zip(word, response)) + 0.01 * len(response))
+
+def by_length(prompt, response):
+    return float(len(response))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny default's tokenizer with a random Llama-3-architecture model (seeded), a
+    prompts file and a reward-function module."""
+    import torch
+    import transformers
+
+    from megatron_simpo.model.tiny import write_default
+
+    root = tmp_path_factory.mktemp("pairs")
+    paths = write_default(root / "tiny", train_pairs=4, valid_pairs=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(paths["config"]))
+    model.save_pretrained(root / "hf")
+    transformers.AutoTokenizer.from_pretrained(paths["tokenizer"]).save_pretrained(root / "hf")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": "x"}) + "\n"
+                                                for p in PROMPTS))
+    (root / "reward.py").write_text(REWARD)
+    return root
+
+
+def _flags(tiny, output, *extra, reward="letters"):
+    return ["--prompts-path", str(tiny / "prompts.jsonl"), "--hf", str(tiny / "hf"),
+            "--output", str(output), "--reward-fn", f"{tiny / 'reward.py'}:{reward}",
+            "--max-new-tokens", "10", "--batch-size", "2", "--backend", "transformers", *extra]
+
+
+def _run(argv, say=lambda _: None):
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    return pairs_run.build_pairs(COMMAND.parse(argv)["config"], say=say)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_defaults_are_the_authors_and_seeds_give_the_same_samples(tiny):
+    """The v0.2 recipe's settings are the defaults; sample k of a prompt is transformers' own
+    generate after torch.manual_seed(seed k); the same seeds give the same samples."""
+    import torch
+    import transformers
+
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    config = COMMAND.parse(["--prompts-path", "p", "--output", "o.jsonl", "--hf", "h",
+                            "--reward-fn", "m:f"])["config"]
+    assert (config.sample_seeds, config.temperature, config.top_p, config.max_new_tokens) == \
+        ((13, 21, 42, 79, 100), 0.8, 0.95, 4096)
+    assert COMMAND.parse(_flags(tiny, "o.jsonl", "--seeds", "7", "8", "9", "--num-samples",
+                                "2"))["config"].sample_seeds == (7, 8)
+
+    sample = generation.transformers_sampler(tiny / "hf", dtype="float32",
+                                             apply_chat_template=True)
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_new_tokens=10)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
+    first = sample(conversations, sampling, (13, 21, 42))
+    assert first == sample(conversations, sampling, (13, 21, 42))
+    assert len(first) == 2 and all(len(s) == 3 for s in first)
+    assert len(set(first[0])) > 1  # the seeds differ
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny / "hf",
+                                                              dtype=torch.float32).eval()
+    [alone] = sample(conversations[:1], sampling, (13, 21, 42))
+    ids = tokenizer.apply_chat_template(conversations[0], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    for seed, text in zip((13, 21, 42), alone):
+        torch.manual_seed(seed)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             temperature=0.8, top_p=0.95, max_new_tokens=10,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# prompt -> (samples, hand-written outcome): argmax / argmin with the first index on equal
+# scores (reward: the length), and the drops.
+CASES = {
+    "p-best-worst": (["bb", "a", "ccc", "a", "dd"], ("ccc", "a")),
+    "p-identical": (["same"] * 5, "identical"),
+    "p-tie": (["ab", "cd", "ef", "gh", "ij"], "tie"),
+    "p-first-of-equals": (["aa", "bb", "c", "dd", "e"], ("aa", "c")),
+    "p-empty-worst": (["", "abc", "ab", "ab", "ab"], "empty"),
+}
+
+
+def test_best_and_worst_and_the_drops_follow_a_hand_written_table(tiny, monkeypatch, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CASES))
+    scored = []
+    (tmp_path / "length.py").write_text(
+        "CALLS = []\ndef score(prompt, response):\n    CALLS.append(prompt)\n"
+        "    return float(len(response))\n")
+
+    def fake_sampler(hf_dir, **_):
+        def sample(conversations, sampling, seeds):
+            assert len(seeds) == 5
+            return [list(CASES[c[-1]["content"]][0]) for c in conversations]
+        return sample
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    from megatron_simpo.evaluation import rewards
+
+    real = rewards.load_reward_fn
+
+    def recording(spec):
+        function = real(spec)
+        scored.append(function.__globals__["CALLS"])
+        return function
+
+    monkeypatch.setattr(rewards, "load_reward_fn", recording)
+    said = []
+    _run(["--prompts-path", str(prompts), "--hf", str(tiny / "hf"), "--output",
+          str(tmp_path / "pairs.jsonl"), "--reward-fn", f"{tmp_path / 'length.py'}:score",
+          "--backend", "transformers", "--batch-size", "2"], say=said.append)
+    rows = _jsonl(tmp_path / "pairs.jsonl")
+    kept = {p: outcome for p, (_, outcome) in CASES.items() if isinstance(outcome, tuple)}
+    assert [r["prompt"] for r in rows] == list(kept)
+    for row in rows:
+        chosen, rejected = kept[row["prompt"]]
+        assert row["chosen"] == [{"content": row["prompt"], "role": "user"},
+                                 {"content": chosen, "role": "assistant"}]
+        assert row["rejected"][-1] == {"content": rejected, "role": "assistant"}
+        assert row["all_rm_scores"] == [float(len(s)) for s in CASES[row["prompt"]][0]]
+    # Identical samples are never scored (as the authors' post_process drops them first).
+    assert "p-identical" not in scored[-1] and scored[-1].count("p-tie") == 5
+    assert "dropped 1 prompts whose samples were all identical, 1 whose best and worst scores " \
+           "tied, 1 with an empty best or worst sample" in said[-1]
+
+
+def test_message_prompts_from_a_dataset_folder_keep_their_ids(tiny, monkeypatch, tmp_path):
+    """Prompts as messages (a system turn) from a save_to_disk folder with its own prompt_id
+    column (a repeated id skipped): the model sees the whole conversation, the pairs keep the
+    ids and the messages, and the trainer reads the save_to_disk output with no column flags."""
+    import datasets
+    import transformers
+
+    from megatron_simpo.data.loading import DataConfig, load_datasets
+
+    system = {"role": "system", "content": "be brief"}
+    conversations = [[system, {"role": "user", "content": f"question {i}"}] for i in range(3)]
+    datasets.Dataset.from_dict({"prompt_id": ["id-0", "id-1", "id-0"],
+                                "messages": conversations}).save_to_disk(tmp_path / "prompts")
+    seen = []
+
+    def fake_sampler(hf_dir, **_):
+        def sample(batch, sampling, seeds):
+            seen.extend(batch)
+            return [["a", "bbb", "cc"] for _ in batch]
+        return sample
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    said = []
+    _run(["--prompts-path", str(tmp_path / "prompts"), "--prompt-column", "messages",
+          "--hf", str(tiny / "hf"), "--output", str(tmp_path / "pairs"), "--seeds", "1", "2", "3",
+          "--reward-fn", f"{tiny / 'reward.py'}:by_length", "--backend", "transformers"],
+         say=said.append)
+    assert seen == conversations[:2] and "1 repeated prompts skipped" in said[0]
+    rows = datasets.load_from_disk(str(tmp_path / "pairs")).to_list()
+    assert [r["prompt_id"] for r in rows] == ["id-0", "id-1"]
+    for row, conversation in zip(rows, conversations):
+        assert row["prompt"] == conversation
+        assert row["chosen"] == conversation + [{"content": "bbb", "role": "assistant"}]
+        assert row["rejected"] == conversation + [{"content": "a", "role": "assistant"}]
+        assert row["all_rm_scores"] == [1.0, 3.0, 2.0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    train, _ = load_datasets(DataConfig(train_data_path=str(tmp_path / "pairs"), seq_length=64,
+                                        max_prompt_length=40), tokenizer, seed=0)
+    expected = tokenizer("bbb<|eot_id|>", add_special_tokens=False)["input_ids"]
+    assert len(train) == 2 and all(list(p.chosen) == expected for p in train)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """The tiny model's pairs in one uninterrupted run (JSONL), shared by the tests below."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "pairs.jsonl"
+    _run(_flags(tiny, output))
+    return output
+
+
+def test_the_authors_schema_read_by_the_trainer_with_no_column_flags(tiny, uninterrupted,
+                                                                    tmp_path):
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import transformers
+
+    from megatron_simpo.data.loading import DataConfig, load_datasets
+
+    _run(_flags(tiny, tmp_path / "pairs.parquet"))
+    # princeton-nlp/llama3-ultrafeedback-armorm's columns and types.
+    message = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
+    authors = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()),
+                         ("all_generated_responses", pa.list_(pa.string())),
+                         ("all_rm_scores", pa.list_(pa.float64())),
+                         ("chosen", message), ("rejected", message)])
+    table = pq.read_table(tmp_path / "pairs.parquet")
+    assert table.schema.remove_metadata() == authors
+    rows = _jsonl(uninterrupted)
+    assert table.to_pylist() == rows  # the two formats hold the same pairs
+    assert 0 < len(rows) <= len(PROMPTS)
+    for row in rows:
+        assert row["prompt_id"] == hashlib.sha256(row["prompt"].encode()).hexdigest()
+        assert len(row["all_generated_responses"]) == len(row["all_rm_scores"]) == 5
+        scores = row["all_rm_scores"]
+        responses = row["all_generated_responses"]
+        assert row["chosen"][1]["content"] == responses[scores.index(max(scores))]
+        assert row["rejected"][1]["content"] == responses[scores.index(min(scores))]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    for source in (uninterrupted, tmp_path / "pairs.parquet"):
+        train, _ = load_datasets(DataConfig(train_data_path=str(source), seq_length=64,
+                                            max_prompt_length=32), tokenizer, seed=0)
+        assert len(train) == len(rows)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]}],
+                                               add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(rows[0]["chosen"], tokenize=False)
+        expected = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        assert any(list(p.chosen) == expected for p in train)
+
+
+def test_reward_model_scores_equal_transformers_forward_with_its_template(tiny, tmp_path):
+    """A tiny random sequence classifier (one output, its own template): every all_rm_scores
+    entry equals transformers' forward on that (prompt, response) alone, though the tool
+    batches by length with padding."""
+    import torch
+    import transformers
+
+    from megatron_simpo.evaluation.rewards import length_batches
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    config = transformers.AutoConfig.from_pretrained(tiny / "hf")
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(1)
+    reward_model = transformers.LlamaForSequenceClassification(config).eval()
+    reward_model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    output = tmp_path / "pairs.jsonl"
+    flags = _flags(tiny, output)
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
+        ["--reward-model", str(tmp_path / "rm"), "--reward-batch-size", "3"]
+    _run(flags)
+    rows = _jsonl(output)
+    assert rows
+    for row in rows:
+        for response, score in zip(row["all_generated_responses"], row["all_rm_scores"]):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]},
+                 {"role": "assistant", "content": response}], return_tensors="pt",
+                return_dict=True)
+            with torch.no_grad():
+                expected = reward_model(**ids).logits[0, 0].item()
+            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # Longest first; a sequence ending in the pad id, or any without one, goes alone.
+    assert length_batches([[1, 2], [1, 2, 3], [1], [5, 0]], 2, pad=0) == [[1, 0], [2], [3]]
+    assert length_batches([[1, 2], [1]], 2, pad=None) == [[0], [1]]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("causal", "--reward-model {rm}: a LlamaForCausalLM, not a sequence-classification reward "
+               "model"),
+    ("remote", "--reward-model {rm}: its sequence classifier is the model repository's own code "
+               "(modeling_custom.RewardModel); it runs only with --trust-remote-code"),
+    ("two-labels", "--reward-model {rm}: a classifier with 2 outputs; a reward model has one"),
+])
+def test_a_reward_model_that_cannot_be_used_is_one_line(tiny, tmp_path, capsys, kind, message):
+    from megatron_simpo.cli.build_pairs import main
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    config = json.loads((tiny / "hf" / "config.json").read_text())
+    if kind == "remote":
+        config.update(architectures=["RewardModel"],
+                      auto_map={"AutoModelForSequenceClassification":
+                                "modeling_custom.RewardModel"})
+    elif kind == "two-labels":
+        config.update(architectures=["LlamaForSequenceClassification"])
+    (rm / "config.json").write_text(json.dumps(config))
+    flags = _flags(tiny, tmp_path / "pairs.jsonl")
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = ["--reward-model", str(rm)]
+    with pytest.raises(SystemExit) as info:
+        main(flags)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("build_pairs: error: " + message.format(rm=rm))
+    assert not (tmp_path / "pairs.jsonl.parts").exists()  # refused before anything started
+
+
+def test_an_interrupted_run_resumes_to_the_same_pairs(tiny, uninterrupted, tmp_path,
+                                                      monkeypatch, capsys):
+    """Stopped after the first batch was written: the rerun samples only the prompts left, and
+    writes what an uninterrupted run writes; a rerun with other settings is refused."""
+    real = generation.transformers_sampler
+    sampled, stop_after = [], [1]
+
+    def recording(hf_dir, **options):
+        sample = real(hf_dir, **options)
+
+        def wrapped(conversations, sampling, seeds):
+            if stop_after and len(sampled) == stop_after[0]:
+                raise KeyboardInterrupt
+            sampled.append([c[-1]["content"] for c in conversations])
+            return sample(conversations, sampling, seeds)
+        return wrapped
+
+    monkeypatch.setattr(generation, "transformers_sampler", recording)
+    output = tmp_path / "pairs.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _run(_flags(tiny, output))
+    assert sampled == [PROMPTS[:2]] and not output.exists()
+    parts = sorted(p.name for p in (tmp_path / "pairs.jsonl.parts").iterdir())
+    assert parts == ["batch-000000.jsonl", "settings.json"]
+
+    from megatron_simpo.cli.build_pairs import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_flags(tiny, output, "--temperature", "0.7"))
+    [line] = capsys.readouterr().err.splitlines()
+    assert "was started with --temperature 0.8, now 0.7: give the same settings to resume" in line
+    # A batch file on disk is checked before it is trusted.
+    bad = tmp_path / "pairs.jsonl.parts" / "batch-000001.jsonl"
+    bad.write_text(json.dumps({"index": 2, "prompt_id": "x", "samples": [], "scores": None}))
+    with pytest.raises(SystemExit):
+        main(_flags(tiny, output))
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"build_pairs: error: {bad}: not this run's batch of 2 prompts from "
+                    f"{tiny / 'prompts.jsonl'}:3; move {bad.parent} away to start over")
+    bad.unlink()
+
+    stop_after.clear()
+    _run(_flags(tiny, output))
+    assert sampled == [PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:]]  # each prompt sampled once
+    assert output.read_bytes() == uninterrupted.read_bytes()
+    assert not (tmp_path / "pairs.jsonl.parts").exists()
+
+
+def test_two_processes_write_what_one_writes(tiny, uninterrupted, tmp_path):
+    """Under torchrun, each process samples its share of the batches; rank 0 merges them in
+    prompt order: the same file as one process."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    output = tmp_path / "pairs.jsonl"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port),
+         str(ROOT / "tools" / "build_pairs.py"), *_flags(tiny, output)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert output.read_bytes() == uninterrupted.read_bytes()
+
+
+@pytest.mark.gpu
+def test_vllm_samples_follow_its_own_seeded_generate(tiny):
+    """Each sample is vLLM's own generate of that prompt alone with SamplingParams(seed=...):
+    batching many prompts and seeds into one call changes nothing."""
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from vllm import SamplingParams
+
+    from megatron_simpo.data.tokenization import encode_prompts
+
+    sample = generation.vllm_sampler(tiny / "hf", tensor_parallel_size=1, dtype="auto",
+                                     apply_chat_template=True, gpu_memory_utilization=0.3)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    seeds = (13, 21, 42, 79, 100)
+    batched = sample(conversations, Sampling(0.8, 0.95, 16), seeds)
+    tokenizer = sample.llm.get_tokenizer()
+    for conversation, samples in zip(conversations, batched):
+        [ids] = encode_prompts(tokenizer, [conversation])
+        for seed, text in zip(seeds, samples):
+            [out] = sample.llm.generate([{"prompt_token_ids": ids}], SamplingParams(
+                temperature=0.8, top_p=0.95, max_tokens=16, seed=seed))
+            assert text == out.outputs[0].text.strip()
