@@ -236,3 +236,33 @@ def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
     with pytest.raises(QuestionError, match=r"m.jsonl:1: not valid JSON"):
         write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
                       overrides={}, count_tokens=_words, say=lambda _: None)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("question", "q.jsonl:2: 'turns' must be a list of strings"),
+    ("answer", "model_answer/m.jsonl:1: not an answer row (no 'question_id')"),
+    ("output", "data: cannot make the folder"),
+])
+def test_data_errors_of_the_command_are_one_line_without_usage(tmp_path, capsys, monkeypatch,
+                                                               case, message):
+    from megatron_simpo.cli.generate_answers import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    rows = [MT_BENCH[0], dict(MT_BENCH[1], turns="one string")] if case == "question" else MT_BENCH
+    _write(tmp_path / "q.jsonl", rows)
+    output = tmp_path / "data"
+    if case == "answer":  # an answer file a previous run did not write
+        (output / "model_answer").mkdir(parents=True)
+        (output / "model_answer" / "m.jsonl").write_text(json.dumps({"answer": "x"}) + "\n")
+    if case == "output":  # --output names a file where a folder is needed
+        output.write_text("a file")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["--benchmark", "mt_bench", "--questions", "q.jsonl", "--output", str(output),
+              "--hf", "hf", "--model-id", "m", "--backend", "transformers"])
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("generate_answers: error: ") and message in line
+    assert "usage" not in line

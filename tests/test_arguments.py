@@ -133,7 +133,8 @@ def _commands():
 # The flag names users know, unchanged (Megatron-LM's and the tools' own).
 _FLAGS = {
     "convert_hf_to_megatron": ["--hf-path", "--save", "--tensor-parallel-size",
-                               "--pipeline-parallel-size", "--dtype", "--force"],
+                               "--pipeline-parallel-size", "--dtype", "--force",
+                               "--allow-non-finite"],
     "convert_megatron_to_hf": ["--load", "--save", "--iteration", "--dtype", "--max-shard-size",
                                "--force", "--allow-non-finite"],
     "generate_answers": ["--benchmark", "--questions", "--output", "--hf", "--load", "--hf-out",

@@ -1,11 +1,14 @@
-"""Loading weights into a model: every tensor required, Transformer Engine's extra state optional."""
+"""Loading weights into a model: every tensor required, Transformer Engine's extra state optional,
+non-finite weights named; saves that fail name the iteration, folder and the system's reason."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_simpo.checkpoint.checkpointing import load_model_state
+from tests.multiprocess import run_on_ranks
 
 
 class _WithExtraState(torch.nn.Module):
@@ -46,3 +49,119 @@ def test_missing_or_unexpected_weights_are_refused_by_name(change, message):
     change(state)
     with pytest.raises(ValueError, match=r"ckpt does not fit the model: .*" + message):
         load_model_state(_model(), state, Path("ckpt"))
+
+
+# ---- saves that fail, weights that are not finite ----------------------------------------------
+
+def _tiny_model(tp: int = 1):
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.builder import build_model
+    from tests.tiny import tiny_hf_config
+
+    config = ModelConfig.from_hf_config(tiny_hf_config("llama3"))
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    runtime.initialize(parallel, seed=0, model_config=config)
+    return build_model(config, parallel), config, lambda: build_model(config, parallel)
+
+
+def _enospc(path: str):
+    """What PyTorch's distributed checkpoint raises for a full disk on rank 0: a
+    CheckpointException whose ``failures`` map rank -> (exception, traceback summary)."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    except OSError as error:
+        return CheckpointException("save failed", {0: _wrap_exception(error)})
+
+
+def _save(rank, save: str, inject: bool) -> str:
+    from megatron.core import dist_checkpointing
+
+    from megatron_simpo.checkpoint.checkpointing import CheckpointError, save_model_only
+
+    model, config, _ = _tiny_model()
+    real_save = dist_checkpointing.save
+
+    def full_disk(state, path, *args, **kwargs):
+        raise _enospc(f"{path}/__0_0.distcp")
+
+    dist_checkpointing.save = full_disk if inject else real_save
+    try:
+        save_model_only(save, 0, model, config)
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        dist_checkpointing.save = real_save
+    return "saved"
+
+
+def test_os_reason_reads_torch_per_rank_failures():
+    from megatron_simpo.checkpoint.layout import os_reason
+
+    error = _enospc("/ckpt/iter_0000002.partial/__0_0.distcp")
+    assert os_reason(error) == "No space left on device: /ckpt/iter_0000002.partial/__0_0.distcp"
+    try:  # as a cause, too
+        raise RuntimeError("wrapped") from error
+    except RuntimeError as wrapped:
+        assert os_reason(wrapped) == os_reason(error)
+
+
+def test_a_save_on_a_full_disk_names_iteration_folder_and_reason(tmp_path):
+    save = tmp_path / "run"
+    [message] = run_on_ranks(1, _save, str(save), True)
+    assert message == (f"cannot save iteration 0 to {save}: No space left on device: "
+                       f"{save / 'iter_0000000.partial'}/__0_0.distcp; nothing was published")
+    assert not list(save.glob("iter_*"))
+
+
+def test_a_save_on_a_real_full_filesystem_names_the_reason(tmp_path):
+    """A 64 KiB tmpfs: the model (about 200 KiB) does not fit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        [message] = run_on_ranks(1, _save, str(disk / "run"), False)
+        assert message.startswith(f"cannot save iteration 0 to {disk / 'run'}: No space left on "
+                                  "device")
+        assert message.endswith("; nothing was published")
+        assert not list((disk / "run").glob("iter_*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _load_poisoned(rank, save: str, poison_rank: int) -> str:
+    from megatron_simpo.checkpoint.checkpointing import (CheckpointError, find_checkpoint,
+                                                         load_checkpoint, save_model_only)
+
+    model, config, build_again = _tiny_model(tp=2)
+    if rank == poison_rank:  # one element of one rank's shard
+        with torch.no_grad():
+            model.decoder.layers[1].mlp.linear_fc2.weight[0, -1] = float("inf")
+    save_model_only(save, 0, model, config)
+    fresh = build_again()
+    try:
+        load_checkpoint(find_checkpoint(save), fresh, model_config=config)
+    except CheckpointError as error:
+        return str(error)
+    return "loaded"
+
+
+@pytest.mark.parametrize("poison_rank", [1, 2])  # 2: nobody (a clean checkpoint loads)
+def test_a_non_finite_weight_is_named_on_every_rank_after_load(tmp_path, poison_rank):
+    save = tmp_path / f"poisoned{poison_rank}"
+    results = run_on_ranks(2, _load_poisoned, str(save), poison_rank)
+    if poison_rank == 2:
+        assert results == ["loaded", "loaded"]
+        return
+    expected = (f"checkpoint {save / 'iter_0000000'}: tensor decoder.layers.1.mlp.linear_fc2."
+                "weight holds NaN/inf values (a damaged shard or a diverged run); refusing to "
+                "load it")
+    assert results == [expected, expected]

@@ -1,5 +1,6 @@
 """HF <-> Megatron conversion: logit parity per architecture, bit-exact round trip, bad inputs."""
 
+import io
 import json
 import shutil
 from functools import partial
@@ -328,6 +329,69 @@ def test_export_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path, c
     megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf"),
                          "--allow-non-finite"])
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_import_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_simpo.checkpoint.checkpointing import find_checkpoint
+
+    src = shutil.copytree(hf_models["llama3"][1], tmp_path / "hf")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.2.self_attn.k_proj.weight"][3, 1] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    error = _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "mg"),
+                                    "--tensor-parallel-size", "2"])
+    assert error == (f"{cli.IMPORT.prog}: error: conversion failed, nothing was published: "
+                     f"{src / 'model.safetensors'}: tensor model.layers.2.self_attn.k_proj.weight "
+                     "holds NaN/inf values; refusing to convert it (--allow-non-finite to convert "
+                     "anyway)\n")
+    with pytest.raises(FileNotFoundError):
+        find_checkpoint(tmp_path / "mg")
+    hf_to_megatron_main(["--hf-path", str(src), "--save", str(tmp_path / "mg"),
+                         "--allow-non-finite"])
+    assert (find_checkpoint(tmp_path / "mg") / "metadata.json").is_file()
+
+
+def _load_weights(rank, checkpoint):
+    from megatron_simpo.checkpoint.checkpointing import (CheckpointError, find_checkpoint,
+                                                         load_checkpoint, read_model_config)
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.builder import build_model
+
+    folder = find_checkpoint(checkpoint)
+    config = read_model_config(folder)
+    runtime.initialize(ParallelConfig(), seed=0, model_config=config)
+    try:
+        load_checkpoint(folder, build_model(config, ParallelConfig()), model_config=config)
+    except CheckpointError as error:
+        return str(error)
+    return "loaded"
+
+
+def test_a_garbled_shard_of_the_right_size_is_named_at_load(converted_llama3, tmp_path):
+    """Bytes of one tensor overwritten in place (0xFF..: NaN in fp32); sizes unchanged."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    damaged = shutil.copytree(converted_llama3, tmp_path / "damaged")
+    folder = damaged / "iter_0000000"
+    name = "decoder.final_layernorm.weight"
+    [info] = [d for i, d in FileSystemReader(str(folder)).read_metadata()
+                       .storage_data.items() if i.fqn == name]
+    shard = folder / info.relative_path
+    data = bytearray(shard.read_bytes())
+    tensor = torch.load(io.BytesIO(bytes(data[info.offset:info.offset + info.length])),
+                        weights_only=True)
+    raw = tensor.numpy().tobytes()
+    at = data.index(raw, info.offset)
+    data[at:at + len(raw)] = b"\xff" * len(raw)
+    size = shard.stat().st_size
+    shard.write_bytes(bytes(data))
+    assert shard.stat().st_size == size
+    [message] = run_on_ranks(1, _load_weights, str(damaged))
+    assert message == (f"checkpoint {folder}: tensor {name} holds NaN/inf values (a damaged shard "
+                       "or a diverged run); refusing to load it")
 
 
 def test_a_truncated_shard_is_named(converted_llama3, tmp_path, capsys):

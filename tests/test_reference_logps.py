@@ -101,3 +101,28 @@ def test_reference_logps_go_with_reference_algorithms_only(setup):
                                          "rdpo, not simpo"):
         config_from_namespace(build_parser().parse_args(
             _argv(tiny, train_iters=1, pretrained_checkpoint=sft, reference_logps=logps)))
+
+
+class _Custom:
+    """Pickled by torch.save, refused by torch.load(weights_only=True)."""
+
+
+@pytest.mark.parametrize("write", [
+    lambda path: path.write_text(json.dumps({"chosen": [-1.0]})),  # a JSON file
+    lambda path: path.write_bytes(b"\x00\x01 not a zip"),
+    lambda path: __import__("torch").save({"x": _Custom()}, path),  # pickle with code
+    lambda path: __import__("torch").save({"format": "other"}, path),
+])
+def test_a_file_that_is_not_reference_logps_is_one_line_naming_it(tmp_path, write):
+    from megatron_simpo.data.config import DataError
+    from megatron_simpo.training.reference_logps import FORMAT, ReferenceLogps
+
+    path = tmp_path / "logps.json"
+    write(path)
+    with pytest.raises(DataError) as info:
+        ReferenceLogps.load(path)
+    [line] = str(info.value).splitlines()
+    assert line.startswith(f"--reference-logps {path}: not a reference log-probs file (")
+    assert "weights_only" not in line
+    assert line.endswith("megatron-simpo-reference-logps writes)") or line.endswith(
+        f"'other', expected {FORMAT}, written by megatron-simpo-reference-logps)")

@@ -12,7 +12,7 @@ another. An iteration is written to ``iter_NNNNNNN.partial`` and renamed once ev
 finished, and the tracker file is replaced atomically afterwards (never to an older iteration):
 an interrupted or failed save never leaves a folder that training would take as valid, nor
 touches an existing checkpoint. Failures are ``CheckpointError``s naming the folder and the
-operating system's reason, or the damaged shard.
+operating system's reason, or the damaged shard or tensor.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               TRACKER_FILE, CheckpointError, TrainState,
                                               check_model_config, checkpoint_assets,
                                               find_checkpoint, iteration_dir, optimizer_metadata,
-                                              os_reason, read_model_config, read_train_iteration,
+                                              read_model_config, read_train_iteration,
                                               read_train_state, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
-                                              write_tracker)
+                                              write_failure_reason, write_tracker)
 from megatron_simpo.distributed.runtime import max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
@@ -193,10 +193,11 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         failure = error
+    reason = (write_failure_reason(failure, partial) if failure is not None
+              else "another rank failed to write")
     if max_over_world(0 if failure is None else 1):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        reason = os_reason(failure) if failure is not None else "another rank failed to write"
         raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
                               f"{_latest_note(root)}") from failure
     if rank == 0:
@@ -265,13 +266,39 @@ def load_model_state(model, state: dict, checkpoint: Path) -> None:
                          f"{list(result.unexpected_keys)}")
 
 
+def _global_name(model, name: str) -> str:
+    """A parameter's name as the whole model spells it: ``decoder.layers.<i>`` numbered over all
+    pipeline stages (Megatron's ``layer_number`` is global and 1-based)."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"] and len(parts) > 2 and parts[2].isdigit():
+        layer = model.decoder.layers[int(parts[2])]
+        parts[2] = str(getattr(layer, "layer_number", int(parts[2]) + 1) - 1)
+    return ".".join(parts)
+
+
+def check_finite_weights(model, checkpoint: Path) -> None:
+    """Refuse loaded weights holding NaN/inf (a garbled shard of the right size loads without an
+    error): the first such tensor any rank holds is named, the same on every rank (all call it)."""
+    bad = next((_global_name(model, name) for name, param in model.named_parameters()
+                if not bool(torch.isfinite(param).all())), None)
+    if not max_over_world(int(bad is not None)):
+        return
+    if dist.is_initialized():
+        found: list = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        bad = next(name for name in found if name is not None)
+    raise CheckpointError(f"checkpoint {checkpoint}: tensor {bad} holds NaN/inf values (a damaged "
+                          "shard or a diverged run); refusing to load it")
+
+
 def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
-                    model_config: ModelConfig) -> TrainState | None:
+                    model_config: ModelConfig, allow_non_finite: bool = False) -> TrainState | None:
     """Load weights (and, when given, optimizer, scheduler, RNG and train state) from a checkpoint.
 
     Loading at another TP/PP than saved works (dist checkpoints reshard); the RNG state is then
     not restored, as it belongs to ranks that no longer exist. Returns the saved train state when
-    the optimizer is loaded, None for weights only.
+    the optimizer is loaded, None for weights only. Weights holding NaN/inf are refused
+    (:func:`check_finite_weights`) unless ``allow_non_finite`` (the exporter checks its own).
     """
     from megatron.core import dist_checkpointing
 
@@ -298,6 +325,8 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
                               f"{shard_reason(checkpoint, error)}") from error
     load_model_state(model, loaded["model"], checkpoint)
+    if not allow_non_finite:
+        check_finite_weights(model, checkpoint)
     if not full:
         return None
     _load_optimizer_state(optimizer, loaded["optimizer"])

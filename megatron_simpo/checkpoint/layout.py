@@ -115,19 +115,50 @@ def write_tracker(root: Path, iteration: int) -> None:
 
 def os_reason(error: BaseException) -> str:
     """The operating system's reason behind a failed write, found in the exception chain (and
-    in the per-rank failures PyTorch's distributed checkpoint collects), else its first line."""
-    seen, pending = set(), [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    in the per-rank failures PyTorch's distributed checkpoint collects: ``CheckpointException.
+    failures`` maps rank -> ``(exception, traceback summary)``), else its first line."""
+    for current in _chain(error):
         if isinstance(current, OSError) and current.strerror:
             return current.strerror + (f": {current.filename}" if current.filename else "")
-        pending += [current.__cause__, current.__context__,
-                    getattr(current, "exception", None), getattr(current, "exc", None)]
-        pending += list(getattr(current, "failures", {}).values() or [])
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+FULL_DISK_BYTES = 1 << 20
+"""Free space below which a failed write is blamed on a full filesystem."""
+
+
+def write_failure_reason(error: BaseException, folder: Path) -> str:
+    """Why writing into ``folder`` failed: the operating system's reason (:func:`os_reason`), or,
+    where PyTorch's writer lost it (a full disk surfaces as ``[enforce fail at
+    inline_container.cc] unexpected pos``), a full filesystem when under
+    :data:`FULL_DISK_BYTES` are left there."""
+    reason = os_reason(error)
+    if any(isinstance(e, OSError) and e.strerror for e in _chain(error)):
+        return reason
+    try:
+        stat = os.statvfs(folder if folder.exists() else folder.parent)
+    except OSError:
+        return reason
+    free = stat.f_bavail * stat.f_frsize
+    if free < FULL_DISK_BYTES:
+        return f"No space left on device ({free} bytes free on its filesystem; {reason})"
+    return reason
+
+
+def _chain(error: BaseException) -> list:
+    seen, pending, found = set(), [error], []
+    while pending:
+        current = pending.pop()
+        if isinstance(current, tuple):
+            pending += list(current)
+        elif isinstance(current, BaseException) and id(current) not in seen:
+            seen.add(id(current))
+            found.append(current)
+            failures = getattr(current, "failures", None)
+            pending += [current.__cause__, current.__context__, getattr(current, "exception", None),
+                        getattr(current, "exc", None),
+                        *(failures.values() if isinstance(failures, dict) else ())]
+    return found
 
 
 def damaged_shards(checkpoint: Path) -> list[str]:

@@ -15,7 +15,7 @@ IMPORT = Command("convert_hf_to_megatron",
                  "Hugging Face checkpoint -> Megatron distributed checkpoint for training",
                  (Section("conversion", ImportConfig, key="config", fields=(
                      "hf_path", "save", "tensor_parallel_size", "pipeline_parallel_size", "dtype",
-                     "force")),))
+                     "force", "allow_non_finite")),))
 EXPORT = Command("convert_megatron_to_hf", "Megatron checkpoint (any TP/PP) -> Hugging Face folder",
                  (Section("conversion", ExportConfig, key="config", fields=(
                      "load", "save", "iteration", "dtype", "max_shard_size", "force",

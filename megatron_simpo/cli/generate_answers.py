@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from megatron_simpo.cli.flags import Command, Section, run_command
+from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command
 from megatron_simpo.evaluation.answers import SAMPLING
 from megatron_simpo.evaluation.generation import AnswersConfig, generate_answers
 
@@ -29,7 +29,9 @@ COMMAND = Command(
 
 def main(argv=None) -> None:
     config = COMMAND.parse(argv)["config"]
-    run_command(COMMAND.prog, lambda: generate_answers(config))
+    # Data errors (a question or answer file, a folder that cannot be written): one line, no
+    # usage, exit code 2.
+    run_command(COMMAND.prog, lambda: generate_answers(config), errors={(*USER_ERRORS, OSError): 2})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ class ImportConfig:
     """default: the checkpoint's own (config.json's dtype/torch_dtype; fp32 when it names none)"""
     force: bool = False
     """replace a non-empty --save folder"""
+    allow_non_finite: bool = False
+    """convert even tensors that hold NaN/inf (refused by default)"""
 
     def __post_init__(self) -> None:
         for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size),
@@ -138,7 +140,8 @@ def _import_worker(rank, config: ImportConfig, model_config: dict, dtype_name: s
     model = ModelConfig.from_dict(model_config)
     runtime.initialize(parallel, seed=0, model_config=model)
     return str(convert_rank(config.hf_path, config.save, model, parallel,
-                            getattr(torch, dtype_name), progress=rank == 0))
+                            getattr(torch, dtype_name), progress=rank == 0,
+                            allow_non_finite=config.allow_non_finite))
 
 
 def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:

@@ -21,13 +21,15 @@ class HFCheckpointReader:
     """Tensors of a HF folder, read one at a time from its safetensors files (never all at once).
 
     Every file is opened up front, so a missing or truncated file fails before anything is
-    written; every tensor is checked against the shape the config implies when read.
+    written; every tensor is checked against the shape the config implies when read, and for
+    NaN/inf unless ``allow_non_finite``.
     """
 
-    def __init__(self, path: str | Path, config: ModelConfig):
+    def __init__(self, path: str | Path, config: ModelConfig, *, allow_non_finite: bool = False):
         from safetensors import safe_open
 
         self.path, self.config = Path(path), config
+        self.allow_non_finite = allow_non_finite
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
@@ -94,6 +96,9 @@ class HFCheckpointReader:
         except Exception as error:
             raise ValueError(f"{file}: cannot read tensor {name} ({error})") from None
         self._check_shape(file, name, tuple(tensor.shape))
+        if not self.allow_non_finite and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{file}: tensor {name} holds NaN/inf values; refusing to convert it "
+                             "(--allow-non-finite to convert anyway)")
         return tensor
 
 

@@ -31,12 +31,14 @@ def check_hf_checkpoint(hf_path: str | Path, config: ModelConfig) -> None:
 
 
 def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
-                 parallel: ParallelConfig, dtype: torch.dtype, *, progress: bool = False) -> Path:
-    """This rank's part of the conversion; ``runtime.initialize`` must have run with ``parallel``."""
+                 parallel: ParallelConfig, dtype: torch.dtype, *, progress: bool = False,
+                 allow_non_finite: bool = False) -> Path:
+    """This rank's part of the conversion; ``runtime.initialize`` must have run with ``parallel``.
+    An HF tensor holding NaN/inf is refused by name and file unless ``allow_non_finite``."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    reader = HFCheckpointReader(hf_path, config)
+    reader = HFCheckpointReader(hf_path, config, allow_non_finite=allow_non_finite)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     model = build_model(config, parallel, params_dtype=dtype, perform_initialization=False)

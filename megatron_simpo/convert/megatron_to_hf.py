@@ -44,7 +44,8 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
     saved_dtype = checkpointing.saved_params_dtype(checkpoint)
     model = build_model(config, ParallelConfig(), params_dtype=saved_dtype,
                         perform_initialization=False)
-    checkpointing.load_checkpoint(checkpoint, model, model_config=config)
+    # Non-finite tensors are refused below, by name, unless allow_non_finite.
+    checkpointing.load_checkpoint(checkpoint, model, model_config=config, allow_non_finite=True)
     megatron_state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
     del model  # from here the state dict holds the only references to the weights
     out_dtype = dtype or saved_dtype

@@ -168,6 +168,10 @@ def answered(benchmark: str, path: Path) -> dict[str, dict]:
                                     "give another --output") from None
             # The run was stopped while writing its last line: drop it, it is asked again.
             path.write_text("".join(l + "\n" for l in lines[:-1]), encoding="utf-8")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise QuestionError(f"{path}:{number}: not an answer row (no 'question_id'); move the "
+                                "file away or give another --output")
     return {str(row["question_id"]): row for row in rows}
 
 

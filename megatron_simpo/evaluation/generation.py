@@ -266,8 +266,15 @@ def generate_answers(config: AnswersConfig) -> Path:
     if config.hf and not (Path(config.hf) / "config.json").is_file():
         raise ValueError(f"--hf {config.hf}: no config.json (not a Hugging Face model folder)")
     model_id = config.model_id or Path(config.load or config.hf).resolve().name
-    # An unreadable answer file is found before any model is loaded.
-    answered(config.benchmark, answer_path(config.benchmark, config.output, model_id))
+    # An unreadable answer file, or a folder for it that cannot be made, is found before any
+    # model is loaded.
+    answers = answer_path(config.benchmark, config.output, model_id)
+    try:
+        answers.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {config.output}: cannot make the folder {answers.parent} "
+                         f"({error.strerror or error})") from None
+    answered(config.benchmark, answers)
     with contextlib.ExitStack() as stack:
         hf_dir = model_folder(stack, hf=config.hf, load=config.load, hf_out=config.hf_out)
         options = dict(seed=config.seed, dtype=config.dtype,

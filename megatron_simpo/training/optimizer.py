@@ -3,6 +3,7 @@ its learning-rate schedule."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -44,8 +45,24 @@ class OptimizerSettings:
     bucket by bucket (needs use_distributed_optimizer and overlap_grad_reduce)."""
 
     def __post_init__(self) -> None:
+        """Every number finite; Adam's first step, ``lr / (1 - adam_beta1)``, representable in
+        fp32 (the optimizer's arithmetic; PyTorch fails mid-step on an overflow)."""
+        for name in ("lr", "min_lr", "lr_warmup_fraction", "weight_decay", "adam_beta1",
+                     "adam_beta2", "adam_eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got "
+                                 f"{getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for flag, beta in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{flag} must be in [0, 1), got {beta}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
+        if self.lr / (1.0 - self.adam_beta1) > torch.finfo(torch.float32).max:
+            raise ValueError(f"--lr {self.lr} is out of range: Adam's first step "
+                             f"lr / (1 - adam_beta1) = {self.lr / (1.0 - self.adam_beta1):.3g} "
+                             f"overflows fp32 (max {torch.finfo(torch.float32).max:.3g})")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
         if self.clip_grad < 0:

@@ -91,13 +91,13 @@ class ReferenceLogps:
             saved = torch.load(path, weights_only=True)
         except FileNotFoundError:
             raise DataError(f"--reference-logps {path}: no such file") from None
-        except Exception as error:
-            raise DataError(f"--reference-logps {path}: not a reference log-probs file "
-                            f"({type(error).__name__}: {error})") from None
+        except Exception:  # PyTorch's own text (e.g. "use weights_only=False") would mislead
+            raise DataError(f"--reference-logps {path}: not a reference log-probs file (the "
+                            "tensor-only .pt file megatron-simpo-reference-logps writes)") from None
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise DataError(f"--reference-logps {path}: not a reference log-probs file "
                             f"(format {saved.get('format') if isinstance(saved, dict) else None!r}, "
-                            f"expected {FORMAT})")
+                            f"expected {FORMAT}, written by megatron-simpo-reference-logps)")
         return cls({key: row for row, key in enumerate(saved["keys"])}, saved["sums"],
                    saved["checkpoint"], saved["fingerprint"])
 
