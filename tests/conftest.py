@@ -17,6 +17,12 @@ _CACHE_HOME = tempfile.mkdtemp(prefix="megatron-simpo-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
 atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 
+# Subprocesses (the launcher, console scripts, benchmarks) import the tree under test, whatever
+# other copy of the package an environment has installed (e.g. an editable install elsewhere).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _close_worlds_after_module():

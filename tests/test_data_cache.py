@@ -303,3 +303,157 @@ def test_a_warm_start_does_not_hash_the_source_again(data, tmp_path, monkeypatch
     touched = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
     assert hashed == [source] and touched.fingerprint == first.fingerprint
     assert all(m.startswith("> data: reusing tokenized") for m in touched.messages)
+
+
+# ---- the cache cannot lie: checksums, token ids, dead builders ------------------------------
+
+def _entry(prepared_messages):
+    """The entry folder a "> data: tokenized <where> (N rows) in <folder> (s)" message names."""
+    from pathlib import Path
+
+    return Path(prepared_messages[0].split(" in ", 1)[1].rsplit(" (", 1)[0])
+
+
+def _arrow(folder):
+    [path] = (folder / "pairs").glob("*.arrow")
+    return path
+
+
+def _rewrite_arrow(path, change):
+    """Read an entry's Arrow file (IPC stream, as save_to_disk writes it), ``change`` its table,
+    write it back in place."""
+    import pyarrow as pa
+
+    table = change(pa.ipc.open_stream(path.read_bytes()).read_all())  # a copy, not a map
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _swap_chosen_rejected(table):
+    columns = {name: table.column(name) for name in table.column_names}
+    columns["chosen"], columns["rejected"] = columns["rejected"], columns["chosen"]
+    return table.from_arrays([columns[n] for n in table.column_names], schema=table.schema)
+
+
+def _random_bytes(folder):
+    path = _arrow(folder)
+    size = path.stat().st_size
+    with path.open("r+b") as handle:  # the token ids sit in the middle of the file
+        handle.seek(size // 2)
+        handle.write(random.Random(0).randbytes(64))
+    assert path.stat().st_size == size
+
+
+def _swapped(folder):
+    size = _arrow(folder).stat().st_size
+    _rewrite_arrow(_arrow(folder), _swap_chosen_rejected)
+    assert _arrow(folder).stat().st_size == size  # the same bytes, in each other's place
+
+
+def _truncated(folder):
+    path = _arrow(folder)
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size - 1000)
+
+
+def _garbled_state(folder):
+    state = folder / "pairs" / "state.json"
+    state.write_text(state.read_text().replace('"', "'", 3))
+
+
+def _stale(folder):  # an entry written before checksums existed
+    summary = json.loads((folder / "prepared.json").read_text())
+    del summary["files"]
+    (folder / "prepared.json").write_text(json.dumps(summary))
+
+
+_DAMAGE = {
+    "random_bytes": (_random_bytes, r"pairs/data-00000-of-00001\.arrow does not match its "
+                                    r"checksum \(its bytes changed\)"),
+    "swapped_columns": (_swapped, r"pairs/data-00000-of-00001\.arrow does not match its checksum"),
+    "truncated": (_truncated, r"pairs/data-00000-of-00001\.arrow is \d+ bytes, \d+ when built"),
+    "deleted": (lambda f: _arrow(f).unlink(), r"pairs/data-00000-of-00001\.arrow is missing"),
+    "garbled_state": (_garbled_state, r"pairs/state\.json does not match its checksum"),
+    "half_built": (lambda f: (f / "prepared.json").unlink(), r"half-built: it has no prepared\.json"),
+    "garbled_summary": (lambda f: (f / "prepared.json").write_text('{"key": [1, '),
+                        r"prepared\.json cannot be read \(JSONDecodeError\)"),
+    "stale": (_stale, r"stale: written by an older version, without checksums"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_a_damaged_entry_is_named_in_one_line_and_rebuilt(data, tmp_path, damage):
+    import re
+
+    tokenizer = build_tokenizer()
+    config = _config(data, tmp_path)
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    folder = _entry(first.messages)
+    expected = _as_lists(first.train)
+    edit, reason = _DAMAGE[damage]
+    edit(folder)
+    again = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    named = [m for m in again.messages if " is damaged (" in m]
+    assert len(named) == 1 and "\n" not in named[0]
+    assert re.fullmatch(rf"> data: the data cache entry {re.escape(str(folder))} is damaged "
+                        rf"\({reason}.*\); tokenizing {re.escape(str(data))}/train\.jsonl again",
+                        named[0]), named[0]
+    assert again.messages[1].startswith("> data: tokenized")
+    assert _as_lists(again.train) == expected  # rebuilt: the pairs as first tokenized
+    third = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert [m.split(" in ")[0] for m in third.messages] == \
+        [f"> data: reusing tokenized {data}/train.jsonl (300 rows)"]
+    assert not list(folder.parent.glob(".*building*"))
+
+
+def test_token_ids_are_checked_against_the_vocabulary(data, tmp_path):
+    """A tokenizer larger than the model's vocabulary is one line naming both; an entry whose
+    bytes match their checksums but hold an id outside the vocabulary (a builder's bug) is
+    refused naming the row, and --rebuild-data-cache tokenizes it again."""
+    from megatron_simpo.data.integrity import file_checksums
+
+    tokenizer = build_tokenizer()
+    config = _config(data, tmp_path)
+    size = len(tokenizer)
+    with pytest.raises(DataError, match=rf"^tokenizer {data}/tokenizer has {size} tokens, more "
+                                        rf"than the model's vocabulary \({size - 1}\); give the "
+                                        r"model's own tokenizer \(--tokenizer-path\)$"):
+        prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size - 1)
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size)
+    folder, expected = _entry(first.messages), _as_lists(first.train)
+
+    def poke(table):
+        import pyarrow as pa
+
+        rows = table.column("rejected").to_pylist()
+        rows[7][2] = size  # one past the last id
+        index = table.column_names.index("rejected")
+        return table.set_column(index, table.field(index),
+                                pa.array(rows, type=table.field(index).type))
+
+    _rewrite_arrow(_arrow(folder), poke)
+    summary = json.loads((folder / "prepared.json").read_text())
+    summary["files"] = file_checksums(folder / "pairs")
+    (folder / "prepared.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match=rf"^the data cache entry {folder} holds "
+                                        rf"{data}/train\.jsonl:8: token id {size} in rejected is outside the vocabulary "
+                                        rf"\[0, {size}\); --rebuild-data-cache tokenizes it again"):
+        prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size)
+    rebuilt = prepare_data(_config(data, tmp_path, rebuild_data_cache=True), tokenizer,
+                           data / "tokenizer", seed=5, vocab_size=size)
+    assert rebuilt.messages[0] == f"> data: --rebuild-data-cache: tokenizing {data}/train.jsonl again"
+    assert _as_lists(rebuilt.train) == expected
+
+
+def test_a_tokenizer_without_chat_template_is_warned_about_once(data, tmp_path):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    prepared = prepare_data(_config(data, tmp_path, valid_data_path=str(data / "valid.jsonl")),
+                            tokenizer, data / "tokenizer", seed=5)
+    warnings = [m for m in prepared.messages if m.startswith("warning")]
+    assert warnings == [f"warning: tokenizer {data}/tokenizer has no chat template: pairs are "
+                        "tokenized as plain text, roles dropped; give --no-apply-chat-template if "
+                        "the columns are formatted already, or use a tokenizer with a chat template"]
+    plain = prepare_data(_config(data, tmp_path, apply_chat_template=False), tokenizer,
+                         data / "tokenizer", seed=5)
+    assert not [m for m in plain.messages if m.startswith("warning")]
