@@ -457,3 +457,106 @@ def test_a_tokenizer_without_chat_template_is_warned_about_once(data, tmp_path):
     plain = prepare_data(_config(data, tmp_path, apply_chat_template=False), tokenizer,
                          data / "tokenizer", seed=5)
     assert not [m for m in plain.messages if m.startswith("warning")]
+
+
+_SLOW_BUILDER = r"""
+import os, sys, time
+from pathlib import Path
+
+from megatron_simpo.data import cache as data_cache
+from megatron_simpo.data.config import DataConfig
+from megatron_simpo.model.tiny import build_tokenizer
+
+source, cache_dir, marks, tokenizer_path = sys.argv[1:]
+real = data_cache.tokenize_records
+
+def slow(rows, tokenizer, config):  # in each tokenizing worker: say so, then take a while
+    (Path(marks) / str(os.getpid())).touch()
+    time.sleep(60)
+    return real(rows, tokenizer, config)
+
+data_cache.tokenize_records = slow
+data_cache.prepare_data(DataConfig(train_data_path=source, data_cache_dir=cache_dir, seq_length=48,
+                                   max_prompt_length=12, dataset_num_proc=2),
+                        build_tokenizer(), tokenizer_path, seed=0)
+"""
+
+
+def _descendants(pid):
+    from pathlib import Path
+
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found += [child] + _descendants(child)
+    return found
+
+
+def _start_slow_builder(data, tmp_path):
+    """A builder process tokenizing with 2 workers that sleep; (process, its descendants)."""
+    import subprocess
+    import sys
+    import time
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with (tmp_path / "stderr").open("w") as stderr:  # a file: survivors cannot block its reader
+        process = subprocess.Popen([sys.executable, "-c", _SLOW_BUILDER, str(data / "train.jsonl"),
+                                    str(tmp_path / "cache"), str(marks), str(data / "tokenizer")],
+                                   stderr=stderr)
+    deadline = time.monotonic() + 120
+    while len(list(marks.iterdir())) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "stderr").read_text()
+        time.sleep(0.1)
+    family = _descendants(process.pid)
+    assert {int(m.name) for m in marks.iterdir()} <= set(family)
+    return process, family
+
+
+def _assert_all_gone(pids):
+    import os
+    import signal
+    import time
+
+    from megatron_simpo.data.integrity import _alive
+
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:  # the test's own processes: none is left behind, even on failure
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "builder processes outlived their builder"
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+def test_a_killed_builder_leaves_no_workers_and_its_folder_is_swept(data, tmp_path):
+    process, family = _start_slow_builder(data, tmp_path)
+    process.kill()  # kill -9: no handler runs in the builder
+    process.wait()
+    _assert_all_gone(family)
+    [left] = list((tmp_path / "cache").glob(".*.building-*"))
+    prepared = prepare_data(_config(data, tmp_path), build_tokenizer(), data / "tokenizer", 0)
+    assert prepared.messages[0] == (f"> data: removed {left}, left by a build that was killed "
+                                    f"(pid {process.pid})")
+    assert prepared.messages[1].startswith("> data: tokenized") and not left.exists()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+def test_sigterm_while_tokenizing_says_stopping_and_cleans_up(data, tmp_path):
+    import signal
+
+    process, family = _start_slow_builder(data, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    finally:
+        _assert_all_gone(family + [process.pid])
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode == 128 + signal.SIGTERM
+    line = (f"> data: received SIGTERM while tokenizing {data}/train.jsonl: stopping (the partial "
+            "cache entry is removed; the next run tokenizes it again)\n")
+    assert stderr.count("> data: received") == 1 and line in stderr
+    assert "Traceback" not in stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []

@@ -123,8 +123,8 @@ def build_entry(key: CacheKey, folder: Path, tokenizer, config: DataConfig,
     work = building_folder(folder)
     try:
         with builder_guard(key.where):  # SIGTERM: one line, then the finally below
-            folder.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)  # named by host and pid for as long as the build runs
             tokenized = _tokenize(dataset, work, key, tokenizer, config, num_proc, encoded)
             errors = pc.not_equal(tokenized.data.table.column("error"), "")
             first = pc.index(errors, True).as_py()
