@@ -216,6 +216,55 @@ def test_one_rank_per_node_builds_and_every_rank_reads(data, tmp_path):
     assert errors[0] == errors[1] and errors[0].startswith(f"DataError: {tmp_path / 'bad.jsonl'}:5:")
 
 
+def _damage_between_check_and_read(rank, config_fields):
+    """prepare_data on a rank, with the entry's Arrow file changed after rank 0 checked and
+    opened it, before rank 1 (which builds nothing) checks it."""
+    import torch.distributed as dist
+
+    from megatron_simpo.data.config import DataConfig, DataError
+
+    dist.init_process_group("gloo")
+    real = data_cache._open
+
+    def damaged_under(folder, key, checked, vocab_size):
+        if rank == 0:
+            opened = real(folder, key, checked, vocab_size)
+            dist.barrier()
+            return opened
+        dist.barrier()
+        path = next((folder / "pairs").glob("*.arrow"))
+        with path.open("r+b") as handle:
+            handle.seek(path.stat().st_size // 2)
+            byte = handle.read(1)[0]
+            handle.seek(-1, 1)
+            handle.write(bytes([byte ^ 0xFF]))
+        return real(folder, key, checked, vocab_size)
+
+    data_cache._open = damaged_under
+    try:
+        prepare_data(DataConfig(**config_fields), build_tokenizer(),
+                     config_fields["tokenizer_path"], seed=0)
+    except DataError as error:
+        return f"DataError: {error}"
+    finally:
+        data_cache._open = real
+
+
+def test_an_entry_damaged_under_a_reading_rank_is_refused_on_every_rank(data, tmp_path):
+    """A rank that did not build the entry checks it too; damage it finds cannot be repaired
+    there (other ranks read the entry): one message on every rank, naming the flag."""
+    import re
+
+    fields = dict(train_data_path=str(data / "train.jsonl"), seq_length=48, max_prompt_length=12,
+                  data_cache_dir=str(tmp_path / "shared"), tokenizer_path=str(data / "tokenizer"))
+    errors = run_on_ranks(2, _damage_between_check_and_read, fields)
+    assert errors[0] == errors[1]
+    assert re.fullmatch(rf"DataError: the data cache entry {tmp_path}/shared/pairs-[0-9a-f]{{24}} "
+                        r"changed after its builder checked it: pairs/data-00000-of-00001\.arrow "
+                        r"does not match its checksum \(its bytes changed\); rerun "
+                        r"\(--rebuild-data-cache tokenizes it again\)", errors[0]), errors[0]
+
+
 def test_an_unwritable_cache_is_one_clear_line(data, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

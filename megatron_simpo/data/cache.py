@@ -256,9 +256,8 @@ def _open(folder: Path, key: CacheKey, checked: bool, vocab_size: int) -> PairTa
     ensuring it checks it now, and cannot rebuild it (others are reading it)."""
     problem = None if checked else entry_problem(folder, asdict(key))
     if problem is not None:
-        return (f"the data cache entry {folder} is damaged ({problem}; found after it was "
-                "checked, by a rank that cannot rebuild it): rerun, with --rebuild-data-cache "
-                "to tokenize it again")
+        return (f"the data cache entry {folder} changed after its builder checked it: {problem}; "
+                "rerun (--rebuild-data-cache tokenizes it again)")
     try:
         return load_entry(folder, vocab_size)
     except DataError as error:
