@@ -11,8 +11,9 @@ no Python list of pairs (``PairTable``).
 
 In a run of many ranks, global rank 0 builds a missing entry while the others wait; then the
 first rank of every node whose cache (on local disk) still lacks it builds it there. A build
-error is raised on every rank with the builder's message. Entries are written to a temporary
-folder and renamed into place, so an interrupted build never leaves a half entry behind.
+error is raised on every rank with the builder's message. Entries are written to a build
+folder and renamed into place; every rank checks an entry before it reads it (checksums, token
+ids: ``integrity``), and a builder rebuilds one that is damaged, half-built or stale.
 
 Rank 0 names the entries; the source's content hash is remembered in ``fingerprints.MEMO_FILE``
 beside the entries by path, size and mtime, so a warm start does not read the source again.
