@@ -88,8 +88,9 @@ def entry_problem(folder: Path, key: dict) -> str | None:
         actual = (pairs / name).stat().st_size
         if actual != size:
             return f"{PAIRS}/{name} is {actual} bytes, {size} when built"
-    for name in sorted(found - set(files)):
-        return f"{PAIRS}/{name} was not written by the build"
+    extra = sorted(found - set(files))
+    if extra:
+        return f"{PAIRS}/{extra[0]} was not written by the build"
     for name, (_, digest) in sorted(files.items()):
         with (pairs / name).open("rb") as handle:
             if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
