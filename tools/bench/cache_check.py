@@ -99,7 +99,6 @@ def main(argv=None) -> None:
           f"load_from_disk {mapping:.3f} s, token ids {token_ids:.3f} s (median of "
           f"{args.repeats})")
     write_report(args.output, report)
-    del dataset
     if scratch is not None:
         scratch.cleanup()
 
