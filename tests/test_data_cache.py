@@ -216,6 +216,55 @@ def test_one_rank_per_node_builds_and_every_rank_reads(data, tmp_path):
     assert errors[0] == errors[1] and errors[0].startswith(f"DataError: {tmp_path / 'bad.jsonl'}:5:")
 
 
+def _damage_between_check_and_read(rank, config_fields):
+    """prepare_data on a rank, with the entry's Arrow file changed after rank 0 checked and
+    opened it, before rank 1 (which builds nothing) checks it."""
+    import torch.distributed as dist
+
+    from megatron_simpo.data.config import DataConfig, DataError
+
+    dist.init_process_group("gloo")
+    real = data_cache._open
+
+    def damaged_under(folder, key, checked, vocab_size):
+        if rank == 0:
+            opened = real(folder, key, checked, vocab_size)
+            dist.barrier()
+            return opened
+        dist.barrier()
+        path = next((folder / "pairs").glob("*.arrow"))
+        with path.open("r+b") as handle:
+            handle.seek(path.stat().st_size // 2)
+            byte = handle.read(1)[0]
+            handle.seek(-1, 1)
+            handle.write(bytes([byte ^ 0xFF]))
+        return real(folder, key, checked, vocab_size)
+
+    data_cache._open = damaged_under
+    try:
+        prepare_data(DataConfig(**config_fields), build_tokenizer(),
+                     config_fields["tokenizer_path"], seed=0)
+    except DataError as error:
+        return f"DataError: {error}"
+    finally:
+        data_cache._open = real
+
+
+def test_an_entry_damaged_under_a_reading_rank_is_refused_on_every_rank(data, tmp_path):
+    """A rank that did not build the entry checks it too; damage it finds cannot be repaired
+    there (other ranks read the entry): one message on every rank, naming the flag."""
+    import re
+
+    fields = dict(train_data_path=str(data / "train.jsonl"), seq_length=48, max_prompt_length=12,
+                  data_cache_dir=str(tmp_path / "shared"), tokenizer_path=str(data / "tokenizer"))
+    errors = run_on_ranks(2, _damage_between_check_and_read, fields)
+    assert errors[0] == errors[1]
+    assert re.fullmatch(rf"DataError: the data cache entry {tmp_path}/shared/pairs-[0-9a-f]{{24}} "
+                        r"changed after its builder checked it: pairs/data-00000-of-00001\.arrow "
+                        r"does not match its checksum \(its bytes changed\); rerun "
+                        r"\(--rebuild-data-cache tokenizes it again\)", errors[0]), errors[0]
+
+
 def test_an_unwritable_cache_is_one_clear_line(data, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
@@ -303,3 +352,260 @@ def test_a_warm_start_does_not_hash_the_source_again(data, tmp_path, monkeypatch
     touched = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
     assert hashed == [source] and touched.fingerprint == first.fingerprint
     assert all(m.startswith("> data: reusing tokenized") for m in touched.messages)
+
+
+# ---- the cache cannot lie: checksums, token ids, dead builders ------------------------------
+
+def _entry(prepared_messages):
+    """The entry folder a "> data: tokenized <where> (N rows) in <folder> (s)" message names."""
+    from pathlib import Path
+
+    return Path(prepared_messages[0].split(" in ", 1)[1].rsplit(" (", 1)[0])
+
+
+def _arrow(folder):
+    [path] = (folder / "pairs").glob("*.arrow")
+    return path
+
+
+def _rewrite_arrow(path, change):
+    """Read an entry's Arrow file (IPC stream, as save_to_disk writes it), ``change`` its table,
+    write it back in place."""
+    import pyarrow as pa
+
+    table = change(pa.ipc.open_stream(path.read_bytes()).read_all())  # a copy, not a map
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _swap_chosen_rejected(table):
+    columns = {name: table.column(name) for name in table.column_names}
+    columns["chosen"], columns["rejected"] = columns["rejected"], columns["chosen"]
+    return table.from_arrays([columns[n] for n in table.column_names], schema=table.schema)
+
+
+def _random_bytes(folder):
+    path = _arrow(folder)
+    size = path.stat().st_size
+    with path.open("r+b") as handle:  # the token ids sit in the middle of the file
+        handle.seek(size // 2)
+        handle.write(random.Random(0).randbytes(64))
+    assert path.stat().st_size == size
+
+
+def _swapped(folder):
+    size = _arrow(folder).stat().st_size
+    _rewrite_arrow(_arrow(folder), _swap_chosen_rejected)
+    assert _arrow(folder).stat().st_size == size  # the same bytes, in each other's place
+
+
+def _truncated(folder):
+    path = _arrow(folder)
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size - 1000)
+
+
+def _garbled_state(folder):
+    state = folder / "pairs" / "state.json"
+    state.write_text(state.read_text().replace('"', "'", 3))
+
+
+def _stale(folder):  # an entry written before checksums existed
+    summary = json.loads((folder / "prepared.json").read_text())
+    del summary["files"]
+    (folder / "prepared.json").write_text(json.dumps(summary))
+
+
+_DAMAGE = {
+    "random_bytes": (_random_bytes, r"pairs/data-00000-of-00001\.arrow does not match its "
+                                    r"checksum \(its bytes changed\)"),
+    "swapped_columns": (_swapped, r"pairs/data-00000-of-00001\.arrow does not match its checksum"),
+    "truncated": (_truncated, r"pairs/data-00000-of-00001\.arrow is \d+ bytes, \d+ when built"),
+    "deleted": (lambda f: _arrow(f).unlink(), r"pairs/data-00000-of-00001\.arrow is missing"),
+    "garbled_state": (_garbled_state, r"pairs/state\.json does not match its checksum"),
+    "half_built": (lambda f: (f / "prepared.json").unlink(), r"half-built: it has no prepared\.json"),
+    "garbled_summary": (lambda f: (f / "prepared.json").write_text('{"key": [1, '),
+                        r"prepared\.json cannot be read \(JSONDecodeError\)"),
+    "stale": (_stale, r"stale: written by an older version, without checksums"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_a_damaged_entry_is_named_in_one_line_and_rebuilt(data, tmp_path, damage):
+    import re
+
+    tokenizer = build_tokenizer()
+    config = _config(data, tmp_path)
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    folder = _entry(first.messages)
+    expected = _as_lists(first.train)
+    edit, reason = _DAMAGE[damage]
+    edit(folder)
+    again = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    named = [m for m in again.messages if " is damaged (" in m]
+    assert len(named) == 1 and "\n" not in named[0]
+    assert re.fullmatch(rf"> data: the data cache entry {re.escape(str(folder))} is damaged "
+                        rf"\({reason}.*\); tokenizing {re.escape(str(data))}/train\.jsonl again",
+                        named[0]), named[0]
+    assert again.messages[1].startswith("> data: tokenized")
+    assert _as_lists(again.train) == expected  # rebuilt: the pairs as first tokenized
+    third = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert [m.split(" in ")[0] for m in third.messages] == \
+        [f"> data: reusing tokenized {data}/train.jsonl (300 rows)"]
+    assert not list(folder.parent.glob(".*building*"))
+
+
+def test_token_ids_are_checked_against_the_vocabulary(data, tmp_path):
+    """A tokenizer larger than the model's vocabulary is one line naming both; an entry whose
+    bytes match their checksums but hold an id outside the vocabulary (a builder's bug) is
+    refused naming the row, and --rebuild-data-cache tokenizes it again."""
+    from megatron_simpo.data.integrity import file_checksums
+
+    tokenizer = build_tokenizer()
+    config = _config(data, tmp_path)
+    size = len(tokenizer)
+    with pytest.raises(DataError, match=rf"^tokenizer {data}/tokenizer has {size} tokens, more "
+                                        rf"than the model's vocabulary \({size - 1}\); give the "
+                                        r"model's own tokenizer \(--tokenizer-path\)$"):
+        prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size - 1)
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size)
+    folder, expected = _entry(first.messages), _as_lists(first.train)
+
+    def poke(table):
+        import pyarrow as pa
+
+        rows = table.column("rejected").to_pylist()
+        rows[7][2] = size  # one past the last id
+        index = table.column_names.index("rejected")
+        return table.set_column(index, table.field(index),
+                                pa.array(rows, type=table.field(index).type))
+
+    _rewrite_arrow(_arrow(folder), poke)
+    summary = json.loads((folder / "prepared.json").read_text())
+    summary["files"] = file_checksums(folder / "pairs")
+    (folder / "prepared.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match=rf"^the data cache entry {folder} holds "
+                                        rf"{data}/train\.jsonl:8: token id {size} in rejected is outside the vocabulary "
+                                        rf"\[0, {size}\); --rebuild-data-cache tokenizes it again"):
+        prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size)
+    rebuilt = prepare_data(_config(data, tmp_path, rebuild_data_cache=True), tokenizer,
+                           data / "tokenizer", seed=5, vocab_size=size)
+    assert rebuilt.messages[0] == f"> data: --rebuild-data-cache: tokenizing {data}/train.jsonl again"
+    assert _as_lists(rebuilt.train) == expected
+
+
+def test_a_tokenizer_without_chat_template_is_warned_about_once(data, tmp_path):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    prepared = prepare_data(_config(data, tmp_path, valid_data_path=str(data / "valid.jsonl")),
+                            tokenizer, data / "tokenizer", seed=5)
+    warnings = [m for m in prepared.messages if m.startswith("warning")]
+    assert warnings == [f"warning: tokenizer {data}/tokenizer has no chat template: pairs are "
+                        "tokenized as plain text, roles dropped; give --no-apply-chat-template if "
+                        "the columns are formatted already, or use a tokenizer with a chat template"]
+    plain = prepare_data(_config(data, tmp_path, apply_chat_template=False), tokenizer,
+                         data / "tokenizer", seed=5)
+    assert not [m for m in plain.messages if m.startswith("warning")]
+
+
+_SLOW_BUILDER = r"""
+import os, sys, time
+from pathlib import Path
+
+from megatron_simpo.data import cache as data_cache
+from megatron_simpo.data.config import DataConfig
+from megatron_simpo.model.tiny import build_tokenizer
+
+source, cache_dir, marks, tokenizer_path = sys.argv[1:]
+real = data_cache.tokenize_records
+
+def slow(rows, tokenizer, config):  # in each tokenizing worker: say so, then take a while
+    (Path(marks) / str(os.getpid())).touch()
+    time.sleep(60)
+    return real(rows, tokenizer, config)
+
+data_cache.tokenize_records = slow
+data_cache.prepare_data(DataConfig(train_data_path=source, data_cache_dir=cache_dir, seq_length=48,
+                                   max_prompt_length=12, dataset_num_proc=2),
+                        build_tokenizer(), tokenizer_path, seed=0)
+"""
+
+
+def _descendants(pid):
+    from pathlib import Path
+
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found += [child] + _descendants(child)
+    return found
+
+
+def _start_slow_builder(data, tmp_path):
+    """A builder process tokenizing with 2 workers that sleep; (process, its descendants)."""
+    import subprocess
+    import sys
+    import time
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with (tmp_path / "stderr").open("w") as stderr:  # a file: survivors cannot block its reader
+        process = subprocess.Popen([sys.executable, "-c", _SLOW_BUILDER, str(data / "train.jsonl"),
+                                    str(tmp_path / "cache"), str(marks), str(data / "tokenizer")],
+                                   stderr=stderr)
+    deadline = time.monotonic() + 120
+    while len(list(marks.iterdir())) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "stderr").read_text()
+        time.sleep(0.1)
+    family = _descendants(process.pid)
+    assert {int(m.name) for m in marks.iterdir()} <= set(family)
+    return process, family
+
+
+def _assert_all_gone(pids):
+    import os
+    import signal
+    import time
+
+    from megatron_simpo.data.integrity import _alive
+
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:  # the test's own processes: none is left behind, even on failure
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "builder processes outlived their builder"
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+def test_a_killed_builder_leaves_no_workers_and_its_folder_is_swept(data, tmp_path):
+    process, family = _start_slow_builder(data, tmp_path)
+    process.kill()  # kill -9: no handler runs in the builder
+    process.wait()
+    _assert_all_gone(family)
+    [left] = list((tmp_path / "cache").glob(".*.building-*"))
+    prepared = prepare_data(_config(data, tmp_path), build_tokenizer(), data / "tokenizer", 0)
+    assert prepared.messages[0] == (f"> data: removed {left}, left by a build that was killed "
+                                    f"(pid {process.pid})")
+    assert prepared.messages[1].startswith("> data: tokenized") and not left.exists()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+def test_sigterm_while_tokenizing_says_stopping_and_cleans_up(data, tmp_path):
+    import signal
+
+    process, family = _start_slow_builder(data, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    finally:
+        _assert_all_gone(family + [process.pid])
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode == 128 + signal.SIGTERM
+    line = (f"> data: received SIGTERM while tokenizing {data}/train.jsonl: stopping (the partial "
+            "cache entry is removed; the next run tokenizes it again)\n")
+    assert stderr.count("> data: received") == 1 and line in stderr
+    assert "Traceback" not in stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []

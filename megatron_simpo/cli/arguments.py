@@ -33,7 +33,7 @@ SECTIONS = (
         "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",
         "apply_chat_template",
         "seq_length", "max_prompt_length", "identical_pairs", "data_cache_dir",
-        "dataset_num_proc"),
+        "rebuild_data_cache", "dataset_num_proc"),
         names={"tokenizer_path": ("--tokenizer",),
                "apply_chat_template": ("--no-apply-chat-template",),
                "data_cache_dir": ("--data-cache-dir", "--data-cache-path")}),

@@ -11,8 +11,9 @@ no Python list of pairs (``PairTable``).
 
 In a run of many ranks, global rank 0 builds a missing entry while the others wait; then the
 first rank of every node whose cache (on local disk) still lacks it builds it there. A build
-error is raised on every rank with the builder's message. Entries are written to a temporary
-folder and renamed into place, so an interrupted build never leaves a half entry behind.
+error is raised on every rank with the builder's message. Entries are written to a build
+folder and renamed into place; every rank checks an entry before it reads it (checksums, token
+ids: ``integrity``), and a builder rebuilds one that is damaged, half-built or stale.
 
 Rank 0 names the entries; the source's content hash is remembered in ``fingerprints.MEMO_FILE``
 beside the entries by path, size and mtime, so a warm start does not read the source again.
@@ -39,10 +40,14 @@ from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.data.config import DataConfig, DataError
 from megatron_simpo.data.fingerprints import (MEMO_FILE, CacheKey, HashMemo, cache_key,
                                               tokenizer_fingerprint)
+from megatron_simpo.data.integrity import (ABSENT, PAIRS, SUMMARY, builder_guard,
+                                           building_folder, discard_entry, entry_problem,
+                                           file_checksums, sweep_dead_builds, token_id_problem)
 from megatron_simpo.data.pair_table import PairTable
 from megatron_simpo.data.sampler import held_out_split
 from megatron_simpo.data.sources import ColumnMap, SourceError, row_source, rows_dataset
-from megatron_simpo.data.tokenization import identical_pair_error, tokenize_records
+from megatron_simpo.data.tokenization import (check_tokenizer, identical_pair_error,
+                                              tokenize_records)
 
 _ROWS_PER_PROCESS = 10_000  # the default --dataset-num-proc: one process per this many rows
 
@@ -116,39 +121,35 @@ def build_entry(key: CacheKey, folder: Path, tokenizer, config: DataConfig,
     if num_proc is None:
         num_proc = max(1, min(os.cpu_count() or 1, len(dataset) // _ROWS_PER_PROCESS))
     num_proc = min(num_proc, len(dataset))
-    work = folder.parent / f".{folder.name}.building-{os.getpid()}"
+    work = building_folder(folder)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-        tokenized = dataset.map(
-            _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc if num_proc > 1
-            else None, fn_kwargs=dict(tokenizer=tokenizer, config=config, where=key.where,
-                                      encoded=encoded),
-            remove_columns=dataset.column_names, features=_features(),
-            cache_file_name=str(work / "map" / "tokenized.arrow"), load_from_cache_file=False,
-            desc=f"Tokenizing {key.where}")
-        errors = pc.not_equal(tokenized.data.table.column("error"), "")
-        first = pc.index(errors, True).as_py()
-        if first >= 0:
-            raise DataError(tokenized[first]["error"])
-        tokenized = tokenized.remove_columns("error")
-        bars = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # the copy takes no time worth a bar
-        try:
-            tokenized.save_to_disk(str(work / "pairs"), num_shards=1)
-        finally:
-            if bars:
-                datasets.enable_progress_bars()
-        summary = {"key": asdict(key), "pairs": len(tokenized), "num_proc": num_proc,
-                   "seconds": time.perf_counter() - began}
-        (work / "prepared.json").write_text(json.dumps(summary, indent=1))
-        del tokenized
-        shutil.rmtree(work / "map", ignore_errors=True)
-        try:
-            os.replace(work, folder)
-        except OSError:  # another node's builder won the race on a shared disk: theirs stays
-            if not (folder / "prepared.json").is_file():
-                raise
+        with builder_guard(key.where):  # SIGTERM: one line, then the finally below
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)  # named by host and pid for as long as the build runs
+            tokenized = _tokenize(dataset, work, key, tokenizer, config, num_proc, encoded)
+            errors = pc.not_equal(tokenized.data.table.column("error"), "")
+            first = pc.index(errors, True).as_py()
+            if first >= 0:
+                raise DataError(tokenized[first]["error"])
+            tokenized = tokenized.remove_columns("error")
+            bars = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()  # the copy takes no time worth a bar
+            try:
+                tokenized.save_to_disk(str(work / PAIRS), num_shards=1)
+            finally:
+                if bars:
+                    datasets.enable_progress_bars()
+            summary = {"key": asdict(key), "pairs": len(tokenized), "num_proc": num_proc,
+                       "seconds": time.perf_counter() - began,
+                       "files": file_checksums(work / PAIRS)}
+            (work / SUMMARY).write_text(json.dumps(summary, indent=1))
+            del tokenized
+            shutil.rmtree(work / "map", ignore_errors=True)
+            try:
+                os.replace(work, folder)
+            except OSError:  # another node's builder won the race on a shared disk: theirs stays
+                if not (folder / SUMMARY).is_file():
+                    raise
     except OSError as error:  # a full disk, a folder we may not write
         raise DataError(f"cannot write the data cache {folder.parent}: "
                         f"{error.strerror or error} (choose another with --data-cache-dir)") from None
@@ -157,10 +158,33 @@ def build_entry(key: CacheKey, folder: Path, tokenizer, config: DataConfig,
     return summary
 
 
-def load_entry(folder: Path) -> PairTable:
+def _tokenize(dataset, work: Path, key: CacheKey, tokenizer, config: DataConfig, num_proc: int,
+              encoded: bool):
+    """datasets.map of ``_tokenize_batch`` over the source's rows, into ``work``/map."""
+    return dataset.map(
+        _tokenize_batch, batched=True, with_indices=True, num_proc=num_proc if num_proc > 1
+        else None, fn_kwargs=dict(tokenizer=tokenizer, config=config, where=key.where,
+                                  encoded=encoded),
+        remove_columns=dataset.column_names, features=_features(),
+        cache_file_name=str(work / "map" / "tokenized.arrow"), load_from_cache_file=False,
+        desc=f"Tokenizing {key.where}")
+
+
+def load_entry(folder: Path, vocab_size: int) -> PairTable:
+    """The entry's pairs, memory-mapped, every token id checked against ``vocab_size`` (call
+    after ``entry_problem`` found its files as built); DataError naming the entry otherwise."""
     import datasets
 
-    dataset = datasets.load_from_disk(str(folder / "pairs"))
+    try:
+        dataset = datasets.load_from_disk(str(folder / PAIRS))
+    except Exception as error:  # checksums passed: a bug of ours or of datasets, named anyway
+        first = (str(error).splitlines() or [""])[0]
+        raise DataError(f"the data cache entry {folder} cannot be read ({type(error).__name__}: "
+                        f"{first}); --rebuild-data-cache tokenizes it again") from None
+    problem = token_id_problem(dataset.data.table, vocab_size)
+    if problem:
+        raise DataError(f"the data cache entry {folder} holds {problem}; --rebuild-data-cache "
+                        "tokenizes it again (with the run's tokenizer, --tokenizer-path)")
     return PairTable(dataset.data.table, keep_alive=dataset)
 
 
@@ -192,26 +216,53 @@ def _first_error_everywhere(dist, message: str | None, *, source_rank: int | Non
             raise DataError(error)
 
 
-def _ensure(folder: Path, build, *, dist, rank: int, local_rank: int) -> bool:
-    """Make sure ``folder`` holds the entry on every node; True when this run built it."""
-    built = False
+def _ensure(folder: Path, key: CacheKey, build, *, dist, rank: int, local_rank: int,
+            rebuild: bool, messages: list[str]) -> tuple[bool, bool]:
+    """Make sure ``folder`` holds a sound entry on every node: rank 0, then the first rank of
+    every node whose cache (local disk) lacks it, check the entry (``entry_problem``) and build
+    it when absent, damaged, half-built or stale (saying so in ``messages``), or, for rank 0,
+    when ``rebuild``. (built by this run, checked by this rank)."""
+    built = checked = False
 
-    def attempt():
-        nonlocal built
-        if (folder / "prepared.json").is_file():
+    def attempt(force: bool):
+        nonlocal built, checked
+        problem = entry_problem(folder, asdict(key))
+        if problem is None and not force:
+            checked = True
             return None
         try:
+            messages.extend(sweep_dead_builds(folder.parent))
+            if problem is None:
+                messages.append(f"> data: --rebuild-data-cache: tokenizing {key.where} again")
+            elif problem != ABSENT:
+                messages.append(f"> data: the data cache entry {folder} is damaged ({problem}); "
+                                f"tokenizing {key.where} again")
+            if problem != ABSENT:
+                discard_entry(folder, problem or "--rebuild-data-cache")
             build()
-            built = True
+            built = checked = True
         except DataError as error:
             return str(error)
         return None
 
-    _first_error_everywhere(dist, attempt() if rank == 0 else None, source_rank=0)
+    _first_error_everywhere(dist, attempt(rebuild) if rank == 0 else None, source_rank=0)
     # A node whose cache is not the one rank 0 wrote (local disk): its first rank builds there.
-    _first_error_everywhere(dist, attempt() if rank != 0 and local_rank == 0 else None,
+    _first_error_everywhere(dist, attempt(False) if rank != 0 and local_rank == 0 else None,
                             source_rank=None)
-    return built
+    return built, checked
+
+
+def _open(folder: Path, key: CacheKey, checked: bool, vocab_size: int) -> PairTable | str:
+    """The entry's pairs on this rank, or why not: a rank that did not check the entry while
+    ensuring it checks it now, and cannot rebuild it (others are reading it)."""
+    problem = None if checked else entry_problem(folder, asdict(key))
+    if problem is not None:
+        return (f"the data cache entry {folder} changed after its builder checked it: {problem}; "
+                "rerun (--rebuild-data-cache tokenizes it again)")
+    try:
+        return load_entry(folder, vocab_size)
+    except DataError as error:
+        return str(error)
 
 
 @dataclass
@@ -264,13 +315,17 @@ def _select(tables: list[PairTable], keys: list[CacheKey], config: DataConfig, s
     return PreparedData(kept[0], kept[1], identity.hexdigest()[:16], dropped, cut, messages)
 
 
-def prepare_data(config: DataConfig, tokenizer, tokenizer_path: str | Path, seed: int
-                 ) -> PreparedData:
+def prepare_data(config: DataConfig, tokenizer, tokenizer_path: str | Path, seed: int,
+                 vocab_size: int | None = None) -> PreparedData:
     """Tokenized train and held-out pairs from the cache (built if missing); call on every rank.
 
     Rank 0 computes the keys (content hashes remembered in the cache's ``MEMO_FILE``), the
-    entries are ensured on every node, then ``_select`` applies the split and drop rules.
+    entries are ensured on every node, checked (checksums, token ids below ``vocab_size``, the
+    model's vocabulary, default the tokenizer's size) and opened on every rank, then ``_select``
+    applies the split and drop rules.
     """
+    messages = check_tokenizer(tokenizer, tokenizer_path, config, vocab_size)
+    vocab_size = len(tokenizer) if vocab_size is None else vocab_size
     dist, rank, local_rank = _world()
     cache_dir = Path(config.data_cache_dir).expanduser() if config.data_cache_dir \
         else default_cache_dir()
@@ -285,14 +340,18 @@ def prepare_data(config: DataConfig, tokenizer, tokenizer_path: str | Path, seed
         dist.broadcast_object_list(keys, src=0)
     if isinstance(keys[0], str):
         raise DataError(keys[0])
-    tables, messages = [], []
+    tables = []
     for key in keys[0]:
         folder = cache_dir / f"pairs-{key.digest}"
         began = time.perf_counter()
-        built = _ensure(folder, lambda: build_entry(key, folder, tokenizer, config,
-                                                    config.dataset_num_proc),
-                        dist=dist, rank=rank, local_rank=local_rank)
-        tables.append(load_entry(folder))
+        built, checked = _ensure(folder, key, lambda: build_entry(key, folder, tokenizer, config,
+                                                                  config.dataset_num_proc),
+                                 dist=dist, rank=rank, local_rank=local_rank,
+                                 rebuild=config.rebuild_data_cache, messages=messages)
+        opened = _open(folder, key, checked, vocab_size)
+        _first_error_everywhere(dist, opened if isinstance(opened, str) else None,
+                                source_rank=None)
+        tables.append(opened)
         what = "tokenized" if built else "reusing tokenized"
         messages.append(f"> data: {what} {key.where} ({len(tables[-1])} rows) in {folder}"
                         + (f" ({time.perf_counter() - began:.1f} s)" if built else ""))
@@ -314,9 +373,9 @@ def prepare_in_memory(config: DataConfig, tokenizer, seed: int) -> PreparedData:
         keys = _keys(config, "in-memory")
         for key in keys:
             folder = Path(scratch) / f"pairs-{key.digest}"
-            if not (folder / "prepared.json").is_file():  # valid may be train's own split
+            if not (folder / SUMMARY).is_file():  # valid may be train's own split
                 build_entry(key, folder, tokenizer, config, config.dataset_num_proc)
-            tables.append(load_entry(folder))
+            tables.append(load_entry(folder, len(tokenizer)))
         prepared = _select(tables, keys, config, seed, [])
         return replace(prepared, train=_as_lists(prepared.train),
                        valid=_as_lists(prepared.valid))

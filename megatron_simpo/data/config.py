@@ -52,6 +52,9 @@ class DataConfig:
     source and setting, reused by later runs); default $XDG_CACHE_HOME/megatron_simpo/data
     (~/.cache/...). On a disk that all nodes share, one rank builds it; on local disks, one rank
     per node."""
+    rebuild_data_cache: bool = False
+    """Tokenize the sources again even when the cache holds sound entries for them (rank 0
+    replaces them). Damaged, half-built or stale entries are rebuilt without it."""
     dataset_num_proc: int | None = None
     """Processes that tokenize a source the first time (datasets.map's num_proc); default one
     per 10,000 rows, at most the CPU count."""

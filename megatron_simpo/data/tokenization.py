@@ -151,6 +151,21 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], *,
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
+def check_tokenizer(tokenizer, tokenizer_path, config: DataConfig,
+                     vocab_size: int | None) -> list[str]:
+    """Refuse a tokenizer larger than the model's vocabulary; warn (once, returned) when the
+    chat template is asked for and the tokenizer has none."""
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise DataError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens, more than the "
+                        f"model's vocabulary ({vocab_size}); give the model's own tokenizer "
+                        "(--tokenizer-path)")
+    if config.apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        return [f"warning: tokenizer {tokenizer_path} has no chat template: pairs are tokenized "
+                "as plain text, roles dropped; give --no-apply-chat-template if the columns are "
+                "formatted already, or use a tokenizer with a chat template"]
+    return []
+
+
 def identical_pair_error(source: str, config: DataConfig) -> DataError:
     return DataError(f"{source}: chosen and rejected are the same tokens (after truncation to "
                      f"--seq-length {config.seq_length}); such a pair teaches nothing "

@@ -49,10 +49,8 @@ class TrainingData:
         """The pairs of ``config.data`` under the run's tokenizer; no reference log-probs
         (``train.load_data`` attaches those of --reference-logps)."""
         tokenizer = load_tokenizer(source.tokenizer_path)
-        if len(tokenizer) > source.config.vocab_size:
-            raise ValueError(f"tokenizer {source.tokenizer_path} has {len(tokenizer)} tokens, "
-                             f"more than the model's vocabulary ({source.config.vocab_size})")
-        prepared = prepare_data(config.data, tokenizer, source.tokenizer_path, config.seed)
+        prepared = prepare_data(config.data, tokenizer, source.tokenizer_path, config.seed,
+                                vocab_size=source.config.vocab_size)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(prepared.train, prepared.valid, pad_id,
                    PairSampler(len(prepared.train), config.global_batch_size, config.seed),
