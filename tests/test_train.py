@@ -550,3 +550,106 @@ def test_eval_dump_adds_no_forward_pass(easy_preference, tmp_path):
     # 32 validation pairs in micro-batches of 2, 8 pairs per step in micro-batches of 2:
     # SimPO 3 x 16 + 2 x 4 passes; DPO's reference model doubles each.
     assert simpo[0] == 3 * 16 + 2 * 4 and dpo[0] == 2 * simpo[0]
+
+
+# ---- resumes that do what the command line says ----------------------------------------------
+
+def _scheduled_lr(step, *, lr, min_lr, warmup, steps):
+    """Megatron-LM's cosine schedule after ``step`` optimizer steps, written out: linear warmup
+    from 0 over ``warmup`` steps, cosine from ``lr`` to ``min_lr`` at ``steps``, then min_lr."""
+    import math
+
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    if step > steps:
+        return min_lr
+    ratio = (step - warmup) / (steps - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+def _refused(tiny, **flags) -> str:
+    """The one error line of a resume refused on 2 ranks (exit code 2 on both, nothing from
+    rank 1)."""
+    results = run_on_ranks(2, _main_in_rank, _argv(tiny, **flags))
+    assert [code for code, _, _ in results] == [2, 2], results[0][2]
+    assert _error_lines(results[1][2]) == []
+    [line] = _error_lines(results[0][2])
+    return line
+
+
+def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
+    """A finished 4-iteration run resumed to 6: refused without a flag (never a silent learning
+    rate of 0), with each difference named; --override-opt-param-scheduler trains iterations
+    5-6 on the command line's schedule; --use-checkpoint-opt-param-scheduler keeps the
+    checkpoint's (past its end at its --min-lr, refused when that is 0); a cut-off last
+    metrics line is dropped with a warning, a damaged one before it refuses the resume."""
+    from megatron_simpo.checkpoint import checkpointing
+
+    save = tmp_path / "run"
+    run_on_ranks(2, _train, _argv(tiny, train_iters=4, save=save))
+    iter4 = save / "iter_0000004"
+    line = _refused(tiny, train_iters=6, load=save, save=save)
+    assert line == (f"train_simpo: error: --load {iter4} contradicts the command line: "
+                    "--train-iters 4 -> 6 (give --override-opt-param-scheduler to train on the "
+                    "command line's learning-rate schedule, or --use-checkpoint-opt-param-"
+                    "scheduler to keep the checkpoint's)")
+    line = _refused(tiny, train_iters=4, load=save, save=save, lr="2e-3", seed=4,
+                    global_batch_size=16)
+    assert line.startswith(f"train_simpo: error: --load {iter4} contradicts the command line: "
+                           "--lr 0.001 -> 0.002 (give --override-opt-param-scheduler")
+    assert "; --seed 3 -> 4 (it orders the data: give --override-data to go on from the " \
+           "checkpoint's position, 32 samples, in the new order); --global-batch-size 8 -> 16 " \
+           "(no flag resumes at another global batch size: start a new run from the " \
+           f"checkpoint with --pretrained-checkpoint {iter4})" in line
+    line = _refused(tiny, train_iters=6, load=save, save=save,
+                    use_checkpoint_opt_param_scheduler=True)
+    assert line == ("train_simpo: error: --use-checkpoint-opt-param-scheduler: the checkpoint's "
+                    "schedule ends after 4 steps at --min-lr 0, so iterations 5-6 would train "
+                    "at learning rate 0; give --override-opt-param-scheduler for a schedule over "
+                    "the new run length")
+    # A new schedule over 6 iterations, from the checkpoint's 4 steps; kill -9 had cut the
+    # metrics file's last line.
+    metrics = save / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(line + "\n" for line in lines) + '{"iteration": 5, "lo')
+    argv = _argv(tiny, train_iters=6, load=save, save=save, min_lr="1e-4",
+                 override_opt_param_scheduler=True)
+    [(code, out, err), _] = run_on_ranks(2, _main_in_rank, argv)
+    assert code == 0, err
+    assert f"warning: {metrics} line {len(lines) + 1} is cut off (not JSON: a write interrupted " \
+           "by a kill); dropped" in out.splitlines()
+    assert "> --override-opt-param-scheduler: the command line's learning-rate schedule " \
+           "(--min-lr 0.0 -> 0.0001, --train-iters 4 -> 6) from the checkpoint's step count" in out
+    rows = {row["iteration"]: row for row in _metrics(save) if "loss" in row}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for iteration in range(1, 7):  # iteration i runs at the rate after i - 1 steps
+        schedule = (dict(min_lr=0.0, warmup=1, steps=4) if iteration <= 4 else
+                    dict(min_lr=1e-4, warmup=1, steps=6))
+        expected = _scheduled_lr(iteration - 1, lr=1e-3, **schedule)
+        assert rows[iteration]["learning_rate"] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert rows[5]["learning_rate"] > 1e-4 and rows[6]["consumed_samples"] == 48
+    saved = checkpointing.read_train_state(save / "iter_0000006").settings
+    assert saved["schedule"] == dict(lr=1e-3, min_lr=1e-4, lr_decay_style="cosine",
+                                     lr_warmup_fraction=0.25, weight_decay=0.0, iterations=6)
+    # The checkpoint's schedule past its end: iterations 7-8 at its --min-lr 1e-4.
+    argv = _argv(tiny, train_iters=8, load=save, save=save, lr="5e-3",
+                 use_checkpoint_opt_param_scheduler=True)
+    [(code, out, err), _] = run_on_ranks(2, _main_in_rank, argv)
+    assert code == 0, err
+    assert "warning: --use-checkpoint-opt-param-scheduler: the checkpoint's learning-rate " \
+           "schedule is kept (--lr 0.001, --min-lr 0.0001, --lr-decay-style cosine, " \
+           "--lr-warmup-fraction 0.25, --weight-decay 0.0, over 6 steps), not the command " \
+           "line's (--lr 0.001 -> 0.005, --min-lr 0.0001 -> 0.0, --train-iters 6 -> 8)" in out
+    assert "> iterations 7-8 run past the checkpoint's schedule at its final rate, --min-lr " \
+           "0.0001" in out
+    rows = {row["iteration"]: row for row in _metrics(save) if "loss" in row}
+    assert sorted(rows) == list(range(1, 9))
+    assert [rows[i]["learning_rate"] for i in (7, 8)] == [1e-4, 1e-4]
+    # The next checkpoint records the schedule in effect (the kept one), so the same command
+    # line resumes it without a flag; here a damaged line before the last stops that resume.
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][:20]
+    metrics.write_text("".join(line + "\n" for line in lines))
+    line = _refused(tiny, train_iters=8, load=save, save=save, min_lr="1e-4")
+    assert line.startswith(f"train_simpo: error: {metrics} line 2 is not JSON (")
+    assert line.endswith("the file is damaged: fix or remove that line")
