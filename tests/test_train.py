@@ -245,6 +245,14 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     assert "--recompute-method and --recompute-num-layers go with --recompute-granularity full" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
     assert "--fp16 is not supported" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1,
+                                                 override_opt_param_scheduler=True))
+    assert "--override-opt-param-scheduler applies to a resume: it needs --load" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, load=tmp_path,
+                                                 override_opt_param_scheduler=True)
+                      + ["--use-checkpoint-opt_param-scheduler"])  # Megatron-LM's spelling
+    assert "give --override-opt-param-scheduler (the command line's schedule) or " \
+           "--use-checkpoint-opt-param-scheduler (the checkpoint's), not both" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, loss_type="hinge",
                                                  label_smoothing=0.1))
     assert "--label-smoothing applies to the sigmoid loss only" in err
@@ -371,10 +379,10 @@ def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, mo
     prepare(parse_args(_argv(tiny, train_iters=2, save=other, overwrite=True)))  # accepted
     # A resumed run must not find later iterations in its --save: here it resumes from 1.
     run = tmp_path / "run"
-    run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=run, save_interval=1))
+    run_on_ranks(1, _train, _argv(tiny, train_iters=3, save=run, save_interval=1))
     (run / "latest_checkpointed_iteration.txt").write_text("1\n")
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=3, load=run, save=run))
-    assert f"--save {run} holds iterations after the resumed one (1): 2" in err
+    assert f"--save {run} holds iterations after the resumed one (1): 2, 3" in err
     losses, _ = run_on_ranks(1, _train, _argv(tiny, train_iters=3, load=run, save=run,
                                               overwrite=True))[0]
     assert len(losses) == 2
@@ -436,7 +444,8 @@ def test_resuming_on_changed_data_is_refused_unless_overridden(tiny, tmp_path):
     run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=tmp_path / "a"))
     changed = tmp_path / "train.jsonl"
     changed.write_text("".join(Path(tiny["train"]).read_text().splitlines(keepends=True)[1:]))
-    argv = _argv(tiny, train_iters=4, load=tmp_path / "a", save=tmp_path / "b")
+    argv = _argv(tiny, train_iters=4, load=tmp_path / "a", save=tmp_path / "b",
+                 override_opt_param_scheduler=True)  # 2 more iterations, a new schedule
     argv[argv.index("--train-data-path") + 1] = str(changed)
     [(code, out, err)] = run_on_ranks(1, _main_in_rank, argv)
     assert code == 2
@@ -653,3 +662,32 @@ def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
     line = _refused(tiny, train_iters=8, load=save, save=save, min_lr="1e-4")
     assert line.startswith(f"train_simpo: error: {metrics} line 2 is not JSON (")
     assert line.endswith("the file is damaged: fix or remove that line")
+
+
+def test_resume_rules_on_the_run_length_in_iterations(tiny, tmp_path):
+    """What only the loaded data tells (checked again once it is loaded): --train-epochs over
+    other data (--override-data) amounts to another run length; a run length before the
+    checkpoint's iteration has nothing to train."""
+    from megatron_simpo.checkpoint.layout import TrainState
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.resume import (ResumeError, check_resume,
+                                                command_line_schedule, settings_record)
+
+    config = parse_args(_argv(tiny, train_epochs=1, load=tmp_path))
+    record = settings_record(config, 64, command_line_schedule(config, 64))
+    saved = TrainState(32, 256, None, record)
+    assert check_resume(config, saved, tmp_path, None) == []
+    assert check_resume(config, saved, tmp_path, 64) == []
+    with pytest.raises(ResumeError) as error:
+        check_resume(config, saved, tmp_path, 63)  # one pair less: 63 global batches
+    assert str(error.value) == (
+        f"--load {tmp_path} contradicts the command line: run length 64 -> 63 iterations "
+        "(--train-epochs 1 over other data) (give --override-opt-param-scheduler to train on "
+        "the command line's learning-rate schedule, or --use-checkpoint-opt-param-scheduler to "
+        "keep the checkpoint's)")
+    shorter = parse_args(_argv(tiny, train_iters=20, load=tmp_path,
+                               override_opt_param_scheduler=True))
+    with pytest.raises(ResumeError) as error:
+        check_resume(shorter, saved, tmp_path, 20)
+    assert str(error.value) == (f"--load {tmp_path} is at iteration 32, past the run's 20 "
+                                "iterations (--train-iters 20)")
