@@ -11,7 +11,7 @@ from megatron_simpo.cli.flags import run_command
 from megatron_simpo.data.config import DataError
 from megatron_simpo.distributed.lifecycle import die_with_parent
 from megatron_simpo.training.checkpointer import RunFailed
-from megatron_simpo.training.metrics_file import MetricsFileError
+from megatron_simpo.checkpoint.metrics_file import MetricsFileError
 from megatron_simpo.training.resume import ResumeError
 from megatron_simpo.training.loop import run
 from megatron_simpo.training.run_setup import prepare

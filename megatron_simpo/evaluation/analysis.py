@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_simpo.training.metrics_file import METRICS_FILE, read_metrics_file
+from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -38,7 +38,7 @@ class RunError(ValueError):
 
 def read_metrics(run: Path) -> tuple[list[dict], str | None]:
     """The rows of a run's metrics.jsonl, and the warning about a cut-off last line it dropped
-    (``training.metrics.read_metrics_file``: a damaged line before it is an error)."""
+    (``checkpoint.metrics_file.read_metrics_file``: a damaged line before it is an error)."""
     path = Path(run) / METRICS_FILE
     if not path.is_file():
         raise RunError(f"{run}: no metrics.jsonl (the --save folder of a training run)")

@@ -12,7 +12,8 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.model.flops import step_flops
 from megatron_simpo.training.guards import json_number
-from megatron_simpo.training.metrics_file import METRICS_FILE, MetricsFileError, read_metrics_file
+from megatron_simpo.checkpoint.metrics_file import (METRICS_FILE, MetricsFileError,
+                                                    read_metrics_file)
 
 __all__ = ["METRICS_FILE", "MetricsFileError", "MetricsWriter", "StepRecord", "at_interval",
            "pair_flops", "read_metrics_file"]

@@ -15,7 +15,7 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.training.components import TrainingComponents, build_components, build_reference
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.logprob_head import LogprobHead
-from megatron_simpo.training.metrics_file import METRICS_FILE, read_metrics_file
+from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 from megatron_simpo.training.resume import check_resume
 from megatron_simpo.model.builder import check_packed_attention, check_transformer_impl
 from megatron_simpo.model.precision import check_fp8_support

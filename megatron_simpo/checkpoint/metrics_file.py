@@ -1,5 +1,5 @@
-"""Reading a run's metrics.jsonl back (a resume trims it, analyze-run plots it): JSON only, so
-that readers need neither torch nor Megatron."""
+"""Reading the metrics.jsonl of a save folder back (a resume trims it, analyze-run plots it):
+JSON only, so that readers need neither torch nor Megatron."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsFileError(ValueError):
-    """A metrics.jsonl line that is not a metrics row, before its last line; the message names
-    the file and the line."""
+    """A damaged metrics.jsonl line (not JSON before the last line, or not a metrics row); the
+    message names the file and the line."""
 
 
 def _row(line: str) -> dict:
