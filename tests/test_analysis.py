@@ -102,3 +102,66 @@ def test_the_tool_writes_plots_and_a_summary(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a reference made on other pairs
         main([str(run), "--reference", str(tmp_path / "short.jsonl")])
     assert "has no pair 1 of the evaluation at iteration 0" in capsys.readouterr().err
+
+
+def test_a_cut_off_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
+    """What kill -9 mid-write leaves: the last line cut; the analysis is that of the intact
+    lines, and says it dropped one."""
+    pytest.importorskip("matplotlib")
+    intact = summarize(_fake_run(tmp_path / "intact"))
+    run = _fake_run(tmp_path / "run")
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines) + "\n" + '{"iteration": 11, "loss": 0.0')
+    main([str(run)])
+    out = capsys.readouterr().out
+    assert f"warning: {path} line {len(lines) + 1} is cut off (not JSON: a write interrupted " \
+           "by a kill); dropped" in out.splitlines()
+    summary = summarize(run)
+    assert summary["train"] == intact["train"] and summary["eval"] == intact["eval"]
+
+
+def test_a_damaged_metrics_line_is_one_error_naming_file_and_line(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run")
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][:15]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run)])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"analyze_run: error: {path} line 3 is not JSON (")
+    lines[2] = json.dumps({"step": 3})  # JSON, but not a metrics row: also before the end
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit):
+        main([str(run)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f'analyze_run: error: {path} line 3 is not a JSON object with an integer '
+                    '"iteration"; the file is damaged: fix or remove that line')
+
+
+def test_skipped_analyses_are_named_with_the_reason(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    main([str(run)])
+    assert "> skipped" not in capsys.readouterr().out  # everything there: nothing skipped
+    (run / "eval_dump" / "iter_0000000.jsonl").unlink()
+    main([str(run)])
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("> skipped")] == [
+        "> skipped: KL from the reference (no iteration-0 dump to take the reference from, the "
+        "first is iteration 5; give --reference)"]
+    for dump in (run / "eval_dump").iterdir():
+        dump.unlink()
+    path = run / "metrics.jsonl"
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines()
+                            if "eval/" not in line))
+    main([str(run)])
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("> skipped")] == [
+        "> skipped: held-out curves (no evaluation in metrics.jsonl)",
+        "> skipped: margin distribution, length correlation, KL from the reference (no "
+        "--eval-dump in this run)"]
+    assert json.loads((run / "analysis" / "summary.json").read_text())["skipped"][1].startswith(
+        "margin distribution")

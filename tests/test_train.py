@@ -245,6 +245,14 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     assert "--recompute-method and --recompute-num-layers go with --recompute-granularity full" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
     assert "--fp16 is not supported" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1,
+                                                 override_opt_param_scheduler=True))
+    assert "--override-opt-param-scheduler applies to a resume: it needs --load" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, load=tmp_path,
+                                                 override_opt_param_scheduler=True)
+                      + ["--use-checkpoint-opt_param-scheduler"])  # Megatron-LM's spelling
+    assert "give --override-opt-param-scheduler (the command line's schedule) or " \
+           "--use-checkpoint-opt-param-scheduler (the checkpoint's), not both" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, loss_type="hinge",
                                                  label_smoothing=0.1))
     assert "--label-smoothing applies to the sigmoid loss only" in err
@@ -371,10 +379,10 @@ def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, mo
     prepare(parse_args(_argv(tiny, train_iters=2, save=other, overwrite=True)))  # accepted
     # A resumed run must not find later iterations in its --save: here it resumes from 1.
     run = tmp_path / "run"
-    run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=run, save_interval=1))
+    run_on_ranks(1, _train, _argv(tiny, train_iters=3, save=run, save_interval=1))
     (run / "latest_checkpointed_iteration.txt").write_text("1\n")
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=3, load=run, save=run))
-    assert f"--save {run} holds iterations after the resumed one (1): 2" in err
+    assert f"--save {run} holds iterations after the resumed one (1): 2, 3" in err
     losses, _ = run_on_ranks(1, _train, _argv(tiny, train_iters=3, load=run, save=run,
                                               overwrite=True))[0]
     assert len(losses) == 2
@@ -436,7 +444,8 @@ def test_resuming_on_changed_data_is_refused_unless_overridden(tiny, tmp_path):
     run_on_ranks(1, _train, _argv(tiny, train_iters=2, save=tmp_path / "a"))
     changed = tmp_path / "train.jsonl"
     changed.write_text("".join(Path(tiny["train"]).read_text().splitlines(keepends=True)[1:]))
-    argv = _argv(tiny, train_iters=4, load=tmp_path / "a", save=tmp_path / "b")
+    argv = _argv(tiny, train_iters=4, load=tmp_path / "a", save=tmp_path / "b",
+                 override_opt_param_scheduler=True)  # 2 more iterations, a new schedule
     argv[argv.index("--train-data-path") + 1] = str(changed)
     [(code, out, err)] = run_on_ranks(1, _main_in_rank, argv)
     assert code == 2
@@ -550,3 +559,135 @@ def test_eval_dump_adds_no_forward_pass(easy_preference, tmp_path):
     # 32 validation pairs in micro-batches of 2, 8 pairs per step in micro-batches of 2:
     # SimPO 3 x 16 + 2 x 4 passes; DPO's reference model doubles each.
     assert simpo[0] == 3 * 16 + 2 * 4 and dpo[0] == 2 * simpo[0]
+
+
+# ---- resumes that do what the command line says ----------------------------------------------
+
+def _scheduled_lr(step, *, lr, min_lr, warmup, steps):
+    """Megatron-LM's cosine schedule after ``step`` optimizer steps, written out: linear warmup
+    from 0 over ``warmup`` steps, cosine from ``lr`` to ``min_lr`` at ``steps``, then min_lr."""
+    import math
+
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    if step > steps:
+        return min_lr
+    ratio = (step - warmup) / (steps - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+def _refused(tiny, **flags) -> str:
+    """The one error line of a resume refused on 2 ranks (exit code 2 on both, nothing from
+    rank 1)."""
+    results = run_on_ranks(2, _main_in_rank, _argv(tiny, **flags))
+    assert [code for code, _, _ in results] == [2, 2], results[0][2]
+    assert _error_lines(results[1][2]) == []
+    [line] = _error_lines(results[0][2])
+    return line
+
+
+def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
+    """A finished 4-iteration run resumed to 6: refused without a flag (never a silent learning
+    rate of 0), with each difference named; --override-opt-param-scheduler trains iterations
+    5-6 on the command line's schedule; --use-checkpoint-opt-param-scheduler keeps the
+    checkpoint's (past its end at its --min-lr, refused when that is 0); a cut-off last
+    metrics line is dropped with a warning, a damaged one before it refuses the resume."""
+    from megatron_simpo.checkpoint import checkpointing
+
+    save = tmp_path / "run"
+    run_on_ranks(2, _train, _argv(tiny, train_iters=4, save=save))
+    iter4 = save / "iter_0000004"
+    line = _refused(tiny, train_iters=6, load=save, save=save)
+    assert line == (f"train_simpo: error: --load {iter4} contradicts the command line: "
+                    "--train-iters 4 -> 6 (give --override-opt-param-scheduler to train on the "
+                    "command line's learning-rate schedule, or --use-checkpoint-opt-param-"
+                    "scheduler to keep the checkpoint's)")
+    line = _refused(tiny, train_iters=4, load=save, save=save, lr="2e-3", seed=4,
+                    global_batch_size=16)
+    assert line.startswith(f"train_simpo: error: --load {iter4} contradicts the command line: "
+                           "--lr 0.001 -> 0.002 (give --override-opt-param-scheduler")
+    assert "; --seed 3 -> 4 (it orders the data: give --override-data to go on from the " \
+           "checkpoint's position, 32 samples, in the new order); --global-batch-size 8 -> 16 " \
+           "(no flag resumes at another global batch size: start a new run from the " \
+           f"checkpoint with --pretrained-checkpoint {iter4})" in line
+    line = _refused(tiny, train_iters=6, load=save, save=save,
+                    use_checkpoint_opt_param_scheduler=True)
+    assert line == ("train_simpo: error: --use-checkpoint-opt-param-scheduler: the checkpoint's "
+                    "schedule ends after 4 steps at --min-lr 0, so iterations 5-6 would train "
+                    "at learning rate 0; give --override-opt-param-scheduler for a schedule over "
+                    "the new run length")
+    # A new schedule over 6 iterations, from the checkpoint's 4 steps; kill -9 had cut the
+    # metrics file's last line.
+    metrics = save / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(line + "\n" for line in lines) + '{"iteration": 5, "lo')
+    argv = _argv(tiny, train_iters=6, load=save, save=save, min_lr="1e-4",
+                 override_opt_param_scheduler=True)
+    [(code, out, err), _] = run_on_ranks(2, _main_in_rank, argv)
+    assert code == 0, err
+    assert f"warning: {metrics} line {len(lines) + 1} is cut off (not JSON: a write interrupted " \
+           "by a kill); dropped" in out.splitlines()
+    assert "> --override-opt-param-scheduler: the command line's learning-rate schedule " \
+           "(--min-lr 0.0 -> 0.0001, --train-iters 4 -> 6) from the checkpoint's step count" in out
+    rows = {row["iteration"]: row for row in _metrics(save) if "loss" in row}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for iteration in range(1, 7):  # iteration i runs at the rate after i - 1 steps
+        schedule = (dict(min_lr=0.0, warmup=1, steps=4) if iteration <= 4 else
+                    dict(min_lr=1e-4, warmup=1, steps=6))
+        expected = _scheduled_lr(iteration - 1, lr=1e-3, **schedule)
+        assert rows[iteration]["learning_rate"] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert rows[5]["learning_rate"] > 1e-4 and rows[6]["consumed_samples"] == 48
+    saved = checkpointing.read_train_state(save / "iter_0000006").settings
+    assert saved["schedule"] == dict(lr=1e-3, min_lr=1e-4, lr_decay_style="cosine",
+                                     lr_warmup_fraction=0.25, weight_decay=0.0, iterations=6)
+    # The checkpoint's schedule past its end: iterations 7-8 at its --min-lr 1e-4.
+    argv = _argv(tiny, train_iters=8, load=save, save=save, lr="5e-3",
+                 use_checkpoint_opt_param_scheduler=True)
+    [(code, out, err), _] = run_on_ranks(2, _main_in_rank, argv)
+    assert code == 0, err
+    assert "warning: --use-checkpoint-opt-param-scheduler: the checkpoint's learning-rate " \
+           "schedule is kept (--lr 0.001, --min-lr 0.0001, --lr-decay-style cosine, " \
+           "--lr-warmup-fraction 0.25, --weight-decay 0.0, over 6 steps), not the command " \
+           "line's (--lr 0.001 -> 0.005, --min-lr 0.0001 -> 0.0, --train-iters 6 -> 8)" in out
+    assert "> iterations 7-8 run past the checkpoint's schedule at its final rate, --min-lr " \
+           "0.0001" in out
+    rows = {row["iteration"]: row for row in _metrics(save) if "loss" in row}
+    assert sorted(rows) == list(range(1, 9))
+    assert [rows[i]["learning_rate"] for i in (7, 8)] == [1e-4, 1e-4]
+    # The next checkpoint records the schedule in effect (the kept one), so the same command
+    # line resumes it without a flag; here a damaged line before the last stops that resume.
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][:20]
+    metrics.write_text("".join(line + "\n" for line in lines))
+    line = _refused(tiny, train_iters=8, load=save, save=save, min_lr="1e-4")
+    assert line.startswith(f"train_simpo: error: {metrics} line 2 is not JSON (")
+    assert line.endswith("the file is damaged: fix or remove that line")
+
+
+def test_resume_rules_on_the_run_length_in_iterations(tiny, tmp_path):
+    """What only the loaded data tells (checked again once it is loaded): --train-epochs over
+    other data (--override-data) amounts to another run length; a run length before the
+    checkpoint's iteration has nothing to train."""
+    from megatron_simpo.checkpoint.layout import TrainState
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.resume import (ResumeError, check_resume,
+                                                command_line_schedule, settings_record)
+
+    config = parse_args(_argv(tiny, train_epochs=1, load=tmp_path))
+    record = settings_record(config, 64, command_line_schedule(config, 64))
+    saved = TrainState(32, 256, None, record)
+    assert check_resume(config, saved, tmp_path, None) == []
+    assert check_resume(config, saved, tmp_path, 64) == []
+    with pytest.raises(ResumeError) as error:
+        check_resume(config, saved, tmp_path, 63)  # one pair less: 63 global batches
+    assert str(error.value) == (
+        f"--load {tmp_path} contradicts the command line: run length 64 -> 63 iterations "
+        "(--train-epochs 1 over other data) (give --override-opt-param-scheduler to train on "
+        "the command line's learning-rate schedule, or --use-checkpoint-opt-param-scheduler to "
+        "keep the checkpoint's)")
+    shorter = parse_args(_argv(tiny, train_iters=20, load=tmp_path,
+                               override_opt_param_scheduler=True))
+    with pytest.raises(ResumeError) as error:
+        check_resume(shorter, saved, tmp_path, 20)
+    assert str(error.value) == (f"--load {tmp_path} is at iteration 32, past the run's 20 "
+                                "iterations (--train-iters 20)")

@@ -231,6 +231,7 @@ def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimi
     state["train_state"] = {"iteration": train_state.iteration,
                             "consumed_samples": train_state.consumed_samples,
                             "data_fingerprint": train_state.data_fingerprint,
+                            "run_settings": train_state.settings,
                             "parallel_sizes": list(sizes),
                             "optimizer_sharding_type": OPTIMIZER_SHARDING_TYPE}
     return _write_checkpoint(save_dir, train_state.iteration, state, model, model_config, assets)

@@ -36,6 +36,9 @@ class TrainState:
     data_fingerprint: str | None = None
     """Identity of the training data the run read (data_cache.PreparedData.fingerprint); None
     in checkpoints written before it was recorded."""
+    settings: dict | None = None
+    """The run settings a resume is checked against (``training.resume.settings_record``);
+    None in checkpoints written before they were recorded."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -83,7 +86,7 @@ def read_train_state(checkpoint: Path) -> TrainState | None:
 def train_state_from(saved: dict) -> TrainState:
     """The TrainState of a checkpoint's saved "train_state" entry."""
     return TrainState(int(saved["iteration"]), int(saved["consumed_samples"]),
-                      saved.get("data_fingerprint"))
+                      saved.get("data_fingerprint"), saved.get("run_settings"))
 
 
 def read_train_iteration(checkpoint: Path) -> int | None:

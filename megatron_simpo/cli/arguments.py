@@ -45,7 +45,14 @@ SECTIONS = (
     Section("optimizer", OptimizerSettings, key="optimizer", fields=(
         "lr", "min_lr", "lr_decay_style", "lr_warmup_fraction", "weight_decay", "adam_beta1",
         "adam_beta2", "adam_eps", "clip_grad", "use_distributed_optimizer", "overlap_grad_reduce",
-        "overlap_param_gather")),
+        "overlap_param_gather", "override_opt_param_scheduler",
+        "use_checkpoint_opt_param_scheduler"),
+        # Megatron-LM's own spellings as aliases.
+        names={"override_opt_param_scheduler": ("--override-opt-param-scheduler",
+                                                 "--override-opt_param-scheduler"),
+               "use_checkpoint_opt_param_scheduler": (
+                   "--use-checkpoint-opt-param-scheduler",
+                   "--use-checkpoint-opt_param-scheduler")}),
     Section("FP8 (Transformer Engine)", Fp8Config, key="fp8", trigger="format", fields=(
         "format", "recipe", "amax_history_len", "amax_compute_algo", "margin",
         "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"),

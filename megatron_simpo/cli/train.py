@@ -12,6 +12,8 @@ from megatron_simpo.data.config import DataError
 from megatron_simpo.distributed.lifecycle import die_with_parent
 from megatron_simpo.distributed.runtime import PortInUse
 from megatron_simpo.training.checkpointer import RunFailed
+from megatron_simpo.checkpoint.metrics_file import MetricsFileError
+from megatron_simpo.training.resume import ResumeError
 from megatron_simpo.training.loop import run
 from megatron_simpo.training.run_setup import prepare
 
@@ -28,7 +30,8 @@ def main(argv=None) -> None:
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
         die_with_parent()
     run_command(PROG, lambda: run(config, prepared), distributed=True,
-                errors={RunFailed: 3, (checkpointing.CheckpointError, DataError, PortInUse): 2})
+                errors={RunFailed: 3, (checkpointing.CheckpointError, DataError, PortInUse,
+                                       ResumeError, MetricsFileError): 2})
 
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes

@@ -24,19 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
+
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+DUMP_ANALYSES = ("margin distribution", "length correlation", "KL from the reference")
+"""What needs the held-out pairs' rows (--eval-dump); the summary says which it skipped."""
 
 
 class RunError(ValueError):
     """A run folder that cannot be analysed; the message names what is missing."""
 
 
-def read_metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
+def read_metrics(run: Path) -> tuple[list[dict], str | None]:
+    """The rows of a run's metrics.jsonl, and the warning about a cut-off last line it dropped
+    (``checkpoint.metrics_file.read_metrics_file``: a damaged line before it is an error)."""
+    path = Path(run) / METRICS_FILE
     if not path.is_file():
         raise RunError(f"{run}: no metrics.jsonl (the --save folder of a training run)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, warning = read_metrics_file(path)
+    return [row for _, row in rows], warning
 
 
 def read_dumps(run: Path) -> dict[int, list[dict]]:
@@ -122,11 +129,15 @@ def summarize(run: str | Path, reference: str | Path | None = None) -> dict:
     eval-dump file of another model on the same held-out pairs, for the KL estimate from it
     (default: the run's own iteration-0 dump, i.e. the model it started from)."""
     run = Path(run)
-    metrics = read_metrics(run)
-    summary = {"run": str(run), "train": _series(metrics, ""), "eval": _series(metrics, "eval/")}
+    metrics, warning = read_metrics(run)
+    summary = {"run": str(run), "train": _series(metrics, ""), "eval": _series(metrics, "eval/"),
+               "warnings": [warning] if warning else [], "skipped": []}
+    if not summary["eval"]:
+        summary["skipped"].append("held-out curves (no evaluation in metrics.jsonl)")
     dumps = read_dumps(run)
-    if not dumps:
-        return summary  # no --eval-dump: the curves only
+    if not dumps:  # the curves only
+        summary["skipped"].append(f"{', '.join(DUMP_ANALYSES)} (no --eval-dump in this run)")
+        return summary
     first, last = min(dumps), max(dumps)
     summary["eval_dump_iterations"] = sorted(dumps)
     summary["margins"] = {"first": {"iteration": first, **_margins(dumps[first])},
@@ -138,6 +149,10 @@ def summarize(run: str | Path, reference: str | Path | None = None) -> dict:
     elif first == 0:
         summary["kl_reference"] = "the run's iteration-0 evaluation (its starting model)"
         summary["kl_from_reference"] = _kl(dumps, dumps[0], "iteration 0")
+    else:
+        summary["skipped"].append(f"{DUMP_ANALYSES[-1]} (no iteration-0 dump to take the "
+                                  f"reference from, the first is iteration {first}; give "
+                                  "--reference)")
     return summary
 
 
@@ -219,6 +234,8 @@ def analyze(config: AnalysisConfig) -> Path:
     """Write the plots and summary.json, print where and the length correlations; a run that
     cannot be analysed raises :class:`RunError` naming what is missing."""
     summary = summarize(config.run, config.reference)
+    for warning in summary["warnings"]:
+        print(warning)
     out = Path(config.output or Path(config.run) / "analysis")
     written = plot(summary, out)
     compact = {k: v for k, v in summary.items() if k != "margins"}
@@ -228,6 +245,8 @@ def analyze(config: AnalysisConfig) -> Path:
     (out / "summary.json").write_text(json.dumps(compact, indent=1))
     print(f"> analysis of {config.run}: {', '.join(p.name for p in written)} and summary.json "
           f"in {out}")
+    for skipped in summary["skipped"]:
+        print(f"> skipped: {skipped}")
     if "length_correlation" in summary:
         c = summary["length_correlation"]
         if math.isnan(c["length_vs_mean_logp"]):

@@ -12,7 +12,8 @@ from megatron_simpo.training.components import TrainingComponents
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.guards import finite_everywhere, parameters
 from megatron_simpo.training.metrics import at_interval
-from megatron_simpo.training.optimizer import finish_param_sync
+from megatron_simpo.training.optimizer import finish_param_sync, override_loaded_schedule
+from megatron_simpo.training.resume import check_resume, effective_schedule, settings_record
 from megatron_simpo.training.run_setup import ModelSource
 from megatron_simpo.training.training_data import TrainingData
 
@@ -35,13 +36,22 @@ class Checkpointer:
         iteration 0; clears what --overwrite replaces in --save. Every rank."""
         state = checkpointing.TrainState(0, 0)
         resume_from = self.source.resume_from
+        saved = None
         if resume_from is not None:
-            self.say(self.data.check_resume(checkpointing.read_train_state(resume_from),
-                                            self.config, resume_from))
+            saved = checkpointing.read_train_state(resume_from)
+            self.say(self.data.check_resume(saved, self.config, resume_from))
+            for note in check_resume(self.config, saved, resume_from, self.total_iters):
+                self.say(note)
             state = checkpointing.load_checkpoint(
                 resume_from, self.parts.model.module, self.parts.optimizer,
                 self.parts.scheduler, model_config=self.source.config)
+            if self.config.optimizer.override_opt_param_scheduler:
+                override_loaded_schedule(self.parts.optimizer, self.parts.scheduler,
+                                         self.config.optimizer)
             self.say(f"> resumed from {resume_from} at iteration {state.iteration}")
+        # What the next checkpoints record of this run (training.resume).
+        self.settings = settings_record(self.config, self.total_iters,
+                                        effective_schedule(self.config, saved, self.total_iters))
         if self.config.save and self.config.overwrite and self.rank == 0:
             checkpointing.remove_iterations_after(self.config.save, state.iteration)
         dist.barrier()
@@ -67,7 +77,8 @@ class Checkpointer:
         source_dir = source.weights_from or source.resume_from
         source_assets = checkpointing.checkpoint_assets(source_dir) if source_dir else {}
         path = checkpointing.save_checkpoint(
-            self.config.save, checkpointing.TrainState(iteration, consumed, self.data.fingerprint),
+            self.config.save, checkpointing.TrainState(iteration, consumed, self.data.fingerprint,
+                                                     self.settings),
             parts.model.module, parts.optimizer, parts.scheduler, source.config,
             assets={**source_assets, "tokenizer": source.tokenizer_path})
         self.say(f"> saved checkpoint {path}")

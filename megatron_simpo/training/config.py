@@ -168,6 +168,12 @@ class TrainConfig:
             raise ValueError("no model: give --pretrained-checkpoint, --model-config or --load")
         if self.save_interval is not None and not self.save:
             raise ValueError("--save-interval needs --save")
+        for flag, given in (("--override-opt-param-scheduler",
+                             self.optimizer.override_opt_param_scheduler),
+                            ("--use-checkpoint-opt-param-scheduler",
+                             self.optimizer.use_checkpoint_opt_param_scheduler)):
+            if given and not self.load:
+                raise ValueError(f"{flag} applies to a resume: it needs --load")
         if self.eval_dump and not self.save:
             raise ValueError("--eval-dump needs --save (the dumps go to <save>/eval_dump/)")
         if self.data.tokenizer_path is None and self.pretrained_checkpoint is None and not self.load:

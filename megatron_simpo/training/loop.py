@@ -130,6 +130,7 @@ class _Session:
         resumed = self.source.resume_from is not None
         self.writer = MetricsWriter(self.config.save, self.config.tensorboard_dir, self.env.rank,
                                     state.iteration if resumed else None)
+        self.say(self.writer.warning)
         self.summary = TrainSummary(iteration=state.iteration)
         # Whether the optimizer has state to save: not before its first update of a new run.
         self.updated = resumed

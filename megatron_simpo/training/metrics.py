@@ -12,9 +12,13 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.model.flops import step_flops
 from megatron_simpo.training.guards import json_number
+from megatron_simpo.checkpoint.metrics_file import (METRICS_FILE, MetricsFileError,
+                                                    read_metrics_file)
+
+__all__ = ["METRICS_FILE", "MetricsFileError", "MetricsWriter", "StepRecord", "at_interval",
+           "pair_flops", "read_metrics_file"]
 from megatron_simpo.training.step import StepResult
 
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
@@ -22,7 +26,8 @@ class MetricsWriter:
 
     Every line is strict JSON (a non-finite value is written as null). A resumed run first drops
     the lines of iterations after the one it resumes from (written after that checkpoint by the
-    interrupted run, and about to be written again), so no iteration appears twice.
+    interrupted run, and about to be written again), so no iteration appears twice, and a
+    cut-off last line (:func:`read_metrics_file`).
     """
 
     def __init__(self, save: str | None, tensorboard_dir: str | None, rank: int,
@@ -37,12 +42,14 @@ class MetricsWriter:
                 raise RuntimeError("--tensorboard-dir needs the tensorboard package "
                                    "(pip install tensorboard)") from error
             self.tensorboard = SummaryWriter(tensorboard_dir)
+        self.warning = None
+        """The cut-off last line a resumed run dropped (read_metrics_file), to print."""
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if resume_iteration is not None and self.path.is_file():
-                for line in self.path.read_text().splitlines():
-                    row = json.loads(line)
+                rows, self.warning = read_metrics_file(self.path)
+                for line, row in rows:
                     is_eval = any(name.startswith("eval/") for name in row)
                     # The resumed run evaluates again at its first iteration.
                     if row["iteration"] < resume_iteration or (

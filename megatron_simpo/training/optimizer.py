@@ -43,6 +43,13 @@ class OptimizerSettings:
     overlap_param_gather: bool = False
     """All-gather the distributed optimizer's updated parameters during the next forward pass,
     bucket by bucket (needs use_distributed_optimizer and overlap_grad_reduce)."""
+    override_opt_param_scheduler: bool = False
+    """Resume (--load) on the command line's learning-rate schedule (--lr, --min-lr,
+    --lr-decay-style, --lr-warmup-fraction, --weight-decay, run length) where it differs from
+    the checkpoint's: the run goes on from the checkpoint's step count in the new schedule."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """Resume (--load) on the checkpoint's learning-rate schedule where the command line's
+    differs; iterations past its end run at its final rate (its --min-lr; refused if 0)."""
 
     def __post_init__(self) -> None:
         """Every number finite; Adam's first step, ``lr / (1 - adam_beta1)``, representable in
@@ -72,6 +79,10 @@ class OptimizerSettings:
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ValueError(f"--lr-decay-style must be one of {', '.join(LR_DECAY_STYLES)}, "
                              f"got {self.lr_decay_style!r}")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("give --override-opt-param-scheduler (the command line's schedule) "
+                             "or --use-checkpoint-opt-param-scheduler (the checkpoint's), not "
+                             "both")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.overlap_param_gather and not (self.use_distributed_optimizer
@@ -158,11 +169,31 @@ def finish_param_sync(model_chunks: list) -> None:
 def build_scheduler(optimizer, settings: OptimizerSettings, total_iters: int):
     """Megatron-Core's ``OptimizerParamScheduler``: linear warmup from 0 over
     ``lr_warmup_fraction`` of ``total_iters``, then decay to ``min_lr`` at the last iteration;
-    constant weight decay. Stepped once per optimizer step; saved in checkpoints."""
+    constant weight decay. Stepped once per optimizer step; saved in checkpoints.
+
+    Loading a checkpoint's schedule keeps the checkpoint's values (Megatron-Core's
+    ``use_checkpoint_opt_param_scheduler``), or with ``override_opt_param_scheduler`` these
+    settings' values, at the checkpoint's step count (``training.resume`` decides which a
+    resume may use)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr,
         lr_warmup_steps=int(settings.lr_warmup_fraction * total_iters), lr_decay_steps=total_iters,
         lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay,
-        end_wd=settings.weight_decay, wd_incr_steps=total_iters, wd_incr_style="constant")
+        end_wd=settings.weight_decay, wd_incr_steps=total_iters, wd_incr_style="constant",
+        override_opt_param_scheduler=settings.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not settings.override_opt_param_scheduler)
+
+
+def override_loaded_schedule(optimizer, scheduler, settings: OptimizerSettings) -> None:
+    """``--override-opt-param-scheduler`` after a checkpoint is loaded: the rates are the
+    settings' at the loaded step count.
+
+    Megatron-Core's param groups carry their own ``max_lr`` / ``min_lr``, which ``get_lr`` reads
+    before the scheduler's, and loading the optimizer state restores the checkpoint's: they are
+    set to the settings' here and the current rate recomputed (``step(0)``).
+    """
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = settings.lr, settings.min_lr
+    scheduler.step(increment=0)

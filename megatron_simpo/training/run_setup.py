@@ -15,7 +15,8 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.training.components import TrainingComponents, build_components, build_reference
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.logprob_head import LogprobHead
-from megatron_simpo.training.metrics import METRICS_FILE
+from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
+from megatron_simpo.training.resume import check_resume
 from megatron_simpo.model.builder import check_packed_attention, check_transformer_impl
 from megatron_simpo.model.precision import check_fp8_support
 
@@ -70,7 +71,19 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         check_fp8_support(config.fp8)
     if config.save:
         check_save_folder(config, source)
+    if source.resume_from is not None:
+        check_resumed_run(config, source.resume_from)
     return source, config.check_world(world_size)
+
+
+def check_resumed_run(config: TrainConfig, checkpoint: Path) -> None:
+    """A resume's command line against the checkpoint's run (training.resume; the run length
+    in iterations is checked again once the data is loaded), and the metrics.jsonl it will
+    append to (a damaged line before the last one is refused)."""
+    check_resume(config, checkpointing.read_train_state(checkpoint), checkpoint,
+                 config.train_iters)
+    if config.save and (Path(config.save) / METRICS_FILE).is_file():
+        read_metrics_file(Path(config.save) / METRICS_FILE)
 
 
 def check_save_folder(config: TrainConfig, source: ModelSource) -> None:

@@ -1,0 +1,163 @@
+"""What a resume may change: the rules between a checkpoint's run settings and the command line.
+
+Every checkpoint records the settings of its run (:func:`settings_record`). A resume (--load)
+is compared with them before anything is built (``run_setup.prepare``), and again once the run
+length in iterations is known (``Checkpointer.resume``: ``--train-epochs`` over the data):
+
+* the learning-rate schedule, ``--lr``, ``--min-lr``, ``--lr-decay-style``,
+  ``--lr-warmup-fraction``, ``--weight-decay`` and the run length (``--train-iters`` /
+  ``--train-epochs`` and the iterations they amount to): a difference is refused unless
+
+  - ``--override-opt-param-scheduler``: the command line's schedule, built for the new run
+    length, at the checkpoint's step count ``n``: step ``n + 1`` runs at ``lr(n)`` of the new
+    schedule (Megatron-Core's ``OptimizerParamScheduler.get_lr``);
+  - ``--use-checkpoint-opt-param-scheduler``: the checkpoint's schedule; past its last step the
+    rate stays at its ``--min-lr``, and a longer run is refused when that is 0 (its extra
+    iterations would change nothing);
+* ``--seed`` (the data order): refused unless ``--override-data``, which goes on from the
+  checkpoint's position (consumed samples) in the new seed's order;
+* ``--global-batch-size``: refused, no flag accepts it (the position, the epoch order and the
+  schedule all count in global batches): a new run starts from the checkpoint with
+  ``--pretrained-checkpoint``.
+
+How a global batch is split (``--micro-batch-size``, ``--max-tokens-per-microbatch``, the
+parallel layout) may change: the same pairs make the same step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_simpo.checkpoint.layout import TrainState
+from megatron_simpo.training.config import TrainConfig
+
+SCHEDULE_FIELDS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_fraction", "weight_decay")
+"""OptimizerSettings fields of the learning-rate schedule (the checkpoint's scheduler holds
+them)."""
+
+
+class ResumeError(ValueError):
+    """A resume that contradicts its checkpoint; the message names each difference (old -> new)
+    and the flag that accepts it."""
+
+
+def command_line_schedule(config: TrainConfig, total_iters: int) -> dict:
+    """The schedule the command line asks for: its settings and the iterations it spans."""
+    return {**{name: getattr(config.optimizer, name) for name in SCHEDULE_FIELDS},
+            "iterations": total_iters}
+
+
+def settings_record(config: TrainConfig, total_iters: int, schedule: dict) -> dict:
+    """What a checkpoint records of its run: the ``schedule`` in effect (see
+    :func:`effective_schedule`), the run length as given and in iterations, the seed and the
+    global batch size."""
+    return {"schedule": dict(schedule), "train_iters": config.train_iters,
+            "train_epochs": config.train_epochs, "total_iters": total_iters,
+            "seed": config.seed, "global_batch_size": config.global_batch_size}
+
+
+def effective_schedule(config: TrainConfig, saved: TrainState | None, total_iters: int) -> dict:
+    """The schedule the run trains on: the command line's for a new run or with
+    --override-opt-param-scheduler, else the checkpoint's (its record; loading the scheduler
+    keeps the checkpoint's values, and :func:`check_resume` has refused a command line that
+    differs without --use-checkpoint-opt-param-scheduler)."""
+    if (not config.optimizer.override_opt_param_scheduler and saved is not None
+            and saved.settings is not None):
+        return dict(saved.settings["schedule"])
+    return command_line_schedule(config, total_iters)
+
+
+def _length(train_iters: int | None, train_epochs: int | None) -> tuple[str, int]:
+    if train_iters is not None:
+        return "--train-iters", train_iters
+    return "--train-epochs", train_epochs
+
+
+def schedule_differences(saved: dict, config: TrainConfig, total_iters: int | None) -> list[str]:
+    """``--flag old -> new`` for each schedule setting and the run length that differ from
+    the checkpoint's record (the run length in iterations only when ``total_iters`` is known)."""
+    schedule, optimizer = saved["schedule"], config.optimizer
+    found = [f"--{name.replace('_', '-')} {schedule[name]} -> {getattr(optimizer, name)}"
+             for name in SCHEDULE_FIELDS if schedule[name] != getattr(optimizer, name)]
+    (old_flag, old), (new_flag, new) = (_length(saved["train_iters"], saved["train_epochs"]),
+                                        _length(config.train_iters, config.train_epochs))
+    if old_flag == new_flag and old != new:
+        found.append(f"{new_flag} {old} -> {new}")
+    elif old_flag != new_flag:
+        found.append(f"{old_flag} {old} -> {new_flag} {new}")
+    elif total_iters is not None and total_iters != saved["total_iters"]:
+        found.append(f"run length {saved['total_iters']} -> {total_iters} iterations "
+                     f"({new_flag} {new} over other data)")
+    return found
+
+
+def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path,
+                 total_iters: int | None = None) -> list[str]:
+    """Refuse (:class:`ResumeError`, one line) a resume of ``checkpoint`` whose command line
+    differs from the run it saved, unless a flag accepts each difference; returns the lines to
+    print about the accepted ones. ``total_iters``: the new run length in iterations, when known.
+    Checkpoints without a record (written before it was kept) are not checked."""
+    if saved is None or saved.settings is None:
+        return []
+    record, optimizer = saved.settings, config.optimizer
+    refused, notes = [], []
+    schedule = schedule_differences(record, config, total_iters)
+    if schedule:
+        listed = ", ".join(schedule)
+        if optimizer.override_opt_param_scheduler:
+            notes.append(f"> --override-opt-param-scheduler: the command line's learning-rate "
+                         f"schedule ({listed}) from the checkpoint's step count")
+        elif optimizer.use_checkpoint_opt_param_scheduler:
+            kept = ", ".join(f"--{name.replace('_', '-')} {record['schedule'][name]}"
+                             for name in SCHEDULE_FIELDS)
+            notes.append(f"warning: --use-checkpoint-opt-param-scheduler: the checkpoint's "
+                         f"learning-rate schedule is kept ({kept}, over "
+                         f"{record['schedule']['iterations']} steps), not the command line's "
+                         f"({listed})")
+        else:
+            refused.append(f"{listed} (give --override-opt-param-scheduler to train on the "
+                           "command line's learning-rate schedule, or "
+                           "--use-checkpoint-opt-param-scheduler to keep the checkpoint's)")
+    if record["seed"] != config.seed:
+        change = f"--seed {record['seed']} -> {config.seed}"
+        if config.override_data:
+            notes.append(f"warning: --override-data: {change}: going on from the checkpoint's "
+                         f"position ({saved.consumed_samples} samples) in the new seed's order")
+        else:
+            refused.append(f"{change} (it orders the data: give --override-data to go on from "
+                           f"the checkpoint's position, {saved.consumed_samples} samples, in "
+                           "the new order)")
+    if record["global_batch_size"] != config.global_batch_size:
+        refused.append(f"--global-batch-size {record['global_batch_size']} -> "
+                       f"{config.global_batch_size} (no flag resumes at another global batch "
+                       "size: start a new run from the checkpoint with "
+                       f"--pretrained-checkpoint {checkpoint})")
+    if refused:
+        raise ResumeError(f"--load {checkpoint} contradicts the command line: "
+                          + "; ".join(refused))
+    if total_iters is not None:
+        notes += _check_length(config, saved, checkpoint, total_iters, bool(schedule))
+    return notes
+
+
+def _check_length(config: TrainConfig, saved: TrainState, checkpoint: Path, total_iters: int,
+                  schedule_changed: bool) -> list[str]:
+    """A run length the checkpoint can go on to: not before its iteration, and with the
+    checkpoint's schedule, not past its end at a learning rate of 0."""
+    flag, value = _length(config.train_iters, config.train_epochs)
+    if total_iters < saved.iteration:
+        raise ResumeError(f"--load {checkpoint} is at iteration {saved.iteration}, past the "
+                          f"run's {total_iters} iterations ({flag} {value})")
+    schedule = saved.settings["schedule"]
+    if not (config.optimizer.use_checkpoint_opt_param_scheduler and schedule_changed
+            and total_iters > schedule["iterations"]):
+        return []
+    first = max(schedule["iterations"], saved.iteration) + 1
+    if schedule["min_lr"] == 0:
+        raise ResumeError(f"--use-checkpoint-opt-param-scheduler: the checkpoint's schedule "
+                          f"ends after {schedule['iterations']} steps at --min-lr 0, so "
+                          f"iterations {first}-{total_iters} would train at learning rate 0; "
+                          "give --override-opt-param-scheduler for a schedule over the new "
+                          "run length")
+    return [f"> iterations {first}-{total_iters} run past the checkpoint's schedule at its "
+            f"final rate, --min-lr {schedule['min_lr']}"]
