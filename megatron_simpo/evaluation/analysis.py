@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_simpo.evaluation import rounds
+
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -207,7 +209,8 @@ class AnalysisConfig:
     """``megatron-simpo-analyze-run``: plots and a JSON summary of one run."""
 
     run: str
-    """the run's --save folder"""
+    """the run's --save folder, or the ROOT of examples/iterative_simpo.sh (its round-N
+    folders: the reward per round)"""
     output: str | None = None
     """where the PNGs and summary.json go (default: <run>/analysis)"""
     reference: str | None = None
@@ -217,9 +220,14 @@ class AnalysisConfig:
 
 def analyze(config: AnalysisConfig) -> Path:
     """Write the plots and summary.json, print where and the length correlations; a run that
-    cannot be analysed raises :class:`RunError` naming what is missing."""
-    summary = summarize(config.run, config.reference)
+    cannot be analysed raises :class:`RunError` naming what is missing. A rounds' root (no
+    metrics.jsonl, round-N folders) gets ``rounds.analyze``: the reward per round."""
     out = Path(config.output or Path(config.run) / "analysis")
+    if not (Path(config.run) / "metrics.jsonl").is_file() and rounds.round_folders(config.run):
+        if config.reference:
+            raise RunError(f"--reference is for one run's KL estimate; {config.run} holds rounds")
+        return rounds.analyze(config.run, out)
+    summary = summarize(config.run, config.reference)
     written = plot(summary, out)
     compact = {k: v for k, v in summary.items() if k != "margins"}
     if "margins" in summary:
