@@ -23,7 +23,8 @@
 # MODEL=tiny (make demo-onpolicy) is the on-policy demo on CPU, with nothing else needed: the
 # tiny default warmed up on its embedded pairs (WARMUP_ITERS of SimPO with --sft-weight 1, so
 # that it can answer at all), then ROUNDS rounds on PROMPTS_PER_ROUND fresh prompts of the task
-# each, rewarded by megatron_simpo.model.tiny:letters_correct, held out: the 256 valid prompts.
+# each (training: --lr 3e-4 --sft-weight 1 unless given), rewarded by
+# megatron_simpo.model.tiny:letters_correct, held out: the 256 valid prompts.
 #
 # Variables: ROUNDS (or --rounds K), ROOT, START (a Megatron checkpoint), PROMPTS, HELDOUT_PROMPTS,
 # REWARD_MODEL or REWARD_FN, NUM_SAMPLES, TEMPERATURE, MAX_NEW_TOKENS, SAMPLING_BATCH_SIZE,
@@ -61,6 +62,11 @@ case "$MODEL" in
     MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-12}
     SAMPLING_BATCH_SIZE=${SAMPLING_BATCH_SIZE:-128}
     PROMPTS_PER_ROUND=${PROMPTS_PER_ROUND:-512}
+    # Each round: the warm-up's objective (SimPO plus the chosen answer's NLL) at a lower rate;
+    # pure SimPO at the launcher's 1e-3 unlearns the task here (the reward falls round by round).
+    given() { local flag=$1 arg; shift; for arg in "$@"; do [[ $arg == "$flag" || $arg == "$flag="* ]] && return 0; done; return 1; }
+    given --lr "${TRAIN_ARGS[@]}" || TRAIN_ARGS+=(--lr 3e-4)
+    given --sft-weight "${TRAIN_ARGS[@]}" || TRAIN_ARGS+=(--sft-weight 1)
     ;;
   *)
     : "${ROOT:?set ROOT to the folder of the rounds}"
@@ -112,8 +118,8 @@ if [ "$MODEL" = tiny ]; then
   fi
   if [ -z "${START:-}" ]; then  # the warm-up: SimPO with the chosen answers' NLL (CPO-SimPO)
     START=$ROOT/round-0/checkpoint
-    echo "> round 0: warm-up of the tiny default, ${WARMUP_ITERS:-150} iterations"
-    launch --train-iters "${WARMUP_ITERS:-150}" --sft-weight 1 --eval-interval "${WARMUP_ITERS:-150}" \
+    echo "> round 0: warm-up of the tiny default, ${WARMUP_ITERS:-200} iterations"
+    launch --train-iters "${WARMUP_ITERS:-200}" --sft-weight 1 --eval-interval "${WARMUP_ITERS:-200}" \
       --save "$START"
   fi
 fi

@@ -118,6 +118,8 @@ def analyze(root: str | Path, out_dir: str | Path) -> Path:
     def cell(value):
         return "-" if value is None else f"{value:.3f}"
 
+    print("round N: training prompts sampled by model N-1 (mean, chosen, rejected reward); "
+          "model N on the held-out prompts (mean reward) and pairs (reward accuracy)")
     print("round  sampled  chosen  rejected  held-out  held-out acc.")
     for r in summary["rounds"]:
         print(f"{r['round']:>5}  {cell(r.get('mean_reward')):>7}  {cell(r.get('mean_chosen')):>6}"
