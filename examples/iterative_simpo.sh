@@ -38,16 +38,16 @@ PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-llama3-8b-instruct}
 ROUNDS=${ROUNDS:-}
 OVERWRITE=0
+die() { echo "iterative_simpo.sh: error: $*" >&2; exit 2; }
 TRAIN_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --rounds) ROUNDS=${2:?--rounds needs a number}; shift 2 ;;
+    --rounds) ROUNDS=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
     --rounds=*) ROUNDS=${1#--rounds=}; shift ;;
     --overwrite) OVERWRITE=1; shift ;;
     *) TRAIN_ARGS+=("$1"); shift ;;
   esac
 done
-die() { echo "iterative_simpo.sh: error: $*" >&2; exit 2; }
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds (or ROUNDS) must be a number >= 1, got '${ROUNDS}'"
 
 case "$MODEL" in
@@ -69,9 +69,9 @@ case "$MODEL" in
     given --sft-weight "${TRAIN_ARGS[@]}" || TRAIN_ARGS+=(--sft-weight 1)
     ;;
   *)
-    : "${ROOT:?set ROOT to the folder of the rounds}"
-    : "${START:?set START to the Megatron checkpoint round 1 samples with and trains from}"
-    : "${PROMPTS:?set PROMPTS to the prompts (any source the trainer reads)}"
+    [ -n "${ROOT:-}" ] || die "set ROOT to the folder of the rounds"
+    [ -n "${START:-}" ] || die "set START to the Megatron checkpoint round 1 samples with and trains from"
+    [ -n "${PROMPTS:-}" ] || die "set PROMPTS to the prompts (any source the trainer reads)"
     HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-}
     ;;
 esac

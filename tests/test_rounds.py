@@ -131,3 +131,21 @@ def test_a_damaged_reward_statistics_file_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"analyze_run: error: {folder / 'rewards.json'}: mean_chosen is 'high'; "
         "not a reward-statistics file written by build-pairs --reward-stats"]
+
+
+@pytest.mark.parametrize("args, env, line", [
+    (["--rounds", "0"], {}, "--rounds (or ROUNDS) must be a number >= 1, got '0'"),
+    ([], {"ROUNDS": "two"}, "--rounds (or ROUNDS) must be a number >= 1, got 'two'"),
+    (["--rounds", "1"], {"MODEL": "llama3-8b-instruct"}, "set ROOT to the folder of the rounds"),
+    (["--rounds", "1"], {"MODEL": "tiny", "ROOT": "{root}"},
+     "{root} holds rounds already: give --overwrite to start afresh, or another ROOT")])
+def test_script_mistakes_are_one_line(tmp_path, args, env, line):
+    (tmp_path / "round-1").mkdir()
+    env = {k: v.format(root=tmp_path) for k, v in env.items()}
+    done = subprocess.run(["bash", str(ROOT / "examples/iterative_simpo.sh"), *args],
+                          env={**{k: v for k, v in os.environ.items()
+                                  if k not in ("ROUNDS", "ROOT", "MODEL")}, **env},
+                          cwd=ROOT, capture_output=True, text=True)
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2, [f"iterative_simpo.sh: error: {line.format(root=tmp_path)}"])
+    assert (tmp_path / "round-1").is_dir()
