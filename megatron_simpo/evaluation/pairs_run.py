@@ -193,7 +193,8 @@ def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
                          "over") from None
     for key, value in expected.items():
         if recorded.get(key) != value:
-            name = "the prompts" if key == "prompts" else f"--{key.replace('_', '-')}"
+            name = {"prompts": "the prompts", "score_identical": "--reward-stats (given:)"}.get(
+                key, f"--{key.replace('_', '-')}")
             raise ValueError(f"{folder} was started with {name} {recorded.get(key)!r}, now "
                              f"{value!r}: give the same settings to resume, or move it away")
 
