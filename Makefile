@@ -8,7 +8,7 @@ VENV_PY := $(VENV)/bin/python
 TORCH_CPU_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo demo-onpolicy clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ test: setup
 demo: setup
 	MODEL=tiny PYTHON=$(abspath $(VENV_PY)) bash examples/train_simpo_llama3.sh --overwrite
 	$(VENV_PY) tools/analyze_run.py outputs/demo
+
+# On-policy rounds on the same task (examples/iterative_simpo.sh, MODEL=tiny): a short warm-up,
+# then each round samples its prompts with the model so far, scores the answers by the letters
+# they get right (megatron_simpo.model.tiny:letters_correct) and trains one epoch on best vs
+# worst; the reward per round is tabled and plotted in outputs/demo-onpolicy/analysis.
+demo-onpolicy: setup
+	MODEL=tiny PYTHON=$(abspath $(VENV_PY)) bash examples/iterative_simpo.sh --rounds 3 --overwrite
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -206,6 +206,48 @@ def test_message_prompts_from_a_dataset_folder_keep_their_ids(tiny, monkeypatch,
     assert len(train) == 2 and all(list(p.chosen) == expected for p in train)
 
 
+def test_reward_stats_cover_every_sample_identical_ones_scored_once(tiny, monkeypatch, tmp_path):
+    """--reward-stats: the hand-computed means over CASES (reward: the length); the prompt
+    whose samples are all identical is scored once and counted for its 5 samples; the pairs
+    file is the same as without the flag."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CASES))
+    (tmp_path / "length.py").write_text(
+        "CALLS = []\ndef score(prompt, response):\n    CALLS.append(prompt)\n"
+        "    return float(len(response))\n")
+
+    def fake_sampler(hf_dir, **_):
+        def sample(conversations, sampling, seeds):
+            return [list(CASES[c[-1]["content"]][0]) for c in conversations]
+        return sample
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    from megatron_simpo.evaluation import rewards
+
+    real, calls = rewards.load_reward_fn, []
+
+    def recording(spec):
+        function = real(spec)
+        calls.append(function.__globals__["CALLS"])
+        return function
+
+    monkeypatch.setattr(rewards, "load_reward_fn", recording)
+    flags = ["--prompts-path", str(prompts), "--hf", str(tiny / "hf"), "--reward-fn",
+             f"{tmp_path / 'length.py'}:score", "--backend", "transformers", "--batch-size", "2"]
+    _run(flags + ["--output", str(tmp_path / "plain.jsonl")])
+    _run(flags + ["--output", str(tmp_path / "pairs.jsonl"), "--reward-stats",
+                  str(tmp_path / "stats.json")])
+    assert calls[-1].count("p-identical") == 1 and calls[-1].count("p-tie") == 5
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    lengths = [len(s) for samples, _ in CASES.values() for s in samples]
+    assert stats == {"prompts": 5, "samples": 5, "pairs": 2,
+                     "dropped": {"identical": 1, "tie": 1, "empty": 1},
+                     "mean_reward": sum(lengths) / 25, "mean_chosen": (3 + 2) / 2,
+                     "mean_rejected": (1 + 1) / 2}
+    assert (tmp_path / "pairs.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+    assert not (tmp_path / "pairs.jsonl.parts").exists()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     """The tiny model's pairs in one uninterrupted run (JSONL), shared by the tests below."""

@@ -8,7 +8,8 @@ from megatron_simpo.evaluation.analysis import AnalysisConfig, analyze
 
 
 COMMAND = Command("analyze_run", "Plots and a JSON summary of a training run (its --save "
-                  "folder; held-out analyses need --eval-dump)",
+                  "folder; held-out analyses need --eval-dump), or the reward per round of "
+                  "examples/iterative_simpo.sh (its ROOT)",
                   (Section("analysis", AnalysisConfig, key="config", positional=("run",),
                            fields=("run", "output", "reference")),))
 
@@ -16,3 +17,7 @@ COMMAND = Command("analyze_run", "Plots and a JSON summary of a training run (it
 def main(argv=None) -> None:
     config = COMMAND.parse(argv)["config"]
     run_command(COMMAND.prog, lambda: analyze(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
+from megatron_simpo.evaluation import rounds
 
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -222,7 +223,8 @@ class AnalysisConfig:
     """``megatron-simpo-analyze-run``: plots and a JSON summary of one run."""
 
     run: str
-    """the run's --save folder"""
+    """the run's --save folder, or the ROOT of examples/iterative_simpo.sh (its round-N
+    folders: the reward per round)"""
     output: str | None = None
     """where the PNGs and summary.json go (default: <run>/analysis)"""
     reference: str | None = None
@@ -232,11 +234,16 @@ class AnalysisConfig:
 
 def analyze(config: AnalysisConfig) -> Path:
     """Write the plots and summary.json, print where and the length correlations; a run that
-    cannot be analysed raises :class:`RunError` naming what is missing."""
+    cannot be analysed raises :class:`RunError` naming what is missing. A rounds' root (no
+    metrics.jsonl, round-N folders) gets ``rounds.analyze``: the reward per round."""
+    out = Path(config.output or Path(config.run) / "analysis")
+    if not (Path(config.run) / METRICS_FILE).is_file() and rounds.round_folders(config.run):
+        if config.reference:
+            raise RunError(f"--reference is for one run's KL estimate; {config.run} holds rounds")
+        return rounds.analyze(config.run, out)
     summary = summarize(config.run, config.reference)
     for warning in summary["warnings"]:
         print(warning)
-    out = Path(config.output or Path(config.run) / "analysis")
     written = plot(summary, out)
     compact = {k: v for k, v in summary.items() if k != "margins"}
     if "margins" in summary:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from megatron_simpo.evaluation import generation, pairs, rewards
+from megatron_simpo.evaluation import generation, pairs, reward_stats, rewards
 from megatron_simpo.evaluation.answers import Sampling
 
 AUTHORS_SEEDS = (13, 21, 42, 79, 100)
@@ -94,6 +94,10 @@ class PairsConfig:
     """allow a reward model whose classifier is its repository's own Python (ArmoRM)"""
     reward_batch_size: int = 8
     """sequences per reward-model forward (sorted by length)"""
+    reward_stats: str | None = None
+    """also write the rewards' statistics here (JSON: mean reward of every sample, mean chosen
+    and rejected reward, counts); prompts whose samples are all identical are then scored too
+    (once), and still dropped"""
 
     def __post_init__(self) -> None:
         if (self.hf is None) == (self.load is None):
@@ -168,6 +172,7 @@ def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
             "dtype", "reward_model", "reward_fn")
     return {**{k: v for k, v in asdict(config).items() if k in kept},
+            "score_identical": config.reward_stats is not None,
             "seeds": list(config.sample_seeds), "backend": backend, "prompts": digest}
 
 
@@ -188,7 +193,8 @@ def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
                          "over") from None
     for key, value in expected.items():
         if recorded.get(key) != value:
-            name = "the prompts" if key == "prompts" else f"--{key.replace('_', '-')}"
+            name = {"prompts": "the prompts", "score_identical": "--reward-stats (given:)"}.get(
+                key, f"--{key.replace('_', '-')}")
             raise ValueError(f"{folder} was started with {name} {recorded.get(key)!r}, now "
                              f"{value!r}: give the same settings to resume, or move it away")
 
@@ -197,8 +203,10 @@ def part_path(folder: Path, batch: int) -> Path:
     return folder / f"batch-{batch:06d}.jsonl"
 
 
-def read_part(path: Path, batch: list[Prompt], seeds: int) -> list[dict] | None:
-    """A batch's rows from disk, checked against the prompts it must hold; None if absent."""
+def read_part(path: Path, batch: list[Prompt], seeds: int,
+              score_identical: bool = False) -> list[dict] | None:
+    """A batch's rows from disk, checked against the prompts it must hold; None if absent.
+    Identical samples have no scores, or (``score_identical``) equal ones."""
     if not path.is_file():
         return None
     try:
@@ -206,8 +214,10 @@ def read_part(path: Path, batch: list[Prompt], seeds: int) -> list[dict] | None:
         ok = [(r["index"], r["prompt_id"]) for r in rows] == \
              [(p.index, p.prompt_id) for p in batch] and all(
                  len(r["samples"]) == seeds and all(isinstance(t, str) for t in r["samples"])
-                 and (r["scores"] is None if pairs.all_identical(r["samples"]) else
-                      len(r["scores"]) == seeds and all(isinstance(v, float) for v in r["scores"]))
+                 and (r["scores"] is None if pairs.all_identical(r["samples"])
+                      and not score_identical else
+                      len(r["scores"]) == seeds and all(isinstance(v, float) for v in r["scores"])
+                      and (len(set(r["scores"])) == 1 or not pairs.all_identical(r["samples"])))
                  for r in rows)
     except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not our rows
         ok = False
@@ -224,16 +234,16 @@ def write_part(path: Path, rows: list[dict]) -> None:
     os.replace(partial, path)
 
 
-def checked_rewards(values: list, prompts: list[Prompt], count: int) -> list[float]:
-    """Rewards as floats; anything not a finite number is refused naming prompt and sample."""
+def checked_rewards(values: list, where: list[tuple[Prompt, int]]) -> list[float]:
+    """Rewards as floats; anything not a finite number is refused naming prompt and sample
+    (``where``: each value's prompt and sample index)."""
     out = []
-    for position, value in enumerate(values):
+    for (prompt, sample), value in zip(where, values):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
             and math.isfinite(value)
         if not ok:
-            prompt = prompts[position // count]
             raise ValueError(f"reward {value!r} for {prompt.source} (prompt_id "
-                             f"{prompt.prompt_id}) sample {position % count}: rewards must be "
+                             f"{prompt.prompt_id}) sample {sample}: rewards must be "
                              "finite numbers")
         out.append(float(value))
     return out
@@ -241,40 +251,53 @@ def checked_rewards(values: list, prompts: list[Prompt], count: int) -> list[flo
 
 def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
                  config: PairsConfig) -> list[dict]:
-    """One batch: samples per seed, the non-identical ones scored."""
+    """One batch: samples per seed, the non-identical ones scored (with ``--reward-stats`` the
+    identical ones too: their one text, once)."""
     seeds = config.sample_seeds
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     samples = sample(messages, sampling, seeds)
-    scored = [i for i, s in enumerate(samples) if not pairs.all_identical(s)]
-    flat = [(i, response) for i in scored for response in samples[i]]
-    values = score([batch[i].prompt for i, _ in flat], [messages[i] for i, _ in flat],
-                   [response for _, response in flat]) if flat else []
-    values = checked_rewards(list(values), [batch[i] for i in scored], len(seeds))
-    scores = {i: values[k * len(seeds):(k + 1) * len(seeds)] for k, i in enumerate(scored)}
+    scored = [i for i, s in enumerate(samples)
+              if config.reward_stats is not None or not pairs.all_identical(s)]
+    flat = [(i, k, response) for i in scored for k, response in
+            enumerate(samples[i][:1] if pairs.all_identical(samples[i]) else samples[i])]
+    values = score([batch[i].prompt for i, _, _ in flat], [messages[i] for i, _, _ in flat],
+                   [response for _, _, response in flat]) if flat else []
+    values = checked_rewards(list(values), [(batch[i], k) for i, k, _ in flat])
+    scores, at = {}, 0
+    for i in scored:
+        taken = 1 if pairs.all_identical(samples[i]) else len(seeds)
+        scores[i] = values[at:at + taken] * (len(seeds) // taken)
+        at += taken
     return [{"index": p.index, "prompt_id": p.prompt_id, "samples": samples[i],
              "scores": scores.get(i)} for i, p in enumerate(batch)]
 
 
 def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], config: PairsConfig,
           say: Callable[[str], None]) -> Path:
-    """The pairs in prompt order from the parts, written whole; the parts then removed."""
-    records, dropped = [], {"identical": 0, "tie": 0, "empty": 0}
+    """The pairs in prompt order from the parts, written whole (the ``--reward-stats`` file
+    first); the parts then removed."""
+    records, dropped, every, choices = [], {"identical": 0, "tie": 0, "empty": 0}, [], []
     text = all(isinstance(p.prompt, str) for p in prompts)
     size, seeds = config.batch_size, len(config.sample_seeds)
     for b in range(0, len(prompts), size):
-        rows = read_part(part_path(folder, b // size), prompts[b:b + size], seeds)
+        rows = read_part(part_path(folder, b // size), prompts[b:b + size], seeds,
+                         config.reward_stats is not None)
         if rows is None:
             raise ValueError(f"{part_path(folder, b // size)}: missing (a process stopped?); run "
                              "again with the same flags to finish")
         for row in rows:
             prompt = prompts[row["index"]]
             choice = pairs.choose(row["samples"], row["scores"])
+            every.append(row)
+            choices.append(choice)
             if choice.dropped:
                 dropped[choice.dropped] += 1
                 continue
             records.append(pairs.pair_record(prompt.prompt_id, prompt.prompt,
                                              messages[prompt.index], row["samples"],
                                              row["scores"], choice, prompt_as_messages=not text))
+    if config.reward_stats is not None:
+        reward_stats.write_stats(config.reward_stats, reward_stats.statistics(every, choices))
     path = pairs.write_pairs(records, config.output, prompt_is_text=text)
     shutil.rmtree(folder)
     say(f"> wrote {len(records)} pairs to {path}; dropped {dropped['identical']} prompts whose "
@@ -321,7 +344,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         size = config.batch_size
         mine = [b for b in range(math.ceil(len(prompts) / size)) if b % world == rank]
         todo = [b for b in mine if read_part(part_path(folder, b), prompts[b * size:(b + 1) * size],
-                                             len(config.sample_seeds)) is None]
+                                             len(config.sample_seeds),
+                                             config.reward_stats is not None) is None]
         if rank == 0:
             say(f"> {len(prompts)} prompts in {math.ceil(len(prompts) / size)} batches, "
                 f"{len(config.sample_seeds)} samples each ({backend}); {len(todo)} of this "

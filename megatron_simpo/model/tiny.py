@@ -3,6 +3,8 @@
 Nothing is downloaded. The task is "reverse 8 letters": the chosen answer is the reversal, the
 rejected one is the reversal with two letters wrong. The rule is simple, so a tiny model learns it
 from a few tens of thousands of seeded pairs, and the preference generalises to held-out pairs.
+``letters_correct`` is the task's verifiable reward (``--reward-fn
+megatron_simpo.model.tiny:letters_correct``), for on-policy pairs sampled from the model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def make_pair(rng: random.Random) -> dict[str, str]:
     for position in rng.sample(range(TASK_LENGTH), 2):
         wrong[position] = rng.choice([c for c in LETTERS if c != answer[position]])
     return {"prompt": f"reverse {word}", "chosen": answer, "rejected": "".join(wrong)}
+
+
+def letters_correct(prompt: str, response: str) -> float:
+    """The share of the reversal's letters the response gets right, position by position:
+
+        reward = #{i : response[i] == reversal[i]} / max(len(reversal), len(response))
+
+    (surrounding whitespace stripped), so 1.0 exactly for the reversal, and extra or missing
+    letters cost as wrong ones. ``prompt`` is the task's ``reverse <word>``."""
+    answer = prompt.split()[-1][::-1]
+    response = response.strip()
+    return sum(a == b for a, b in zip(answer, response)) / max(len(answer), len(response))
 
 
 def write_default(out_dir: str | Path, *, train_pairs: int = 40000, valid_pairs: int = 256,
