@@ -95,7 +95,7 @@ def test_converted_checkpoint_gives_hugging_face_logits(hf_models, tmp_path, tp,
         assert diff <= 1e-5, f"{arch} TP={tp} PP={pp}: max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("arch", ["llama3.2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama3.2", "qwen2", "qwen3"])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, arch, capsys):
     import transformers
     from safetensors.torch import load_file
@@ -219,6 +219,17 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
         dict(tiny_hf_config("llama3"), architectures=["GPT2LMHeadModel"], model_type="gpt2")))
     message = _convert_error(capsys, ["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "o")])
     assert "unsupported architecture 'GPT2LMHeadModel'" in message and "LlamaForCausalLM" in message
+
+
+def test_help_lists_the_supported_architectures(capsys):
+    from megatron_simpo.model.architecture import SUPPORTED_ARCHITECTURES
+
+    with pytest.raises(SystemExit):
+        hf_to_megatron_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for architecture in SUPPORTED_ARCHITECTURES:
+        assert architecture in text
+    assert "Qwen3ForCausalLM" in SUPPORTED_ARCHITECTURES
 
 
 def test_tp_that_does_not_divide_groups_is_refused(hf_models, tmp_path, capsys):

@@ -17,6 +17,10 @@ ARCHITECTURES = {
                     rope_theta=1000000.0, sliding_window=None),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0,
                   rms_norm_eps=1e-6),
+    # head_dim 16 != hidden / heads (32 / 4), as Qwen3's own (e.g. 4B: 2560 / 32 heads, 128);
+    # tied embeddings as the small Qwen3s
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=1000000.0,
+                  rms_norm_eps=1e-6, head_dim=16, tie_word_embeddings=True),
 }
 
 

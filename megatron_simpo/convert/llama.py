@@ -1,4 +1,4 @@
-"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2) weights: Hugging Face <-> Megatron local spec.
+"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3) weights: Hugging Face <-> Megatron local spec.
 
 Three layers of pure functions:
 
@@ -13,6 +13,8 @@ Layouts (h = hidden, d = head_dim, H heads, G query groups, F = ffn hidden):
 - ``linear_fc1.weight`` [2F, h] = [gate; up]; TP rank i holds [gate_i; up_i].
 - ``linear_proj`` and ``linear_fc2`` split dim 1; ``word_embeddings`` / ``output_layer`` dim 0.
 - HF already uses rotate-half RoPE, so no permutation of q/k is needed.
+- Qwen3's per-head ``q_norm`` / ``k_norm`` [d] are ``self_attention.q_layernorm`` /
+  ``k_layernorm``, replicated on every TP rank.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ _DIRECT = {
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# ... and those of the query/key norms (``qk_layernorm``).
+_QK_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 _SPLIT_DIM0 = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                "word_embeddings.weight", "output_layer.weight")
@@ -69,6 +76,8 @@ def megatron_names(config: ModelConfig) -> list[str]:
     for i in range(config.num_layers):
         layer = f"decoder.layers.{i}."
         names += [layer + suffix for suffix in _DIRECT]
+        if config.qk_layernorm:
+            names += [layer + suffix for suffix in _QK_NORMS]
         names.append(layer + "self_attention.linear_qkv.weight")
         if config.qkv_bias:
             names.append(layer + "self_attention.linear_qkv.bias")
@@ -93,6 +102,8 @@ def hf_names_for(name: str, config: ModelConfig) -> list[str]:
     hf, suffix = f"model.layers.{match.group(1)}.", match.group(2)
     if suffix in _DIRECT:
         return [hf + _DIRECT[suffix]]
+    if suffix in _QK_NORMS and config.qk_layernorm:
+        return [hf + _QK_NORMS[suffix]]
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = suffix.rsplit(".", 1)[1]
         return [f"{hf}self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
@@ -259,5 +270,6 @@ def expected_hf_shape(hf_name: str, config: ModelConfig) -> tuple[int, ...] | No
         "self_attn.v_proj.weight": (kv_rows, h), "self_attn.o_proj.weight": (h, q_rows),
         "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
         "self_attn.v_proj.bias": (kv_rows,),
+        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }.get(match.group(2))

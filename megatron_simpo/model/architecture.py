@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
 
 # Megatron-Core applies Llama-3.1 rope scaling with these constants hard-coded
 # (RotaryEmbedding._apply_scaling); a checkpoint that asks for others cannot be reproduced.
@@ -26,13 +27,13 @@ _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
 # Hugging Face ``model_type`` of each supported class (config.json carries both).
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                "Qwen2ForCausalLM": "qwen2"}
+                "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2)."""
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3)."""
 
     architecture: str = "LlamaForCausalLM"
     """Hugging Face class name; one of ``SUPPORTED_ARCHITECTURES``."""
@@ -54,6 +55,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times the TP size (Megatron-LM's rule)."""
     init_method_std: float = 0.02
@@ -175,6 +178,7 @@ class ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_layernorm=architecture == "Qwen3ForCausalLM",
             init_method_std=float(hf.get("initializer_range", 0.02)),
         )
 

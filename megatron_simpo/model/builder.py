@@ -2,7 +2,8 @@
 
 The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
 onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
-SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2) and
+SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2), per-head
+query/key RMSNorm (Qwen3, Megatron-Core's ``qk_layernorm``) and
 vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
 """
 
@@ -52,6 +53,7 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=config.init_method_std,
@@ -106,15 +108,20 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
     if transformer_impl == "local":
         from megatron_simpo.model.attention import SDPAttention
 
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                        qk_layernorm=config.qk_layernorm)
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        if config.qk_layernorm:  # per head: built with hidden_size = kv_channels
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
         # torch's fused SDPA in place of the unfused baddbmm-softmax-bmm: same results (fp32,
         # 1e-5), 2.5-4x faster on CPU (docs/performance.md)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         return spec
     check_transformer_impl(transformer_impl)
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        qk_layernorm=config.qk_layernorm)
 
 
 def check_packed_attention(transformer_impl: str) -> None:
