@@ -197,6 +197,9 @@ CASES = {
     # per-head q/k norms: replicated over TP, their gradients summed over the TP ranks' heads
     "qwen3_tp2": (2, 2, 1, 1, False, "qwen3", 7),
     "qwen3_pp2_plain_logits": (2, 1, 2, 1, False, "qwen3", None),
+    # soft-capped attention and logits (memory-lean and full), windows, post-norms, GeGLU
+    "gemma2_tp2": (2, 2, 1, 1, False, "gemma2", 7),
+    "gemma2_pp2_plain_logits": (2, 1, 2, 1, False, "gemma2", None),
 }
 # Activation recomputation changes memory, never the result.
 RECOMPUTE = {
@@ -320,6 +323,9 @@ LAYOUTS = {
     "packed_pp2_dpo": (2, 1, 2, None, PACKED, False, 7, "dpo"),
     "qwen3_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "qwen3"),
     "qwen3_packed_pp2": (2, 1, 2, None, PACKED, False, None, "simpo", "qwen3"),
+    # the block-diagonal mask combined with sliding windows and soft-capping
+    "gemma2_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "gemma2"),
+    "gemma2_packed_pp2_plain_logits": (2, 1, 2, None, PACKED, False, None, "simpo", "gemma2"),
 }
 
 
