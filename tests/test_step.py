@@ -228,6 +228,8 @@ SEQUENCE_PARALLEL = {
     "tp2_sequence_parallel": (2, 2, 1, 2, False, "llama3", 7),
     "tp2_sequence_parallel_plain_logits": (2, 2, 1, 1, False, "llama3", None),
     "tied_tp2_pp2_sequence_parallel": (4, 2, 2, 2, False, "llama3.2", 7),
+    # Gemma-2's post-norms run on each rank's sequence slice after the reduce-scatter
+    "gemma2_tp2_sequence_parallel": (2, 2, 1, 1, False, "gemma2", 7),
 }
 CASES.update(SEQUENCE_PARALLEL)
 
