@@ -96,7 +96,7 @@ def test_converted_checkpoint_gives_hugging_face_logits(hf_models, tmp_path, tp,
         assert diff <= 1e-5, f"{arch} TP={tp} PP={pp}: max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("arch", ["llama3.2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama3.2", "qwen2", "qwen3", "gemma2"])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, arch, capsys):
     import transformers
     from safetensors.torch import load_file
@@ -119,6 +119,10 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
     tokens = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+    if arch == "gemma2":  # answers are generated from the export: greedy, past the window
+        prompt = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+        options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(reloaded.generate(prompt, **options), model.generate(prompt, **options))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
         json.loads((hf_dir / "config.json").read_text())["architectures"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -220,6 +224,17 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
         dict(tiny_hf_config("llama3"), architectures=["GPT2LMHeadModel"], model_type="gpt2")))
     message = _convert_error(capsys, ["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "o")])
     assert "unsupported architecture 'GPT2LMHeadModel'" in message and "LlamaForCausalLM" in message
+
+
+def test_help_lists_the_supported_architectures(capsys):
+    from megatron_simpo.model.architecture import SUPPORTED_ARCHITECTURES
+
+    with pytest.raises(SystemExit):
+        hf_to_megatron_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for architecture in SUPPORTED_ARCHITECTURES:
+        assert architecture in text
+    assert "Qwen3ForCausalLM" in SUPPORTED_ARCHITECTURES
 
 
 def test_tp_that_does_not_divide_groups_is_refused(hf_models, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Model FLOPs against torch's own FLOP counter on a Hugging Face forward pass."""
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -9,10 +10,12 @@ from megatron_simpo.model.architecture import ModelConfig
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
 
-def test_forward_flops_equal_torch_flop_counter_on_hf_llama():
+@pytest.mark.parametrize("arch", ["llama3", "gemma2"])
+def test_forward_flops_equal_torch_flop_counter_on_hf_model(arch):
     """HF's eager attention multiplies full [s, s] score matrices and its lm_head scores every
-    position, so the non-causal count over all tokens must match the counter exactly."""
-    hf_config = tiny_hf_config("llama3", attn_implementation="eager")
+    position, so the non-causal count over all tokens must match the counter exactly (Gemma-2:
+    GeGLU, four norms, soft-capping and the embedding scale add no matrix products)."""
+    hf_config = tiny_hf_config(arch, attn_implementation="eager")
     model = tiny_hf_model(hf_config)
     config = ModelConfig.from_hf_config(hf_config)
     rows, seq = 3, 20
@@ -33,6 +36,20 @@ def test_causal_attention_and_step_accounting():
     assert full - causal == config.num_layers * 4 * q * (16 * 15 // 2)
     assert step_flops(config, [16, 8], 5) == 3 * (decoder_forward_flops(config, [16, 8])
                                                    + output_layer_flops(config, 5))
+
+
+def test_sliding_window_layers_count_only_the_window():
+    """Gemma-2's sliding layers attend to the window's keys only: count the mask's entries."""
+    config = ModelConfig.from_hf_config(tiny_hf_config("gemma2"))
+    seq, window = 20, config.sliding_window
+    assert seq > window and 0 < sum(config.sliding_layers) < config.num_layers
+    i, j = torch.arange(seq).unsqueeze(1), torch.arange(seq).unsqueeze(0)
+    causal_pairs = int((j <= i).sum())
+    window_pairs = int(((j <= i) & (i - j < window)).sum())
+    full = ModelConfig.from_hf_config(tiny_hf_config("gemma2", layer_types=["full_attention"] * 4))
+    q = config.num_attention_heads * config.kv_channels
+    assert decoder_forward_flops(full, [seq]) - decoder_forward_flops(config, [seq]) == \
+        sum(config.sliding_layers) * 4 * q * (causal_pairs - window_pairs)
 
 
 def test_peaks_by_device_name():

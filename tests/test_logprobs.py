@@ -106,17 +106,20 @@ def _fused_inputs():
     return hidden, weight, labels, upstream
 
 
-def _fused_reference():
+def _fused_reference(softcap=None):
     hidden, weight, labels, upstream = _fused_inputs()
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     logits = hidden @ weight[:TRUE_VOCAB].t()
+    if softcap is not None:  # Gemma-2's final-logit soft-capping, as transformers writes it
+        assert logits.abs().max() > 2 * softcap  # it bites
+        logits = torch.tanh(logits / softcap) * softcap
     logps = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     (logps * upstream).sum().backward()
     return logps.detach(), hidden.grad, weight.grad
 
 
-def _fused_worker(rank, tp):
+def _fused_worker(rank, tp, softcap=None):
     import torch.distributed as dist
 
     from megatron_simpo.distributed import runtime
@@ -131,17 +134,18 @@ def _fused_worker(rank, tp):
     hidden.requires_grad_(True)
     shard = torch.chunk(weight, tp, dim=0)[rank].clone().requires_grad_(True)
     logps = fused_output_logprobs(hidden, shard, labels, vocab_size=TRUE_VOCAB, tp_group=group,
-                                  chunk_size=5)
+                                  chunk_size=5, softcap=softcap)
     (logps * upstream).sum().backward()
     grad_hidden = hidden.grad.clone()
     dist.all_reduce(grad_hidden, group=group)  # what Megatron's copy-to-TP-region does
     return logps.detach(), grad_hidden, shard.grad
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_fused_chunked_logprobs_match_full_logits(tp):
-    expected, grad_hidden, grad_weight = _fused_reference()
-    for rank, (logps, g_hidden, g_weight) in enumerate(run_on_ranks(tp, _fused_worker, tp)):
+@pytest.mark.parametrize("tp, softcap", [(1, None), (2, None), (1, 2.0), (2, 2.0)])
+def test_fused_chunked_logprobs_match_full_logits(tp, softcap):
+    expected, grad_hidden, grad_weight = _fused_reference(softcap)
+    for rank, (logps, g_hidden, g_weight) in enumerate(run_on_ranks(tp, _fused_worker, tp,
+                                                                    softcap)):
         torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(g_hidden, grad_hidden, atol=1e-5, rtol=0)
         # grad_weight is [V_p, h] with zero rows for the padded ids; each rank owns a slice.

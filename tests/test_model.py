@@ -183,3 +183,21 @@ def test_rope_follows_restarting_position_ids():
     assert got.shape == (10, 2, 1, 8)
     assert (got.double() - expected).abs().max().item() <= 1e-6
     assert plain_untouched  # unpacked rows keep GPTModel's shared angles, bit for bit
+
+
+def test_gemma2_test_config_really_caps_and_slides():
+    """The tiny Gemma-2 the parity tests use exercises what they claim: both soft-cappings
+    change the logits, the final one bounds them, and the window hides keys from the rows."""
+    hf_config = tiny_hf_config("gemma2")
+    model = tiny_hf_model(hf_config, seed=0)
+    tokens = torch.randint(0, 100, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    assert SEQ > 2 * hf_config["sliding_window"]
+    with torch.no_grad():
+        capped = model(tokens).logits
+        for change in ({"final_logit_softcapping": None}, {"attn_logit_softcapping": None},
+                       {"sliding_window": SEQ}):
+            other = tiny_hf_model(dict(hf_config, **change), seed=0)
+            other.load_state_dict(model.state_dict())
+            assert (other(tokens).logits - capped).abs().max() > 0.1, change
+    assert capped.abs().max() <= hf_config["final_logit_softcapping"]
+    assert capped.abs().max() > 0.5 * hf_config["final_logit_softcapping"]

@@ -194,6 +194,12 @@ CASES = {
     "tied_pp2_dp2": (4, 1, 2, 2, False, "llama3.2", 7),
     "tied_tp2": (2, 2, 1, 1, False, "llama3.2", 7),
     "qwen2_tp2_dp2_distopt_clip": (4, 2, 1, 2, True, "qwen2", 7),
+    # per-head q/k norms: replicated over TP, their gradients summed over the TP ranks' heads
+    "qwen3_tp2": (2, 2, 1, 1, False, "qwen3", 7),
+    "qwen3_pp2_plain_logits": (2, 1, 2, 1, False, "qwen3", None),
+    # soft-capped attention and logits (memory-lean and full), windows, post-norms, GeGLU
+    "gemma2_tp2": (2, 2, 1, 1, False, "gemma2", 7),
+    "gemma2_pp2_plain_logits": (2, 1, 2, 1, False, "gemma2", None),
 }
 # Activation recomputation changes memory, never the result.
 RECOMPUTE = {
@@ -222,6 +228,8 @@ SEQUENCE_PARALLEL = {
     "tp2_sequence_parallel": (2, 2, 1, 2, False, "llama3", 7),
     "tp2_sequence_parallel_plain_logits": (2, 2, 1, 1, False, "llama3", None),
     "tied_tp2_pp2_sequence_parallel": (4, 2, 2, 2, False, "llama3.2", 7),
+    # Gemma-2's post-norms run on each rank's sequence slice after the reduce-scatter
+    "gemma2_tp2_sequence_parallel": (2, 2, 1, 1, False, "gemma2", 7),
 }
 CASES.update(SEQUENCE_PARALLEL)
 
@@ -298,7 +306,8 @@ def test_baseline_step_matches_single_process_reference(case):
 # (pairs per micro-batch and micro-batches per rank vary) and packing (several sequences in
 # one row, block-diagonal mask, restarting positions) give the loss, gradients and update of
 # the whole batch padded to its longest pair, computed by Hugging Face on one process.
-# name: (world, tp, pp, micro-batch size, batching, distributed optimizer, chunk, algorithm)
+# name: (world, tp, pp, micro-batch size, batching, distributed optimizer, chunk, algorithm
+#        [, architecture: llama3 when not given])
 LAYOUT_PAIRS = 12
 SORTED = dict(batch_layout="sorted")
 BUDGET = dict(max_tokens_per_microbatch=64)
@@ -314,6 +323,11 @@ LAYOUTS = {
     "packed_pp2": (2, 1, 2, None, PACKED, False, 7, "simpo"),
     "packed_tp2_sequence_parallel_plain_logits": (2, 2, 1, None, PACKED, False, None, "simpo"),
     "packed_pp2_dpo": (2, 1, 2, None, PACKED, False, 7, "dpo"),
+    "qwen3_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "qwen3"),
+    "qwen3_packed_pp2": (2, 1, 2, None, PACKED, False, None, "simpo", "qwen3"),
+    # the block-diagonal mask combined with sliding windows and soft-capping
+    "gemma2_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "gemma2"),
+    "gemma2_packed_pp2_plain_logits": (2, 1, 2, None, PACKED, False, None, "simpo", "gemma2"),
 }
 
 
@@ -342,8 +356,8 @@ def test_layouts_under_test_really_vary():
 
 @pytest.mark.parametrize("case", sorted(LAYOUTS))
 def test_microbatch_layouts_match_single_process_reference(case):
-    world, tp, pp, micro, batching, distopt, chunk_size, algorithm = LAYOUTS[case]
-    hf_config = tiny_hf_config("llama3")
+    world, tp, pp, micro, batching, distopt, chunk_size, algorithm, *arch = LAYOUTS[case]
+    hf_config = tiny_hf_config(*arch or ["llama3"])
     hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
     ref_state = tiny_hf_model(hf_config, seed=4).state_dict() if algorithm == "dpo" else None
     pairs = _varied_pairs(hf_config["vocab_size"])

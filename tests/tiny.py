@@ -17,6 +17,25 @@ ARCHITECTURES = {
                     rope_theta=1000000.0, sliding_window=None),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0,
                   rms_norm_eps=1e-6),
+    # head_dim 16 != hidden / heads (32 / 4), as Qwen3's own (e.g. 4B: 2560 / 32 heads, 128);
+    # tied embeddings as the small Qwen3s
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=1000000.0,
+                  rms_norm_eps=1e-6, head_dim=16, tie_word_embeddings=True),
+    # Gemma-2 with every feature showing at toy size: head_dim 16 != 32 / 4 and a
+    # query_pre_attn_scalar of neither; a window of 8 (tests run longer rows), on layers that do
+    # not alternate (a pipeline stage that numbered its layers locally would pick the wrong
+    # ones); weights large enough (initializer_range) and caps small enough that both
+    # soft-cappings bite (tests/test_model.py checks they do). No pad_token_id: transformers
+    # builds the embedding with padding_idx = pad_token_id (Gemma's 0) and never gives that row
+    # an input gradient; the random test tokens use id 0 as an ordinary token.
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], rope_theta=10000.0,
+                   hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                   rms_norm_eps=1e-6, head_dim=16, query_pre_attn_scalar=24,
+                   sliding_window=8, attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                "sliding_attention"],
+                   tie_word_embeddings=True, initializer_range=0.1, attn_implementation="eager",
+                   pad_token_id=None),
 }
 
 

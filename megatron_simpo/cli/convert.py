@@ -10,9 +10,11 @@ import sys
 from megatron_simpo.convert.conversion import (ConversionError, ExportConfig, ImportConfig,
                                                export_hf, import_hf)
 from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command
+from megatron_simpo.model.architecture import SUPPORTED_ARCHITECTURES
 
 IMPORT = Command("convert_hf_to_megatron",
-                 "Hugging Face checkpoint -> Megatron distributed checkpoint for training",
+                 "Hugging Face checkpoint -> Megatron distributed checkpoint for training. "
+                 f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.",
                  (Section("conversion", ImportConfig, key="config", fields=(
                      "hf_path", "save", "tensor_parallel_size", "pipeline_parallel_size", "dtype",
                      "force", "allow_non_finite")),))

@@ -1,4 +1,4 @@
-"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2) weights: Hugging Face <-> Megatron local spec.
+"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3) and Gemma-2 weights: Hugging Face <-> Megatron local spec.
 
 Three layers of pure functions:
 
@@ -13,6 +13,13 @@ Layouts (h = hidden, d = head_dim, H heads, G query groups, F = ffn hidden):
 - ``linear_fc1.weight`` [2F, h] = [gate; up]; TP rank i holds [gate_i; up_i].
 - ``linear_proj`` and ``linear_fc2`` split dim 1; ``word_embeddings`` / ``output_layer`` dim 0.
 - HF already uses rotate-half RoPE, so no permutation of q/k is needed.
+- Qwen3's per-head ``q_norm`` / ``k_norm`` [d] are ``self_attention.q_layernorm`` /
+  ``k_layernorm``, replicated on every TP rank.
+- Gemma-2's four norms per layer: ``input_layernorm``, ``post_attention_layernorm`` ->
+  ``self_attention.linear_proj.post_layernorm``, ``pre_feedforward_layernorm`` ->
+  ``pre_mlp_layernorm``, ``post_feedforward_layernorm`` -> ``mlp.linear_fc2.post_layernorm``
+  (Megatron-Bridge's names); the (1 + weight) weights are copied as they are (Megatron's
+  zero-centred gamma is the same convention).
 """
 
 from __future__ import annotations
@@ -31,6 +38,17 @@ _DIRECT = {
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# Gemma: the norms differ (the other one-to-one tensors are _DIRECT's).
+_GEMMA_NORMS = {
+    "pre_mlp_layernorm.weight": "pre_feedforward_layernorm.weight",
+    "self_attention.linear_proj.post_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.post_layernorm.weight": "post_feedforward_layernorm.weight",
+}
+# ... and those of the query/key norms (``qk_layernorm``).
+_QK_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 _SPLIT_DIM0 = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                "word_embeddings.weight", "output_layer.weight")
@@ -63,12 +81,20 @@ def _pad_vocab(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
     return torch.cat([weight, padding], dim=0)
 
 
+def _direct(config: ModelConfig) -> dict[str, str]:
+    """Megatron suffix -> HF suffix of a layer's one-to-one tensors under ``config``."""
+    direct = dict(_DIRECT, **_GEMMA_NORMS) if config.is_gemma else dict(_DIRECT)
+    if config.qk_layernorm:
+        direct.update(_QK_NORMS)
+    return direct
+
+
 def megatron_names(config: ModelConfig) -> list[str]:
     """Every tensor name of the unsplit Megatron model, in order."""
     names = ["embedding.word_embeddings.weight"]
     for i in range(config.num_layers):
         layer = f"decoder.layers.{i}."
-        names += [layer + suffix for suffix in _DIRECT]
+        names += [layer + suffix for suffix in _direct(config)]
         names.append(layer + "self_attention.linear_qkv.weight")
         if config.qkv_bias:
             names.append(layer + "self_attention.linear_qkv.bias")
@@ -91,8 +117,9 @@ def hf_names_for(name: str, config: ModelConfig) -> list[str]:
     if not match:
         raise KeyError(f"unknown Megatron tensor {name}")
     hf, suffix = f"model.layers.{match.group(1)}.", match.group(2)
-    if suffix in _DIRECT:
-        return [hf + _DIRECT[suffix]]
+    direct = _direct(config)
+    if suffix in direct:
+        return [hf + direct[suffix]]
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = suffix.rsplit(".", 1)[1]
         return [f"{hf}self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
@@ -259,5 +286,7 @@ def expected_hf_shape(hf_name: str, config: ModelConfig) -> tuple[int, ...] | No
         "self_attn.v_proj.weight": (kv_rows, h), "self_attn.o_proj.weight": (h, q_rows),
         "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
         "self_attn.v_proj.bias": (kv_rows,),
+        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }.get(match.group(2))

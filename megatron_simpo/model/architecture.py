@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM")
+# Gemma's layout: (1 + weight) RMSNorms, post-attention and post-feed-forward norms, GeGLU with
+# the tanh GELU, embeddings multiplied by sqrt(hidden), tied embeddings.
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM",)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Megatron-Core applies Llama-3.1 rope scaling with these constants hard-coded
 # (RotaryEmbedding._apply_scaling); a checkpoint that asks for others cannot be reproduced.
@@ -26,13 +31,15 @@ _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
 # Hugging Face ``model_type`` of each supported class (config.json carries both).
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                "Qwen2ForCausalLM": "qwen2"}
+                "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                "Gemma2ForCausalLM": "gemma2"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2)."""
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3) or of
+    Gemma-2 (``is_gemma``: its norms, GeGLU and embedding scale; soft-capping, sliding windows)."""
 
     architecture: str = "LlamaForCausalLM"
     """Hugging Face class name; one of ``SUPPORTED_ARCHITECTURES``."""
@@ -54,11 +61,25 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
+    attn_logit_softcapping: float | None = None
+    """Attention scores s become ``c * tanh(s / c)`` before the mask and softmax (Gemma-2: 50)."""
+    final_logit_softcapping: float | None = None
+    """Logits z become ``c * tanh(z / c)`` before every log-softmax (Gemma-2: 30)."""
+    sliding_window: int | None = None
+    """Keys a query sees on a sliding-window layer, itself included (HF ``sliding_window``)."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer "full_attention" or "sliding_attention" (HF ``layer_types``); None: all full."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by ``query_pre_attn_scalar ** -0.5`` (else head_dim's)."""
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times the TP size (Megatron-LM's rule)."""
     init_method_std: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.layer_types is not None:  # JSON gives a list
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {self.architecture!r}; supported: "
@@ -80,6 +101,29 @@ class ModelConfig:
                 f"model config: hidden_size ({self.hidden_size}) is not divisible by "
                 f"num_attention_heads ({self.num_attention_heads}) and no head_dim is given"
             )
+
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                     "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"model config: {name} must be positive or null, got {value!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"model config: layer_types must name {self.num_layers} layers, "
+                                 f"each one of {', '.join(LAYER_TYPES)}: {list(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("model config: sliding_attention layers need a sliding_window")
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma's layout (see ``GEMMA_ARCHITECTURES``)."""
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    @property
+    def sliding_layers(self) -> list[bool]:
+        """Per layer: whether it attends through the sliding window."""
+        return [kind == "sliding_attention" for kind in self.layer_types or
+                ("full_attention",) * self.num_layers]
 
     @property
     def kv_channels(self) -> int:
@@ -135,7 +179,13 @@ class ModelConfig:
                 f"{source}: unsupported architecture {architecture!r}; supported: "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        if hf.get("hidden_act", "silu") != "silu":
+        gemma = architecture in GEMMA_ARCHITECTURES
+        if gemma:
+            activation = hf.get("hidden_activation") or hf.get("hidden_act")
+            if activation != "gelu_pytorch_tanh":
+                raise ValueError(f"{source}: hidden_activation {activation!r} unsupported (need "
+                                 "gelu_pytorch_tanh)")
+        elif hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
@@ -160,6 +210,18 @@ class ModelConfig:
         if hf.get("use_sliding_window", False):
             raise ValueError(f"{source}: sliding-window attention is unsupported")
         heads = int(hf["num_attention_heads"])
+        gemma_fields = {}
+        if gemma:
+            layers = int(hf["num_hidden_layers"])
+            gemma_fields = dict(
+                attn_logit_softcapping=_optional_float(hf.get("attn_logit_softcapping")),
+                final_logit_softcapping=_optional_float(hf.get("final_logit_softcapping")),
+                sliding_window=hf.get("sliding_window"),
+                # transformers' default for Gemma-2 files without the list: even layers slide
+                layer_types=tuple(hf.get("layer_types") or (
+                    "sliding_attention" if (i + 1) % 2 else "full_attention"
+                    for i in range(layers))),
+                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256))
         return cls(
             architecture=architecture,
             num_layers=int(hf["num_hidden_layers"]),
@@ -172,11 +234,17 @@ class ModelConfig:
             max_position_embeddings=int(hf["max_position_embeddings"]),
             rope_theta=rope_theta,
             rope_scaling_factor=rope_scaling_factor,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_layernorm=architecture == "Qwen3ForCausalLM",
             init_method_std=float(hf.get("initializer_range", 0.02)),
+            **gemma_fields,
         )
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -> dict:
@@ -192,6 +260,15 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
         hidden_act="silu", initializer_range=config.init_method_std,
         torch_dtype=str(dtype).removeprefix("torch."),
     )
+    if config.is_gemma:
+        out.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                   attn_logit_softcapping=config.attn_logit_softcapping,
+                   final_logit_softcapping=config.final_logit_softcapping,
+                   sliding_window=config.sliding_window, layer_types=list(config.layer_types),
+                   # transformers' Gemma2Config types it int (224, 256)
+                   query_pre_attn_scalar=int(config.query_pre_attn_scalar)
+                   if float(config.query_pre_attn_scalar).is_integer()
+                   else config.query_pre_attn_scalar)
     if "dtype" in out:  # transformers >= 5 spells it so; a stale one would win on load
         out["dtype"] = out["torch_dtype"]
     if config.architecture != "Qwen2ForCausalLM":

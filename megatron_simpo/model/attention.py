@@ -7,8 +7,16 @@ module (it inherits the partition sizes, softmax scale and checks) with its forw
 CPUs and on GPUs without Transformer Engine. Inputs and output keep Megatron's layout:
 query [sq, b, np, hn], key and value [sk, b, ng, hn] (ng query groups, GQA), output [sq, b, hp].
 It equals ``DotProductAttention`` within 1e-5 in fp32 (tests/test_attention.py). What it does
-not do (attention dropout, learnable softmax offsets, sliding windows, attention bias) is
-refused, not ignored.
+not do (attention dropout, learnable softmax offsets, attention bias) is refused, not ignored.
+
+Gemma-2's attention is here too, combined with whatever mask the batch needs (causal, or the
+block-diagonal mask of packed rows):
+- sliding windows: on the layers Megatron-Core's ``window_size`` / ``window_attn_skip_freq``
+  select (``is_layer_window_attention``, global layer numbers), a query at position i sees the
+  keys j with ``i - window_size[0] <= j <= i`` (transformers: ``i - j < sliding_window``);
+- attention-logit soft-capping (``softcap``, from the layer spec): scores
+  ``c * tanh(q.k * scale / c)`` before the mask and an fp32 softmax, as transformers' eager
+  attention; SDPA cannot cap, so these layers compute the [b, np, sq, sk] scores explicitly.
 
 On GPUs:
 - SDPA's backends are tried in the order flash, memory-efficient, cuDNN, math. PyTorch's own
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
@@ -71,7 +80,7 @@ class SDPAttention(DotProductAttention):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
-                 pg_collection=None):
+                 pg_collection=None, softcap: float | None = None):
         super().__init__(config, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
@@ -80,7 +89,8 @@ class SDPAttention(DotProductAttention):
             (f"attention dropout {dropout}", dropout > 0),
             (f"softmax type {getattr(config, 'softmax_type', 'vanilla')}",
              getattr(config, "softmax_type", "vanilla") != "vanilla"),
-            ("sliding-window attention", getattr(config, "window_size", None) is not None),
+            (f"a window {config.window_size} that looks ahead", config.window_size is not None
+             and tuple(config.window_size)[1] != 0),
         ) if present]
         if refused:
             raise ValueError(f"the local layer spec's SDPA attention does not do "
@@ -89,6 +99,9 @@ class SDPAttention(DotProductAttention):
         # products per layer and multiplies it back inside its softmax: the product is this.
         self.sdpa_scale = self.softmax_scale * (self.layer_number if
                                                 config.apply_query_key_layer_scaling else 1)
+        self.softcap = softcap
+        self.window = (config.window_size[0] if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -105,7 +118,8 @@ class SDPAttention(DotProductAttention):
                 raise ValueError("the local layer spec's SDPA attention takes packed sequences as "
                                  "one row in sbhd layout (THD is Transformer Engine's), got "
                                  f"{packed_seq_params.qkv_format} with {query.shape[1]} rows")
-            if uses_varlen(query):
+            if uses_varlen(query) and self.softcap is None and (
+                    self.window is None or "window_size" in _VARLEN_ARGS):
                 return self._varlen(query, key, value, packed_seq_params)
             attention_mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
         mask_type = attn_mask_type or self.attn_mask_type
@@ -115,7 +129,12 @@ class SDPAttention(DotProductAttention):
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        if attention_mask is not None:
+        if self.window is not None or self.softcap is not None:
+            attention_mask = self._full_mask(attention_mask, mask_type, q.shape[2], k.shape[2],
+                                             q.device)
+        if self.softcap is not None:
+            context = softcapped_attention(q, k, v, attention_mask, self.sdpa_scale, self.softcap)
+        elif attention_mask is not None:
             context = sdpa(q, k, v, attn_mask=~attention_mask, scale=self.sdpa_scale)
         elif mask_type == AttnMaskType.causal:
             context = sdpa(q, k, v, is_causal=True, scale=self.sdpa_scale)
@@ -124,6 +143,19 @@ class SDPAttention(DotProductAttention):
         sq, b = query.shape[0], query.shape[1]
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _full_mask(self, attention_mask, mask_type, sq: int, sk: int, device) -> torch.Tensor:
+        """The mask as a bool tensor (True: may NOT attend), with this layer's window."""
+        if attention_mask is None:
+            if mask_type != AttnMaskType.causal:
+                raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
+            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(
+                sk - sq + 1).view(1, 1, sq, sk)
+        if self.window is None:
+            return attention_mask
+        query_at = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+        distance = query_at - torch.arange(sk, device=device).unsqueeze(0)
+        return attention_mask | (distance > self.window).view(1, 1, sq, sk)
 
     def _varlen(self, query, key, value, packed_seq_params) -> torch.Tensor:
         """Packed row [t, 1, heads, hn] through variable-length flash attention: [t, 1, hp]."""
@@ -137,10 +169,23 @@ class SDPAttention(DotProductAttention):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         if "window_size" in _VARLEN_ARGS:
-            options["window_size"] = (-1, 0)  # causal
+            options["window_size"] = (-1 if self.window is None else self.window, 0)  # causal
         else:
             options["is_causal"] = True
         cu, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
         context = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
         # [t, np, hn] -> [t, 1, np * hn]
         return context.reshape(query.shape[0], 1, self.hidden_size_per_partition)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         masked_out: torch.Tensor, scale: float, cap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, transformers' eager Gemma-2 attention:
+    ``softmax_fp32(c * tanh(q k^T * scale / c) + mask) v``.
+
+    q [b, np, sq, hn], k and v [b, np, sk, hn] (groups already repeated), ``masked_out``
+    [.., sq, sk] True where a query may not attend. Returns [b, np, sq, hn].
+    """
+    scores = torch.tanh(torch.matmul(q, k.transpose(-2, -1)) * scale / cap) * cap
+    scores = scores.masked_fill(masked_out, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

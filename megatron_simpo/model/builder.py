@@ -2,7 +2,8 @@
 
 The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
 onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
-SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2) and
+SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2), per-head
+query/key RMSNorm (Qwen3, Megatron-Core's ``qk_layernorm``) and
 vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
 """
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.model.layers import RMSNorm, gelu_tanh, post_norm_row_parallel_linear, softcap
 from megatron_simpo.distributed.parallel import ParallelConfig
 
 TransformerImpl = Literal["local", "transformer_engine"]
@@ -49,9 +51,11 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         normalization="RMSNorm",
         layernorm_epsilon=config.norm_eps,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=gelu_tanh if config.is_gemma else F.silu,
+        layernorm_zero_centered_gamma=config.is_gemma,
         add_bias_linear=False,
         add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=config.init_method_std,
@@ -68,34 +72,20 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
-        bias_activation_fusion=on_gpu,
+        bias_activation_fusion=on_gpu and not config.is_gemma,  # fuses SwiGLU, not GeGLU-tanh
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         gradient_accumulation_fusion=False,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
     )
+    if config.query_pre_attn_scalar is not None:
+        values["softmax_scale"] = config.query_pre_attn_scalar ** -0.5
+    if config.sliding_window is not None:  # Megatron-Core's convention: (left, right) keys
+        values["window_size"] = (config.sliding_window - 1, 0)
+        values["window_attn_skip_freq"] = [int(s) for s in config.sliding_layers]
     values.update(overrides)
     return TransformerConfig(**values)
-
-
-class RMSNorm(torch.nn.RMSNorm):
-    """The local spec's RMSNorm: torch's, built like Megatron-Core's norms and SP-aware.
-
-    Megatron-Core's own local choice (``WrappedTorchNorm``) refuses sequence parallelism and
-    keeps an fp32 weight under bf16 (which knocks torch off its fused kernel). This one takes
-    ``params_dtype`` like Transformer Engine's norms, and marks its weight ``sequence_parallel``
-    so the gradient finalisation sums the partial weight gradients of the TP ranks' sequence
-    slices, as it does for Transformer Engine's and Apex's norms.
-    """
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
-        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
-            raise ValueError("RMSNorm is plain RMSNorm: got normalization="
-                             f"{config.normalization!r}, zero-centred gamma="
-                             f"{config.layernorm_zero_centered_gamma}")
-        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
-        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local"):
@@ -106,15 +96,29 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
     if transformer_impl == "local":
         from megatron_simpo.model.attention import SDPAttention
 
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                        qk_layernorm=config.qk_layernorm)
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        attention = spec.submodules.self_attention.submodules
         # torch's fused SDPA in place of the unfused baddbmm-softmax-bmm: same results (fp32,
-        # 1e-5), 2.5-4x faster on CPU (docs/performance.md)
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        # 1e-5), 2.5-4x faster on CPU (docs/performance.md); it also soft-caps (Gemma-2)
+        attention.core_attention = SDPAttention
+        if config.attn_logit_softcapping is not None:
+            attention.core_attention = functools.partial(
+                SDPAttention, softcap=config.attn_logit_softcapping)
+        if config.qk_layernorm:  # per head: built with hidden_size = kv_channels
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
+        if config.is_gemma:  # post-attention and post-feed-forward norms
+            attention.linear_proj = post_norm_row_parallel_linear()
+            spec.submodules.mlp.submodules.linear_fc2 = post_norm_row_parallel_linear()
         return spec
     check_transformer_impl(transformer_impl)
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    if config.is_gemma or config.sliding_window is not None:
+        raise ValueError(f"{config.architecture} needs --transformer-impl local (soft-capping, "
+                         "sliding windows and post-norms live in the local spec's layers)")
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        qk_layernorm=config.qk_layernorm)
 
 
 def check_packed_attention(transformer_impl: str) -> None:
@@ -205,6 +209,8 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         rope_scaling=config.rope_scaling_factor is not None,
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
         output_mode=output_mode,
+        embedding_scale=config.hidden_size ** 0.5 if config.is_gemma else None,
+        final_logit_softcapping=config.final_logit_softcapping,
     )
     if not torch.cuda.is_available():
         return model
@@ -240,11 +246,26 @@ def _gpt_model_class():
 
         ``output_mode`` "hidden_states": the last stage returns its final hidden states
         [b, s, h] in place of the logits (the output layer keeps its parameters, unused here;
-        the log-prob head reads its weight)."""
+        the log-prob head reads its weight).
 
-        def __init__(self, *args, output_mode: ModelOutput = "logits", **kwargs):
+        ``embedding_scale`` (Gemma: sqrt(hidden)) multiplies the embedding's output, in its
+        dtype as transformers does; ``final_logit_softcapping`` caps the output layer's logits
+        (``c * tanh(z / c)``: what every consumer of the logits, loss included, sees; the
+        memory-lean head caps its own chunks)."""
+
+        def __init__(self, *args, output_mode: ModelOutput = "logits",
+                     embedding_scale: float | None = None,
+                     final_logit_softcapping: float | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.output_mode = output_mode
+            self.embedding_scale = embedding_scale
+            self.final_logit_softcapping = final_logit_softcapping
+            if embedding_scale is not None and self.pre_process:
+                self.embedding.register_forward_hook(
+                    functools.partial(_scale_embedding, embedding_scale))
+            if final_logit_softcapping is not None and self.post_process:
+                self.output_layer.register_forward_hook(
+                    functools.partial(_softcap_logits, final_logit_softcapping))
 
         def _preprocess(self, input_ids, position_ids, *args, **kwargs):
             output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -259,6 +280,18 @@ def _gpt_model_class():
             return _final_hidden_states(self, hidden_states, kwargs.get("labels"))
 
     return PositionedGPTModel
+
+
+def _scale_embedding(scale: float, embedding, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the embedding: its [s, b, h] output times ``scale``, a scalar of the
+    output's dtype (so bf16 rounds sqrt(hidden) as transformers does)."""
+    return output * torch.tensor(scale, dtype=output.dtype, device=output.device)
+
+
+def _softcap_logits(cap: float, output_layer, args, output):
+    """Forward hook of the output layer: (logits, bias) with the logits soft-capped."""
+    logits, bias = output
+    return softcap(logits, cap), bias
 
 
 def _final_hidden_states(model, hidden_states: torch.Tensor, labels) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Model FLOPs of a preference step: what TFLOP/s and MFU are measured against.
 
 Counts the matrix multiplications a Llama-family decoder needs (2 FLOPs per multiply-add):
-the attention projections, the attention itself (causal: only the keys at or before each query),
+the attention projections, the attention itself (causal: only the keys at or before each query;
+on sliding-window layers only the window's),
 the SwiGLU MLP, and the output layer for the tokens whose log-probs are needed. Element-wise work
 (norms, RoPE, softmax) is left out, as is any recomputation: these are *model* FLOPs, so the
 same run reports the same figure with or without activation recomputation.
@@ -24,12 +25,25 @@ def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,
     q = config.num_attention_heads * config.kv_channels
     kv = config.num_query_groups * config.kv_channels
     per_token = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f
+    rows = list(row_lengths)
     total = 0
-    for s in row_lengths:
-        # Scores (Q K^T) and the weighted sum of values: 2 * q FLOPs per (query, key) pair each.
-        pairs = s * (s + 1) // 2 if causal else s * s
-        total += per_token * s + 2 * 2 * q * pairs
-    return config.num_layers * total
+    for sliding in config.sliding_layers:
+        window = config.sliding_window if sliding and causal else None
+        for s in rows:
+            # Scores (Q K^T) and the weighted sum of values: 2 * q FLOPs per (query, key) pair
+            # each.
+            total += per_token * s + 2 * 2 * q * attended_pairs(s, causal=causal, window=window)
+    return total
+
+
+def attended_pairs(s: int, *, causal: bool = True, window: int | None = None) -> int:
+    """(query, key) pairs of a row of ``s`` tokens: all of them, the causal ones, or the causal
+    ones within a sliding ``window`` (a query sees itself and the ``window - 1`` keys before)."""
+    if not causal:
+        return s * s
+    if window is None or s <= window:
+        return s * (s + 1) // 2
+    return window * (window + 1) // 2 + (s - window) * window
 
 
 def output_layer_flops(config: ModelConfig, scored_tokens: int) -> int:

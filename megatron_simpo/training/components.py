@@ -65,7 +65,8 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
             chunk size; 0 = full logits).
         total_iters: run length in optimizer steps; builds the learning-rate schedule.
     """
-    head = LogprobHead(logprob_chunk_size, vocab_size=model_config.vocab_size)
+    head = LogprobHead(logprob_chunk_size, vocab_size=model_config.vocab_size,
+                       final_logit_softcapping=model_config.final_logit_softcapping)
     settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl, head=head)
     policy = _build(model_config, parallel, overrides=transformer_overrides, load=load_policy,
                     **settings)

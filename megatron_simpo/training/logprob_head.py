@@ -39,6 +39,9 @@ class LogprobHead:
     """Tokens scored at a time through the output weight (memory-lean), or 0 for full logits."""
     vocab_size: int
     """The true vocabulary size: logits of the padding beyond it are excluded."""
+    final_logit_softcapping: float | None = None
+    """The model's final-logit soft-capping (Gemma-2): the memory-lean path caps its chunks (the
+    model caps the full logits it returns itself)."""
 
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
@@ -96,4 +99,5 @@ class LogprobHead:
             hidden = copy_to_tensor_model_parallel_region(hidden)
         return fused_output_logprobs(hidden, output_weight(model), labels[at],
                                      vocab_size=self.vocab_size, tp_group=group,
-                                     chunk_size=self.chunk_size)
+                                     chunk_size=self.chunk_size,
+                                     softcap=self.final_logit_softcapping)

@@ -174,18 +174,25 @@ class _FusedOutputLogProbs(torch.autograd.Function):
     each token's log-sum-exp over the whole vocabulary ([n] fp32), so backward needs neither the
     max and sum passes again nor their tensor-parallel all-reduces:
     d log p(y) / d z_j = onehot(y)_j - exp(z_j - lse).
+
+    With ``softcap`` c the logits are ``c * tanh(z / c)`` (in their dtype, as transformers caps
+    Gemma-2's), and backward multiplies their gradient by ``1 - tanh(z / c)^2``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size):
+    def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size, softcap=None):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
+            logits = hidden[start:stop] @ weight.t()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
             out[start:stop], lse[start:stop] = _chunk_forward(
-                hidden[start:stop] @ weight.t(), labels[start:stop], vocab_size, group)
+                logits, labels[start:stop], vocab_size, group)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.vocab_size, ctx.group, ctx.chunk_size = vocab_size, group, chunk_size
+        ctx.softcap = softcap
         return out
 
     @staticmethod
@@ -201,21 +208,28 @@ class _FusedOutputLogProbs(torch.autograd.Function):
             weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
-            grad_logits = _chunk_gradients(hidden[start:stop] @ weight.t(), labels[start:stop],
+            logits, tanh = hidden[start:stop] @ weight.t(), None
+            if ctx.softcap is not None:
+                tanh = torch.tanh(logits / ctx.softcap)
+                logits = tanh * ctx.softcap
+            grad_logits = _chunk_gradients(logits, labels[start:stop],
                                            lse[start:stop], grad_output[start:stop],
                                            ctx.vocab_size, ctx.group, weight.dtype)
+            if tanh is not None:  # d(c tanh(z / c)) / dz = 1 - tanh(z / c)^2
+                grad_logits = (grad_logits.float() * (1 - tanh.float().square())).to(weight.dtype)
             grad_hidden[start:stop] = grad_logits @ weight
             # Accumulate in place: no [V_p/tp, h] temporary per chunk.
             add_product_(grad_weight, grad_logits.t(), hidden[start:stop])
         if into_main_grad:
             # Autograd still needs a gradient for the weight (DDP's hook runs when it arrives,
             # and a tied embedding adds its own to it): zeros, which the hook adds to main_grad.
-            return grad_hidden, torch.zeros_like(weight), None, None, None, None
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+            return grad_hidden, torch.zeros_like(weight), None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def fused_output_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          vocab_size: int, tp_group=None, chunk_size: int = 1024) -> torch.Tensor:
+                          vocab_size: int, tp_group=None, chunk_size: int = 1024,
+                          softcap: float | None = None) -> torch.Tensor:
     """Memory-lean log-probs: the output layer and the log-softmax fused, chunked over tokens.
 
     Args:
@@ -224,17 +238,20 @@ def fused_output_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         weight: [V_p/tp, h] this rank's slice of the output (or tied embedding) weight.
         labels: [n] token ids in [0, vocab_size).
         chunk_size: tokens whose logits exist at once.
+        softcap: final-logit soft-capping c (Gemma-2), or None: logits ``c * tanh(z / c)``.
 
     Returns:
-        [n] fp32 log p(labels), equal to ``vocab_parallel_logprobs(hidden @ weight.T, labels)``,
-        differentiable with respect to ``hidden`` and ``weight``.
+        [n] fp32 log p(labels), equal to ``vocab_parallel_logprobs(hidden @ weight.T, labels)``
+        (of the soft-capped logits with ``softcap``), differentiable with respect to ``hidden``
+        and ``weight``.
     """
     if hidden.shape[0] != labels.shape[0] or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels "
                          f"{tuple(labels.shape)} disagree")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _FusedOutputLogProbs.apply(hidden, weight, labels, vocab_size, tp_group, chunk_size)
+    return _FusedOutputLogProbs.apply(hidden, weight, labels, vocab_size, tp_group, chunk_size,
+                                      softcap)
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,
