@@ -34,6 +34,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               read_train_state, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
                                               write_failure_reason, write_tracker)
+from megatron_simpo.checkpoint.streaming import own_storage
 from megatron_simpo.distributed.runtime import max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
@@ -237,10 +238,18 @@ def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimi
 
 
 def save_model_only(save_dir: str | Path, iteration: int, model, model_config: ModelConfig,
-                    assets: dict[str, Path] | None = None) -> Path:
-    """Weights only, same layout: what converters write for ``--pretrained-checkpoint``."""
-    return _write_checkpoint(save_dir, iteration, {"model": model.sharded_state_dict()}, model,
-                             model_config, assets)
+                    assets: dict[str, Path] | None = None, *, release_model: bool = False) -> Path:
+    """Weights only, same layout: what converters write for ``--pretrained-checkpoint``.
+
+    ``release_model`` (a converter's throw-away model): a weight saved as several views (the
+    SwiGLU ``linear_fc1`` as gate and up) is copied view by view and the parameter freed at
+    once, instead of the writer copying every view while the model stays whole. The files are
+    the same; the model holds no weights afterwards.
+    """
+    state = model.sharded_state_dict()
+    if release_model:
+        own_storage(state, model)
+    return _write_checkpoint(save_dir, iteration, {"model": state}, model, model_config, assets)
 
 
 def saved_params_dtype(checkpoint: Path) -> torch.dtype:
@@ -335,58 +344,3 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return train_state_from(saved)
-
-
-def _one_fragment(sharded):
-    """A layer's slice of a tensor stacked over layers, as a tensor of its own: the layer axis
-    becomes a leading axis of size 1 and the fragment grid is dropped.
-
-    Megatron-Core (0.16) describes a stacked tensor to PyTorch's checkpoint as a grid of
-    fragments whose other fragments it places on "another rank"; in a world of one that is
-    rank 0 again, so reading one layer's slice alone fails. A fragment without a grid is read
-    by its global offsets, like any uneven shard: the same bytes of the same files.
-    """
-    from dataclasses import replace
-
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    if isinstance(sharded, ShardedTensorFactory):
-        build = sharded.build_fn
-        return replace(sharded, build_fn=lambda *args: [_one_fragment(t) for t in build(*args)])
-    if not isinstance(sharded, ShardedTensor) or not sharded.prepend_axis_num:
-        return sharded
-    lead = (1,) * sharded.prepend_axis_num
-    return replace(sharded, data=sharded.data.view(*lead, *sharded.data.shape),
-                   local_shape=lead + tuple(sharded.local_shape), prepend_axis_num=0,
-                   axis_fragmentations=None)
-
-
-def load_model_parts(checkpoint: Path, model, parts: list[list[str]], *,
-                     model_config: ModelConfig):
-    """Weights only, a few tensors at a time: yields, for each list of ``model``'s state-dict
-    names in ``parts``, a dict name -> loaded tensor of the parameter's shape (resharded as
-    :func:`load_checkpoint` does).
-
-    Each part is a separate read of the checkpoint, so only the tensors of the part being
-    consumed need to be in memory (an exporter frees them before asking for the next). Not
-    checked for NaN/inf: the caller checks each tensor.
-    """
-    from megatron.core import dist_checkpointing
-
-    check_model_config(checkpoint, model_config)
-    sharded = model.sharded_state_dict()
-    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()
-              if torch.is_tensor(value)}
-    for part in parts:
-        subset = {name: _one_fragment(sharded.pop(name)) for name in part}
-        try:
-            # A part is not every fragment of its tensors, which the access check would refuse.
-            loaded = dist_checkpointing.load(subset, str(checkpoint),
-                                             validate_access_integrity=False)
-        except BaseException as error:  # torch's CheckpointException is a BaseException
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
-                                  f"{shard_reason(checkpoint, error)}") from error
-        del subset
-        yield {name: loaded.pop(name).reshape(shapes[name]) for name in part}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.checkpoint import checkpointing, streaming
 from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
 from megatron_simpo.convert.llama import (expected_hf_shape, hf_names_for, hf_tensors_from,
@@ -63,7 +63,7 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
     parts = [list(group) for _, group in itertools.groupby(names, key=_part_of)]
 
     def hf_tensors():
-        for part, loaded in zip(parts, checkpointing.load_model_parts(
+        for part, loaded in zip(parts, streaming.load_model_parts(
                 checkpoint, model, parts, model_config=config)):
             for name in part:
                 tensor = loaded.pop(name)
