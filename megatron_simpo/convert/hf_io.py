@@ -198,6 +198,7 @@ def write_safetensors(tensors, specs: dict[str, tuple[tuple[int, ...], torch.dty
         header, offsets = _safetensors_header({name: specs[name] for name in names})
         with open(out_dir / file, "wb") as handle:
             handle.write(header)
+            handle.flush()
             for expected in names:
                 name, tensor = next(stream)
                 if name != expected:
@@ -209,6 +210,7 @@ def write_safetensors(tensors, specs: dict[str, tuple[tuple[int, ...], torch.dty
                 data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
                 handle.seek(len(header) + offsets[name])
                 handle.write(memoryview(data.numpy()))
+                handle.flush()
                 total += data.numel()
                 del tensor, data
         weight_map.update({name: file for name in names})
