@@ -417,3 +417,138 @@ def test_a_truncated_shard_is_named(converted_llama3, tmp_path, capsys):
     message = _error_line(capsys, cli.megatron_to_hf_main,
                           ["--load", str(damaged), "--save", str(tmp_path / "hf")])
     assert f"cannot read checkpoint {damaged / 'iter_0000000'}: shard {shard.name}" in message
+
+
+def test_safetensors_are_written_as_tensors_arrive(tmp_path):
+    """Each tensor's bytes are on disk, in their place, before the next is asked for (so the
+    writer holds one tensor, not a shard); the files are byte for byte safetensors' own."""
+    from safetensors.torch import save_file
+
+    from megatron_simpo.convert.hf_io import write_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"b.weight": torch.randn(6, 4, generator=generator).to(torch.bfloat16),
+             "a.weight": torch.randn(8, generator=generator),
+             "c.weight": torch.randn(3, 5, generator=generator).to(torch.float16),
+             "d.weight": torch.randn(64, generator=generator)}
+    written = []
+
+    def tensors():
+        for name, tensor in state.items():
+            for done in written:  # every tensor handed over so far is already in the file
+                [file] = [f for f in (tmp_path / "out").glob("*.safetensors")
+                          if done in _safetensors_names(f)]
+                assert _read_back(file, done).equal(state[done]), done
+            yield name, tensor[:]  # a view, as the exporter hands over
+            written.append(name)
+
+    (tmp_path / "out").mkdir()
+    files = write_safetensors(tensors(), {n: (tuple(t.shape), t.dtype) for n, t in state.items()},
+                              tmp_path / "out", max_shard_size=100)
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in state.values())
+    for file in files:
+        names = [n for n, f in index["weight_map"].items() if f == file.name]
+        save_file({n: state[n] for n in names}, tmp_path / "expected.safetensors",
+                  metadata={"format": "pt"})
+        assert file.read_bytes() == (tmp_path / "expected.safetensors").read_bytes(), file.name
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    length = int.from_bytes(file.read_bytes()[:8], "little")
+    return [n for n in json.loads(file.read_bytes()[8:8 + length]) if n != "__metadata__"]
+
+
+def _read_back(file: Path, name: str) -> torch.Tensor:
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    entry = json.loads(raw[8:8 + length])[name]
+    begin, end = entry["data_offsets"]
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[entry["dtype"]]
+    data = bytearray(raw[8 + length + begin:8 + length + end])
+    return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+
+def _count_loaded_tensors(rank, load, save):
+    """Export, recording how many tensors each read of the checkpoint asks for."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from megatron_simpo.convert.conversion import ExportConfig, _export_worker
+
+    reads, original = [], dist_checkpointing.load
+
+    def counting_load(state, *args, **kwargs):
+        reads.append(sum(1 for _ in nested_values(state)))
+        return original(state, *args, **kwargs)
+
+    dist_checkpointing.load = counting_load
+    try:
+        _export_worker(rank, ExportConfig(load=load, save=save))
+    finally:
+        dist_checkpointing.load = original
+    return reads
+
+
+def test_export_reads_the_checkpoint_a_layer_at_a_time(hf_models, converted_llama3, tmp_path):
+    """The exporter never holds the whole model: each read of the checkpoint is one layer (or
+    the embedding, or the final norm), and the export is still the original, bit for bit."""
+    from safetensors.torch import load_file
+
+    [reads] = run_on_ranks(1, _count_loaded_tensors, str(converted_llama3), str(tmp_path / "hf"))
+    config = tiny_hf_config("llama3")
+    per_layer = 6  # qkv, proj, fc1, fc2 and the two norms
+    parts = config["num_hidden_layers"] + 2 + (not config.get("tie_word_embeddings"))
+    assert len(reads) == parts and max(reads) == per_layer, reads
+    original = load_file(hf_models["llama3"][1] / "model.safetensors")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(original) == set(exported)
+    assert all(torch.equal(tensor, exported[name]) for name, tensor in original.items())
+
+
+def _import_and_inspect_saved_views(rank, hf_dir, save):
+    """Import at TP=2; report the tensors handed to the checkpoint writer that are views into a
+    larger storage (the writer copies each of those), and the weights the model still holds."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_simpo.convert.conversion import ImportConfig, _import_worker
+    from megatron_simpo.model.architecture import ModelConfig
+
+    views, original = [], dist_checkpointing.save
+
+    def inspecting_save(state, *args, **kwargs):
+        for value in nested_values(state):
+            if isinstance(value, ShardedTensorFactory):
+                views.append(value.key)  # the writer builds views from it
+            elif isinstance(value, ShardedTensor):
+                data = value.data
+                if data.untyped_storage().nbytes() != data.numel() * data.element_size():
+                    views.append(value.key)
+        return original(state, *args, **kwargs)
+
+    dist_checkpointing.save = inspecting_save
+    try:
+        config = ImportConfig(hf_path=hf_dir, save=save, tensor_parallel_size=2, dtype="fp32")
+        _import_worker(rank, config, ModelConfig.from_hf_config(hf_dir).to_dict(), "float32")
+    finally:
+        dist_checkpointing.save = original
+    return sorted(set(views))
+
+
+def test_import_hands_the_writer_no_views(hf_models, tmp_path):
+    """Megatron-Core's writer copies every view it is given (the SwiGLU fc1 as gate and up), all
+    at once, while the model stays whole: the importer gives it tensors with their own storage
+    instead, and the checkpoint still gives the HF model's logits."""
+    from safetensors.torch import load_file
+
+    _, hf_dir = hf_models["llama3"]
+    results = run_on_ranks(2, _import_and_inspect_saved_views, str(hf_dir), str(tmp_path / "mg"))
+    assert results == [[], []], results
+    megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf")])
+    original = load_file(hf_dir / "model.safetensors")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(tensor, exported[name]) for name, tensor in original.items())

@@ -34,6 +34,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               read_train_state, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
                                               write_failure_reason, write_tracker)
+from megatron_simpo.checkpoint.streaming import own_storage
 from megatron_simpo.distributed.runtime import max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
@@ -238,10 +239,18 @@ def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimi
 
 
 def save_model_only(save_dir: str | Path, iteration: int, model, model_config: ModelConfig,
-                    assets: dict[str, Path] | None = None) -> Path:
-    """Weights only, same layout: what converters write for ``--pretrained-checkpoint``."""
-    return _write_checkpoint(save_dir, iteration, {"model": model.sharded_state_dict()}, model,
-                             model_config, assets)
+                    assets: dict[str, Path] | None = None, *, release_model: bool = False) -> Path:
+    """Weights only, same layout: what converters write for ``--pretrained-checkpoint``.
+
+    ``release_model`` (a converter's throw-away model): a weight saved as several views (the
+    SwiGLU ``linear_fc1`` as gate and up) is copied view by view and the parameter freed at
+    once, instead of the writer copying every view while the model stays whole. The files are
+    the same; the model holds no weights afterwards.
+    """
+    state = model.sharded_state_dict()
+    if release_model:
+        own_storage(state, model)
+    return _write_checkpoint(save_dir, iteration, {"model": state}, model, model_config, assets)
 
 
 def saved_params_dtype(checkpoint: Path) -> torch.dtype:

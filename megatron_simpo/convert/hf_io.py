@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -131,25 +132,58 @@ def parse_size(size: str | int) -> int:
     return int(text)
 
 
-def write_safetensors(tensors, sizes: dict[str, int], out_dir: str | Path,
-                      max_shard_size: str | int = "5GB") -> list[Path]:
+def _safetensors_header(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+                        ) -> tuple[bytes, dict[str, int]]:
+    """The header ``safetensors.torch.save_file(..., metadata={"format": "pt"})`` writes for
+    tensors of these shapes and dtypes, and each tensor's byte offset after it.
+
+    The order of the data is the library's own (dtype, then name), read from a file of one
+    element per tensor; the layout is safetensors' (u64 little-endian header length, compact
+    JSON padded with spaces to 8 bytes, data).
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    probe = save({name: torch.zeros(1, dtype=dtype) for name, (_, dtype) in specs.items()},
+                 metadata={"format": "pt"})
+    [probe_length] = struct.unpack("<Q", probe[:8])
+    probe_header = json.loads(probe[8:8 + probe_length])
+    order = sorted((name for name in probe_header if name != "__metadata__"),
+                   key=lambda name: probe_header[name]["data_offsets"][0])
+    header, offsets, position = {"__metadata__": {"format": "pt"}}, {}, 0
+    for name in order:
+        shape, dtype = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": probe_header[name]["dtype"], "shape": list(shape),
+                        "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+def write_safetensors(tensors, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      out_dir: str | Path, max_shard_size: str | int = "5GB") -> list[Path]:
     """Write tensors as safetensors, sharded with ``model.safetensors.index.json`` when large.
 
     Args:
-        tensors: (name, tensor) pairs, produced lazily in the order of ``sizes``; each may be a
+        tensors: (name, tensor) pairs, produced lazily in the order of ``specs``; each may be a
             view into shared storage (q/k/v of one packed tensor, a vocabulary slice).
-        sizes: name -> bytes, in writing order: plans the shards before any tensor exists.
+        specs: name -> (shape, dtype), in writing order: plans the shards and their headers
+            before any tensor exists.
 
-    Each tensor is copied into its own contiguous tensor when it arrives and dropped when its
-    shard is written, so, with a producer that releases its sources as it goes, memory stays
-    near one model.
+    Each file's header is written first and every tensor's bytes go to their place as the
+    tensor arrives, so no more than one tensor is held here: with a producer that releases its
+    sources as it goes, memory stays near one tensor. The files are byte for byte what
+    ``safetensors.torch.save_file`` writes for the same tensors.
     """
-    from safetensors.torch import save_file
-
     out_dir, limit = Path(out_dir), parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     used = 0
-    for name, size in sizes.items():
+    for name, (shape, dtype) in specs.items():
+        size = math.prod(shape) * dtype.itemsize
         if shards[-1] and used + size > limit:
             shards.append([])
             used = 0
@@ -161,16 +195,25 @@ def write_safetensors(tensors, sizes: dict[str, int], out_dir: str | Path,
     stream = iter(tensors)
     weight_map, total = {}, 0
     for file, names in zip(files, shards):
-        shard = {}
-        for expected in names:
-            name, tensor = next(stream)
-            if name != expected:
-                raise ValueError(f"tensor {name} arrived where {expected} was planned")
-            shard[name] = tensor.detach().clone().contiguous()
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
+        header, offsets = _safetensors_header({name: specs[name] for name in names})
+        with open(out_dir / file, "wb") as handle:
+            handle.write(header)
+            handle.flush()
+            for expected in names:
+                name, tensor = next(stream)
+                if name != expected:
+                    raise ValueError(f"tensor {name} arrived where {expected} was planned")
+                shape, dtype = specs[name]
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(f"tensor {name} arrived as {tuple(tensor.shape)} "
+                                     f"{tensor.dtype}, planned as {tuple(shape)} {dtype}")
+                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                handle.seek(len(header) + offsets[name])
+                handle.write(memoryview(data.numpy()))
+                handle.flush()
+                total += data.numel()
+                del tensor, data
         weight_map.update({name: file for name in names})
-        del shard
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Each rank builds its own shard of the model (no random initialisation), fills every tensor from
 the HF files one at a time and the ranks save together. Peak memory is the model once plus, per
-rank, the HF tensors of the one Megatron tensor being built.
+rank, the HF tensors of the one Megatron tensor being built; the save copies no more than one
+weight at a time (``save_model_only(release_model=True)``).
 """
 
 from __future__ import annotations
@@ -70,4 +71,4 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
         if dist.get_rank() == 0:
             tokenizer_dir, hf_dir = copy_metadata(hf_path, staging)
             assets = {"tokenizer": tokenizer_dir, "hf": hf_dir}
-        return save_model_only(save, 0, model, config, assets=assets)
+        return save_model_only(save, 0, model, config, assets=assets, release_model=True)

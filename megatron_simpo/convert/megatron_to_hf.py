@@ -1,27 +1,35 @@
 """Megatron checkpoint (any TP/PP, converted or trained) -> Hugging Face folder.
 
-One process: the checkpoint is resharded on load into an unsplit (TP=1, PP=1) model, mapped to
-HF names tensor by tensor and written as safetensors, sharded with an index above
-``max_shard_size``; each Megatron tensor is released once copied, so memory stays near one
-model. The folder is assembled under ``<save>.partial`` and renamed when complete.
+One process: the checkpoint is read part by part (the embedding, each layer, the head),
+resharded on load into the unsplit (TP=1, PP=1) layout, mapped to HF names tensor by tensor and
+written into safetensors files whose headers are planned up front (sharded with an index above
+``max_shard_size``); each part is freed once written, so memory stays near one layer, whatever
+the model's size. The folder is assembled under ``<save>.partial`` and renamed when complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.checkpoint import checkpointing, streaming
 from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
 from megatron_simpo.convert.llama import (expected_hf_shape, hf_names_for, hf_tensors_from,
                                           megatron_names)
 from megatron_simpo.model.builder import build_model
 from megatron_simpo.distributed.parallel import ParallelConfig
+
+
+def _part_of(name: str) -> str:
+    """Tensors read together: a layer's, else each one alone."""
+    match = re.match(r"^decoder\.layers\.(\d+)\.", name)
+    return match.group(0) if match else name
 
 
 def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
@@ -42,33 +50,37 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
         checkpoint = checkpointing.find_checkpoint(load, "--load")
     config = checkpointing.read_model_config(checkpoint)
     saved_dtype = checkpointing.saved_params_dtype(checkpoint)
+    # The model only gives the checkpoint's layout: its weights are never initialised, and each
+    # part (a layer, the embedding, the head) is read, exported and freed in turn.
     model = build_model(config, ParallelConfig(), params_dtype=saved_dtype,
                         perform_initialization=False)
-    # Non-finite tensors are refused below, by name, unless allow_non_finite.
-    checkpointing.load_checkpoint(checkpoint, model, model_config=config, allow_non_finite=True)
-    megatron_state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
-    del model  # from here the state dict holds the only references to the weights
+    params = dict(model.named_parameters())
     out_dtype = dtype or saved_dtype
     names = megatron_names(config)
-    sizes = {hf_name: math.prod(expected_hf_shape(hf_name, config)) * out_dtype.itemsize
+    specs = {hf_name: (expected_hf_shape(hf_name, config), out_dtype)
              for name in names for hf_name in hf_names_for(name, config)
              if not (name == "output_layer.weight" and config.tie_word_embeddings)}
+    parts = [list(group) for _, group in itertools.groupby(names, key=_part_of)]
 
     def hf_tensors():
-        for name in names:  # each Megatron tensor is released once its HF tensors are copied
-            tensor = megatron_state.pop(name)
-            if not allow_non_finite and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{checkpoint}: tensor {name} holds NaN/inf values (a diverged "
-                                 "run?); refusing to export it (--allow-non-finite to export "
-                                 "anyway)")
-            for hf_name, hf_tensor in hf_tensors_from(name, tensor, config).items():
-                yield hf_name, hf_tensor.to(out_dtype)
+        for part, loaded in zip(parts, streaming.load_model_parts(
+                checkpoint, model, parts, model_config=config)):
+            for name in part:
+                tensor = loaded.pop(name)
+                if not allow_non_finite and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{checkpoint}: tensor {name} holds NaN/inf values (a "
+                                     "diverged run?); refusing to export it "
+                                     "(--allow-non-finite to export anyway)")
+                for hf_name, hf_tensor in hf_tensors_from(name, tensor, config).items():
+                    yield hf_name, hf_tensor.to(out_dtype)
+                del tensor
+                params[name].data = torch.empty(0, dtype=saved_dtype)  # its memory goes back
 
     save = Path(save)
     staging = save.with_name(save.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    write_safetensors(hf_tensors(), sizes, staging, max_shard_size)
+    write_safetensors(hf_tensors(), specs, staging, max_shard_size)
     assets = checkpointing.checkpoint_assets(checkpoint)
     base_dir = assets.get("hf")
     base = json.loads((base_dir / "config.json").read_text()) \

@@ -54,7 +54,7 @@ def write_synthetic(path: Path, config: dict, shard_size: str) -> int:
     state = {n: (0.02 * torch.randn(expected_hf_shape(n, model_config), generator=generator)
                  ).to(torch.bfloat16) for n in names}
     path.mkdir(parents=True)
-    write_safetensors(state.items(), {n: t.numel() * t.element_size() for n, t in state.items()},
+    write_safetensors(state.items(), {n: (tuple(t.shape), t.dtype) for n, t in state.items()},
                       path, shard_size)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return sum(t.numel() * t.element_size() for t in state.values())
