@@ -19,6 +19,7 @@ import json
 import re
 from pathlib import Path
 
+from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 from megatron_simpo.evaluation.reward_stats import read_stats
 
 ROUND = re.compile(r"round-(\d+)")
@@ -34,21 +35,15 @@ def round_folders(root: str | Path) -> dict[int, Path]:
 
 
 def _heldout_accuracy(checkpoint: Path) -> float | None:
-    """The last ``eval/rewards/accuracies`` of the round's metrics.jsonl, if it has one."""
-    path = checkpoint / "metrics.jsonl"
+    """The last ``eval/rewards/accuracies`` of the round's metrics.jsonl, if it has one (read
+    as every reader of that file reads it: ``checkpoint.metrics_file``)."""
+    path = checkpoint / METRICS_FILE
     if not path.is_file():
         return None
-    found = None
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line).get("eval/rewards/accuracies")
-        except (json.JSONDecodeError, AttributeError):
-            raise ValueError(f"{path}: line {number} is not a JSON object") from None
-        if value is not None:
-            found = float(value)
-    return found
+    rows, _ = read_metrics_file(path)
+    found = [row["eval/rewards/accuracies"] for _, row in rows
+             if row.get("eval/rewards/accuracies") is not None]
+    return float(found[-1]) if found else None
 
 
 def summarize(root: str | Path) -> dict:
