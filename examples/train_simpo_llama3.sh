@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # SimPO with Megatron-Core, launched by torchrun's agent (python -m megatron_simpo.cli.launch).
 #
-# Default: the authors' Llama-3-8B-Instruct recipe (beta 2.5, gamma/beta 0.55, lr 1e-6, global
-# batch 128, max length 2048 / prompt 1800, cosine with 10% warmup, one epoch, bf16) on one
-# node of 8 GPUs, from a checkpoint converted by tools/convert_hf_to_megatron.py:
+# Default: one of the SimPO authors' recipes (README, "Recipes"; RECIPE, default
+# llama3-8b-instruct-simpo: beta 2.5, gamma/beta 0.55, lr 1e-6, global batch 128, max length
+# 2048 / prompt 1800, cosine with 10% warmup, one epoch, bf16, the recipe's Hub dataset unless
+# DATA is given) on one node of 8 GPUs, from a checkpoint converted by
+# megatron-simpo-convert-hf-to-megatron:
 #
 #   CHECKPOINT=/ckpt/llama3-8b-instruct-tp2 DATA=/data/train.jsonl VALID_DATA=/data/test.jsonl \
 #   SAVE=/ckpt/llama3-8b-simpo bash examples/train_simpo_llama3.sh
+#   RECIPE=gemma2-9b-it-simpo TP=4 CHECKPOINT=/ckpt/gemma-2-9b-it-tp4 bash examples/train_simpo_llama3.sh
 #
 # MODEL=tiny runs the embedded tiny default on CPU with two gloo processes (DP=2; TP=2 also
 # works) and needs nothing else:  MODEL=tiny bash examples/train_simpo_llama3.sh
 #
-# Variables: CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
-# NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the GPU recipe also
-# TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by default when TP > 1)
-# and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra arguments are passed on
-# to megatron_simpo.cli.train (megatron-simpo-train) and override the defaults (e.g. --lr 5e-7).
+# Variables: RECIPE, CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, MICRO_BATCH_SIZE,
+# GLOBAL_BATCH_SIZE, NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the
+# GPU recipe also TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by
+# default when TP > 1) and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra
+# arguments are passed on to megatron_simpo.cli.train (megatron-simpo-train) and override the
+# defaults and the recipe's flags of the same meaning (e.g. --lr 5e-7).
 # The package must be installed (pip install ., or make setup).
 set -euo pipefail
 
@@ -55,27 +59,32 @@ case "$MODEL" in
       --save "$OUT" --seed 42
     )
     ;;
-  llama3-8b-instruct)
-    : "${CHECKPOINT:?set CHECKPOINT to a Megatron checkpoint from tools/convert_hf_to_megatron.py}"
-    : "${DATA:?set DATA to a JSONL file with prompt, chosen, rejected}"
+  llama3-8b-instruct|recipe)
+    : "${CHECKPOINT:?set CHECKPOINT to a Megatron checkpoint from megatron-simpo-convert-hf-to-megatron}"
+    RECIPE=${RECIPE:-llama3-8b-instruct-simpo}
     GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-    SAVE=${SAVE:-outputs/llama3-8b-instruct-simpo}
+    SAVE=${SAVE:-outputs/$RECIPE}
     TP=${TP:-2}
     ARGS=(
+      --recipe "$RECIPE"
       --pretrained-checkpoint "$CHECKPOINT"
-      --train-data-path "$DATA"
       --transformer-impl "${TRANSFORMER_IMPL:-transformer_engine}"
       --tensor-model-parallel-size "$TP"
       --pipeline-model-parallel-size "${PP:-1}"
-      --seq-length 2048 --max-prompt-length 1800
-      --micro-batch-size "${MICRO_BATCH_SIZE:-2}" --global-batch-size "${GLOBAL_BATCH_SIZE:-128}"
-      --train-epochs 1
-      --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.1
-      --weight-decay 0 --clip-grad 1.0
-      --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+      --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
       --eval-interval 100 --log-interval 1
-      --save "$SAVE" --save-interval 200 --seed 42
+      --save "$SAVE" --save-interval 200
     )
+    if [ -n "${MICRO_BATCH_SIZE:-}" ]; then ARGS+=(--micro-batch-size "$MICRO_BATCH_SIZE"); fi
+    if [ -n "${GLOBAL_BATCH_SIZE:-}" ]; then ARGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE"); fi
+    if [ -n "${DATA:-}" ]; then  # your pairs instead of the recipe's Hub dataset
+      ARGS+=(--train-data-path "$DATA")
+      if [ -n "${VALID_DATA:-}" ]; then
+        ARGS+=(--valid-data-path "$VALID_DATA")
+      else
+        ARGS+=(--valid-fraction 0.01)
+      fi
+    fi
     if [ "${SEQUENCE_PARALLEL:-$([ "$TP" -gt 1 ] && echo 1 || echo 0)}" = 1 ]; then
       ARGS+=(--sequence-parallel)
     fi
@@ -85,14 +94,9 @@ case "$MODEL" in
     if [ -n "${DATA_CACHE_DIR:-}" ]; then  # tokenized pairs (default ~/.cache/megatron_simpo/data)
       ARGS+=(--data-cache-dir "$DATA_CACHE_DIR")
     fi
-    if [ -n "${VALID_DATA:-}" ]; then
-      ARGS+=(--valid-data-path "$VALID_DATA")
-    else
-      ARGS+=(--valid-fraction 0.01)
-    fi
     ;;
   *)
-    echo "unknown MODEL=$MODEL (use llama3-8b-instruct or tiny)" >&2
+    echo "unknown MODEL=$MODEL (use recipe, llama3-8b-instruct (the same) or tiny)" >&2
     exit 2
     ;;
 esac

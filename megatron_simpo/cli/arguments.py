@@ -8,12 +8,14 @@ group and where a flag's name differs from the field's.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from megatron_simpo.data.batching import BatchingConfig
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.data.config import DataConfig
 from megatron_simpo.cli.flags import Parser, Section, check_coverage
+from megatron_simpo.cli.recipes import add_recipe_flag, expand
 from megatron_simpo.training.losses import LossConfig
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
@@ -75,6 +77,7 @@ check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description="SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on Megatron-Core")
+    add_recipe_flag(parser)
     for section in SECTIONS:
         section.add_to(parser)
     parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
@@ -105,7 +108,7 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> TrainC
     """Parse and validate; any bad flag raises SystemExit(2) with a message naming it (after
     ``prog``: the command that takes a training command line)."""
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand(sys.argv[1:] if argv is None else argv, parser))
     try:
         return config_from_namespace(args)
     except (ValueError, FileNotFoundError) as error:
