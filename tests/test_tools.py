@@ -52,3 +52,27 @@ def test_bench_dispatch_names_every_benchmark_and_builds_its_options():
         module = importlib.import_module(f"tools.bench.{module_name}")
         if hasattr(module, "COMMAND"):  # microbatch parses with plain argparse
             assert all(value is not None for value in module.COMMAND.parse([]).values())
+
+
+def test_the_gemma2_preset_is_gemma_2_2b():
+    """The benchmark's Gemma-2 shape, exported as config.json, is google/gemma-2-2b: its
+    published config fields, and transformers builds 2,614,341,888 parameters from it."""
+    import torch
+    import transformers
+
+    from megatron_simpo.model.architecture import ModelConfig, hf_config_dict
+    from tools.bench.common import PRESETS
+
+    hf = hf_config_dict(ModelConfig(**PRESETS["gemma2-2b"]), None, torch.bfloat16)
+    published = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                     num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                     head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                     query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True)
+    assert {key: hf[key] for key in published} == published
+    config = transformers.Gemma2Config(**hf)
+    assert [config.layer_types[i] for i in (0, 1, 24, 25)] == [
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    with torch.device("meta"):
+        model = transformers.Gemma2ForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 2_614_341_888

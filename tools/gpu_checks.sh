@@ -62,6 +62,10 @@ stage microbatch 100 $bench microbatch --preset llama3.2-1b --tokens 1024 4096 \
     --microbatches 8 --steps 3 --warmup 2 --profile "$out" --output "$out/microbatch.json"
 stage steps 180 $bench steps --transformer-impl $impl --preset llama3.2-1b --pairs 4 \
     --step-seq 2048 --chunk 1024 --output "$out/steps.json"
+# Gemma-2's shape (soft-capping, alternating 4k windows, 256k vocabulary; local spec: TE refuses
+# Gemma-2 here), bf16, tokens/s and MFU: issue 22's GPU figure for docs/performance.md.
+stage steps-gemma2 150 $bench steps --transformer-impl local --preset gemma2-2b --pairs 4 \
+    --step-seq 2048 --chunk 1024 --output "$out/steps-gemma2.json"
 stage lengths 200 $bench lengths --preset llama3.2-1b --global-batch 32 --micro-batch 2 \
     --steps 2 --warmup 1 --output "$out/lengths.json"
 echo "=== done" | tee -a "$log"

@@ -19,7 +19,7 @@ from typing import Literal
 
 from megatron_simpo.cli.flags import Command, Section
 
-Preset = Literal["cpu-small", "cpu-lengths", "llama3.2-1b", "llama3-8b"]
+Preset = Literal["cpu-small", "cpu-lengths", "llama3.2-1b", "llama3-8b", "gemma2-2b"]
 
 # Model shapes by name (ModelConfig fields, head_dim spelled out as a converted config has it);
 # the default CPU shape is small enough for 2 cores.
@@ -39,6 +39,16 @@ PRESETS = {
     "llama3-8b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                       num_attention_heads=32, num_query_groups=8, head_dim=128, vocab_size=128256,
                       max_position_embeddings=8192, rope_theta=500000.0),
+    # google/gemma-2-2b's shape (2.61 B parameters): soft-capping, alternating 4k windows (the
+    # first layer slides), a 256k vocabulary, head_dim 256.
+    "gemma2-2b": dict(architecture="Gemma2ForCausalLM", num_layers=26, hidden_size=2304,
+                      ffn_hidden_size=9216, num_attention_heads=8, num_query_groups=4,
+                      head_dim=256, vocab_size=256000, max_position_embeddings=8192,
+                      rope_theta=10000.0, norm_eps=1e-6, tie_word_embeddings=True,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      sliding_window=4096, query_pre_attn_scalar=256,
+                      layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                        for i in range(26))),
 }
 assert set(typing.get_args(Preset)) == set(PRESETS), "Preset must name every PRESETS entry"
 
