@@ -1,0 +1,80 @@
+"""FlexAttention (model/flex.py) equals SDPA and the explicit soft-capped attention on every mask
+this project makes: causal, packed block-diagonal, sliding windows, with GQA and soft-capping.
+CPU: the forward (FlexAttention has no CPU backward); gpu-marked: forward and gradients of the
+compiled kernel in fp32 and bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_simpo.model import flex
+from megatron_simpo.model.attention import segment_causal_mask, softcapped_attention
+
+pytestmark = pytest.mark.skipif(not flex.available(), reason="PyTorch without FlexAttention")
+B, HEADS, GROUPS, HN = 2, 4, 2, 16
+
+
+def _masks(s: int, device) -> dict[str, torch.Tensor]:
+    """True where a query may NOT attend, [b or 1, 1, s, s]: the layouts of the batches."""
+    causal = torch.ones(s, s, dtype=torch.bool, device=device).triu(1).view(1, 1, s, s)
+    cu = torch.tensor([0, s // 3, s // 3 + 7, s], device=device)  # one segment shorter than a block
+    distance = torch.arange(s, device=device)[:, None] - torch.arange(s, device=device)[None, :]
+    # per-row masks: the second row is padded after 2s/3 (its padding attends to itself only)
+    padded = causal.expand(B, 1, s, s).clone()
+    tail = 2 * s // 3
+    padded[1, 0, tail:, :tail] = True
+    return {"causal": causal, "packed": segment_causal_mask(cu, s),
+            "window": causal | (distance > 40).view(1, 1, s, s), "per-row": padded}
+
+
+def _reference(q, k, v, masked_out, scale, softcap):
+    repeat = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(repeat, dim=1) for t in (k, v))
+    if softcap is not None:
+        return softcapped_attention(q, k, v, masked_out, scale, softcap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked_out, scale=scale)
+
+
+def _inputs(s, device, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, n, s, HN, generator=g, device=device, dtype=dtype)
+            for n in (HEADS, GROUPS, GROUPS)]
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_flex_equals_sdpa_on_every_mask(softcap):
+    s = 300  # not a multiple of FlexAttention's block
+    q, k, v = _inputs(s, "cpu", torch.float32)
+    for name, mask in _masks(s, "cpu").items():
+        out = flex.flex_context(q, k, v, mask, 0.3, softcap)
+        expected = _reference(q, k, v, mask, 0.3, softcap)
+        assert out.shape == expected.shape == (B, HEADS, s, HN)
+        assert (out - expected).abs().max().item() <= 1e-5, name
+
+
+def test_the_block_mask_skips_what_the_mask_rules_out():
+    # A packed row of two 256-token sequences: the off-diagonal 128-blocks are never computed.
+    s = 512
+    mask = segment_causal_mask(torch.tensor([0, 256, 512]), s)
+    blocks = flex.block_mask(mask).to_dense()[0, 0]  # [s/128, s/128] 1 where computed
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+    assert torch.equal(blocks.cpu().int(), expected.int())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_compiled_flex_equals_sdpa_with_gradients_on_gpu(dtype, tolerance):
+    s = 1000
+    for softcap in (None, 0.5):
+        for name, mask in _masks(s, "cuda").items():
+            leaves = [t.requires_grad_(True) for t in _inputs(s, "cuda", dtype)]
+            out = flex.flex_context(*leaves, mask, 0.25, softcap)
+            upstream = torch.randn_like(out)
+            grads = torch.autograd.grad(out, leaves, upstream)
+            ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+            expected = _reference(*ref_leaves, mask, 0.25, softcap)
+            ref_grads = torch.autograd.grad(expected, ref_leaves, upstream.float())
+            assert (out.float() - expected).abs().max().item() <= tolerance, (name, softcap)
+            for got, want in zip(grads, ref_grads):
+                assert (got.float() - want).abs().max().item() <= tolerance * 10, (name, softcap)
