@@ -71,10 +71,9 @@ def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_out: 
     """
     if not available():
         raise RuntimeError("FlexAttention needs PyTorch >= 2.5")
-    score_mod = None
-    if softcap is not None:
-        def score_mod(score, b, h, q_index, kv_index):
-            return torch.tanh(score / softcap) * softcap
+    def capped(score, b, h, q_index, kv_index):
+        return torch.tanh(score / softcap) * softcap
+
     run = _compiled() if q.is_cuda else flex_attention
-    return run(q, k, v, score_mod=score_mod, block_mask=block_mask(masked_out), scale=scale,
+    return run(q, k, v, score_mod=None if softcap is None else capped, block_mask=block_mask(masked_out), scale=scale,
                enable_gqa=q.shape[1] != k.shape[1])
