@@ -19,8 +19,12 @@ def test_bench_simpo_runs_and_reports_ratios(tmp_path):
     logprobs = _bench("logprobs", tmp_path / "logprobs.json", *timing, "--seq", "64", "--vocab",
                       "1000", "--hidden", "32")
     assert logprobs.returncode == 0, logprobs.stderr[-2000:]
+    from tests.tiny import tiny_hf_config
+
+    toy = tmp_path / "config.json"  # the tiny test model: the report's shape is what is checked
+    toy.write_text(json.dumps(tiny_hf_config("llama3")))
     completed = _bench("steps", tmp_path / "steps.json", *timing, "--step-seq", "32",
-                       "--pairs", "2")
+                       "--pairs", "2", "--model-config", str(toy))
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads((tmp_path / "steps.json").read_text())
     report["logprobs"] = json.loads((tmp_path / "logprobs.json").read_text())["logprobs"]
