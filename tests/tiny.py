@@ -36,6 +36,18 @@ ARCHITECTURES = {
                                 "sliding_attention"],
                    tie_word_embeddings=True, initializer_range=0.1, attn_implementation="eager",
                    pad_token_id=None),
+    # Gemma-3 text: q/k norms, two RoPE bases (the sliding layers' local one, the full layers'
+    # global one with linear scaling, as the 4B-27B releases), no soft-capping; window, layer
+    # pattern, head_dim and query_pre_attn_scalar as the Gemma-2 config above.
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                   rope_theta=10000.0, rope_local_base_freq=100.0,
+                   rope_scaling={"rope_type": "linear", "factor": 8.0},
+                   hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                   rms_norm_eps=1e-6, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                "sliding_attention"],
+                   tie_word_embeddings=True, initializer_range=0.02, attn_implementation="eager",
+                   pad_token_id=None),
 }
 
 
