@@ -63,8 +63,14 @@ def tiny_hf_config(arch: str = "llama3", **overrides) -> dict:
 
 
 def tiny_hf_model(config: dict, seed: int = 0):
-    """A random fp32 HF causal LM in eval mode; norm weights randomised so their mapping shows."""
+    """A random fp32 HF causal LM in eval mode; norm weights randomised so their mapping shows.
+
+    Gemma-3's norms scale by ``1 + weight``: randomised around 0 there (a scale near 1, as in
+    its releases), since nothing caps its activations; around 1 they double at every norm and
+    its fp32 gradients reach the size where summation order shows at 1e-5."""
     import transformers
+
+    centre = 0.0 if config.get("model_type") == "gemma3_text" else 1.0
 
     hf_config = transformers.AutoConfig.for_model(**config)
     torch.manual_seed(seed)
@@ -72,7 +78,7 @@ def tiny_hf_model(config: dict, seed: int = 0):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                param.copy_(centre + 0.1 * torch.randn_like(param))
             if name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
     return model.eval()
