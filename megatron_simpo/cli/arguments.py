@@ -17,6 +17,7 @@ from megatron_simpo.cli.flags import Parser, Section, check_coverage
 from megatron_simpo.training.losses import LossConfig
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
+from megatron_simpo.model.architecture import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
 from megatron_simpo.model.precision import Fp8Config
 
 PROG = "train_simpo"
@@ -74,7 +75,10 @@ check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description="SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on Megatron-Core")
+    parser = Parser(prog=prog, description=(
+        "SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on "
+        f"Megatron-Core. Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)} (and "
+        f"the text model of a {GEMMA3_MULTIMODAL})."))
     for section in SECTIONS:
         section.add_to(parser)
     parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
