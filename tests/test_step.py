@@ -334,6 +334,7 @@ LAYOUTS = {
     # ... and both RoPE tables at the packed sequences' restarting positions
     "gemma3_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "gemma3"),
     "gemma3_packed_pp2_plain_logits": (2, 1, 2, None, PACKED, False, None, "simpo", "gemma3"),
+    "gemma3_packed_tp2_dpo": (2, 2, 1, None, PACKED, False, 7, "dpo", "gemma3"),  # + reference
 }
 
 

@@ -3,7 +3,8 @@
 The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
 onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
 SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2), per-head
-query/key RMSNorm (Qwen3, Megatron-Core's ``qk_layernorm``) and
+query/key RMSNorm (Qwen3, Gemma-3: Megatron-Core's ``qk_layernorm``), Gemma-2/3's layers (see
+``layers``; Gemma-3's two RoPE tables: ``PositionedGPTModel``) and
 vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
 """
 
