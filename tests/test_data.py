@@ -215,8 +215,8 @@ def test_system_messages_follow_the_templates_own_rule(tokenizer, tmp_path):
         _tokenize(gemma2, tmp_path, rows)
     assert str(error.value) == (
         f"{tmp_path / 'd.jsonl'}:2: the chat template refuses a system message (System role not "
-        "supported; 1 prompt(s) have one): drop the system messages, or give "
-        "--no-apply-chat-template with prompts formatted already")
+        "supported; 1 prompt(s) have one): drop the system messages or fold them into the "
+        "first user turn")
     assert len(_tokenize(gemma2, tmp_path, rows[:1])) == 1  # no system message: no refusal
     [_, folded] = _tokenize(gemma3, tmp_path, rows)
     as_user = gemma3.apply_chat_template([{"role": "user", "content": "be brief\n\nhi"}],
@@ -229,3 +229,11 @@ def test_system_messages_follow_the_templates_own_rule(tokenizer, tmp_path):
     assert note == ("note: the chat template of /t/gemma3 has no system role: a system message "
                     "is folded into the first user turn (the template's own rule, e.g. Gemma-3's)")
     assert check_tokenizer(tokenizer, "/t/llama", config, None) == []
+    # build-pairs: the policy's prompts and the reward model's conversations, by the same rule
+    from megatron_simpo.data.tokenization import check_system_messages
+
+    assert check_system_messages(gemma3, [system], ["p.jsonl:1"], "/t/gemma3") == [note]
+    assert check_system_messages(gemma2, [[system[1]]], ["p.jsonl:1"], "/t/gemma2") == []
+    with pytest.raises(DataError, match=r"^prompt 1: the chat template of --reward-model /rm "
+                                        r"refuses a system message \(System role not supported"):
+        check_system_messages(gemma2, [[system[1]], system], tokenizer_path="--reward-model /rm")

@@ -155,20 +155,23 @@ def system_role(tokenizer) -> tuple[str, str]:
 
 
 def check_system_messages(tokenizer, conversations: list[list[dict]],
-                          sources: list[str] | None = None) -> None:
-    """Refuse, naming the first such row, system messages that the chat template refuses
-    (it would raise on them); the template's own rule holds, so nothing is rewritten."""
+                          sources: list[str] | None = None, tokenizer_path=None) -> list[str]:
+    """System messages follow the template's own rule, nothing is rewritten: where the template
+    refuses them (it would raise), one line naming the first such row (``sources[i]``, else
+    "prompt i"); where it folds them into the first user turn, the returned note says so."""
     with_system = [i for i, messages in enumerate(conversations)
                    if any(m.get("role") == "system" for m in messages)]
-    if not with_system:
-        return
+    if not with_system or getattr(tokenizer, "chat_template", None) is None:
+        return []
     rule, reason = system_role(tokenizer)
     if rule == "refuses":
         index = with_system[0]
         where = sources[index] if sources else f"prompt {index}"
-        raise DataError(f"{where}: the chat template refuses a system message ({reason}; "
-                        f"{len(with_system)} prompt(s) have one): drop the system messages, or "
-                        "give --no-apply-chat-template with prompts formatted already")
+        of = f" of {tokenizer_path}" if tokenizer_path else ""
+        raise DataError(f"{where}: the chat template{of} refuses a system message ({reason}; "
+                        f"{len(with_system)} prompt(s) have one): drop the system messages or "
+                        "fold them into the first user turn")
+    return system_role_note(tokenizer, tokenizer_path or "the tokenizer") if rule == "folds" else []
 
 
 def system_role_note(tokenizer, tokenizer_path) -> list[str]:
