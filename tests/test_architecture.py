@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from megatron_simpo.model.architecture import ModelConfig, hf_config_dict, hf_config_dtype
+from megatron_simpo.model.architecture import (SUPPORTED_ARCHITECTURES, ModelConfig,
+                                               hf_config_dict, hf_config_dtype)
 from tests.tiny import ARCHITECTURES, tiny_hf_config
 
 
@@ -44,8 +45,57 @@ def test_vocab_padding_rule():
     (dict(num_key_value_heads=3), "multiple of num_query_groups"),
 ])
 def test_unsupported_configs_are_refused(change, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         ModelConfig.from_hf_config(dict(tiny_hf_config("llama3"), **change))
+    assert len(str(error.value).splitlines()) == 1
+    if "architecture" in message:  # the line names the supported set
+        assert str(error.value).endswith("supported: " + ", ".join(SUPPORTED_ARCHITECTURES))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "type 'yarn' unsupported for Gemma-3"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     "rope scaling on the sliding layers"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+])
+def test_unsupported_gemma3_configs_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config(dict(tiny_hf_config("gemma3"), **change))
+
+
+def test_gemma3_configs_in_every_spelling():
+    """Gemma-3's two RoPE settings read from the released spelling (rope_theta,
+    rope_local_base_freq, rope_scaling), transformers 5's per-layer-type rope_parameters and
+    the text_config of a multimodal file, whose missing fields take transformers' defaults."""
+    import transformers
+
+    released = tiny_hf_config("gemma3")
+    config = ModelConfig.from_hf_config(released)
+    assert (config.rope_theta, config.rope_local_base_freq, config.rope_linear_factor) == (
+        10000.0, 100.0, 8.0)
+    assert config.qk_layernorm and config.is_gemma and config.dual_rope
+    saved = transformers.AutoConfig.for_model(**released).to_dict()
+    assert "full_attention" in saved["rope_parameters"] and "rope_local_base_freq" not in saved
+    assert ModelConfig.from_hf_config(dict(saved, architectures=["Gemma3ForCausalLM"])) == config
+    # gemma-3-4b-it's config.json, as released: the text_config names only what differs
+    multimodal = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                  "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                                  "model_type": "gemma3_text", "num_hidden_layers": 34,
+                                  "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                  "sliding_window": 1024}}
+    text = transformers.Gemma3TextConfig(**multimodal["text_config"])
+    read = ModelConfig.from_hf_config(multimodal)
+    assert read.architecture == "Gemma3ForCausalLM"
+    assert (read.num_attention_heads, read.num_query_groups, read.kv_channels, read.vocab_size) == (
+        text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.vocab_size)
+    assert list(read.layer_types) == text.layer_types and read.sliding_window == 1024
+    assert (read.rope_theta, read.rope_local_base_freq, read.rope_linear_factor) == (
+        text.rope_parameters["full_attention"]["rope_theta"],
+        text.rope_parameters["sliding_attention"]["rope_theta"], 8.0)
+    assert read.query_pre_attn_scalar == text.query_pre_attn_scalar
+    exported = hf_config_dict(read, multimodal, torch.bfloat16)
+    assert exported["architectures"] == ["Gemma3ForCausalLM"] and "text_config" not in exported
+    assert ModelConfig.from_hf_config(exported) == read
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -31,6 +31,15 @@ def test_minimal_command_line_equals_the_dataclass_defaults(paths):
     assert config.parallel == ParallelConfig() and config.fp8 is None
 
 
+def test_help_lists_the_supported_architectures():
+    from megatron_simpo.model.architecture import SUPPORTED_ARCHITECTURES
+
+    text = " ".join(build_parser().format_help().split())
+    assert "Gemma3ForCausalLM" in SUPPORTED_ARCHITECTURES
+    assert f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}" in text
+    assert "Gemma3ForConditionalGeneration" in text
+
+
 def test_simpo_margin_default_lives_in_the_loss_config():
     assert LossConfig().margin == pytest.approx(2.5 * 0.55)  # the authors' Llama-3-8B recipe
     assert LossConfig(beta=2.0).margin == pytest.approx(1.1)

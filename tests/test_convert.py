@@ -78,7 +78,27 @@ def hf_models(tmp_path_factory):
     for seed, arch in enumerate(sorted(ARCHITECTURES)):
         model = tiny_hf_model(tiny_hf_config(arch), seed=seed)
         models[arch] = (model, _save_hf(model, root / arch))
+    # Gemma-3's text model inside a multimodal checkpoint: converted from its text weights
+    text_model = models["gemma3"][0]
+    models["gemma3_multimodal"] = (text_model, _save_hf(_gemma3_multimodal(text_model),
+                                                        root / "gemma3_multimodal"))
     return models
+
+
+def _gemma3_multimodal(text_model):
+    """A Gemma3ForConditionalGeneration (tiny SigLIP tower) holding ``text_model``'s weights."""
+    import transformers
+
+    text = {k: v for k, v in tiny_hf_config("gemma3").items()
+            if k not in ("architectures", "torch_dtype", "attn_implementation")}
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                       mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(text_model.model.state_dict())
+    return model
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
@@ -96,7 +116,7 @@ def test_converted_checkpoint_gives_hugging_face_logits(hf_models, tmp_path, tp,
         assert diff <= 1e-5, f"{arch} TP={tp} PP={pp}: max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("arch", ["llama3.2", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama3.2", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, arch, capsys):
     import transformers
     from safetensors.torch import load_file
@@ -115,11 +135,12 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
     assert set(original) == set(exported)
     for name, tensor in original.items():
         assert torch.equal(tensor, exported[name]), name
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation=model.config._attn_implementation).eval()
     tokens = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
-    if arch == "gemma2":  # answers are generated from the export: greedy, past the window
+    if arch.startswith("gemma"):  # answers are generated from the export: greedy, past the window
         prompt = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
         options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(reloaded.generate(prompt, **options), model.generate(prompt, **options))
@@ -143,6 +164,26 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
     exported_config = json.loads((tmp_path / "hf3" / "config.json").read_text())
     assert exported_config["torch_dtype"] == "float32"
     assert exported_config.get("dtype", "float32") == "float32"
+
+
+def test_multimodal_gemma3_exports_its_text_model(hf_models, tmp_path):
+    """Imported from a Gemma3ForConditionalGeneration folder, the text model exports as a
+    Gemma3ForCausalLM that transformers loads, with the text model's logits."""
+    import transformers
+
+    model, hf_dir = hf_models["gemma3_multimodal"]
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == [
+        "Gemma3ForConditionalGeneration"]
+    hf_to_megatron_main(["--hf-path", str(hf_dir), "--save", str(tmp_path / "mg")])
+    megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf")])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and "text_config" not in config
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    tokens = torch.randint(0, 100, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 
 
 def _train_two_steps(rank, argv):

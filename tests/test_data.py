@@ -178,3 +178,62 @@ def test_text_already_formatted_is_not_templated_again(tokenizer, tmp_path):
     assert templated.prompt[0] == tokenizer.bos_token_id and list(templated.prompt) != list(plain.prompt)
     assert encode_prompts(tokenizer, [[{"role": "user", "content": baked}]],
                           apply_chat_template=False) == [list(plain.prompt)]
+
+
+# Gemma's chat formats as their releases write them, reduced to the rule on a system message:
+# Gemma-2's template raises on one, Gemma-3's folds it into the first user turn.
+_GEMMA_TURNS = ("{% for message in loop_messages %}{% set role = 'model' if message['role'] == "
+                "'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + "
+                "(first_user_prefix if loop.first else '') + message['content'] | trim + "
+                "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<start_of_turn>model\\n' }}{% endif %}")
+GEMMA2_TEMPLATE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+                   "{{ raise_exception('System role not supported') }}{% endif %}"
+                   "{% set first_user_prefix = '' %}{% set loop_messages = messages %}"
+                   + _GEMMA_TURNS)
+GEMMA3_TEMPLATE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+                   "{% set first_user_prefix = messages[0]['content'] + '\\n\\n' %}"
+                   "{% set loop_messages = messages[1:] %}{% else %}"
+                   "{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+                   + _GEMMA_TURNS)
+
+
+def test_system_messages_follow_the_templates_own_rule(tokenizer, tmp_path):
+    """A template that refuses a system message (Gemma-2) is one line naming the row; one that
+    folds it into the first user turn (Gemma-3) is followed, with a note; Llama-3's renders it."""
+    import copy
+
+    from megatron_simpo.data.config import DataError
+    from megatron_simpo.data.tokenization import check_tokenizer, system_role
+
+    gemma2, gemma3 = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    gemma2.chat_template, gemma3.chat_template = GEMMA2_TEMPLATE, GEMMA3_TEMPLATE
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    rows = [{"prompt": "ok", "chosen": "a", "rejected": "b"},
+            {"prompt": system, "chosen": "a", "rejected": "b"}]
+    with pytest.raises(DataError) as error:
+        _tokenize(gemma2, tmp_path, rows)
+    assert str(error.value) == (
+        f"{tmp_path / 'd.jsonl'}:2: the chat template refuses a system message (System role not "
+        "supported; 1 prompt(s) have one): drop the system messages or fold them into the "
+        "first user turn")
+    assert len(_tokenize(gemma2, tmp_path, rows[:1])) == 1  # no system message: no refusal
+    [_, folded] = _tokenize(gemma3, tmp_path, rows)
+    as_user = gemma3.apply_chat_template([{"role": "user", "content": "be brief\n\nhi"}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert folded.prompt == gemma3(as_user, add_special_tokens=False)["input_ids"][-40:]
+    assert [system_role(t)[0] for t in (tokenizer, gemma2, gemma3)] == ["native", "refuses",
+                                                                       "folds"]
+    config = _config(tmp_path / "d.jsonl")
+    [note] = check_tokenizer(gemma3, "/t/gemma3", config, None)
+    assert note == ("note: the chat template of /t/gemma3 has no system role: a system message "
+                    "is folded into the first user turn (the template's own rule, e.g. Gemma-3's)")
+    assert check_tokenizer(tokenizer, "/t/llama", config, None) == []
+    # build-pairs: the policy's prompts and the reward model's conversations, by the same rule
+    from megatron_simpo.data.tokenization import check_system_messages
+
+    assert check_system_messages(gemma3, [system], ["p.jsonl:1"], "/t/gemma3") == [note]
+    assert check_system_messages(gemma2, [[system[1]]], ["p.jsonl:1"], "/t/gemma2") == []
+    with pytest.raises(DataError, match=r"^prompt 1: the chat template of --reward-model /rm "
+                                        r"refuses a system message \(System role not supported"):
+        check_system_messages(gemma2, [[system[1]], system], tokenizer_path="--reward-model /rm")

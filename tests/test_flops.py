@@ -10,11 +10,12 @@ from megatron_simpo.model.architecture import ModelConfig
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
 
-@pytest.mark.parametrize("arch", ["llama3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama3", "gemma2", "gemma3"])
 def test_forward_flops_equal_torch_flop_counter_on_hf_model(arch):
     """HF's eager attention multiplies full [s, s] score matrices and its lm_head scores every
     position, so the non-causal count over all tokens must match the counter exactly (Gemma-2:
-    GeGLU, four norms, soft-capping and the embedding scale add no matrix products)."""
+    GeGLU, four norms, soft-capping and the embedding scale add no matrix products; Gemma-3:
+    neither do its q/k norms and two RoPE tables)."""
     hf_config = tiny_hf_config(arch, attn_implementation="eager")
     model = tiny_hf_model(hf_config)
     config = ModelConfig.from_hf_config(hf_config)

@@ -201,3 +201,25 @@ def test_gemma2_test_config_really_caps_and_slides():
             assert (other(tokens).logits - capped).abs().max() > 0.1, change
     assert capped.abs().max() <= hf_config["final_logit_softcapping"]
     assert capped.abs().max() > 0.5 * hf_config["final_logit_softcapping"]
+
+
+def test_gemma3_test_config_really_uses_its_features():
+    """The tiny Gemma-3 the parity tests use exercises what they claim: the local RoPE base, the
+    global layers' linear scaling, the window, the local:global pattern and the q/k norms each
+    change the logits well beyond the parity tolerance."""
+    hf_config = tiny_hf_config("gemma3")
+    model = tiny_hf_model(hf_config, seed=0)
+    tokens = torch.randint(0, 100, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    assert SEQ > 2 * hf_config["sliding_window"]
+    assert hf_config["head_dim"] * hf_config["num_attention_heads"] != hf_config["hidden_size"]
+    with torch.no_grad():
+        logits = model(tokens).logits
+        for change in ({"rope_local_base_freq": hf_config["rope_theta"]}, {"rope_scaling": None},
+                       {"sliding_window": SEQ}, {"layer_types": ["sliding_attention"] * 4}):
+            other = tiny_hf_model(dict(hf_config, **change), seed=0)
+            other.load_state_dict(model.state_dict())
+            assert (other(tokens).logits - logits).abs().max() > 0.1, change
+        state = {name: torch.zeros_like(t) if "_norm" in name and ".self_attn." in name else t
+                 for name, t in model.state_dict().items()}
+        model.load_state_dict(state)
+        assert (model(tokens).logits - logits).abs().max() > 0.1  # q/k norms at 1 + 0

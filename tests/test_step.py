@@ -200,6 +200,9 @@ CASES = {
     # soft-capped attention and logits (memory-lean and full), windows, post-norms, GeGLU
     "gemma2_tp2": (2, 2, 1, 1, False, "gemma2", 7),
     "gemma2_pp2_plain_logits": (2, 1, 2, 1, False, "gemma2", None),
+    # q/k norms and the two RoPE tables, each layer taking its own (any PP split)
+    "gemma3_tp2": (2, 2, 1, 1, False, "gemma3", 7),
+    "gemma3_pp2_plain_logits": (2, 1, 2, 1, False, "gemma3", None),
 }
 # Activation recomputation changes memory, never the result.
 RECOMPUTE = {
@@ -328,6 +331,10 @@ LAYOUTS = {
     # the block-diagonal mask combined with sliding windows and soft-capping
     "gemma2_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "gemma2"),
     "gemma2_packed_pp2_plain_logits": (2, 1, 2, None, PACKED, False, None, "simpo", "gemma2"),
+    # ... and both RoPE tables at the packed sequences' restarting positions
+    "gemma3_packed_tp2": (2, 2, 1, None, PACKED, False, 7, "simpo", "gemma3"),
+    "gemma3_packed_pp2_plain_logits": (2, 1, 2, None, PACKED, False, None, "simpo", "gemma3"),
+    "gemma3_packed_tp2_dpo": (2, 2, 1, None, PACKED, False, 7, "dpo", "gemma3"),  # + reference
 }
 
 

@@ -36,6 +36,18 @@ ARCHITECTURES = {
                                 "sliding_attention"],
                    tie_word_embeddings=True, initializer_range=0.1, attn_implementation="eager",
                    pad_token_id=None),
+    # Gemma-3 text: q/k norms, two RoPE bases (the sliding layers' local one, the full layers'
+    # global one with linear scaling, as the 4B-27B releases), no soft-capping; window, layer
+    # pattern, head_dim and query_pre_attn_scalar as the Gemma-2 config above.
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                   rope_theta=10000.0, rope_local_base_freq=100.0,
+                   rope_scaling={"rope_type": "linear", "factor": 8.0},
+                   hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                   rms_norm_eps=1e-6, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                "sliding_attention"],
+                   tie_word_embeddings=True, initializer_range=0.02, attn_implementation="eager",
+                   pad_token_id=None),
 }
 
 
@@ -51,8 +63,14 @@ def tiny_hf_config(arch: str = "llama3", **overrides) -> dict:
 
 
 def tiny_hf_model(config: dict, seed: int = 0):
-    """A random fp32 HF causal LM in eval mode; norm weights randomised so their mapping shows."""
+    """A random fp32 HF causal LM in eval mode; norm weights randomised so their mapping shows.
+
+    Gemma-3's norms scale by ``1 + weight``: randomised around 0 there (a scale near 1, as in
+    its releases), since nothing caps its activations; around 1 they double at every norm and
+    its fp32 gradients reach the size where summation order shows at 1e-5."""
     import transformers
+
+    centre = 0.0 if config.get("model_type") == "gemma3_text" else 1.0
 
     hf_config = transformers.AutoConfig.for_model(**config)
     torch.manual_seed(seed)
@@ -60,7 +78,7 @@ def tiny_hf_model(config: dict, seed: int = 0):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                param.copy_(centre + 0.1 * torch.randn_like(param))
             if name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
     return model.eval()

@@ -19,6 +19,7 @@ from megatron_simpo.cli.recipes import add_recipe_flag, expand
 from megatron_simpo.training.losses import LossConfig
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
+from megatron_simpo.model.architecture import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
 from megatron_simpo.model.precision import Fp8Config
 
 PROG = "train_simpo"
@@ -76,7 +77,10 @@ check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description="SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on Megatron-Core")
+    parser = Parser(prog=prog, description=(
+        "SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) training on "
+        f"Megatron-Core. Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)} (and "
+        f"the text model of a {GEMMA3_MULTIMODAL})."))
     add_recipe_flag(parser)
     for section in SECTIONS:
         section.add_to(parser)

@@ -10,11 +10,12 @@ import sys
 from megatron_simpo.convert.conversion import (ConversionError, ExportConfig, ImportConfig,
                                                export_hf, import_hf)
 from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command
-from megatron_simpo.model.architecture import SUPPORTED_ARCHITECTURES
+from megatron_simpo.model.architecture import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
 
 IMPORT = Command("convert_hf_to_megatron",
                  "Hugging Face checkpoint -> Megatron distributed checkpoint for training. "
-                 f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.",
+                 f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text "
+                 f"model of a {GEMMA3_MULTIMODAL}, exported back as Gemma3ForCausalLM).",
                  (Section("conversion", ImportConfig, key="config", fields=(
                      "hf_path", "save", "tensor_parallel_size", "pipeline_parallel_size", "dtype",
                      "force", "allow_non_finite")),))

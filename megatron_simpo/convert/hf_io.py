@@ -59,7 +59,13 @@ class HFCheckpointReader:
                 raise ValueError(f"{file}: unreadable safetensors file ({error})") from None
         if weight_map is None:
             weight_map = {key: single.name for key in names_in_files[single.name]}
-        self.weight_map = weight_map
+        # A multimodal Gemma-3's text model: its tensors read under the causal LM's names
+        self.stored = {_text_model_name(name): name for name in weight_map
+                       if _text_model_name(name) != name}
+        if "model.embed_tokens.weight" in weight_map:
+            self.stored = {}
+        self.weight_map = {**weight_map, **{alias: weight_map[name]
+                                            for alias, name in self.stored.items()}}
 
     def check_shapes(self, names: list[str]) -> None:
         """Every named tensor is present with the shape the config implies, read from the file
@@ -75,7 +81,8 @@ class HFCheckpointReader:
             file = self.path / file_name
             with safe_open(str(file), framework="pt") as handle:
                 for name in file_names:
-                    self._check_shape(file, name, tuple(handle.get_slice(name).get_shape()))
+                    shape = handle.get_slice(self.stored.get(name, name)).get_shape()
+                    self._check_shape(file, name, tuple(shape))
 
     def _check_shape(self, file: Path, name: str, shape: tuple[int, ...]) -> None:
         expected = expected_hf_shape(name, self.config)
@@ -93,7 +100,7 @@ class HFCheckpointReader:
         file = self.path / self.weight_map[name]
         try:
             with safe_open(str(file), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
+                tensor = handle.get_tensor(self.stored.get(name, name))
         except Exception as error:
             raise ValueError(f"{file}: cannot read tensor {name} ({error})") from None
         self._check_shape(file, name, tuple(tensor.shape))
@@ -101,6 +108,20 @@ class HFCheckpointReader:
             raise ValueError(f"{file}: tensor {name} holds NaN/inf values; refusing to convert it "
                              "(--allow-non-finite to convert anyway)")
         return tensor
+
+
+# Where a Gemma3ForConditionalGeneration file keeps its text model's tensors: transformers'
+# saved layout, and the in-memory one of transformers 4.52-4.57 that some uploads carry.
+_TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                        "language_model.lm_head.": "lm_head."}
+
+
+def _text_model_name(name: str) -> str:
+    """A multimodal checkpoint's text-model tensor name as the causal LM names it."""
+    for prefix, replacement in _TEXT_MODEL_PREFIXES.items():
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    return name
 
 
 def copy_metadata(hf_path: str | Path, dest: str | Path) -> tuple[Path | None, Path]:

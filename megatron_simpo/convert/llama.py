@@ -1,4 +1,4 @@
-"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3) and Gemma-2 weights: Hugging Face <-> Megatron local spec.
+"""Llama-family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3) and Gemma-2/3 weights: Hugging Face <-> Megatron local spec.
 
 Three layers of pure functions:
 
@@ -20,6 +20,8 @@ Layouts (h = hidden, d = head_dim, H heads, G query groups, F = ffn hidden):
   ``pre_mlp_layernorm``, ``post_feedforward_layernorm`` -> ``mlp.linear_fc2.post_layernorm``
   (Megatron-Bridge's names); the (1 + weight) weights are copied as they are (Megatron's
   zero-centred gamma is the same convention).
+- Gemma-3: Gemma-2's names plus the q/k norms above (Megatron's ``qk_layernorm``); a multimodal
+  checkpoint's text tensors are read under these names (``hf_io.HFCheckpointReader``).
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     if not rows:
         return []
     # One batched call per kind: the template is rendered far faster than row by row.
-    prompt_ids = encode_prompts(tokenizer, prompts, apply_chat_template=has_template)
+    prompt_ids = encode_prompts(tokenizer, prompts, apply_chat_template=has_template,
+                                sources=[row["source"] for row in rows])
     if has_template:
         fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
         full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
@@ -131,19 +132,73 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     return records
 
 
+SYSTEM_ROLES = ("native", "folds", "refuses")
+_SYSTEM_PROBE = ("SYSTEM-PROBE", "USER-PROBE")
+
+
+def system_role(tokenizer) -> tuple[str, str]:
+    """How the chat template treats a system message, found by rendering a probe: ("native",
+    ""), ("folds", "") when it renders as the first user turn prefixed by the system text and a
+    blank line (Gemma-3's template, which has no system role), or ("refuses", the template's
+    own message) when rendering raises (Gemma-2's: "System role not supported")."""
+    system, user = _SYSTEM_PROBE
+    try:
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # jinja2's TemplateError, or whatever the template raises
+        return "refuses", str(error).strip().splitlines()[0] if str(error).strip() else \
+            type(error).__name__
+    folded = tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{user}"}],
+                                           add_generation_prompt=True, tokenize=False)
+    return ("folds" if with_system == folded else "native"), ""
+
+
+def check_system_messages(tokenizer, conversations: list[list[dict]],
+                          sources: list[str] | None = None, tokenizer_path=None) -> list[str]:
+    """System messages follow the template's own rule, nothing is rewritten: where the template
+    refuses them (it would raise), one line naming the first such row (``sources[i]``, else
+    "prompt i"); where it folds them into the first user turn, the returned note says so."""
+    with_system = [i for i, messages in enumerate(conversations)
+                   if any(m.get("role") == "system" for m in messages)]
+    if not with_system or getattr(tokenizer, "chat_template", None) is None:
+        return []
+    rule, reason = system_role(tokenizer)
+    if rule == "refuses":
+        index = with_system[0]
+        where = sources[index] if sources else f"prompt {index}"
+        of = f" of {tokenizer_path}" if tokenizer_path else ""
+        raise DataError(f"{where}: the chat template{of} refuses a system message ({reason}; "
+                        f"{len(with_system)} prompt(s) have one): drop the system messages or "
+                        "fold them into the first user turn")
+    return system_role_note(tokenizer, tokenizer_path or "the tokenizer") if rule == "folds" else []
+
+
+def system_role_note(tokenizer, tokenizer_path) -> list[str]:
+    """The one-line note for a template that folds system messages into the first user turn
+    (its own rule, kept), or none."""
+    if getattr(tokenizer, "chat_template", None) is None or system_role(tokenizer)[0] != "folds":
+        return []
+    return [f"note: the chat template of {tokenizer_path} has no system role: a system message "
+            "is folded into the first user turn (the template's own rule, e.g. Gemma-3's)"]
+
+
 def uses_chat_template(tokenizer, apply_chat_template: bool = True) -> bool:
     """Whether prompts are rendered with a chat template: asked for, and the tokenizer has one."""
     return apply_chat_template and getattr(tokenizer, "chat_template", None) is not None
 
 
 def encode_prompts(tokenizer, conversations: list[list[dict]], *,
-                   apply_chat_template: bool = True) -> list[list[int]]:
+                   apply_chat_template: bool = True,
+                   sources: list[str] | None = None) -> list[list[int]]:
     """Token ids of prompts exactly as training sees them: the chat template with the
     generation prompt, encoded without adding special tokens again (the template's BOS is the
     only one); without a template (none, or not applied), the messages' text with the
     tokenizer's special tokens. Generation for evaluation uses this too, so it never differs
-    from training."""
+    from training. System messages follow the template's own rule (``check_system_messages``:
+    refused in one line naming the row, ``sources[i]``, where the template refuses them)."""
     if uses_chat_template(tokenizer, apply_chat_template):
+        check_system_messages(tokenizer, conversations, sources)
         rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
                                                  tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -159,7 +214,9 @@ def check_tokenizer(tokenizer, tokenizer_path, config: DataConfig,
         raise DataError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens, more than the "
                         f"model's vocabulary ({vocab_size}); give the model's own tokenizer "
                         "(--tokenizer-path)")
-    if config.apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+    if config.apply_chat_template and getattr(tokenizer, "chat_template", None) is not None:
+        return system_role_note(tokenizer, tokenizer_path)
+    if config.apply_chat_template:
         return [f"warning: tokenizer {tokenizer_path} has no chat template: pairs are tokenized "
                 "as plain text, roles dropped; give --no-apply-chat-template if the columns are "
                 "formatted already, or use a tokenizer with a chat template"]

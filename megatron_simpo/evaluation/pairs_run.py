@@ -311,7 +311,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
     model loads (ValueError naming the flag, file or row). Returns the output on rank 0."""
     from tqdm import tqdm
 
-    from megatron_simpo.data.tokenization import known_roles, load_tokenizer, prompt_messages
+    from megatron_simpo.data.tokenization import (check_system_messages, known_roles,
+                                                  load_tokenizer, prompt_messages)
     from megatron_simpo.distributed.runtime import read_world
 
     rank, world, local_rank = read_world()
@@ -323,7 +324,7 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         raise ValueError(f"--output {config.output} exists; move it away or give another")
     if config.hf and not (Path(config.hf) / "config.json").is_file():
         raise ValueError(f"--hf {config.hf}: no config.json (not a Hugging Face model folder)")
-    prompts = read_prompts(config, say if rank == 0 else (lambda _: None))
+    prompts = read_prompts(config, say := say if rank == 0 else (lambda _: None))
     if config.reward_model:
         rewards.check_reward_model(config.reward_model, config.trust_remote_code)
     else:
@@ -341,15 +342,17 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         tokenizer = load_tokenizer(hf_dir)
         roles = known_roles(tokenizer)
         messages = [prompt_messages(p.prompt, p.source, roles) for p in prompts]
+        notes = check_system_messages(tokenizer, messages, [p.source for p in prompts], hf_dir) \
+            if config.apply_chat_template else []
         size = config.batch_size
         mine = [b for b in range(math.ceil(len(prompts) / size)) if b % world == rank]
         todo = [b for b in mine if read_part(part_path(folder, b), prompts[b * size:(b + 1) * size],
                                              len(config.sample_seeds),
                                              config.reward_stats is not None) is None]
-        if rank == 0:
-            say(f"> {len(prompts)} prompts in {math.ceil(len(prompts) / size)} batches, "
-                f"{len(config.sample_seeds)} samples each ({backend}); {len(todo)} of this "
-                f"process's {len(mine)} batches to go")
+        for line in notes + [f"> {len(prompts)} prompts in {math.ceil(len(prompts) / size)} "
+                             f"batches, {len(config.sample_seeds)} samples each ({backend}); "
+                             f"{len(todo)} of this process's {len(mine)} batches to go"]:
+            say(line)
         if todo:
             options = dict(dtype=config.dtype, apply_chat_template=config.apply_chat_template)
             sample = generation.vllm_sampler(

@@ -78,6 +78,8 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) 
     import torch
     import transformers
 
+    from megatron_simpo.data.tokenization import check_system_messages
+
     check_reward_model(path, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path,
@@ -90,6 +92,7 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) 
     pad = model.config.pad_token_id
 
     def score(prompts, conversations, responses):
+        check_system_messages(tokenizer, conversations, tokenizer_path=f"--reward-model {path}")
         texts = tokenizer.apply_chat_template(
             [messages + [{"role": "assistant", "content": response}]
              for messages, response in zip(conversations, responses)], tokenize=False)

@@ -19,10 +19,13 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Gemma2ForCausalLM")
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Gemma's layout: (1 + weight) RMSNorms, post-attention and post-feed-forward norms, GeGLU with
 # the tanh GELU, embeddings multiplied by sqrt(hidden), tied embeddings.
-GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM",)
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# A multimodal Gemma-3 checkpoint: its text model is a Gemma3ForCausalLM (config.json's
+# ``text_config``; weights under ``language_model.model.*`` or ``model.language_model.*``).
+GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Megatron-Core applies Llama-3.1 rope scaling with these constants hard-coded
@@ -32,14 +35,24 @@ _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 # Hugging Face ``model_type`` of each supported class (config.json carries both).
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                "Gemma2ForCausalLM": "gemma2"}
+                "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+# transformers' Gemma3TextConfig defaults: the text_config of a multimodal Gemma-3 file names
+# only what differs from them.
+_GEMMA3_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                        max_position_embeddings=131072, rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, query_pre_attn_scalar=256,
+                        sliding_window=4096, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, initializer_range=0.02)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3) or of
-    Gemma-2 (``is_gemma``: its norms, GeGLU and embedding scale; soft-capping, sliding windows)."""
+    Gemma-2/3 (``is_gemma``: its norms, GeGLU and embedding scale; soft-capping, sliding windows;
+    Gemma-3: q/k norms and a second RoPE base on the sliding layers)."""
 
     architecture: str = "LlamaForCausalLM"
     """Hugging Face class name; one of ``SUPPORTED_ARCHITECTURES``."""
@@ -58,6 +71,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling_factor: float | None = None
     """Llama-3.1 ("llama3") rope scaling factor, None for no scaling."""
+    rope_local_base_freq: float | None = None
+    """RoPE base of the sliding-window layers (Gemma-3's local layers); None: ``rope_theta`` on
+    every layer. The other layers use ``rope_theta`` (and ``rope_linear_factor``)."""
+    rope_linear_factor: float | None = None
+    """Linear RoPE scaling of the full-attention layers (Gemma-3's ``rope_scaling`` of type
+    "linear"): the angle of position p is ``p * inv_freq / factor``; None for no scaling."""
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -103,7 +122,7 @@ class ModelConfig:
             )
 
         for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
-                     "sliding_window"):
+                     "sliding_window", "rope_local_base_freq", "rope_linear_factor"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"model config: {name} must be positive or null, got {value!r}")
@@ -113,6 +132,14 @@ class ModelConfig:
                                  f"each one of {', '.join(LAYER_TYPES)}: {list(self.layer_types)}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("model config: sliding_attention layers need a sliding_window")
+        if self.rope_linear_factor is not None and self.rope_scaling_factor is not None:
+            raise ValueError("model config: rope_linear_factor and rope_scaling_factor (llama3) "
+                             "exclude each other")
+
+    @property
+    def dual_rope(self) -> bool:
+        """Whether the sliding and the full-attention layers take different RoPE tables."""
+        return self.rope_local_base_freq is not None
 
     @property
     def is_gemma(self) -> bool:
@@ -172,8 +199,16 @@ class ModelConfig:
                 raise ValueError(f"cannot read Hugging Face config {source}: {error}") from error
         architectures = hf.get("architectures") or []
         by_type = {model_type: name for name, model_type in _MODEL_TYPES.items()}
+        by_type["gemma3"] = GEMMA3_MULTIMODAL
         architecture = architectures[0] if architectures else by_type.get(
             hf.get("model_type"), hf.get("model_type"))
+        if architecture == GEMMA3_MULTIMODAL:  # its text model; the vision tower is not read
+            architecture, hf = "Gemma3ForCausalLM", dict(hf.get("text_config") or {})
+        if architecture == "Gemma3ForCausalLM":
+            hf = {**_GEMMA3_DEFAULTS, **hf}
+            if hf.get("use_bidirectional_attention"):
+                raise ValueError(f"{source}: use_bidirectional_attention=True (an embedding "
+                                 "model) is unsupported")
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"{source}: unsupported architecture {architecture!r}; supported: "
@@ -188,6 +223,9 @@ class ModelConfig:
         elif hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
         rope = dict(hf.get("rope_parameters") or {})
+        gemma3 = {}
+        if architecture == "Gemma3ForCausalLM":
+            gemma3, rope, hf = _gemma3_rope(hf, rope, source)
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
                                              else None)
         rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
@@ -218,8 +256,10 @@ class ModelConfig:
                 final_logit_softcapping=_optional_float(hf.get("final_logit_softcapping")),
                 sliding_window=hf.get("sliding_window"),
                 # transformers' default for Gemma-2 files without the list: even layers slide
+                # Gemma-3 files without the list: every sliding_window_pattern-th layer is full
                 layer_types=tuple(hf.get("layer_types") or (
-                    "sliding_attention" if (i + 1) % 2 else "full_attention"
+                    "sliding_attention" if (i + 1) % int(hf.get("sliding_window_pattern") or (
+                        6 if architecture == "Gemma3ForCausalLM" else 2)) else "full_attention"
                     for i in range(layers))),
                 query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256))
         return cls(
@@ -237,10 +277,37 @@ class ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            qk_layernorm=architecture == "Qwen3ForCausalLM",
+            qk_layernorm=architecture in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             init_method_std=float(hf.get("initializer_range", 0.02)),
-            **gemma_fields,
+            **gemma_fields, **gemma3,
         )
+
+
+def _gemma3_rope(hf: dict, rope: dict, source: str) -> tuple[dict, dict, dict]:
+    """Gemma-3's two RoPE settings, in either spelling: ``rope_theta`` (full-attention layers,
+    with ``rope_scaling``) and ``rope_local_base_freq`` (sliding layers), or transformers 5's
+    ``rope_parameters`` per layer type. Returns (the ModelConfig fields, the full-attention
+    layers' rope parameters, ``hf`` without the legacy scaling) for the common reading, which
+    then sees no scaling: Gemma-3's is linear, on the full-attention layers only."""
+    if "full_attention" in rope or "sliding_attention" in rope:
+        full, local = dict(rope.get("full_attention") or {}), rope.get("sliding_attention") or {}
+        full.setdefault("rope_theta", hf["rope_theta"])
+        local_base = float(local.get("rope_theta", hf["rope_local_base_freq"]))
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope scaling on the sliding layers "
+                             f"({local['rope_type']!r}) is unsupported")
+    else:
+        full = dict(rope, rope_theta=float(rope.get("rope_theta", hf["rope_theta"])))
+        full.update(hf.get("rope_scaling") or {})
+        local_base = float(hf["rope_local_base_freq"])
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ValueError(f"{source}: rope scaling type {kind!r} unsupported for Gemma-3 (only "
+                         "'linear')")
+    fields = dict(rope_local_base_freq=local_base,
+                  rope_linear_factor=float(full["factor"]) if kind == "linear" else None)
+    hf = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
+    return fields, {"rope_theta": full["rope_theta"]}, hf
 
 
 def _optional_float(value) -> float | None:
@@ -249,6 +316,9 @@ def _optional_float(value) -> float | None:
 
 def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -> dict:
     """config.json for an exported model: the original one when known, updated from ``config``."""
+    if base is not None and "text_config" in base:  # a multimodal Gemma-3's: its text model
+        base = {**{k: base[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if k in base}, **base["text_config"]}
     out = dict(base or {})
     out.update(
         architectures=[config.architecture], model_type=_MODEL_TYPES[config.architecture],
@@ -273,7 +343,13 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
         out["dtype"] = out["torch_dtype"]
     if config.architecture != "Qwen2ForCausalLM":
         out["attention_bias"] = config.qkv_bias
-    if base is None:
+    if config.architecture == "Gemma3ForCausalLM":  # the spelling transformers 4 and 5 read
+        for key in ("rope_parameters", "rope_scaling", "sliding_window_pattern"):
+            out.pop(key, None)
+        out.update(rope_theta=config.rope_theta, rope_local_base_freq=config.rope_local_base_freq)
+        if config.rope_linear_factor is not None:
+            out["rope_scaling"] = dict(rope_type="linear", factor=config.rope_linear_factor)
+    elif base is None:
         out["rope_theta"] = config.rope_theta
         if config.rope_scaling_factor is not None:
             out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,

@@ -3,7 +3,8 @@
 The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
 onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
 SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2), per-head
-query/key RMSNorm (Qwen3, Megatron-Core's ``qk_layernorm``) and
+query/key RMSNorm (Qwen3, Gemma-3: Megatron-Core's ``qk_layernorm``), Gemma-2/3's layers (see
+``layers``; Gemma-3's two RoPE tables: ``PositionedGPTModel``) and
 vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
 """
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_simpo.model.architecture import ModelConfig
-from megatron_simpo.model.layers import RMSNorm, gelu_tanh, post_norm_row_parallel_linear, softcap
+from megatron_simpo.model.layers import (RMSNorm, dual_rope_self_attention, gelu_tanh,
+                                         post_norm_row_parallel_linear, softcap)
 from megatron_simpo.distributed.parallel import ParallelConfig
 
 TransformerImpl = Literal["local", "transformer_engine"]
@@ -109,6 +111,8 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
                 SDPAttention, softcap=config.attn_logit_softcapping)
         if config.qk_layernorm:  # per head: built with hidden_size = kv_channels
             attention.q_layernorm = attention.k_layernorm = RMSNorm
+        if config.dual_rope:  # Gemma-3: each layer takes its RoPE table by its window
+            spec.submodules.self_attention.module = dual_rope_self_attention()
         if config.is_gemma:  # post-attention and post-feed-forward norms
             attention.linear_proj = post_norm_row_parallel_linear()
             spec.submodules.mlp.submodules.linear_fc2 = post_norm_row_parallel_linear()
@@ -208,6 +212,9 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         rotary_base=config.rope_theta,
         rope_scaling=config.rope_scaling_factor is not None,
         rope_scaling_factor=config.rope_scaling_factor or 8.0,
+        # Linear scaling: positions / factor (Gemma-3's full-attention layers)
+        seq_len_interpolation_factor=config.rope_linear_factor,
+        local_rope_base=config.rope_local_base_freq,
         output_mode=output_mode,
         embedding_scale=config.hidden_size ** 0.5 if config.is_gemma else None,
         final_logit_softcapping=config.final_logit_softcapping,
@@ -217,19 +224,20 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
     return model.cuda(torch.cuda.current_device())
 
 
-def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor
-                         ) -> torch.Tensor:
+def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor,
+                         rope=None) -> torch.Tensor:
     """RoPE angles at each row's own positions: [s, b, 1, d] for position_ids [b, s].
 
     Megatron-Core's GPTModel takes RoPE angles for 0..s-1, shared by all rows ([s, 1, 1, d]),
     and ignores ``position_ids``; packed rows restart their positions at every sequence.
+    ``rope``: the ``RotaryEmbedding`` the angles come from (the model's own when None).
     """
     if position_ids is None or rotary_pos_emb is None:
         return rotary_pos_emb
     s = position_ids.shape[-1]
     if torch.equal(position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
         return rotary_pos_emb  # the usual case: nothing to change, bit for bit
-    table = model.rotary_pos_emb(model.max_sequence_length)  # [L, 1, 1, d]
+    table = (rope or model.rotary_pos_emb)(model.max_sequence_length)  # [L, 1, 1, d]
     return table[position_ids.t()].squeeze(2)
 
 
@@ -251,12 +259,28 @@ def _gpt_model_class():
         ``embedding_scale`` (Gemma: sqrt(hidden)) multiplies the embedding's output, in its
         dtype as transformers does; ``final_logit_softcapping`` caps the output layer's logits
         (``c * tanh(z / c)``: what every consumer of the logits, loss included, sees; the
-        memory-lean head caps its own chunks)."""
+        memory-lean head caps its own chunks).
+
+        ``local_rope_base`` (Gemma-3's ``rope_local_base_freq``): a second RoPE table, of this
+        base and unscaled, for the sliding-window layers; every layer then gets both tables
+        stacked, [2, s, b, 1, d] (GPTModel's own first), each at the rows' positions, and
+        picks its own (``layers.dual_rope_self_attention``)."""
 
         def __init__(self, *args, output_mode: ModelOutput = "logits",
                      embedding_scale: float | None = None,
-                     final_logit_softcapping: float | None = None, **kwargs):
+                     final_logit_softcapping: float | None = None,
+                     local_rope_base: float | None = None, **kwargs):
             super().__init__(*args, **kwargs)
+            self.local_rotary_pos_emb = None
+            if local_rope_base is not None:
+                from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+                    RotaryEmbedding)
+
+                self.local_rotary_pos_emb = RotaryEmbedding(
+                    kv_channels=self.config.kv_channels, rotary_percent=1.0,
+                    rotary_interleaved=self.config.rotary_interleaved,
+                    rotary_base=local_rope_base,
+                    use_cpu_initialization=self.config.use_cpu_initialization)
             self.output_mode = output_mode
             self.embedding_scale = embedding_scale
             self.final_logit_softcapping = final_logit_softcapping
@@ -272,7 +296,12 @@ def _gpt_model_class():
             packed = kwargs.get("packed_seq_params")
             if packed is not None and packed.qkv_format == "thd":
                 return output
-            return (output[0], _rotary_at_positions(self, output[1], position_ids), *output[2:])
+            rotary = _rotary_at_positions(self, output[1], position_ids)
+            if self.local_rotary_pos_emb is not None and rotary is not None:
+                local = _rotary_at_positions(self, self.local_rotary_pos_emb(output[1].shape[0]),
+                                             position_ids, self.local_rotary_pos_emb)
+                rotary = torch.stack([rotary, local.expand_as(rotary)])
+            return (output[0], rotary, *output[2:])
 
         def _postprocess(self, hidden_states, **kwargs):
             if self.output_mode == "logits" or not self.post_process:

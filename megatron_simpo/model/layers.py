@@ -84,3 +84,32 @@ def post_norm_row_parallel_linear():
             return self.post_layernorm(output), None
 
     return PostNormRowParallelLinear
+
+
+@functools.cache
+def dual_rope_self_attention():
+    """Megatron-Core's ``SelfAttention`` on a model with two RoPE tables (Gemma-3: a local base on
+    the sliding-window layers, the global base with its scaling on the others). The model hands
+    every layer both tables stacked, [2, s, b, 1, d] (global first); each layer takes its own by
+    its window (Megatron-Core's ``is_layer_window_attention``, global layer numbers, so any
+    pipeline split). Made on first use (it imports Megatron-Core)."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    class DualRopeSelfAttention(SelfAttention):
+        """SelfAttention that picks its RoPE table (see ``dual_rope_self_attention``)."""
+
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            self.rope_table = int(bool(is_layer_window_attention(
+                config.window_size, config.window_attn_skip_freq, self.layer_number)))
+
+        def forward(self, *args, rotary_pos_emb=None, **kwargs):
+            if rotary_pos_emb is not None:
+                if isinstance(rotary_pos_emb, tuple) or rotary_pos_emb.dim() != 5:
+                    raise ValueError("a two-table RoPE layer needs the stacked [2, s, b, 1, d] "
+                                     "tables of its model (builder.PositionedGPTModel)")
+                rotary_pos_emb = rotary_pos_emb[self.rope_table]
+            return super().forward(*args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+    return DualRopeSelfAttention
