@@ -2,7 +2,7 @@
 
 In one process: the rows' tokens, positions, mask and scored labels, fed to a Hugging Face model
 (its own attention with a 4-D mask), give each sequence's log-prob sum of the unshared rows. On
-two ranks (one TP2 world, one PP2 world, each running every case): Megatron's step on shared
+two ranks (one TP2 world with sequence parallelism, one PP2 world, each running every case): Megatron's step on shared
 rows gives the unshared step's loss, per-sequence log-probs and gradients, for SimPO and DPO
 (reference model, and precomputed reference log-probs), unpacked and packed, memory-lean and
 full logits.
@@ -146,7 +146,8 @@ def _both_layouts(rank, hf_config, hf_state, ref_state, pairs, tp, pp):
     from megatron_simpo.training.step import sequence_logp_sums, train_step
 
     config = ModelConfig.from_hf_config(hf_config)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=tp > 1)
     runtime.initialize(parallel, seed=0, model_config=config)
     where = dict(tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
                  pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp)
@@ -192,7 +193,7 @@ def _both_layouts(rank, hf_config, hf_state, ref_state, pairs, tp, pp):
     return results
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2_sequence_parallel", "pp2"])
 def test_shared_rows_step_equals_the_unshared_step(tp, pp):
     hf_config = tiny_hf_config("llama3")
     hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
