@@ -117,6 +117,22 @@ def test_share_prompt_is_refused_where_the_mask_cannot_go():
     check_shared_prompt_attention("local", ModelConfig.from_hf_config(tiny_hf_config("llama3")))
 
 
+def test_share_prompt_flag_parses_and_refuses_transformer_engine(tmp_path, capsys):
+    from megatron_simpo.cli.arguments import parse_args
+
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--train-data-path", str(tmp_path / "train.jsonl"), "--model-config",
+            str(tmp_path / "config.json"), "--tokenizer", str(tmp_path), "--train-iters", "5",
+            "--share-prompt"]
+    assert parse_args(base).batching.share_prompt
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(base + ["--transformer-impl", "transformer_engine"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--share-prompt needs --transformer-impl local" in err[0]
+
+
 # name: (algorithm, log-prob chunk size (None: full logits), BatchingConfig fields)
 CASES = {
     "simpo_lean": ("simpo", 5, dict(batch_layout="sorted")),
