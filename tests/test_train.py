@@ -81,11 +81,15 @@ def test_every_batch_layout_trains_the_same_model(tiny, tmp_path):
     runs = {}
     for name, flags in (("global", dict(batch_layout="global-max")), ("sorted", {}),
                         ("budget", dict(max_tokens_per_microbatch=192)),
-                        ("packed", dict(max_tokens_per_microbatch=160, pack_sequences=True))):
+                        ("packed", dict(max_tokens_per_microbatch=160, pack_sequences=True)),
+                        ("shared", dict(max_tokens_per_microbatch=160, pack_sequences=True,
+                                        share_prompt=True))):
         losses, evals = run_on_ranks(2, _train, _argv(tiny, train_iters=4, eval_interval=2,
                                                       save=tmp_path / name, **flags))[0]
         efficiency = [m["padding_efficiency"] for m in _metrics(tmp_path / name) if "loss" in m]
         runs[name] = losses, evals, efficiency
+        saved = [m["prompt_tokens_saved"] for m in _metrics(tmp_path / name) if "loss" in m]
+        assert all(n > 0 for n in saved) if name == "shared" else not any(saved), name
     base_losses, base_evals, base_efficiency = runs["global"]
     for name, (losses, evals, efficiency) in runs.items():
         assert losses == pytest.approx(base_losses, abs=1e-5), name

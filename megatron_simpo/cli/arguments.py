@@ -41,7 +41,7 @@ SECTIONS = (
                "apply_chat_template": ("--no-apply-chat-template",),
                "data_cache_dir": ("--data-cache-dir", "--data-cache-path")}),
     Section("batching", BatchingConfig, key="batching", fields=(
-        "batch_layout", "max_tokens_per_microbatch", "pack_sequences")),
+        "batch_layout", "max_tokens_per_microbatch", "pack_sequences", "share_prompt")),
     Section("training", TrainConfig, key="train", fields=(
         "micro_batch_size", "global_batch_size", "train_iters", "train_epochs", "bf16", "seed",
         "max_skipped_steps")),

@@ -22,6 +22,9 @@ Layouts (``BatchingConfig``):
 * ``--pack-sequences``: each micro-batch is one row of at most N tokens holding whole pairs
   back to back (first-fit decreasing); each sequence attends only to itself and its position ids
   restart at 0.
+* ``--share-prompt`` (with any of the above): a pair is ONE sequence, prompt + chosen + rejected,
+  of P + C + R - 2 positions instead of 2P + C + R - 2 (``PairLengths.shared``); the mask keeps
+  the two responses apart (``data.shared_rows``). Unpacked, each pair is a row of its own.
 
 A forward-only pass over any number of pairs (the reference log-prob pass) plans with
 ``plan_forward``: the same micro-batches on one rank, the last holding what is left.
@@ -55,6 +58,9 @@ class BatchingConfig:
     pack_sequences: bool = False
     """Pack whole pairs back to back into one row of --max-tokens-per-microbatch tokens per
     micro-batch; each sequence attends only to itself, its position ids restart at 0."""
+    share_prompt: bool = False
+    """One row (or packed segment) per pair: prompt, chosen, rejected; the rejected tokens see
+    the prompt and themselves, never the chosen; the prompt is computed once, not twice."""
 
     def __post_init__(self) -> None:
         if self.batch_layout not in BATCH_LAYOUTS:
@@ -79,10 +85,12 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class PairLengths:
-    """Model input positions of a pair's two rows (prompt + response - 1)."""
+    """Model input positions of a pair's two rows (prompt + response - 1), and its prompt's
+    tokens (0: unknown, nothing can be shared)."""
 
     chosen: int
     rejected: int
+    prompt: int = 0
 
     @property
     def longest(self) -> int:
@@ -92,6 +100,18 @@ class PairLengths:
     def total(self) -> int:
         return self.chosen + self.rejected
 
+    @property
+    def shared(self) -> int:
+        """Positions of the pair as one shared-prompt sequence: P + C + R - 2 = total - P."""
+        return self.total - self.prompt
+
+    def row(self, shared: bool) -> int:
+        """The longest row the pair needs: its shared sequence, or its longer response's row."""
+        return self.shared if shared else self.longest
+
+    def size(self, shared: bool) -> int:
+        """Positions the pair's sequences occupy in a packed row."""
+        return self.shared if shared else self.total
 
     @classmethod
     def of(cls, pair) -> "PairLengths":
@@ -101,7 +121,7 @@ class PairLengths:
 
 def pair_lengths(prompt: int, chosen: int, rejected: int) -> PairLengths:
     """From token counts: each row is prompt + response tokens, minus the last (a label)."""
-    return PairLengths(prompt + chosen - 1, prompt + rejected - 1)
+    return PairLengths(prompt + chosen - 1, prompt + rejected - 1, prompt)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -116,10 +136,12 @@ class Microbatch:
     length: int
     """Positions per row: padded longest row, or the packed row's length."""
     packed: bool = False
+    shared: bool = False
+    """Shared-prompt rows: one per pair (or one packed row of them)."""
 
     @property
     def rows(self) -> int:
-        return 1 if self.packed else 2 * len(self.pairs)
+        return 1 if self.packed else (1 if self.shared else 2) * len(self.pairs)
 
     @property
     def processed_tokens(self) -> int:
@@ -132,7 +154,10 @@ class BatchPlan:
 
     ranks: tuple[tuple[Microbatch, ...], ...]
     real_tokens: int
-    """Input positions of real tokens over the whole global batch."""
+    """Input positions of the pairs' sequences over the whole global batch (each pair's
+    prompt counted twice, as the unshared layout computes it)."""
+    saved_tokens: int = 0
+    """Prompt positions not computed: shared-prompt rows compute each prompt once."""
 
     @property
     def processed_tokens(self) -> int:
@@ -140,27 +165,30 @@ class BatchPlan:
 
     @property
     def padding_efficiency(self) -> float:
-        """Real tokens / processed tokens (1.0: no padding at all)."""
-        return self.real_tokens / max(1, self.processed_tokens)
+        """Real positions computed / processed positions (1.0: no padding at all)."""
+        return (self.real_tokens - self.saved_tokens) / max(1, self.processed_tokens)
 
     def rank_tokens(self) -> list[int]:
         """Processed tokens per data-parallel rank (the slowest rank sets the step time)."""
         return [sum(mb.processed_tokens for mb in rank) for rank in self.ranks]
 
 
-def row_length(lengths: Sequence[PairLengths], seq_length: int, multiple: int = 8) -> int:
+def row_length(lengths: Sequence[PairLengths], seq_length: int, multiple: int = 8,
+               shared: bool = False) -> int:
     """Row length of pairs run together: their longest row, rounded up to ``multiple``, at most
-    ``seq_length`` (the one row-length rule)."""
-    return min(round_up(max(p.longest for p in lengths), multiple), seq_length)
+    ``seq_length`` (the one row-length rule). A shared-prompt row holds both responses, so it
+    may reach 2 * ``seq_length`` (its positions stay below ``seq_length``)."""
+    return min(round_up(max(p.row(shared) for p in lengths), multiple),
+               (2 if shared else 1) * seq_length)
 
 
 def _sorted_microbatches(indices: Sequence[int], length_of: dict, size: int, multiple: int,
-                         seq_length: int) -> list[Microbatch]:
+                         seq_length: int, shared: bool = False) -> list[Microbatch]:
     """Pairs longest first (ties keep the given order) cut into micro-batches of ``size``
     pairs (the last may hold fewer), each padded to its own longest row."""
-    order = sorted(indices, key=lambda i: -length_of[i].longest)
+    order = sorted(indices, key=lambda i: -length_of[i].row(shared))
     return [Microbatch(tuple(group), row_length([length_of[i] for i in group], seq_length,
-                                                multiple))
+                                                multiple, shared), shared=shared)
             for group in (order[i:i + size] for i in range(0, len(order), size))]
 
 
@@ -195,13 +223,15 @@ def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *,
     if len(indices) != len(lengths):
         raise ValueError("indices and lengths differ in number")
     length_of = dict(zip(indices, lengths))
+    shared = config.share_prompt
     real = sum(p.total for p in lengths)
+    saved = sum(p.prompt for p in lengths) if shared else 0
     if config.token_budget:
         if len(indices) < dp_size:
             raise ValueError(f"{len(indices)} pairs cannot feed {dp_size} data-parallel ranks")
         ranks = _token_budget_plan(list(indices), length_of, dp_size, config, multiple,
                                    seq_length)
-        return BatchPlan(ranks, real)
+        return BatchPlan(ranks, real, saved)
     per_rank = len(indices) // dp_size
     if per_rank * dp_size != len(indices) or per_rank % micro_batch_size:
         raise ValueError(f"{len(indices)} pairs do not split into micro-batches of "
@@ -209,19 +239,20 @@ def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *,
 
     def microbatch(group: Sequence[int], length: int | None = None) -> Microbatch:
         return Microbatch(tuple(group), length or row_length([length_of[i] for i in group],
-                                                             seq_length, multiple))
+                                                             seq_length, multiple, shared),
+                          shared=shared)
 
     if config.batch_layout == "sorted":  # longest first; ties keep sampler order
         return BatchPlan(_balanced_deal(
-            _sorted_microbatches(indices, length_of, micro_batch_size, multiple, seq_length),
-            dp_size, equal_counts=True), real)
+            _sorted_microbatches(indices, length_of, micro_batch_size, multiple, seq_length,
+                                 shared), dp_size, equal_counts=True), real, saved)
     # Sampler order, contiguous shards; global-max pads every row to the batch's longest.
-    length = row_length(lengths, seq_length, multiple) if config.batch_layout == "global-max" \
-        else None
+    length = row_length(lengths, seq_length, multiple, shared) \
+        if config.batch_layout == "global-max" else None
     shards = [indices[r * per_rank:(r + 1) * per_rank] for r in range(dp_size)]
     return BatchPlan(tuple(tuple(microbatch(shard[i:i + micro_batch_size], length)
                                  for i in range(0, per_rank, micro_batch_size))
-                           for shard in shards), real)
+                           for shard in shards), real, saved)
 
 
 def plan_forward(indices: Sequence[int], lengths: Sequence[PairLengths], *,
@@ -240,25 +271,26 @@ def plan_forward(indices: Sequence[int], lengths: Sequence[PairLengths], *,
                                  micro_batch_size=micro_batch_size or 1, config=config,
                                  seq_length=seq_length, multiple=multiple).ranks[0]
     return tuple(_sorted_microbatches(indices, dict(zip(indices, lengths)), micro_batch_size,
-                                      multiple, seq_length))
+                                      multiple, seq_length, config.share_prompt))
 
 
 def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config: BatchingConfig,
                        multiple: int, seq_length: int) -> tuple[tuple[Microbatch, ...], ...]:
     """Micro-batches formed over the whole global batch (sorted, so lengths in a micro-batch
     are alike), then dealt to ranks largest first to the least loaded one."""
-    budget = config.max_tokens_per_microbatch
+    budget, shared = config.max_tokens_per_microbatch, config.share_prompt
+    rows_per_pair = 1 if shared else 2
 
     def row_of(index: int) -> int:
-        return row_length([length_of[index]], seq_length, multiple)
+        return row_length([length_of[index]], seq_length, multiple, shared)
 
-    order = sorted(indices, key=lambda i: -length_of[i].longest)
+    order = sorted(indices, key=lambda i: -length_of[i].row(shared))
     if config.pack_sequences:
-        groups = _first_fit_decreasing(order, length_of, budget)
+        groups = _first_fit_decreasing(order, length_of, budget, shared)
     else:
         groups, current = [], []
         for index in order:  # longest first: the first pair of a micro-batch sets its length
-            if current and 2 * (len(current) + 1) * row_of(current[0]) > budget:
+            if current and rows_per_pair * (len(current) + 1) * row_of(current[0]) > budget:
                 groups.append(current)
                 current = []
             current.append(index)
@@ -268,19 +300,21 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
         group = groups.pop(fullest)
         groups[fullest:fullest] = [group[:len(group) // 2], group[len(group) // 2:]]
     if config.pack_sequences:
-        microbatches = [Microbatch(tuple(g), round_up(sum(length_of[i].total for i in g),
-                                                      multiple), packed=True) for g in groups]
+        microbatches = [Microbatch(tuple(g), round_up(sum(length_of[i].size(shared) for i in g),
+                                                      multiple), packed=True, shared=shared)
+                        for g in groups]
     else:
-        microbatches = [Microbatch(tuple(g), row_of(g[0])) for g in groups]
+        microbatches = [Microbatch(tuple(g), row_of(g[0]), shared=shared) for g in groups]
     return _balanced_deal(microbatches, dp_size, equal_counts=False)
 
 
-def _first_fit_decreasing(pairs: list[int], length_of: dict, capacity: int) -> list[list[int]]:
+def _first_fit_decreasing(pairs: list[int], length_of: dict, capacity: int,
+                          shared: bool = False) -> list[list[int]]:
     """Pairs (both sequences together) into rows of at most ``capacity`` positions."""
     bins: list[list[int]] = []
     used: list[int] = []
-    for index in sorted(pairs, key=lambda i: -length_of[i].total):
-        size = length_of[index].total
+    for index in sorted(pairs, key=lambda i: -length_of[i].size(shared)):
+        size = length_of[index].size(shared)
         for slot, filled in enumerate(used):
             if filled + size <= capacity:
                 bins[slot].append(index)

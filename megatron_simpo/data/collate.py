@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megatron_simpo.data.batching import PairLengths, row_length
+from megatron_simpo.data.shared_rows import shared_fields
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class PreferenceBatch:
     """The sequences of n pairs, 2n of them: sequence 2i is pair i's chosen response, 2i+1 its
     rejected one. Unpacked (the default), sequence j is row j and tensors are [2n, s]. Packed,
     the sequences lie back to back in one row ([1, s] tensors): ``sequence_ids`` says which
-    sequence each position belongs to, ``cu_seqlens`` where each segment starts."""
+    sequence each position belongs to, ``cu_seqlens`` where each segment starts. Shared-prompt
+    rows (``data.shared_rows``: one per pair, [n, s], or packed in one, [1, s]) list their scored
+    tokens in ``scored``."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -52,20 +55,29 @@ class PreferenceBatch:
     padding tail if any), as Transformer Engine's THD layout takes them."""
     attention_mask: torch.Tensor | None = None
     """Packed for the local layer spec: [1, 1, s, s] bool, True where a position may NOT attend
-    (another sequence, or the future): block-diagonal causal."""
+    (another sequence, or the future): block-diagonal causal. Shared-prompt rows: [b, 1, s, s],
+    ``shared_rows.shared_mask``."""
     packed_pairs: int = 0
-    """Packed only: the number of pairs in the row."""
+    """Packed or shared-prompt rows: the number of pairs in the batch."""
     longest_segment: int = 0
     """Packed only: the longest segment of ``cu_seqlens`` (THD's max_seqlen, known on the host
     so that the forward never reads it back from the device)."""
+    scored: torch.Tensor | None = None
+    """Shared-prompt rows only: [4, k] int64, every scored token as (row, index in the row,
+    label, sequence); a prompt's last position is scored twice (the first chosen and the first
+    rejected token)."""
 
     @property
     def packed(self) -> bool:
         return self.sequence_ids is not None
 
     @property
+    def shared(self) -> bool:
+        return self.scored is not None
+
+    @property
     def num_sequences(self) -> int:
-        return 2 * self.packed_pairs if self.packed else self.tokens.shape[0]
+        return 2 * self.packed_pairs if self.packed or self.shared else self.tokens.shape[0]
 
     @property
     def num_pairs(self) -> int:
@@ -83,8 +95,9 @@ class PreferenceBatch:
         return [self.rows(i * rows, (i + 1) * rows) for i in range(num_microbatches)]
 
     def rows(self, start: int, stop: int) -> "PreferenceBatch":
-        if self.packed:
-            raise ValueError("a packed batch is one row: it does not split into pairs by rows")
+        if self.packed or self.shared:
+            raise ValueError("packed and shared-prompt batches do not split into pairs by rows: "
+                             "collate each micro-batch's pairs")
         if start % 2 or stop % 2:
             raise ValueError("row ranges must cover whole pairs (even bounds)")
         ref = None if self.reference_logp_sum is None else self.reference_logp_sum[start:stop]
@@ -180,11 +193,21 @@ def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0,
                            longest_segment=int(cu_seqlens.diff().max()))
 
 
+def collate_shared(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0, *,
+                   packed: bool = False) -> PreferenceBatch:
+    """Shared-prompt rows of ``length`` positions (``shared_rows.shared_fields``): one per pair,
+    or, ``packed``, one row of all of them."""
+    return PreferenceBatch(**shared_fields(pairs, length, pad_id, packed=packed))
+
+
 def collate_microbatch(pairs: Sequence[TokenizedPair], microbatch, pad_id: int = 0, *,
                        attention_mask: bool = True) -> PreferenceBatch:
     """The pairs ``microbatch`` (a ``batching.Microbatch``) names, taken from ``pairs``: padded
-    rows of its length, or its packed row (``attention_mask`` as in ``collate_packed``)."""
+    rows of its length, or its packed row (``attention_mask`` as in ``collate_packed``), as
+    shared-prompt rows if it says so (always with their explicit mask)."""
     chosen = [pairs[i] for i in microbatch.pairs]
+    if microbatch.shared:
+        return collate_shared(chosen, microbatch.length, pad_id, packed=microbatch.packed)
     if microbatch.packed:
         return collate_packed(chosen, microbatch.length, pad_id, attention_mask=attention_mask)
     return collate_pairs(chosen, microbatch.length, pad_id)

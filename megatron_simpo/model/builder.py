@@ -143,6 +143,20 @@ def check_packed_attention(transformer_impl: str) -> None:
                            "8.0+); use --transformer-impl local")
 
 
+def check_shared_prompt_attention(transformer_impl: str, config) -> None:
+    """Refuse --share-prompt where attention cannot take its explicit mask: Transformer
+    Engine's (no arbitrary [b, 1, s, s] mask on its fused paths), and sliding-window layers
+    (their window counts row indices, which shared rows shift for the rejected response)."""
+    if transformer_impl == "transformer_engine":
+        raise ValueError("--share-prompt needs --transformer-impl local (its shared-prompt mask "
+                         "is an explicit [b, 1, s, s] tensor, which transformer_engine's fused "
+                         "attention does not take)")
+    if config is not None and any(config.sliding_layers):
+        raise ValueError(f"--share-prompt: the model's sliding-window layers "
+                         f"({config.sliding_window} keys) measure windows in row indices, which "
+                         "shared-prompt rows shift for the rejected response; leave it off")
+
+
 def check_transformer_impl(transformer_impl: str) -> None:
     """Refuse an unknown ``--transformer-impl``, or Transformer Engine's where it is missing."""
     if transformer_impl not in TRANSFORMER_IMPLS:

@@ -156,6 +156,10 @@ class TrainConfig:
             raise ValueError(f"--max-tokens-per-microbatch ({budget}) must be a multiple of "
                              f"{self.sequence_alignment} with --pack-sequences (a packed row is "
                              "split over sequence-parallel ranks / fed to FP8 GEMMs)")
+        if self.batching.share_prompt and self.transformer_impl != "local":
+            raise ValueError("--share-prompt needs --transformer-impl local (its shared-prompt "
+                             "mask is an explicit [b, 1, s, s] tensor, which "
+                             "transformer_engine's fused attention does not take)")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}, "
                              f"got {self.transformer_impl!r}")

@@ -77,7 +77,8 @@ class LogprobHead:
         Args:
             output: [b, s, V_p/tp] logits, or [b, s, h] hidden states (memory-lean; gathered
                 along the sequence under sequence parallelism).
-            labels: [b, s] the next token of each position.
+            labels: [b, s] the next token of each position; or [k], the label of each ``at``
+                position (shared-prompt rows score a position twice, with two labels).
             at: (rows [k], positions [k]): score only these positions, giving [k]; None scores
                 every position, giving [b, s] (``full_logits`` only).
         """
@@ -85,6 +86,10 @@ class LogprobHead:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         group = parallel_state.get_tensor_model_parallel_group()
+        listed = at is not None and labels.dim() == 1
+        if self.full_logits and listed:
+            return vocab_parallel_logprobs(output[at].unsqueeze(0), labels.unsqueeze(0),
+                                           vocab_size=self.vocab_size, tp_group=group)[0]
         if self.full_logits:
             token_logps = vocab_parallel_logprobs(output, labels, vocab_size=self.vocab_size,
                                                   tp_group=group)
@@ -97,7 +102,8 @@ class LogprobHead:
             # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
             # Under sequence parallelism the model's gather already reduce-scatters it.
             hidden = copy_to_tensor_model_parallel_region(hidden)
-        return fused_output_logprobs(hidden, output_weight(model), labels[at],
+        return fused_output_logprobs(hidden, output_weight(model),
+                                     labels if listed else labels[at],
                                      vocab_size=self.vocab_size, tp_group=group,
                                      chunk_size=self.chunk_size,
                                      softcap=self.final_logit_softcapping)

@@ -103,6 +103,7 @@ class _Session:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), env.data_parallel_size
         layout = (f"micro-batches of up to {config.batching.max_tokens_per_microbatch} tokens"
                   f"{' (packed)' if config.batching.pack_sequences else ''}"
+                  f"{' (shared prompts)' if config.batching.share_prompt else ''}"
                   if num_microbatches is None else
                   f"{num_microbatches} micro-batches of {config.micro_batch_size} per rank, "
                   f"{config.batching.batch_layout}")
@@ -149,7 +150,7 @@ class _Session:
             self.parts.scheduler.step(increment=1)
             self.updated = True
         return StepRecord(result, tuple(indices), learning_rate, plan.real_tokens,
-                          plan.padding_efficiency)
+                          plan.padding_efficiency, plan.saved_tokens)
 
     def record(self, iteration: int, consumed: int, record: StepRecord, elapsed: float) -> None:
         """Into the summary; to the metrics and the log every --log-interval iterations, at

@@ -99,7 +99,10 @@ class StepRecord:
     real_tokens: int
     """Tokens of the global batch, padding excluded."""
     padding_efficiency: float
-    """Real tokens / tokens computed (padding included), over the global batch."""
+    """Real positions computed / positions computed (padding included), over the global
+    batch."""
+    prompt_tokens_saved: int = 0
+    """Prompt positions not computed thanks to shared-prompt rows, over the global batch."""
 
     def values(self, consumed: int, elapsed: float, tflops_per_gpu: float) -> dict[str, float]:
         """The metrics.jsonl row of the step (without its iteration)."""
@@ -109,6 +112,7 @@ class StepRecord:
                 "iteration_time_s": elapsed,
                 "tokens_per_second": self.real_tokens / elapsed,
                 "padding_efficiency": self.padding_efficiency,
+                "prompt_tokens_saved": self.prompt_tokens_saved,
                 "tflops_per_gpu": tflops_per_gpu,
                 "skipped": int(result.skipped_non_finite)}
 

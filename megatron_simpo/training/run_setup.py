@@ -17,7 +17,8 @@ from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 from megatron_simpo.training.resume import check_resume
-from megatron_simpo.model.builder import check_packed_attention, check_transformer_impl
+from megatron_simpo.model.builder import (check_packed_attention, check_shared_prompt_attention,
+                                          check_transformer_impl)
 from megatron_simpo.model.precision import check_fp8_support
 
 
@@ -65,8 +66,10 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         config.fp8.check_model(source.config.num_layers,
                                config.parallel.pipeline_model_parallel_size)
     check_transformer_impl(config.transformer_impl)  # then what the machine has
-    if config.batching.pack_sequences:
+    if config.batching.pack_sequences and not config.batching.share_prompt:
         check_packed_attention(config.transformer_impl)
+    if config.batching.share_prompt:
+        check_shared_prompt_attention(config.transformer_impl, source.config)
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
     if config.save:

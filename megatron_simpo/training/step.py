@@ -46,8 +46,15 @@ def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head:
 
     ``output`` is what ``head`` scores: [b, s, V_p/tp] logits, or [b, s, h] hidden states
     (memory-lean: only the response positions are scored). Unpacked, sequence j is row j
-    (b = 2n); packed (b = 1), ``batch.sequence_ids`` says which sequence a position scores.
+    (b = 2n); packed (b = 1), ``batch.sequence_ids`` says which sequence a position scores;
+    shared-prompt rows list their scored tokens (``batch.scored``: a position may score two).
     """
+    if batch.shared:
+        rows, positions, labels, sequences = batch.scored
+        logps = head.logps(output, labels, model, at=(rows, positions))
+        zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
+        return (zeros.index_add(0, sequences, logps),
+                zeros.index_add(0, sequences, torch.ones_like(logps)))
     if head.full_logits and not batch.packed:
         return sequence_logprobs(head.logps(output, batch.labels, model), batch.loss_mask)
     rows, positions = batch.loss_mask.nonzero(as_tuple=True)
@@ -95,7 +102,12 @@ def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
     default 0..s-1 (no position ids: the model need not compare them with that default on every
     forward). Packed rows carry their restarting positions and their segments (``cu_seqlens``):
     to the local spec's attention in sbhd layout, to Transformer Engine as THD. The last stage returns
-    [b, s, V_p/tp] logits, or [b, s, h] hidden states with memory-lean log-probs."""
+    [b, s, V_p/tp] logits, or [b, s, h] hidden states with memory-lean log-probs. Shared-prompt
+    rows carry their positions and their explicit mask (``data.shared_rows``), which
+    variable-length attention cannot express."""
+    if batch.shared:
+        return model(input_ids=batch.tokens, position_ids=batch.position_ids,
+                     attention_mask=batch.attention_mask)
     if not batch.packed:
         return model(input_ids=batch.tokens, position_ids=None, attention_mask=None)
     from megatron.core.packed_seq_params import PackedSeqParams

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "convert": ("convert", "HF <-> Megatron conversion: time, peak memory"),
     "data": ("data", "data preparation: the memory-mapped cache vs in memory"),
     "cache_check": ("cache_check", "checking a data cache entry on open: checksums, token ids"),
+    "share": ("share_prompt", "shared-prompt rows vs unshared: positions computed, step time"),
 }
 
 
