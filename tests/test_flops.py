@@ -57,3 +57,27 @@ def test_peaks_by_device_name():
     assert bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert bf16_peak_flops("cpu") is None
+
+
+def test_shared_prompt_rows_count_the_attention_their_mask_allows():
+    """--share-prompt's FLOPs: the row's tokens through every layer, and the (query, key) pairs
+    its mask (data/shared_rows.py) lets attend; less than the two unshared rows by the prompt."""
+    from megatron_simpo.data.collate import TokenizedPair, collate_shared
+    from megatron_simpo.training.metrics import pair_flops
+
+    config = ModelConfig.from_hf_config(tiny_hf_config("llama3"))
+    pairs = [TokenizedPair(list(range(1, 8)), [20, 21, 22], [30, 31, 32, 33, 34]),
+             TokenizedPair([1, 2], [20], [30, 31])]
+    batch = collate_shared(pairs, 16)
+    real = batch.position_ids.new_zeros(batch.position_ids.shape, dtype=torch.bool)
+    for row, pair in enumerate(pairs):
+        real[row, :len(pair.prompt) + len(pair.chosen) + len(pair.rejected) - 2] = True
+    allowed = (~batch.attention_mask[:, 0]) & real[:, :, None] & real[:, None, :]
+    q = config.num_attention_heads * config.kv_channels
+    per_token = decoder_forward_flops(config, [1]) // config.num_layers - 4 * q
+    expected = config.num_layers * (per_token * int(real.sum()) + 4 * q * int(allowed.sum()))
+    scored = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    assert pair_flops(config, pairs, [0, 1], share_prompt=True) == 3 * (
+        expected + output_layer_flops(config, scored))
+    unshared = pair_flops(config, pairs, [0, 1])
+    assert pair_flops(config, pairs, [0, 1], share_prompt=True) < unshared

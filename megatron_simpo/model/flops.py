@@ -18,22 +18,43 @@ from typing import Iterable
 from megatron_simpo.model.architecture import ModelConfig
 
 
-def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,
-                          causal: bool = True) -> int:
-    """Forward FLOPs of the decoder layers (no output layer) over rows of the given lengths."""
+def _per_token_and_pair(config: ModelConfig) -> tuple[int, int]:
+    """Forward FLOPs of one layer per token (projections, MLP) and per attended (query, key)
+    pair (scores Q K^T and the weighted sum of values: 2 * q FLOPs each)."""
     h, f = config.hidden_size, config.ffn_hidden_size
     q = config.num_attention_heads * config.kv_channels
     kv = config.num_query_groups * config.kv_channels
-    per_token = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f
+    return 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f, 2 * 2 * q
+
+
+def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,
+                          causal: bool = True) -> int:
+    """Forward FLOPs of the decoder layers (no output layer) over rows of the given lengths."""
+    per_token, per_pair = _per_token_and_pair(config)
     rows = list(row_lengths)
     total = 0
     for sliding in config.sliding_layers:
         window = config.sliding_window if sliding and causal else None
         for s in rows:
-            # Scores (Q K^T) and the weighted sum of values: 2 * q FLOPs per (query, key) pair
-            # each.
-            total += per_token * s + 2 * 2 * q * attended_pairs(s, causal=causal, window=window)
+            total += per_token * s + per_pair * attended_pairs(s, causal=causal, window=window)
     return total
+
+
+def shared_prompt_forward_flops(config: ModelConfig, pairs: Iterable[tuple[int, int, int]]) -> int:
+    """Forward FLOPs of the decoder layers over shared-prompt rows (data/shared_rows.py): per
+    pair of P prompt, C chosen and R rejected tokens, one row of P + (C - 1) + (R - 1) tokens
+    where the prompt attends causally to itself and each response to the prompt and causally to
+    itself: P(P+1)/2 + sum over n in (C - 1, R - 1) of n P + n(n+1)/2 attended pairs. (Shared
+    rows are refused on sliding-window layers, so no window enters.)"""
+    if any(config.sliding_layers):
+        raise ValueError("shared-prompt rows are not counted on sliding-window layers")
+    per_token, per_pair = _per_token_and_pair(config)
+    total = 0
+    for p, c, r in pairs:
+        responses = (c - 1, r - 1)
+        attended = p * (p + 1) // 2 + sum(n * p + n * (n + 1) // 2 for n in responses)
+        total += per_token * (p + sum(responses)) + per_pair * attended
+    return total * config.num_layers
 
 
 def attended_pairs(s: int, *, causal: bool = True, window: int | None = None) -> int:
@@ -51,10 +72,13 @@ def output_layer_flops(config: ModelConfig, scored_tokens: int) -> int:
     return 2 * config.hidden_size * config.vocab_size * scored_tokens
 
 
-def step_flops(config: ModelConfig, row_lengths: list[int], scored_tokens: int) -> int:
-    """Model FLOPs of one training step (forward + backward) over these rows."""
-    return 3 * (decoder_forward_flops(config, row_lengths)
-                + output_layer_flops(config, scored_tokens))
+def step_flops(config: ModelConfig, row_lengths: list[int], scored_tokens: int, *,
+               shared_pairs: list[tuple[int, int, int]] | None = None) -> int:
+    """Model FLOPs of one training step (forward + backward) over these rows, or over these
+    pairs' shared-prompt rows ((P, C, R) each; ``row_lengths`` then unused)."""
+    decoder = (decoder_forward_flops(config, row_lengths) if shared_pairs is None
+               else shared_prompt_forward_flops(config, shared_pairs))
+    return 3 * (decoder + output_layer_flops(config, scored_tokens))
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of the GPUs this project targets, from NVIDIA's data

@@ -79,12 +79,16 @@ def at_interval(iteration: int, interval: int | None, last: int) -> bool:
     return iteration == last or bool(interval and iteration % interval == 0)
 
 
-def pair_flops(config: ModelConfig, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> int:
-    """Model FLOPs of a training step over these pairs (padding excluded; see flops.py)."""
+def pair_flops(config: ModelConfig, pairs: Sequence[TokenizedPair], indices: Sequence[int], *,
+               share_prompt: bool = False) -> int:
+    """Model FLOPs of a training step over these pairs (padding excluded; see flops.py): two
+    rows per pair, or one shared-prompt row (``--share-prompt``: the prompt computed once)."""
     rows = [len(pairs[i].prompt) + len(response) - 1
             for i in indices for response in (pairs[i].chosen, pairs[i].rejected)]
     scored = sum(len(pairs[i].chosen) + len(pairs[i].rejected) for i in indices)
-    return step_flops(config, rows, scored)
+    shared = ([(len(pairs[i].prompt), len(pairs[i].chosen), len(pairs[i].rejected))
+               for i in indices] if share_prompt else None)
+    return step_flops(config, rows, scored, shared_pairs=shared)
 
 
 @dataclass(frozen=True)
