@@ -517,7 +517,8 @@ def _streamed_and_filled(rank, tp, pp, hf_dirs, out_dir, also_load):
     Megatron-Core's own writer. Load both, and the streamed checkpoints in ``also_load`` (saved
     at another layout), through the normal load path. Returns the loaded states and the order in
     which the streamed import built Megatron tensors and wrote them."""
-    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401 (binds the real _write_item)
+    import importlib
+
     import torch.distributed.checkpoint.filesystem as dcp_files
     from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
@@ -529,6 +530,8 @@ def _streamed_and_filled(rank, tp, pp, hf_dirs, out_dir, also_load):
     from megatron_simpo.model.architecture import ModelConfig
     from megatron_simpo.model.builder import build_model
 
+    # Megatron-Core's writer binds torch's _write_item when imported: before it is wrapped here.
+    importlib.import_module("megatron.core.dist_checkpointing.strategies.torch")
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     runtime.initialize(parallel, seed=0)
     out, events = {}, []

@@ -57,8 +57,6 @@ def _main_replicas_by_key(sharded_state_dict) -> dict:
 
 
 def _streamed_save(sharded_state_dict, checkpoint_dir, model, produce, progress: bool) -> None:
-    import threading
-
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -76,17 +74,24 @@ def _streamed_save(sharded_state_dict, checkpoint_dir, model, produce, progress:
         from tqdm import tqdm
 
         bar = tqdm(total=items, desc=f"rank {dist.get_rank()} tensors", unit="tensor")
-    state = {"error": None, "last": threading.local()}
+    state: dict = {"error": None, "pointer": None, "tensor": None, "written": []}
 
     def resolve(placeholder: torch.Tensor) -> torch.Tensor:
+        # One writer thread asks for the items in order, each once the one before is written;
+        # it keeps a reference to every written tensor until its file is closed (torch 2.13),
+        # so the memory of those is released here instead.
+        for written in state["written"]:
+            if written.untyped_storage().resizable():
+                written.untyped_storage().resize_(0)
+        state["written"] = []
         pointer = placeholder.untyped_storage().data_ptr()
         if pointer not in sources:
             raise RuntimeError(f"streamed save: a tensor of shape {tuple(placeholder.shape)} is "
                                "not a view of any parameter")
         name, parameter = sources[pointer]
-        last = state["last"]
-        if getattr(last, "pointer", None) != pointer:  # gate and up share one produced tensor
-            last.pointer, last.tensor = None, None
+        tensor = state["tensor"]
+        if state["pointer"] != pointer or tensor.untyped_storage().nbytes() == 0:
+            state["pointer"] = state["tensor"] = tensor = None  # gate and up: one tensor
             try:
                 tensor = produce(name)
             except Exception as error:
@@ -96,12 +101,16 @@ def _streamed_save(sharded_state_dict, checkpoint_dir, model, produce, progress:
                 raise RuntimeError(f"streamed save: {name} produced as {tuple(tensor.shape)} "
                                    f"{tensor.dtype}, the model holds {tuple(parameter.shape)} "
                                    f"{parameter.dtype}")
-            last.pointer, last.tensor = pointer, tensor.contiguous()
-        piece = last.tensor.as_strided(placeholder.shape, placeholder.stride(),
-                                       placeholder.storage_offset() - parameter.storage_offset())
+            tensor = tensor.contiguous()
+            state["pointer"], state["tensor"] = pointer, tensor
+        piece = tensor.as_strided(placeholder.shape, placeholder.stride(),
+                                  placeholder.storage_offset() - parameter.storage_offset())
+        if piece.nbytes != tensor.nbytes:
+            piece = piece.clone()
+        state["written"].append(piece)
         if bar:
             bar.update(1)
-        return piece if piece.nbytes == last.tensor.nbytes else piece.clone()
+        return piece
 
     class StreamingPlanner(MCoreSavePlanner):
         def create_global_plan(self, all_plans):
@@ -124,7 +133,7 @@ def _streamed_save(sharded_state_dict, checkpoint_dir, model, produce, progress:
             raise
         failure = error
     finally:
-        state["last"] = None
+        state["tensor"], state["written"] = None, []
         if bar:
             bar.close()
     # Every rank takes the first producer failure any rank had, so the one reported names it.
