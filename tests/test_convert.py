@@ -515,9 +515,11 @@ def _streamed_and_filled(rank, tp, pp, hf_dirs, out_dir, also_load):
     """Per architecture: import streamed (``convert_rank``, bf16) and, as the reference, fill the
     whole model shard from the HF state dict (``llama.load_rank_state``) and save it with
     Megatron-Core's own writer. Load both, and the streamed checkpoints in ``also_load`` (saved
-    at another layout), through the normal load path. Returns the loaded states and the order in
-    which the streamed import built Megatron tensors and wrote them."""
+    at another layout), through the normal load path. Returns the loaded states and, in order,
+    the streamed import's writes ("w") and builds of Megatron tensors (the bytes the tensors
+    written before it still held then)."""
     import importlib
+    import weakref
 
     import torch.distributed.checkpoint.filesystem as dcp_files
     from megatron.core import parallel_state as ps
@@ -534,13 +536,24 @@ def _streamed_and_filled(rank, tp, pp, hf_dirs, out_dir, also_load):
     importlib.import_module("megatron.core.dist_checkpointing.strategies.torch")
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     runtime.initialize(parallel, seed=0)
-    out, events = {}, []
+    out, events, written = {}, [], []
     build, write = hf_to_megatron.megatron_tensor, dcp_files._write_item
+
+    def on_write(*args, **kwargs):
+        events.append("w")
+        if torch.is_tensor(args[2]):
+            written.append(weakref.ref(args[2]))
+        return write(*args, **kwargs)
+
+    def on_build(*args):
+        alive = [ref() for ref in written]
+        events.append(sum(t.untyped_storage().nbytes() for t in alive if t is not None))
+        return build(*args)
+
     for arch, hf_dir in hf_dirs.items():
         config = ModelConfig.from_hf_config(hf_dir)
         streamed = Path(out_dir) / f"{arch}-tp{tp}-pp{pp}"
-        hf_to_megatron.megatron_tensor = lambda *a: events.append("build") or build(*a)
-        dcp_files._write_item = lambda *a, **k: events.append("write") or write(*a, **k)
+        hf_to_megatron.megatron_tensor, dcp_files._write_item = on_build, on_write
         try:
             hf_to_megatron.convert_rank(hf_dir, streamed, config, parallel, torch.bfloat16)
         finally:
@@ -563,7 +576,8 @@ def _streamed_and_filled(rank, tp, pp, hf_dirs, out_dir, also_load):
 
 def test_streamed_import_equals_the_filled_model_saved(hf_models, tmp_path):
     """The import builds each tensor only as the writer writes it (never two builds without a
-    write between), and its checkpoint holds what saving the whole filled model with
+    write between, every tensor written before a build already freed), and its checkpoint holds
+    what saving the whole filled model with
     Megatron-Core's writer holds: same keys, shapes, dtypes and chunks, and bit-identical weights
     when loaded at its own layout and at another (TP=2 <-> PP=2)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -586,8 +600,9 @@ def test_streamed_import_equals_the_filled_model_saved(hf_models, tmp_path):
                 assert sorted((tuple(c.offsets), tuple(c.sizes)) for c in streamed.chunks) == \
                     sorted((tuple(c.offsets), tuple(c.sizes)) for c in reference.chunks), key
     for rank, (states, events) in enumerate(loaded):
-        built = "".join("b" if e == "build" else "w" for e in events)
+        built = "".join("w" if e == "w" else "b" for e in events)
         assert built.count("b") >= 3 * 10 and "bb" not in built, built
+        assert not any(e for e in events if e != "w"), events
         layout = "tp2-pp1" if rank < 2 else "tp1-pp2"
         for arch in STREAM_ARCHS:
             reference = states[f"{arch}-ref-{layout}"]
