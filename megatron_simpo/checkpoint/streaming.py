@@ -123,7 +123,10 @@ def _streamed_save(sharded_state_dict, checkpoint_dir, model, produce, progress:
             data = super().resolve_data(write_item)
             return resolve(data) if torch.is_tensor(data) else data
 
-    writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+    # No copy-ahead (torch resolves items ahead of the writer when a GPU is visible): each item
+    # is resolved only after the one before it was written, which ``resolve`` relies on.
+    writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
+                                  per_thread_copy_ahead=0)
     failure = None
     try:
         dcp.save(mcore_to_pyt_state_dict(grouped, False), storage_writer=writer,
