@@ -368,6 +368,20 @@ def test_import_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path, c
     assert (find_checkpoint(tmp_path / "mg") / "metadata.json").is_file()
 
 
+def test_non_finite_values_are_found_in_every_chunk():
+    """The reader checks NaN/inf a chunk at a time (a whole-tensor ``torch.isfinite`` makes
+    temporaries twice an embedding's size): a bad value anywhere is found, as by the plain check."""
+    from megatron_simpo.convert.hf_io import all_finite
+
+    base = torch.randn(10, 7).to(torch.bfloat16)
+    assert all_finite(base, chunk_bytes=6)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for at in range(base.numel()):
+            bad = base.clone()
+            bad.view(-1)[at] = value
+            assert all_finite(bad, chunk_bytes=6) == bool(torch.isfinite(bad).all()) is False
+
+
 def _load_weights(rank, checkpoint):
     from megatron_simpo.checkpoint.checkpointing import (CheckpointError, find_checkpoint,
                                                          load_checkpoint, read_model_config)
