@@ -355,12 +355,15 @@ def test_import_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path, c
     tensors = load_file(src / "model.safetensors")
     tensors["model.layers.2.self_attn.k_proj.weight"][3, 1] = float("nan")
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    error = _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "mg"),
-                                    "--tensor-parallel-size", "2"])
-    assert error == (f"{cli.IMPORT.prog}: error: conversion failed, nothing was published: "
-                     f"{src / 'model.safetensors'}: tensor model.layers.2.self_attn.k_proj.weight "
-                     "holds NaN/inf values; refusing to convert it (--allow-non-finite to convert "
-                     "anyway)\n")
+    # TP=2: both ranks read the tensor; PP=2: only the second stage does, yet the message that
+    # is reported (the first rank's) names it too.
+    for layout in (["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"]):
+        error = _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "mg"),
+                                        *layout])
+        assert error == (f"{cli.IMPORT.prog}: error: conversion failed, nothing was published: "
+                         f"{src / 'model.safetensors'}: tensor model.layers.2.self_attn.k_proj."
+                         "weight holds NaN/inf values; refusing to convert it (--allow-non-finite "
+                         "to convert anyway)\n")
     with pytest.raises(FileNotFoundError):
         find_checkpoint(tmp_path / "mg")
     hf_to_megatron_main(["--hf-path", str(src), "--save", str(tmp_path / "mg"),
