@@ -18,8 +18,8 @@ class TensorSourceError(ValueError):
 
 def streaming_strategy(model, produce, *, progress: bool = False):
     """A Megatron-Core ``torch_dist`` save strategy that never holds the whole model: each tensor
-    is produced by ``produce(name)`` (``name`` a key of ``model.state_dict()``, the result of
-    the parameter's shape and dtype) only when the writer writes it, and freed after.
+    is produced by ``produce(name)`` (``name`` a key of ``model.state_dict()``; it returns a
+    tensor of that parameter's shape and dtype) only when the writer writes it, and freed after.
 
     ``model``'s parameters stand in for the data while the checkpoint is planned: built without
     initialisation, they are allocated but never written, so never resident. The writer is
