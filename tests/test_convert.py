@@ -396,17 +396,34 @@ def test_import_refuses_non_finite_weights_unless_allowed(hf_models, tmp_path, c
     tensors = load_file(src / "model.safetensors")
     tensors["model.layers.2.self_attn.k_proj.weight"][3, 1] = float("nan")
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    error = _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "mg"),
-                                    "--tensor-parallel-size", "2"])
-    assert error == (f"{cli.IMPORT.prog}: error: conversion failed, nothing was published: "
-                     f"{src / 'model.safetensors'}: tensor model.layers.2.self_attn.k_proj.weight "
-                     "holds NaN/inf values; refusing to convert it (--allow-non-finite to convert "
-                     "anyway)\n")
+    # TP=2: both ranks read the tensor; PP=2: only the second stage does, yet the message that
+    # is reported (the first rank's) names it too.
+    for layout in (["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"]):
+        error = _convert_error(capsys, ["--hf-path", str(src), "--save", str(tmp_path / "mg"),
+                                        *layout])
+        assert error == (f"{cli.IMPORT.prog}: error: conversion failed, nothing was published: "
+                         f"{src / 'model.safetensors'}: tensor model.layers.2.self_attn.k_proj."
+                         "weight holds NaN/inf values; refusing to convert it (--allow-non-finite "
+                         "to convert anyway)\n")
     with pytest.raises(FileNotFoundError):
         find_checkpoint(tmp_path / "mg")
     hf_to_megatron_main(["--hf-path", str(src), "--save", str(tmp_path / "mg"),
                          "--allow-non-finite"])
     assert (find_checkpoint(tmp_path / "mg") / "metadata.json").is_file()
+
+
+def test_non_finite_values_are_found_in_every_chunk():
+    """The reader checks NaN/inf a chunk at a time (a whole-tensor ``torch.isfinite`` makes
+    temporaries twice an embedding's size): a bad value anywhere is found, as by the plain check."""
+    from megatron_simpo.convert.hf_io import all_finite
+
+    base = torch.randn(10, 7).to(torch.bfloat16)
+    assert all_finite(base, chunk_bytes=6)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for at in range(base.numel()):
+            bad = base.clone()
+            bad.view(-1)[at] = value
+            assert all_finite(bad, chunk_bytes=6) == bool(torch.isfinite(bad).all()) is False
 
 
 def _load_weights(rank, checkpoint):
@@ -549,47 +566,107 @@ def test_export_reads_the_checkpoint_a_layer_at_a_time(hf_models, converted_llam
     assert all(torch.equal(tensor, exported[name]) for name, tensor in original.items())
 
 
-def _import_and_inspect_saved_views(rank, hf_dir, save):
-    """Import at TP=2; report the tensors handed to the checkpoint writer that are views into a
-    larger storage (the writer copies each of those), and the weights the model still holds."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    from megatron_simpo.convert.conversion import ImportConfig, _import_worker
-    from megatron_simpo.model.architecture import ModelConfig
-
-    views, original = [], dist_checkpointing.save
-
-    def inspecting_save(state, *args, **kwargs):
-        for value in nested_values(state):
-            if isinstance(value, ShardedTensorFactory):
-                views.append(value.key)  # the writer builds views from it
-            elif isinstance(value, ShardedTensor):
-                data = value.data
-                if data.untyped_storage().nbytes() != data.numel() * data.element_size():
-                    views.append(value.key)
-        return original(state, *args, **kwargs)
-
-    dist_checkpointing.save = inspecting_save
-    try:
-        config = ImportConfig(hf_path=hf_dir, save=save, tensor_parallel_size=2, dtype="fp32")
-        _import_worker(rank, config, ModelConfig.from_hf_config(hf_dir).to_dict(), "float32")
-    finally:
-        dist_checkpointing.save = original
-    return sorted(set(views))
+STREAM_ARCHS = ("llama3", "llama3.2", "qwen2")  # untied, tied, QKV bias
 
 
-def test_import_hands_the_writer_no_views(hf_models, tmp_path):
-    """Megatron-Core's writer copies every view it is given (the SwiGLU fc1 as gate and up), all
-    at once, while the model stays whole: the importer gives it tensors with their own storage
-    instead, and the checkpoint still gives the HF model's logits."""
+def _streamed_and_filled(rank, tp, pp, hf_dirs, out_dir, also_load):
+    """Per architecture: import streamed (``convert_rank``, bf16) and, as the reference, fill the
+    whole model shard from the HF state dict (``llama.load_rank_state``) and save it with
+    Megatron-Core's own writer. Load both, and the streamed checkpoints in ``also_load`` (saved
+    at another layout), through the normal load path. Returns the loaded states and, in order,
+    the streamed import's writes ("w") and builds of Megatron tensors (the bytes the tensors
+    written before it still held then)."""
+    import importlib
+    import weakref
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+    from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
 
-    _, hf_dir = hf_models["llama3"]
-    results = run_on_ranks(2, _import_and_inspect_saved_views, str(hf_dir), str(tmp_path / "mg"))
-    assert results == [[], []], results
-    megatron_to_hf_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "hf")])
-    original = load_file(hf_dir / "model.safetensors")
-    exported = load_file(tmp_path / "hf" / "model.safetensors")
-    assert all(torch.equal(tensor, exported[name]) for name, tensor in original.items())
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.convert import hf_to_megatron, llama
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.builder import build_model
+
+    # Megatron-Core's writer binds torch's _write_item when imported: before it is wrapped here.
+    importlib.import_module("megatron.core.dist_checkpointing.strategies.torch")
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    runtime.initialize(parallel, seed=0)
+    out, events, written = {}, [], []
+    build, write = hf_to_megatron.megatron_tensor, dcp_files._write_item
+
+    def on_write(*args, **kwargs):
+        events.append("w")
+        if torch.is_tensor(args[2]):
+            written.append(weakref.ref(args[2]))
+        return write(*args, **kwargs)
+
+    def on_build(*args):
+        alive = [ref() for ref in written]
+        events.append(sum(t.untyped_storage().nbytes() for t in alive if t is not None))
+        return build(*args)
+
+    for arch, hf_dir in hf_dirs.items():
+        config = ModelConfig.from_hf_config(hf_dir)
+        streamed = Path(out_dir) / f"{arch}-tp{tp}-pp{pp}"
+        hf_to_megatron.megatron_tensor, dcp_files._write_item = on_build, on_write
+        try:
+            hf_to_megatron.convert_rank(hf_dir, streamed, config, parallel, torch.bfloat16)
+        finally:
+            hf_to_megatron.megatron_tensor, dcp_files._write_item = build, write
+        full = llama.hf_to_megatron(load_file(Path(hf_dir) / "model.safetensors"), config,
+                                    config.padded_vocab_size(tp))
+        model = build_model(config, parallel, params_dtype=torch.bfloat16)
+        llama.load_rank_state(model, full, config, tp_rank=ps.get_tensor_model_parallel_rank(),
+                              tp_size=tp, pp_rank=ps.get_pipeline_model_parallel_rank(),
+                              pp_size=pp)
+        checkpointing.save_model_only(Path(out_dir) / f"{arch}-ref-tp{tp}-pp{pp}", 0, model, config)
+        for name in [streamed.name, f"{arch}-ref-tp{tp}-pp{pp}", *(f"{arch}-{x}" for x in also_load)]:
+            model = build_model(config, parallel, params_dtype=torch.bfloat16)
+            path = checkpointing.find_checkpoint(Path(out_dir) / name)
+            checkpointing.load_checkpoint(path, model, model_config=config)
+            out[name] = {k: v.clone() for k, v in model.state_dict().items()
+                         if not k.endswith("_extra_state")}
+    return out, events
+
+
+def test_streamed_import_equals_the_filled_model_saved(hf_models, tmp_path):
+    """The import builds each tensor only as the writer writes it (never two builds without a
+    write between, every tensor written before a build already freed), and its checkpoint holds
+    what saving the whole filled model with
+    Megatron-Core's writer holds: same keys, shapes, dtypes and chunks, and bit-identical weights
+    when loaded at its own layout and at another (TP=2 <-> PP=2)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf_dirs = {arch: str(hf_models[arch][1]) for arch in STREAM_ARCHS}
+    loaded = run_on_ranks(2, _streamed_and_filled, 2, 1, hf_dirs, str(tmp_path), [])
+    loaded += run_on_ranks(2, _streamed_and_filled, 1, 2, hf_dirs, str(tmp_path), ["tp2-pp1"])
+    for arch in STREAM_ARCHS:
+        for layout in ("tp2-pp1", "tp1-pp2"):
+            metadata = [FileSystemReader(str(tmp_path / name / "iter_0000000")).read_metadata()
+                        .state_dict_metadata for name in (f"{arch}-{layout}", f"{arch}-ref-{layout}")]
+            assert metadata[0].keys() == metadata[1].keys()
+            for key, streamed in metadata[0].items():
+                reference = metadata[1][key]
+                assert type(streamed) is type(reference), key
+                if not hasattr(reference, "chunks"):
+                    continue  # a ShardedObject's bytes
+                assert (streamed.size, streamed.properties.dtype) == \
+                    (reference.size, reference.properties.dtype), key
+                assert sorted((tuple(c.offsets), tuple(c.sizes)) for c in streamed.chunks) == \
+                    sorted((tuple(c.offsets), tuple(c.sizes)) for c in reference.chunks), key
+    for rank, (states, events) in enumerate(loaded):
+        built = "".join("w" if e == "w" else "b" for e in events)
+        assert built.count("b") >= 3 * 10 and "bb" not in built, built
+        assert not any(e for e in events if e != "w"), events
+        layout = "tp2-pp1" if rank < 2 else "tp1-pp2"
+        for arch in STREAM_ARCHS:
+            reference = states[f"{arch}-ref-{layout}"]
+            others = [f"{arch}-{layout}"] + ([f"{arch}-tp2-pp1"] if rank >= 2 else [])
+            for name in others:
+                assert states[name].keys() == reference.keys()
+                for key, tensor in reference.items():
+                    assert tensor.dtype == states[name][key].dtype == torch.bfloat16, key
+                    assert torch.equal(tensor, states[name][key]), (name, key)

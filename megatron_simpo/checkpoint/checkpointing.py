@@ -34,7 +34,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               read_train_state, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
                                               write_failure_reason, write_tracker)
-from megatron_simpo.checkpoint.streaming import own_storage
+from megatron_simpo.checkpoint.streaming import TensorSourceError, streaming_strategy
 from megatron_simpo.distributed.runtime import max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
@@ -162,10 +162,13 @@ def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
 
 
 def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
-                      model_config: ModelConfig, assets: dict[str, Path] | None) -> Path:
+                      model_config: ModelConfig, assets: dict[str, Path] | None,
+                      sharded_strategy=None) -> Path:
     """Save ``state`` into ``iter_NNNNNNN.partial``, then publish it (all ranks call this).
 
     ``assets`` (name -> folder, e.g. the tokenizer) are copied next to the iterations once.
+    ``sharded_strategy``: Megatron-Core's default (``torch_dist``) unless given. A streamed
+    tensor's failed source (:class:`TensorSourceError`) is raised as it is, not as a write error.
     """
     from megatron.core import dist_checkpointing
 
@@ -182,7 +185,7 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
         dist.barrier()
         dtype = next(model.parameters()).dtype
         state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
-        dist_checkpointing.save(state, str(partial))
+        dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
         if rank == 0:
             model_config.save(partial / MODEL_CONFIG_FILE)
             # The assets (tokenizer, original HF config) travel inside the iteration, so they
@@ -199,6 +202,8 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
     if max_over_world(0 if failure is None else 1):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(failure, TensorSourceError):
+            raise failure
         raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
                               f"{_latest_note(root)}") from failure
     if rank == 0:
@@ -239,18 +244,20 @@ def save_checkpoint(save_dir: str | Path, train_state: TrainState, model, optimi
 
 
 def save_model_only(save_dir: str | Path, iteration: int, model, model_config: ModelConfig,
-                    assets: dict[str, Path] | None = None, *, release_model: bool = False) -> Path:
+                    assets: dict[str, Path] | None = None, *, produce=None,
+                    progress: bool = False) -> Path:
     """Weights only, same layout: what converters write for ``--pretrained-checkpoint``.
 
-    ``release_model`` (a converter's throw-away model): a weight saved as several views (the
-    SwiGLU ``linear_fc1`` as gate and up) is copied view by view and the parameter freed at
-    once, instead of the writer copying every view while the model stays whole. The files are
-    the same; the model holds no weights afterwards.
+    ``produce`` (a converter's model, built without initialisation): the weights are not in
+    ``model`` but made by ``produce(state_dict_name)`` one at a time, as the writer writes them
+    (:func:`streaming.streaming_strategy`), so the whole model is never in memory; ``progress``
+    shows a bar of the tensors written. The files hold what saving the filled model would.
     """
-    state = model.sharded_state_dict()
-    if release_model:
-        own_storage(state, model)
-    return _write_checkpoint(save_dir, iteration, {"model": state}, model, model_config, assets)
+    strategy = None
+    if produce is not None:
+        strategy = streaming_strategy(model, produce, progress=progress)
+    return _write_checkpoint(save_dir, iteration, {"model": model.sharded_state_dict()}, model,
+                             model_config, assets, sharded_strategy=strategy)
 
 
 def saved_params_dtype(checkpoint: Path) -> torch.dtype:

@@ -1,9 +1,10 @@
 """Hugging Face checkpoint -> Megatron distributed checkpoint (one call per rank).
 
-Each rank builds its own shard of the model (no random initialisation), fills every tensor from
-the HF files one at a time and the ranks save together. Peak memory is the model once plus, per
-rank, the HF tensors of the one Megatron tensor being built; the save copies no more than one
-weight at a time (``save_model_only(release_model=True)``).
+Each rank builds its own shard of the model without initialising it (the weights are allocated
+but never written, so never resident) and the ranks save it together; each tensor of the
+checkpoint is built from the HF files only when the writer writes it, and freed after
+(``save_model_only(produce=...)``). Peak memory per rank is the runtime plus the one Megatron
+tensor being built: its HF tensors (memory-mapped), the unsplit tensor and this rank's shard.
 """
 
 from __future__ import annotations
@@ -44,26 +45,21 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     model = build_model(config, parallel, params_dtype=dtype, perform_initialization=False)
     padded = config.padded_vocab_size(tp)
-    targets = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    shapes = {n: t.shape for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
 
-        bar = tqdm(total=len(targets), desc=f"rank {dist.get_rank()} tensors", unit="tensor")
-    with torch.no_grad():
-        for local_name, target in targets.items():
-            name = to_global_name(local_name, config, pp_rank, pp)
+    def produce(local_name: str) -> torch.Tensor:
+        """This rank's shard of one tensor, in the model's dtype, in storage of its own."""
+        name = to_global_name(local_name, config, pp_rank, pp)
+        with torch.no_grad():
             full = megatron_tensor(name, reader.get, config, padded)
             shard = split_tensor(name, full, tp)[tp_rank]
-            if shard.shape != target.shape:
+            if shard.shape != shapes[local_name]:
                 raise ValueError(f"tensor {name}: converted shard {tuple(shard.shape)} does not "
-                                 f"match the model's {tuple(target.shape)}")
-            target.copy_(shard)
-            del full, shard
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+                                 f"match the model's {tuple(shapes[local_name])}")
+            out = torch.empty(shard.shape, dtype=dtype)
+            out.copy_(shard)
+        return out
+
     with tempfile.TemporaryDirectory() as staging:
         # The tokenizer and the original config.json are published inside the iteration, with
         # the weights (rank 0 writes them).
@@ -71,4 +67,5 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
         if dist.get_rank() == 0:
             tokenizer_dir, hf_dir = copy_metadata(hf_path, staging)
             assets = {"tokenizer": tokenizer_dir, "hf": hf_dir}
-        return save_model_only(save, 0, model, config, assets=assets, release_model=True)
+        return save_model_only(save, 0, model, config, assets=assets, produce=produce,
+                               progress=progress)
