@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megatron_simpo.data.batching import PairLengths, row_length
+from megatron_simpo.distributed.parallel import context_parallel_positions
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,19 @@ class PreferenceBatch:
 
     def with_reference(self, reference_logp_sum: torch.Tensor) -> "PreferenceBatch":
         return replace(self, reference_logp_sum=reference_logp_sum)
+
+    def context_parallel_share(self, rank: int, size: int) -> "PreferenceBatch":
+        """What CP rank ``rank`` of ``size`` runs: the positions
+        ``context_parallel_positions(s, rank, size)`` of tokens, labels, loss mask, position and
+        sequence ids ([rows, s/size]). The attention mask and segment starts stay the whole
+        row's (the attention takes them at its query rows); the pair count is unchanged (every
+        CP rank's per-sequence sums are partial: the step adds them over the CP group)."""
+        if size == 1:
+            return self
+        at = context_parallel_positions(self.seq_length, rank, size, device=self.tokens.device)
+        return replace(self, **{name: getattr(self, name)[:, at] for name in (
+            "tokens", "labels", "loss_mask", "position_ids", "sequence_ids")
+            if getattr(self, name) is not None})
 
 
 def _sequence(pair: TokenizedPair, index: int, offset: int, limit: int) -> tuple[torch.Tensor, int]:
