@@ -198,3 +198,24 @@ def test_context_parallel_step_matches_single_process_reference(cp_world, name):
         assert abs(step["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
     _compare(grads, steps, hf_config, "grads", 1e-5)
     _compare(params, steps, hf_config, "params", 1e-5)
+
+
+def test_resume_with_context_parallelism_is_exact_and_loads_at_cp1(tmp_path):
+    """A CP2 run saved at iteration 2 resumes exactly at CP2, and its checkpoint (CP ranks hold
+    replicas) loads at CP1 (there DP2) and trains the same steps, within 1e-5."""
+    from megatron_simpo.model.tiny import write_default
+    from tests.test_train import _argv, _train
+
+    tiny = write_default(tmp_path / "tiny", train_pairs=64, valid_pairs=8, seed=7)
+    cp2 = dict(context_parallel_size=2)
+    straight, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=4, save=tmp_path / "a",
+                                                save_interval=2, **cp2))[0]
+    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    resumed, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=4, load=tmp_path / "a",
+                                               save=tmp_path / "b", **cp2))[0]
+    assert len(straight) == 4 and resumed == straight[2:], (resumed, straight)
+    at_cp1, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=4, load=tmp_path / "a",
+                                              save=tmp_path / "c"))[0]
+    assert len(at_cp1) == 2
+    for got, want in zip(at_cp1, straight[2:]):
+        assert abs(got - want) <= 1e-5, (at_cp1, straight)
