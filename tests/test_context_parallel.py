@@ -200,14 +200,30 @@ def test_context_parallel_step_matches_single_process_reference(cp_world, name):
     _compare(params, steps, hf_config, "params", 1e-5)
 
 
-def test_resume_with_context_parallelism_is_exact_and_loads_at_cp1(tmp_path):
+def _refused(argv, capsys, message):
+    from megatron_simpo.cli.arguments import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_with_context_parallelism_is_exact_and_loads_at_cp1(tmp_path, capsys):
     """A CP2 run saved at iteration 2 resumes exactly at CP2, and its checkpoint (CP ranks hold
-    replicas) loads at CP1 (there DP2) and trains the same steps, within 1e-5."""
+    replicas) loads at CP1 (there DP2) and trains the same steps, within 1e-5. Lengths that do
+    not split into 2*CP chunks are refused in one line naming the flags."""
     from megatron_simpo.model.tiny import write_default
     from tests.test_train import _argv, _train
 
     tiny = write_default(tmp_path / "tiny", train_pairs=64, valid_pairs=8, seed=7)
     cp2 = dict(context_parallel_size=2)
+    _refused(_argv(tiny, train_iters=1, seq_length=62, **cp2), capsys,
+             "--seq-length (62) must be a multiple of 4: --context-parallel-size 2 cuts every "
+             "row into 4 equal chunks")
+    _refused(_argv(tiny, train_iters=1, pack_sequences=True, max_tokens_per_microbatch=66,
+                   **cp2), capsys, "--max-tokens-per-microbatch (66) must be a multiple of 4")
+    _refused(_argv(tiny, train_iters=1, context_parallel_size=0), capsys,
+             "--context-parallel-size must be a positive integer, got 0")
     straight, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=4, save=tmp_path / "a",
                                                 save_interval=2, **cp2))[0]
     (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("2\n")

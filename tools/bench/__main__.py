@@ -23,6 +23,7 @@ BENCHMARKS = {
     "attention": ("attention", "Megatron-Core's local attention core vs torch SDPA"),
     "convert": ("convert", "HF <-> Megatron conversion: time, peak memory"),
     "data": ("data", "data preparation: the memory-mapped cache vs in memory"),
+    "context_parallel": ("context_parallel", "peak memory per rank of a step: CP1 vs CP2"),
     "cache_check": ("cache_check", "checking a data cache entry on open: checksums, token ids"),
 }
 
