@@ -235,3 +235,32 @@ def test_resume_with_context_parallelism_is_exact_and_loads_at_cp1(tmp_path, cap
     assert len(at_cp1) == 2
     for got, want in zip(at_cp1, straight[2:]):
         assert abs(got - want) <= 1e-5, (at_cp1, straight)
+
+
+def test_split_is_megatrons_and_lengths_align(monkeypatch):
+    """Each CP rank's positions are those Megatron-Core's get_pos_emb_on_this_cp_rank cuts out
+    of RoPE's table (its pinned-memory index tensor made plain for the CPU); lengths align to
+    2*CP chunks (times TP under sequence parallelism)."""
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    from megatron_simpo.distributed.parallel import ParallelConfig, context_parallel_positions
+
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor",
+                        lambda *args, pin_memory=False, **kwargs: real_tensor(*args, **kwargs))
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+
+    class Group:
+        def __init__(self, rank, size):
+            self.rank, self.size = (lambda: rank), (lambda: size)
+
+    for size in (2, 4):
+        table = torch.arange(48).view(48, 1, 1, 1)
+        for rank in range(size):
+            theirs = get_pos_emb_on_this_cp_rank(table, 0, Group(rank, size)).flatten()
+            assert torch.equal(context_parallel_positions(48, rank, size), theirs)
+    assert ParallelConfig(context_parallel_size=2).sequence_multiple == 4
+    assert ParallelConfig(context_parallel_size=2, tensor_model_parallel_size=2,
+                          sequence_parallel=True).sequence_multiple == 8
+    with pytest.raises(ValueError, match="does not split into 2 x --context-parallel-size"):
+        context_parallel_positions(10, 0, 4)
