@@ -47,8 +47,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from megatron_simpo.model.context_parallel import (context_parallel_group, context_parallel_mask,
-                                                   gather_keys_values)
+from megatron_simpo.model.context_parallel import (context_parallel_group, gather_keys_values,
+                                                   shared_mask)
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -142,9 +142,10 @@ class SDPAttention(DotProductAttention):
             if attention_mask is None and packed_seq_params is None and \
                     mask_type != AttnMaskType.causal:
                 raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
-            attention_mask = context_parallel_mask(
+            plain = self.window is None and self.softcap is None  # SDPA takes it additive
+            attention_mask = shared_mask(
                 attention_mask, None if packed_seq_params is None else
-                packed_seq_params.cu_seqlens_q, *positions)
+                packed_seq_params.cu_seqlens_q, *positions, dtype=query.dtype if plain else None)
         elif packed_seq_params is not None:
             if uses_varlen(query) and self.softcap is None and (
                     self.window is None or "window_size" in _VARLEN_ARGS):
@@ -161,6 +162,8 @@ class SDPAttention(DotProductAttention):
                                              q.device, positions)
         if self.softcap is not None:
             context = softcapped_attention(q, k, v, attention_mask, self.sdpa_scale, self.softcap)
+        elif attention_mask is not None and attention_mask.dtype != torch.bool:  # additive
+            context = sdpa(q, k, v, attn_mask=attention_mask, scale=self.sdpa_scale)
         elif attention_mask is not None:
             context = sdpa(q, k, v, attn_mask=~attention_mask, scale=self.sdpa_scale)
         elif mask_type == AttnMaskType.causal:
