@@ -264,3 +264,6 @@ def test_split_is_megatrons_and_lengths_align(monkeypatch):
                           sequence_parallel=True).sequence_multiple == 8
     with pytest.raises(ValueError, match="does not split into 2 x --context-parallel-size"):
         context_parallel_positions(10, 0, 4)
+    with pytest.raises(ValueError, match=r"--pipeline-model-parallel-size \(1\) x "
+                       r"--context-parallel-size \(3\) = 6 does not divide the world size \(4\)"):
+        ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=3).check_world_size(4)

@@ -59,10 +59,11 @@ class ParallelConfig:
 
     def check_world_size(self, world_size: int) -> None:
         if world_size % self.model_parallel_size != 0:
+            cp = (f" x --context-parallel-size ({self.context_parallel_size})"
+                  if self.context_parallel_size > 1 else "")
             raise ValueError(
                 f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) x "
-                f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}) x "
-                f"--context-parallel-size ({self.context_parallel_size}) = "
+                f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}){cp} = "
                 f"{self.model_parallel_size} does not divide the world size ({world_size})"
             )
 
