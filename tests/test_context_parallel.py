@@ -3,7 +3,8 @@
 One spawned 4-rank gloo world runs every multi-rank check in sequence: the CP attention against
 plain SDPA / eager attention on the whole row (causal, packed segments, an explicit mask, a
 Gemma-2 window with soft-capping), then one SimPO step at CP2 x TP2, CP2 x PP2 and CP2 x DP2
-(distributed optimizer), causal and packed rows. The step's reference is tests/test_step.py's
+(distributed optimizer), causal and packed rows, and DPO with its reference model's pass at
+CP2 x TP2 (packed). The step's reference is tests/test_step.py's
 independent one-process Hugging Face computation (which CP1 matches there).
 """
 
@@ -24,6 +25,8 @@ LAYOUTS = {
     "cp2_pp2_packed": (1, 2, 2, True, False),
     "cp2_dp2_distopt": (1, 1, 2, False, True),
 }
+# DPO: the frozen reference model's forward-only pass runs under CP too
+DPO_LAYOUT = (2, 1, 2, True, False)
 
 
 def _pairs(vocab: int, seed: int = 1) -> list[TokenizedPair]:
@@ -110,8 +113,9 @@ def _attention_checks(hf_configs) -> dict:
     return results
 
 
-def _step(hf_config, hf_state, pairs, layout):
-    """One SimPO step at ``layout``: loss, grad norm, TP-merged gradients and parameters."""
+def _step(hf_config, hf_state, pairs, layout, ref_state=None):
+    """One SimPO step at ``layout`` (DPO against ``ref_state`` when given): loss, grad norm,
+    TP-merged gradients and parameters."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -135,14 +139,21 @@ def _step(hf_config, hf_state, pairs, layout):
     state = hf_to_megatron(hf_state, config, config.padded_vocab_size(tp))
     settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=1e9,
                                  use_distributed_optimizer=distopt)
-    parts = build_components(config, parallel, settings, logprob_chunk_size=7, load_policy=(
-        lambda model: load_rank_state(model, state, config, tp_rank=tp_rank, tp_size=tp,
-                                      pp_rank=pp_rank, pp_size=pp)))
+    def loader(weights):
+        return lambda model: load_rank_state(model, weights, config, tp_rank=tp_rank, tp_size=tp,
+                                             pp_rank=pp_rank, pp_size=pp)
+
+    dpo = ref_state is not None
+    reference = hf_to_megatron(ref_state, config, config.padded_vocab_size(tp)) if dpo else None
+    parts = build_components(config, parallel, settings, logprob_chunk_size=7,
+                             load_policy=loader(state), with_reference=dpo,
+                             load_reference=loader(reference) if dpo else None)
+    loss = LossConfig(algorithm="dpo", beta=0.1) if dpo else LossConfig(beta=BETA, gamma=GAMMA)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = pairs[dp_rank * PAIRS // dp_size:(dp_rank + 1) * PAIRS // dp_size]
     batch = collate_packed(mine, 2 * SEQ) if packed else collate_pairs(mine, SEQ)
-    result = train_step([parts.model], parts.optimizer, [batch], LossConfig(beta=BETA, gamma=GAMMA),
-                        head=parts.head)
+    result = train_step([parts.model], parts.optimizer, [batch], loss, head=parts.head,
+                        reference_model=parts.reference)
     finish_param_sync([parts.model])
 
     def gather(tensors):
@@ -162,10 +173,10 @@ def _step(hf_config, hf_state, pairs, layout):
                 config=config)
 
 
-def _world(rank, attention_configs, hf_config, hf_state, pairs):
-    return dict(attention=_attention_checks(attention_configs),
-                steps={name: _step(hf_config, hf_state, pairs, layout)
-                       for name, layout in LAYOUTS.items()})
+def _world(rank, attention_configs, hf_config, hf_state, ref_state, pairs):
+    steps = {name: _step(hf_config, hf_state, pairs, layout) for name, layout in LAYOUTS.items()}
+    steps["dpo_cp2_tp2_packed"] = _step(hf_config, hf_state, pairs, DPO_LAYOUT, ref_state)
+    return dict(attention=_attention_checks(attention_configs), steps=steps)
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +185,12 @@ def cp_world():
     hf_config = tiny_hf_config("llama3")
     hf_state = tiny_hf_model(hf_config).state_dict()
     pairs = _pairs(hf_config["vocab_size"])
+    ref_state = tiny_hf_model(hf_config, seed=1).state_dict()
     attention_configs = {"llama3": hf_config, "gemma2": tiny_hf_config("gemma2")}
-    results = run_on_ranks(4, _world, attention_configs, hf_config, hf_state, pairs)
-    reference = _reference_step(hf_config, hf_state, collate_pairs(pairs, SEQ), "simpo")
+    results = run_on_ranks(4, _world, attention_configs, hf_config, hf_state, ref_state, pairs)
+    batch = collate_pairs(pairs, SEQ)
+    reference = {"simpo": _reference_step(hf_config, hf_state, batch, "simpo"),
+                 "dpo": _reference_step(hf_config, hf_state, batch, "dpo", ref_state)}
     return results, reference, hf_config
 
 
@@ -189,9 +203,10 @@ def test_context_parallel_attention_equals_whole_row_attention(cp_world):
             assert out_diff <= 1e-5 and grad_diff <= 1e-5, (rank, name, out_diff, grad_diff)
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", [*sorted(LAYOUTS), "dpo_cp2_tp2_packed"])
 def test_context_parallel_step_matches_single_process_reference(cp_world, name):
-    results, (loss, grads, grad_norm, params), hf_config = cp_world
+    results, reference, hf_config = cp_world
+    loss, grads, grad_norm, params = reference["dpo" if name.startswith("dpo") else "simpo"]
     steps = [result["steps"][name] for result in results]
     for step in steps:
         assert abs(step["metrics"]["loss"] - loss) <= 1e-5, (step["metrics"]["loss"], loss)
