@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         wants_help = argv[:1] in (["-h"], ["--help"])
         unknown = "" if not argv or wants_help else f"unknown benchmark {argv[0]!r}\n"
         print(f"{unknown}usage: python -m tools.bench BENCHMARK [--help | options]\n\nbenchmarks:",
-              *(f"  {name:<12}{about}" for name, (_, about) in BENCHMARKS.items()), sep="\n",
+              *(f"  {name:<{max(map(len, BENCHMARKS)) + 2}}{about}"
+                for name, (_, about) in BENCHMARKS.items()), sep="\n",
               file=sys.stdout if wants_help else sys.stderr)
         raise SystemExit(0 if wants_help else 2)
     importlib.import_module(f"tools.bench.{BENCHMARKS[argv[0]][0]}").main(argv[1:])
