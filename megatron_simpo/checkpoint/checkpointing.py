@@ -45,7 +45,7 @@ __all__ = ["CheckpointError", "MODEL_CONFIG_FILE", "TRACKER_FILE", "TrainState",
            "read_train_state", "remove_iterations_after", "save_checkpoint", "save_model_only",
            "saved_iterations", "saved_params_dtype"]
 
-def _rng_state_object(parallel_ranks: tuple[int, int, int], parallel_sizes: tuple[int, int, int]):
+def _rng_state_object(parallel_ranks: tuple[int, ...], parallel_sizes: tuple[int, ...]):
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -71,13 +71,19 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def _layout() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """This rank's (PP, TP, DP) ranks and sizes, with the CP rank and size after them under
+    context parallelism (CP ranks keep their own RNG states; without CP the tuples are those of
+    checkpoints written before CP existed, which therefore still restore their RNG)."""
     from megatron.core import parallel_state as ps
 
     ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
              ps.get_data_parallel_rank())
     sizes = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
              ps.get_data_parallel_world_size())
+    if ps.get_context_parallel_world_size() > 1:
+        ranks += (ps.get_context_parallel_rank(),)
+        sizes += (ps.get_context_parallel_world_size(),)
     return ranks, sizes
 
 

@@ -30,7 +30,8 @@ SECTIONS = (
         "recompute_method", "recompute_num_layers", "logprob_chunk_size"),
         names={"model_config_path": ("--model-config",)}),
     Section("parallelism", ParallelConfig, key="parallel", fields=(
-        "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")),
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+        "sequence_parallel")),
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "train_split", "valid_split", "dataset_config",
         "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",

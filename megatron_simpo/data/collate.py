@@ -20,6 +20,7 @@ import torch
 
 from megatron_simpo.data.batching import PairLengths, row_length
 from megatron_simpo.data.shared_rows import shared_fields
+from megatron_simpo.distributed.parallel import context_parallel_positions
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,27 @@ class PreferenceBatch:
 
     def with_reference(self, reference_logp_sum: torch.Tensor) -> "PreferenceBatch":
         return replace(self, reference_logp_sum=reference_logp_sum)
+
+    def context_parallel_share(self, rank: int, size: int) -> "PreferenceBatch":
+        """What CP rank ``rank`` of ``size`` runs: the positions
+        ``context_parallel_positions(s, rank, size)`` of tokens, labels, loss mask, position and
+        sequence ids ([rows, s/size]), and of shared-prompt rows the scored tokens at those
+        positions (re-indexed). The attention mask and segment starts stay the whole row's (the attention takes them at its query rows); the pair count is unchanged (every
+        CP rank's per-sequence sums are partial: the step adds them over the CP group)."""
+        if size == 1:
+            return self
+        at = context_parallel_positions(self.seq_length, rank, size, device=self.tokens.device)
+        share = {name: getattr(self, name)[:, at] for name in (
+            "tokens", "labels", "loss_mask", "position_ids", "sequence_ids")
+            if getattr(self, name) is not None}
+        if self.scored is not None:  # the scored tokens whose position this rank holds
+            local = torch.full((self.seq_length,), -1, dtype=torch.long, device=at.device)
+            local[at] = torch.arange(len(at), device=at.device)
+            rows, index, labels, sequences = self.scored
+            mine = local[index] >= 0
+            share["scored"] = torch.stack([rows[mine], local[index[mine]], labels[mine],
+                                           sequences[mine]])
+        return replace(self, **share)
 
 
 def _sequence(pair: TokenizedPair, index: int, offset: int, limit: int) -> tuple[torch.Tensor, int]:

@@ -1,9 +1,12 @@
-"""Parallel layout of a run: tensor- and pipeline-parallel sizes, validated before anything is built."""
+"""Parallel layout of a run: tensor-, pipeline- and context-parallel sizes, validated before
+anything is built; and where a context-parallel rank's tokens lie in a row."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:  # an annotation only: distributed/ does not depend on model/
     from megatron_simpo.model.architecture import ModelConfig
@@ -11,7 +14,7 @@ if TYPE_CHECKING:  # an annotation only: distributed/ does not depend on model/
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """How the world is split. The data-parallel size is what remains: world / (TP * PP)."""
+    """How the world is split. The data-parallel size is what remains: world / (TP * PP * CP)."""
 
     tensor_model_parallel_size: int = 1
     """Ranks that split every layer's weights (TP)."""
@@ -20,11 +23,16 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split norm/residual activations along the sequence over the TP ranks: all-reduces
     become reduce-scatter + all-gather pairs and those activations take 1/TP of the memory."""
+    context_parallel_size: int = 1
+    """Ranks that split every row along the sequence (CP): each holds 2 of 2*CP equal chunks
+    (chunks r and 2*CP-1-r, balancing causal attention's work) and attends its queries to the
+    keys and values gathered from the whole row; rows are padded to a multiple of 2*CP."""
 
     def __post_init__(self) -> None:
         for flag, value in (
             ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
             ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+            ("--context-parallel-size", self.context_parallel_size),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
@@ -34,12 +42,16 @@ class ParallelConfig:
 
     @property
     def sequence_multiple(self) -> int:
-        """Model input lengths must be a multiple of this (the TP size under sequence parallelism)."""
-        return self.tensor_model_parallel_size if self.sequence_parallel else 1
+        """Model input lengths must be a multiple of this: 2*CP chunks (context parallelism),
+        each rank's share split over the TP ranks (sequence parallelism)."""
+        cp_chunks = 2 * self.context_parallel_size if self.context_parallel_size > 1 else 1
+        return cp_chunks * (self.tensor_model_parallel_size if self.sequence_parallel else 1)
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        """Ranks that hold different parts of one copy of the model or of its rows (TP*PP*CP)."""
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
 
     def data_parallel_size(self, world_size: int) -> int:
         self.check_world_size(world_size)
@@ -47,9 +59,11 @@ class ParallelConfig:
 
     def check_world_size(self, world_size: int) -> None:
         if world_size % self.model_parallel_size != 0:
+            cp = (f" x --context-parallel-size ({self.context_parallel_size})"
+                  if self.context_parallel_size > 1 else "")
             raise ValueError(
                 f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) x "
-                f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}) = "
+                f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}){cp} = "
                 f"{self.model_parallel_size} does not divide the world size ({world_size})"
             )
 
@@ -71,3 +85,22 @@ class ParallelConfig:
         self.check_world_size(world_size)
         if model is not None:
             self.check_model(model)
+
+
+def context_parallel_positions(length: int, rank: int, size: int,
+                               device: torch.device | str | None = None) -> torch.Tensor:
+    """[length / size] the row positions CP rank ``rank`` of ``size`` holds, in its order.
+
+    The row is cut into 2*size equal chunks; rank r holds chunks r and 2*size-1-r, one early
+    and one late, so every rank's causal-attention work is the same (Megatron-Core's split:
+    ``get_pos_emb_on_this_cp_rank`` takes RoPE angles at the same positions). ``length`` must
+    be a multiple of 2*size; with size 1 this is 0..length-1.
+    """
+    if size == 1:
+        return torch.arange(length, device=device)
+    if length % (2 * size):
+        raise ValueError(f"a row of {length} positions does not split into 2 x "
+                         f"--context-parallel-size ({size}) equal chunks")
+    chunk = length // (2 * size)
+    starts = (rank * chunk, (2 * size - 1 - rank) * chunk)
+    return torch.cat([torch.arange(start, start + chunk, device=device) for start in starts])

@@ -61,6 +61,7 @@ def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
     )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

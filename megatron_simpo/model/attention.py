@@ -28,10 +28,16 @@ On GPUs:
   (``torch.nn.attention.varlen``) in bf16/fp16: each sequence attends causally to itself, with
   no [s, s] mask. Elsewhere (CPUs, fp32, an older PyTorch) the same segments become the
   block-diagonal causal mask.
+
+Context parallelism (``context_parallel_size`` > 1): each rank attends its own queries to the
+keys and values of the whole row, all-gathered over the CP group, under the whole row's mask
+taken at its query rows (any mask: causal, packed segments, an explicit [b, 1, s, s] one, with
+windows and soft-capping): :mod:`megatron_simpo.model.context_parallel`.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -40,6 +46,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from megatron_simpo.model.context_parallel import (context_parallel_group, gather_keys_values,
+                                                   shared_mask)
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -81,6 +90,11 @@ class SDPAttention(DotProductAttention):
                  attention_type: str, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection=None, softcap: float | None = None):
+        self_config = config
+        if config.context_parallel_size > 1:
+            # Megatron's DotProductAttention refuses CP (it is TE's there); this module does it.
+            config = copy.copy(config)
+            config.context_parallel_size = 1
         super().__init__(config, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
@@ -102,6 +116,8 @@ class SDPAttention(DotProductAttention):
         self.softcap = softcap
         self.window = (config.window_size[0] if is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, layer_number) else None)
+        self.cp_group = (context_parallel_group(pg_collection)
+                         if self_config.context_parallel_size > 1 else None)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -109,7 +125,8 @@ class SDPAttention(DotProductAttention):
                 ) -> torch.Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn]; ``attention_mask`` True where a
         query may NOT attend (Megatron's convention), or None with a causal mask type.
-        Returns [sq, b, np * hn]."""
+        Under context parallelism sq and sk are this rank's positions and ``attention_mask`` is
+        the whole row's [b, 1, s, s]. Returns [sq, b, np * hn]."""
         if attention_bias is not None:
             raise ValueError("the local layer spec's SDPA attention takes no attention bias: use "
                              "--transformer-impl transformer_engine")
@@ -118,11 +135,22 @@ class SDPAttention(DotProductAttention):
                 raise ValueError("the local layer spec's SDPA attention takes packed sequences as "
                                  "one row in sbhd layout (THD is Transformer Engine's), got "
                                  f"{packed_seq_params.qkv_format} with {query.shape[1]} rows")
+        mask_type = attn_mask_type or self.attn_mask_type
+        positions = None
+        if self.cp_group is not None:
+            key, value, *positions = gather_keys_values(key, value, self.cp_group)
+            if attention_mask is None and packed_seq_params is None and \
+                    mask_type != AttnMaskType.causal:
+                raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
+            plain = self.window is None and self.softcap is None  # SDPA takes it additive
+            attention_mask = shared_mask(
+                attention_mask, None if packed_seq_params is None else
+                packed_seq_params.cu_seqlens_q, *positions, dtype=query.dtype if plain else None)
+        elif packed_seq_params is not None:
             if uses_varlen(query) and self.softcap is None and (
                     self.window is None or "window_size" in _VARLEN_ARGS):
                 return self._varlen(query, key, value, packed_seq_params)
             attention_mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
-        mask_type = attn_mask_type or self.attn_mask_type
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
@@ -131,9 +159,11 @@ class SDPAttention(DotProductAttention):
             v = v.repeat_interleave(repeat, dim=1)
         if self.window is not None or self.softcap is not None:
             attention_mask = self._full_mask(attention_mask, mask_type, q.shape[2], k.shape[2],
-                                             q.device)
+                                             q.device, positions)
         if self.softcap is not None:
             context = softcapped_attention(q, k, v, attention_mask, self.sdpa_scale, self.softcap)
+        elif attention_mask is not None and attention_mask.dtype != torch.bool:  # additive
+            context = sdpa(q, k, v, attn_mask=attention_mask, scale=self.sdpa_scale)
         elif attention_mask is not None:
             context = sdpa(q, k, v, attn_mask=~attention_mask, scale=self.sdpa_scale)
         elif mask_type == AttnMaskType.causal:
@@ -144,8 +174,11 @@ class SDPAttention(DotProductAttention):
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
-    def _full_mask(self, attention_mask, mask_type, sq: int, sk: int, device) -> torch.Tensor:
-        """The mask as a bool tensor (True: may NOT attend), with this layer's window."""
+    def _full_mask(self, attention_mask, mask_type, sq: int, sk: int, device,
+                   positions=None) -> torch.Tensor:
+        """The mask as a bool tensor (True: may NOT attend), with this layer's window;
+        ``positions`` (query_at [sq], key_at [sk]): the row positions of queries and keys
+        (context parallelism), else the last sq of 0..sk-1 and 0..sk-1."""
         if attention_mask is None:
             if mask_type != AttnMaskType.causal:
                 raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
@@ -153,8 +186,9 @@ class SDPAttention(DotProductAttention):
                 sk - sq + 1).view(1, 1, sq, sk)
         if self.window is None:
             return attention_mask
-        query_at = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
-        distance = query_at - torch.arange(sk, device=device).unsqueeze(0)
+        query_at, key_at = positions or (torch.arange(sq, device=device) + (sk - sq),
+                                         torch.arange(sk, device=device))
+        distance = query_at.unsqueeze(1) - key_at.unsqueeze(0)
         return attention_mask | (distance > self.window).view(1, 1, sq, sk)
 
     def _varlen(self, query, key, value, packed_seq_params) -> torch.Tensor:

@@ -63,6 +63,7 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         init_method_std=config.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -255,6 +256,30 @@ def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torc
     return table[position_ids.t()].squeeze(2)
 
 
+def _context_parallel_positions(model, input_ids, position_ids):
+    """[b, s/CP] the row positions of this CP rank's tokens: ``position_ids`` as given (the
+    rank's share of a packed row's restarting positions), else the rank's chunks of 0..s-1.
+    On a later pipeline stage (no input ids) these only feed RoPE's angles."""
+    if position_ids is not None:
+        return position_ids
+    from megatron.core import parallel_state
+
+    from megatron_simpo.distributed.parallel import context_parallel_positions
+
+    cp = model.config.context_parallel_size
+    if input_ids is not None:
+        rows, local = input_ids.shape
+        device = input_ids.device
+    else:  # later stages: the decoder's input tensor [s/CP(/TP), b, h]
+        local = model.decoder.input_tensor.shape[0]
+        if model.config.sequence_parallel:
+            local *= model.config.tensor_model_parallel_size
+        rows, device = model.decoder.input_tensor.shape[1], model.decoder.input_tensor.device
+    at = context_parallel_positions(local * cp, parallel_state.get_context_parallel_rank(), cp,
+                                    device=device)
+    return at.unsqueeze(0).expand(rows, -1)
+
+
 @functools.cache
 def _gpt_model_class():
     """Megatron-Core's ``GPTModel`` with RoPE that follows ``position_ids`` (packed rows); made
@@ -301,14 +326,23 @@ def _gpt_model_class():
             if embedding_scale is not None and self.pre_process:
                 self.embedding.register_forward_hook(
                     functools.partial(_scale_embedding, embedding_scale))
+            if self.config.context_parallel_size > 1 and hasattr(self, "rotary_pos_emb"):
+                # Megatron would cut the rank's chunks out of 0..s-1 itself (through pinned
+                # memory, which a CPU lacks): the angles are taken at the rank's positions
+                # instead (_context_parallel_positions), the same ones.
+                self.rotary_pos_emb.cp_group = None
             if final_logit_softcapping is not None and self.post_process:
                 self.output_layer.register_forward_hook(
                     functools.partial(_softcap_logits, final_logit_softcapping))
 
         def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-            output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
             packed = kwargs.get("packed_seq_params")
-            if packed is not None and packed.qkv_format == "thd":
+            thd = packed is not None and packed.qkv_format == "thd"
+            cp = self.config.context_parallel_size
+            if cp > 1 and not thd:
+                position_ids = _context_parallel_positions(self, input_ids, position_ids)
+            output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+            if thd:
                 return output
             rotary = _rotary_at_positions(self, output[1], position_ids)
             if self.local_rotary_pos_emb is not None and rotary is not None:

@@ -142,6 +142,10 @@ class TrainConfig:
                                  "activations around them)")
         if self.data.seq_length % self.sequence_alignment != 0:
             reasons = []
+            if self.parallel.context_parallel_size > 1:
+                reasons.append(f"--context-parallel-size {self.parallel.context_parallel_size} "
+                               f"cuts every row into {2 * self.parallel.context_parallel_size} "
+                               "equal chunks")
             if self.parallel.sequence_parallel:
                 tp = self.parallel.tensor_model_parallel_size
                 reasons.append(f"--sequence-parallel splits it over {tp} TP ranks")
@@ -155,7 +159,12 @@ class TrainConfig:
         if self.batching.pack_sequences and budget % self.sequence_alignment:
             raise ValueError(f"--max-tokens-per-microbatch ({budget}) must be a multiple of "
                              f"{self.sequence_alignment} with --pack-sequences (a packed row is "
-                             "split over sequence-parallel ranks / fed to FP8 GEMMs)")
+                             "split over context- and sequence-parallel ranks / fed to FP8 GEMMs)")
+        if (self.parallel.context_parallel_size > 1 and self.batching.pack_sequences
+                and self.transformer_impl == "transformer_engine"):
+            raise ValueError("--context-parallel-size with --pack-sequences needs --transformer-impl "
+                             "local (Transformer Engine's THD rows under CP need per-rank padded "
+                             "segments, which this project does not lay out)")
         if self.batching.share_prompt and self.transformer_impl != "local":
             raise ValueError("--share-prompt needs --transformer-impl local (its shared-prompt "
                              "mask is an explicit [b, 1, s, s] tensor, which "

@@ -21,7 +21,7 @@ length in iterations is known (``Checkpointer.resume``: ``--train-epochs`` over 
   ``--pretrained-checkpoint``.
 
 How a global batch is split (``--micro-batch-size``, ``--max-tokens-per-microbatch``, the
-parallel layout) may change: the same pairs make the same step.
+parallel layout: TP, PP, CP, DP) may change: the same pairs make the same step.
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ pair losses and its number of pairs (``calculate_per_token_loss=True``). The sch
 counts, ``finalize_model_grads`` all-reduces them over data-parallel ranks and scales the
 gradients by 1 / (pairs in the global batch). The gradient is therefore that of the exact mean
 over all pairs, whatever the split into micro-batches, pipeline stages and data-parallel ranks.
+
+Context parallelism: each CP rank runs its share of every row's positions
+(``PreferenceBatch.context_parallel_share``) and scores only its own tokens, so its
+per-sequence log-prob sums and token counts are partial; they are summed over the CP group
+(forward) and every CP rank computes the same loss from the totals. The backward of that sum is
+the identity: rank r's gradient is the loss's gradient through r's tokens, and Megatron's DDP
+sums gradients over DP x CP, which adds the ranks' parts into the whole. The pair count is
+reported by CP rank 0 alone (``finalize_model_grads`` sums the counts over DP x CP).
 """
 
 from __future__ import annotations
@@ -40,8 +48,51 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+class _SumOverContextParallel(torch.autograd.Function):
+    """All-reduce (sum) over the CP group; backward the identity (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _context_parallel() -> tuple[int, int, object]:
+    """(rank, size, group) of this rank's context-parallel group."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return 0, 1, None
+    return (parallel_state.get_context_parallel_rank(), size,
+            parallel_state.get_context_parallel_group())
+
+
+def _local_share(batch: PreferenceBatch) -> PreferenceBatch:
+    """The part of a micro-batch this CP rank runs (the whole batch without CP)."""
+    rank, size, _ = _context_parallel()
+    return batch.context_parallel_share(rank, size)
+
+
 def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead
                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2n] summed response log-probs and [2n] response lengths of this CP rank's share of the
+    batch, summed over the CP group (the whole sequences' on every CP rank)."""
+    logp_sum, count = _local_logp_sums(batch, output, model, head)
+    _, size, group = _context_parallel()
+    if size == 1:
+        return logp_sum, count
+    both = _SumOverContextParallel.apply(torch.stack([logp_sum, count.to(logp_sum.dtype)]), group)
+    return both[0], both[1].detach().to(count.dtype)
+
+
+def _local_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
 
     ``output`` is what ``head`` scores: [b, s, V_p/tp] logits, or [b, s, h] hidden states
@@ -92,7 +143,9 @@ def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Ten
         None if reference is None else reference[0::2],
         None if reference is None else reference[1::2])
     metric_sums = torch.stack([metrics[name].sum() for name in spec.loss.metric_names])
-    num_pairs = torch.tensor(batch.num_pairs, dtype=torch.int, device=loss.device)
+    # Counted once over the CP group (finalize_model_grads sums counts over DP x CP).
+    pairs = batch.num_pairs if _context_parallel()[0] == 0 else 0
+    num_pairs = torch.tensor(pairs, dtype=torch.int, device=loss.device)
     return loss.sum(), num_pairs, _Report(metric_sums, logp_sum.detach())
 
 
@@ -123,12 +176,12 @@ def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
 
 
 def _forward_step(spec: _StepSpec, data_iterator, model):
-    batch = next(data_iterator)
+    batch = _local_share(next(data_iterator))
     return _forward(batch, model), partial(_loss_func, batch, spec, model)
 
 
 def _logp_sums_forward_step(head: LogprobHead, data_iterator, model):
-    batch = next(data_iterator)
+    batch = _local_share(next(data_iterator))
 
     def collect(output):
         logp_sum, _ = _policy_logp_sums(batch, output, model, head)
@@ -147,7 +200,8 @@ def _run_schedule(forward_step_func, microbatches: Sequence[PreferenceBatch], mo
         model=model_chunks,
         num_microbatches=len(microbatches),
         # Pipeline stages exchange each micro-batch's own shape (variable_seq_lengths, set in
-        # model.transformer_config): these are only the largest.
+        # model.transformer_config): these are only the largest (whole rows: Megatron divides
+        # by the CP size).
         seq_length=max(batch.seq_length for batch in microbatches),
         micro_batch_size=max(batch.tokens.shape[0] for batch in microbatches),
         forward_only=forward_only,

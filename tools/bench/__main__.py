@@ -23,6 +23,7 @@ BENCHMARKS = {
     "attention": ("attention", "Megatron-Core's local attention core vs torch SDPA"),
     "convert": ("convert", "HF <-> Megatron conversion: time, peak memory"),
     "data": ("data", "data preparation: the memory-mapped cache vs in memory"),
+    "context_parallel": ("context_parallel", "peak memory per rank of a step: CP1 vs CP2"),
     "cache_check": ("cache_check", "checking a data cache entry on open: checksums, token ids"),
     "share": ("share_prompt", "shared-prompt rows vs unshared: positions computed, step time"),
 }
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         wants_help = argv[:1] in (["-h"], ["--help"])
         unknown = "" if not argv or wants_help else f"unknown benchmark {argv[0]!r}\n"
         print(f"{unknown}usage: python -m tools.bench BENCHMARK [--help | options]\n\nbenchmarks:",
-              *(f"  {name:<12}{about}" for name, (_, about) in BENCHMARKS.items()), sep="\n",
+              *(f"  {name:<{max(map(len, BENCHMARKS)) + 2}}{about}"
+                for name, (_, about) in BENCHMARKS.items()), sep="\n",
               file=sys.stdout if wants_help else sys.stderr)
         raise SystemExit(0 if wants_help else 2)
     importlib.import_module(f"tools.bench.{BENCHMARKS[argv[0]][0]}").main(argv[1:])

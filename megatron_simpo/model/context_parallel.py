@@ -1,0 +1,137 @@
+"""Context parallelism (CP) for the local spec's attention: keys and values gathered over the
+CP group, queries kept local, masks taken at the rank's query rows.
+
+Each CP rank holds ``context_parallel_positions(s, r, CP)`` of every row of s positions
+(chunks r and 2*CP-1-r of 2*CP, Megatron-Core's load-balanced split). Attention is then
+
+    out_r = softmax(q_r K^T * scale + mask[rows(r), cols]) V,  K = [k_0; k_1; ...; k_{CP-1}]
+
+with K and V the concatenation, in rank order, of every rank's keys and values (one
+all-gather of [s/CP, b, ng, 2*hn]: grouped-query attention keeps it small), and ``cols`` the
+row positions of that concatenation. The key order does not matter to attention as long as the
+mask's columns follow it. The backward of the all-gather is a reduce-scatter: rank r's key and
+value gradients are the sums over every rank's queries of their gradients at r's positions.
+
+Masks: causal (``key_at <= query_at``), a packed row's segments (the same segment and causal),
+or any explicit [b, 1, s, s] bool mask of the whole row (True: may NOT attend, Megatron's
+convention), taken at [query rows, gathered key columns]; sliding windows are added from the
+same positions (``SDPAttention._full_mask``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_simpo.distributed.parallel import context_parallel_positions
+
+
+def context_parallel_group(pg_collection=None):
+    """The CP process group of this rank, or None without context parallelism."""
+    group = getattr(pg_collection, "cp", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[s, ...] per rank -> [size * s, ...] in rank order; backward: the sum over ranks of the
+    gradient, each rank keeping its own slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        grad = grad.contiguous()
+        local = grad.shape[0] // size
+        if dist.get_backend(group) == "nccl":
+            out = torch.empty((local, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter
+        return grad[rank * local:(rank + 1) * local].clone(), None
+
+
+def gather_sequence(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every CP rank's [s, ...] along dim 0, in rank order (differentiable, see the class)."""
+    return _GatherSequence.apply(tensor, group)
+
+
+def gather_keys_values(key: torch.Tensor, value: torch.Tensor, group
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """key, value [s/CP, b, ng, hn] of this rank -> (key, value [s, b, ng, hn] of all ranks in
+    rank order, query_at [s/CP] this rank's row positions, key_at [s] the gathered keys')."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    local, hn = key.shape[0], key.shape[-1]
+    both = gather_sequence(torch.cat([key, value], dim=-1), group)
+    length = local * size
+    query_at = context_parallel_positions(length, rank, size, device=key.device)
+    key_at = torch.cat([context_parallel_positions(length, r, size, device=key.device)
+                        for r in range(size)])
+    return both[..., :hn], both[..., hn:], query_at, key_at
+
+
+class _LastMask:
+    """The last mask made, for the layers after the first: every layer of a forward gets the
+    same mask object (its inputs are the same objects), so the attention's saved-for-backward
+    masks are one tensor, not one per layer."""
+
+    inputs: tuple = ()
+    masks: dict = {}
+
+
+def shared_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                query_at: torch.Tensor, key_at: torch.Tensor, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+    """``context_parallel_mask``, made once for as long as its inputs are the same objects (the
+    whole row's mask, the segment starts) or, for causal rows, the same positions; with
+    ``dtype`` as SDPA's additive mask (0 where a query may attend, -inf where not), which SDPA
+    uses as it is (a bool mask it would convert anew in every layer)."""
+    inputs = (attention_mask, cu_seqlens, tuple(query_at.shape), key_at.shape[0],
+              int(query_at[0]), query_at.device)
+    same = len(_LastMask.inputs) == len(inputs) and all(
+        a is b if isinstance(a, torch.Tensor) or a is None else a == b
+        for a, b in zip(_LastMask.inputs, inputs))
+    if not same:
+        _LastMask.inputs, _LastMask.masks = inputs, {}
+    if dtype not in _LastMask.masks:
+        masked = _LastMask.masks.get(None)
+        if masked is None:
+            masked = _LastMask.masks[None] = context_parallel_mask(attention_mask, cu_seqlens,
+                                                                   query_at, key_at)
+        if dtype is not None:
+            _LastMask.masks[dtype] = torch.zeros(masked.shape, dtype=dtype,
+                                                 device=masked.device).masked_fill(
+                masked, float("-inf"))
+    return _LastMask.masks[dtype]
+
+
+def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                          query_at: torch.Tensor, key_at: torch.Tensor) -> torch.Tensor:
+    """[b or 1, 1, sq, sk] bool, True where a query may NOT attend: the whole row's mask at this
+    rank's query rows and the gathered key columns. ``attention_mask`` [b, 1, s, s] (any mask),
+    else a packed row's segment starts ``cu_seqlens`` (block-diagonal causal), else causal."""
+    length = key_at.shape[0]
+    if attention_mask is not None:
+        if attention_mask.shape[-2:] != (length, length):
+            raise ValueError(f"context parallelism takes the whole row's [b, 1, {length}, "
+                             f"{length}] mask, got {tuple(attention_mask.shape)}")
+        return attention_mask[..., query_at, :][..., key_at]
+    masked = key_at.unsqueeze(0) > query_at.unsqueeze(1)
+    if cu_seqlens is not None:
+        segment = torch.repeat_interleave(
+            torch.arange(len(cu_seqlens) - 1, device=key_at.device),
+            cu_seqlens.diff().long().to(key_at.device), output_size=length)
+        masked = masked | (segment[query_at].unsqueeze(1) != segment[key_at].unsqueeze(0))
+    return masked.view(1, 1, *masked.shape)
