@@ -78,3 +78,67 @@ def test_compiled_flex_equals_sdpa_with_gradients_on_gpu(dtype, tolerance):
             assert (out.float() - expected).abs().max().item() <= tolerance, (name, softcap)
             for got, want in zip(grads, ref_grads):
                 assert (got.float() - want).abs().max().item() <= tolerance * 10, (name, softcap)
+
+
+def _dispatch(rank, hf_configs):
+    """SDPAttention with FlexAttention forced on (as on CUDA) against its SDPA / explicit-score
+    path: packed segments, an explicit per-row mask, Gemma-2 windows and soft-capping; and one
+    block mask per forward source shared by the layers."""
+    from unittest import mock
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.attention import SDPAttention
+    from megatron_simpo.model.builder import transformer_config
+
+    from megatron.core import parallel_state
+
+    results = {}
+    for arch, hf_config in hf_configs.items():
+        config = ModelConfig.from_hf_config(hf_config)
+        parallel_state.destroy_model_parallel()
+        runtime.initialize(ParallelConfig(), seed=0, model_config=config)
+        tconfig = transformer_config(config, ParallelConfig())
+        s, hn = 40, config.kv_channels
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(s, 1, n, hn, generator=g) for n in (
+            config.num_attention_heads, config.num_query_groups, config.num_query_groups)]
+        cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=23, max_seqlen_kv=23)
+        explicit = torch.ones(s, s, dtype=torch.bool).triu(1)
+        explicit[30:, 5:12] = True  # some keys a later query may not see
+        cases = {"causal": dict(attention_mask=None), "packed": dict(
+            attention_mask=None, packed_seq_params=packed), "explicit": dict(
+            attention_mask=explicit.view(1, 1, s, s), attn_mask_type=AttnMaskType.arbitrary)}
+        for layer in (1, 2):  # Gemma-2's test config: layer 1 slides, layer 2 is global
+            module = SDPAttention(tconfig, layer_number=layer, attn_mask_type=AttnMaskType.causal,
+                                  attention_type="self", softcap=config.attn_logit_softcapping)
+            for name, kwargs in cases.items():
+                if arch == "llama3" and name == "causal":
+                    continue  # plain causal rows stay on SDPA: nothing to compare
+                with torch.no_grad():
+                    expected = module(*inputs, **kwargs)
+                    flex._cache.clear()
+                    with mock.patch.object(flex, "used_for", return_value=True):
+                        actual = module(*inputs, **kwargs)
+                        again = flex._cache[-1][2]
+                        module(*inputs, **kwargs)  # the same source: the block mask is reused
+                        reused = flex._cache[-1][2] is again and len(flex._cache) == 1
+                results[f"{arch}_{name}_{layer}"] = ((actual - expected).abs().max().item(), reused)
+    return results
+
+
+def test_sdpa_attention_routes_explicit_masks_and_soft_capping_through_flex():
+    from tests.multiprocess import run_on_ranks
+    from tests.tiny import tiny_hf_config
+
+    configs = {"llama3": tiny_hf_config("llama3"), "gemma2": tiny_hf_config("gemma2")}
+    (results,) = run_on_ranks(1, _dispatch, configs)
+    assert len(results) == 10
+    for name, (diff, reused) in results.items():
+        assert diff <= 1e-5 and reused, (name, diff, reused)

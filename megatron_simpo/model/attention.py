@@ -28,6 +28,12 @@ On GPUs:
   (``torch.nn.attention.varlen``) in bf16/fp16: each sequence attends causally to itself, with
   no [s, s] mask. Elsewhere (CPUs, fp32, an older PyTorch) the same segments become the
   block-diagonal causal mask.
+- Every explicit mask that remains (packed rows in fp32 or with soft-capping, shared-prompt
+  rows, sliding windows, context parallelism) and every soft-capped layer goes through
+  FlexAttention (:mod:`megatron_simpo.model.flex`: one compiled kernel that skips the blocks the
+  mask rules out, soft-capping as a score modifier; its block mask is made once per forward and
+  shared by the layers), not through SDPA with a dense mask. Plain causal rows stay on SDPA's
+  flash kernel.
 
 Context parallelism (``context_parallel_size`` > 1): each rank attends its own queries to the
 keys and values of the whole row, all-gathered over the CP group, under the whole row's mask
@@ -47,6 +53,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from megatron_simpo.model import flex
 from megatron_simpo.model.context_parallel import (context_parallel_group, gather_keys_values,
                                                    shared_mask)
 
@@ -137,12 +144,15 @@ class SDPAttention(DotProductAttention):
                                  f"{packed_seq_params.qkv_format} with {query.shape[1]} rows")
         mask_type = attn_mask_type or self.attn_mask_type
         positions = None
+        # What the mask of this forward is made from (flex's block masks are shared by layers).
+        source = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else attention_mask
         if self.cp_group is not None:
             key, value, *positions = gather_keys_values(key, value, self.cp_group)
             if attention_mask is None and packed_seq_params is None and \
                     mask_type != AttnMaskType.causal:
                 raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
-            plain = self.window is None and self.softcap is None  # SDPA takes it additive
+            # SDPA takes it additive; FlexAttention and the explicit scores as a bool mask
+            plain = self.window is None and self.softcap is None and not flex.used_for(query)
             attention_mask = shared_mask(
                 attention_mask, None if packed_seq_params is None else
                 packed_seq_params.cu_seqlens_q, *positions, dtype=query.dtype if plain else None)
@@ -153,13 +163,23 @@ class SDPAttention(DotProductAttention):
             attention_mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.window is not None or self.softcap is not None:
+            attention_mask = self._full_mask(attention_mask, mask_type, q.shape[2], k.shape[2],
+                                             q.device, positions)
+        if attention_mask is not None and flex.used_for(q):
+            if attention_mask.dtype != torch.bool:
+                raise ValueError("FlexAttention takes a bool mask (True: may not attend)")
+            block = flex.cached_block_mask(
+                attention_mask, flex.CAUSAL if source is None else source,
+                (self.window, tuple(attention_mask.shape), attention_mask.device))
+            context = flex.flex_context(q, k, v, attention_mask, self.sdpa_scale, self.softcap,
+                                        mask=block)
+            return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
+                                                       self.hidden_size_per_partition)
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        if self.window is not None or self.softcap is not None:
-            attention_mask = self._full_mask(attention_mask, mask_type, q.shape[2], k.shape[2],
-                                             q.device, positions)
         if self.softcap is not None:
             context = softcapped_attention(q, k, v, attention_mask, self.sdpa_scale, self.softcap)
         elif attention_mask is not None and attention_mask.dtype != torch.bool:  # additive

@@ -23,6 +23,7 @@ nothing (padding) come out as zeros, as SDPA's do not: callers never read them.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -39,6 +40,12 @@ skipped."""
 def available() -> bool:
     """Whether this PyTorch has FlexAttention."""
     return flex_attention is not None
+
+
+def used_for(query: torch.Tensor) -> bool:
+    """Whether an explicit mask or soft-capping on this query goes through FlexAttention: on
+    CUDA, where it compiles; on CPUs SDPA's fused kernels take a dense mask well."""
+    return available() and query.is_cuda
 
 
 @functools.cache
@@ -60,14 +67,40 @@ def block_mask(masked_out: torch.Tensor):
                              _compile=masked_out.is_cuda)
 
 
+_CACHE_SIZE = 2
+_cache: list = []  # [(weakref to the source, key, BlockMask)], newest last
+
+
+class _Causal:
+    """The source of causal masks (made from their shape alone)."""
+
+
+CAUSAL = _Causal()
+
+
+def cached_block_mask(masked_out: torch.Tensor, source, key: tuple):
+    """:func:`block_mask` of ``masked_out``, reused while ``source`` (the object the mask was
+    made from: a micro-batch's mask or segment starts, alive for its forward and backward) and
+    ``key`` (the layer's window, the shapes) are the same: every layer of a forward shares one
+    block mask instead of rebuilding it. A source that is gone never matches (weak reference)."""
+    for ref, cached_key, mask in _cache:
+        if ref() is source and cached_key == key:
+            return mask
+    mask = block_mask(masked_out)
+    _cache.append((weakref.ref(source), key, mask))
+    del _cache[:-_CACHE_SIZE]
+    return mask
+
+
 def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_out: torch.Tensor,
-                 scale: float, softcap: float | None = None) -> torch.Tensor:
+                 scale: float, softcap: float | None = None, *, mask=None) -> torch.Tensor:
     """Attention through FlexAttention.
 
     q [b, np, sq, hn]; k and v [b, ng, sk, hn] (ng query groups: GQA without repeating them);
     ``masked_out`` [b or 1, 1, sq, sk] True where a query may not attend. Returns
     [b, np, sq, hn] = ``softmax_fp32(cap(q k^T * scale) + mask) v`` with ``cap`` the soft-cap
-    ``c * tanh(s / c)`` when ``softcap`` is given, else the identity.
+    ``c * tanh(s / c)`` when ``softcap`` is given, else the identity. ``mask``: the block mask
+    of ``masked_out`` if already made (:func:`cached_block_mask`).
     """
     if not available():
         raise RuntimeError("FlexAttention needs PyTorch >= 2.5")
@@ -75,5 +108,5 @@ def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_out: 
         return torch.tanh(score / softcap) * softcap
 
     run = _compiled() if q.is_cuda else flex_attention
-    return run(q, k, v, score_mod=None if softcap is None else capped, block_mask=block_mask(masked_out), scale=scale,
+    return run(q, k, v, score_mod=None if softcap is None else capped, block_mask=mask if mask is not None else block_mask(masked_out), scale=scale,
                enable_gqa=q.shape[1] != k.shape[1])
