@@ -15,8 +15,8 @@ import torch
 
 from megatron_simpo.checkpoint.checkpointing import save_model_only
 from megatron_simpo.convert.hf_io import HFCheckpointReader, copy_metadata
-from megatron_simpo.convert.llama import (hf_names_for, megatron_names, megatron_tensor,
-                                          split_tensor, to_global_name)
+from megatron_simpo.convert.llama import (hf_names_for, is_expert, megatron_names,
+                                          megatron_tensor, split_tensor, to_global_name)
 from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.model.builder import build_model
 from megatron_simpo.distributed.parallel import ParallelConfig
@@ -42,6 +42,8 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
     reader = HFCheckpointReader(hf_path, config, allow_non_finite=allow_non_finite)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size
+    ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     model = build_model(config, parallel, params_dtype=dtype, perform_initialization=False)
     padded = config.padded_vocab_size(tp)
     targets = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
@@ -52,9 +54,10 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
         bar = tqdm(total=len(targets), desc=f"rank {dist.get_rank()} tensors", unit="tensor")
     with torch.no_grad():
         for local_name, target in targets.items():
-            name = to_global_name(local_name, config, pp_rank, pp)
+            name = to_global_name(local_name, config, pp_rank, pp, ep_rank, ep)
             full = megatron_tensor(name, reader.get, config, padded)
-            shard = split_tensor(name, full, tp)[tp_rank]
+            shard = (split_tensor(name, full, etp)[etp_rank] if is_expert(name)
+                     else split_tensor(name, full, tp)[tp_rank])
             if shard.shape != target.shape:
                 raise ValueError(f"tensor {name}: converted shard {tuple(shard.shape)} does not "
                                  f"match the model's {tuple(target.shape)}")

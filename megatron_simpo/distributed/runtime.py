@@ -61,6 +61,8 @@ def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

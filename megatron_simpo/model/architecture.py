@@ -19,7 +19,10 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Gemma2ForCausalLM")
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "MixtralForCausalLM",
+                           "Qwen3MoeForCausalLM")
+# Mixture-of-experts feed-forward layers (docs/moe.md): a softmax router picks top-k experts.
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
 # Gemma's layout: (1 + weight) RMSNorms, post-attention and post-feed-forward norms, GeGLU with
 # the tanh GELU, embeddings multiplied by sqrt(hidden), tied embeddings.
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM",)
@@ -32,7 +35,8 @@ _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 # Hugging Face ``model_type`` of each supported class (config.json carries both).
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                "Gemma2ForCausalLM": "gemma2"}
+                "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral",
+                "Qwen3MoeForCausalLM": "qwen3_moe"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,10 +80,26 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times the TP size (Megatron-LM's rule)."""
     init_method_std: float = 0.02
+    num_experts: int | None = None
+    """Experts per mixture-of-experts layer (HF ``num_local_experts`` / ``num_experts``); None:
+    a dense model."""
+    moe_ffn_hidden_size: int | None = None
+    """SwiGLU inner size of each expert (Qwen3-MoE ``moe_intermediate_size``; Mixtral's
+    ``intermediate_size``)."""
+    moe_router_topk: int = 2
+    """Experts each token is sent to (HF ``num_experts_per_tok``)."""
+    moe_norm_topk_prob: bool = True
+    """The k chosen softmax probabilities are renormalised to sum to 1 (Mixtral always; Qwen3-MoE
+    ``norm_topk_prob``); else they are used as the softmax over all experts gives them."""
+    moe_layers: tuple[int, ...] | None = None
+    """Per layer 1 (mixture of experts) or 0 (dense MLP of ``ffn_hidden_size``: Qwen3-MoE
+    ``mlp_only_layers`` / ``decoder_sparse_step``); None: every layer (Megatron's
+    ``moe_layer_freq`` list)."""
 
     def __post_init__(self) -> None:
-        if self.layer_types is not None:  # JSON gives a list
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        for name in ("layer_types", "moe_layers"):  # JSON gives a list
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {self.architecture!r}; supported: "
@@ -113,6 +133,29 @@ class ModelConfig:
                                  f"each one of {', '.join(LAYER_TYPES)}: {list(self.layer_types)}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("model config: sliding_attention layers need a sliding_window")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        moe = self.architecture in MOE_ARCHITECTURES
+        if moe != (self.num_experts is not None):
+            raise ValueError(f"model config: num_experts is given for, and only for, "
+                             f"{', '.join(MOE_ARCHITECTURES)} ({self.architecture}: "
+                             f"{self.num_experts!r})")
+        if not moe:
+            return
+        for name in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.moe_router_topk > self.num_experts:
+            raise ValueError(f"model config: moe_router_topk ({self.moe_router_topk}) exceeds "
+                             f"num_experts ({self.num_experts})")
+        if self.architecture == "MixtralForCausalLM" and not self.moe_norm_topk_prob:
+            raise ValueError("model config: Mixtral always renormalises its top-k probabilities")
+        if self.moe_layers is not None and (len(self.moe_layers) != self.num_layers
+                                            or set(self.moe_layers) - {0, 1}):
+            raise ValueError(f"model config: moe_layers must give 0 or 1 for each of the "
+                             f"{self.num_layers} layers: {list(self.moe_layers)}")
 
     @property
     def is_gemma(self) -> bool:
@@ -124,6 +167,18 @@ class ModelConfig:
         """Per layer: whether it attends through the sliding window."""
         return [kind == "sliding_attention" for kind in self.layer_types or
                 ("full_attention",) * self.num_layers]
+
+    @property
+    def is_moe(self) -> bool:
+        """Mixture-of-experts feed-forward layers (see ``MOE_ARCHITECTURES``)."""
+        return self.num_experts is not None
+
+    @property
+    def moe_layer_pattern(self) -> list[bool]:
+        """Per layer: whether its feed-forward block is a mixture of experts."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        return [bool(x) for x in self.moe_layers or (1,) * self.num_layers]
 
     @property
     def kv_channels(self) -> int:
@@ -207,7 +262,8 @@ class ModelConfig:
             raise ValueError(f"{source}: attention_bias=True is only supported for Qwen2")
         if hf.get("mlp_bias", False):
             raise ValueError(f"{source}: mlp_bias=True is unsupported")
-        if hf.get("use_sliding_window", False):
+        if hf.get("use_sliding_window", False) or (
+                architecture == "MixtralForCausalLM" and hf.get("sliding_window") is not None):
             raise ValueError(f"{source}: sliding-window attention is unsupported")
         heads = int(hf["num_attention_heads"])
         gemma_fields = {}
@@ -237,10 +293,37 @@ class ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            qk_layernorm=architecture == "Qwen3ForCausalLM",
+            qk_layernorm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             init_method_std=float(hf.get("initializer_range", 0.02)),
             **gemma_fields,
+            **_moe_fields(hf, architecture, source),
         )
+
+
+def _moe_fields(hf: dict[str, Any], architecture: str, source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral / Qwen3-MoE config.json (none otherwise).
+
+    Qwen3-MoE layer i is sparse unless it is in ``mlp_only_layers`` or (i + 1) is not a
+    multiple of ``decoder_sparse_step`` (transformers' rule).
+    """
+    if architecture not in MOE_ARCHITECTURES:
+        return {}
+    if float(hf.get("router_jitter_noise") or 0.0) != 0.0:
+        raise ValueError(f"{source}: router_jitter_noise={hf['router_jitter_noise']} unsupported "
+                         "(needs 0)")
+    experts = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+    if architecture == "MixtralForCausalLM":
+        return dict(num_experts=experts, moe_ffn_hidden_size=int(hf["intermediate_size"]),
+                    moe_router_topk=int(hf.get("num_experts_per_tok", 2)))
+    if int(hf.get("shared_expert_intermediate_size") or 0):
+        raise ValueError(f"{source}: shared experts are unsupported")
+    layers, step = int(hf["num_hidden_layers"]), int(hf.get("decoder_sparse_step") or 1)
+    dense = set(hf.get("mlp_only_layers") or ())
+    pattern = tuple(int(i not in dense and (i + 1) % step == 0) for i in range(layers))
+    return dict(num_experts=experts, moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+                moe_router_topk=int(hf.get("num_experts_per_tok", 8)),
+                moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                moe_layers=None if all(pattern) else pattern)
 
 
 def _optional_float(value) -> float | None:
@@ -269,6 +352,15 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
                    query_pre_attn_scalar=int(config.query_pre_attn_scalar)
                    if float(config.query_pre_attn_scalar).is_integer()
                    else config.query_pre_attn_scalar)
+    if config.architecture == "MixtralForCausalLM":
+        out.update(num_local_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
+                   intermediate_size=config.moe_ffn_hidden_size, sliding_window=None)
+    elif config.architecture == "Qwen3MoeForCausalLM":
+        out.update(num_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
+                   moe_intermediate_size=config.moe_ffn_hidden_size,
+                   norm_topk_prob=config.moe_norm_topk_prob, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i, moe in enumerate(config.moe_layer_pattern) if not moe])
+        out.pop("num_local_experts", None)  # transformers 5 writes both; either one is read
     if "dtype" in out:  # transformers >= 5 spells it so; a stale one would win on load
         out["dtype"] = out["torch_dtype"]
     if config.architecture != "Qwen2ForCausalLM":

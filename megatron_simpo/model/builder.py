@@ -3,8 +3,10 @@
 The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
 onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
 SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2), per-head
-query/key RMSNorm (Qwen3, Megatron-Core's ``qk_layernorm``) and
-vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
+query/key RMSNorm (Qwen3, Megatron-Core's ``qk_layernorm``), mixture-of-experts layers
+(Mixtral, Qwen3-MoE: Megatron-Core's ``MoELayer`` with its ``SequentialMLP`` experts and the
+all-to-all token dispatcher; docs/moe.md) and vocabulary padding so the embedding splits evenly
+across tensor-parallel ranks.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         # Micro-batches are padded to their own longest row (megatron_simpo.data.batching): stages
         # exchange each one's shape before its activations.
         variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
-        # (Megatron-Core refuses that beside its default MoE dispatcher; there are no experts.)
+        # (Megatron-Core refuses that beside its allgather MoE dispatcher; alltoall also runs
+        # the expert-parallel exchange over gloo: all_to_all_single with uneven splits.)
         moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
@@ -79,6 +84,8 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
     )
+    if config.is_moe:
+        values.update(moe_transformer_fields(config))
     if config.query_pre_attn_scalar is not None:
         values["softmax_scale"] = config.query_pre_attn_scalar ** -0.5
     if config.sliding_window is not None:  # Megatron-Core's convention: (left, right) keys
@@ -88,16 +95,40 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
     return TransformerConfig(**values)
 
 
-def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local"):
+def moe_transformer_fields(config: ModelConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields of a mixture-of-experts architecture.
+
+    Routing as transformers routes: softmax over all experts, the top k kept; renormalised
+    (Mixtral, Qwen3-MoE ``norm_topk_prob``) = Megatron's top-k of the logits then softmax over
+    those k; not renormalised = Megatron's ``moe_router_pre_softmax`` (softmax, then top-k).
+    No capacity limit (every token reaches its experts) and no auxiliary loss unless the run
+    asks for them (``megatron_simpo.model.moe.MoESettings``).
+    """
+    return dict(num_moe_experts=config.num_experts,
+                moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+                moe_router_topk=config.moe_router_topk,
+                moe_router_pre_softmax=not config.moe_norm_topk_prob,
+                moe_router_score_function="softmax",
+                moe_layer_freq=[int(x) for x in config.moe_layer_pattern],
+                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0,
+                moe_router_dtype="fp32", moe_grouped_gemm=False)
+
+
+def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local",
+               moe: bool = False):
     """The per-layer ``ModuleSpec``: local torch modules (core attention on torch's SDPA), or
-    Transformer Engine's (GPU, FP8)."""
+    Transformer Engine's (GPU, FP8); ``moe``: its feed-forward block is Megatron-Core's MoE
+    layer (local spec: ``SequentialMLP`` experts)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = config.num_experts if moe else None
     if transformer_impl == "local":
         from megatron_simpo.model.attention import SDPAttention
 
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
-                                                        qk_layernorm=config.qk_layernorm)
+                                                        qk_layernorm=config.qk_layernorm,
+                                                        num_experts=experts,
+                                                        moe_grouped_gemm=False)
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
         attention = spec.submodules.self_attention.submodules
@@ -118,7 +149,7 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
         raise ValueError(f"{config.architecture} needs --transformer-impl local (soft-capping, "
                          "sliding windows and post-norms live in the local spec's layers)")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-        qk_layernorm=config.qk_layernorm)
+        qk_layernorm=config.qk_layernorm, num_experts=experts, moe_grouped_gemm=False)
 
 
 def check_packed_attention(transformer_impl: str) -> None:
@@ -162,12 +193,19 @@ def block_spec(config: ModelConfig, megatron_config, transformer_impl: Transform
     """
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     spec = layer_spec(config, transformer_impl)
-    if transformer_impl != "local":
+    if transformer_impl != "local" and not config.is_moe:
         return spec
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(megatron_config), layer_norm=RMSNorm)
+    first = get_transformer_layer_offset(megatron_config)
+    pattern = config.moe_layer_pattern[first:first + get_num_layers_to_build(megatron_config)]
+    specs = {moe: layer_spec(config, transformer_impl, moe) for moe in set(pattern)}
+    norm = RMSNorm
+    if transformer_impl != "local":
+        from megatron.core.extensions.transformer_engine import TENorm as norm
+    return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in pattern],
+                                      layer_norm=norm)
 
 
 def build_model(config: ModelConfig, parallel: ParallelConfig, *,
@@ -188,6 +226,12 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         raise ValueError(f"output_mode must be one of {', '.join(MODEL_OUTPUTS)}, got "
                          f"{output_mode!r}")
     parallel.check_model(config)
+    if config.is_moe:
+        _router_gemm_without_te()
+        if not torch.cuda.is_available() and parallel.expert_tensor_parallel_size > 1:
+            raise ValueError(f"--expert-tensor-parallel-size {parallel.expert_tensor_parallel_size}"
+                             " needs GPUs (NCCL): gloo cannot all-gather the uneven token counts "
+                             "of the experts' TP ranks; use --expert-tensor-parallel-size 1 on CPU")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -215,6 +259,16 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
+
+
+def _router_gemm_without_te() -> None:
+    """Megatron-Core 0.16's router GEMM tests ``te_general_gemm is not None``, a name its module
+    defines only when Transformer Engine imports; without TE it is None here, so the router
+    takes its plain ``torch.mm`` path (as it does for fp64)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor
