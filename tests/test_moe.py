@@ -4,7 +4,6 @@ against transformers, round trip from an expert-parallel checkpoint, refused lay
 The multi-rank checks run in the suite's reused 4-rank world (tests/multiprocess.py)."""
 
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -188,3 +187,222 @@ def test_round_trip_from_an_ep2_checkpoint_is_bit_exact(hf_moe_models, tmp_path,
         tokens = torch.randint(0, 100, (2, SEQ))
         with torch.no_grad():
             assert torch.equal(reloaded.eval()(tokens).logits, model(tokens).logits)
+
+
+# ---- 4 ranks: one training step against transformers ------------------------------------------
+PAIRS, STEP_SEQ, LR, ADAM_EPS = 8, 16, 1e-2, 1e-3
+BETA, GAMMA = 2.5, 1.375
+
+
+def _step_batch(vocab: int):
+    from megatron_simpo.data.collate import TokenizedPair, collate_pairs
+
+    g = torch.Generator().manual_seed(3)
+
+    def ids(low, high):
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    return collate_pairs([TokenizedPair(ids(1, 5), ids(1, 10), ids(1, 10))
+                          for _ in range(PAIRS)], STEP_SEQ)
+
+
+def _file_layout(state: dict, arch: str) -> dict:
+    """transformers 5's in-memory expert tensors (fused [E, 2F, h] gate_up, [E, h, F] down)
+    -> the per-expert names its checkpoints use (what the converters read)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix("mlp.experts.gate_up_proj")
+            half = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                if arch == "mixtral":
+                    out[f"{prefix}block_sparse_moe.experts.{e}.w1.weight"] = tensor[e, :half]
+                    out[f"{prefix}block_sparse_moe.experts.{e}.w3.weight"] = tensor[e, half:]
+                else:
+                    out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = tensor[e, :half]
+                    out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = tensor[e, half:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix("mlp.experts.down_proj")
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}block_sparse_moe.experts.{e}.w2.weight" if arch == "mixtral" else
+                    f"{prefix}mlp.experts.{e}.down_proj.weight"] = tensor[e]
+        elif arch == "mixtral" and name.endswith("mlp.gate.weight"):
+            out[name.replace("mlp.gate.weight", "block_sparse_moe.gate.weight")] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def _reference_step(model, batch, dp: int, aux_coef: float, freeze: bool):
+    """transformers on one process: mean SimPO loss over the pairs + router_aux_loss_coef x
+    transformers' load-balancing loss (``load_balancing_loss_func``) of each MoE layer, summed
+    over the layers (transformers pools the layers' tokens into one loss instead: the same with
+    one MoE layer), averaged over the data-parallel shards Megatron computes it on; AdamW.
+    Returns (loss, aux, grads, params) in transformers' in-memory layout."""
+    import copy
+
+    import transformers
+
+    model = copy.deepcopy(model).train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(not (freeze and name.endswith("mlp.gate.weight")))
+    logits = model(batch.tokens).logits
+    token = torch.log_softmax(logits, -1).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+    total, count = (token * batch.loss_mask).sum(-1), batch.loss_mask.sum(-1)
+    score = total / count
+    loss = -torch.nn.functional.logsigmoid(BETA * (score[0::2] - score[1::2]) - GAMMA).mean()
+    aux = torch.zeros(())
+    if aux_coef:
+        rows = 2 * PAIRS // dp
+        module = transformers.models.mixtral.modeling_mixtral
+        for d in range(dp):
+            output = model(batch.rows(d * rows, (d + 1) * rows).tokens, output_router_logits=True)
+            if len(output.router_logits) == 1:
+                assert torch.equal(output.aux_loss, module.load_balancing_loss_func(
+                    output.router_logits, 4, 2))
+            aux = aux + sum(module.load_balancing_loss_func((layer,), 4, 2)
+                            for layer in output.router_logits) / dp
+    (loss + aux_coef * aux).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.optim.AdamW(params, lr=LR, eps=ADAM_EPS, weight_decay=0.0).step()
+    return loss.item(), aux.item(), grads, dict(model.state_dict())
+
+
+STEP_CASES = {  # name: (architecture, layout, aux loss on, router frozen, distributed optimizer)
+    "ep2_aux": ("qwen3_moe", "ep2", True, False, False),
+    "ep2_frozen": ("mixtral", "ep2", False, True, True),
+    "tp2xep2_aux": ("mixtral", "tp2xep2", True, False, False),
+    "tp2xep2_frozen": ("qwen3_moe_norm", "tp2xep2", False, True, True),
+}
+
+
+def _megatron_steps(rank, cases, batch):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo.convert.llama import (hf_to_megatron, is_expert, load_rank_state,
+                                              merge_tensors, to_global_name)
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.model.moe import MoESettings
+    from megatron_simpo.training.components import build_components, release
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings, finish_param_sync
+    from megatron_simpo.training.step import train_step
+
+    out = {}
+    for name, (hf_config, state, layout, aux_coeff, freeze, distopt) in cases.items():
+        config = ModelConfig.from_hf_config(hf_config)
+        parallel = ParallelConfig(**LAYOUTS[layout])
+        runtime.initialize(parallel, seed=0, model_config=config)
+        tp, tp_rank = parallel.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
+        ep, ep_rank = parallel.expert_model_parallel_size, ps.get_expert_model_parallel_rank()
+        where = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=0, pp_size=1, ep_rank=ep_rank,
+                     ep_size=ep, etp_rank=0, etp_size=1)
+        full = hf_to_megatron(state, config, config.padded_vocab_size(tp))
+        moe = MoESettings(moe_aux_loss_coeff=aux_coeff, freeze_moe_router=freeze)
+        parts = build_components(
+            config, parallel, OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=1e9,
+                                                use_distributed_optimizer=distopt),
+            transformer_overrides=moe.transformer_overrides(), freeze_router=freeze,
+            logprob_chunk_size=7, load_policy=lambda m: load_rank_state(m, full, config, **where))
+        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        rows = 2 * PAIRS // dp
+        result = train_step([parts.model], parts.optimizer,
+                            [batch.rows(dp_rank * rows, (dp_rank + 1) * rows)],
+                            LossConfig(beta=BETA, gamma=GAMMA), head=parts.head)
+        finish_param_sync([parts.model])
+
+        def gather(tensors):
+            gathered = {}
+            for local, tensor in tensors:
+                global_name = to_global_name(local, config, 0, 1, ep_rank, ep)
+                if is_expert(global_name):  # expert TP 1: whole on its EP rank
+                    gathered[global_name] = tensor.clone()
+                    continue
+                shards = [torch.empty_like(tensor) for _ in range(tp)]
+                dist.all_gather(shards, tensor.contiguous(),
+                                group=ps.get_tensor_model_parallel_group())
+                gathered[global_name] = merge_tensors(local, shards)
+            return gathered
+
+        named = list(parts.model.module.named_parameters())
+        out[name] = dict(
+            metrics=result.metrics, frozen=[n for n, p in named if not p.requires_grad],
+            params=gather((n, p.detach()) for n, p in named),
+            grads=None if distopt else gather((n, p.main_grad) for n, p in named
+                                              if p.requires_grad))
+        release(parts)
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_moe_step_matches_transformers_with_aux_loss_and_frozen_router(hf_moe_models):
+    from safetensors.torch import load_file
+
+    from megatron_simpo.convert.llama import hf_to_megatron
+
+    batch = _step_batch(100)
+    cases, expected = {}, {}
+    for name, (arch, layout, aux, freeze, distopt) in STEP_CASES.items():
+        model, hf_dir = hf_moe_models[arch]
+        hf_config = json.loads((hf_dir / "config.json").read_text())
+        coef = hf_config["router_aux_loss_coef"] if aux else 0.0
+        dp = WORLD // (2 if layout == "tp2xep2" else 1)
+        # Megatron's per-layer loss is transformers' / top-k (f_i counts the k choices)
+        cases[name] = (hf_config, load_file(hf_dir / "model.safetensors"), layout,
+                       coef * hf_config["num_experts_per_tok"], freeze, distopt)
+        expected[name] = _reference_step(model, batch, dp, coef, freeze)
+    results = {}
+    for rank_result in run_on_ranks(WORLD, _megatron_steps, cases, batch):
+        for name, values in rank_result.items():
+            merged = results.setdefault(name, dict(params={}, grads={}))
+            merged["metrics"], merged["frozen"] = values["metrics"], values["frozen"]
+            merged["params"].update(values["params"])
+            merged["grads"].update(values["grads"] or {})
+    for name, (arch, layout, aux, freeze, distopt) in STEP_CASES.items():
+        loss, aux_value, grads, params = expected[name]
+        got = results[name]
+        config = ModelConfig.from_hf_config(cases[name][0])
+        assert abs(got["metrics"]["loss"] - loss) <= 1e-5, name
+        if aux:
+            k = config.moe_router_topk
+            assert aux_value > 0.5 and abs(got["metrics"]["aux_loss"] * k - aux_value) <= 1e-5, \
+                (name, got["metrics"]["aux_loss"] * k, aux_value)
+        else:
+            assert "aux_loss" not in got["metrics"]
+        assert bool(got["frozen"]) == freeze
+        original = hf_to_megatron(cases[name][1], config, config.padded_vocab_size(1))
+        for what, reference in (("params", params), ("grads", grads)):
+            if what == "grads" and distopt:
+                continue
+            mapped = hf_to_megatron(_file_layout(reference, arch), config,
+                                    config.padded_vocab_size(1)) if what == "params" else None
+            if what == "grads":
+                file_grads = _file_layout(grads, arch)
+                mapped = {n: t for n, t in original.items()}  # shapes; values below
+                for n in mapped:
+                    sources = __import__("megatron_simpo.convert.llama", fromlist=["x"]
+                                         ).hf_names_for(n, config)
+                    if all(s in file_grads for s in sources):
+                        mapped[n] = __import__("megatron_simpo.convert.llama", fromlist=["x"]
+                                               ).megatron_tensor(n, file_grads.__getitem__,
+                                                                 config,
+                                                                 config.padded_vocab_size(1))
+                    else:
+                        mapped[n] = None
+            assert set(got[what]) <= set(mapped), name
+            for n, value in got[what].items():
+                if mapped[n] is None:
+                    continue
+                reference_value = mapped[n][:value.shape[0]]
+                diff = (value[:reference_value.shape[0]] - reference_value).abs().max().item()
+                assert diff <= 1e-5, f"{name}: {what} of {n}: max diff {diff}"
+        routers = [n for n in got["params"] if n.endswith("mlp.router.weight")]
+        experts = [n for n in got["params"] if ".local_experts." in n]
+        assert routers and len(experts) == 2 * config.num_experts * sum(config.moe_layer_pattern)
+        for n in routers:
+            assert torch.equal(got["params"][n], original[n]) == freeze, (name, n)
+        for n in experts:
+            assert not torch.equal(got["params"][n], original[n]), (name, n)

@@ -17,6 +17,7 @@ from megatron_simpo.cli.flags import Parser, Section, check_coverage
 from megatron_simpo.training.losses import LossConfig
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
+from megatron_simpo.model.moe import MoESettings
 from megatron_simpo.model.precision import Fp8Config
 
 PROG = "train_simpo"
@@ -27,7 +28,11 @@ SECTIONS = (
         "recompute_method", "recompute_num_layers", "logprob_chunk_size"),
         names={"model_config_path": ("--model-config",)}),
     Section("parallelism", ParallelConfig, key="parallel", fields=(
-        "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")),
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+        "expert_model_parallel_size", "expert_tensor_parallel_size")),
+    Section("mixture of experts", MoESettings, key="moe", fields=(
+        "moe_aux_loss_coeff", "moe_router_dtype", "freeze_moe_router",
+        "moe_expert_capacity_factor")),
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "train_split", "valid_split", "dataset_config",
         "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",
@@ -69,7 +74,7 @@ SECTIONS = (
         "eval_dump", "log_interval",
         "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
 )
-_NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8")
+_NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8", "moe")
 check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 
