@@ -3,7 +3,8 @@
 Counts the matrix multiplications a Llama-family decoder needs (2 FLOPs per multiply-add):
 the attention projections, the attention itself (causal: only the keys at or before each query;
 on sliding-window layers only the window's),
-the SwiGLU MLP, and the output layer for the tokens whose log-probs are needed. Element-wise work
+the SwiGLU MLP (of a mixture-of-experts layer: the router and the k experts each token is sent
+to, i.e. the *active* parameters), and the output layer for the tokens whose log-probs are needed. Element-wise work
 (norms, RoPE, softmax) is left out, as is any recomputation: these are *model* FLOPs, so the
 same run reports the same figure with or without activation recomputation.
 
@@ -24,11 +25,15 @@ def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,
     h, f = config.hidden_size, config.ffn_hidden_size
     q = config.num_attention_heads * config.kv_channels
     kv = config.num_query_groups * config.kv_channels
-    per_token = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h
+    dense_mlp = 2 * 3 * h * f
+    moe_mlp = (2 * h * config.num_experts + config.moe_router_topk * 2 * 3 * h *
+               config.moe_ffn_hidden_size) if config.is_moe else 0
     rows = list(row_lengths)
     total = 0
-    for sliding in config.sliding_layers:
+    for sliding, moe in zip(config.sliding_layers, config.moe_layer_pattern):
         window = config.sliding_window if sliding and causal else None
+        per_token = attention + (moe_mlp if moe else dense_mlp)
         for s in rows:
             # Scores (Q K^T) and the weighted sum of values: 2 * q FLOPs per (query, key) pair
             # each.
