@@ -406,3 +406,42 @@ def test_moe_step_matches_transformers_with_aux_loss_and_frozen_router(hf_moe_mo
             assert torch.equal(got["params"][n], original[n]) == freeze, (name, n)
         for n in experts:
             assert not torch.equal(got["params"][n], original[n]), (name, n)
+
+
+# ---- 4 ranks: training, save at EP2, resume at EP1 ---------------------------------------------
+def _train(rank, argv):
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.loop import run
+
+    return run(parse_args(argv)).losses
+
+
+def test_save_at_ep2_resume_at_ep1_gives_the_uninterrupted_losses(tmp_path):
+    from megatron_simpo.model.tiny import write_default
+
+    tiny = write_default(tmp_path / "data", train_pairs=64, valid_pairs=8, seed=7)
+    hf = json.loads(Path(tiny["config"]).read_text())
+    hf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=32,
+              intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+    (tmp_path / "moe.json").write_text(json.dumps(hf))
+
+    def argv(save, ep, **flags):
+        out = ["--model-config", str(tmp_path / "moe.json"), "--tokenizer", str(tiny["tokenizer"]),
+               "--train-data-path", str(tiny["train"]), "--seq-length", "64",
+               "--max-prompt-length", "48", "--micro-batch-size", "1", "--global-batch-size", "8",
+               "--lr", "1e-2", "--seed", "3", "--train-iters", "4", "--save", str(save),
+               "--use-distributed-optimizer", "--moe-aux-loss-coeff", "0.01",
+               "--expert-model-parallel-size", str(ep)]
+        for flag, value in flags.items():
+            out += ["--" + flag.replace("_", "-"), str(value)]
+        return out
+
+    straight = run_on_ranks(WORLD, _train, argv(tmp_path / "a", 2, save_interval=2))[0]
+    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    same_ep = run_on_ranks(WORLD, _train, argv(tmp_path / "b", 2, load=tmp_path / "a"))[0]
+    other_ep = run_on_ranks(WORLD, _train, argv(tmp_path / "c", 1, load=tmp_path / "a"))[0]
+    assert len(straight) == 4 and same_ep == straight[2:]
+    assert other_ep == pytest.approx(straight[2:], abs=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows if "aux_loss" in row] == [3, 4]
+    assert all(row["aux_loss"] > 0 for row in rows if "aux_loss" in row)

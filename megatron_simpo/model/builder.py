@@ -256,9 +256,22 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         embedding_scale=config.hidden_size ** 0.5 if config.is_gemma else None,
         final_logit_softcapping=config.final_logit_softcapping,
     )
+    if config.is_moe:
+        _experts_apart(model)
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
+
+
+def _experts_apart(model) -> None:
+    """Mark every expert weight as Megatron-Core marks them at EP > 1 (``allreduce=False``):
+    Megatron's DDP then reduces their gradients over the expert data-parallel group (at EP 1
+    the same ranks as the dense one) and its optimizer keeps them in a second, chained
+    optimizer at every EP, so a checkpoint saved at one EP resumes at another (the
+    optimizer's structure would otherwise differ between EP 1 and EP > 1)."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def _router_gemm_without_te() -> None:
