@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.model.moe import experts_apart, moe_transformer_fields, router_gemm_without_te
 from megatron_simpo.model.layers import RMSNorm, gelu_tanh, post_norm_row_parallel_linear, softcap
 from megatron_simpo.distributed.parallel import ParallelConfig
 
@@ -93,25 +94,6 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         values["window_attn_skip_freq"] = [int(s) for s in config.sliding_layers]
     values.update(overrides)
     return TransformerConfig(**values)
-
-
-def moe_transformer_fields(config: ModelConfig) -> dict[str, Any]:
-    """``TransformerConfig`` fields of a mixture-of-experts architecture.
-
-    Routing as transformers routes: softmax over all experts, the top k kept; renormalised
-    (Mixtral, Qwen3-MoE ``norm_topk_prob``) = Megatron's top-k of the logits then softmax over
-    those k; not renormalised = Megatron's ``moe_router_pre_softmax`` (softmax, then top-k).
-    No capacity limit (every token reaches its experts) and no auxiliary loss unless the run
-    asks for them (``megatron_simpo.model.moe.MoESettings``).
-    """
-    return dict(num_moe_experts=config.num_experts,
-                moe_ffn_hidden_size=config.moe_ffn_hidden_size,
-                moe_router_topk=config.moe_router_topk,
-                moe_router_pre_softmax=not config.moe_norm_topk_prob,
-                moe_router_score_function="softmax",
-                moe_layer_freq=[int(x) for x in config.moe_layer_pattern],
-                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0,
-                moe_router_dtype="fp32", moe_grouped_gemm=False)
 
 
 def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local",
@@ -227,7 +209,7 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
                          f"{output_mode!r}")
     parallel.check_model(config)
     if config.is_moe:
-        _router_gemm_without_te()
+        router_gemm_without_te()
         if not torch.cuda.is_available() and parallel.expert_tensor_parallel_size > 1:
             raise ValueError(f"--expert-tensor-parallel-size {parallel.expert_tensor_parallel_size}"
                              " needs GPUs (NCCL): gloo cannot all-gather the uneven token counts "
@@ -257,31 +239,10 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         final_logit_softcapping=config.final_logit_softcapping,
     )
     if config.is_moe:
-        _experts_apart(model)
+        experts_apart(model)
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
-
-
-def _experts_apart(model) -> None:
-    """Mark every expert weight as Megatron-Core marks them at EP > 1 (``allreduce=False``):
-    Megatron's DDP then reduces their gradients over the expert data-parallel group (at EP 1
-    the same ranks as the dense one) and its optimizer keeps them in a second, chained
-    optimizer at every EP, so a checkpoint saved at one EP resumes at another (the
-    optimizer's structure would otherwise differ between EP 1 and EP > 1)."""
-    for name, param in model.named_parameters():
-        if ".mlp.experts." in name:
-            param.allreduce = False
-
-
-def _router_gemm_without_te() -> None:
-    """Megatron-Core 0.16's router GEMM tests ``te_general_gemm is not None``, a name its module
-    defines only when Transformer Engine imports; without TE it is None here, so the router
-    takes its plain ``torch.mm`` path (as it does for fp64)."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
 
 def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor

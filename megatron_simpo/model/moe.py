@@ -74,3 +74,43 @@ def freeze_routers(model) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def moe_transformer_fields(config: ModelConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields of a mixture-of-experts architecture.
+
+    Routing as transformers routes: softmax over all experts, the top k kept; renormalised
+    (Mixtral, Qwen3-MoE ``norm_topk_prob``) = Megatron's top-k of the logits then softmax over
+    those k; not renormalised = Megatron's ``moe_router_pre_softmax`` (softmax, then top-k).
+    No capacity limit (every token reaches its experts) and no auxiliary loss unless the run
+    asks for them (``megatron_simpo.model.moe.MoESettings``).
+    """
+    return dict(num_moe_experts=config.num_experts,
+                moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+                moe_router_topk=config.moe_router_topk,
+                moe_router_pre_softmax=not config.moe_norm_topk_prob,
+                moe_router_score_function="softmax",
+                moe_layer_freq=[int(x) for x in config.moe_layer_pattern],
+                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0,
+                moe_router_dtype="fp32", moe_grouped_gemm=False)
+
+
+def router_gemm_without_te() -> None:
+    """Megatron-Core 0.16's router GEMM tests ``te_general_gemm is not None``, a name its module
+    defines only when Transformer Engine imports; without TE it is None here, so the router
+    takes its plain ``torch.mm`` path (as it does for fp64)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def experts_apart(model) -> None:
+    """Mark every expert weight as Megatron-Core marks them at EP > 1 (``allreduce=False``):
+    Megatron's DDP then reduces their gradients over the expert data-parallel group (at EP 1
+    the same ranks as the dense one) and its optimizer keeps them in a second, chained
+    optimizer at every EP, so a checkpoint saved at one EP resumes at another (the
+    optimizer's structure would otherwise differ between EP 1 and EP > 1)."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False

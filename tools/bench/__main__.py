@@ -24,6 +24,7 @@ BENCHMARKS = {
     "convert": ("convert", "HF <-> Megatron conversion: time, peak memory"),
     "data": ("data", "data preparation: the memory-mapped cache vs in memory"),
     "cache_check": ("cache_check", "checking a data cache entry on open: checksums, token ids"),
+    "moe": ("moe", "a tiny mixture of experts at EP 1 vs EP 2: tokens/s, peak memory per rank"),
 }
 
 
