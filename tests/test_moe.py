@@ -93,6 +93,30 @@ def test_parallel_check_names_the_expert_flags():
                        ).check_world_size(4)
 
 
+@pytest.mark.parametrize("arch", sorted(MOE_ARCHITECTURES))
+def test_mapping_round_trip_is_exact(arch, tmp_path):
+    """HF file tensors -> unsplit Megatron -> HF, and Megatron -> EP/ETP rank shards -> back."""
+    from safetensors.torch import load_file
+
+    from megatron_simpo.convert.llama import (expected_hf_shape, hf_to_megatron, megatron_to_hf,
+                                              rank_state_dict)
+
+    model = tiny_hf_model(_moe_config(arch))
+    model.save_pretrained(tmp_path)
+    original = load_file(tmp_path / "model.safetensors")
+    config = ModelConfig.from_hf_config(tmp_path)
+    full = hf_to_megatron(original, config, config.padded_vocab_size(1))
+    back = megatron_to_hf(full, config)
+    assert set(back) == set(original)
+    assert all(torch.equal(back[n], t) and expected_hf_shape(n, config) == t.shape
+               for n, t in original.items())
+    shards = [rank_state_dict(full, config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
+                              ep_rank=r, ep_size=2) for r in range(2)]
+    name = "decoder.layers.0.mlp.experts.local_experts.{}.linear_fc2.weight"
+    assert torch.equal(shards[1][name.format(1)], full[name.format(3)])
+    assert name.format(2) not in shards[0]
+
+
 # ---- 4 ranks: conversion and logits ----------------------------------------------------------
 def _logits(model, tokens):
     """Forward through Megatron's schedule (PP); [b, s, V_p/tp] on the last stage."""
@@ -113,6 +137,11 @@ def _logits(model, tokens):
     return outputs[0] if outputs else None
 
 
+# Renormalised routings at EP 2; TP 2 x EP 2 on Mixtral; PP 2 x EP 2 on Qwen3-MoE without
+# renormalisation, whose stages then
+# hold a sparse and a dense layer.
+LOGIT_CASES = {"ep2": ("mixtral", "qwen3_moe_norm"), "tp2xep2": ("mixtral",),
+               "pp2xep2": ("qwen3_moe",)}
 LAYOUTS = {"ep2": dict(expert_model_parallel_size=2),
            "tp2xep2": dict(tensor_model_parallel_size=2, sequence_parallel=True,
                            expert_model_parallel_size=2, expert_tensor_parallel_size=1),
@@ -132,6 +161,8 @@ def _convert_and_run(rank, layouts, cases, out_dir):
         parallel = ParallelConfig(**LAYOUTS[layout])
         runtime.initialize(parallel, seed=0)
         for arch, hf_dir, tokens in cases:
+            if arch not in LOGIT_CASES[layout]:
+                continue
             config = ModelConfig.from_hf_config(hf_dir)
             save = Path(out_dir) / f"{arch}-{layout}"
             convert_rank(hf_dir, save, config, parallel, torch.float32)
@@ -158,6 +189,8 @@ def test_converted_moe_gives_hugging_face_logits_at_ep_tp_pp(hf_moe_models, tmp_
         with torch.no_grad():
             expected = model(tokens).logits
         for layout in LAYOUTS:
+            if arch not in LOGIT_CASES[layout]:
+                continue
             shards = [results[layout, arch, r] for r in range(2) if (layout, arch, r) in results]
             logits = torch.cat(shards, dim=-1)[..., :expected.shape[-1]]
             diff = (logits - expected).abs().max().item()
@@ -168,7 +201,7 @@ def test_round_trip_from_an_ep2_checkpoint_is_bit_exact(hf_moe_models, tmp_path,
     import transformers
     from safetensors.torch import load_file
 
-    for arch in ("mixtral", "qwen3_moe"):
+    for arch in ("qwen3_moe",):  # Mixtral's names: test_mapping_round_trip_is_exact
         model, hf_dir = hf_moe_models[arch]
         cli.hf_to_megatron_main(["--hf-path", str(hf_dir), "--save", str(tmp_path / arch / "mg"),
                                  "--expert-model-parallel-size", "2", "--dtype", "fp32"],
@@ -429,19 +462,19 @@ def test_save_at_ep2_resume_at_ep1_gives_the_uninterrupted_losses(tmp_path):
         out = ["--model-config", str(tmp_path / "moe.json"), "--tokenizer", str(tiny["tokenizer"]),
                "--train-data-path", str(tiny["train"]), "--seq-length", "64",
                "--max-prompt-length", "48", "--micro-batch-size", "1", "--global-batch-size", "8",
-               "--lr", "1e-2", "--seed", "3", "--train-iters", "4", "--save", str(save),
+               "--lr", "1e-2", "--seed", "3", "--train-iters", "2", "--save", str(save),
                "--use-distributed-optimizer", "--moe-aux-loss-coeff", "0.01",
                "--expert-model-parallel-size", str(ep)]
         for flag, value in flags.items():
             out += ["--" + flag.replace("_", "-"), str(value)]
         return out
 
-    straight = run_on_ranks(WORLD, _train, argv(tmp_path / "a", 2, save_interval=2))[0]
-    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    straight = run_on_ranks(WORLD, _train, argv(tmp_path / "a", 2, save_interval=1))[0]
+    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("1\n")
     same_ep = run_on_ranks(WORLD, _train, argv(tmp_path / "b", 2, load=tmp_path / "a"))[0]
     other_ep = run_on_ranks(WORLD, _train, argv(tmp_path / "c", 1, load=tmp_path / "a"))[0]
-    assert len(straight) == 4 and same_ep == straight[2:]
-    assert other_ep == pytest.approx(straight[2:], abs=1e-5)
+    assert len(straight) == 2 and same_ep == straight[1:]
+    assert other_ep == pytest.approx(straight[1:], abs=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["iteration"] for row in rows if "aux_loss" in row] == [3, 4]
+    assert [row["iteration"] for row in rows if "aux_loss" in row] == [2]
     assert all(row["aux_loss"] > 0 for row in rows if "aux_loss" in row)
