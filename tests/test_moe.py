@@ -227,8 +227,8 @@ PAIRS, STEP_SEQ, LR, ADAM_EPS = 8, 16, 1e-2, 1e-3
 BETA, GAMMA = 2.5, 1.375
 
 
-def _step_batch(vocab: int):
-    from megatron_simpo.data.collate import TokenizedPair, collate_pairs
+def _step_pairs(vocab: int):
+    from megatron_simpo.data.collate import TokenizedPair
 
     g = torch.Generator().manual_seed(3)
 
@@ -236,8 +236,25 @@ def _step_batch(vocab: int):
         n = int(torch.randint(low, high, (1,), generator=g))
         return torch.randint(0, vocab, (n,), generator=g).tolist()
 
-    return collate_pairs([TokenizedPair(ids(1, 5), ids(1, 10), ids(1, 10))
-                          for _ in range(PAIRS)], STEP_SEQ)
+    return [TokenizedPair(ids(1, 5), ids(1, 10), ids(1, 10)) for _ in range(PAIRS)]
+
+
+def _step_batch(vocab: int):
+    from megatron_simpo.data.collate import collate_pairs
+
+    return collate_pairs(_step_pairs(vocab), STEP_SEQ)
+
+
+def _packed(pairs, dp_rank: int, dp_size: int):
+    """This rank's packed micro-batches of ``pairs``, laid out as training lays them out."""
+    from megatron_simpo.data.batching import BatchingConfig, PairLengths, plan_global_batch
+    from megatron_simpo.data.collate import collate_microbatch
+
+    plan = plan_global_batch(list(range(len(pairs))), [PairLengths.of(p) for p in pairs],
+                             dp_size=dp_size, micro_batch_size=1, seq_length=STEP_SEQ,
+                             config=BatchingConfig(pack_sequences=True,
+                                                   max_tokens_per_microbatch=48))
+    return [collate_microbatch(pairs, mb) for mb in plan.ranks[dp_rank]]
 
 
 def _file_layout(state: dict, arch: str) -> dict:
@@ -306,12 +323,14 @@ def _reference_step(model, batch, dp: int, aux_coef: float, freeze: bool):
 STEP_CASES = {  # name: (architecture, layout, aux loss on, router frozen, distributed optimizer)
     "ep2_aux": ("qwen3_moe", "ep2", True, False, False),
     "ep2_frozen": ("mixtral", "ep2", False, True, True),
+    # packed rows (several sequences per row, restarting positions): the same step
+    "ep2_frozen_packed": ("mixtral", "ep2", False, True, True),
     "tp2xep2_aux": ("mixtral", "tp2xep2", True, False, False),
     "tp2xep2_frozen": ("qwen3_moe_norm", "tp2xep2", False, True, True),
 }
 
 
-def _megatron_steps(rank, cases, batch):
+def _megatron_steps(rank, cases, batch, pairs):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -342,8 +361,10 @@ def _megatron_steps(rank, cases, batch):
             logprob_chunk_size=7, load_policy=lambda m: load_rank_state(m, full, config, **where))
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         rows = 2 * PAIRS // dp
-        result = train_step([parts.model], parts.optimizer,
-                            [batch.rows(dp_rank * rows, (dp_rank + 1) * rows)],
+        microbatches = (_packed(pairs, dp_rank, dp) if name.endswith("_packed") else
+                        [batch.rows(dp_rank * rows, (dp_rank + 1) * rows)])
+        assert name.endswith("_packed") == all(mb.packed for mb in microbatches)
+        result = train_step([parts.model], parts.optimizer, microbatches,
                             LossConfig(beta=BETA, gamma=GAMMA), head=parts.head)
         finish_param_sync([parts.model])
 
@@ -388,7 +409,7 @@ def test_moe_step_matches_transformers_with_aux_loss_and_frozen_router(hf_moe_mo
                        coef * hf_config["num_experts_per_tok"], freeze, distopt)
         expected[name] = _reference_step(model, batch, dp, coef, freeze)
     results = {}
-    for rank_result in run_on_ranks(WORLD, _megatron_steps, cases, batch):
+    for rank_result in run_on_ranks(WORLD, _megatron_steps, cases, batch, _step_pairs(100)):
         for name, values in rank_result.items():
             merged = results.setdefault(name, dict(params={}, grads={}))
             merged["metrics"], merged["frozen"] = values["metrics"], values["frozen"]
