@@ -121,8 +121,11 @@ def install() -> None:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
     torch.cuda.current_stream = lambda *args, **kwargs: _CPU_STREAM
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM
-    token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_host  # imported there by name
+    # (names of Megatron-Core 0.16; a version without them has nothing to redirect there)
+    if hasattr(token_dispatcher.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream"):
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):  # imported there by name
+        token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_host
 
     _installed_mode = _CudaToCpuMode()
     _installed_mode.__enter__()
