@@ -7,16 +7,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron_simpo.model.flops import (bf16_peak_flops, decoder_forward_flops, output_layer_flops,
                                         step_flops)
 from megatron_simpo.model.architecture import ModelConfig
-from tests.tiny import tiny_hf_config, tiny_hf_model
+from tests.tiny import MOE_ARCHITECTURES, tiny_hf_config, tiny_hf_model
 
 
-@pytest.mark.parametrize("arch", ["llama3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama3", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_forward_flops_equal_torch_flop_counter_on_hf_model(arch):
     """HF's eager attention multiplies full [s, s] score matrices and its lm_head scores every
     position, so the non-causal count over all tokens must match the counter exactly (Gemma-2:
     GeGLU, four norms, soft-capping and the embedding scale add no matrix products; Gemma-3:
-    neither do its q/k norms and two RoPE tables)."""
+    neither do its q/k norms and two RoPE tables; MoE: the
+    router and each token's top-k experts, transformers running each expert on its tokens
+    only, and Qwen3-MoE's dense layer)."""
     hf_config = tiny_hf_config(arch, attn_implementation="eager")
+    if arch in MOE_ARCHITECTURES:  # the expert loop (transformers' default batches them)
+        hf_config["experts_implementation"] = "eager"
     model = tiny_hf_model(hf_config)
     config = ModelConfig.from_hf_config(hf_config)
     rows, seq = 3, 20

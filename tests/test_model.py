@@ -159,7 +159,7 @@ def _rope_worker(rank, positions):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megatron_simpo.distributed import runtime
-    from megatron_simpo.model.builder import _rotary_at_positions
+    from megatron_simpo.model.gpt_model import _rotary_at_positions
     from megatron_simpo.distributed.parallel import ParallelConfig
 
     runtime.initialize(ParallelConfig(), seed=1)  # CPU redirections for Megatron's RoPE

@@ -50,6 +50,23 @@ ARCHITECTURES = {
                    pad_token_id=None),
 }
 
+# Mixture of experts (tests/test_moe.py): 4 experts, top-2. Qwen3-MoE both ways of
+# norm_topk_prob, with a dense layer (mlp_only_layers) after a sparse one.
+MOE_ARCHITECTURES = {
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                    rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=None, router_aux_loss_coef=0.02),
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                      rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=16, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+                      mlp_only_layers=[1], decoder_sparse_step=1, router_aux_loss_coef=0.02),
+    "qwen3_moe_norm": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                           rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=16, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                           mlp_only_layers=[], decoder_sparse_step=1,
+                           router_aux_loss_coef=0.02),
+}
+
 
 def tiny_hf_config(arch: str = "llama3", **overrides) -> dict:
     """config.json of a tiny model: 4 layers, GQA (4 heads, 2 groups), vocab 100 (padding needed)."""
@@ -57,7 +74,7 @@ def tiny_hf_config(arch: str = "llama3", **overrides) -> dict:
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
                   rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
                   torch_dtype="float32")
-    config.update(ARCHITECTURES[arch])
+    config.update(ARCHITECTURES.get(arch) or MOE_ARCHITECTURES[arch])
     config.update(overrides)
     return config
 

@@ -112,27 +112,18 @@ def _materialize_adam_state(optimizer) -> None:
                 state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
 
 
-def _load_optimizer_state(optimizer, state_dict: dict) -> None:
-    """``optimizer.load_state_dict``, working around a megatron-core 0.16.1 bug with torch Adam.
-
-    With torch's Adam (no Transformer Engine/Apex, e.g. on CPU) every parameter's optimizer
-    state holds a ``step``; the distributed optimizer's "fully_reshardable" loader copies every
-    state key from the checkpoint but deliberately skips ``step`` there (it comes from the
-    param groups), so it fails with KeyError 'step'. Here the param groups (and step) are
-    loaded first and the per-parameter tensors then loaded with ``step`` set aside.
-    """
+def _load_one_optimizer_state(inner, state_dict: dict) -> None:
+    """The workaround of :func:`_load_optimizer_state` for one (not chained) optimizer."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    inner = chained[0]
     torch_state = inner.optimizer.state if getattr(inner, "optimizer", None) is not None else {}
-    if (len(chained) == 1 and isinstance(inner, DistributedOptimizer)
+    if (isinstance(inner, DistributedOptimizer)
             and state_dict.get("param_state_sharding_type") == "fully_reshardable"
             and any("step" in s for s in torch_state.values())):
         state_dict = dict(state_dict)
         param_state = state_dict.pop("param_state")
         state_dict.pop("param_state_sharding_type")
-        optimizer.load_state_dict(state_dict)
+        inner.load_state_dict(state_dict)
         steps = {param: state.pop("step") for param, state in inner.optimizer.state.items()
                  if "step" in state}
         try:
@@ -141,7 +132,30 @@ def _load_optimizer_state(optimizer, state_dict: dict) -> None:
             for param, step in steps.items():
                 inner.optimizer.state[param]["step"] = step
     else:
-        optimizer.load_state_dict(state_dict)
+        inner.load_state_dict(state_dict)
+
+
+def _load_optimizer_state(optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, working around a megatron-core 0.16.1 bug with torch Adam.
+
+    With torch's Adam (no Transformer Engine/Apex, e.g. on CPU) every parameter's optimizer
+    state holds a ``step``; the distributed optimizer's "fully_reshardable" loader copies every
+    state key from the checkpoint but deliberately skips ``step`` there (it comes from the
+    param groups), so it fails with KeyError 'step'. Here the param groups (and step) are
+    loaded first and the per-parameter tensors then loaded with ``step`` set aside. A
+    mixture-of-experts model's optimizer chains two (dense and expert parameters, each over
+    its own data-parallel group): each gets its part.
+    """
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained and len(chained) > 1:  # MoE: dense and expert parameters, one state dict each
+        if len(chained) != len(state_dict):
+            raise CheckpointError(f"the checkpoint holds {len(state_dict)} optimizer states, "
+                                  f"this run has {len(chained)}")
+        for inner, state in zip(chained, (v for _, v in sorted(state_dict.items()))):
+            _load_one_optimizer_state(inner, state)
+        optimizer._synchronize_steps()
+    else:
+        _load_one_optimizer_state((chained or [optimizer])[0], state_dict)
     # Megatron restores torch Adam's step as ONE tensor shared by every parameter; torch then
     # increments it once per parameter per step, corrupting the bias correction. Unshare it.
     for torch_optimizer in _torch_optimizers(optimizer):

@@ -19,7 +19,8 @@ from megatron_simpo.cli.recipes import add_recipe_flag, expand
 from megatron_simpo.training.losses import LossConfig
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
-from megatron_simpo.model.architecture import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
+from megatron_simpo.model.hf_config import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
+from megatron_simpo.model.moe import MoESettings
 from megatron_simpo.model.precision import Fp8Config
 
 PROG = "train_simpo"
@@ -31,7 +32,10 @@ SECTIONS = (
         names={"model_config_path": ("--model-config",)}),
     Section("parallelism", ParallelConfig, key="parallel", fields=(
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-        "sequence_parallel")),
+        "sequence_parallel", "expert_model_parallel_size", "expert_tensor_parallel_size")),
+    Section("mixture of experts", MoESettings, key="moe", fields=(
+        "moe_aux_loss_coeff", "moe_router_dtype", "freeze_moe_router",
+        "moe_expert_capacity_factor")),
     Section("data", DataConfig, key="data", fields=(
         "train_data_path", "valid_data_path", "train_split", "valid_split", "dataset_config",
         "prompt_column", "chosen_column", "rejected_column", "valid_fraction", "tokenizer_path",
@@ -73,7 +77,7 @@ SECTIONS = (
         "eval_dump", "log_interval",
         "tensorboard_dir", "exit_interval", "exit_duration_in_mins")),
 )
-_NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8")
+_NESTED = ("data", "parallel", "batching", "loss", "optimizer", "fp8", "moe")
 check_coverage(SECTIONS, skip={TrainConfig: _NESTED})
 
 

@@ -10,14 +10,15 @@ import sys
 from megatron_simpo.convert.conversion import (ConversionError, ExportConfig, ImportConfig,
                                                export_hf, import_hf)
 from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command
-from megatron_simpo.model.architecture import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
+from megatron_simpo.model.hf_config import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
 
 IMPORT = Command("convert_hf_to_megatron",
                  "Hugging Face checkpoint -> Megatron distributed checkpoint for training. "
                  f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text "
                  f"model of a {GEMMA3_MULTIMODAL}, exported back as Gemma3ForCausalLM).",
                  (Section("conversion", ImportConfig, key="config", fields=(
-                     "hf_path", "save", "tensor_parallel_size", "pipeline_parallel_size", "dtype",
+                     "hf_path", "save", "tensor_parallel_size", "pipeline_parallel_size",
+                     "expert_model_parallel_size", "expert_tensor_parallel_size", "dtype",
                      "force", "allow_non_finite")),))
 EXPORT = Command("convert_megatron_to_hf", "Megatron checkpoint (any TP/PP) -> Hugging Face folder",
                  (Section("conversion", ExportConfig, key="config", fields=(
@@ -33,8 +34,10 @@ def hf_to_megatron_main(argv=None, *, run_on_ranks=None) -> None:
     config = IMPORT.parse(argv)["config"]
     done = run_command(IMPORT.prog, lambda: import_hf(config, run_on_ranks=run_on_ranks),
                        errors=_ERRORS)
+    ep = config.expert_model_parallel_size
     print(f"saved {done.path} (TP={config.tensor_parallel_size}, "
-          f"PP={config.pipeline_parallel_size}, {done.dtype}: {done.why})")
+          f"PP={config.pipeline_parallel_size}, {f'EP={ep}, ' if ep > 1 else ''}"
+          f"{done.dtype}: {done.why})")
 
 
 def megatron_to_hf_main(argv=None, *, run_on_ranks=None) -> None:

@@ -41,6 +41,11 @@ class ImportConfig:
     """tensor-parallel ranks the checkpoint is split for"""
     pipeline_parallel_size: int = 1
     """pipeline stages the checkpoint is split for"""
+    expert_model_parallel_size: int = 1
+    """expert-parallel ranks the experts are split over (mixture-of-experts models; any EP
+    loads any other: the checkpoint holds each expert once)"""
+    expert_tensor_parallel_size: int | None = None
+    """ranks each expert's weights are split over (default: --tensor-parallel-size)"""
     dtype: Dtype | None = None
     """default: the checkpoint's own (config.json's dtype/torch_dtype; fp32 when it names none)"""
     force: bool = False
@@ -50,7 +55,10 @@ class ImportConfig:
 
     def __post_init__(self) -> None:
         for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size),
-                            ("--pipeline-parallel-size", self.pipeline_parallel_size)):
+                            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+                            ("--expert-model-parallel-size", self.expert_model_parallel_size),
+                            ("--expert-tensor-parallel-size",
+                             self.expert_tensor_parallel_size or 1)):
             if value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
 
@@ -133,10 +141,8 @@ def _import_worker(rank, config: ImportConfig, model_config: dict, dtype_name: s
     from megatron_simpo.distributed import runtime
     from megatron_simpo.model.architecture import ModelConfig
     from megatron_simpo.convert.hf_to_megatron import convert_rank
-    from megatron_simpo.distributed.parallel import ParallelConfig
 
-    parallel = ParallelConfig(tensor_model_parallel_size=config.tensor_parallel_size,
-                              pipeline_model_parallel_size=config.pipeline_parallel_size)
+    parallel = _parallel(config)
     model = ModelConfig.from_dict(model_config)
     runtime.initialize(parallel, seed=0, model_config=model)
     return str(convert_rank(config.hf_path, config.save, model, parallel,
@@ -144,12 +150,30 @@ def _import_worker(rank, config: ImportConfig, model_config: dict, dtype_name: s
                             allow_non_finite=config.allow_non_finite))
 
 
+def _parallel(config: ImportConfig):
+    from megatron_simpo.distributed.parallel import ParallelConfig
+
+    return ParallelConfig(tensor_model_parallel_size=config.tensor_parallel_size,
+                          pipeline_model_parallel_size=config.pipeline_parallel_size,
+                          expert_model_parallel_size=config.expert_model_parallel_size,
+                          expert_tensor_parallel_size=config.expert_tensor_parallel_size,
+                          sequence_parallel=config.tensor_parallel_size > 1)
+
+
+def _world_size(parallel) -> int:
+    """The fewest ranks that hold every shard once: a stage's dense (TP) and expert (EP x ETP)
+    layouts both divide it."""
+    import math
+
+    return math.lcm(parallel.tensor_model_parallel_size,
+                    parallel.expert_parallel_size) * parallel.pipeline_model_parallel_size
+
+
 def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
     """Convert; a bad checkpoint or layout is refused (ValueError, FileNotFoundError, KeyError
     naming the file or flag) before any rank starts."""
     from megatron_simpo.model.architecture import ModelConfig, hf_config_dtype
     from megatron_simpo.convert.hf_to_megatron import check_hf_checkpoint
-    from megatron_simpo.distributed.parallel import ParallelConfig
 
     hf_path, save = Path(config.hf_path), Path(config.save)
     model = ModelConfig.from_hf_config(hf_path)
@@ -161,8 +185,7 @@ def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
         dtype = _DTYPE_FLAGS[str(saved or "torch.float32").removeprefix("torch.")]
         why = f"as saved, from {config_file}" if saved else f"{config_file} names no dtype"
     try:  # Megatron's flag names, as this command spells them
-        parallel = ParallelConfig(tensor_model_parallel_size=config.tensor_parallel_size,
-                                  pipeline_model_parallel_size=config.pipeline_parallel_size)
+        parallel = _parallel(config)
         parallel.check_model(model)
     except ValueError as error:
         raise ValueError(str(error).replace("--tensor-model-parallel-size", "--tensor-parallel-size")
@@ -170,7 +193,7 @@ def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
     check_hf_checkpoint(hf_path, model)
     _refuse_non_empty(save, config.force)
     try:
-        [path, *_] = _on_ranks(run_on_ranks, parallel.model_parallel_size, _import_worker, config,
+        [path, *_] = _on_ranks(run_on_ranks, _world_size(parallel), _import_worker, config,
                                model.to_dict(), DTYPES[dtype])
     except ConversionError as error:
         raise ConversionError(f"conversion failed, nothing was published: {error}") from None

@@ -16,8 +16,8 @@ import torch
 
 from megatron_simpo.checkpoint.checkpointing import save_model_only
 from megatron_simpo.convert.hf_io import HFCheckpointReader, copy_metadata
-from megatron_simpo.convert.llama import (hf_names_for, megatron_names, megatron_tensor,
-                                          split_tensor, to_global_name)
+from megatron_simpo.convert.llama import (hf_names_for, is_expert, megatron_names,
+                                          megatron_tensor, split_tensor, to_global_name)
 from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.model.builder import build_model
 from megatron_simpo.distributed.parallel import ParallelConfig
@@ -43,16 +43,20 @@ def convert_rank(hf_path: str | Path, save: str | Path, config: ModelConfig,
     reader = HFCheckpointReader(hf_path, config, allow_non_finite=allow_non_finite)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size
+    ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     model = build_model(config, parallel, params_dtype=dtype, perform_initialization=False)
     padded = config.padded_vocab_size(tp)
     shapes = {n: t.shape for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
 
     def produce(local_name: str) -> torch.Tensor:
-        """This rank's shard of one tensor, in the model's dtype, in storage of its own."""
-        name = to_global_name(local_name, config, pp_rank, pp)
+        """This rank's shard of one tensor, in the model's dtype, in storage of its own (an
+        expert's weights split over the expert-tensor-parallel ranks, the rest over TP)."""
+        name = to_global_name(local_name, config, pp_rank, pp, ep_rank, ep)
         with torch.no_grad():
             full = megatron_tensor(name, reader.get, config, padded)
-            shard = split_tensor(name, full, tp)[tp_rank]
+            shard = (split_tensor(name, full, etp)[etp_rank] if is_expert(name)
+                     else split_tensor(name, full, tp)[tp_rank])
             if shard.shape != shapes[local_name]:
                 raise ValueError(f"tensor {name}: converted shard {tuple(shard.shape)} does not "
                                  f"match the model's {tuple(shapes[local_name])}")

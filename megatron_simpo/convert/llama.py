@@ -22,6 +22,11 @@ Layouts (h = hidden, d = head_dim, H heads, G query groups, F = ffn hidden):
   zero-centred gamma is the same convention).
 - Gemma-3: Gemma-2's names plus the q/k norms above (Megatron's ``qk_layernorm``); a multimodal
   checkpoint's text tensors are read under these names (``hf_io.HFCheckpointReader``).
+- Mixture-of-experts layers (Mixtral, Qwen3-MoE): the router ``mlp.router.weight`` [E, h] is
+  HF's ``gate`` (replicated on every rank); expert e is
+  ``mlp.experts.local_experts.<e>.linear_fc1`` [2F, h] = [gate; up] (Mixtral ``w1``, ``w3``) and
+  ``.linear_fc2`` [h, F] (``w2``), split like the dense MLP over the expert-TP ranks; EP rank r
+  holds experts r E/EP .. (r + 1) E/EP - 1 under local indices from 0.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ import torch
 from megatron_simpo.model.architecture import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
+# HF names of a MoE layer's router and of expert e's (gate, up, down) projections
+_HF_MOE = {"MixtralForCausalLM": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.",
+                                  ("w1", "w3", "w2")),
+           "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{}.",
+                                   ("gate_proj", "up_proj", "down_proj"))}
 
 # Megatron suffix within a layer -> HF suffix within a layer, for the one-to-one tensors.
 _DIRECT = {
@@ -54,7 +66,7 @@ _QK_NORMS = {
 }
 _SPLIT_DIM0 = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                "word_embeddings.weight", "output_layer.weight")
-_SPLIT_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_SPLIT_DIM1 = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 
 
 def _pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -100,7 +112,14 @@ def megatron_names(config: ModelConfig) -> list[str]:
         names.append(layer + "self_attention.linear_qkv.weight")
         if config.qkv_bias:
             names.append(layer + "self_attention.linear_qkv.bias")
-        names.append(layer + "mlp.linear_fc1.weight")
+        if config.moe_layer_pattern[i]:
+            names.remove(layer + "mlp.linear_fc2.weight")
+            names.append(layer + "mlp.router.weight")
+            for e in range(config.num_experts):
+                names += [f"{layer}mlp.experts.local_experts.{e}.linear_fc{k}.weight"
+                          for k in (1, 2)]
+        else:
+            names.append(layer + "mlp.linear_fc1.weight")
     names.append("decoder.final_layernorm.weight")
     if not config.tie_word_embeddings:
         names.append("output_layer.weight")
@@ -119,6 +138,16 @@ def hf_names_for(name: str, config: ModelConfig) -> list[str]:
     if not match:
         raise KeyError(f"unknown Megatron tensor {name}")
     hf, suffix = f"model.layers.{match.group(1)}.", match.group(2)
+    if config.is_moe and config.moe_layer_pattern[int(match.group(1))]:
+        router, expert, (gate, up, down) = _HF_MOE[config.architecture]
+        expert_match = _EXPERT.match(suffix)
+        if suffix == "mlp.router.weight":
+            return [hf + router]
+        if expert_match:
+            prefix = hf + expert.format(expert_match.group(1))
+            if expert_match.group(2) == "linear_fc1.weight":
+                return [f"{prefix}{gate}.weight", f"{prefix}{up}.weight"]
+            return [f"{prefix}{down}.weight"]
     direct = _direct(config)
     if suffix in direct:
         return [hf + direct[suffix]]
@@ -135,7 +164,7 @@ def megatron_tensor(name: str, get, config: ModelConfig, padded_vocab_size: int)
     sources = [get(hf_name) for hf_name in hf_names_for(name, config)]
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         return _pack_qkv(*sources, config)
-    if name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith("linear_fc1.weight"):
         return torch.cat(sources, dim=0)
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return _pad_vocab(sources[0], padded_vocab_size)
@@ -160,7 +189,7 @@ def hf_tensors_from(name: str, tensor: torch.Tensor, config: ModelConfig
     hf_names = hf_names_for(name, config)
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         return dict(zip(hf_names, _unpack_qkv(tensor, config)))
-    if name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith("linear_fc1.weight"):
         return dict(zip(hf_names, torch.chunk(tensor, 2, dim=0)))
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return {hf_names[0]: tensor[:config.vocab_size]}
@@ -179,7 +208,7 @@ def split_tensor(name: str, tensor: torch.Tensor, tp_size: int) -> list[torch.Te
     """One unsplit Megatron tensor -> its ``tp_size`` shards (replicated tensors are repeated)."""
     if tp_size == 1:
         return [tensor]
-    if name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith("linear_fc1.weight"):
         gate, up = torch.chunk(tensor, 2, dim=0)
         return [torch.cat([g, u], dim=0)
                 for g, u in zip(torch.chunk(gate, tp_size, 0), torch.chunk(up, tp_size, 0))]
@@ -194,7 +223,7 @@ def merge_tensors(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of ``split_tensor``: TP shards -> the unsplit tensor."""
     if len(shards) == 1:
         return shards[0]
-    if name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith("linear_fc1.weight"):
         halves = [torch.chunk(shard, 2, dim=0) for shard in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     if name.endswith(_SPLIT_DIM0):
@@ -204,31 +233,51 @@ def merge_tensors(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return shards[0]
 
 
+def is_expert(name: str) -> bool:
+    """Whether a Megatron tensor is one expert's (split over the expert-TP ranks, not TP)."""
+    return ".mlp.experts.local_experts." in name
+
+
+def expert_range(config: ModelConfig, ep_rank: int, ep_size: int) -> range:
+    """Global indices of the experts on expert-parallel rank ``ep_rank``."""
+    per_rank = (config.num_experts or 0) // ep_size
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
 def stage_layer_range(config: ModelConfig, pp_rank: int, pp_size: int) -> range:
     """Global indices of the layers on pipeline stage ``pp_rank`` (even split)."""
     per_stage = config.num_layers // pp_size
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
-def to_global_name(local_name: str, config: ModelConfig, pp_rank: int, pp_size: int) -> str:
-    """A stage-local Megatron name (``decoder.layers.0...``) -> its global layer index."""
+def to_global_name(local_name: str, config: ModelConfig, pp_rank: int, pp_size: int,
+                   ep_rank: int = 0, ep_size: int = 1) -> str:
+    """A stage-local Megatron name (``decoder.layers.0...``, ``local_experts.0``) -> its global
+    layer and expert indices."""
     match = _LAYER.match(local_name)
     if not match:
         return local_name
     first = stage_layer_range(config, pp_rank, pp_size).start
-    return f"decoder.layers.{int(match.group(1)) + first}.{match.group(2)}"
+    name = f"decoder.layers.{int(match.group(1)) + first}.{match.group(2)}"
+    offset = expert_range(config, ep_rank, ep_size).start
+    return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}.", name)
 
 
 def rank_state_dict(full_state: dict[str, torch.Tensor], config: ModelConfig, *,
-                    tp_rank: int, tp_size: int, pp_rank: int, pp_size: int
-                    ) -> dict[str, torch.Tensor]:
-    """This rank's tensors, named as its ``GPTModel`` names them (stage-local layer indices).
+                    tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
+                    ep_rank: int = 0, ep_size: int = 1, etp_rank: int | None = None,
+                    etp_size: int | None = None) -> dict[str, torch.Tensor]:
+    """This rank's tensors, named as its ``GPTModel`` names them (stage-local layer and expert
+    indices; expert-TP rank and size default to the TP ones).
 
     With tied embeddings and several stages, the last stage holds its own copy of the embedding
     as ``output_layer.weight`` (Megatron keeps the two in sync through the embedding group).
     """
     first_stage, last_stage = pp_rank == 0, pp_rank == pp_size - 1
     layers = stage_layer_range(config, pp_rank, pp_size)
+    experts = expert_range(config, ep_rank, ep_size)
+    etp_rank = tp_rank if etp_rank is None else etp_rank
+    etp_size = tp_size if etp_size is None else etp_size
     out = {}
     for name, tensor in full_state.items():
         match = _LAYER.match(name)
@@ -237,6 +286,14 @@ def rank_state_dict(full_state: dict[str, torch.Tensor], config: ModelConfig, *,
             if index not in layers:
                 continue
             local = f"decoder.layers.{index - layers.start}.{match.group(2)}"
+            expert = _LOCAL_EXPERT.search(local)
+            if expert:
+                if int(expert.group(2)) not in experts:
+                    continue
+                local = _LOCAL_EXPERT.sub(
+                    lambda m: f"{m.group(1)}{int(m.group(2)) - experts.start}.", local)
+                out[local] = split_tensor(name, tensor, etp_size)[etp_rank]
+                continue
         elif name.startswith("embedding."):
             if not first_stage:
                 continue
@@ -254,10 +311,11 @@ def rank_state_dict(full_state: dict[str, torch.Tensor], config: ModelConfig, *,
 
 def load_rank_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
                     config: ModelConfig, *, tp_rank: int, tp_size: int, pp_rank: int,
-                    pp_size: int) -> None:
-    """Copy this rank's share of an unsplit Megatron state dict into ``model`` (all keys must match)."""
+                    pp_size: int, **expert_layout: int) -> None:
+    """Copy this rank's share of an unsplit Megatron state dict into ``model`` (all keys must
+    match); ``expert_layout``: ``rank_state_dict``'s EP/ETP ranks and sizes."""
     state = rank_state_dict(full_state, config, tp_rank=tp_rank, tp_size=tp_size,
-                            pp_rank=pp_rank, pp_size=pp_size)
+                            pp_rank=pp_rank, pp_size=pp_size, **expert_layout)
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -282,6 +340,17 @@ def expected_hf_shape(hf_name: str, config: ModelConfig) -> tuple[int, ...] | No
     match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
     if not match or int(match.group(1)) >= config.num_layers:
         return None
+    if config.is_moe and config.moe_layer_pattern[int(match.group(1))]:
+        router, expert, (gate, up, down) = _HF_MOE[config.architecture]
+        fe, suffix = config.moe_ffn_hidden_size, match.group(2)
+        if suffix == router:
+            return (config.num_experts, h)
+        found = re.match("^" + re.escape(expert).replace(r"\{\}", r"(\d+)") + r"(\w+)\.weight$",
+                         suffix)
+        if found and int(found.group(1)) < config.num_experts:
+            return {gate: (fe, h), up: (fe, h), down: (h, fe)}.get(found.group(2))
+        if suffix.startswith("mlp.") or suffix.startswith("block_sparse_moe."):
+            return None
     return {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q_rows, h), "self_attn.k_proj.weight": (kv_rows, h),

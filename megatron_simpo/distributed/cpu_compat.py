@@ -10,6 +10,11 @@ those calls (see docs/megatron-on-cpu.md for the list and where each one lives):
   ``Tensor.cuda()`` a no-op and answers ``Tensor.type()`` with the CUDA spelling;
 * ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` does nothing;
 * the tensor-parallel RNG tracker saves and restores the CPU generator instead of the CUDA one;
+* the MoE all-to-all token dispatcher's device-to-host side stream (``torch.cuda.Stream``,
+  ``current_stream``, ``stream(...)``, its event) becomes a stream that does nothing: on the
+  CPU the split sizes are already host tensors and every call is synchronous; its host copy
+  of the split sizes (``maybe_move_tensor_to_cpu``, which converts only CUDA tensors) gives
+  the numpy arrays ``all_to_all_single`` takes;
 * the default causal mask is built on the CPU. Torch function modes are thread-local, and the
   autograd engine re-runs forward code on its own thread for activation recomputation, where the
   mode does not reach; the mask builder is the one CUDA literal on that path.
@@ -20,6 +25,7 @@ present and never on a GPU. Nothing else in the package knows about it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -62,6 +68,29 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
     torch.set_rng_state(new_state)
 
 
+class _CpuStream:
+    """What the MoE dispatcher asks of a CUDA stream, for CPU work (already synchronous)."""
+
+    def wait_stream(self, _other) -> None:
+        pass
+
+    def record_event(self, *_args) -> "_CpuStream":
+        return self  # an "event" that is always complete
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _splits_on_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``maybe_move_tensor_to_cpu`` for tensors already on the CPU: numpy when asked."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
 @functools.lru_cache
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     """Megatron's ``get_default_causal_mask`` (True above the diagonal = masked), on the CPU."""
@@ -79,6 +108,7 @@ def install() -> None:
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
@@ -89,6 +119,13 @@ def install() -> None:
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
+    torch.cuda.current_stream = lambda *args, **kwargs: _CPU_STREAM
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    # (names of Megatron-Core 0.16; a version without them has nothing to redirect there)
+    if hasattr(token_dispatcher.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream"):
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):  # imported there by name
+        token_dispatcher.maybe_move_tensor_to_cpu = _splits_on_host
 
     _installed_mode = _CudaToCpuMode()
     _installed_mode.__enter__()

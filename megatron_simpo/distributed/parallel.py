@@ -14,7 +14,11 @@ if TYPE_CHECKING:  # an annotation only: distributed/ does not depend on model/
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """How the world is split. The data-parallel size is what remains: world / (TP * PP * CP)."""
+    """How the world is split. The data-parallel size is what remains: world / (TP * PP * CP).
+
+    Mixture-of-experts layers are split their own way (Megatron's "MoE parallel folding"): the
+    experts over EP ranks, each expert's weights over ETP ranks, so a stage's ranks form
+    (expert data-parallel) x EP x ETP groups besides the dense DP x TP ones."""
 
     tensor_model_parallel_size: int = 1
     """Ranks that split every layer's weights (TP)."""
@@ -27,12 +31,23 @@ class ParallelConfig:
     """Ranks that split every row along the sequence (CP): each holds 2 of 2*CP equal chunks
     (chunks r and 2*CP-1-r, balancing causal attention's work) and attends its queries to the
     keys and values gathered from the whole row; rows are padded to a multiple of 2*CP."""
+    expert_model_parallel_size: int = 1
+    """Ranks that split each mixture-of-experts layer's experts (EP): each holds
+    num_experts / EP of them and tokens travel to their experts by all-to-all."""
+    expert_tensor_parallel_size: int | None = None
+    """Ranks that split each expert's weights (ETP); default: the TP size (Megatron-LM's
+    rule)."""
 
     def __post_init__(self) -> None:
+        if self.expert_tensor_parallel_size is None:
+            object.__setattr__(self, "expert_tensor_parallel_size",
+                               self.tensor_model_parallel_size)
         for flag, value in (
             ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
             ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
             ("--context-parallel-size", self.context_parallel_size),
+            ("--expert-model-parallel-size", self.expert_model_parallel_size),
+            ("--expert-tensor-parallel-size", self.expert_tensor_parallel_size),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
@@ -57,6 +72,11 @@ class ParallelConfig:
         self.check_world_size(world_size)
         return world_size // self.model_parallel_size
 
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks of a stage that split one MoE layer: EP x ETP."""
+        return self.expert_model_parallel_size * self.expert_tensor_parallel_size
+
     def check_world_size(self, world_size: int) -> None:
         if world_size % self.model_parallel_size != 0:
             cp = (f" x --context-parallel-size ({self.context_parallel_size})"
@@ -66,6 +86,13 @@ class ParallelConfig:
                 f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}){cp} = "
                 f"{self.model_parallel_size} does not divide the world size ({world_size})"
             )
+        expert = self.expert_parallel_size * self.pipeline_model_parallel_size
+        if world_size % expert != 0:
+            raise ValueError(
+                f"--expert-model-parallel-size ({self.expert_model_parallel_size}) x "
+                f"--expert-tensor-parallel-size ({self.expert_tensor_parallel_size}) x "
+                f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}) = "
+                f"{expert} does not divide the world size ({world_size})")
 
     def check_model(self, model: ModelConfig) -> None:
         """Refuse sizes the model cannot be split by, naming the flag (before the model is built)."""
@@ -80,6 +107,28 @@ class ParallelConfig:
                 (pp, model.num_layers, f"the number of layers ({model.num_layers})")):
             if count % size != 0:
                 raise ValueError(f"{flag} ({size}) must divide {what}")
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
+        if not model.is_moe:
+            if ep > 1:
+                raise ValueError(f"--expert-model-parallel-size ({ep}) needs a mixture-of-"
+                                 f"experts model; {model.architecture} has no experts")
+            if etp != self.tensor_model_parallel_size:
+                raise ValueError(f"--expert-tensor-parallel-size ({etp}) needs a mixture-of-"
+                                 f"experts model; {model.architecture} has no experts")
+            return
+        if model.num_experts % ep != 0:
+            raise ValueError(f"--expert-model-parallel-size ({ep}) must divide the number of "
+                             f"experts ({model.num_experts})")
+        if model.moe_ffn_hidden_size % etp != 0:
+            raise ValueError(f"--expert-tensor-parallel-size ({etp}) must divide the expert "
+                             f"hidden size ({model.moe_ffn_hidden_size})")
+        if not self.sequence_parallel and self.tensor_model_parallel_size > 1 and ep > 1:
+            raise ValueError(f"--expert-model-parallel-size ({ep}) with "
+                             f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) "
+                             "needs --sequence-parallel (Megatron-Core's rule)")
+        if self.context_parallel_size > 1:
+            raise ValueError(f"--context-parallel-size ({self.context_parallel_size}) is not "
+                             f"supported on mixture-of-experts models ({model.architecture}) yet")
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> None:
         self.check_world_size(world_size)

@@ -62,6 +62,8 @@ def initialize(parallel: ParallelConfig, *, seed: int = 42, model_config=None) -
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -18,33 +18,10 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-# Gemma's layout: (1 + weight) RMSNorms, post-attention and post-feed-forward norms, GeGLU with
-# the tanh GELU, embeddings multiplied by sqrt(hidden), tied embeddings.
-GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
-# A multimodal Gemma-3 checkpoint: its text model is a Gemma3ForCausalLM (config.json's
-# ``text_config``; weights under ``language_model.model.*`` or ``model.language_model.*``).
-GEMMA3_MULTIMODAL = "Gemma3ForConditionalGeneration"
-LAYER_TYPES = ("full_attention", "sliding_attention")
+from megatron_simpo.model.hf_config import (
+    SUPPORTED_ARCHITECTURES, MOE_ARCHITECTURES, GEMMA_ARCHITECTURES,
+    LAYER_TYPES, MEGATRON_LLAMA3_ROPE, MODEL_TYPES, fields_from_hf)
 
-# Megatron-Core applies Llama-3.1 rope scaling with these constants hard-coded
-# (RotaryEmbedding._apply_scaling); a checkpoint that asks for others cannot be reproduced.
-_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}
-# Hugging Face ``model_type`` of each supported class (config.json carries both).
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
-# transformers' Gemma3TextConfig defaults: the text_config of a multimodal Gemma-3 file names
-# only what differs from them.
-_GEMMA3_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
-                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=256, hidden_activation="gelu_pytorch_tanh",
-                        max_position_embeddings=131072, rms_norm_eps=1e-6,
-                        tie_word_embeddings=True, query_pre_attn_scalar=256,
-                        sliding_window=4096, rope_theta=1_000_000.0,
-                        rope_local_base_freq=10_000.0, initializer_range=0.02)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,10 +72,26 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times the TP size (Megatron-LM's rule)."""
     init_method_std: float = 0.02
+    num_experts: int | None = None
+    """Experts per mixture-of-experts layer (HF ``num_local_experts`` / ``num_experts``); None:
+    a dense model."""
+    moe_ffn_hidden_size: int | None = None
+    """SwiGLU inner size of each expert (Qwen3-MoE ``moe_intermediate_size``; Mixtral's
+    ``intermediate_size``)."""
+    moe_router_topk: int = 2
+    """Experts each token is sent to (HF ``num_experts_per_tok``)."""
+    moe_norm_topk_prob: bool = True
+    """The k chosen softmax probabilities are renormalised to sum to 1 (Mixtral always; Qwen3-MoE
+    ``norm_topk_prob``); else they are used as the softmax over all experts gives them."""
+    moe_layers: tuple[int, ...] | None = None
+    """Per layer 1 (mixture of experts) or 0 (dense MLP of ``ffn_hidden_size``: Qwen3-MoE
+    ``mlp_only_layers`` / ``decoder_sparse_step``); None: every layer (Megatron's
+    ``moe_layer_freq`` list)."""
 
     def __post_init__(self) -> None:
-        if self.layer_types is not None:  # JSON gives a list
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        for name in ("layer_types", "moe_layers"):  # JSON gives a list
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {self.architecture!r}; supported: "
@@ -136,6 +129,30 @@ class ModelConfig:
             raise ValueError("model config: rope_linear_factor and rope_scaling_factor (llama3) "
                              "exclude each other")
 
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        moe = self.architecture in MOE_ARCHITECTURES
+        if moe != (self.num_experts is not None):
+            raise ValueError(f"model config: num_experts is given for, and only for, "
+                             f"{', '.join(MOE_ARCHITECTURES)} ({self.architecture}: "
+                             f"{self.num_experts!r})")
+        if not moe:
+            return
+        for name in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.moe_router_topk > self.num_experts:
+            raise ValueError(f"model config: moe_router_topk ({self.moe_router_topk}) exceeds "
+                             f"num_experts ({self.num_experts})")
+        if self.architecture == "MixtralForCausalLM" and not self.moe_norm_topk_prob:
+            raise ValueError("model config: Mixtral always renormalises its top-k probabilities")
+        if self.moe_layers is not None and (len(self.moe_layers) != self.num_layers
+                                            or set(self.moe_layers) - {0, 1}):
+            raise ValueError(f"model config: moe_layers must give 0 or 1 for each of the "
+                             f"{self.num_layers} layers: {list(self.moe_layers)}")
+
     @property
     def dual_rope(self) -> bool:
         """Whether the sliding and the full-attention layers take different RoPE tables."""
@@ -151,6 +168,18 @@ class ModelConfig:
         """Per layer: whether it attends through the sliding window."""
         return [kind == "sliding_attention" for kind in self.layer_types or
                 ("full_attention",) * self.num_layers]
+
+    @property
+    def is_moe(self) -> bool:
+        """Mixture-of-experts feed-forward layers (see ``MOE_ARCHITECTURES``)."""
+        return self.num_experts is not None
+
+    @property
+    def moe_layer_pattern(self) -> list[bool]:
+        """Per layer: whether its feed-forward block is a mixture of experts."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        return [bool(x) for x in self.moe_layers or (1,) * self.num_layers]
 
     @property
     def kv_channels(self) -> int:
@@ -187,131 +216,7 @@ class ModelConfig:
         Understands both spellings of RoPE settings: ``rope_theta`` + ``rope_scaling`` (the
         released Llama files) and ``rope_parameters`` (transformers >= 5).
         """
-        source = "config"
-        if not isinstance(hf, dict):
-            path = Path(hf)
-            if path.is_dir():
-                path = path / "config.json"
-            source = str(path)
-            try:
-                hf = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"cannot read Hugging Face config {source}: {error}") from error
-        architectures = hf.get("architectures") or []
-        by_type = {model_type: name for name, model_type in _MODEL_TYPES.items()}
-        by_type["gemma3"] = GEMMA3_MULTIMODAL
-        architecture = architectures[0] if architectures else by_type.get(
-            hf.get("model_type"), hf.get("model_type"))
-        if architecture == GEMMA3_MULTIMODAL:  # its text model; the vision tower is not read
-            architecture, hf = "Gemma3ForCausalLM", dict(hf.get("text_config") or {})
-        if architecture == "Gemma3ForCausalLM":
-            hf = {**_GEMMA3_DEFAULTS, **hf}
-            if hf.get("use_bidirectional_attention"):
-                raise ValueError(f"{source}: use_bidirectional_attention=True (an embedding "
-                                 "model) is unsupported")
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: unsupported architecture {architecture!r}; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        gemma = architecture in GEMMA_ARCHITECTURES
-        if gemma:
-            activation = hf.get("hidden_activation") or hf.get("hidden_act")
-            if activation != "gelu_pytorch_tanh":
-                raise ValueError(f"{source}: hidden_activation {activation!r} unsupported (need "
-                                 "gelu_pytorch_tanh)")
-        elif hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
-        rope = dict(hf.get("rope_parameters") or {})
-        gemma3 = {}
-        if architecture == "Gemma3ForCausalLM":
-            gemma3, rope, hf = _gemma3_rope(hf, rope, source)
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                             else None)
-        rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        rope_scaling_factor = None
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind != "llama3":
-                raise ValueError(f"{source}: rope scaling type {kind!r} unsupported (only 'llama3')")
-            for key, expected in _MEGATRON_LLAMA3_ROPE.items():
-                if float(scaling.get(key, expected)) != expected:
-                    raise ValueError(
-                        f"{source}: rope_scaling {key}={scaling[key]} unsupported; Megatron-Core "
-                        f"implements llama3 scaling with {key}={expected}"
-                    )
-            rope_scaling_factor = float(scaling["factor"])
-        if architecture != "Qwen2ForCausalLM" and hf.get("attention_bias", False):
-            raise ValueError(f"{source}: attention_bias=True is only supported for Qwen2")
-        if hf.get("mlp_bias", False):
-            raise ValueError(f"{source}: mlp_bias=True is unsupported")
-        if hf.get("use_sliding_window", False):
-            raise ValueError(f"{source}: sliding-window attention is unsupported")
-        heads = int(hf["num_attention_heads"])
-        gemma_fields = {}
-        if gemma:
-            layers = int(hf["num_hidden_layers"])
-            gemma_fields = dict(
-                attn_logit_softcapping=_optional_float(hf.get("attn_logit_softcapping")),
-                final_logit_softcapping=_optional_float(hf.get("final_logit_softcapping")),
-                sliding_window=hf.get("sliding_window"),
-                # transformers' default for Gemma-2 files without the list: even layers slide
-                # Gemma-3 files without the list: every sliding_window_pattern-th layer is full
-                layer_types=tuple(hf.get("layer_types") or (
-                    "sliding_attention" if (i + 1) % int(hf.get("sliding_window_pattern") or (
-                        6 if architecture == "Gemma3ForCausalLM" else 2)) else "full_attention"
-                    for i in range(layers))),
-                query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256))
-        return cls(
-            architecture=architecture,
-            num_layers=int(hf["num_hidden_layers"]),
-            hidden_size=int(hf["hidden_size"]),
-            ffn_hidden_size=int(hf["intermediate_size"]),
-            num_attention_heads=heads,
-            num_query_groups=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
-            vocab_size=int(hf["vocab_size"]),
-            max_position_embeddings=int(hf["max_position_embeddings"]),
-            rope_theta=rope_theta,
-            rope_scaling_factor=rope_scaling_factor,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            qk_layernorm=architecture in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
-            init_method_std=float(hf.get("initializer_range", 0.02)),
-            **gemma_fields, **gemma3,
-        )
-
-
-def _gemma3_rope(hf: dict, rope: dict, source: str) -> tuple[dict, dict, dict]:
-    """Gemma-3's two RoPE settings, in either spelling: ``rope_theta`` (full-attention layers,
-    with ``rope_scaling``) and ``rope_local_base_freq`` (sliding layers), or transformers 5's
-    ``rope_parameters`` per layer type. Returns (the ModelConfig fields, the full-attention
-    layers' rope parameters, ``hf`` without the legacy scaling) for the common reading, which
-    then sees no scaling: Gemma-3's is linear, on the full-attention layers only."""
-    if "full_attention" in rope or "sliding_attention" in rope:
-        full, local = dict(rope.get("full_attention") or {}), rope.get("sliding_attention") or {}
-        full.setdefault("rope_theta", hf["rope_theta"])
-        local_base = float(local.get("rope_theta", hf["rope_local_base_freq"]))
-        if local.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: rope scaling on the sliding layers "
-                             f"({local['rope_type']!r}) is unsupported")
-    else:
-        full = dict(rope, rope_theta=float(rope.get("rope_theta", hf["rope_theta"])))
-        full.update(hf.get("rope_scaling") or {})
-        local_base = float(hf["rope_local_base_freq"])
-    kind = full.get("rope_type", full.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise ValueError(f"{source}: rope scaling type {kind!r} unsupported for Gemma-3 (only "
-                         "'linear')")
-    fields = dict(rope_local_base_freq=local_base,
-                  rope_linear_factor=float(full["factor"]) if kind == "linear" else None)
-    hf = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
-    return fields, {"rope_theta": full["rope_theta"]}, hf
-
-
-def _optional_float(value) -> float | None:
-    return None if value is None else float(value)
+        return cls(**fields_from_hf(hf))
 
 
 def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -> dict:
@@ -321,7 +226,7 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
                    if k in base}, **base["text_config"]}
     out = dict(base or {})
     out.update(
-        architectures=[config.architecture], model_type=_MODEL_TYPES[config.architecture],
+        architectures=[config.architecture], model_type=MODEL_TYPES[config.architecture],
         hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
@@ -339,6 +244,15 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
                    query_pre_attn_scalar=int(config.query_pre_attn_scalar)
                    if float(config.query_pre_attn_scalar).is_integer()
                    else config.query_pre_attn_scalar)
+    if config.architecture == "MixtralForCausalLM":
+        out.update(num_local_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
+                   intermediate_size=config.moe_ffn_hidden_size, sliding_window=None)
+    elif config.architecture == "Qwen3MoeForCausalLM":
+        out.update(num_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
+                   moe_intermediate_size=config.moe_ffn_hidden_size,
+                   norm_topk_prob=config.moe_norm_topk_prob, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i, moe in enumerate(config.moe_layer_pattern) if not moe])
+        out.pop("num_local_experts", None)  # transformers 5 writes both; either one is read
     if "dtype" in out:  # transformers >= 5 spells it so; a stale one would win on load
         out["dtype"] = out["torch_dtype"]
     if config.architecture != "Qwen2ForCausalLM":
@@ -353,7 +267,7 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
         out["rope_theta"] = config.rope_theta
         if config.rope_scaling_factor is not None:
             out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,
-                                       **_MEGATRON_LLAMA3_ROPE)
+                                       **MEGATRON_LLAMA3_ROPE)
     described = ModelConfig.from_hf_config(out).to_dict()
     differ = {k: (v, described[k]) for k, v in config.to_dict().items() if described[k] != v}
     if differ:  # e.g. the original's RoPE fields no longer hold

@@ -3,9 +3,11 @@
 The architecture itself is :class:`megatron_simpo.architecture.ModelConfig`; this module maps it
 onto Megatron-Core's ``TransformerConfig`` + ``GPTModel``: grouped-query attention, RMSNorm,
 SwiGLU, RoPE with its base and Llama-3.1 scaling, tied embeddings, QKV bias (Qwen2), per-head
-query/key RMSNorm (Qwen3, Gemma-3: Megatron-Core's ``qk_layernorm``), Gemma-2/3's layers (see
-``layers``; Gemma-3's two RoPE tables: ``PositionedGPTModel``) and
-vocabulary padding so the embedding splits evenly across tensor-parallel ranks.
+query/key RMSNorm (Qwen3, Gemma-3, Qwen3-MoE: Megatron-Core's ``qk_layernorm``), Gemma-2/3's
+layers (see ``layers``; Gemma-3's two RoPE tables: ``PositionedGPTModel``), mixture-of-experts
+layers (Mixtral, Qwen3-MoE: Megatron-Core's ``MoELayer`` with its ``SequentialMLP`` experts and
+the all-to-all token dispatcher; docs/moe.md) and vocabulary padding so the embedding splits
+evenly across tensor-parallel ranks.
 """
 
 from __future__ import annotations
@@ -17,16 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_simpo.model.architecture import ModelConfig
+from megatron_simpo.model.gpt_model import MODEL_OUTPUTS, ModelOutput, gpt_model_class
 from megatron_simpo.model.layers import (RMSNorm, dual_rope_self_attention, gelu_tanh,
-                                         post_norm_row_parallel_linear, softcap)
+                                         post_norm_row_parallel_linear)
+from megatron_simpo.model.moe import experts_apart, moe_transformer_fields, router_gemm_without_te
 from megatron_simpo.distributed.parallel import ParallelConfig
 
 TransformerImpl = Literal["local", "transformer_engine"]
 TRANSFORMER_IMPLS = get_args(TransformerImpl)
-ModelOutput = Literal["logits", "hidden_states"]
-"""What the last pipeline stage returns: [b, s, V_p/tp] logits, or [b, s, h] final hidden states
-(memory-lean log-probs: ``megatron_simpo.logprob_head``)."""
-MODEL_OUTPUTS = get_args(ModelOutput)
 
 
 def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
@@ -70,8 +70,11 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         # Micro-batches are padded to their own longest row (megatron_simpo.data.batching): stages
         # exchange each one's shape before its activations.
         variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
-        # (Megatron-Core refuses that beside its default MoE dispatcher; there are no experts.)
+        # (Megatron-Core refuses that beside its allgather MoE dispatcher; alltoall also runs
+        # the expert-parallel exchange over gloo: all_to_all_single with uneven splits.)
         moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
@@ -82,6 +85,8 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
     )
+    if config.is_moe:
+        values.update(moe_transformer_fields(config))
     if config.query_pre_attn_scalar is not None:
         values["softmax_scale"] = config.query_pre_attn_scalar ** -0.5
     if config.sliding_window is not None:  # Megatron-Core's convention: (left, right) keys
@@ -91,16 +96,21 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
     return TransformerConfig(**values)
 
 
-def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local"):
+def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local",
+               moe: bool = False):
     """The per-layer ``ModuleSpec``: local torch modules (core attention on torch's SDPA), or
-    Transformer Engine's (GPU, FP8)."""
+    Transformer Engine's (GPU, FP8); ``moe``: its feed-forward block is Megatron-Core's MoE
+    layer (local spec: ``SequentialMLP`` experts)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = config.num_experts if moe else None
     if transformer_impl == "local":
         from megatron_simpo.model.attention import SDPAttention
 
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
-                                                        qk_layernorm=config.qk_layernorm)
+                                                        qk_layernorm=config.qk_layernorm,
+                                                        num_experts=experts,
+                                                        moe_grouped_gemm=False)
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
         attention = spec.submodules.self_attention.submodules
@@ -123,7 +133,7 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local")
         raise ValueError(f"{config.architecture} needs --transformer-impl local (soft-capping, "
                          "sliding windows and post-norms live in the local spec's layers)")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-        qk_layernorm=config.qk_layernorm)
+        qk_layernorm=config.qk_layernorm, num_experts=experts, moe_grouped_gemm=False)
 
 
 def check_packed_attention(transformer_impl: str) -> None:
@@ -156,6 +166,10 @@ def check_shared_prompt_attention(transformer_impl: str, config) -> None:
         raise ValueError(f"--share-prompt: the model's sliding-window layers "
                          f"({config.sliding_window} keys) measure windows in row indices, which "
                          "shared-prompt rows shift for the rejected response; leave it off")
+    if config is not None and config.is_moe:
+        raise ValueError(f"--share-prompt is not supported on mixture-of-experts models "
+                         f"({config.architecture}): their load-balancing loss counts tokens, "
+                         "which shared rows change; leave it off")
 
 
 def check_transformer_impl(transformer_impl: str) -> None:
@@ -181,12 +195,19 @@ def block_spec(config: ModelConfig, megatron_config, transformer_impl: Transform
     """
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     spec = layer_spec(config, transformer_impl)
-    if transformer_impl != "local":
+    if transformer_impl != "local" and not config.is_moe:
         return spec
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(megatron_config), layer_norm=RMSNorm)
+    first = get_transformer_layer_offset(megatron_config)
+    pattern = config.moe_layer_pattern[first:first + get_num_layers_to_build(megatron_config)]
+    specs = {moe: layer_spec(config, transformer_impl, moe) for moe in set(pattern)}
+    norm = RMSNorm
+    if transformer_impl != "local":
+        from megatron.core.extensions.transformer_engine import TENorm as norm
+    return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in pattern],
+                                      layer_norm=norm)
 
 
 def build_model(config: ModelConfig, parallel: ParallelConfig, *,
@@ -207,13 +228,19 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         raise ValueError(f"output_mode must be one of {', '.join(MODEL_OUTPUTS)}, got "
                          f"{output_mode!r}")
     parallel.check_model(config)
+    if config.is_moe:
+        router_gemm_without_te()
+        if not torch.cuda.is_available() and parallel.expert_tensor_parallel_size > 1:
+            raise ValueError(f"--expert-tensor-parallel-size {parallel.expert_tensor_parallel_size}"
+                             " needs GPUs (NCCL): gloo cannot all-gather the uneven token counts "
+                             "of the experts' TP ranks; use --expert-tensor-parallel-size 1 on CPU")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     megatron_config = transformer_config(config, parallel, params_dtype=params_dtype,
                                          **transformer_overrides)
-    model = _gpt_model_class()(
+    model = gpt_model_class()(
         config=megatron_config,
         transformer_layer_spec=block_spec(config, megatron_config, transformer_impl),
         vocab_size=config.padded_vocab_size(parallel.tensor_model_parallel_size),
@@ -234,173 +261,11 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         embedding_scale=config.hidden_size ** 0.5 if config.is_gemma else None,
         final_logit_softcapping=config.final_logit_softcapping,
     )
+    if config.is_moe:
+        experts_apart(model)
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
-
-
-def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torch.Tensor,
-                         rope=None) -> torch.Tensor:
-    """RoPE angles at each row's own positions: [s, b, 1, d] for position_ids [b, s].
-
-    Megatron-Core's GPTModel takes RoPE angles for 0..s-1, shared by all rows ([s, 1, 1, d]),
-    and ignores ``position_ids``; packed rows restart their positions at every sequence.
-    ``rope``: the ``RotaryEmbedding`` the angles come from (the model's own when None).
-    """
-    if position_ids is None or rotary_pos_emb is None:
-        return rotary_pos_emb
-    s = position_ids.shape[-1]
-    if torch.equal(position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
-        return rotary_pos_emb  # the usual case: nothing to change, bit for bit
-    table = (rope or model.rotary_pos_emb)(model.max_sequence_length)  # [L, 1, 1, d]
-    return table[position_ids.t()].squeeze(2)
-
-
-def _context_parallel_positions(model, input_ids, position_ids):
-    """[b, s/CP] the row positions of this CP rank's tokens: ``position_ids`` as given (the
-    rank's share of a packed row's restarting positions), else the rank's chunks of 0..s-1.
-    On a later pipeline stage (no input ids) these only feed RoPE's angles."""
-    if position_ids is not None:
-        return position_ids
-    from megatron.core import parallel_state
-
-    from megatron_simpo.distributed.parallel import context_parallel_positions
-
-    cp = model.config.context_parallel_size
-    if input_ids is not None:
-        rows, local = input_ids.shape
-        device = input_ids.device
-    else:  # later stages: the decoder's input tensor [s/CP(/TP), b, h]
-        local = model.decoder.input_tensor.shape[0]
-        if model.config.sequence_parallel:
-            local *= model.config.tensor_model_parallel_size
-        rows, device = model.decoder.input_tensor.shape[1], model.decoder.input_tensor.device
-    at = context_parallel_positions(local * cp, parallel_state.get_context_parallel_rank(), cp,
-                                    device=device)
-    return at.unsqueeze(0).expand(rows, -1)
-
-
-@functools.cache
-def _gpt_model_class():
-    """Megatron-Core's ``GPTModel`` with RoPE that follows ``position_ids`` (packed rows); made
-    on first use so that importing this module does not import Megatron-Core."""
-    from megatron.core.models.gpt import GPTModel
-
-    class PositionedGPTModel(GPTModel):
-        """GPTModel whose rotary embedding is taken at ``position_ids`` (restarting per packed
-        sequence) instead of 0..s-1; THD-packed batches (Transformer Engine) keep
-        Megatron-Core's own per-segment RoPE (packed rows of the local spec, sbhd, do not).
-
-        ``output_mode`` "hidden_states": the last stage returns its final hidden states
-        [b, s, h] in place of the logits (the output layer keeps its parameters, unused here;
-        the log-prob head reads its weight).
-
-        ``embedding_scale`` (Gemma: sqrt(hidden)) multiplies the embedding's output, in its
-        dtype as transformers does; ``final_logit_softcapping`` caps the output layer's logits
-        (``c * tanh(z / c)``: what every consumer of the logits, loss included, sees; the
-        memory-lean head caps its own chunks).
-
-        ``local_rope_base`` (Gemma-3's ``rope_local_base_freq``): a second RoPE table, of this
-        base and unscaled, for the sliding-window layers; every layer then gets both tables
-        stacked, [2, s, b, 1, d] (GPTModel's own first), each at the rows' positions, and
-        picks its own (``layers.dual_rope_self_attention``)."""
-
-        def __init__(self, *args, output_mode: ModelOutput = "logits",
-                     embedding_scale: float | None = None,
-                     final_logit_softcapping: float | None = None,
-                     local_rope_base: float | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.local_rotary_pos_emb = None
-            if local_rope_base is not None:
-                from megatron.core.models.common.embeddings.rotary_pos_embedding import (
-                    RotaryEmbedding)
-
-                self.local_rotary_pos_emb = RotaryEmbedding(
-                    kv_channels=self.config.kv_channels, rotary_percent=1.0,
-                    rotary_interleaved=self.config.rotary_interleaved,
-                    rotary_base=local_rope_base,
-                    use_cpu_initialization=self.config.use_cpu_initialization)
-            self.output_mode = output_mode
-            self.embedding_scale = embedding_scale
-            self.final_logit_softcapping = final_logit_softcapping
-            if embedding_scale is not None and self.pre_process:
-                self.embedding.register_forward_hook(
-                    functools.partial(_scale_embedding, embedding_scale))
-            if self.config.context_parallel_size > 1 and hasattr(self, "rotary_pos_emb"):
-                # Megatron would cut the rank's chunks out of 0..s-1 itself (through pinned
-                # memory, which a CPU lacks): the angles are taken at the rank's positions
-                # instead (_context_parallel_positions), the same ones.
-                self.rotary_pos_emb.cp_group = None
-            if final_logit_softcapping is not None and self.post_process:
-                self.output_layer.register_forward_hook(
-                    functools.partial(_softcap_logits, final_logit_softcapping))
-
-        def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-            packed = kwargs.get("packed_seq_params")
-            thd = packed is not None and packed.qkv_format == "thd"
-            cp = self.config.context_parallel_size
-            if cp > 1 and not thd:
-                position_ids = _context_parallel_positions(self, input_ids, position_ids)
-            output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-            if thd:
-                return output
-            rotary = _rotary_at_positions(self, output[1], position_ids)
-            if self.local_rotary_pos_emb is not None and rotary is not None:
-                local = _rotary_at_positions(self, self.local_rotary_pos_emb(output[1].shape[0]),
-                                             position_ids, self.local_rotary_pos_emb)
-                rotary = torch.stack([rotary, local.expand_as(rotary)])
-            return (output[0], rotary, *output[2:])
-
-        def _postprocess(self, hidden_states, **kwargs):
-            if self.output_mode == "logits" or not self.post_process:
-                return super()._postprocess(hidden_states, **kwargs)
-            return _final_hidden_states(self, hidden_states, kwargs.get("labels"))
-
-    return PositionedGPTModel
-
-
-def _scale_embedding(scale: float, embedding, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook of the embedding: its [s, b, h] output times ``scale``, a scalar of the
-    output's dtype (so bf16 rounds sqrt(hidden) as transformers does)."""
-    return output * torch.tensor(scale, dtype=output.dtype, device=output.device)
-
-
-def _softcap_logits(cap: float, output_layer, args, output):
-    """Forward hook of the output layer: (logits, bias) with the logits soft-capped."""
-    logits, bias = output
-    return softcap(logits, cap), bias
-
-
-def _final_hidden_states(model, hidden_states: torch.Tensor, labels) -> torch.Tensor:
-    """The last stage's output with ``output_mode`` "hidden_states": [b, s, h] from the final
-    norm's [s, b, h] ([s/tp, b, h] under sequence parallelism, gathered as the output layer
-    would gather its input; backward reduce-scatters, so each TP rank's gradient is its
-    vocabulary shard's share)."""
-    if labels is not None:
-        raise ValueError("a model built with output_mode='hidden_states' computes no "
-                         "language-model loss: give no labels")
-    # The output layer is not called: run its forward pre-hooks as a call would (Megatron
-    # DDP's wait for its weight's all-gather under --overlap-param-gather is one).
-    _run_forward_pre_hooks(model.output_layer, hidden_states)
-    if model.output_layer.sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-        hidden_states = gather_from_sequence_parallel_region(  # [s/tp, b, h] -> [s, b, h]
-            hidden_states, tensor_parallel_output_grad=True)
-    return hidden_states.transpose(0, 1).contiguous()  # [s b h] => [b s h]
-
-
-def _run_forward_pre_hooks(module: torch.nn.Module, *args) -> None:
-    """What ``module(*args)`` runs before its forward: the global and the module's own
-    forward pre-hooks (their results, which would replace the arguments, are not needed)."""
-    from torch.nn.modules.module import _global_forward_pre_hooks
-
-    for hooks in (_global_forward_pre_hooks, module._forward_pre_hooks):
-        for hook_id, hook in hooks.items():
-            if hook_id in module._forward_pre_hooks_with_kwargs:
-                hook(module, args, {})
-            else:
-                hook(module, args)
 
 
 def output_weight(model) -> torch.Tensor:

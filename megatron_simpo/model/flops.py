@@ -3,7 +3,8 @@
 Counts the matrix multiplications a Llama-family decoder needs (2 FLOPs per multiply-add):
 the attention projections, the attention itself (causal: only the keys at or before each query;
 on sliding-window layers only the window's),
-the SwiGLU MLP, and the output layer for the tokens whose log-probs are needed. Element-wise work
+the SwiGLU MLP (of a mixture-of-experts layer: the router and the k experts each token is sent
+to, i.e. the *active* parameters), and the output layer for the tokens whose log-probs are needed. Element-wise work
 (norms, RoPE, softmax) is left out, as is any recomputation: these are *model* FLOPs, so the
 same run reports the same figure with or without activation recomputation.
 
@@ -18,25 +19,31 @@ from typing import Iterable
 from megatron_simpo.model.architecture import ModelConfig
 
 
-def _per_token_and_pair(config: ModelConfig) -> tuple[int, int]:
-    """Forward FLOPs of one layer per token (projections, MLP) and per attended (query, key)
-    pair (scores Q K^T and the weighted sum of values: 2 * q FLOPs each)."""
+def _layer_costs(config: ModelConfig) -> tuple[list[int], int]:
+    """Forward FLOPs per token of each layer (projections and its MLP: dense SwiGLU, or the
+    router plus the k experts a token uses on an MoE layer) and per attended (query, key) pair
+    (scores Q K^T and the weighted sum of values: 2 * q FLOPs each)."""
     h, f = config.hidden_size, config.ffn_hidden_size
     q = config.num_attention_heads * config.kv_channels
     kv = config.num_query_groups * config.kv_channels
-    return 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f, 2 * 2 * q
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h
+    dense_mlp = 2 * 3 * h * f
+    moe_mlp = (2 * h * config.num_experts + config.moe_router_topk * 2 * 3 * h *
+               config.moe_ffn_hidden_size) if config.is_moe else 0
+    return ([attention + (moe_mlp if moe else dense_mlp) for moe in config.moe_layer_pattern],
+            2 * 2 * q)
 
 
 def decoder_forward_flops(config: ModelConfig, row_lengths: Iterable[int], *,
                           causal: bool = True) -> int:
     """Forward FLOPs of the decoder layers (no output layer) over rows of the given lengths."""
-    per_token, per_pair = _per_token_and_pair(config)
+    per_token, per_pair = _layer_costs(config)
     rows = list(row_lengths)
     total = 0
-    for sliding in config.sliding_layers:
+    for sliding, layer in zip(config.sliding_layers, per_token):
         window = config.sliding_window if sliding and causal else None
         for s in rows:
-            total += per_token * s + per_pair * attended_pairs(s, causal=causal, window=window)
+            total += layer * s + per_pair * attended_pairs(s, causal=causal, window=window)
     return total
 
 
@@ -48,13 +55,13 @@ def shared_prompt_forward_flops(config: ModelConfig, pairs: Iterable[tuple[int, 
     rows are refused on sliding-window layers, so no window enters.)"""
     if any(config.sliding_layers):
         raise ValueError("shared-prompt rows are not counted on sliding-window layers")
-    per_token, per_pair = _per_token_and_pair(config)
-    total = 0
+    per_token, per_pair = _layer_costs(config)
+    tokens = attended = 0
     for p, c, r in pairs:
         responses = (c - 1, r - 1)
-        attended = p * (p + 1) // 2 + sum(n * p + n * (n + 1) // 2 for n in responses)
-        total += per_token * (p + sum(responses)) + per_pair * attended
-    return total * config.num_layers
+        tokens += p + sum(responses)
+        attended += p * (p + 1) // 2 + sum(n * p + n * (n + 1) // 2 for n in responses)
+    return sum(per_token) * tokens + config.num_layers * per_pair * attended
 
 
 def attended_pairs(s: int, *, causal: bool = True, window: int | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.model.builder import TransformerImpl, build_model
+from megatron_simpo.model.moe import freeze_routers
 from megatron_simpo.training.optimizer import (OptimizerSettings, build_optimizer, build_scheduler,
                                       remove_schedule_hooks, wrap_with_ddp)
 from megatron_simpo.distributed.parallel import ParallelConfig
@@ -49,6 +50,7 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
                      transformer_overrides: dict[str, Any] | None = None,
                      reference_overrides: dict[str, Any] | None = None,
                      logprob_chunk_size: int = 1024,
+                     freeze_router: bool = False,
                      load_policy: LoadWeights | None = None,
                      with_reference: bool = False,
                      load_reference: LoadWeights | None = None,
@@ -64,12 +66,15 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
         logprob_chunk_size: > 0 builds both models for memory-lean log-probs (the head's
             chunk size; 0 = full logits).
         total_iters: run length in optimizer steps; builds the learning-rate schedule.
+        freeze_router: mixture of experts: the routers get no gradient and no update.
     """
     head = LogprobHead(logprob_chunk_size, vocab_size=model_config.vocab_size,
                        final_logit_softcapping=model_config.final_logit_softcapping)
     settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl, head=head)
     policy = _build(model_config, parallel, overrides=transformer_overrides, load=load_policy,
                     **settings)
+    if freeze_router:
+        freeze_routers(policy)
     model = wrap_with_ddp(policy, optimizer)
     megatron_optimizer = build_optimizer([model], optimizer,
                                          bf16=params_dtype == torch.bfloat16)

@@ -14,6 +14,7 @@ from megatron_simpo.training.logprob_head import check_chunk_size
 from megatron_simpo.model.builder import TRANSFORMER_IMPLS, TransformerImpl
 from megatron_simpo.training.optimizer import OptimizerSettings
 from megatron_simpo.distributed.parallel import ParallelConfig
+from megatron_simpo.model.moe import MoESettings
 from megatron_simpo.model.precision import Fp8Config, sequence_alignment
 
 
@@ -30,6 +31,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    moe: MoESettings = field(default_factory=MoESettings)
     fp8: Fp8Config | None = None
     """FP8 GEMMs in the decoder layers through Transformer Engine; None = bf16 GEMMs."""
     micro_batch_size: int | None = None
@@ -248,4 +250,13 @@ class TrainConfig:
                           recompute_num_layers=self.recompute_num_layers)
         if self.fp8 is not None:
             values.update(self.fp8.transformer_overrides())
+        return values
+
+    def model_overrides(self, model) -> dict:
+        """``transformer_overrides`` and, for a mixture-of-experts ``model``, the router
+        settings (refused, naming the flag, for a model without experts)."""
+        self.moe.check_model(model)
+        values = self.transformer_overrides()
+        if model.is_moe:
+            values.update(self.moe.transformer_overrides())
         return values

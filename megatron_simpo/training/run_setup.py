@@ -62,6 +62,7 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     source = resolve_model_source(config)
     _, world_size, _ = runtime.read_world()
     config.parallel.validate(world_size, source.config)
+    config.moe.check_model(source.config)
     if config.fp8 is not None:
         config.fp8.check_model(source.config.num_layers,
                                config.parallel.pipeline_model_parallel_size)
@@ -137,7 +138,8 @@ def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
     return build_components(
         source.config, config.parallel, config.optimizer, **_model_settings(config),
         logprob_chunk_size=config.logprob_chunk_size,
-        transformer_overrides=config.transformer_overrides(),
+        transformer_overrides=config.model_overrides(source.config),
+        freeze_router=config.moe.freeze_moe_router,
         reference_overrides=_reference_overrides(config),
         load_policy=load_pretrained if source.resume_from is None and source.weights_from else None,
         with_reference=config.needs_reference_model, load_reference=load_pretrained,

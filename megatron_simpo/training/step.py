@@ -17,6 +17,7 @@ reported by CP rank 0 alone (``finalize_model_grads`` sums the counts over DP x 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,8 @@ from megatron_simpo.training.guards import finite_everywhere, gradient_buffers
 from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.training.logprobs import sequence_logprobs
 from megatron_simpo.training.losses import WITH_REFERENCE, LossConfig, preference_loss
+from megatron_simpo.training.moe_aux import (aux_loss_enabled, global_counts, logged_aux_loss,
+                                             weighted_aux_loss)
 
 
 @dataclass(frozen=True)
@@ -295,9 +298,17 @@ def train_step(model_chunks: list, optimizer, microbatches: Sequence[PreferenceB
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches, model_chunks,
-                                   forward_only=False)
+    aux_loss = aux_loss_enabled(model_chunks)  # MoE: the load-balancing loss (moe_aux.py)
+    scope = contextlib.nullcontext()
+    if aux_loss:
+        pairs, tokens, steps = global_counts(microbatches)
+        scope = weighted_aux_loss(model_chunks, pairs, tokens)
+    with scope:
+        per_microbatch = _run_schedule(partial(_forward_step, spec), microbatches, model_chunks,
+                                       forward_only=False)
     metrics = _global_metric_means(per_microbatch, microbatches, spec.loss.metric_names)
+    if aux_loss:
+        metrics["aux_loss"] = logged_aux_loss(steps)
     # Checked before the optimizer reads the gradients (in bf16/fp32 nothing else would stop a
     # NaN from reaching the weights); every rank gets the same verdict.
     if not (math.isfinite(metrics["loss"]) and

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "context_parallel": ("context_parallel", "peak memory per rank of a step: CP1 vs CP2"),
     "cache_check": ("cache_check", "checking a data cache entry on open: checksums, token ids"),
     "share": ("share_prompt", "shared-prompt rows vs unshared: positions computed, step time"),
+    "moe": ("moe", "a tiny mixture of experts at EP 1 vs EP 2: tokens/s, peak memory per rank"),
 }
 
 

@@ -1,0 +1,91 @@
+"""The load-balancing loss of a mixture-of-experts step: its weight and its logged value.
+
+Megatron-Core's router attaches ``coeff * aux * n`` to its output (n: the tokens the router
+saw on this rank; ``MoEAuxLossAutoScaler``) because under ``calculate_per_token_loss`` the
+gradients are divided by the global token count. Here they are divided by the global PAIR
+count P (``megatron_simpo.training.step``), so for a step the router gets
+
+    coeff' = coeff * tp * P / T,     T = tokens of the global batch (padding included),
+
+and the gradient is that of ``coeff * sum_layers aux``, averaged over the micro-batches of the
+global batch weighted by their tokens. (Each tensor-parallel rank's router sees 1/TP of a
+micro-batch's tokens, or a duplicate of them without sequence parallelism, and Megatron-Core
+attaches the loss share of each; their gradients add up to the micro-batch's full loss times
+its tokens / TP, hence the factor tp.)
+
+The logged ``aux_loss`` is the load-balancing loss summed over the layers, averaged over the
+micro-batches of the global batch (Megatron-LM's logging), without the coefficient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+_BASE = "simpo_moe_aux_loss_coeff"  # the run's coefficient, kept beside the per-step one
+_TRACKED = "load_balancing_loss"  # Megatron-Core's tracker entry
+
+
+def _config(model_chunks):
+    return getattr(model_chunks[0], "module", model_chunks[0]).config
+
+
+def aux_loss_enabled(model_chunks) -> bool:
+    config = _config(model_chunks)
+    return config.num_moe_experts is not None and config.__dict__.setdefault(
+        _BASE, config.moe_aux_loss_coeff) > 0
+
+
+@contextlib.contextmanager
+def weighted_aux_loss(model_chunks, num_pairs: int, num_tokens: int):
+    """Within: the router's coefficient is ``coeff * tp * P / T`` (the module docstring) and
+    Megatron's aux-loss tracker starts from zero. ``num_pairs`` / ``num_tokens``: P and T of
+    the global batch."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    config = _config(model_chunks)
+    base = config.__dict__[_BASE]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    # dropped, not zeroed: it is sized by the layers of the model that created it
+    get_moe_layer_wise_logging_tracker().pop(_TRACKED, None)
+    config.moe_aux_loss_coeff = base * tp * num_pairs / num_tokens
+    try:
+        yield
+    finally:
+        config.moe_aux_loss_coeff = base
+
+
+def global_counts(microbatches: Sequence) -> tuple[int, int, int]:
+    """(pairs, tokens, micro-batches) of the global batch: this rank's summed over the
+    data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    counts = torch.tensor([[sum(b.num_pairs for b in microbatches),
+                            sum(b.tokens.numel() for b in microbatches), len(microbatches)]],
+                          dtype=torch.int64, device=microbatches[0].tokens.device)
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    pairs, tokens, steps = counts[0].tolist()
+    return pairs, tokens, steps
+
+
+def logged_aux_loss(num_microbatches: int) -> float:
+    """The step's ``aux_loss`` (see the module docstring), on every rank; call after the
+    schedule, within :func:`weighted_aux_loss`'s step."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get(_TRACKED)
+    total = torch.zeros(1, dtype=torch.float64)
+    if entry is not None:
+        total += entry["values"].sum().double().cpu()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = total.to(device)
+    for group in (parallel_state.get_tensor_model_parallel_group(),
+                  parallel_state.get_pipeline_model_parallel_group(),
+                  parallel_state.get_data_parallel_group()):
+        dist.all_reduce(total, group=group)
+    return float(total.item()) / num_microbatches
