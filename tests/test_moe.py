@@ -81,6 +81,8 @@ def test_parallel_check_names_the_expert_flags():
          "needs --sequence-parallel"),
         (dict(expert_tensor_parallel_size=3), moe, "--expert-tensor-parallel-size \\(3\\) must "
                                                    "divide the expert hidden size"),
+        (dict(context_parallel_size=2), moe, "--context-parallel-size \\(2\\) is not supported "
+                                             "on mixture-of-experts models"),
     ]
     for sizes, model, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -91,6 +93,10 @@ def test_parallel_check_names_the_expert_flags():
                                          "divide the world size \\(4\\)"):
         ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=4
                        ).check_world_size(4)
+    from megatron_simpo.model.builder import check_shared_prompt_attention
+
+    with pytest.raises(ValueError, match="--share-prompt is not supported on mixture-of-experts"):
+        check_shared_prompt_attention("local", moe)
 
 
 @pytest.mark.parametrize("arch", sorted(MOE_ARCHITECTURES))
