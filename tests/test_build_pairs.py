@@ -458,3 +458,81 @@ def test_vllm_samples_follow_its_own_seeded_generate(tiny):
             [out] = sample.llm.generate([{"prompt_token_ids": ids}], SamplingParams(
                 temperature=0.8, top_p=0.95, max_tokens=16, seed=seed))
             assert text == out.outputs[0].text.strip()
+
+
+ARMO_LIKE = '''
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class RewardOutput(ModelOutput):
+    score: torch.FloatTensor = None
+    rewards: torch.FloatTensor = None
+
+
+class ArmoLikeRewardModel(LlamaPreTrainedModel):
+    """ArmoRM's shape: several reward objectives from the last token, combined into ``score``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, 3, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        rewards = self.regression_layer(hidden[torch.arange(len(hidden)), last])
+        weights = torch.tensor([0.5, 0.3, 0.2], dtype=rewards.dtype, device=rewards.device)
+        return RewardOutput(score=(rewards * weights).sum(-1, keepdim=True), rewards=rewards)
+'''
+
+
+def test_a_remote_code_reward_model_scores_by_its_score_output(tiny, tmp_path):
+    """A reward model in its repository's own code, shaped like ArmoRM (an output with
+    ``score``, no ``logits``), runs with --trust-remote-code: every all_rm_scores entry equals
+    the ``score`` of that code's forward on the (prompt, response) alone."""
+    import importlib.util
+    import shutil
+
+    import torch
+    import transformers
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "modeling_armo.py").write_text(ARMO_LIKE)
+    found = importlib.util.spec_from_file_location("modeling_armo_test", rm / "modeling_armo.py")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    config = transformers.AutoConfig.from_pretrained(tiny / "hf")
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(2)
+    reward_model = module.ArmoLikeRewardModel(config).eval()
+    reward_model.save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    saved = json.loads((rm / "config.json").read_text())
+    saved.update(architectures=["ArmoLikeRewardModel"],
+                 auto_map={"AutoModelForSequenceClassification": "modeling_armo.ArmoLikeRewardModel"})
+    (rm / "config.json").write_text(json.dumps(saved))
+    output = tmp_path / "pairs.jsonl"
+    flags = _flags(tiny, output)
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
+        ["--reward-model", str(rm), "--trust-remote-code", "--reward-batch-size", "3"]
+    _run(flags)
+    rows = _jsonl(output)
+    assert rows
+    for row in rows:
+        for response, score in zip(row["all_generated_responses"], row["all_rm_scores"]):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]},
+                 {"role": "assistant", "content": response}], return_tensors="pt",
+                return_dict=True)
+            with torch.no_grad():
+                expected = reward_model(**ids).score[0, 0].item()
+            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    shutil.rmtree(rm)
