@@ -297,6 +297,22 @@ def test_the_authors_schema_read_by_the_trainer_with_no_column_flags(tiny, unint
         assert any(list(p.chosen) == expected for p in train)
 
 
+def _assert_scores_are_the_models(rows, tokenizer, forward):
+    """Every all_rm_scores entry is ``forward`` of the tokenized (prompt, response) alone."""
+    import torch
+
+    assert rows
+    for row in rows:
+        for response, score in zip(row["all_generated_responses"], row["all_rm_scores"]):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]},
+                 {"role": "assistant", "content": response}], return_tensors="pt",
+                return_dict=True)
+            with torch.no_grad():
+                expected = forward(ids)
+            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 def test_reward_model_scores_equal_transformers_forward_with_its_template(tiny, tmp_path):
     """A tiny random sequence classifier (one output, its own template): every all_rm_scores
     entry equals transformers' forward on that (prompt, response) alone, though the tool
@@ -319,17 +335,8 @@ def test_reward_model_scores_equal_transformers_forward_with_its_template(tiny, 
     flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
         ["--reward-model", str(tmp_path / "rm"), "--reward-batch-size", "3"]
     _run(flags)
-    rows = _jsonl(output)
-    assert rows
-    for row in rows:
-        for response, score in zip(row["all_generated_responses"], row["all_rm_scores"]):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": row["prompt"]},
-                 {"role": "assistant", "content": response}], return_tensors="pt",
-                return_dict=True)
-            with torch.no_grad():
-                expected = reward_model(**ids).logits[0, 0].item()
-            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    _assert_scores_are_the_models(_jsonl(output), tokenizer,
+                                  lambda ids: reward_model(**ids).logits[0, 0].item())
     # Longest first; a sequence ending in the pad id, or any without one, goes alone.
     assert length_batches([[1, 2], [1, 2, 3], [1], [5, 0]], 2, pad=0) == [[1, 0], [2], [3]]
     assert length_batches([[1, 2], [1]], 2, pad=None) == [[0], [1]]
@@ -524,15 +531,6 @@ def test_a_remote_code_reward_model_scores_by_its_score_output(tiny, tmp_path):
     flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
         ["--reward-model", str(rm), "--trust-remote-code", "--reward-batch-size", "3"]
     _run(flags)
-    rows = _jsonl(output)
-    assert rows
-    for row in rows:
-        for response, score in zip(row["all_generated_responses"], row["all_rm_scores"]):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": row["prompt"]},
-                 {"role": "assistant", "content": response}], return_tensors="pt",
-                return_dict=True)
-            with torch.no_grad():
-                expected = reward_model(**ids).score[0, 0].item()
-            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    _assert_scores_are_the_models(_jsonl(output), tokenizer,
+                                  lambda ids: reward_model(**ids).score[0, 0].item())
     shutil.rmtree(rm)

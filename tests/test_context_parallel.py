@@ -14,7 +14,7 @@ import torch
 
 from megatron_simpo.data.collate import TokenizedPair, collate_pairs
 from tests.multiprocess import run_on_ranks
-from tests.test_step import LR, ADAM_EPS, BETA, GAMMA, _compare, _reference_step
+from tests.test_step import LR, ADAM_EPS, BETA, GAMMA, _compare, _reference_step, gather_global
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
 PAIRS, SEQ = 4, 24
@@ -118,11 +118,9 @@ def _attention_checks(hf_configs) -> dict:
 def _step(hf_config, hf_state, pairs, layout, ref_state=None):
     """One SimPO step at ``layout`` (DPO against ``ref_state`` when given): loss, grad norm,
     TP-merged gradients and parameters."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_simpo.convert.llama import (hf_to_megatron, load_rank_state, merge_tensors,
-                                              to_global_name)
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
     from megatron_simpo.data.collate import collate_packed, collate_shared
     from megatron_simpo.distributed import runtime
     from megatron_simpo.distributed.parallel import ParallelConfig
@@ -162,12 +160,7 @@ def _step(hf_config, hf_state, pairs, layout, ref_state=None):
     finish_param_sync([parts.model])
 
     def gather(tensors):
-        out = {}
-        for name, tensor in tensors:
-            shards = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
-            out[to_global_name(name, config, pp_rank, pp)] = merge_tensors(name, shards)
-        return out
+        return gather_global(tensors, config, tp, pp_rank, pp)
 
     named = list(parts.model.module.named_parameters())
     grads = None if distopt else gather((n, p.main_grad) for n, p in named)

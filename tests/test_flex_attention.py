@@ -142,3 +142,14 @@ def test_sdpa_attention_routes_explicit_masks_and_soft_capping_through_flex():
     assert len(results) == 10
     for name, (diff, reused) in results.items():
         assert diff <= 1e-5 and reused, (name, diff, reused)
+
+
+def test_flex_can_be_switched_off_and_a_bad_switch_is_refused(monkeypatch):
+    query = torch.zeros(1)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert flex.used_for(query)
+    monkeypatch.setenv("MEGATRON_SIMPO_FLEX_ATTENTION", "0")
+    assert not flex.used_for(query)
+    monkeypatch.setenv("MEGATRON_SIMPO_FLEX_ATTENTION", "no")
+    with pytest.raises(ValueError, match="MEGATRON_SIMPO_FLEX_ATTENTION must be 0 or 1, got 'no'"):
+        flex.used_for(query)

@@ -13,6 +13,7 @@ from megatron_simpo.cli import convert as cli
 from megatron_simpo.distributed.parallel import ParallelConfig
 from megatron_simpo.model.architecture import ModelConfig, hf_config_dict
 from tests.multiprocess import run_on_ranks
+from tests.test_convert import _megatron_logits
 from tests.tiny import MOE_ARCHITECTURES, tiny_hf_config, tiny_hf_model
 
 SEQ = 16
@@ -124,25 +125,6 @@ def test_mapping_round_trip_is_exact(arch, tmp_path):
 
 
 # ---- 4 ranks: conversion and logits ----------------------------------------------------------
-def _logits(model, tokens):
-    """Forward through Megatron's schedule (PP); [b, s, V_p/tp] on the last stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def forward_step(data_iterator, m):
-        batch = next(data_iterator)
-        output = m(input_ids=batch, position_ids=torch.arange(batch.shape[1]).expand_as(batch),
-                   attention_mask=None)
-        return output, lambda out: (out.sum() * 0, torch.tensor(0, dtype=torch.int), out.detach())
-
-    model.eval()
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
-            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-            forward_only=True)
-    return outputs[0] if outputs else None
-
-
 # Renormalised routings at EP 2; TP 2 x EP 2 on Mixtral; PP 2 x EP 2 on Qwen3-MoE without
 # renormalisation, whose stages then
 # hold a sparse and a dense layer.
@@ -175,7 +157,7 @@ def _convert_and_run(rank, layouts, cases, out_dir):
             model = build_model(config, parallel)  # random weights, replaced by the load
             checkpointing.load_checkpoint(checkpointing.find_checkpoint(save), model,
                                           model_config=config)
-            logits = _logits(model, tokens)
+            logits = _megatron_logits(model, tokens)
             if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0:
                 results[layout, arch, ps.get_tensor_model_parallel_rank()] = logits
         from megatron.core import parallel_state

@@ -81,11 +81,10 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     """One step on this rank's share of ``batch``: a collated batch split into equal
     micro-batches, or, with ``layout`` (micro-batch size, BatchingConfig fields), a list of
     pairs laid out by megatron_simpo.data.batching as training does."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_simpo.distributed import runtime
-    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state, merge_tensors, to_global_name
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
     from megatron_simpo.model.architecture import ModelConfig
     from megatron_simpo.training.components import build_components, release
     from megatron_simpo.training.losses import LossConfig
@@ -134,13 +133,7 @@ def _megatron_step(rank, hf_config, hf_state, batch, tp, pp, num_microbatches, a
     finish_param_sync([model])
 
     def gather(tensors):
-        """Unsplit (TP-merged) tensors under global names."""
-        out = {}
-        for name, tensor in tensors:
-            shards = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
-            out[to_global_name(name, config, pp_rank, pp)] = merge_tensors(name, shards)
-        return out
+        return gather_global(tensors, config, tp, pp_rank, pp)
 
     named = list(model.module.named_parameters())
     grads = None if use_distributed_optimizer else gather((n, p.main_grad) for n, p in named)
@@ -379,3 +372,18 @@ def test_microbatch_layouts_match_single_process_reference(case):
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
     _compare(grads, results, hf_config, "grads", atol=1e-5)
     _compare(params, results, hf_config, "params", atol=1e-5)
+
+
+def gather_global(tensors, config, tp: int, pp_rank: int, pp: int) -> dict:
+    """(local name, TP shard) pairs -> unsplit (TP-merged) tensors under global names."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo.convert.llama import merge_tensors, to_global_name
+
+    out = {}
+    for name, tensor in tensors:
+        shards = [torch.empty_like(tensor) for _ in range(tp)]
+        dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+        out[to_global_name(name, config, pp_rank, pp)] = merge_tensors(name, shards)
+    return out

@@ -23,6 +23,7 @@ nothing (padding) come out as zeros, as SDPA's do not: callers never read them.
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import torch
@@ -42,10 +43,20 @@ def available() -> bool:
     return flex_attention is not None
 
 
+def enabled() -> bool:
+    """``MEGATRON_SIMPO_FLEX_ATTENTION`` (default 1); ValueError naming it unless 0 or 1."""
+    value = os.environ.get("MEGATRON_SIMPO_FLEX_ATTENTION", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MEGATRON_SIMPO_FLEX_ATTENTION must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def used_for(query: torch.Tensor) -> bool:
     """Whether an explicit mask or soft-capping on this query goes through FlexAttention: on
-    CUDA, where it compiles; on CPUs SDPA's fused kernels take a dense mask well."""
-    return available() and query.is_cuda
+    CUDA, where it compiles; on CPUs SDPA's fused kernels take a dense mask well.
+    ``MEGATRON_SIMPO_FLEX_ATTENTION=0`` in the environment keeps such layers on SDPA / explicit
+    scores (docs/gpu.md: for a GPU stack whose torch.compile cannot build the kernel)."""
+    return available() and query.is_cuda and enabled()
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import torch
 
 from megatron_simpo.checkpoint import checkpointing
 from megatron_simpo.distributed import runtime
+from megatron_simpo.model import flex
 from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.training.components import TrainingComponents, build_components, build_reference
 from megatron_simpo.training.config import TrainConfig
@@ -67,6 +68,7 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         config.fp8.check_model(source.config.num_layers,
                                config.parallel.pipeline_model_parallel_size)
     check_transformer_impl(config.transformer_impl)  # then what the machine has
+    flex.enabled()  # its switch in the environment is 0 or 1
     if config.batching.pack_sequences and not config.batching.share_prompt:
         check_packed_attention(config.transformer_impl)
     if config.batching.share_prompt:
