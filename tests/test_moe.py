@@ -478,10 +478,10 @@ def test_save_at_ep2_resume_at_ep1_gives_the_uninterrupted_losses(tmp_path):
             out += ["--" + flag.replace("_", "-"), str(value)]
         return out
 
-    straight = run_on_ranks(WORLD, _train, argv(tmp_path / "a", 2, save_interval=1))[0]
+    straight = run_on_ranks(2, _train, argv(tmp_path / "a", 2, save_interval=1))[0]
     (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("1\n")
-    same_ep = run_on_ranks(WORLD, _train, argv(tmp_path / "b", 2, load=tmp_path / "a"))[0]
-    other_ep = run_on_ranks(WORLD, _train, argv(tmp_path / "c", 1, load=tmp_path / "a"))[0]
+    same_ep = run_on_ranks(2, _train, argv(tmp_path / "b", 2, load=tmp_path / "a"))[0]
+    other_ep = run_on_ranks(2, _train, argv(tmp_path / "c", 1, load=tmp_path / "a"))[0]
     assert len(straight) == 2 and same_ep == straight[1:]
     assert other_ep == pytest.approx(straight[1:], abs=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
