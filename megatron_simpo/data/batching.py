@@ -83,6 +83,16 @@ class BatchingConfig:
         return self.max_tokens_per_microbatch is not None
 
 
+def check_pair_parts(pair, index: int) -> None:
+    """A pair laid out in rows has a prompt token (e.g. BOS) and non-empty responses; ValueError
+    naming the pair otherwise (unshared and shared-prompt layouts alike)."""
+    if len(pair.prompt) == 0:
+        raise ValueError(f"pair {index}: empty prompt (need at least one token, e.g. BOS)")
+    for which, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        if len(response) == 0:
+            raise ValueError(f"pair {index}: empty {which} response")
+
+
 @dataclass(frozen=True)
 class PairLengths:
     """Model input positions of a pair's two rows (prompt + response - 1), and its prompt's

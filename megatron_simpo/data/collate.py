@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_simpo.data.batching import PairLengths, row_length
+from megatron_simpo.data.batching import PairLengths, check_pair_parts, row_length
 from megatron_simpo.data.shared_rows import shared_fields
 from megatron_simpo.distributed.parallel import context_parallel_positions
 
@@ -138,10 +138,7 @@ def _sequence(pair: TokenizedPair, index: int, offset: int, limit: int) -> tuple
     """(prompt + response tokens, prompt length) of a pair's chosen (offset 0) or rejected row."""
     which = "chosen" if offset == 0 else "rejected"
     response = pair.chosen if offset == 0 else pair.rejected
-    if len(pair.prompt) == 0:
-        raise ValueError(f"pair {index}: empty prompt (need at least one token, e.g. BOS)")
-    if len(response) == 0:
-        raise ValueError(f"pair {index}: empty {which} response")
+    check_pair_parts(pair, index)
     full = torch.from_numpy(np.concatenate([np.asarray(pair.prompt, dtype=np.int64),
                                             np.asarray(response, dtype=np.int64)]))
     if len(full) - 1 > limit:

@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_simpo.data.batching import check_pair_parts
+
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 """The part of a row each position belongs to (padding counts as a prompt of its own)."""
 
@@ -56,13 +58,9 @@ def shared_mask(segment: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 
 def _pieces(pair, index: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A pair's prompt, chosen and rejected token arrays, checked as the unshared rows are."""
+    check_pair_parts(pair, index)
     prompt, chosen, rejected = (np.asarray(x, dtype=np.int64)
                                 for x in (pair.prompt, pair.chosen, pair.rejected))
-    if len(prompt) == 0:
-        raise ValueError(f"pair {index}: empty prompt (need at least one token, e.g. BOS)")
-    for which, response in (("chosen", chosen), ("rejected", rejected)):
-        if len(response) == 0:
-            raise ValueError(f"pair {index}: empty {which} response")
     size = len(prompt) + len(chosen) + len(rejected) - 2
     if size > limit:
         raise ValueError(f"pair {index}: its shared-prompt row is {size} positions, more than "

@@ -54,8 +54,8 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_simpo.model import flex
-from megatron_simpo.model.context_parallel import (context_parallel_group, gather_keys_values,
-                                                   shared_mask)
+from megatron_simpo.model.context_parallel import (context_parallel_group, context_parallel_mask,
+                                                    gather_keys_values, shared_mask)
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -78,10 +78,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
 def segment_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     """[1, 1, s, s] bool, True where a query may NOT attend (Megatron's convention): each
     segment [cu[i], cu[i+1]) attends causally to itself only."""
-    segment = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device),
-                                      cu_seqlens.diff().long(), output_size=length)
-    causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
-    return ~(causal & (segment.unsqueeze(0) == segment.unsqueeze(1))).view(1, 1, length, length)
+    positions = torch.arange(length, device=cu_seqlens.device)
+    return context_parallel_mask(None, cu_seqlens, positions, positions)
 
 
 def uses_varlen(query: torch.Tensor) -> bool:

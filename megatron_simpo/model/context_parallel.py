@@ -119,8 +119,10 @@ def shared_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | 
 
 def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                           query_at: torch.Tensor, key_at: torch.Tensor) -> torch.Tensor:
-    """[b or 1, 1, sq, sk] bool, True where a query may NOT attend: the whole row's mask at this
-    rank's query rows and the gathered key columns. ``attention_mask`` [b, 1, s, s] (any mask),
+    """[b or 1, 1, sq, sk] bool, True where a query may NOT attend: the whole row's mask at the
+    row positions ``query_at`` of the queries and ``key_at`` of the keys (this CP rank's query
+    rows and the gathered key columns; all positions for a whole row, as
+    ``attention.segment_causal_mask`` takes it). ``attention_mask`` [b, 1, s, s] (any mask),
     else a packed row's segment starts ``cu_seqlens`` (block-diagonal causal), else causal."""
     length = key_at.shape[0]
     if attention_mask is not None:
