@@ -128,11 +128,14 @@ def test_mapping_round_trip_is_exact(arch, tmp_path):
 # Renormalised routings at EP 2; TP 2 x EP 2 on Mixtral; PP 2 x EP 2 on Qwen3-MoE without
 # renormalisation, whose stages then
 # hold a sparse and a dense layer.
+# Expert TP 2 (each expert's weights split over 2 ranks, the uneven token gather): Qwen3-MoE.
 LOGIT_CASES = {"ep2": ("mixtral", "qwen3_moe_norm"), "tp2xep2": ("mixtral",),
-               "pp2xep2": ("qwen3_moe",)}
+               "tp2xep2xetp2": ("qwen3_moe_norm",), "pp2xep2": ("qwen3_moe",)}
 LAYOUTS = {"ep2": dict(expert_model_parallel_size=2),
            "tp2xep2": dict(tensor_model_parallel_size=2, sequence_parallel=True,
                            expert_model_parallel_size=2, expert_tensor_parallel_size=1),
+           "tp2xep2xetp2": dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                expert_model_parallel_size=2, expert_tensor_parallel_size=2),
            "pp2xep2": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2)}
 
 
@@ -185,16 +188,17 @@ def test_converted_moe_gives_hugging_face_logits_at_ep_tp_pp(hf_moe_models, tmp_
             assert diff <= 1e-5, f"{arch} {layout}: max |logit diff| {diff}"
 
 
-def test_round_trip_from_an_ep2_checkpoint_is_bit_exact(hf_moe_models, tmp_path, capsys):
+def test_round_trip_from_ep2_and_etp2_checkpoints_is_bit_exact(hf_moe_models, tmp_path, capsys):
     import transformers
     from safetensors.torch import load_file
 
-    for arch in ("qwen3_moe",):  # Mixtral's names: test_mapping_round_trip_is_exact
+    # Qwen3-MoE at EP 2; Mixtral at TP 2 x EP 2, whose expert TP is then 2 as well
+    for arch, tp in (("qwen3_moe", "1"), ("mixtral", "2")):
         model, hf_dir = hf_moe_models[arch]
         cli.hf_to_megatron_main(["--hf-path", str(hf_dir), "--save", str(tmp_path / arch / "mg"),
-                                 "--expert-model-parallel-size", "2", "--dtype", "fp32"],
-                                run_on_ranks=run_on_ranks)
-        assert "EP=2" in capsys.readouterr().out
+                                 "--expert-model-parallel-size", "2", "--dtype", "fp32",
+                                 "--tensor-parallel-size", tp], run_on_ranks=run_on_ranks)
+        assert f"TP={tp}, PP=1, EP=2" in capsys.readouterr().out
         cli.megatron_to_hf_main(["--load", str(tmp_path / arch / "mg"),
                                  "--save", str(tmp_path / arch / "hf")],
                                 run_on_ranks=run_on_ranks)
@@ -315,6 +319,7 @@ STEP_CASES = {  # name: (architecture, layout, aux loss on, router frozen, distr
     "ep2_frozen_packed": ("mixtral", "ep2", False, True, True),
     "tp2xep2_aux": ("mixtral", "tp2xep2", True, False, False),
     "tp2xep2_frozen": ("qwen3_moe_norm", "tp2xep2", False, True, True),
+    "tp2xep2xetp2_aux": ("mixtral", "tp2xep2xetp2", True, False, False),
 }
 
 
@@ -338,8 +343,9 @@ def _megatron_steps(rank, cases, batch, pairs):
         runtime.initialize(parallel, seed=0, model_config=config)
         tp, tp_rank = parallel.tensor_model_parallel_size, ps.get_tensor_model_parallel_rank()
         ep, ep_rank = parallel.expert_model_parallel_size, ps.get_expert_model_parallel_rank()
+        etp = parallel.expert_tensor_parallel_size
         where = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=0, pp_size=1, ep_rank=ep_rank,
-                     ep_size=ep, etp_rank=0, etp_size=1)
+                     ep_size=ep, etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=etp)
         full = hf_to_megatron(state, config, config.padded_vocab_size(tp))
         moe = MoESettings(moe_aux_loss_coeff=aux_coeff, freeze_moe_router=freeze)
         parts = build_components(
@@ -360,12 +366,11 @@ def _megatron_steps(rank, cases, batch, pairs):
             gathered = {}
             for local, tensor in tensors:
                 global_name = to_global_name(local, config, 0, 1, ep_rank, ep)
-                if is_expert(global_name):  # expert TP 1: whole on its EP rank
-                    gathered[global_name] = tensor.clone()
-                    continue
-                shards = [torch.empty_like(tensor) for _ in range(tp)]
-                dist.all_gather(shards, tensor.contiguous(),
-                                group=ps.get_tensor_model_parallel_group())
+                size, group = ((etp, ps.get_expert_tensor_parallel_group()) if
+                               is_expert(global_name) else
+                               (tp, ps.get_tensor_model_parallel_group()))
+                shards = [torch.empty_like(tensor) for _ in range(size)]
+                dist.all_gather(shards, tensor.contiguous(), group=group)
                 gathered[global_name] = merge_tensors(local, shards)
             return gathered
 
@@ -391,7 +396,7 @@ def test_moe_step_matches_transformers_with_aux_loss_and_frozen_router(hf_moe_mo
         model, hf_dir = hf_moe_models[arch]
         hf_config = json.loads((hf_dir / "config.json").read_text())
         coef = hf_config["router_aux_loss_coef"] if aux else 0.0
-        dp = WORLD // (2 if layout == "tp2xep2" else 1)
+        dp = WORLD // LAYOUTS[layout].get("tensor_model_parallel_size", 1)
         # Megatron's per-layer loss is transformers' / top-k (f_i counts the k choices)
         cases[name] = (hf_config, load_file(hf_dir / "model.safetensors"), layout,
                        coef * hf_config["num_experts_per_tok"], freeze, distopt)

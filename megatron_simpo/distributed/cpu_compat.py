@@ -15,6 +15,9 @@ those calls (see docs/megatron-on-cpu.md for the list and where each one lives):
   CPU the split sizes are already host tensors and every call is synchronous; its host copy
   of the split sizes (``maybe_move_tensor_to_cpu``, which converts only CUDA tensors) gives
   the numpy arrays ``all_to_all_single`` takes;
+* Megatron's all-gather with uneven split sizes (the expert-tensor-parallel token gather of the
+  MoE dispatcher) goes through ``all_to_all_single``: gloo's all-gather needs equal sizes, its
+  all-to-all takes uneven splits (each rank sends its whole input to every rank);
 * the default causal mask is built on the CPU. Torch function modes are thread-local, and the
   autograd engine re-runs forward code on its own thread for activation recomputation, where the
   mode does not reach; the mask builder is the one CUDA literal on that path.
@@ -97,6 +100,26 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _gather_along_first_dim_on_gloo(original):
+    """Megatron's ``_gather_along_first_dim``, with uneven ``output_split_sizes`` gathered by an
+    all-to-all; every other call goes to ``original`` unchanged."""
+
+    @functools.wraps(original)
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) <= 1 or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        size = group.size()
+        # [n, ...] sent whole to each of the `size` ranks -> [sum(splits), ...] in rank order
+        output = input_.new_empty((sum(output_split_sizes), *input_.shape[1:]))
+        torch.distributed.all_to_all_single(
+            output, input_.contiguous().repeat((size,) + (1,) * (input_.dim() - 1)),
+            output_split_sizes=list(output_split_sizes),
+            input_split_sizes=[input_.shape[0]] * size, group=group)
+        return output
+
+    return gather
+
+
 def install() -> None:
     """Install the CPU redirections for this process (idempotent). Refused on a GPU machine."""
     global _installed_mode
@@ -106,6 +129,7 @@ def install() -> None:
         raise RuntimeError("megatron_simpo.distributed.cpu_compat is for CPU-only processes; a GPU is visible.")
 
     from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
     from megatron.core.transformer.moe import token_dispatcher
@@ -119,6 +143,8 @@ def install() -> None:
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
+    mappings._gather_along_first_dim = _gather_along_first_dim_on_gloo(
+        mappings._gather_along_first_dim)  # called there by its module-level name
     torch.cuda.current_stream = lambda *args, **kwargs: _CPU_STREAM
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
     # (names of Megatron-Core 0.16; a version without them has nothing to redirect there)

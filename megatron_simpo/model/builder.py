@@ -230,10 +230,6 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
     parallel.check_model(config)
     if config.is_moe:
         router_gemm_without_te()
-        if not torch.cuda.is_available() and parallel.expert_tensor_parallel_size > 1:
-            raise ValueError(f"--expert-tensor-parallel-size {parallel.expert_tensor_parallel_size}"
-                             " needs GPUs (NCCL): gloo cannot all-gather the uneven token counts "
-                             "of the experts' TP ranks; use --expert-tensor-parallel-size 1 on CPU")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
