@@ -338,3 +338,62 @@ def test_local_spec_packed_rows_through_varlen_attention_match_padded_rows():
     scale = sums["fp32_padded"].abs().max().item()
     for name in ("bf16_padded", "bf16_packed_varlen"):
         assert (sums[name] - sums["fp32_padded"]).abs().max().item() <= 0.02 * scale, sums
+
+
+def _te_context_parallel_steps(rank, hf_state, hf_config, tmp_dir):
+    """One SimPO step of the same global batch at DP 2 and at CP 2 (Transformer Engine's
+    attention, bf16; Megatron's own CP path, keys and values passed around a ring), and at DP 2
+    on the local spec in fp32: loss and grad norm of each."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components, release
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings
+    from megatron_simpo.training.step import train_step
+
+    config = ModelConfig.from_hf_config(hf_config)
+    batch = _batch(config.vocab_size)
+    out = {}
+    for name, cp, impl, dtype in (("te_dp2", 1, "transformer_engine", torch.bfloat16),
+                                  ("te_cp2", 2, "transformer_engine", torch.bfloat16),
+                                  ("local_fp32_dp2", 1, "local", torch.float32)):
+        parallel = ParallelConfig(context_parallel_size=cp)
+        runtime.initialize(parallel, seed=0, model_config=config)
+        checkpoint = checkpointing.save_model_only(f"{tmp_dir}/{name}", 0, _build(
+            hf_state, config, ParallelConfig(), "local", dtype), config)
+        parts = build_components(
+            config, parallel, OptimizerSettings(lr=1e-3), params_dtype=dtype,
+            transformer_impl=impl, logprob_chunk_size=64,
+            load_policy=lambda m: checkpointing.load_checkpoint(checkpoint, m,
+                                                                model_config=config))
+        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        rows = batch.tokens.shape[0] // dp
+        mine = batch.rows(dp_rank * rows, (dp_rank + 1) * rows).to(torch.device("cuda"))
+        result = train_step([parts.model], parts.optimizer, [mine],
+                            LossConfig(beta=2.5, gamma=1.375), head=parts.head)
+        out[name] = (result.metrics["loss"], result.grad_norm)
+        release(parts)
+        ps.destroy_model_parallel()
+    return out
+
+
+@needs_te
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallelism needs 2 GPUs")
+def test_transformer_engine_context_parallel_step_matches_data_parallel(tmp_path):
+    """--context-parallel-size 2 with --transformer-impl transformer_engine: Megatron's CP
+    attention gives the step of the unsplit rows (bf16 rounding apart), and both that of the
+    local spec in fp32."""
+    hf_config = tiny_hf_config("llama3", **GPU_MODEL)
+    hf_state = tiny_hf_model(hf_config, seed=1).state_dict()
+    results = run_on_ranks(2, _te_context_parallel_steps, hf_state, hf_config, str(tmp_path))
+    for steps in results:
+        exact_loss, exact_norm = steps["local_fp32_dp2"]
+        for name in ("te_dp2", "te_cp2"):
+            loss, norm = steps[name]
+            assert abs(loss - exact_loss) <= 0.02 * max(1.0, exact_loss), steps
+            assert abs(norm - exact_norm) <= 0.05 * exact_norm, steps
+        assert abs(steps["te_cp2"][0] - steps["te_dp2"][0]) <= 0.01 * max(1.0, exact_loss), steps

@@ -1,4 +1,6 @@
-"""Benchmark the converters on a synthetic Llama-3.2-1B-shaped checkpoint (random weights).
+"""Benchmark the converters on a synthetic checkpoint (random weights): Llama-3.2-1B-shaped
+(``--model dense``) or a 3.2 GB Qwen3-MoE (``--model moe``: Qwen3-30B-A3B's vocabulary, heads
+and expert width, 64 experts in 8 layers).
 
 Writes the HF checkpoint (bf16, sharded safetensors), then times
 ``python -m megatron_simpo.cli.convert`` hf-to-megatron and megatron-to-hf as subprocesses
@@ -7,6 +9,7 @@ peak memory over the model's size in bytes, as a table and (with --output) JSON.
 the same architecture is converted first: its peak is the processes' fixed cost.
 
   python -m tools.bench convert --tensor-parallel-size 2
+  python -m tools.bench convert --model moe --tensor-parallel-size 1 --expert-model-parallel-size 2
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tools.bench.common import command, write_report
 
@@ -32,10 +36,29 @@ LLAMA32_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 
 
-# The same architecture at toy size: its conversion measures the fixed cost of the processes
-# (Python, torch, megatron-core imports), which does not grow with the model.
-TOY = dict(LLAMA32_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+# Qwen3-30B-A3B's vocabulary, attention and expert shapes (hidden 2048 -> 1024), 8 of its 48
+# layers with 64 of its 128 experts: 1.6 B parameters, 1,536 expert tensors.
+QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=1024,
+                 intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=8,
+                 num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=64,
+                 num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                 mlp_only_layers=[], vocab_size=151936, max_position_embeddings=40960,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu",
+                 tie_word_embeddings=False, attention_bias=False, torch_dtype="bfloat16",
+                 router_aux_loss_coef=0.001, output_router_logits=False)
+
+MODELS = {"dense": ("Llama-3.2-1B shape", LLAMA32_1B),
+          "moe": ("Qwen3-MoE, 64 experts x 8 layers", QWEN3_MOE)}
+
+
+def toy(config: dict) -> dict:
+    """The same architecture at toy size: its conversion measures the fixed cost of the
+    processes (Python, torch, megatron-core imports), which does not grow with the model."""
+    small = dict(config, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    if "num_experts" in config:
+        small.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    return small
 
 
 def write_synthetic(path: Path, config: dict, shard_size: str) -> int:
@@ -100,6 +123,10 @@ class ConvertOptions:
     """TP of the Megatron checkpoint."""
     pipeline_parallel_size: int = 1
     """PP of the Megatron checkpoint."""
+    expert_model_parallel_size: int = 1
+    """EP of the Megatron checkpoint (--model moe)."""
+    model: Literal["dense", "moe"] = "dense"
+    """dense: Llama-3.2-1B-shaped; moe: a Qwen3-MoE with 64 experts."""
     workdir: str | None = None
     """Where to write the checkpoints (default: a temp dir)."""
     output: str | None = None
@@ -120,20 +147,25 @@ def main(argv=None) -> None:
                                        "--hf-path", str(tmp / "hf"), "--save", str(tmp / "mg"),
                                        "--tensor-parallel-size", str(args.tensor_parallel_size),
                                        "--pipeline-parallel-size", str(args.pipeline_parallel_size),
-                                       "--dtype", "bf16"]),
+                                       "--expert-model-parallel-size",
+                                       str(args.expert_model_parallel_size), "--dtype", "bf16"]),
             "megatron_to_hf": measure([python, "-m", "megatron_simpo.cli.convert", "megatron-to-hf",
                                        "--load", str(tmp / "mg"), "--save", str(tmp / "hf2")]),
         }
 
+    if args.expert_model_parallel_size > 1 and args.model != "moe":
+        raise SystemExit("--expert-model-parallel-size needs --model moe")
+    title, config = MODELS[args.model]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        _, fixed = convert_both(Path(tmp), TOY)
+        _, fixed = convert_both(Path(tmp), toy(config))
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        model_bytes, runs = convert_both(Path(tmp), LLAMA32_1B)
-    result = {"model": "Llama-3.2-1B shape, random bf16", "model_bytes": model_bytes,
+        model_bytes, runs = convert_both(Path(tmp), config)
+    result = {"model": f"{title}, random bf16", "model_bytes": model_bytes,
               "tensor_parallel_size": args.tensor_parallel_size,
-              "pipeline_parallel_size": args.pipeline_parallel_size, "runs": {}}
-    print(f"model: {model_bytes / 1e9:.2f} GB (bf16), TP={args.tensor_parallel_size} "
-          f"PP={args.pipeline_parallel_size}")
+              "pipeline_parallel_size": args.pipeline_parallel_size,
+              "expert_model_parallel_size": args.expert_model_parallel_size, "runs": {}}
+    print(f"model: {title}, {model_bytes / 1e9:.2f} GB (bf16), TP={args.tensor_parallel_size} "
+          f"PP={args.pipeline_parallel_size} EP={args.expert_model_parallel_size}")
     print(f"{'direction':<16}{'wall s':>8}{'peak PSS GB':>13}{'peak/model':>12}"
           f"{'fixed GB':>10}{'(peak-fixed)/model':>20}")
     for name, run in runs.items():
