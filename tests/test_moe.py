@@ -82,8 +82,6 @@ def test_parallel_check_names_the_expert_flags():
          "needs --sequence-parallel"),
         (dict(expert_tensor_parallel_size=3), moe, "--expert-tensor-parallel-size \\(3\\) must "
                                                    "divide the expert hidden size"),
-        (dict(context_parallel_size=2), moe, "--context-parallel-size \\(2\\) is not supported "
-                                             "on mixture-of-experts models"),
     ]
     for sizes, model, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -95,9 +93,14 @@ def test_parallel_check_names_the_expert_flags():
         ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=4
                        ).check_world_size(4)
     from megatron_simpo.model.builder import check_shared_prompt_attention
+    from megatron_simpo.model.moe import MoESettings
 
-    with pytest.raises(ValueError, match="--share-prompt is not supported on mixture-of-experts"):
-        check_shared_prompt_attention("local", moe)
+    check_shared_prompt_attention("local", moe)
+    MoESettings().check_shared_prompt(moe)
+    with pytest.raises(ValueError, match="--share-prompt with --moe-aux-loss-coeff and "
+                                         "--moe-expert-capacity-factor: shared rows route"):
+        MoESettings(moe_aux_loss_coeff=0.01, moe_expert_capacity_factor=1.0
+                    ).check_shared_prompt(moe)
 
 
 @pytest.mark.parametrize("arch", sorted(MOE_ARCHITECTURES))
@@ -130,13 +133,14 @@ def test_mapping_round_trip_is_exact(arch, tmp_path):
 # hold a sparse and a dense layer.
 # Expert TP 2 (each expert's weights split over 2 ranks, the uneven token gather): Qwen3-MoE.
 LOGIT_CASES = {"ep2": ("mixtral", "qwen3_moe_norm"), "tp2xep2": ("mixtral",),
-               "tp2xep2xetp2": ("qwen3_moe_norm",), "pp2xep2": ("qwen3_moe",)}
+               "tp2xep2xetp2": ("qwen3_moe_norm",), "pp2xep2": ("qwen3_moe",), "cp2xep2": ()}
 LAYOUTS = {"ep2": dict(expert_model_parallel_size=2),
            "tp2xep2": dict(tensor_model_parallel_size=2, sequence_parallel=True,
                            expert_model_parallel_size=2, expert_tensor_parallel_size=1),
            "tp2xep2xetp2": dict(tensor_model_parallel_size=2, sequence_parallel=True,
                                 expert_model_parallel_size=2, expert_tensor_parallel_size=2),
-           "pp2xep2": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2)}
+           "pp2xep2": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
+           "cp2xep2": dict(context_parallel_size=2, expert_model_parallel_size=2)}
 
 
 def _convert_and_run(rank, layouts, cases, out_dir):
@@ -320,6 +324,9 @@ STEP_CASES = {  # name: (architecture, layout, aux loss on, router frozen, distr
     "tp2xep2_aux": ("mixtral", "tp2xep2", True, False, False),
     "tp2xep2_frozen": ("qwen3_moe_norm", "tp2xep2", False, True, True),
     "tp2xep2xetp2_aux": ("mixtral", "tp2xep2xetp2", True, False, False),
+    "cp2xep2_aux": ("qwen3_moe", "cp2xep2", True, False, False),
+    # shared-prompt rows (--share-prompt), each prompt routed once: the unshared step
+    "ep2_shared": ("mixtral", "ep2", False, False, False),
 }
 
 
@@ -329,6 +336,7 @@ def _megatron_steps(rank, cases, batch, pairs):
 
     from megatron_simpo.convert.llama import (hf_to_megatron, is_expert, load_rank_state,
                                               merge_tensors, to_global_name)
+    from megatron_simpo.data.collate import collate_shared
     from megatron_simpo.distributed import runtime
     from megatron_simpo.model.moe import MoESettings
     from megatron_simpo.training.components import build_components, release
@@ -356,8 +364,11 @@ def _megatron_steps(rank, cases, batch, pairs):
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         rows = 2 * PAIRS // dp
         microbatches = (_packed(pairs, dp_rank, dp) if name.endswith("_packed") else
+                        [collate_shared(pairs[dp_rank * PAIRS // dp:(dp_rank + 1) * PAIRS // dp],
+                                        24)] if name.endswith("_shared") else
                         [batch.rows(dp_rank * rows, (dp_rank + 1) * rows)])
         assert name.endswith("_packed") == all(mb.packed for mb in microbatches)
+        assert name.endswith("_shared") == all(mb.shared for mb in microbatches)
         result = train_step([parts.model], parts.optimizer, microbatches,
                             LossConfig(beta=BETA, gamma=GAMMA), head=parts.head)
         finish_param_sync([parts.model])
@@ -396,7 +407,8 @@ def test_moe_step_matches_transformers_with_aux_loss_and_frozen_router(hf_moe_mo
         model, hf_dir = hf_moe_models[arch]
         hf_config = json.loads((hf_dir / "config.json").read_text())
         coef = hf_config["router_aux_loss_coef"] if aux else 0.0
-        dp = WORLD // LAYOUTS[layout].get("tensor_model_parallel_size", 1)
+        dp = WORLD // (LAYOUTS[layout].get("tensor_model_parallel_size", 1) *
+                       LAYOUTS[layout].get("context_parallel_size", 1))
         # Megatron's per-layer loss is transformers' / top-k (f_i counts the k choices)
         cases[name] = (hf_config, load_file(hf_dir / "model.safetensors"), layout,
                        coef * hf_config["num_experts_per_tok"], freeze, distopt)

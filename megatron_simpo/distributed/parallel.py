@@ -126,9 +126,6 @@ class ParallelConfig:
             raise ValueError(f"--expert-model-parallel-size ({ep}) with "
                              f"--tensor-model-parallel-size ({self.tensor_model_parallel_size}) "
                              "needs --sequence-parallel (Megatron-Core's rule)")
-        if self.context_parallel_size > 1:
-            raise ValueError(f"--context-parallel-size ({self.context_parallel_size}) is not "
-                             f"supported on mixture-of-experts models ({model.architecture}) yet")
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> None:
         self.check_world_size(world_size)

@@ -166,10 +166,6 @@ def check_shared_prompt_attention(transformer_impl: str, config) -> None:
         raise ValueError(f"--share-prompt: the model's sliding-window layers "
                          f"({config.sliding_window} keys) measure windows in row indices, which "
                          "shared-prompt rows shift for the rejected response; leave it off")
-    if config is not None and config.is_moe:
-        raise ValueError(f"--share-prompt is not supported on mixture-of-experts models "
-                         f"({config.architecture}): their load-balancing loss counts tokens, "
-                         "which shared rows change; leave it off")
 
 
 def check_transformer_impl(transformer_impl: str) -> None:

@@ -55,6 +55,21 @@ class MoESettings:
         if given:
             raise ValueError(f"{', '.join(given)}: {model.architecture} has no experts")
 
+    def check_shared_prompt(self, model: ModelConfig) -> None:
+        """--share-prompt on a mixture-of-experts model: each prompt token reaches the router
+        once instead of twice. The preference loss and its gradients are the unshared layout's;
+        what counts tokens is not, so the load-balancing loss and token dropping are refused."""
+        if not model.is_moe:
+            return
+        given = [flag for flag, value in (
+            ("--moe-aux-loss-coeff", self.moe_aux_loss_coeff > 0),
+            ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor is not None))
+            if value]
+        if given:
+            raise ValueError(f"--share-prompt with {' and '.join(given)}: shared rows route each "
+                             "prompt token once instead of twice, which changes what the "
+                             "load-balancing loss and the expert capacity count; leave one off")
+
     def transformer_overrides(self) -> dict[str, Any]:
         """``TransformerConfig`` fields (Megatron-LM's names)."""
         values: dict[str, Any] = dict(moe_aux_loss_coeff=self.moe_aux_loss_coeff,

@@ -5,16 +5,18 @@ saw on this rank; ``MoEAuxLossAutoScaler``) because under ``calculate_per_token_
 gradients are divided by the global token count. Here they are divided by the global PAIR
 count P (``megatron_simpo.training.step``), so for a step the router gets
 
-    coeff' = coeff * tp * P / T,     T = tokens of the global batch (padding included),
+    coeff' = coeff * tp * cp * P / T,     T = tokens of the global batch (padding included),
 
 and the gradient is that of ``coeff * sum_layers aux``, averaged over the micro-batches of the
-global batch weighted by their tokens. (Each tensor-parallel rank's router sees 1/TP of a
-micro-batch's tokens, or a duplicate of them without sequence parallelism, and Megatron-Core
-attaches the loss share of each; their gradients add up to the micro-batch's full loss times
-its tokens / TP, hence the factor tp.)
+global batch weighted by their tokens. (Each tensor- and context-parallel rank's router sees
+1/(TP CP) of a micro-batch's tokens, or a duplicate of them without sequence parallelism, and
+Megatron-Core attaches the loss share of each, its own tokens' router probabilities against
+the counts of the whole TP x CP group; their gradients add up to the micro-batch's full loss
+times its tokens / (TP CP), hence the factor tp * cp.)
 
 The logged ``aux_loss`` is the load-balancing loss summed over the layers, averaged over the
-micro-batches of the global batch (Megatron-LM's logging), without the coefficient.
+micro-batches of the global batch (Megatron-LM's logging), without the coefficient: each
+rank's tracker holds its share, summed over the TP, CP, PP and DP groups.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def aux_loss_enabled(model_chunks) -> bool:
 
 @contextlib.contextmanager
 def weighted_aux_loss(model_chunks, num_pairs: int, num_tokens: int):
-    """Within: the router's coefficient is ``coeff * tp * P / T`` (the module docstring) and
+    """Within: the router's coefficient is ``coeff * tp * cp * P / T`` (the module docstring) and
     Megatron's aux-loss tracker starts from zero. ``num_pairs`` / ``num_tokens``: P and T of
     the global batch."""
     from megatron.core import parallel_state
@@ -49,10 +51,10 @@ def weighted_aux_loss(model_chunks, num_pairs: int, num_tokens: int):
 
     config = _config(model_chunks)
     base = config.__dict__[_BASE]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_cp = parallel_state.get_tensor_and_context_parallel_world_size()
     # dropped, not zeroed: it is sized by the layers of the model that created it
     get_moe_layer_wise_logging_tracker().pop(_TRACKED, None)
-    config.moe_aux_loss_coeff = base * tp * num_pairs / num_tokens
+    config.moe_aux_loss_coeff = base * tp_cp * num_pairs / num_tokens
     try:
         yield
     finally:
@@ -85,6 +87,7 @@ def logged_aux_loss(num_microbatches: int) -> float:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     total = total.to(device)
     for group in (parallel_state.get_tensor_model_parallel_group(),
+                  parallel_state.get_context_parallel_group(),
                   parallel_state.get_pipeline_model_parallel_group(),
                   parallel_state.get_data_parallel_group()):
         dist.all_reduce(total, group=group)

@@ -73,6 +73,7 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         check_packed_attention(config.transformer_impl)
     if config.batching.share_prompt:
         check_shared_prompt_attention(config.transformer_impl, source.config)
+        config.moe.check_shared_prompt(source.config)
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
     if config.save:
