@@ -38,7 +38,9 @@ On GPUs:
 Context parallelism (``context_parallel_size`` > 1): each rank attends its own queries to the
 keys and values of the whole row, all-gathered over the CP group, under the whole row's mask
 taken at its query rows (any mask: causal, packed segments, an explicit [b, 1, s, s] one, with
-windows and soft-capping): :mod:`megatron_simpo.model.context_parallel`.
+windows and soft-capping): :mod:`megatron_simpo.model.context_parallel`. Plain causal rows on the
+CPU need no mask there: each of the rank's two query chunks attends its key prefix and its
+diagonal block through the CPU flash kernel, the two merged by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_simpo.model import flex
-from megatron_simpo.model.context_parallel import (context_parallel_group, context_parallel_mask,
+from megatron_simpo.model.context_parallel import (chunked_causal_attention,
+                                                    chunked_causal_available,
+                                                    context_parallel_group, context_parallel_mask,
                                                     gather_keys_values, shared_mask)
 
 try:
@@ -149,6 +153,9 @@ class SDPAttention(DotProductAttention):
             if attention_mask is None and packed_seq_params is None and \
                     mask_type != AttnMaskType.causal:
                 raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
+            if attention_mask is None and packed_seq_params is None and self.window is None \
+                    and self.softcap is None and chunked_causal_available(query):
+                return self._chunked_causal(query, key, value, positions)
             # SDPA takes it additive; FlexAttention and the explicit scores as a bool mask
             plain = self.window is None and self.softcap is None and not flex.used_for(query)
             attention_mask = shared_mask(
@@ -191,6 +198,17 @@ class SDPAttention(DotProductAttention):
         sq, b = query.shape[0], query.shape[1]
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _chunked_causal(self, query, key, value, positions) -> torch.Tensor:
+        """Causal rows under context parallelism on the CPU: no [s/CP, s] mask
+        (``context_parallel.chunked_causal_attention``). key/value: gathered [s, b, ng, hn]."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if repeat > 1:
+            k, v = (t.repeat_interleave(repeat, dim=1) for t in (k, v))
+        context = chunked_causal_attention(q, k, v, *positions, self.sdpa_scale)
+        return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
+                                                   self.hidden_size_per_partition)
 
     def _full_mask(self, attention_mask, mask_type, sq: int, sk: int, device,
                    positions=None) -> torch.Tensor:

@@ -137,3 +137,91 @@ def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch
             cu_seqlens.diff().long().to(key_at.device), output_size=length)
         masked = masked | (segment[query_at].unsqueeze(1) != segment[key_at].unsqueeze(0))
     return masked.view(1, 1, *masked.shape)
+
+
+# ---- causal rows without a mask (CPU) ---------------------------------------------------------
+# A plain causal row needs no [s/CP, s] mask: rank r's queries are two chunks c of C positions
+# (c = r and 2CP-1-r), and chunk c sees keys 0 .. (c+1)C-1 in position order, all of them but
+# the last C fully and those last C causally, the diagonal block. Each part is one call of the
+# CPU flash kernel, which also returns its log-sum-exp; the two merge exactly:
+#
+#     lse = logaddexp(lse_d, lse_p),   out = e^(lse_d - lse) out_d + e^(lse_p - lse) out_p.
+#
+# Backward: the kernel's backward of each part, given the MERGED output and log-sum-exp,
+# computes P = exp(S - lse) and D = rowsum(dO * O) of the whole softmax, hence exactly the
+# whole attention's gradients restricted to that part's keys (the merge of ring attention).
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_backward = getattr(torch.ops.aten,
+                              "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def chunked_causal_available(query: torch.Tensor) -> bool:
+    """Whether :func:`chunked_causal_attention` can run on ``query`` (CPU, this PyTorch)."""
+    return query.device.type == "cpu" and _flash_cpu is not None and \
+        _flash_cpu_backward is not None
+
+
+class _ChunkedCausal(torch.autograd.Function):
+    """q [b, np, n*C, hn] (n chunks of C queries), k and v [b, np, S, hn] in position order;
+    chunk i holds positions chunks[i]*C .. chunks[i]*C + C-1. Returns [b, np, n*C, hn]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, chunks: tuple[int, ...], scale: float):
+        size = q.shape[2] // len(chunks)
+        outs, lses = [], []
+        for i, chunk in enumerate(chunks):
+            queries = q[:, :, i * size:(i + 1) * size]
+            diagonal = slice(chunk * size, (chunk + 1) * size)
+            out, lse = _flash_cpu(queries, k[:, :, diagonal], v[:, :, diagonal], 0.0, True,
+                                  scale=scale)
+            if chunk > 0:
+                prefix = slice(0, chunk * size)
+                out_p, lse_p = _flash_cpu(queries, k[:, :, prefix], v[:, :, prefix], 0.0, False,
+                                          scale=scale)
+                merged = torch.logaddexp(lse, lse_p)
+                out = (torch.exp(lse - merged).unsqueeze(-1) * out
+                       + torch.exp(lse_p - merged).unsqueeze(-1) * out_p).to(q.dtype)
+                lse = merged
+            outs.append(out)
+            lses.append(lse)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.chunks, ctx.scale = chunks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        size = q.shape[2] // len(ctx.chunks)
+        grad = grad.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for i, chunk in enumerate(ctx.chunks):
+            rows = slice(i * size, (i + 1) * size)
+            parts = [(slice(chunk * size, (chunk + 1) * size), True)]
+            if chunk > 0:
+                parts.append((slice(0, chunk * size), False))
+            dq[:, :, rows] = 0
+            for keys, causal in parts:
+                gq, gk, gv = _flash_cpu_backward(grad[:, :, rows], q[:, :, rows], k[:, :, keys],
+                                                 v[:, :, keys], out[:, :, rows], lse[:, :, rows],
+                                                 0.0, causal, scale=ctx.scale)
+                dq[:, :, rows] += gq
+                dk[:, :, keys] += gk
+                dv[:, :, keys] += gv
+        return dq, dk, dv, None, None
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             query_at: torch.Tensor, key_at: torch.Tensor, scale: float
+                             ) -> torch.Tensor:
+    """Causal attention of this CP rank's queries, with no mask tensor (CPU).
+
+    q [b, np, s/CP, hn] at row positions ``query_at`` (two chunks of Megatron's split); k, v
+    [b, np, s, hn] gathered in rank order, at row positions ``key_at``. Returns
+    [b, np, s/CP, hn] = softmax(q k^T * scale, keys at or before each query) v.
+    """
+    order = torch.argsort(key_at)
+    k, v = k.index_select(2, order), v.index_select(2, order)
+    size = q.shape[2] // 2
+    chunks = (int(query_at[0]) // size, int(query_at[size]) // size)
+    return _ChunkedCausal.apply(q, k, v, chunks, scale)

@@ -27,7 +27,6 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-_BASE = "simpo_moe_aux_loss_coeff"  # the run's coefficient, kept beside the per-step one
 _TRACKED = "load_balancing_loss"  # Megatron-Core's tracker entry
 
 
@@ -37,8 +36,7 @@ def _config(model_chunks):
 
 def aux_loss_enabled(model_chunks) -> bool:
     config = _config(model_chunks)
-    return config.num_moe_experts is not None and config.__dict__.setdefault(
-        _BASE, config.moe_aux_loss_coeff) > 0
+    return config.num_moe_experts is not None and config.moe_aux_loss_coeff > 0
 
 
 @contextlib.contextmanager
@@ -50,7 +48,7 @@ def weighted_aux_loss(model_chunks, num_pairs: int, num_tokens: int):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     config = _config(model_chunks)
-    base = config.__dict__[_BASE]
+    base = config.moe_aux_loss_coeff  # the run's; restored on the way out
     tp_cp = parallel_state.get_tensor_and_context_parallel_world_size()
     # dropped, not zeroed: it is sized by the layers of the model that created it
     get_moe_layer_wise_logging_tracker().pop(_TRACKED, None)
