@@ -397,3 +397,40 @@ def test_transformer_engine_context_parallel_step_matches_data_parallel(tmp_path
             assert abs(loss - exact_loss) <= 0.02 * max(1.0, exact_loss), steps
             assert abs(norm - exact_norm) <= 0.05 * exact_norm, steps
         assert abs(steps["te_cp2"][0] - steps["te_dp2"][0]) <= 0.01 * max(1.0, exact_loss), steps
+
+
+def _moe_logits(rank, hf_state, hf_config):
+    """A Mixtral on one GPU (the all-to-all dispatcher at EP 1, Megatron-Core's MoE layer) in
+    bf16 and fp32: its logits."""
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+
+    config, parallel = ModelConfig.from_hf_config(hf_config), ParallelConfig()
+    runtime.initialize(parallel, seed=0, model_config=config)
+    batch = _batch(config.vocab_size)
+    return {name: _logits(_build(hf_state, config, parallel, "local", dtype).eval(), batch
+                          )[..., :config.vocab_size].cpu()
+            for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}, batch
+
+
+@needs_gpu
+def test_mixture_of_experts_on_a_gpu_matches_transformers(tmp_path):
+    """Mixtral through Megatron-Core's MoE layer on a GPU: fp32 logits equal transformers'
+    (CPU, fp32) as on the CPU, bf16 within bf16 rounding."""
+    from safetensors.torch import load_file
+
+    hf_config = tiny_hf_config("mixtral", **GPU_MODEL)
+    model = tiny_hf_model(hf_config, seed=1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gate.weight"):  # clear top-2 choices: bf16 cannot flip them
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path)  # the per-expert tensors of the files, which converters read
+    logits, batch = run_on_ranks(1, _moe_logits, load_file(tmp_path / "model.safetensors"),
+                                 hf_config)[0]
+    with torch.no_grad():
+        expected = model.eval()(batch.tokens).logits
+    scale = expected.abs().max().item()
+    assert (logits["fp32"] - expected).abs().max().item() <= 1e-3 * max(1.0, scale)
+    assert (logits["bf16"] - expected).abs().max().item() <= 0.05 * max(1.0, scale)
