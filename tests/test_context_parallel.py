@@ -44,22 +44,23 @@ def _pairs(vocab: int, seed: int = 1) -> list[TokenizedPair]:
 @pytest.mark.parametrize("cp", [2, 3, 4])
 def test_chunked_causal_attention_equals_whole_row_sdpa(cp):
     """Causal rows under CP on the CPU, no mask: every rank's two query chunks against the
-    gathered keys (rank order) equal the whole row's causal SDPA at those rows, output and
-    q/k/v gradients (fp32, 1e-5)."""
+    gathered keys (rank order, grouped-query: not repeated) equal the whole row's causal SDPA at
+    those rows, output and q/k/v gradients (fp32, 1e-5)."""
     import torch.nn.functional as F
 
     from megatron_simpo.distributed.parallel import context_parallel_positions
     from megatron_simpo.model.context_parallel import chunked_causal_attention
 
     g = torch.Generator().manual_seed(cp)
-    b, heads, hn, s = 2, 3, 16, 2 * cp * 5
-    whole = [torch.randn(b, heads, s, hn, generator=g, requires_grad=True) for _ in range(3)]
+    b, heads, groups, hn, s = 2, 6, 2, 16, 2 * cp * 5  # 3 query heads per key/value group
+    whole = [torch.randn(b, n, s, hn, generator=g, requires_grad=True)
+             for n in (heads, groups, groups)]
     upstream = torch.randn(b, heads, s, hn, generator=g)
-    expected = F.scaled_dot_product_attention(*whole, is_causal=True, scale=0.3)
+    expected = F.scaled_dot_product_attention(*whole, is_causal=True, scale=0.3, enable_gqa=True)
     expected.backward(upstream)
     key_at = torch.cat([context_parallel_positions(s, r, cp) for r in range(cp)])
     keys = [t.detach()[:, :, key_at].requires_grad_() for t in whole[1:]]
-    key_grads = torch.zeros(2, b, heads, s, hn)
+    key_grads = torch.zeros(2, b, groups, s, hn)
     for rank in range(cp):
         at = context_parallel_positions(s, rank, cp)
         q = whole[0].detach()[:, :, at].requires_grad_()

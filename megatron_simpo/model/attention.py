@@ -203,9 +203,6 @@ class SDPAttention(DotProductAttention):
         """Causal rows under context parallelism on the CPU: no [s/CP, s] mask
         (``context_parallel.chunked_causal_attention``). key/value: gathered [s, b, ng, hn]."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if repeat > 1:
-            k, v = (t.repeat_interleave(repeat, dim=1) for t in (k, v))
         context = chunked_causal_attention(q, k, v, *positions, self.sdpa_scale)
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
                                                    self.hidden_size_per_partition)

@@ -140,16 +140,20 @@ def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch
 
 
 # ---- causal rows without a mask (CPU) ---------------------------------------------------------
-# A plain causal row needs no [s/CP, s] mask: rank r's queries are two chunks c of C positions
-# (c = r and 2CP-1-r), and chunk c sees keys 0 .. (c+1)C-1 in position order, all of them but
-# the last C fully and those last C causally, the diagonal block. Each part is one call of the
-# CPU flash kernel, which also returns its log-sum-exp; the two merge exactly:
+# A plain causal row needs no [s/CP, s] mask. The row is 2*CP chunks of C positions; rank r's
+# queries are chunks r and 2CP-1-r, the gathered keys hold every chunk once (in rank order).
+# Query chunk c sees the key chunks before it fully and its own causally (the diagonal block),
+# none after it. Each (query chunk, key chunk) block is one call of the CPU flash kernel, which
+# also returns its log-sum-exp, and the blocks merge exactly:
 #
-#     lse = logaddexp(lse_d, lse_p),   out = e^(lse_d - lse) out_d + e^(lse_p - lse) out_p.
+#     lse = logaddexp(lse_1, lse_2),   out = e^(lse_1 - lse) out_1 + e^(lse_2 - lse) out_2.
 #
-# Backward: the kernel's backward of each part, given the MERGED output and log-sum-exp,
-# computes P = exp(S - lse) and D = rowsum(dO * O) of the whole softmax, hence exactly the
-# whole attention's gradients restricted to that part's keys (the merge of ring attention).
+# Backward: the kernel's backward of each block, given the MERGED output and log-sum-exp,
+# computes P = exp(S - lse) and D = rowsum(dO * O) of the whole softmax, hence exactly the whole
+# attention's gradients restricted to that block's keys (the merge of ring attention).
+# Grouped-query attention without repeating keys and values: for a full block, the query heads
+# of one key group are stacked along the sequence ([b, ng, rep * C, hn] against [b, ng, C, hn]);
+# only the diagonal block, whose causal mask needs aligned rows, repeats its C keys per head.
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_cpu_backward = getattr(torch.ops.aten,
                               "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -161,54 +165,83 @@ def chunked_causal_available(query: torch.Tensor) -> bool:
         _flash_cpu_backward is not None
 
 
+def _blocks(query_chunk: int, key_chunks: tuple[int, ...]) -> list[tuple[int, bool]]:
+    """(index of the key chunk in gathered order, diagonal?) for the chunks a query chunk sees."""
+    return [(j, chunk == query_chunk) for j, chunk in enumerate(key_chunks)
+            if chunk <= query_chunk]
+
+
 class _ChunkedCausal(torch.autograd.Function):
-    """q [b, np, n*C, hn] (n chunks of C queries), k and v [b, np, S, hn] in position order;
-    chunk i holds positions chunks[i]*C .. chunks[i]*C + C-1. Returns [b, np, n*C, hn]."""
+    """q [b, ng * rep, n * C, hn] (n query chunks of C positions), k and v [b, ng, m * C, hn]
+    (m key chunks); ``query_chunks`` / ``key_chunks``: each chunk's index in the row.
+    Returns [b, ng * rep, n * C, hn]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, chunks: tuple[int, ...], scale: float):
-        size = q.shape[2] // len(chunks)
+    def forward(ctx, q, k, v, query_chunks: tuple[int, ...], key_chunks: tuple[int, ...],
+                scale: float):
+        b, heads, _, hn = q.shape
+        groups, size = k.shape[1], k.shape[2] // len(key_chunks)
+        rep = heads // groups
         outs, lses = [], []
-        for i, chunk in enumerate(chunks):
+        for i, chunk in enumerate(query_chunks):
             queries = q[:, :, i * size:(i + 1) * size]
-            diagonal = slice(chunk * size, (chunk + 1) * size)
-            out, lse = _flash_cpu(queries, k[:, :, diagonal], v[:, :, diagonal], 0.0, True,
-                                  scale=scale)
-            if chunk > 0:
-                prefix = slice(0, chunk * size)
-                out_p, lse_p = _flash_cpu(queries, k[:, :, prefix], v[:, :, prefix], 0.0, False,
-                                          scale=scale)
-                merged = torch.logaddexp(lse, lse_p)
+            stacked = queries.reshape(b, groups, rep * size, hn)
+            out = lse = None
+            for j, diagonal in _blocks(chunk, key_chunks):
+                keys, values = (t[:, :, j * size:(j + 1) * size] for t in (k, v))
+                if diagonal:
+                    keys, values = (t.repeat_interleave(rep, dim=1) for t in (keys, values))
+                    part, part_lse = _flash_cpu(queries, keys, values, 0.0, True, scale=scale)
+                    part = part.reshape(b, groups, rep * size, hn)
+                    part_lse = part_lse.reshape(b, groups, rep * size)
+                else:
+                    part, part_lse = _flash_cpu(stacked, keys, values, 0.0, False, scale=scale)
+                if out is None:
+                    out, lse = part.float(), part_lse
+                    continue
+                merged = torch.logaddexp(lse, part_lse)
                 out = (torch.exp(lse - merged).unsqueeze(-1) * out
-                       + torch.exp(lse_p - merged).unsqueeze(-1) * out_p).to(q.dtype)
+                       + torch.exp(part_lse - merged).unsqueeze(-1) * part.float())
                 lse = merged
-            outs.append(out)
+            outs.append(out.to(q.dtype))
             lses.append(lse)
-        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.chunks, ctx.scale = chunks, scale
-        return out
+        ctx.save_for_backward(q, k, v, *outs, *lses)
+        ctx.chunks, ctx.scale = (query_chunks, key_chunks), scale
+        return torch.cat([o.reshape(b, heads, size, hn) for o in outs], dim=2)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        size = q.shape[2] // len(ctx.chunks)
-        grad = grad.contiguous()
+        q, k, v, *saved = ctx.saved_tensors
+        query_chunks, key_chunks = ctx.chunks
+        outs, lses = saved[:len(query_chunks)], saved[len(query_chunks):]
+        b, heads, _, hn = q.shape
+        groups, size = k.shape[1], k.shape[2] // len(key_chunks)
+        rep = heads // groups
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for i, chunk in enumerate(ctx.chunks):
+        for i, chunk in enumerate(query_chunks):
             rows = slice(i * size, (i + 1) * size)
-            parts = [(slice(chunk * size, (chunk + 1) * size), True)]
-            if chunk > 0:
-                parts.append((slice(0, chunk * size), False))
-            dq[:, :, rows] = 0
-            for keys, causal in parts:
-                gq, gk, gv = _flash_cpu_backward(grad[:, :, rows], q[:, :, rows], k[:, :, keys],
-                                                 v[:, :, keys], out[:, :, rows], lse[:, :, rows],
-                                                 0.0, causal, scale=ctx.scale)
-                dq[:, :, rows] += gq
-                dk[:, :, keys] += gk
-                dv[:, :, keys] += gv
-        return dq, dk, dv, None, None
+            queries, out, lse = q[:, :, rows], outs[i], lses[i]
+            upstream = grad[:, :, rows].reshape(b, groups, rep * size, hn)
+            grad_q = torch.zeros(b, groups, rep * size, hn, dtype=q.dtype, device=q.device)
+            for j, diagonal in _blocks(chunk, key_chunks):
+                cols = slice(j * size, (j + 1) * size)
+                if diagonal:
+                    keys, values = (t[:, :, cols].repeat_interleave(rep, dim=1) for t in (k, v))
+                    gq, gk, gv = _flash_cpu_backward(
+                        upstream.reshape(b, heads, size, hn), queries, keys, values,
+                        out.reshape(b, heads, size, hn), lse.reshape(b, heads, size), 0.0, True,
+                        scale=ctx.scale)
+                    gq = gq.reshape(b, groups, rep * size, hn)
+                    gk, gv = (t.reshape(b, groups, rep, size, hn).sum(2) for t in (gk, gv))
+                else:
+                    gq, gk, gv = _flash_cpu_backward(
+                        upstream, queries.reshape(b, groups, rep * size, hn), k[:, :, cols],
+                        v[:, :, cols], out, lse, 0.0, False, scale=ctx.scale)
+                grad_q += gq
+                dk[:, :, cols] += gk
+                dv[:, :, cols] += gv
+            dq[:, :, rows] = grad_q.reshape(b, heads, size, hn)
+        return dq, dk, dv, None, None, None
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -217,11 +250,11 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of this CP rank's queries, with no mask tensor (CPU).
 
     q [b, np, s/CP, hn] at row positions ``query_at`` (two chunks of Megatron's split); k, v
-    [b, np, s, hn] gathered in rank order, at row positions ``key_at``. Returns
-    [b, np, s/CP, hn] = softmax(q k^T * scale, keys at or before each query) v.
+    [b, ng, s, hn] (ng query groups, np = ng * rep; not repeated) gathered in rank order, at row
+    positions ``key_at``. Returns [b, np, s/CP, hn] = softmax(q k^T * scale, keys at or before
+    each query) v.
     """
-    order = torch.argsort(key_at)
-    k, v = k.index_select(2, order), v.index_select(2, order)
     size = q.shape[2] // 2
-    chunks = (int(query_at[0]) // size, int(query_at[size]) // size)
-    return _ChunkedCausal.apply(q, k, v, chunks, scale)
+    query_chunks = tuple((query_at[::size] // size).tolist())
+    key_chunks = tuple((key_at[::size] // size).tolist())
+    return _ChunkedCausal.apply(q, k, v, query_chunks, key_chunks, scale)
