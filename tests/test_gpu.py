@@ -247,7 +247,7 @@ def test_transformer_engine_thd_packing_matches_padded_rows(tmp_path):
 def test_weight_gradient_product_in_bf16_equals_fp32_gemm():
     """The lean log-probs' weight gradient: a bf16 GEMM accumulating into fp32 on a GPU adds
     what the fp32 GEMM of the same (upcast) values adds, up to summation order."""
-    from megatron_simpo.training.logprobs import add_product_
+    from megatron_simpo.model.wgrad import add_product_
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(4096, 512, device="cuda", generator=g).bfloat16()

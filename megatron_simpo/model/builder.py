@@ -22,6 +22,7 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.model.gpt_model import MODEL_OUTPUTS, ModelOutput, gpt_model_class
 from megatron_simpo.model.layers import (RMSNorm, dual_rope_self_attention, gelu_tanh,
                                          post_norm_row_parallel_linear)
+from megatron_simpo.model import wgrad
 from megatron_simpo.model.moe import experts_apart, moe_transformer_fields, router_gemm_without_te
 from megatron_simpo.distributed.parallel import ParallelConfig
 
@@ -93,6 +94,8 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         values["window_size"] = (config.sliding_window - 1, 0)
         values["window_attn_skip_freq"] = [int(s) for s in config.sliding_layers]
     values.update(overrides)
+    if values["gradient_accumulation_fusion"]:
+        wgrad.install()  # weight gradients straight into DDP's main_grad (model/wgrad.py)
     return TransformerConfig(**values)
 
 

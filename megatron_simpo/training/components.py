@@ -71,8 +71,11 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
     head = LogprobHead(logprob_chunk_size, vocab_size=model_config.vocab_size,
                        final_logit_softcapping=model_config.final_logit_softcapping)
     settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl, head=head)
-    policy = _build(model_config, parallel, overrides=transformer_overrides, load=load_policy,
-                    **settings)
+    # Megatron's DDP gives every trained weight an fp32 main_grad: the linear layers add their
+    # weight gradients into it (model/wgrad.py) instead of making them apart for DDP to add.
+    policy = _build(model_config, parallel, load=load_policy, **settings,
+                    overrides={"gradient_accumulation_fusion": True,
+                               **(transformer_overrides or {})})
     if freeze_router:
         freeze_routers(policy)
     model = wrap_with_ddp(policy, optimizer)
