@@ -24,6 +24,7 @@ import types
 import torch
 
 _SHIM = "fused_weight_gradient_mlp_cuda"
+_out_dtype_gemm = True  # until this PyTorch turns out not to have it
 
 
 def add_product_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -35,10 +36,15 @@ def add_product_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     up to summation order, at bf16 speed (an H200: 0.95 ms against 10.9 ms for
     [128k x 1k] @ [1k x 2k]). Elsewhere the inputs are upcast and added with an fp32 GEMM.
     """
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype:
-        torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
-    else:
-        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+    global _out_dtype_gemm
+    if _out_dtype_gemm and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) \
+            and a.dtype == b.dtype:
+        try:
+            torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+            return
+        except TypeError:  # PyTorch < 2.9: no out_dtype
+            _out_dtype_gemm = False
+    accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
