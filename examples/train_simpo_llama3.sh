@@ -102,38 +102,10 @@ case "$MODEL" in
 esac
 
 # Extra arguments replace the defaults above of the same meaning: the same flag, or another
-# spelling of the same setting. (beta 2.5 and gamma = 0.55 x beta are the library's defaults.)
-SAME_MEANING=(
-  "--train-iters --train-epochs"
-  "--simpo-gamma --simpo-gamma-beta-ratio"
-  "--simpo-beta --beta"
-  "--model-config --pretrained-checkpoint"
-  "--valid-data-path --valid-fraction"
-  "--data-cache-dir --data-cache-path"
-)
-replaced_by_user() {  # is default flag $1 set by the user's arguments (the rest)?
-  local flag=$1 given group
-  shift
-  for given in "$@"; do
-    [[ $given == --* ]] || continue
-    given=${given%%=*}
-    [ "$given" = "$flag" ] && return 0
-    for group in "${SAME_MEANING[@]}"; do
-      [[ " $group " == *" $flag "* && " $group " == *" $given "* ]] && return 0
-    done
-  done
-  return 1
-}
-KEPT=()
-i=0
-while [ $i -lt ${#ARGS[@]} ]; do
-  flag=${ARGS[$i]}
-  width=1
-  if [ $((i + 1)) -lt ${#ARGS[@]} ] && [[ ${ARGS[$((i + 1))]} != --* ]]; then width=2; fi
-  if ! replaced_by_user "$flag" "$@"; then KEPT+=("${ARGS[@]:$i:$width}"); fi
-  i=$((i + width))
-done
-ARGS=("${KEPT[@]}")
+# spelling of the same setting (examples/defaults.sh). (beta 2.5 and gamma = 0.55 x beta are the
+# library's defaults.)
+source "$REPO/examples/defaults.sh"
+keep_defaults_not_given "$@"
 
 # megatron_simpo.cli.launch checks the command line, the data, the checkpoints and --save once,
 # then runs torchrun's agent on megatron_simpo.cli.train: a user's mistake, found before or after

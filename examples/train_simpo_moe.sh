@@ -16,9 +16,12 @@
 #                  Qwen3-30B-A3B DPO layout; router trainable, load-balancing loss 0 (NeMo-RL)
 #   mixtral-8x7b   TP 2 (sequence parallel) x PP 4, experts EP 2 x ETP 1 (141 GB GPUs: H200)
 # Variables: MODEL, CHECKPOINT, DATA, VALID_DATA, SAVE, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
-# GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON. Extra arguments come last
-# and win over the defaults (argparse keeps a flag's last value), e.g. --freeze-moe-router.
+# GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON. Extra arguments replace
+# the defaults of the same meaning (examples/defaults.sh: --train-iters replaces --train-epochs),
+# e.g. --freeze-moe-router, --lr 1e-6.
 set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-qwen3-30b-a3b}
@@ -46,6 +49,8 @@ ARGS=(
   --save "${SAVE:-outputs/$MODEL-simpo}" --save-interval 200 --seed 42
 )
 if [ -n "${VALID_DATA:-}" ]; then ARGS+=(--valid-data-path "$VALID_DATA"); else ARGS+=(--valid-fraction 0.01); fi
+source "$REPO/examples/defaults.sh"
+keep_defaults_not_given "$@"
 RENDEZVOUS=(--master-addr "${MASTER_ADDR:-127.0.0.1}")
 if [ -n "${MASTER_PORT:-}" ]; then RENDEZVOUS+=(--master-port "$MASTER_PORT"); fi
 

@@ -348,3 +348,23 @@ def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path)
     assert completed.returncode == (2 if ending == "rank1" else int(ending)), completed.stderr
     seen_by = 1 if ending == "rank1" else 0
     assert _one_line(completed.stderr) == [f"prog: error: bad thing seen by rank {seen_by}"]
+
+
+def test_moe_launcher_defaults_give_way_to_flags_of_the_same_meaning():
+    """examples/train_simpo_moe.sh (PYTHON=echo prints the command it would run): the user's
+    --train-iters replaces the default --train-epochs, --lr the default --lr, and the layout
+    of the preset stays."""
+    env = dict(os.environ, MODEL="mixtral-8x7b", CHECKPOINT="/ckpt", DATA="/data.jsonl",
+               PYTHON="echo")
+    completed = subprocess.run(["bash", str(ROOT / "examples" / "train_simpo_moe.sh"),
+                                "--train-iters", "5", "--lr", "1e-6", "--valid-data-path",
+                                "/v.jsonl"], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    argv = completed.stdout.split()
+    train = argv[argv.index("--") + 1:]
+    assert "--train-epochs" not in train and "--valid-fraction" not in train
+    assert train.count("--lr") == 1 and train[train.index("--lr") + 1] == "1e-6"
+    assert train[-6:] == ["--train-iters", "5", "--lr", "1e-6", "--valid-data-path", "/v.jsonl"]
+    layout = train[train.index("--tensor-model-parallel-size"):][:8]
+    assert layout == ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4",
+                      "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]

@@ -1,0 +1,39 @@
+# Sourced by the launch scripts in examples/: their default flags (the array ARGS) give way to
+# the user's extra arguments of the same meaning, the same flag or another spelling of the same
+# setting, so a default never contradicts what the user asked for.
+#   keep_defaults_not_given "$@"   # ARGS without the defaults the arguments replace
+
+SAME_MEANING=(
+  "--train-iters --train-epochs"
+  "--simpo-gamma --simpo-gamma-beta-ratio"
+  "--simpo-beta --beta"
+  "--model-config --pretrained-checkpoint"
+  "--valid-data-path --valid-fraction"
+  "--data-cache-dir --data-cache-path"
+)
+
+replaced_by_user() {  # is default flag $1 set by the user's arguments (the rest)?
+  local flag=$1 given group
+  shift
+  for given in "$@"; do
+    [[ $given == --* ]] || continue
+    given=${given%%=*}
+    [ "$given" = "$flag" ] && return 0
+    for group in "${SAME_MEANING[@]}"; do
+      [[ " $group " == *" $flag "* && " $group " == *" $given "* ]] && return 0
+    done
+  done
+  return 1
+}
+
+keep_defaults_not_given() {  # ARGS minus each default flag (and its value) the arguments replace
+  local kept=() i=0 flag width
+  while [ $i -lt ${#ARGS[@]} ]; do
+    flag=${ARGS[$i]}
+    width=1
+    if [ $((i + 1)) -lt ${#ARGS[@]} ] && [[ ${ARGS[$((i + 1))]} != --* ]]; then width=2; fi
+    if ! replaced_by_user "$flag" "$@"; then kept+=("${ARGS[@]:$i:$width}"); fi
+    i=$((i + width))
+  done
+  ARGS=("${kept[@]}")
+}
