@@ -9,6 +9,8 @@ CP2 x TP2 (packed). The step's reference is tests/test_step.py's
 independent one-process Hugging Face computation (which CP1 matches there).
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -85,6 +87,7 @@ def _attention_checks(hf_configs) -> dict:
     from megatron_simpo.distributed import runtime
     from megatron_simpo.distributed.parallel import ParallelConfig, context_parallel_positions
     from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model import flex
     from megatron_simpo.model.attention import SDPAttention
     from megatron_simpo.model.builder import transformer_config
 
@@ -122,6 +125,11 @@ def _attention_checks(hf_configs) -> dict:
                 max_seqlen_q=7, max_seqlen_kv=7)
             out = module(*leaves, attention_mask=mask, packed_seq_params=packed)
             out.backward(upstream[at])
+            if mask is None:  # the GPUs' path for these rows: FlexAttention, layout block masks
+                with torch.no_grad(), mock.patch.object(flex, "used_for", return_value=True):
+                    routed = module(*(t.detach() for t in leaves), attention_mask=None,
+                                    packed_seq_params=packed)
+                results[f"{arch}_{name}_flex"] = ((routed - out.detach()).abs().max().item(), 0.0)
             # the whole row in plain torch
             whole = [t.clone().requires_grad_(True) for t in inputs]
             q, k, v = (t.permute(1, 2, 0, 3) for t in whole)
@@ -228,8 +236,9 @@ def cp_world():
 def test_context_parallel_attention_equals_whole_row_attention(cp_world):
     results, _, _ = cp_world
     for rank, result in enumerate(results):
-        assert set(result["attention"]) == {"llama3_causal", "llama3_packed", "llama3_explicit",
-                                            "gemma2_causal", "gemma2_packed"}
+        assert set(result["attention"]) == {
+            "llama3_causal", "llama3_packed", "llama3_explicit", "gemma2_causal", "gemma2_packed",
+            "llama3_causal_flex", "llama3_packed_flex", "gemma2_causal_flex", "gemma2_packed_flex"}
         for name, (out_diff, grad_diff) in result["attention"].items():
             assert out_diff <= 1e-5 and grad_diff <= 1e-5, (rank, name, out_diff, grad_diff)
 

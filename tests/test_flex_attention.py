@@ -61,6 +61,34 @@ def test_the_block_mask_skips_what_the_mask_rules_out():
     assert torch.equal(blocks.cpu().int(), expected.int())
 
 
+def test_layout_block_masks_equal_their_dense_masks():
+    """Block masks made from a row's layout (positions, segments, window; no dense mask) give
+    the attention of the dense mask, also at a context-parallel rank's positions (chunks 1 and
+    2 of 4 against the gathered keys in rank order)."""
+    from megatron_simpo.distributed.parallel import context_parallel_positions
+
+    s = 300
+    cu = torch.tensor([0, s // 3, s // 3 + 7, s])
+    segment = torch.repeat_interleave(torch.arange(3), cu.diff())
+    whole = torch.arange(s)
+    cp_keys = torch.cat([context_parallel_positions(s, r, 2) for r in range(2)])
+    for name, query_at, key_at, packed, window in (
+            ("causal", whole, whole, False, None), ("packed", whole, whole, True, None),
+            ("window", whole, whole, False, 40), ("packed window", whole, whole, True, 40),
+            ("cp rank 1", context_parallel_positions(s, 1, 2), cp_keys, True, 40)):
+        masked = key_at[None, :] > query_at[:, None]  # independent: True = may not attend
+        if packed:
+            masked |= segment[query_at][:, None] != segment[key_at][None, :]
+        if window is not None:
+            masked |= (query_at[:, None] - key_at[None, :]) > window
+        q, k, v = _inputs(s, "cpu", torch.float32)
+        q = q[:, :, :query_at.shape[0]]
+        mask = flex.layout_block_mask(query_at, key_at, cu if packed else None, window)
+        out = flex.flex_context(q, k, v, None, 0.3, mask=mask)
+        expected = _reference(q, k, v, masked.view(1, 1, *masked.shape), 0.3, None)
+        assert (out - expected).abs().max().item() <= 1e-5, name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])

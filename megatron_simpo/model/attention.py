@@ -46,6 +46,7 @@ diagonal block through the CPU flash kernel, the two merged by their log-sum-exp
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 import torch
@@ -156,15 +157,20 @@ class SDPAttention(DotProductAttention):
             if attention_mask is None and packed_seq_params is None and self.window is None \
                     and self.softcap is None and chunked_causal_available(query):
                 return self._chunked_causal(query, key, value, positions)
+        elif packed_seq_params is not None and uses_varlen(query) and self.softcap is None and (
+                self.window is None or "window_size" in _VARLEN_ARGS):
+            return self._varlen(query, key, value, packed_seq_params)
+        if attention_mask is None and flex.used_for(query) and (
+                positions is not None or packed_seq_params is not None
+                or self.window is not None or self.softcap is not None):
+            return self._flex_layout(query, key, value, packed_seq_params, positions)
+        if self.cp_group is not None:
             # SDPA takes it additive; FlexAttention and the explicit scores as a bool mask
             plain = self.window is None and self.softcap is None and not flex.used_for(query)
             attention_mask = shared_mask(
                 attention_mask, None if packed_seq_params is None else
                 packed_seq_params.cu_seqlens_q, *positions, dtype=query.dtype if plain else None)
         elif packed_seq_params is not None:
-            if uses_varlen(query) and self.softcap is None and (
-                    self.window is None or "window_size" in _VARLEN_ARGS):
-                return self._varlen(query, key, value, packed_seq_params)
             attention_mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -175,8 +181,9 @@ class SDPAttention(DotProductAttention):
             if attention_mask.dtype != torch.bool:
                 raise ValueError("FlexAttention takes a bool mask (True: may not attend)")
             block = flex.cached_block_mask(
-                attention_mask, flex.CAUSAL if source is None else source,
-                (self.window, tuple(attention_mask.shape), attention_mask.device))
+                flex.CAUSAL if source is None else source,
+                (self.window, tuple(attention_mask.shape), attention_mask.device),
+                functools.partial(flex.block_mask, attention_mask))
             context = flex.flex_context(q, k, v, attention_mask, self.sdpa_scale, self.softcap,
                                         mask=block)
             return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
@@ -198,6 +205,23 @@ class SDPAttention(DotProductAttention):
         sq, b = query.shape[0], query.shape[1]
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _flex_layout(self, query, key, value, packed_seq_params, positions) -> torch.Tensor:
+        """Causal or packed rows (no explicit mask) on FlexAttention, its block mask made from
+        the row's layout (``flex.layout_block_mask``: positions, segments, this layer's window)
+        with no dense mask; under context parallelism at the rank's query positions and the
+        gathered keys'. query [sq, b, np, hn], key/value [sk, b, ng, hn]; [sq, b, hp]."""
+        sq, sk, device = query.shape[0], key.shape[0], query.device
+        query_at, key_at = positions or (torch.arange(sk - sq, sk, device=device),
+                                         torch.arange(sk, device=device))
+        cu = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
+        block = flex.cached_block_mask(
+            flex.CAUSAL if cu is None else cu, ("layout", self.window, sq, sk, device),
+            lambda: flex.layout_block_mask(query_at, key_at, cu, self.window))
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        context = flex.flex_context(q, k, v, None, self.sdpa_scale, self.softcap, mask=block)
+        return context.permute(2, 0, 1, 3).reshape(sq, query.shape[1],
+                                                   self.hidden_size_per_partition)
 
     def _chunked_causal(self, query, key, value, positions) -> torch.Tensor:
         """Causal rows under context parallelism on the CPU: no [s/CP, s] mask

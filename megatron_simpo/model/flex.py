@@ -89,29 +89,57 @@ class _Causal:
 CAUSAL = _Causal()
 
 
-def cached_block_mask(masked_out: torch.Tensor, source, key: tuple):
-    """:func:`block_mask` of ``masked_out``, reused while ``source`` (the object the mask was
-    made from: a micro-batch's mask or segment starts, alive for its forward and backward) and
-    ``key`` (the layer's window, the shapes) are the same: every layer of a forward shares one
-    block mask instead of rebuilding it. A source that is gone never matches (weak reference)."""
+def layout_block_mask(query_at: torch.Tensor, key_at: torch.Tensor,
+                      cu_seqlens: torch.Tensor | None = None, window: int | None = None):
+    """FlexAttention's block mask of a row layout, with no dense mask at all: query i may see
+    key j when ``key_at[j] <= query_at[i]`` (causal), both lie in the same segment of a packed
+    row (``cu_seqlens``: its segment starts and end) and ``query_at[i] - key_at[j] <= window``.
+    ``query_at`` [sq] / ``key_at`` [sk]: the row positions of the queries and keys (a context-
+    parallel rank's chunks, the gathered keys; else the last sq of 0..sk-1 and 0..sk-1)."""
+    query_segment = key_segment = None
+    if cu_seqlens is not None:
+        segment = torch.repeat_interleave(  # key_at spans the whole row
+            torch.arange(len(cu_seqlens) - 1, device=key_at.device),
+            cu_seqlens.diff().long().to(key_at.device), output_size=key_at.shape[0])
+        query_segment, key_segment = segment[query_at], segment[key_at]
+
+    def mask_mod(b, h, q, kv):
+        allowed = key_at[kv] <= query_at[q]
+        if query_segment is not None:
+            allowed = allowed & (query_segment[q] == key_segment[kv])
+        if window is not None:
+            allowed = allowed & (query_at[q] - key_at[kv] <= window)
+        return allowed
+
+    return create_block_mask(mask_mod, None, None, query_at.shape[0], key_at.shape[0],
+                             device=key_at.device, BLOCK_SIZE=BLOCK, _compile=key_at.is_cuda)
+
+
+def cached_block_mask(source, key: tuple, make):
+    """``make()`` (a block mask), reused while ``source`` (the object the mask comes from: a
+    micro-batch's mask or segment starts, alive for its forward and backward; :data:`CAUSAL`
+    for causal rows) and ``key`` (the layer's window, the shapes) are the same: every layer of a
+    forward shares one block mask instead of rebuilding it. A source that is gone never
+    matches (weak reference)."""
     for ref, cached_key, mask in _cache:
         if ref() is source and cached_key == key:
             return mask
-    mask = block_mask(masked_out)
+    mask = make()
     _cache.append((weakref.ref(source), key, mask))
     del _cache[:-_CACHE_SIZE]
     return mask
 
 
-def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_out: torch.Tensor,
+def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 masked_out: torch.Tensor | None,
                  scale: float, softcap: float | None = None, *, mask=None) -> torch.Tensor:
     """Attention through FlexAttention.
 
     q [b, np, sq, hn]; k and v [b, ng, sk, hn] (ng query groups: GQA without repeating them);
-    ``masked_out`` [b or 1, 1, sq, sk] True where a query may not attend. Returns
-    [b, np, sq, hn] = ``softmax_fp32(cap(q k^T * scale) + mask) v`` with ``cap`` the soft-cap
+    ``masked_out`` [b or 1, 1, sq, sk] True where a query may not attend (None with ``mask``).
+    Returns [b, np, sq, hn] = ``softmax_fp32(cap(q k^T * scale) + mask) v`` with ``cap`` the soft-cap
     ``c * tanh(s / c)`` when ``softcap`` is given, else the identity. ``mask``: the block mask
-    of ``masked_out`` if already made (:func:`cached_block_mask`).
+    if already made (:func:`cached_block_mask`: of ``masked_out``, or of the row's layout).
     """
     if not available():
         raise RuntimeError("FlexAttention needs PyTorch >= 2.5")
