@@ -28,12 +28,14 @@ On GPUs:
   (``torch.nn.attention.varlen``) in bf16/fp16: each sequence attends causally to itself, with
   no [s, s] mask. Elsewhere (CPUs, fp32, an older PyTorch) the same segments become the
   block-diagonal causal mask.
-- Every explicit mask that remains (packed rows in fp32 or with soft-capping, shared-prompt
-  rows, sliding windows, context parallelism) and every soft-capped layer goes through
-  FlexAttention (:mod:`megatron_simpo.model.flex`: one compiled kernel that skips the blocks the
-  mask rules out, soft-capping as a score modifier; its block mask is made once per forward and
-  shared by the layers), not through SDPA with a dense mask. Plain causal rows stay on SDPA's
-  flash kernel.
+- Every other mask (packed rows in fp32 or with soft-capping, shared-prompt rows, sliding
+  windows, context parallelism) and every soft-capped layer goes through FlexAttention
+  (:mod:`megatron_simpo.model.flex`: one compiled kernel that skips the blocks the mask rules
+  out, soft-capping as a score modifier; its block mask is made once per forward and shared by
+  the layers), not through SDPA with a dense mask. Causal and packed rows, windows and CP
+  included, get their block mask from the row's layout (positions, segments, the window) with
+  no dense mask at all; only an explicit mask (shared-prompt rows) is read as a tensor. Plain
+  causal rows stay on SDPA's flash kernel.
 
 Context parallelism (``context_parallel_size`` > 1): each rank attends its own queries to the
 keys and values of the whole row, all-gathered over the CP group, under the whole row's mask
