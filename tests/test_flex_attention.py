@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_simpo.model import flex
+from megatron_simpo.model import flex, forward_cache
 from megatron_simpo.model.attention import segment_causal_mask, softcapped_attention
 
 pytestmark = pytest.mark.skipif(not flex.available(), reason="PyTorch without FlexAttention")
@@ -151,12 +151,13 @@ def _dispatch(rank, hf_configs):
                     continue  # plain causal rows stay on SDPA: nothing to compare
                 with torch.no_grad():
                     expected = module(*inputs, **kwargs)
-                    flex._cache.clear()
+                    forward_cache.clear()
                     with mock.patch.object(flex, "used_for", return_value=True):
                         actual = module(*inputs, **kwargs)
-                        again = flex._cache[-1][2]
+                        again = forward_cache._cache[-1][2]
                         module(*inputs, **kwargs)  # the same source: the block mask is reused
-                        reused = flex._cache[-1][2] is again and len(flex._cache) == 1
+                        reused = (forward_cache._cache[-1][2] is again
+                                  and len(forward_cache._cache) == 1)
                 results[f"{arch}_{name}_{layer}"] = ((actual - expected).abs().max().item(), reused)
     return results
 

@@ -58,7 +58,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from megatron_simpo.model import flex
+from megatron_simpo.model import flex, forward_cache
 from megatron_simpo.model.context_parallel import (chunked_causal_attention,
                                                     chunked_causal_available,
                                                     context_parallel_group, context_parallel_mask,
@@ -182,8 +182,8 @@ class SDPAttention(DotProductAttention):
         if attention_mask is not None and flex.used_for(q):
             if attention_mask.dtype != torch.bool:
                 raise ValueError("FlexAttention takes a bool mask (True: may not attend)")
-            block = flex.cached_block_mask(
-                flex.CAUSAL if source is None else source,
+            block = forward_cache.per_forward(
+                forward_cache.CAUSAL if source is None else source,
                 (self.window, tuple(attention_mask.shape), attention_mask.device),
                 functools.partial(flex.block_mask, attention_mask))
             context = flex.flex_context(q, k, v, attention_mask, self.sdpa_scale, self.softcap,
@@ -217,8 +217,8 @@ class SDPAttention(DotProductAttention):
         query_at, key_at = positions or (torch.arange(sk - sq, sk, device=device),
                                          torch.arange(sk, device=device))
         cu = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
-        block = flex.cached_block_mask(
-            flex.CAUSAL if cu is None else cu, ("layout", self.window, sq, sk, device),
+        block = forward_cache.per_forward(
+            forward_cache.CAUSAL if cu is None else cu, ("layout", self.window, sq, sk, device),
             lambda: flex.layout_block_mask(query_at, key_at, cu, self.window))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = flex.flex_context(q, k, v, None, self.sdpa_scale, self.softcap, mask=block)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_simpo.distributed.parallel import context_parallel_positions
+from megatron_simpo.model import forward_cache
 
 
 def context_parallel_group(pg_collection=None):
@@ -82,39 +83,24 @@ def gather_keys_values(key: torch.Tensor, value: torch.Tensor, group
     return both[..., :hn], both[..., hn:], query_at, key_at
 
 
-class _LastMask:
-    """The last mask made, for the layers after the first: every layer of a forward gets the
-    same mask object (its inputs are the same objects), so the attention's saved-for-backward
-    masks are one tensor, not one per layer."""
-
-    inputs: tuple = ()
-    masks: dict = {}
-
-
 def shared_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                 query_at: torch.Tensor, key_at: torch.Tensor, dtype: torch.dtype | None = None
                 ) -> torch.Tensor:
-    """``context_parallel_mask``, made once for as long as its inputs are the same objects (the
-    whole row's mask, the segment starts) or, for causal rows, the same positions; with
-    ``dtype`` as SDPA's additive mask (0 where a query may attend, -inf where not), which SDPA
-    uses as it is (a bool mask it would convert anew in every layer)."""
-    inputs = (attention_mask, cu_seqlens, tuple(query_at.shape), key_at.shape[0],
-              int(query_at[0]), query_at.device)
-    same = len(_LastMask.inputs) == len(inputs) and all(
-        a is b if isinstance(a, torch.Tensor) or a is None else a == b
-        for a, b in zip(_LastMask.inputs, inputs))
-    if not same:
-        _LastMask.inputs, _LastMask.masks = inputs, {}
-    if dtype not in _LastMask.masks:
-        masked = _LastMask.masks.get(None)
-        if masked is None:
-            masked = _LastMask.masks[None] = context_parallel_mask(attention_mask, cu_seqlens,
-                                                                   query_at, key_at)
-        if dtype is not None:
-            _LastMask.masks[dtype] = torch.zeros(masked.shape, dtype=dtype,
-                                                 device=masked.device).masked_fill(
-                masked, float("-inf"))
-    return _LastMask.masks[dtype]
+    """``context_parallel_mask``, made once per forward (``forward_cache``: every layer gets
+    the same mask object while its source, the whole row's mask or the segment starts, is the
+    same; causal rows by their positions); with ``dtype`` as SDPA's additive mask (0 where a
+    query may attend, -inf where not), which SDPA uses as it is (a bool mask it would convert
+    anew in every layer)."""
+    source = attention_mask if attention_mask is not None else cu_seqlens
+    source = forward_cache.CAUSAL if source is None else source
+    key = ("context parallel", tuple(query_at.shape), key_at.shape[0], int(query_at[0]),
+           query_at.device)
+    masked = forward_cache.per_forward(source, key, lambda: context_parallel_mask(
+        attention_mask, cu_seqlens, query_at, key_at))
+    if dtype is None:
+        return masked
+    return forward_cache.per_forward(source, (*key, dtype), lambda: torch.zeros(
+        masked.shape, dtype=dtype, device=masked.device).masked_fill(masked, float("-inf")))
 
 
 def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 
 import torch
 
@@ -78,17 +77,6 @@ def block_mask(masked_out: torch.Tensor):
                              _compile=masked_out.is_cuda)
 
 
-_CACHE_SIZE = 2
-_cache: list = []  # [(weakref to the source, key, BlockMask)], newest last
-
-
-class _Causal:
-    """The source of causal masks (made from their shape alone)."""
-
-
-CAUSAL = _Causal()
-
-
 def layout_block_mask(query_at: torch.Tensor, key_at: torch.Tensor,
                       cu_seqlens: torch.Tensor | None = None, window: int | None = None):
     """FlexAttention's block mask of a row layout, with no dense mask at all: query i may see
@@ -115,21 +103,6 @@ def layout_block_mask(query_at: torch.Tensor, key_at: torch.Tensor,
                              device=key_at.device, BLOCK_SIZE=BLOCK, _compile=key_at.is_cuda)
 
 
-def cached_block_mask(source, key: tuple, make):
-    """``make()`` (a block mask), reused while ``source`` (the object the mask comes from: a
-    micro-batch's mask or segment starts, alive for its forward and backward; :data:`CAUSAL`
-    for causal rows) and ``key`` (the layer's window, the shapes) are the same: every layer of a
-    forward shares one block mask instead of rebuilding it. A source that is gone never
-    matches (weak reference)."""
-    for ref, cached_key, mask in _cache:
-        if ref() is source and cached_key == key:
-            return mask
-    mask = make()
-    _cache.append((weakref.ref(source), key, mask))
-    del _cache[:-_CACHE_SIZE]
-    return mask
-
-
 def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  masked_out: torch.Tensor | None,
                  scale: float, softcap: float | None = None, *, mask=None) -> torch.Tensor:
@@ -139,7 +112,7 @@ def flex_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``masked_out`` [b or 1, 1, sq, sk] True where a query may not attend (None with ``mask``).
     Returns [b, np, sq, hn] = ``softmax_fp32(cap(q k^T * scale) + mask) v`` with ``cap`` the soft-cap
     ``c * tanh(s / c)`` when ``softcap`` is given, else the identity. ``mask``: the block mask
-    if already made (:func:`cached_block_mask`: of ``masked_out``, or of the row's layout).
+    if already made (of ``masked_out``, or of the row's layout; ``forward_cache`` shares it).
     """
     if not available():
         raise RuntimeError("FlexAttention needs PyTorch >= 2.5")
