@@ -270,3 +270,16 @@ def test_run_command_ends_in_one_line_from_rank_zero(capsys, monkeypatch, rank, 
     with pytest.raises(ZeroDivisionError):  # anything else is a bug: its traceback
         run_command("tool", lambda: 1 / 0, distributed=True)
     assert run_command("tool", lambda: 7) == 7 and shutdowns == [1, 1]
+
+
+def test_an_abbreviated_flag_is_refused_not_completed(paths, capsys):
+    """Flags are taken as spelled in full (Megatron-LM's allow_abbrev=False): --train-iter is
+    not silently --train-iters (the launch scripts drop defaults by their full names)."""
+    base = ["--train-data-path", str(paths / "train.jsonl"), "--model-config",
+            str(paths / "config.json"), "--tokenizer", str(paths)]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(base + ["--train-iter", "5"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "unrecognized arguments: --train-iter 5" in line
+    assert parse_args(base + ["--train-iters", "5"]).train_iters == 5

@@ -185,7 +185,13 @@ def user_error(prog: str, message: str, exit_code: int = 2) -> NoReturn:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line from rank 0 (the usage is in ``--help``)."""
+    """argparse whose errors are one line from rank 0 (the usage is in ``--help``), and which
+    takes flags only as spelled in full (Megatron-LM's ``allow_abbrev=False``): ``--train-iter``
+    is refused, not read as ``--train-iters`` behind the launch scripts' back."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         user_error(self.prog, f"{message} (see --help)")

@@ -162,16 +162,17 @@ class SDPAttention(DotProductAttention):
         elif packed_seq_params is not None and uses_varlen(query) and self.softcap is None and (
                 self.window is None or "window_size" in _VARLEN_ARGS):
             return self._varlen(query, key, value, packed_seq_params)
-        if attention_mask is None and flex.used_for(query) and (
-                positions is not None or packed_seq_params is not None
-                or self.window is not None or self.softcap is not None):
+        if attention_mask is None and mask_type == AttnMaskType.causal and flex.used_for(query) \
+                and (positions is not None or packed_seq_params is not None
+                     or self.window is not None or self.softcap is not None):
             return self._flex_layout(query, key, value, packed_seq_params, positions)
         if self.cp_group is not None:
             # SDPA takes it additive; FlexAttention and the explicit scores as a bool mask
             plain = self.window is None and self.softcap is None and not flex.used_for(query)
             attention_mask = shared_mask(
                 attention_mask, None if packed_seq_params is None else
-                packed_seq_params.cu_seqlens_q, *positions, dtype=query.dtype if plain else None)
+                packed_seq_params.cu_seqlens_q, *positions, dtype=query.dtype if plain else None,
+                rank=torch.distributed.get_rank(self.cp_group))
         elif packed_seq_params is not None:
             attention_mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
         # [s, b, heads, hn] -> [b, heads, s, hn]

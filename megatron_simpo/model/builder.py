@@ -95,7 +95,9 @@ def transformer_config(config: ModelConfig, parallel: ParallelConfig, *,
         values["window_attn_skip_freq"] = [int(s) for s in config.sliding_layers]
     values.update(overrides)
     if values["gradient_accumulation_fusion"]:
-        wgrad.install()  # weight gradients straight into DDP's main_grad (model/wgrad.py)
+        # weight gradients straight into DDP's main_grad (model/wgrad.py): only for a model
+        # that Megatron's DDP wraps before its first backward (training/components.py)
+        wgrad.install()
     return TransformerConfig(**values)
 
 

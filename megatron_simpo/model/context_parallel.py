@@ -84,17 +84,17 @@ def gather_keys_values(key: torch.Tensor, value: torch.Tensor, group
 
 
 def shared_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                query_at: torch.Tensor, key_at: torch.Tensor, dtype: torch.dtype | None = None
-                ) -> torch.Tensor:
+                query_at: torch.Tensor, key_at: torch.Tensor, dtype: torch.dtype | None = None,
+                *, rank: int) -> torch.Tensor:
     """``context_parallel_mask``, made once per forward (``forward_cache``: every layer gets
     the same mask object while its source, the whole row's mask or the segment starts, is the
-    same; causal rows by their positions); with ``dtype`` as SDPA's additive mask (0 where a
+    same; causal rows by the CP ``rank`` and the lengths, which fix their positions: no value
+    is read from the device); with ``dtype`` as SDPA's additive mask (0 where a
     query may attend, -inf where not), which SDPA uses as it is (a bool mask it would convert
     anew in every layer)."""
     source = attention_mask if attention_mask is not None else cu_seqlens
     source = forward_cache.CAUSAL if source is None else source
-    key = ("context parallel", tuple(query_at.shape), key_at.shape[0], int(query_at[0]),
-           query_at.device)
+    key = ("context parallel", rank, query_at.shape[0], key_at.shape[0], query_at.device)
     masked = forward_cache.per_forward(source, key, lambda: context_parallel_mask(
         attention_mask, cu_seqlens, query_at, key_at))
     if dtype is None:
@@ -189,26 +189,31 @@ class _ChunkedCausal(torch.autograd.Function):
                 out = (torch.exp(lse - merged).unsqueeze(-1) * out
                        + torch.exp(part_lse - merged).unsqueeze(-1) * part.float())
                 lse = merged
-            outs.append(out.to(q.dtype))
-            lses.append(lse)
-        ctx.save_for_backward(q, k, v, *outs, *lses)
+            outs.append(out.to(q.dtype).reshape(b, heads, size, hn))
+            lses.append(lse.reshape(b, heads, size))
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.chunks, ctx.scale = (query_chunks, key_chunks), scale
-        return torch.cat([o.reshape(b, heads, size, hn) for o in outs], dim=2)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, *saved = ctx.saved_tensors
+        q, k, v, out_all, lse_all = ctx.saved_tensors
         query_chunks, key_chunks = ctx.chunks
-        outs, lses = saved[:len(query_chunks)], saved[len(query_chunks):]
         b, heads, _, hn = q.shape
         groups, size = k.shape[1], k.shape[2] // len(key_chunks)
         rep = heads // groups
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # the blocks' gradients are summed in fp32 and rounded once to the inputs' dtype
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
         for i, chunk in enumerate(query_chunks):
             rows = slice(i * size, (i + 1) * size)
-            queries, out, lse = q[:, :, rows], outs[i], lses[i]
+            queries = q[:, :, rows]
+            out = out_all[:, :, rows].reshape(b, groups, rep * size, hn)
+            lse = lse_all[:, :, rows].reshape(b, groups, rep * size)
             upstream = grad[:, :, rows].reshape(b, groups, rep * size, hn)
-            grad_q = torch.zeros(b, groups, rep * size, hn, dtype=q.dtype, device=q.device)
+            grad_q = torch.zeros(b, groups, rep * size, hn, dtype=torch.float32,
+                                 device=q.device)
             for j, diagonal in _blocks(chunk, key_chunks):
                 cols = slice(j * size, (j + 1) * size)
                 if diagonal:
@@ -227,7 +232,7 @@ class _ChunkedCausal(torch.autograd.Function):
                 dk[:, :, cols] += gk
                 dv[:, :, cols] += gv
             dq[:, :, rows] = grad_q.reshape(b, heads, size, hn)
-        return dq, dk, dv, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -42,7 +42,9 @@ def add_product_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         try:
             torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
             return
-        except TypeError:  # PyTorch < 2.9: no out_dtype
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # PyTorch < 2.9, or a GPU/dtype without it
             _out_dtype_gemm = False
     accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
 
