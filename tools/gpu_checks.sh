@@ -11,6 +11,11 @@
 # echoed); a failing stage does not stop the others. The JSON reports land in OUTDIR.
 # STAGES="pytest-gpu steps": run only these stages (a rerun of part of it); GPU_TESTS_K: a -k
 # expression selecting gpu-marked tests (e.g. "lean or varlen").
+# The stages' limits add up to more than one device call may run (600 s), so a lease runs it in
+# two calls, the first the more urgent (correctness of every GPU-only path, then the stage
+# benchmarks):
+#   STAGES="env smoke pytest-gpu logprobs logprobs-16k microbatch" bash tools/gpu_checks.sh OUT
+#   STAGES="env steps steps-gemma2 lengths" bash tools/gpu_checks.sh OUT
 # FALLBACK_PYTHONPATH: if the smoke stage fails (e.g. a Megatron-Core release this project does not
 # run on yet), the remaining stages run again with this PYTHONPATH instead.
 set -u
@@ -51,7 +56,8 @@ if ! smoke && [ -n "${FALLBACK_PYTHONPATH:-}" ]; then
     smoke
 fi
 
-stage pytest-gpu 120 python3 -m pytest -m gpu -q -rs tests ${GPU_TESTS_K:+-k "$GPU_TESTS_K"}
+# FlexAttention's and the fused kernels' compiles make this the longest test stage.
+stage pytest-gpu 180 python3 -m pytest -m gpu -q -rs tests ${GPU_TESTS_K:+-k "$GPU_TESTS_K"}
 # The lean log-prob stage at 2,048 tokens (speed) and 16k tokens (memory), against the plain one.
 stage logprobs 90 $bench logprobs --vocab 128256 --seq 2048 --hidden 2048 --chunk 1024 \
     --output "$out/logprobs.json"
