@@ -43,11 +43,13 @@ def _pairs(vocab: int, seed: int = 1) -> list[TokenizedPair]:
     return [TokenizedPair(ids(1, 4), ids(1, 8), ids(1, 8)) for _ in range(PAIRS)]
 
 
-@pytest.mark.parametrize("cp", [2, 3, 4])
-def test_chunked_causal_attention_equals_whole_row_sdpa(cp):
-    """Causal rows under CP on the CPU, no mask: every rank's two query chunks against the
+@pytest.mark.parametrize("cp, packed", [(2, False), (3, False), (4, False), (2, True),
+                                        (3, True)])
+def test_chunked_causal_attention_equals_whole_row_sdpa(cp, packed):
+    """Causal rows under CP on the CPU, no row mask: every rank's two query chunks against the
     gathered keys (rank order, grouped-query: not repeated) equal the whole row's causal SDPA at
-    those rows, output and q/k/v gradients (fp32, 1e-5)."""
+    those rows, output and q/k/v gradients (fp32, 1e-5); packed, with segments that end inside
+    a chunk, span chunks, or fill one exactly (blocks with a mask, without, skipped)."""
     import torch.nn.functional as F
 
     from megatron_simpo.distributed.parallel import context_parallel_positions
@@ -58,7 +60,13 @@ def test_chunked_causal_attention_equals_whole_row_sdpa(cp):
     whole = [torch.randn(b, n, s, hn, generator=g, requires_grad=True)
              for n in (heads, groups, groups)]
     upstream = torch.randn(b, heads, s, hn, generator=g)
-    expected = F.scaled_dot_product_attention(*whole, is_causal=True, scale=0.3, enable_gqa=True)
+    cu = torch.tensor([0, 3, 5, 5 + 2 * 5, s]) if packed else None  # chunks of 5 positions
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()
+    if packed:
+        segment = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())
+        allowed &= segment[:, None] == segment[None, :]
+    expected = F.scaled_dot_product_attention(*whole, attn_mask=allowed, scale=0.3,
+                                              enable_gqa=True)
     expected.backward(upstream)
     key_at = torch.cat([context_parallel_positions(s, r, cp) for r in range(cp)])
     keys = [t.detach()[:, :, key_at].requires_grad_() for t in whole[1:]]
@@ -66,7 +74,7 @@ def test_chunked_causal_attention_equals_whole_row_sdpa(cp):
     for rank in range(cp):
         at = context_parallel_positions(s, rank, cp)
         q = whole[0].detach()[:, :, at].requires_grad_()
-        out = chunked_causal_attention(q, *keys, at, key_at, 0.3)
+        out = chunked_causal_attention(q, *keys, at, key_at, 0.3, cu)
         assert (out - expected.detach()[:, :, at]).abs().max().item() <= 1e-5, rank
         grads = torch.autograd.grad(out, [q, *keys], upstream[:, :, at])
         assert (grads[0] - whole[0].grad[:, :, at]).abs().max().item() <= 1e-5, rank

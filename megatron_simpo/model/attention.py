@@ -40,9 +40,10 @@ On GPUs:
 Context parallelism (``context_parallel_size`` > 1): each rank attends its own queries to the
 keys and values of the whole row, all-gathered over the CP group, under the whole row's mask
 taken at its query rows (any mask: causal, packed segments, an explicit [b, 1, s, s] one, with
-windows and soft-capping): :mod:`megatron_simpo.model.context_parallel`. Plain causal rows on the
-CPU need no mask there: each of the rank's two query chunks attends its key prefix and its
-diagonal block through the CPU flash kernel, the two merged by their log-sum-exp.
+windows and soft-capping): :mod:`megatron_simpo.model.context_parallel`. Causal and packed rows
+on the CPU need no row mask there: each of the rank's two query chunks attends the key chunks
+at or before it through the CPU flash kernel, block by block (a [C, C] mask only where a packed
+row's segment ends inside the block), the blocks merged by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ class SDPAttention(DotProductAttention):
             if attention_mask is None and packed_seq_params is None and \
                     mask_type != AttnMaskType.causal:
                 raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
-            if attention_mask is None and packed_seq_params is None and self.window is None \
-                    and self.softcap is None and chunked_causal_available(query):
-                return self._chunked_causal(query, key, value, positions)
+            if attention_mask is None and mask_type == AttnMaskType.causal \
+                    and self.window is None and self.softcap is None \
+                    and chunked_causal_available(query):
+                return self._chunked_causal(query, key, value, positions, packed_seq_params)
         elif packed_seq_params is not None and uses_varlen(query) and self.softcap is None and (
                 self.window is None or "window_size" in _VARLEN_ARGS):
             return self._varlen(query, key, value, packed_seq_params)
@@ -226,11 +228,13 @@ class SDPAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(sq, query.shape[1],
                                                    self.hidden_size_per_partition)
 
-    def _chunked_causal(self, query, key, value, positions) -> torch.Tensor:
-        """Causal rows under context parallelism on the CPU: no [s/CP, s] mask
+    def _chunked_causal(self, query, key, value, positions, packed_seq_params) -> torch.Tensor:
+        """Causal and packed rows under context parallelism on the CPU: no [s/CP, s] mask
         (``context_parallel.chunked_causal_attention``). key/value: gathered [s, b, ng, hn]."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        context = chunked_causal_attention(q, k, v, *positions, self.sdpa_scale)
+        context = chunked_causal_attention(
+            q, k, v, *positions, self.sdpa_scale,
+            None if packed_seq_params is None else packed_seq_params.cu_seqlens_q)
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
                                                    self.hidden_size_per_partition)
 

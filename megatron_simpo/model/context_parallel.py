@@ -125,8 +125,8 @@ def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch
     return masked.view(1, 1, *masked.shape)
 
 
-# ---- causal rows without a mask (CPU) ---------------------------------------------------------
-# A plain causal row needs no [s/CP, s] mask. The row is 2*CP chunks of C positions; rank r's
+# ---- causal and packed rows without a row mask (CPU) -------------------------------------------
+# A causal row needs no [s/CP, s] mask. The row is 2*CP chunks of C positions; rank r's
 # queries are chunks r and 2CP-1-r, the gathered keys hold every chunk once (in rank order).
 # Query chunk c sees the key chunks before it fully and its own causally (the diagonal block),
 # none after it. Each (query chunk, key chunk) block is one call of the CPU flash kernel, which
@@ -140,6 +140,9 @@ def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch
 # Grouped-query attention without repeating keys and values: for a full block, the query heads
 # of one key group are stacked along the sequence ([b, ng, rep * C, hn] against [b, ng, C, hn]);
 # only the diagonal block, whose causal mask needs aligned rows, repeats its C keys per head.
+# A packed row (several sequences) adds its segments: a block whose queries and keys lie in one
+# segment needs nothing more, a block they share no segment of is skipped, and only a block
+# across a segment boundary takes a [C, C] mask.
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_cpu_backward = getattr(torch.ops.aten,
                               "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -152,36 +155,84 @@ def chunked_causal_available(query: torch.Tensor) -> bool:
 
 
 def _blocks(query_chunk: int, key_chunks: tuple[int, ...]) -> list[tuple[int, bool]]:
-    """(index of the key chunk in gathered order, diagonal?) for the chunks a query chunk sees."""
-    return [(j, chunk == query_chunk) for j, chunk in enumerate(key_chunks)
+    """(index of the key chunk in gathered order, diagonal?) for the chunks a query chunk sees,
+    the diagonal first (every query sees itself there: the merged log-sum-exp is finite from
+    the first block on)."""
+    seen = [(j, chunk == query_chunk) for j, chunk in enumerate(key_chunks)
             if chunk <= query_chunk]
+    return sorted(seen, key=lambda block: not block[1])
+
+
+_SKIP = object()
+
+
+def _block_mask(segment: torch.Tensor | None, query_chunk: int, key_chunk: int, size: int,
+                diagonal: bool, dtype: torch.dtype):
+    """A packed row's mask for one block: None when the kernel's own (causal on the diagonal,
+    none elsewhere) is the block's, ``_SKIP`` when no query of the block sees any of its keys,
+    else (additive [C, C] mask: 0 where a query may attend, -inf where not; [C] bool: the
+    queries that see at least one key of the block)."""
+    if segment is None:
+        return None
+    queries = segment[query_chunk * size:(query_chunk + 1) * size]
+    keys = segment[key_chunk * size:(key_chunk + 1) * size]
+    allowed = queries.unsqueeze(1) == keys.unsqueeze(0)
+    if diagonal:
+        causal = torch.ones(size, size, dtype=torch.bool, device=segment.device).tril()
+        allowed &= causal
+        if torch.equal(allowed, causal):
+            return None
+    elif bool(allowed.all()):
+        return None
+    if not bool(allowed.any()):
+        return _SKIP
+    mask = torch.zeros(size, size, dtype=dtype, device=segment.device)
+    return mask.masked_fill(~allowed, float("-inf")), allowed.any(dim=1)
+
+
+def _block(queries, keys, values, masking, diagonal: bool, rep: int, scale: float):
+    """One block through the CPU flash kernel: (out [b, ng, rep * C, hn], lse [b, ng, rep * C])
+    with ``lse`` -inf for queries that see none of its keys (the kernel reports 0 there)."""
+    b, heads, size, hn = queries.shape
+    groups = heads // rep
+    mask, visible = (None, None) if masking is None else masking
+    if diagonal:
+        keys, values = (t.repeat_interleave(rep, dim=1) for t in (keys, values))
+        out, lse = _flash_cpu(queries, keys, values, 0.0, mask is None, attn_mask=mask,
+                              scale=scale)
+        out, lse = out.reshape(b, groups, rep * size, hn), lse.reshape(b, groups, rep * size)
+    else:
+        out, lse = _flash_cpu(queries.reshape(b, groups, rep * size, hn), keys, values, 0.0,
+                              False, attn_mask=None if mask is None else mask.repeat(rep, 1),
+                              scale=scale)
+    if visible is not None:
+        lse = torch.where(visible.repeat(rep), lse, float("-inf"))
+    return out, lse
 
 
 class _ChunkedCausal(torch.autograd.Function):
     """q [b, ng * rep, n * C, hn] (n query chunks of C positions), k and v [b, ng, m * C, hn]
-    (m key chunks); ``query_chunks`` / ``key_chunks``: each chunk's index in the row.
+    (m key chunks); ``query_chunks`` / ``key_chunks``: each chunk's index in the row;
+    ``segment`` [m * C]: a packed row's segment id at each row position (None: one sequence).
     Returns [b, ng * rep, n * C, hn]."""
 
     @staticmethod
     def forward(ctx, q, k, v, query_chunks: tuple[int, ...], key_chunks: tuple[int, ...],
-                scale: float):
+                scale: float, segment: torch.Tensor | None):
         b, heads, _, hn = q.shape
         groups, size = k.shape[1], k.shape[2] // len(key_chunks)
         rep = heads // groups
         outs, lses = [], []
         for i, chunk in enumerate(query_chunks):
             queries = q[:, :, i * size:(i + 1) * size]
-            stacked = queries.reshape(b, groups, rep * size, hn)
             out = lse = None
             for j, diagonal in _blocks(chunk, key_chunks):
-                keys, values = (t[:, :, j * size:(j + 1) * size] for t in (k, v))
-                if diagonal:
-                    keys, values = (t.repeat_interleave(rep, dim=1) for t in (keys, values))
-                    part, part_lse = _flash_cpu(queries, keys, values, 0.0, True, scale=scale)
-                    part = part.reshape(b, groups, rep * size, hn)
-                    part_lse = part_lse.reshape(b, groups, rep * size)
-                else:
-                    part, part_lse = _flash_cpu(stacked, keys, values, 0.0, False, scale=scale)
+                masking = _block_mask(segment, chunk, key_chunks[j], size, diagonal, q.dtype)
+                if masking is _SKIP:
+                    continue
+                cols = slice(j * size, (j + 1) * size)
+                part, part_lse = _block(queries, k[:, :, cols], v[:, :, cols], masking,
+                                        diagonal, rep, scale)
                 if out is None:
                     out, lse = part.float(), part_lse
                     continue
@@ -192,13 +243,13 @@ class _ChunkedCausal(torch.autograd.Function):
             outs.append(out.to(q.dtype).reshape(b, heads, size, hn))
             lses.append(lse.reshape(b, heads, size))
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, segment)
         ctx.chunks, ctx.scale = (query_chunks, key_chunks), scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out_all, lse_all = ctx.saved_tensors
+        q, k, v, out_all, lse_all, segment = ctx.saved_tensors
         query_chunks, key_chunks = ctx.chunks
         b, heads, _, hn = q.shape
         groups, size = k.shape[1], k.shape[2] // len(key_chunks)
@@ -215,37 +266,47 @@ class _ChunkedCausal(torch.autograd.Function):
             grad_q = torch.zeros(b, groups, rep * size, hn, dtype=torch.float32,
                                  device=q.device)
             for j, diagonal in _blocks(chunk, key_chunks):
+                masking = _block_mask(segment, chunk, key_chunks[j], size, diagonal, q.dtype)
+                if masking is _SKIP:
+                    continue
+                mask = None if masking is None else masking[0]
                 cols = slice(j * size, (j + 1) * size)
                 if diagonal:
                     keys, values = (t[:, :, cols].repeat_interleave(rep, dim=1) for t in (k, v))
                     gq, gk, gv = _flash_cpu_backward(
                         upstream.reshape(b, heads, size, hn), queries, keys, values,
-                        out.reshape(b, heads, size, hn), lse.reshape(b, heads, size), 0.0, True,
-                        scale=ctx.scale)
+                        out.reshape(b, heads, size, hn), lse.reshape(b, heads, size), 0.0,
+                        mask is None, attn_mask=mask, scale=ctx.scale)
                     gq = gq.reshape(b, groups, rep * size, hn)
                     gk, gv = (t.reshape(b, groups, rep, size, hn).sum(2) for t in (gk, gv))
                 else:
                     gq, gk, gv = _flash_cpu_backward(
                         upstream, queries.reshape(b, groups, rep * size, hn), k[:, :, cols],
-                        v[:, :, cols], out, lse, 0.0, False, scale=ctx.scale)
+                        v[:, :, cols], out, lse, 0.0, False,
+                        attn_mask=None if mask is None else mask.repeat(rep, 1), scale=ctx.scale)
                 grad_q += gq
                 dk[:, :, cols] += gk
                 dv[:, :, cols] += gv
             dq[:, :, rows] = grad_q.reshape(b, heads, size, hn)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             query_at: torch.Tensor, key_at: torch.Tensor, scale: float
-                             ) -> torch.Tensor:
-    """Causal attention of this CP rank's queries, with no mask tensor (CPU).
+                             query_at: torch.Tensor, key_at: torch.Tensor, scale: float,
+                             cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of this CP rank's queries, with no [s/CP, s] mask (CPU).
 
     q [b, np, s/CP, hn] at row positions ``query_at`` (two chunks of Megatron's split); k, v
     [b, ng, s, hn] (ng query groups, np = ng * rep; not repeated) gathered in rank order, at row
-    positions ``key_at``. Returns [b, np, s/CP, hn] = softmax(q k^T * scale, keys at or before
+    positions ``key_at``. ``cu_seqlens``: a packed row's segment starts and end (each query
+    sees only its own segment: the blocks two segments share get a [C, C] mask, the others
+    none or are skipped). Returns [b, np, s/CP, hn] = softmax(q k^T * scale, keys at or before
     each query) v.
     """
     size = q.shape[2] // 2
     query_chunks = tuple((query_at[::size] // size).tolist())
     key_chunks = tuple((key_at[::size] // size).tolist())
-    return _ChunkedCausal.apply(q, k, v, query_chunks, key_chunks, scale)
+    segment = None if cu_seqlens is None else torch.repeat_interleave(
+        torch.arange(len(cu_seqlens) - 1, device=q.device), cu_seqlens.diff().long().to(q.device),
+        output_size=key_at.shape[0])
+    return _ChunkedCausal.apply(q, k, v, query_chunks, key_chunks, scale, segment)
