@@ -14,7 +14,8 @@
 # MODEL=tiny runs the embedded tiny default on CPU with two gloo processes (DP=2; TP=2 also
 # works) and needs nothing else:  MODEL=tiny bash examples/train_simpo_llama3.sh
 #
-# Variables: RECIPE, CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, MICRO_BATCH_SIZE,
+# Variables: RECIPE, CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, CP (context
+# parallelism: long pairs, docs/context-parallel.md), MICRO_BATCH_SIZE,
 # GLOBAL_BATCH_SIZE, NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the
 # GPU recipe also TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by
 # default when TP > 1) and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra
@@ -50,6 +51,7 @@ case "$MODEL" in
       --data-cache-dir "$ASSETS/data-cache"
       --tensor-model-parallel-size "${TP:-1}"
       --pipeline-model-parallel-size "${PP:-1}"
+      --context-parallel-size "${CP:-1}"
       --seq-length 64 --max-prompt-length 48
       --micro-batch-size "${MICRO_BATCH_SIZE:-16}" --global-batch-size "${GLOBAL_BATCH_SIZE:-32}"
       --train-iters "${TRAIN_ITERS:-500}"
@@ -71,6 +73,7 @@ case "$MODEL" in
       --transformer-impl "${TRANSFORMER_IMPL:-transformer_engine}"
       --tensor-model-parallel-size "$TP"
       --pipeline-model-parallel-size "${PP:-1}"
+      --context-parallel-size "${CP:-1}"
       --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
       --eval-interval 100 --log-interval 1
       --save "$SAVE" --save-interval 200

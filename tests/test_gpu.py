@@ -212,7 +212,7 @@ def _te_packed_logps(rank, hf_state, hf_config, tmp_dir):
     pairs, used = _gpu_pairs(config.vocab_size)
     length = -(-used // 64) * 64
     padded = collate_pairs(pairs, SEQ).to(torch.device("cuda"))
-    thd = collate_packed(pairs, length, attention_mask=False).to(torch.device("cuda"))
+    thd = collate_packed(pairs, length, thd=True).to(torch.device("cuda"))
     masked = collate_packed(pairs, length).to(torch.device("cuda"))
     te = _build(hf_state, config, parallel, "transformer_engine", torch.bfloat16, tmp_dir).eval()
     local = _build(hf_state, config, parallel, "local", torch.bfloat16).eval()

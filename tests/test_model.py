@@ -127,9 +127,11 @@ def _packed_worker(rank, hf_config, hf_state, sequences):
     pair = TokenizedPair(sequences[0][:1], sequences[0][1:], sequences[1][1:])
     length = len(sequences[0]) + len(sequences[1]) - 2 + 5
     batch = collate_packed([pair], length)
+    from megatron_simpo.model.attention import segment_causal_mask
+
     with torch.no_grad():
         masked = model(input_ids=batch.tokens, position_ids=batch.position_ids,
-                       attention_mask=batch.attention_mask)
+                       attention_mask=segment_causal_mask(batch.cu_seqlens, length))
         segments = _forward(batch, model)  # the step's way: segments, no mask tensor
     return ([logits[0, :, :config.vocab_size] for logits in (masked, segments)],
             batch.cu_seqlens.tolist())

@@ -55,9 +55,12 @@ class PreferenceBatch:
     """Packed only: [segments + 1] int32 segment starts in the row (the 2n sequences, then the
     padding tail if any), as Transformer Engine's THD layout takes them."""
     attention_mask: torch.Tensor | None = None
-    """Packed for the local layer spec: [1, 1, s, s] bool, True where a position may NOT attend
-    (another sequence, or the future): block-diagonal causal. Shared-prompt rows: [b, 1, s, s],
-    ``shared_rows.shared_mask``."""
+    """Shared-prompt rows only: [b, 1, s, s] bool, True where a position may NOT attend
+    (``shared_rows.shared_mask``). Packed rows carry no mask: their segments (``cu_seqlens``)
+    say it all, and the attention builds from them what it needs."""
+    thd: bool = False
+    """Packed only: the row is for Transformer Engine's THD layout; else (the local layer spec)
+    its segments go to the attention in sbhd layout."""
     packed_pairs: int = 0
     """Packed or shared-prompt rows: the number of pairs in the batch."""
     longest_segment: int = 0
@@ -170,12 +173,14 @@ def collate_pairs(pairs: Sequence[TokenizedPair], seq_length: int, pad_id: int =
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0, *,
-                   attention_mask: bool = True) -> PreferenceBatch:
+                   thd: bool = False) -> PreferenceBatch:
     """Lay out pairs back to back in ONE row of ``length`` positions: chosen 0, rejected 0,
     chosen 1, ... then padding. Position ids restart at 0 for every sequence.
 
-    ``attention_mask`` builds the explicit block-diagonal causal mask the local layer spec uses;
-    without it the row is for Transformer Engine's THD layout (``cu_seqlens`` alone).
+    Each sequence attends causally to itself: the segments (``cu_seqlens``) describe the
+    block-diagonal mask, which is never built here ([s, s] per micro-batch, copied to the
+    device). ``thd``: the row is for Transformer Engine's THD layout, else for the local layer
+    spec's attention (segments in sbhd layout).
     """
     tokens = torch.full((1, length), pad_id, dtype=torch.long)
     labels = torch.full((1, length), pad_id, dtype=torch.long)
@@ -200,15 +205,8 @@ def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0,
         position_ids[0, at:] = torch.arange(length - at)
         starts.append(length)
     cu_seqlens = torch.tensor(starts, dtype=torch.int32)
-    mask = None
-    if attention_mask:
-        segment = torch.repeat_interleave(torch.arange(len(starts) - 1),
-                                          cu_seqlens.diff().long())
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        mask = ~(causal & (segment.unsqueeze(0) == segment.unsqueeze(1)))
-        mask = mask.view(1, 1, length, length)
     return PreferenceBatch(tokens, labels, loss_mask, position_ids, None, sequence_ids,
-                           cu_seqlens, mask, packed_pairs=len(pairs),
+                           cu_seqlens, thd=thd, packed_pairs=len(pairs),
                            longest_segment=int(cu_seqlens.diff().max()))
 
 
@@ -220,15 +218,15 @@ def collate_shared(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0,
 
 
 def collate_microbatch(pairs: Sequence[TokenizedPair], microbatch, pad_id: int = 0, *,
-                       attention_mask: bool = True) -> PreferenceBatch:
+                       thd: bool = False) -> PreferenceBatch:
     """The pairs ``microbatch`` (a ``batching.Microbatch``) names, taken from ``pairs``: padded
-    rows of its length, or its packed row (``attention_mask`` as in ``collate_packed``), as
+    rows of its length, or its packed row (``thd`` as in ``collate_packed``), as
     shared-prompt rows if it says so (always with their explicit mask)."""
     chosen = [pairs[i] for i in microbatch.pairs]
     if microbatch.shared:
         return collate_shared(chosen, microbatch.length, pad_id, packed=microbatch.packed)
     if microbatch.packed:
-        return collate_packed(chosen, microbatch.length, pad_id, attention_mask=attention_mask)
+        return collate_packed(chosen, microbatch.length, pad_id, thd=thd)
     return collate_pairs(chosen, microbatch.length, pad_id)
 
 

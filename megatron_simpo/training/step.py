@@ -168,10 +168,10 @@ def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
         return model(input_ids=batch.tokens, position_ids=None, attention_mask=None)
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    # Without a mask the row is for Transformer Engine (THD); the local spec's attention takes
-    # the segments in sbhd layout (variable-length flash attention on GPUs, else their mask).
+    # A THD row is for Transformer Engine; the local spec's attention takes the segments in
+    # sbhd layout (variable-length flash attention or FlexAttention on GPUs, else their mask).
     packed_seq_params = PackedSeqParams(
-        qkv_format="thd" if batch.attention_mask is None else "sbhd",
+        qkv_format="thd" if batch.thd else "sbhd",
         cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
         max_seqlen_q=batch.longest_segment, max_seqlen_kv=batch.longest_segment)
     return model(input_ids=batch.tokens, position_ids=batch.position_ids, attention_mask=None,

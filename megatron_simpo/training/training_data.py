@@ -105,11 +105,11 @@ class TrainingData:
 
     def collate(self, pairs: list[TokenizedPair], microbatch: Microbatch, config: TrainConfig,
                 device, reference: torch.Tensor | None) -> PreferenceBatch:
-        """One micro-batch as tensors on ``device``; packed rows carry a block-diagonal mask
-        for the local layer spec and THD segments for Transformer Engine. ``reference``:
+        """One micro-batch as tensors on ``device``; packed rows carry their segments, in sbhd
+        layout for the local layer spec and THD for Transformer Engine. ``reference``:
         [n_pairs_of_the_set, 2] summed reference log-probs, or None."""
         batch = collate_microbatch(pairs, microbatch, self.pad_id,
-                                   attention_mask=config.transformer_impl == "local")
+                                   thd=config.transformer_impl != "local")
         if reference is not None:  # fp32, as the reference pass computes them
             # [n, 2] (chosen, rejected) -> [2n] in the batch's row order (chosen, rejected, ...)
             batch = batch.with_reference(reference[list(microbatch.pairs)].reshape(-1).float())

@@ -1,12 +1,12 @@
 """Context parallelism: peak memory per rank of one SimPO step, CP1 (one rank) vs CP2 (two).
 
-One pair per step, both rows of ``tokens / 2`` positions (half prompt, half response), on a
-tiny model; each measurement in fresh worker processes (peak RSS on CPU is per process). The
+One pair per step, both rows of ``tokens / 2`` positions (half prompt, half response), or with
+``--packed`` one packed row of both (two segments), on a tiny model; each measurement in fresh worker processes (peak RSS on CPU is per process). The
 peak is taken above the resident size after the model, gradients and optimizer state exist, so
 it is what the step's activations, masks and gathered keys/values cost. Then, for each CP
 size, the longest measured pair whose per-rank peak fits the budget of CP1 at ``--budget-at``.
 
-  python -m tools.bench context_parallel --lengths 4096 8192 16384
+  python -m tools.bench context_parallel --lengths 4096 8192 16384 [--packed]
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class Options:
     """The memory budget: CP1's peak at this many tokens per pair."""
     chunk: int = 256
     """Memory-lean log-prob chunk (tokens)."""
+    packed: bool = False
+    """Lay the pair out as one packed row (--pack-sequences: two segments, restarting
+    positions) instead of two padded rows."""
     output: str | None = None
     """Write the JSON report here."""
 
@@ -37,11 +40,11 @@ class Options:
 COMMAND = command("context_parallel", __doc__, options=Options)
 
 
-def one_step(rank, cp: int, tokens: int, chunk: int) -> dict:
+def one_step(rank, cp: int, tokens: int, chunk: int, packed: bool = False) -> dict:
     """Peak memory of one SimPO step on this rank above the built model's resident size."""
     import torch
 
-    from megatron_simpo.data.collate import TokenizedPair, collate_pairs
+    from megatron_simpo.data.collate import TokenizedPair, collate_packed, collate_pairs
     from megatron_simpo.distributed import runtime
     from megatron_simpo.distributed.parallel import ParallelConfig
     from megatron_simpo.model.architecture import ModelConfig
@@ -59,7 +62,8 @@ def one_step(rank, cp: int, tokens: int, chunk: int) -> dict:
     half = row // 2
     pair = TokenizedPair(*(torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
                            for n in (half, row - half + 1, row - half + 1)))
-    batch = collate_pairs([pair], row).to(env.device)
+    batch = (collate_packed([pair], 2 * row) if packed else collate_pairs([pair], row)
+             ).to(env.device)
     start, peak = peak_tracker()
     base = start()
     result = train_step([parts.model], parts.optimizer, [batch], LossConfig(), head=parts.head)
@@ -73,7 +77,8 @@ def main(argv=None) -> None:
     rows = {}
     for cp, lengths in ((1, options.lengths), (2, (*options.lengths, *options.extra_cp2_lengths))):
         for tokens in lengths:
-            per_rank = run_on_ranks(cp, one_step, cp, tokens, options.chunk, timeout=3600)
+            per_rank = run_on_ranks(cp, one_step, cp, tokens, options.chunk, options.packed,
+                                    timeout=3600)
             rows[(cp, tokens)] = {"peak_bytes": max(r["peak_bytes"] for r in per_rank),
                                   "loss": per_rank[0]["loss"]}
             print(f"CP{cp} {tokens:>6} tokens/pair: peak per rank "
@@ -86,7 +91,7 @@ def main(argv=None) -> None:
           f"that fits: CP1 {longest[1]}, CP2 {longest[2]} tokens")
     report = report_header()
     report["context_parallel"] = {
-        "device": device_name(), "model": TINY,
+        "device": device_name(), "model": TINY, "packed": options.packed,
         "steps": [{"cp": cp, "tokens_per_pair": t, **r} for (cp, t), r in rows.items()],
         "budget_bytes": budget, "longest_fitting": {f"cp{cp}": v for cp, v in longest.items()}}
     write_report(options.output, report)
