@@ -90,6 +90,12 @@ def segment_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     return context_parallel_mask(None, cu_seqlens, positions, positions)
 
 
+def _row_positions(sq: int, sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row positions of sq queries and sk keys without context parallelism: the queries are
+    the last sq of the sk keys' 0 .. sk-1."""
+    return torch.arange(sk - sq, sk, device=device), torch.arange(sk, device=device)
+
+
 def uses_varlen(query: torch.Tensor) -> bool:
     """Whether packed rows of this query go through variable-length flash attention."""
     return (varlen_attn is not None and query.is_cuda
@@ -217,8 +223,7 @@ class SDPAttention(DotProductAttention):
         with no dense mask; under context parallelism at the rank's query positions and the
         gathered keys'. query [sq, b, np, hn], key/value [sk, b, ng, hn]; [sq, b, hp]."""
         sq, sk, device = query.shape[0], key.shape[0], query.device
-        query_at, key_at = positions or (torch.arange(sk - sq, sk, device=device),
-                                         torch.arange(sk, device=device))
+        query_at, key_at = positions or _row_positions(sq, sk, device)
         cu = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
         block = forward_cache.per_forward(
             forward_cache.CAUSAL if cu is None else cu, ("layout", self.window, sq, sk, device),
@@ -250,8 +255,7 @@ class SDPAttention(DotProductAttention):
                 sk - sq + 1).view(1, 1, sq, sk)
         if self.window is None:
             return attention_mask
-        query_at, key_at = positions or (torch.arange(sq, device=device) + (sk - sq),
-                                         torch.arange(sk, device=device))
+        query_at, key_at = positions or _row_positions(sq, sk, device)
         distance = query_at.unsqueeze(1) - key_at.unsqueeze(0)
         return attention_mask | (distance > self.window).view(1, 1, sq, sk)
 

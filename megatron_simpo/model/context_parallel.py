@@ -103,6 +103,13 @@ def shared_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | 
         masked.shape, dtype=dtype, device=masked.device).masked_fill(masked, float("-inf")))
 
 
+def segment_ids(cu_seqlens: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """[length] the segment of each position of a packed row whose segment starts and end are
+    ``cu_seqlens`` (0 for the first segment, 1 for the next, ...)."""
+    return torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device),
+                                   cu_seqlens.diff().long().to(device), output_size=length)
+
+
 def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                           query_at: torch.Tensor, key_at: torch.Tensor) -> torch.Tensor:
     """[b or 1, 1, sq, sk] bool, True where a query may NOT attend: the whole row's mask at the
@@ -118,9 +125,7 @@ def context_parallel_mask(attention_mask: torch.Tensor | None, cu_seqlens: torch
         return attention_mask[..., query_at, :][..., key_at]
     masked = key_at.unsqueeze(0) > query_at.unsqueeze(1)
     if cu_seqlens is not None:
-        segment = torch.repeat_interleave(
-            torch.arange(len(cu_seqlens) - 1, device=key_at.device),
-            cu_seqlens.diff().long().to(key_at.device), output_size=length)
+        segment = segment_ids(cu_seqlens, length, key_at.device)
         masked = masked | (segment[query_at].unsqueeze(1) != segment[key_at].unsqueeze(0))
     return masked.view(1, 1, *masked.shape)
 
@@ -190,6 +195,16 @@ def _block_mask(segment: torch.Tensor | None, query_chunk: int, key_chunk: int, 
     return mask.masked_fill(~allowed, float("-inf")), allowed.any(dim=1)
 
 
+def _visible_blocks(query_chunk: int, key_chunks: tuple[int, ...], size: int,
+                    segment: torch.Tensor | None, dtype: torch.dtype):
+    """(key columns in gathered order, diagonal?, ``_block_mask``) of each block a query chunk
+    attends, the diagonal first; blocks none of its queries see are left out."""
+    for j, diagonal in _blocks(query_chunk, key_chunks):
+        masking = _block_mask(segment, query_chunk, key_chunks[j], size, diagonal, dtype)
+        if masking is not _SKIP:
+            yield slice(j * size, (j + 1) * size), diagonal, masking
+
+
 def _block(queries, keys, values, masking, diagonal: bool, rep: int, scale: float):
     """One block through the CPU flash kernel: (out [b, ng, rep * C, hn], lse [b, ng, rep * C])
     with ``lse`` -inf for queries that see none of its keys (the kernel reports 0 there)."""
@@ -210,6 +225,27 @@ def _block(queries, keys, values, masking, diagonal: bool, rep: int, scale: floa
     return out, lse
 
 
+def _block_backward(upstream, queries, keys, values, out, lse, masking, diagonal: bool,
+                    rep: int, scale: float):
+    """:func:`_block`'s backward, given the MERGED ``out`` [b, ng, rep * C, hn] and ``lse``
+    [b, ng, rep * C] and their gradient ``upstream`` (same layout as ``out``): the block's
+    query gradient [b, ng, rep * C, hn] and key/value gradients [b, ng, C, hn]."""
+    b, heads, size, hn = queries.shape
+    groups = heads // rep
+    mask = None if masking is None else masking[0]
+    if diagonal:
+        keys, values = (t.repeat_interleave(rep, dim=1) for t in (keys, values))
+        gq, gk, gv = _flash_cpu_backward(
+            upstream.reshape(b, heads, size, hn), queries, keys, values,
+            out.reshape(b, heads, size, hn), lse.reshape(b, heads, size), 0.0, mask is None,
+            attn_mask=mask, scale=scale)
+        return (gq.reshape(b, groups, rep * size, hn),
+                *(t.reshape(b, groups, rep, size, hn).sum(2) for t in (gk, gv)))
+    return _flash_cpu_backward(
+        upstream, queries.reshape(b, groups, rep * size, hn), keys, values, out, lse, 0.0, False,
+        attn_mask=None if mask is None else mask.repeat(rep, 1), scale=scale)
+
+
 class _ChunkedCausal(torch.autograd.Function):
     """q [b, ng * rep, n * C, hn] (n query chunks of C positions), k and v [b, ng, m * C, hn]
     (m key chunks); ``query_chunks`` / ``key_chunks``: each chunk's index in the row;
@@ -226,11 +262,8 @@ class _ChunkedCausal(torch.autograd.Function):
         for i, chunk in enumerate(query_chunks):
             queries = q[:, :, i * size:(i + 1) * size]
             out = lse = None
-            for j, diagonal in _blocks(chunk, key_chunks):
-                masking = _block_mask(segment, chunk, key_chunks[j], size, diagonal, q.dtype)
-                if masking is _SKIP:
-                    continue
-                cols = slice(j * size, (j + 1) * size)
+            for cols, diagonal, masking in _visible_blocks(chunk, key_chunks, size, segment,
+                                                           q.dtype):
                 part, part_lse = _block(queries, k[:, :, cols], v[:, :, cols], masking,
                                         diagonal, rep, scale)
                 if out is None:
@@ -265,25 +298,10 @@ class _ChunkedCausal(torch.autograd.Function):
             upstream = grad[:, :, rows].reshape(b, groups, rep * size, hn)
             grad_q = torch.zeros(b, groups, rep * size, hn, dtype=torch.float32,
                                  device=q.device)
-            for j, diagonal in _blocks(chunk, key_chunks):
-                masking = _block_mask(segment, chunk, key_chunks[j], size, diagonal, q.dtype)
-                if masking is _SKIP:
-                    continue
-                mask = None if masking is None else masking[0]
-                cols = slice(j * size, (j + 1) * size)
-                if diagonal:
-                    keys, values = (t[:, :, cols].repeat_interleave(rep, dim=1) for t in (k, v))
-                    gq, gk, gv = _flash_cpu_backward(
-                        upstream.reshape(b, heads, size, hn), queries, keys, values,
-                        out.reshape(b, heads, size, hn), lse.reshape(b, heads, size), 0.0,
-                        mask is None, attn_mask=mask, scale=ctx.scale)
-                    gq = gq.reshape(b, groups, rep * size, hn)
-                    gk, gv = (t.reshape(b, groups, rep, size, hn).sum(2) for t in (gk, gv))
-                else:
-                    gq, gk, gv = _flash_cpu_backward(
-                        upstream, queries.reshape(b, groups, rep * size, hn), k[:, :, cols],
-                        v[:, :, cols], out, lse, 0.0, False,
-                        attn_mask=None if mask is None else mask.repeat(rep, 1), scale=ctx.scale)
+            for cols, diagonal, masking in _visible_blocks(chunk, key_chunks, size, segment,
+                                                           q.dtype):
+                gq, gk, gv = _block_backward(upstream, queries, k[:, :, cols], v[:, :, cols],
+                                             out, lse, masking, diagonal, rep, ctx.scale)
                 grad_q += gq
                 dk[:, :, cols] += gk
                 dv[:, :, cols] += gv
@@ -306,7 +324,6 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     size = q.shape[2] // 2
     query_chunks = tuple((query_at[::size] // size).tolist())
     key_chunks = tuple((key_at[::size] // size).tolist())
-    segment = None if cu_seqlens is None else torch.repeat_interleave(
-        torch.arange(len(cu_seqlens) - 1, device=q.device), cu_seqlens.diff().long().to(q.device),
-        output_size=key_at.shape[0])
+    segment = (None if cu_seqlens is None else
+               segment_ids(cu_seqlens, key_at.shape[0], q.device))
     return _ChunkedCausal.apply(q, k, v, query_chunks, key_chunks, scale, segment)

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from megatron_simpo.model.context_parallel import segment_ids
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # PyTorch < 2.5
@@ -85,10 +87,8 @@ def layout_block_mask(query_at: torch.Tensor, key_at: torch.Tensor,
     ``query_at`` [sq] / ``key_at`` [sk]: the row positions of the queries and keys (a context-
     parallel rank's chunks, the gathered keys; else the last sq of 0..sk-1 and 0..sk-1)."""
     query_segment = key_segment = None
-    if cu_seqlens is not None:
-        segment = torch.repeat_interleave(  # key_at spans the whole row
-            torch.arange(len(cu_seqlens) - 1, device=key_at.device),
-            cu_seqlens.diff().long().to(key_at.device), output_size=key_at.shape[0])
+    if cu_seqlens is not None:  # key_at spans the whole row
+        segment = segment_ids(cu_seqlens, key_at.shape[0], key_at.device)
         query_segment, key_segment = segment[query_at], segment[key_at]
 
     def mask_mod(b, h, q, kv):

@@ -42,16 +42,20 @@ class MoESettings:
             raise ValueError("--moe-aux-loss-coeff trains the router; it cannot be frozen "
                              "(--freeze-moe-router)")
 
-    def check_model(self, model: ModelConfig) -> None:
-        """Refuse router settings for a model without experts, naming the flag."""
-        if model.is_moe:
-            return
-        given = [flag for flag, value in (
+    def _given(self) -> list[str]:
+        """The router flags set away from their defaults, in flag order."""
+        return [flag for flag, value in (
             ("--moe-aux-loss-coeff", self.moe_aux_loss_coeff > 0),
             ("--moe-router-dtype", self.moe_router_dtype != "fp32"),
             ("--freeze-moe-router", self.freeze_moe_router),
             ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor is not None))
             if value]
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse router settings for a model without experts, naming the flag."""
+        if model.is_moe:
+            return
+        given = self._given()
         if given:
             raise ValueError(f"{', '.join(given)}: {model.architecture} has no experts")
 
@@ -61,10 +65,8 @@ class MoESettings:
         what counts tokens is not, so the load-balancing loss and token dropping are refused."""
         if not model.is_moe:
             return
-        given = [flag for flag, value in (
-            ("--moe-aux-loss-coeff", self.moe_aux_loss_coeff > 0),
-            ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor is not None))
-            if value]
+        given = [flag for flag in self._given()
+                 if flag in ("--moe-aux-loss-coeff", "--moe-expert-capacity-factor")]
         if given:
             raise ValueError(f"--share-prompt with {' and '.join(given)}: shared rows route each "
                              "prompt token once instead of twice, which changes what the "
