@@ -1,11 +1,13 @@
 # Two entry points: `make demo` and `make test`. Both set up .venv first.
 # On a CPU machine the venv gets the pinned CPU wheel of torch (an unpinned torch would pull a
-# multi-GB CUDA build). Inside an NGC container (torch already importable by the system python)
+# multi-GB CUDA build): from pip's configured sources if they hold it, else from PyTorch's CPU
+# index (PyPI itself has only the CUDA build of Linux torch). Inside an NGC container (torch already importable by the system python)
 # the venv sees the container's packages and keeps its torch, megatron-core, TE and Apex.
 PYTHON ?= python3
 VENV ?= .venv
 VENV_PY := $(VENV)/bin/python
-TORCH_CPU_PIN ?= torch==2.13.0
+TORCH_CPU_PIN ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo demo-onpolicy clean
@@ -23,7 +25,8 @@ $(VENV)/.installed: setup.py
 	  echo "[setup] CPU environment: $(TORCH_CPU_PIN) + megatron-core"; \
 	  $(PYTHON) -m venv $(VENV) && \
 	  $(VENV_PY) -m pip install -q --upgrade pip && \
-	  $(VENV_PY) -m pip install -q "$(TORCH_CPU_PIN)" && \
+	  { $(VENV_PY) -m pip install -q "$(TORCH_CPU_PIN)" 2>/dev/null || \
+	    $(VENV_PY) -m pip install -q --index-url "$(TORCH_CPU_INDEX)" "$(TORCH_CPU_PIN)"; } && \
 	  $(VENV_PY) -m pip install -q -e ".[test,eval-test]"; \
 	fi
 	touch $@

@@ -58,7 +58,10 @@ def test_every_flag_shows_its_dataclass_default_and_docstring():
             assert action.option_strings[0] == section.flag(name)
             assert docs[name] and action.help.startswith(docs[name]), (section.cls, name)
             default = fields[name].default
-            if default not in (None, False, dataclasses.MISSING):
+            if default is True and action.option_strings[0].startswith("--no-"):
+                # the help speaks of the field: the flag's effect is said, not "True"
+                assert action.help.endswith("(default: on; this flag turns it off)"), name
+            elif default not in (None, False, dataclasses.MISSING):
                 assert action.help.endswith(f"(default: {default})"), (name, action.help)
     help_text = parser.format_help()
     for flag in ("--tensor-model-parallel-size", "--micro-batch-size", "--global-batch-size",
@@ -171,7 +174,10 @@ def test_every_command_shows_its_dataclass_defaults_and_docstrings(prog):
             action = actions[section.dest(name)]
             assert docs[name] and action.help.startswith(docs[name]), (section.cls, name)
             default = fields[name].default
-            if default not in (None, False, dataclasses.MISSING):
+            if default is True and action.option_strings[0].startswith("--no-"):
+                # the help speaks of the field: the flag's effect is said, not "True"
+                assert action.help.endswith("(default: on; this flag turns it off)"), name
+            elif default not in (None, False, dataclasses.MISSING):
                 assert action.help.endswith(f"(default: {default})"), (name, action.help)
     help_text = parser.format_help()
     for flag in _FLAGS[prog]:

@@ -466,7 +466,7 @@ def test_token_ids_are_checked_against_the_vocabulary(data, tmp_path):
     size = len(tokenizer)
     with pytest.raises(DataError, match=rf"^tokenizer {data}/tokenizer has {size} tokens, more "
                                         rf"than the model's vocabulary \({size - 1}\); give the "
-                                        r"model's own tokenizer \(--tokenizer-path\)$"):
+                                        r"model's own tokenizer \(--tokenizer\)$"):
         prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size - 1)
     first = prepare_data(config, tokenizer, data / "tokenizer", seed=5, vocab_size=size)
     folder, expected = _entry(first.messages), _as_lists(first.train)

@@ -108,8 +108,9 @@ class Section:
             if kind is bool:
                 # A flag switches the dataclass default: --x sets True, --no-x sets False.
                 value = not flags[0].startswith("--no-")
-                if spec.default is True:
-                    text = f"{text} (default: True)" if text else "(default: True)"
+                if spec.default is True:  # the help speaks of the field; say what the flag does
+                    note = "(default: on; this flag turns it off)" if not value else "(default: True)"
+                    text = f"{text} {note}" if text else note
                 group.add_argument(*flags, action="store_const", const=value,
                                    help=text, **options)
                 continue

@@ -184,7 +184,7 @@ def load_entry(folder: Path, vocab_size: int) -> PairTable:
     problem = token_id_problem(dataset.data.table, vocab_size)
     if problem:
         raise DataError(f"the data cache entry {folder} holds {problem}; --rebuild-data-cache "
-                        "tokenizes it again (with the run's tokenizer, --tokenizer-path)")
+                        "tokenizes it again (with the run's tokenizer, --tokenizer)")
     return PairTable(dataset.data.table, keep_alive=dataset)
 
 

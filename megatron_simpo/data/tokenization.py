@@ -213,7 +213,7 @@ def check_tokenizer(tokenizer, tokenizer_path, config: DataConfig,
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise DataError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens, more than the "
                         f"model's vocabulary ({vocab_size}); give the model's own tokenizer "
-                        "(--tokenizer-path)")
+                        "(--tokenizer)")
     if config.apply_chat_template and getattr(tokenizer, "chat_template", None) is not None:
         return system_role_note(tokenizer, tokenizer_path)
     if config.apply_chat_template:
