@@ -165,3 +165,33 @@ def test_skipped_analyses_are_named_with_the_reason(tmp_path, capsys):
         "--eval-dump in this run)"]
     assert json.loads((run / "analysis" / "summary.json").read_text())["skipped"][1].startswith(
         "margin distribution")
+
+
+def test_what_cannot_be_analysed_or_written_is_one_line_before_any_work(tmp_path, capsys):
+    """A --reference that is not there, a metrics.jsonl without rows, an --output that is a file
+    or under one: one line naming it, exit code 2, nothing written."""
+    run = _fake_run(tmp_path / "run")
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        ([str(run), "--reference", str(tmp_path / "nope.jsonl")],
+         f"--reference {tmp_path / 'nope.jsonl'} does not exist"),
+        ([str(run), "--output", str(tmp_path / "a-file")],
+         f"--output {tmp_path / 'a-file'} is a file, not a folder"),
+        ([str(run), "--output", str(tmp_path / "a-file" / "analysis")],
+         f"--output {tmp_path / 'a-file' / 'analysis'} cannot be written (Not a directory: "),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"analyze_run: error: {expected}"), line
+    assert not (run / "analysis").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit):
+        main([str(empty)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"analyze_run: error: {empty / 'metrics.jsonl'} has no rows: the run logged "
+                    "nothing yet")

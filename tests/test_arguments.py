@@ -112,6 +112,7 @@ def test_a_bad_flag_is_one_line_from_rank_zero(capsys, monkeypatch, rank, expect
      "goes with --batch-layout sorted"),
     (["--pack-sequences", "--max-tokens-per-microbatch", "4100", "--sequence-parallel",
       "--tensor-model-parallel-size", "8"], "must be a multiple of 8 with --pack-sequences"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
 ])
 def test_batching_flags_refuse_contradictions(paths, flags, message, capsys):
     base = ["--train-data-path", str(paths / "train.jsonl"), "--model-config",

@@ -477,6 +477,34 @@ def test_a_truncated_shard_is_named(converted_llama3, tmp_path, capsys):
     assert f"cannot read checkpoint {damaged / 'iter_0000000'}: shard {shard.name}" in message
 
 
+@pytest.mark.parametrize("damage, expected", [
+    (lambda it: (it / "metadata.json").write_text('{"sharded_backend": "torch'),
+     "metadata.json (damaged: Unterminated string"),
+    (lambda it: (it / "common.pt").write_bytes((it / "common.pt").read_bytes()[:50]),
+     "common.pt (damaged: "),
+    (lambda it: (it / "common.pt").unlink(), "common.pt (missing)"),
+    (lambda it: (it / "model_config.json").write_text('{"num_layers": 2'),
+     "model_config.json (damaged: Expecting "),
+    (lambda it: (it / "model_config.json").unlink(), "model_config.json (missing)"),
+])
+def test_a_damaged_checkpoint_file_is_named(converted_llama3, tmp_path, damage, expected):
+    """What a checkpoint's readers see first (its architecture, its common state): a damaged or
+    missing file is named, as a damaged shard is."""
+    from megatron_simpo.checkpoint.layout import (CheckpointError, read_common_state,
+                                                  read_model_config)
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(converted_llama3, damaged)
+    iteration = damaged / "iter_0000000"
+    if not (iteration / "common.pt").is_file() and "common.pt" in expected:
+        pytest.skip("this megatron-core keeps the common state in the shards")
+    damage(iteration)
+    with pytest.raises(CheckpointError) as error:
+        read_model_config(iteration)
+        read_common_state(iteration)
+    assert str(error.value).startswith(f"cannot read checkpoint {iteration}: {expected}"), error
+
+
 def test_safetensors_are_written_as_tensors_arrive(tmp_path):
     """Each tensor's bytes are on disk, in their place, before the next is asked for (so the
     writer holds one tensor, not a shard); the files are byte for byte safetensors' own."""

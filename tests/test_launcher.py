@@ -262,8 +262,8 @@ def test_launcher_reports_an_error_found_by_the_ranks_in_one_line(demo_assets, t
     assert _one_line(err) == [f"train_simpo: error: {bad}:5: not valid JSON (Expecting value)"]
 
 
-@pytest.mark.parametrize("case", ["save_holds_a_run", "load_is_no_checkpoint",
-                                  "batch_does_not_fit_the_world"])
+@pytest.mark.parametrize("case", ["save_holds_a_run", "save_cannot_be_written",
+                                  "load_is_no_checkpoint", "batch_does_not_fit_the_world"])
 def test_launcher_checks_before_the_ranks_start(case, tmp_path):
     # Mistakes the ranks used to find (one line, then torchrun's report and exit code 1): the
     # launcher's one process finds them first.
@@ -275,6 +275,10 @@ def test_launcher_checks_before_the_ranks_start(case, tmp_path):
     if case == "save_holds_a_run":
         (save / "metrics.jsonl").write_text("{}\n")
         expected = f"--save {save} already holds a run ({save / 'metrics.jsonl'}): resume it"
+    elif case == "save_cannot_be_written":  # (root writes anywhere: a file on the path)
+        (tmp_path / "a-file").write_text("")
+        target = tmp_path / "a-file" / "run"
+        args, expected = ["--save", target], f"--save {target} cannot be written (Not a directory"
     elif case == "load_is_no_checkpoint":
         (tmp_path / "empty").mkdir()
         args, expected = ["--load", tmp_path / "empty"], f"--load {tmp_path / 'empty'}: no checkpoint"

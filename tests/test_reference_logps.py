@@ -103,6 +103,22 @@ def test_reference_logps_go_with_reference_algorithms_only(setup):
             _argv(tiny, train_iters=1, pretrained_checkpoint=sft, reference_logps=logps)))
 
 
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(setup, tmp_path):
+    tiny, sft, _ = setup
+    (tmp_path / "a-file").write_text("")
+    for output, expected in [
+            (tmp_path, f"--output {tmp_path} is a folder: give the file to write"),
+            (tmp_path / "a-file" / "ref.pt", f"--output {tmp_path / 'a-file' / 'ref.pt'} cannot "
+             f"be written ({tmp_path / 'a-file'} is a file, not a folder)"),
+            (tmp_path / "a-file" / "sub" / "ref.pt", f"--output "
+             f"{tmp_path / 'a-file' / 'sub' / 'ref.pt'} cannot be written (Not a directory: ")]:
+        argv = _argv(tiny, train_iters=1, algorithm="dpo", pretrained_checkpoint=sft,
+                     reference_logps=output)
+        code, out, err = _compute_in_rank(0, argv)  # in this process: no rank is started
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"compute_reference_logps: error: {expected}"), err
+
+
 class _Custom:
     """Pickled by torch.save, refused by torch.load(weights_only=True)."""
 

@@ -668,6 +668,40 @@ def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
     assert line.endswith("the file is damaged: fix or remove that line")
 
 
+def test_a_resume_on_another_objective_is_refused(tiny, tmp_path):
+    """The objective is compared as the loss uses it: a default spelled out is the same
+    objective; another algorithm, beta or margin is refused with each difference named (and
+    what the loss derives from them); checkpoints from before the record are not checked."""
+    import dataclasses
+
+    from megatron_simpo.checkpoint.layout import TrainState
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.resume import (ResumeError, check_resume,
+                                                command_line_schedule, settings_record)
+
+    config = parse_args(_argv(tiny, train_iters=8, load=tmp_path))
+    saved = TrainState(4, 32, None, settings_record(config, 8, command_line_schedule(config, 8)))
+    same = parse_args(_argv(tiny, train_iters=8, load=tmp_path, simpo_beta=2.5,
+                            simpo_gamma_beta_ratio=0.55, length_normalization=True))
+    assert check_resume(same, saved, tmp_path) == []
+    for flags, expected in [
+            (dict(algorithm="cpo"), "--algorithm simpo -> cpo, --beta 2.5 -> 0.1, --simpo-gamma "
+             "1.375 -> 0.0, --sft-weight 0.0 -> 1.0, --length-normalization True -> False"),
+            (dict(beta=5), "--beta 2.5 -> 5.0, --simpo-gamma 1.375 -> 2.75"),
+            (dict(simpo_gamma=1.0, sft_weight=0.5), "--simpo-gamma 1.375 -> 1.0, --sft-weight "
+             "0.0 -> 0.5")]:
+        other = parse_args(_argv(tiny, train_iters=8, load=tmp_path, **flags))
+        with pytest.raises(ResumeError) as error:
+            check_resume(other, saved, tmp_path)
+        assert str(error.value) == (
+            f"--load {tmp_path} contradicts the command line: {expected} (a run optimises one "
+            f"objective: start a new run from the checkpoint with --pretrained-checkpoint "
+            f"{tmp_path})")
+    older = {k: v for k, v in saved.settings.items() if k != "objective"}
+    other = parse_args(_argv(tiny, train_iters=8, load=tmp_path, algorithm="cpo"))
+    assert check_resume(other, dataclasses.replace(saved, settings=older), tmp_path) == []
+
+
 def test_resume_rules_on_the_run_length_in_iterations(tiny, tmp_path):
     """What only the loaded data tells (checked again once it is loaded): --train-epochs over
     other data (--override-data) amounts to another run length; a run length before the

@@ -30,10 +30,12 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               TRACKER_FILE, CheckpointError, TrainState,
                                               check_model_config, checkpoint_assets,
                                               find_checkpoint, iteration_dir, optimizer_metadata,
-                                              read_model_config, read_train_iteration,
+                                              read_common_state, read_model_config,
+                                              read_train_iteration,
                                               read_train_state, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
                                               write_failure_reason, write_tracker)
+from megatron_simpo.checkpoint import optimizer_state
 from megatron_simpo.checkpoint.streaming import TensorSourceError, streaming_strategy
 from megatron_simpo.distributed.runtime import max_over_world
 from megatron_simpo.model.architecture import ModelConfig
@@ -85,83 +87,6 @@ def _layout() -> tuple[tuple[int, ...], tuple[int, ...]]:
         ranks += (ps.get_context_parallel_rank(),)
         sizes += (ps.get_context_parallel_world_size(),)
     return ranks, sizes
-
-
-def _torch_optimizers(optimizer) -> list:
-    """The torch optimizers under a Megatron (possibly chained) optimizer."""
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [inner.optimizer for inner in chained if getattr(inner, "optimizer", None) is not None]
-
-
-def _materialize_adam_state(optimizer) -> None:
-    """Give torch's Adam/AdamW zero state (step 0) before a checkpoint is loaded into it.
-
-    Megatron-Core's loading path reads the optimizer state's structure, including each param's
-    ``step``; its own state initialiser creates only the moments for torch's Adam (used where
-    neither Transformer Engine nor Apex is installed, e.g. on CPU). The values are overwritten
-    by the checkpoint; parameters are not touched.
-    """
-    for inner in _torch_optimizers(optimizer):
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                state.setdefault("step", torch.tensor(0.0))
-                state.setdefault("exp_avg", torch.zeros_like(param, memory_format=torch.preserve_format))
-                state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
-
-
-def _load_one_optimizer_state(inner, state_dict: dict) -> None:
-    """The workaround of :func:`_load_optimizer_state` for one (not chained) optimizer."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    torch_state = inner.optimizer.state if getattr(inner, "optimizer", None) is not None else {}
-    if (isinstance(inner, DistributedOptimizer)
-            and state_dict.get("param_state_sharding_type") == "fully_reshardable"
-            and any("step" in s for s in torch_state.values())):
-        state_dict = dict(state_dict)
-        param_state = state_dict.pop("param_state")
-        state_dict.pop("param_state_sharding_type")
-        inner.load_state_dict(state_dict)
-        steps = {param: state.pop("step") for param, state in inner.optimizer.state.items()
-                 if "step" in state}
-        try:
-            inner.load_parameter_state_from_fully_reshardable(param_state)
-        finally:
-            for param, step in steps.items():
-                inner.optimizer.state[param]["step"] = step
-    else:
-        inner.load_state_dict(state_dict)
-
-
-def _load_optimizer_state(optimizer, state_dict: dict) -> None:
-    """``optimizer.load_state_dict``, working around a megatron-core 0.16.1 bug with torch Adam.
-
-    With torch's Adam (no Transformer Engine/Apex, e.g. on CPU) every parameter's optimizer
-    state holds a ``step``; the distributed optimizer's "fully_reshardable" loader copies every
-    state key from the checkpoint but deliberately skips ``step`` there (it comes from the
-    param groups), so it fails with KeyError 'step'. Here the param groups (and step) are
-    loaded first and the per-parameter tensors then loaded with ``step`` set aside. A
-    mixture-of-experts model's optimizer chains two (dense and expert parameters, each over
-    its own data-parallel group): each gets its part.
-    """
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained and len(chained) > 1:  # MoE: dense and expert parameters, one state dict each
-        if len(chained) != len(state_dict):
-            raise CheckpointError(f"the checkpoint holds {len(state_dict)} optimizer states, "
-                                  f"this run has {len(chained)}")
-        for inner, state in zip(chained, (v for _, v in sorted(state_dict.items()))):
-            _load_one_optimizer_state(inner, state)
-        optimizer._synchronize_steps()
-    else:
-        _load_one_optimizer_state((chained or [optimizer])[0], state_dict)
-    # Megatron restores torch Adam's step as ONE tensor shared by every parameter; torch then
-    # increments it once per parameter per step, corrupting the bias correction. Unshare it.
-    for torch_optimizer in _torch_optimizers(optimizer):
-        for state in torch_optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
 
 def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
@@ -282,9 +207,7 @@ def save_model_only(save_dir: str | Path, iteration: int, model, model_config: M
 
 def saved_params_dtype(checkpoint: Path) -> torch.dtype:
     """The dtype the checkpoint's weights were saved in."""
-    from megatron.core import dist_checkpointing
-
-    info = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("checkpoint_info", {})
+    info = read_common_state(checkpoint).get("checkpoint_info", {})
     return getattr(torch, info.get("params_dtype", "float32"))
 
 
@@ -340,7 +263,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
     from megatron.core import dist_checkpointing
 
     check_model_config(checkpoint, model_config)
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    common = read_common_state(checkpoint)
     saved = common.get("train_state")
     _, sizes = _layout()
     same_layout = saved is not None and tuple(saved["parallel_sizes"]) == sizes
@@ -349,7 +272,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         raise ValueError(f"{checkpoint} holds weights only (no optimizer or train state); "
                          f"start from it with --pretrained-checkpoint, not --load")
     if full:
-        _materialize_adam_state(optimizer)
+        optimizer_state.materialize_adam_state(optimizer)
     state = _sharded_state(model, optimizer if full else None, scheduler if full else None,
                            is_loading=True, with_rng=full and same_layout,
                            optimizer_sharding_type=(saved or {}).get("optimizer_sharding_type",
@@ -366,7 +289,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         check_finite_weights(model, checkpoint)
     if not full:
         return None
-    _load_optimizer_state(optimizer, loaded["optimizer"])
+    optimizer_state.load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:

@@ -3,8 +3,10 @@ holds besides its shards, and the readers that need no model (see ``checkpointin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +77,24 @@ def saved_iterations(root: str | Path) -> list[int]:
     return sorted(found)
 
 
-def read_train_state(checkpoint: Path) -> TrainState | None:
-    """Where a full checkpoint stands, read without its shards (None for weights only)."""
+def read_common_state(checkpoint: Path) -> dict:
+    """A checkpoint's common (not sharded) state: its ``common.pt`` up to megatron-core 0.16, an
+    object inside its shards from 0.19. A file that cannot be read is a :class:`CheckpointError`
+    naming it (:func:`shard_reason`)."""
     from megatron.core import dist_checkpointing
 
-    saved = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("train_state")
+    try:
+        return dist_checkpointing.load_common_state_dict(str(checkpoint))
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
+                              f"{shard_reason(checkpoint, error)}") from error
+
+
+def read_train_state(checkpoint: Path) -> TrainState | None:
+    """Where a full checkpoint stands, read without its shards (None for weights only)."""
+    saved = read_common_state(checkpoint).get("train_state")
     return None if saved is None else train_state_from(saved)
 
 
@@ -124,6 +139,27 @@ def os_reason(error: BaseException) -> str:
         if isinstance(current, OSError) and current.strerror:
             return current.strerror + (f": {current.filename}" if current.filename else "")
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_writable_folder(folder: str | Path, flag: str, given: str | Path | None = None
+                          ) -> None:
+    """Refuse, before any work, an output folder that cannot be written: ``ValueError`` (one
+    line naming ``flag`` and ``given``, the value it was given: by default the folder) when it
+    is a file, or when making it (with its parents) or a probe file in it fails (read-only
+    filesystem, permissions). The folder is left made."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        if given is None:
+            raise ValueError(f"{flag} {folder} is a file, not a folder")
+        raise ValueError(f"{flag} {given} cannot be written ({folder} is a file, not a folder)")
+    probe = folder / f".write-probe-{os.uname().nodename}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{flag} {given or folder} cannot be written ({os_reason(error)})"
+                         ) from None
 
 
 FULL_DISK_BYTES = 1 << 20
@@ -186,17 +222,54 @@ def damaged_shards(checkpoint: Path) -> list[str]:
     return damaged
 
 
+def damaged_files(checkpoint: Path) -> list[str]:
+    """Megatron-Core's own files of a checkpoint that are missing or cannot be read:
+    ``metadata.json``, and ``common.pt`` where the installed megatron-core needs it (up to 0.16;
+    from 0.19 a checkpoint without it keeps its common state in the shards)."""
+    from megatron.core.dist_checkpointing import serialization
+
+    found = []
+    metadata = checkpoint / "metadata.json"
+    try:
+        json.loads(metadata.read_text())
+    except FileNotFoundError:
+        found.append("metadata.json (missing)")
+    except (OSError, ValueError) as error:
+        found.append(f"metadata.json (damaged: {error})")
+    common = checkpoint / "common.pt"
+    if common.is_file():
+        try:
+            with zipfile.ZipFile(common) as archive:  # torch.save's format
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as error:
+            bad = str(error)
+        if bad is not None:
+            found.append(f"common.pt (damaged: {bad})")
+    elif not hasattr(serialization, "_legacy_common_state_exists"):
+        found.append("common.pt (missing)")
+    return found
+
+
 def shard_reason(checkpoint: Path, error: BaseException) -> str:
     """Which file of a checkpoint failed to load and why, as far as can be told."""
-    damaged = damaged_shards(checkpoint)
+    damaged, shards = damaged_files(checkpoint), damaged_shards(checkpoint)
+    if shards:
+        damaged.append(f"shard {', '.join(shards)}")
     if damaged:
-        return f"shard {', '.join(damaged)}"
+        return ", ".join(damaged)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}{': ' + lines[-1] if lines else ''}"
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:
-    return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
+    """The architecture a checkpoint was saved with; a missing or damaged file is a
+    :class:`CheckpointError` naming it."""
+    try:
+        return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
+    except (FileNotFoundError, json.JSONDecodeError) as error:
+        reason = "missing" if isinstance(error, FileNotFoundError) else f"damaged: {error}"
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {MODEL_CONFIG_FILE} "
+                              f"({reason})") from None
 
 
 def check_model_config(checkpoint: Path, expected: ModelConfig) -> None:

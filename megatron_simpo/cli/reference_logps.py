@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.checkpoint import checkpointing, layout
 from megatron_simpo.cli.arguments import build_parser, parse_args
 from megatron_simpo.cli.flags import Parser, Section, run_command
 from megatron_simpo.data.config import DataError
@@ -35,6 +36,13 @@ class ReferenceLogpsOptions:
         return self.output or self.reference_logps
 
 
+def _check_output(path: str) -> None:
+    """A file the log-probs can be written to, checked before they are computed."""
+    if Path(path).is_dir():
+        raise ValueError(f"--output {path} is a folder: give the file to write")
+    layout.check_writable_folder(Path(path).absolute().parent, "--output", path)
+
+
 PROG = "compute_reference_logps"
 _OPTIONS = Section("reference log-probs", ReferenceLogpsOptions, key="reference",
                    fields=("output", "reference_logps"))
@@ -51,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     options = run_command(PROG, lambda: _OPTIONS.build(known))
     config = parse_args(rest, prog=PROG)
-    run_command(PROG, lambda: compute(config, options.path), distributed=True, errors={
+    run_command(PROG, lambda: (_check_output(options.path), compute(config, options.path)),
+                distributed=True, errors={
         (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError): 2})
 
 

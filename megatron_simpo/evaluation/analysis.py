@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_simpo.checkpoint.layout import check_writable_folder
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 from megatron_simpo.evaluation import rounds
 
@@ -44,6 +45,8 @@ def read_metrics(run: Path) -> tuple[list[dict], str | None]:
     if not path.is_file():
         raise RunError(f"{run}: no metrics.jsonl (the --save folder of a training run)")
     rows, warning = read_metrics_file(path)
+    if not rows:
+        raise RunError(f"{path} has no rows: the run logged nothing yet")
     return [row for _, row in rows], warning
 
 
@@ -237,6 +240,9 @@ def analyze(config: AnalysisConfig) -> Path:
     cannot be analysed raises :class:`RunError` naming what is missing. A rounds' root (no
     metrics.jsonl, round-N folders) gets ``rounds.analyze``: the reward per round."""
     out = Path(config.output or Path(config.run) / "analysis")
+    if config.reference and not Path(config.reference).is_file():
+        raise RunError(f"--reference {config.reference} does not exist")
+    check_writable_folder(out, "--output" if config.output else "the analysis folder")
     if not (Path(config.run) / METRICS_FILE).is_file() and rounds.round_folders(config.run):
         if config.reference:
             raise RunError(f"--reference is for one run's KL estimate; {config.run} holds rounds")

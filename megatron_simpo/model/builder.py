@@ -131,7 +131,7 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local",
             spec.submodules.self_attention.module = dual_rope_self_attention()
         if config.is_gemma:  # post-attention and post-feed-forward norms
             attention.linear_proj = post_norm_row_parallel_linear()
-            spec.submodules.mlp.submodules.linear_fc2 = post_norm_row_parallel_linear()
+            _mlp_submodules(spec.submodules.mlp).linear_fc2 = post_norm_row_parallel_linear()
         return spec
     check_transformer_impl(transformer_impl)
     if config.is_gemma or config.sliding_window is not None:
@@ -139,6 +139,14 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local",
                          "sliding windows and post-norms live in the local spec's layers)")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
         qk_layernorm=config.qk_layernorm, num_experts=experts, moe_grouped_gemm=False)
+
+
+def _mlp_submodules(mlp):
+    """The ``MLPSubmodules`` of a layer spec's MLP: a ``ModuleSpec``'s ``submodules`` up to
+    megatron-core 0.16, a ``functools.partial`` of ``MLP.as_mlp_submodule`` from 0.19."""
+    if isinstance(mlp, functools.partial):
+        return mlp.keywords["submodules"]
+    return mlp.submodules
 
 
 def check_packed_attention(transformer_impl: str) -> None:

@@ -108,7 +108,8 @@ class TrainConfig:
                                  "holds")
         elif self.micro_batch_size is None:
             object.__setattr__(self, "micro_batch_size", 1)
-        for flag, value in (("--micro-batch-size", self.micro_batch_size or 1),
+        for flag, value in (("--micro-batch-size", 1 if self.micro_batch_size is None
+                             else self.micro_batch_size),
                             ("--global-batch-size", self.global_batch_size),
                             ("--log-interval", self.log_interval)):
             if value < 1:

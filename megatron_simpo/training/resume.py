@@ -18,7 +18,11 @@ length in iterations is known (``Checkpointer.resume``: ``--train-epochs`` over 
   checkpoint's position (consumed samples) in the new seed's order;
 * ``--global-batch-size``: refused, no flag accepts it (the position, the epoch order and the
   schedule all count in global batches): a new run starts from the checkpoint with
-  ``--pretrained-checkpoint``.
+  ``--pretrained-checkpoint``;
+* the objective (``--algorithm``, ``--loss-type``, ``--beta``, the margin gamma, and the other
+  loss settings, compared as the loss uses them: ``--beta`` left to its default equals the
+  default given): refused likewise, since one run optimises one objective (its metrics and
+  its checkpoints' optimizer state belong to it).
 
 How a global batch is split (``--micro-batch-size``, ``--max-tokens-per-microbatch``, the
 parallel layout: TP, PP, CP, DP) may change: the same pairs make the same step.
@@ -47,13 +51,24 @@ def command_line_schedule(config: TrainConfig, total_iters: int) -> dict:
             "iterations": total_iters}
 
 
+def objective(config: TrainConfig) -> dict:
+    """The objective the loss optimises, each setting as the loss uses it, by its flag."""
+    loss = config.loss
+    return {"--algorithm": loss.algorithm, "--loss-type": loss.loss_type, "--beta": loss.beta,
+            "--simpo-gamma": loss.margin, "--label-smoothing": loss.label_smoothing,
+            "--sft-weight": loss.sft_weight, "--length-normalization": loss.normalize_length,
+            "--orpo-lambda": loss.orpo_lambda, "--rdpo-alpha": loss.rdpo_alpha,
+            "--slic-delta": loss.slic_delta}
+
+
 def settings_record(config: TrainConfig, total_iters: int, schedule: dict) -> dict:
     """What a checkpoint records of its run: the ``schedule`` in effect (see
-    :func:`effective_schedule`), the run length as given and in iterations, the seed and the
-    global batch size."""
+    :func:`effective_schedule`), the run length as given and in iterations, the seed, the
+    global batch size and the objective."""
     return {"schedule": dict(schedule), "train_iters": config.train_iters,
             "train_epochs": config.train_epochs, "total_iters": total_iters,
-            "seed": config.seed, "global_batch_size": config.global_batch_size}
+            "seed": config.seed, "global_batch_size": config.global_batch_size,
+            "objective": objective(config)}
 
 
 def effective_schedule(config: TrainConfig, saved: TrainState | None, total_iters: int) -> dict:
@@ -132,6 +147,13 @@ def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path
                        f"{config.global_batch_size} (no flag resumes at another global batch "
                        "size: start a new run from the checkpoint with "
                        f"--pretrained-checkpoint {checkpoint})")
+    if "objective" in record:  # recorded since 2026-11-28
+        now = objective(config)
+        changed = [f"{flag} {old} -> {now.get(flag)}"
+                   for flag, old in record["objective"].items() if now.get(flag) != old]
+        if changed:
+            refused.append(f"{', '.join(changed)} (a run optimises one objective: start a new "
+                           f"run from the checkpoint with --pretrained-checkpoint {checkpoint})")
     if refused:
         raise ResumeError(f"--load {checkpoint} contradicts the command line: "
                           + "; ".join(refused))

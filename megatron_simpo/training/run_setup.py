@@ -17,6 +17,7 @@ from megatron_simpo.training.components import TrainingComponents, build_compone
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
+from megatron_simpo.checkpoint.layout import check_writable_folder
 from megatron_simpo.training.resume import check_resume
 from megatron_simpo.model.builder import (check_packed_attention, check_shared_prompt_attention,
                                           check_transformer_impl)
@@ -94,9 +95,11 @@ def check_resumed_run(config: TrainConfig, checkpoint: Path) -> None:
 
 
 def check_save_folder(config: TrainConfig, source: ModelSource) -> None:
-    """Refuse to write over another run: a new run needs an empty --save (or --overwrite),
-    and a resumed one must not find iterations there beyond the one it resumes from."""
+    """Refuse a --save that cannot be written, and to write over another run: a new run needs
+    an empty --save (or --overwrite), and a resumed one must not find iterations there beyond
+    the one it resumes from."""
     save = Path(config.save)
+    check_writable_folder(save, "--save")
     saved = checkpointing.saved_iterations(save)
     resumed = checkpointing.read_train_iteration(source.resume_from) if source.resume_from else None
     if resumed is None:
