@@ -208,6 +208,7 @@ def test_analysis_takes_its_run_as_a_positional_argument():
     ([], "give one of --hf and --load"),
     (["--hf", "h", "--load", "l"], "give one of --hf and --load"),
     (["--hf", "h", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--hf", "h", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--hf", "h", "--temperature", "-1"], "--temperature must be >= 0"),
     (["--hf", "h", "--hf-out", "o"], "--hf-out goes with --load"),
     (["--hf", "h", "--backend", "gpt"], "argument --backend: invalid choice"),
@@ -290,3 +291,25 @@ def test_an_abbreviated_flag_is_refused_not_completed(paths, capsys):
     [line] = capsys.readouterr().err.splitlines()
     assert "unrecognized arguments: --train-iter 5" in line
     assert parse_args(base + ["--train-iters", "5"]).train_iters == 5
+
+
+@pytest.mark.parametrize("argv, given", [([], "none given"), (["hf2megatron"], "got 'hf2megatron'")])
+def test_the_converter_without_its_direction_is_one_line(argv, given, capsys):
+    from megatron_simpo.cli.convert import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "convert: error: the first argument is the direction, one of hf-to-megatron, "
+        f"megatron-to-hf ({given})"]
+
+
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "--expert-model-parallel-size",
+                                  "--expert-tensor-parallel-size"])
+def test_converter_layout_sizes_below_one_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        _commands()["convert_hf_to_megatron"].parse(["--hf-path", "h", "--save", "s", flag, "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"convert_hf_to_megatron: error: {flag} must be a positive integer, got 0 (see --help)"]

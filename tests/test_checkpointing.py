@@ -79,7 +79,11 @@ def _enospc(path: str):
         return CheckpointException("save failed", {0: _wrap_exception(error)})
 
 
-def _save(rank, save: str, inject: bool) -> str:
+def _save(rank, save: str, inject: bool, logged: list | None = None) -> str:
+    """The save's error message; ``logged``: a list that collects what was logged meanwhile at
+    warning level or above (the error is reported once: raised, not also logged)."""
+    import logging
+
     from megatron.core import dist_checkpointing
 
     from megatron_simpo.checkpoint.checkpointing import CheckpointError, save_model_only
@@ -90,13 +94,20 @@ def _save(rank, save: str, inject: bool) -> str:
     def full_disk(state, path, *args, **kwargs):
         raise _enospc(f"{path}/__0_0.distcp")
 
+    class Collect(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger().addHandler(handler)
     dist_checkpointing.save = full_disk if inject else real_save
     try:
         save_model_only(save, 0, model, config)
     except CheckpointError as error:
-        return str(error)
+        return str(error) if logged is None else (str(error), logged)
     finally:
         dist_checkpointing.save = real_save
+        logging.getLogger().removeHandler(handler)
     return "saved"
 
 
@@ -128,7 +139,8 @@ def test_a_save_on_a_real_full_filesystem_names_the_reason(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     try:
-        [message] = run_on_ranks(1, _save, str(disk / "run"), False)
+        [(message, logged)] = run_on_ranks(1, _save, str(disk / "run"), False, [])
+        assert logged == []  # Megatron's writer logs the failure: held back
         assert message.startswith(f"cannot save iteration 0 to {disk / 'run'}: No space left on "
                                   "device")
         assert message.endswith("; nothing was published")

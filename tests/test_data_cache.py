@@ -609,3 +609,20 @@ def test_sigterm_while_tokenizing_says_stopping_and_cleans_up(data, tmp_path):
     assert stderr.count("> data: received") == 1 and line in stderr
     assert "Traceback" not in stderr
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_a_folder_that_is_not_a_tokenizer_is_one_line(tmp_path):
+    from megatron_simpo.data.tokenization import load_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path / "empty")
+    assert str(error.value) == (f"cannot load tokenizer from {tmp_path / 'empty'}: the folder "
+                                "holds none of tokenizer.json, tokenizer_config.json, "
+                                "tokenizer.model")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path / "damaged")
+    assert str(error.value).startswith(f"cannot load tokenizer from {tmp_path / 'damaged'}: ")
+    assert "\n" not in str(error.value)

@@ -17,6 +17,8 @@ operating system's reason, or the damaged shard or tensor.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import shutil
@@ -106,6 +108,19 @@ def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
     return state
 
 
+@contextlib.contextmanager
+def _writer_logs_held():
+    """Megatron-Core's checkpoint writer logs a failed write (``Local process 0 encountered an
+    error: [Errno 28] ...``) before raising it; the raised error is reported, once."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
                       model_config: ModelConfig, assets: dict[str, Path] | None,
                       sharded_strategy=None) -> Path:
@@ -130,7 +145,8 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
         dist.barrier()
         dtype = next(model.parameters()).dtype
         state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
-        dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
+        with _writer_logs_held():  # its error log would repeat the one line raised below
+            dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
         if rank == 0:
             model_config.save(partial / MODEL_CONFIG_FILE)
             # The assets (tokenizer, original HF config) travel inside the iteration, so they

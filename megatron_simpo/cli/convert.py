@@ -9,7 +9,7 @@ import sys
 
 from megatron_simpo.convert.conversion import (ConversionError, ExportConfig, ImportConfig,
                                                export_hf, import_hf)
-from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command
+from megatron_simpo.cli.flags import USER_ERRORS, Command, Section, run_command, user_error
 from megatron_simpo.model.hf_config import GEMMA3_MULTIMODAL, SUPPORTED_ARCHITECTURES
 
 IMPORT = Command("convert_hf_to_megatron",
@@ -48,8 +48,19 @@ def megatron_to_hf_main(argv=None, *, run_on_ranks=None) -> None:
     print(f"saved {done.path} ({done.dtype}: {done.why})")
 
 
-if __name__ == "__main__":  # python -m megatron_simpo.cli.convert hf-to-megatron|megatron-to-hf ...
-    commands = {"hf-to-megatron": hf_to_megatron_main, "megatron-to-hf": megatron_to_hf_main}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m megatron_simpo.cli.convert {{{','.join(commands)}}} ...")
-    commands[sys.argv[1]](sys.argv[2:])
+COMMANDS = {"hf-to-megatron": hf_to_megatron_main, "megatron-to-hf": megatron_to_hf_main}
+
+
+def main(argv=None) -> None:
+    """``python -m megatron_simpo.cli.convert hf-to-megatron|megatron-to-hf ...``; a missing or
+    unknown subcommand is one line, exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        given = f"got {argv[0]!r}" if argv else "none given"
+        user_error("convert", f"the first argument is the direction, one of "
+                              f"{', '.join(COMMANDS)} ({given})")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

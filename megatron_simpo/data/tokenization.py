@@ -229,11 +229,23 @@ def identical_pair_error(source: str, config: DataConfig) -> DataError:
                      "(--identical-pairs drop skips them)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""What a Hugging Face tokenizer folder holds at least one of."""
+
+
 def load_tokenizer(path: str | Path):
+    """A Hugging Face tokenizer from its folder (or Hub name); one line (:class:`DataError`)
+    when it cannot be loaded."""
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"cannot load tokenizer from {path}: the folder holds none of "
+                        f"{', '.join(TOKENIZER_FILES)}")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
-        raise DataError(f"cannot load tokenizer from {path}: {error}") from error
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
+                      type(error).__name__)
+        raise DataError(f"cannot load tokenizer from {path}: {reason}") from error
 
