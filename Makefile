@@ -6,7 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 VENV_PY := $(VENV)/bin/python
-TORCH_CPU_PIN ?= torch==2.13.0+cpu
+# Linux's CPU wheel carries the +cpu tag (its untagged PyPI build is the CUDA one); macOS's has none
+TORCH_CPU_PIN ?= torch==2.13.0$(if $(filter Linux,$(shell uname -s)),+cpu,)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 

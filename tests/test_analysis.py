@@ -178,7 +178,7 @@ def test_what_cannot_be_analysed_or_written_is_one_line_before_any_work(tmp_path
         ([str(run), "--output", str(tmp_path / "a-file")],
          f"--output {tmp_path / 'a-file'} is a file, not a folder"),
         ([str(run), "--output", str(tmp_path / "a-file" / "analysis")],
-         f"--output {tmp_path / 'a-file' / 'analysis'} cannot be written (Not a directory: "),
+         f"--output {tmp_path / 'a-file' / 'analysis'} cannot be written (Not a directory)"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:

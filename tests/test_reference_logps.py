@@ -107,11 +107,12 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(setup, tmp
     tiny, sft, _ = setup
     (tmp_path / "a-file").write_text("")
     for output, expected in [
-            (tmp_path, f"--output {tmp_path} is a folder: give the file to write"),
-            (tmp_path / "a-file" / "ref.pt", f"--output {tmp_path / 'a-file' / 'ref.pt'} cannot "
-             f"be written ({tmp_path / 'a-file'} is a file, not a folder)"),
-            (tmp_path / "a-file" / "sub" / "ref.pt", f"--output "
-             f"{tmp_path / 'a-file' / 'sub' / 'ref.pt'} cannot be written (Not a directory: ")]:
+            (tmp_path, f"--reference-logps {tmp_path} is a folder: give the file to write"),
+            (tmp_path / "a-file" / "ref.pt", f"--reference-logps "
+             f"{tmp_path / 'a-file' / 'ref.pt'} cannot be written ({tmp_path / 'a-file'} is a "
+             "file, not a folder)"),
+            (tmp_path / "a-file" / "sub" / "ref.pt", f"--reference-logps "
+             f"{tmp_path / 'a-file' / 'sub' / 'ref.pt'} cannot be written (Not a directory)")]:
         argv = _argv(tiny, train_iters=1, algorithm="dpo", pretrained_checkpoint=sft,
                      reference_logps=output)
         code, out, err = _compute_in_rank(0, argv)  # in this process: no rank is started

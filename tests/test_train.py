@@ -668,6 +668,21 @@ def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
     assert line.endswith("the file is damaged: fix or remove that line")
 
 
+def test_a_resume_on_another_schedule_without_the_distributed_optimizer(tiny, tmp_path):
+    """The plain optimizer's param groups are paired with the checkpoint's (megatron-core 0.19
+    pairs them by their schedule too): a resume on a new --min-lr trains on the new schedule."""
+    save = tmp_path / "run"
+    run_on_ranks(2, _train, _argv(tiny, train_iters=4, save=save, distributed_optimizer=False))
+    argv = _argv(tiny, train_iters=6, load=save, save=save, min_lr="1e-4",
+                 override_opt_param_scheduler=True, distributed_optimizer=False)
+    [(code, out, err), _] = run_on_ranks(2, _main_in_rank, argv)
+    assert code == 0, err
+    rows = {row["iteration"]: row for row in _metrics(save) if "loss" in row}
+    for iteration in (5, 6):
+        expected = _scheduled_lr(iteration - 1, lr=1e-3, min_lr=1e-4, warmup=1, steps=6)
+        assert rows[iteration]["learning_rate"] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
 def test_a_resume_on_another_objective_is_refused(tiny, tmp_path):
     """The objective is compared as the loss uses it: a default spelled out is the same
     objective; another algorithm, beta or margin is refused with each difference named (and
@@ -686,10 +701,10 @@ def test_a_resume_on_another_objective_is_refused(tiny, tmp_path):
     assert check_resume(same, saved, tmp_path) == []
     for flags, expected in [
             (dict(algorithm="cpo"), "--algorithm simpo -> cpo, --beta 2.5 -> 0.1, --simpo-gamma "
-             "1.375 -> 0.0, --sft-weight 0.0 -> 1.0, --length-normalization True -> False"),
-            (dict(beta=5), "--beta 2.5 -> 5.0, --simpo-gamma 1.375 -> 2.75"),
-            (dict(simpo_gamma=1.0, sft_weight=0.5), "--simpo-gamma 1.375 -> 1.0, --sft-weight "
-             "0.0 -> 0.5")]:
+             "1.375 -> 0, --sft-weight 0 -> 1, --length-normalization True -> False"),
+            (dict(beta=5), "--beta 2.5 -> 5, --simpo-gamma 1.375 -> 2.75"),
+            (dict(simpo_gamma=1.0, sft_weight=0.5), "--simpo-gamma 1.375 -> 1, --sft-weight "
+             "0 -> 0.5")]:
         other = parse_args(_argv(tiny, train_iters=8, load=tmp_path, **flags))
         with pytest.raises(ResumeError) as error:
             check_resume(other, saved, tmp_path)
@@ -697,6 +712,12 @@ def test_a_resume_on_another_objective_is_refused(tiny, tmp_path):
             f"--load {tmp_path} contradicts the command line: {expected} (a run optimises one "
             f"objective: start a new run from the checkpoint with --pretrained-checkpoint "
             f"{tmp_path})")
+    # the same margin as beta x ratio and as gamma (0.1 x 0.55 = 0.05500000000000001)
+    ratio = parse_args(_argv(tiny, train_iters=8, load=tmp_path, beta=0.1,
+                             simpo_gamma_beta_ratio=0.55))
+    by_ratio = TrainState(4, 32, None, settings_record(ratio, 8, command_line_schedule(ratio, 8)))
+    gamma = parse_args(_argv(tiny, train_iters=8, load=tmp_path, beta=0.1, simpo_gamma=0.055))
+    assert check_resume(gamma, by_ratio, tmp_path) == []
     older = {k: v for k, v in saved.settings.items() if k != "objective"}
     other = parse_args(_argv(tiny, train_iters=8, load=tmp_path, algorithm="cpo"))
     assert check_resume(other, dataclasses.replace(saved, settings=older), tmp_path) == []

@@ -108,17 +108,25 @@ def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
     return state
 
 
+class _WriteFailureLogged(logging.Filter):
+    """Drops the checkpoint writer's log of a failed write, which is raised and reported too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "encountered an error" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _writer_logs_held():
     """Megatron-Core's checkpoint writer logs a failed write (``Local process 0 encountered an
-    error: [Errno 28] ...``) before raising it; the raised error is reported, once."""
-    logger = logging.getLogger("megatron.core.dist_checkpointing")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    error: [Errno 28] ...``) before raising it; the raised error is reported, once. Its other
+    logs pass."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    held = _WriteFailureLogged()
+    logger.addFilter(held)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(held)
 
 
 def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,14 +153,14 @@ def check_writable_folder(folder: str | Path, flag: str, given: str | Path | Non
         if given is None:
             raise ValueError(f"{flag} {folder} is a file, not a folder")
         raise ValueError(f"{flag} {given} cannot be written ({folder} is a file, not a folder)")
-    probe = folder / f".write-probe-{os.uname().nodename}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
     except OSError as error:
-        raise ValueError(f"{flag} {given or folder} cannot be written ({os_reason(error)})"
-                         ) from None
+        reason = error.strerror or os_reason(error)
+        raise ValueError(f"{flag} {given or folder} cannot be written ({reason})") from None
 
 
 FULL_DISK_BYTES = 1 << 20
@@ -246,7 +247,10 @@ def damaged_files(checkpoint: Path) -> list[str]:
         if bad is not None:
             found.append(f"common.pt (damaged: {bad})")
     elif not hasattr(serialization, "_legacy_common_state_exists"):
-        found.append("common.pt (missing)")
+        from megatron.core import __version__
+
+        found.append(f"common.pt (missing: megatron-core 0.19 and later keep it in the shards, "
+                     f"and this is {__version__})")
     return found
 
 

@@ -39,9 +39,7 @@ def _load_one_optimizer_state(inner, state_dict: dict) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     torch_state = inner.optimizer.state if getattr(inner, "optimizer", None) is not None else {}
-    saved_schedules = None
-    if isinstance(inner, DistributedOptimizer):
-        state_dict, saved_schedules = _matched_param_groups(inner, state_dict)
+    state_dict, saved_schedules = _matched_param_groups(inner, state_dict)
     if (isinstance(inner, DistributedOptimizer)
             and state_dict.get("param_state_sharding_type") == "fully_reshardable"
             and any("step" in s for s in torch_state.values())):
@@ -103,17 +101,27 @@ def _matched_param_groups(inner, state_dict: dict) -> tuple[dict, dict | None]:
     sets the command line's where asked). Unchanged where the pairing ignores the schedule."""
     from megatron.core.optimizer import optimizer as megatron_optimizer
 
-    if not set(SCHEDULE_KEYS) & set(megatron_optimizer.param_group_identifier_keys):
+    if (not set(SCHEDULE_KEYS) & set(megatron_optimizer.param_group_identifier_keys)
+            or getattr(inner, "optimizer", None) is None):
+        return state_dict, None
+    # where the torch optimizer's state dict is: under "optimizer" (the distributed and the
+    # mixed-precision optimizers; "optimizer_state_dict" in old checkpoints), or the whole of
+    # it (the fp32 optimizer)
+    key = next((k for k in ("optimizer", "optimizer_state_dict")
+                if isinstance(state_dict.get(k), dict) and "param_groups" in state_dict[k]), None)
+    holder = state_dict if key is None else state_dict[key]
+    if "param_groups" not in holder:
         return state_dict, None
     structure = _structural_keys()
     current = {_identifier(g, structure): g for g in inner.optimizer.param_groups}
-    saved_groups = state_dict["optimizer"]["param_groups"]
+    saved_groups = holder["param_groups"]
     saved = {_identifier(g, structure): _schedule(g) for g in saved_groups}
     if len(saved) != len(saved_groups) or set(saved) != set(current):
         return state_dict, None  # not one-to-one by structure: leave the pairing to Megatron
-    groups = [_set_schedule(dict(g), _schedule(current[_identifier(g, structure)]))
-              for g in saved_groups]
-    return {**state_dict, "optimizer": {**state_dict["optimizer"], "param_groups": groups}}, saved
+    holder = {**holder, "param_groups": [
+        _set_schedule(dict(g), _schedule(current[_identifier(g, structure)]))
+        for g in saved_groups]}
+    return (holder if key is None else {**state_dict, key: holder}), saved
 
 
 def load_optimizer_state(optimizer, state_dict: dict) -> None:

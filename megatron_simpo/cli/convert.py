@@ -55,6 +55,10 @@ def main(argv=None) -> None:
     """``python -m megatron_simpo.cli.convert hf-to-megatron|megatron-to-hf ...``; a missing or
     unknown subcommand is one line, exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: python -m megatron_simpo.cli.convert {{{','.join(COMMANDS)}}} ... "
+              "(each direction's flags: its --help)")
+        return
     if not argv or argv[0] not in COMMANDS:
         given = f"got {argv[0]!r}" if argv else "none given"
         user_error("convert", f"the first argument is the direction, one of "

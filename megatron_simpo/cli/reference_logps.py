@@ -36,11 +36,12 @@ class ReferenceLogpsOptions:
         return self.output or self.reference_logps
 
 
-def _check_output(path: str) -> None:
-    """A file the log-probs can be written to, checked before they are computed."""
+def _check_output(path: str, flag: str) -> None:
+    """A file the log-probs can be written to (``flag`` names it), checked before they are
+    computed."""
     if Path(path).is_dir():
-        raise ValueError(f"--output {path} is a folder: give the file to write")
-    layout.check_writable_folder(Path(path).absolute().parent, "--output", path)
+        raise ValueError(f"{flag} {path} is a folder: give the file to write")
+    layout.check_writable_folder(Path(path).absolute().parent, flag, path)
 
 
 PROG = "compute_reference_logps"
@@ -59,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     options = run_command(PROG, lambda: _OPTIONS.build(known))
     config = parse_args(rest, prog=PROG)
-    run_command(PROG, lambda: (_check_output(options.path), compute(config, options.path)),
+    flag = "--output" if options.output else "--reference-logps"
+    run_command(PROG, lambda: (_check_output(options.path, flag), compute(config, options.path)),
                 distributed=True, errors={
         (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError): 2})
 

@@ -229,8 +229,9 @@ def identical_pair_error(source: str, config: DataConfig) -> DataError:
                      "(--identical-pairs drop skips them)")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-"""What a Hugging Face tokenizer folder holds at least one of."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+"""What a Hugging Face tokenizer folder holds at least one of (or a ``*.tiktoken`` file)."""
 
 
 def load_tokenizer(path: str | Path):
@@ -239,13 +240,14 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not (any((folder / name).is_file() for name in TOKENIZER_FILES)
+                                or any(folder.glob("*.tiktoken"))):
         raise DataError(f"cannot load tokenizer from {path}: the folder holds none of "
-                        f"{', '.join(TOKENIZER_FILES)}")
+                        f"{', '.join(TOKENIZER_FILES)}, *.tiktoken")
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
-                      type(error).__name__)
-        raise DataError(f"cannot load tokenizer from {path}: {reason}") from error
+    except (OSError, ValueError) as error:  # its lines joined: one line, every hint kept
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise DataError(f"cannot load tokenizer from {path}: "
+                        f"{reason or type(error).__name__}") from error
 

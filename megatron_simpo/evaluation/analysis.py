@@ -242,12 +242,14 @@ def analyze(config: AnalysisConfig) -> Path:
     out = Path(config.output or Path(config.run) / "analysis")
     if config.reference and not Path(config.reference).is_file():
         raise RunError(f"--reference {config.reference} does not exist")
-    check_writable_folder(out, "--output" if config.output else "the analysis folder")
+    flag = "--output" if config.output else "the analysis folder"
     if not (Path(config.run) / METRICS_FILE).is_file() and rounds.round_folders(config.run):
         if config.reference:
             raise RunError(f"--reference is for one run's KL estimate; {config.run} holds rounds")
+        check_writable_folder(out, flag)
         return rounds.analyze(config.run, out)
-    summary = summarize(config.run, config.reference)
+    summary = summarize(config.run, config.reference)  # the run is there: then its output
+    check_writable_folder(out, flag)
     for warning in summary["warnings"]:
         print(warning)
     written = plot(summary, out)

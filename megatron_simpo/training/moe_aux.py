@@ -66,8 +66,11 @@ def router_scales_by_tp_cp() -> bool:
 
     try:
         source = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
-    except (AttributeError, OSError, TypeError):  # no such method, or no source: 0.16's way
-        return False
+    except (AttributeError, OSError, TypeError):  # no such method, or no source: the version
+        from megatron.core import __version__
+        from packaging.version import Version
+
+        return Version(__version__) >= Version("0.19")
     return "tp_cp_group.size()" in source
 
 

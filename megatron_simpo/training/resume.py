@@ -30,6 +30,7 @@ parallel layout: TP, PP, CP, DP) may change: the same pairs make the same step.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from megatron_simpo.checkpoint.layout import TrainState
@@ -59,6 +60,15 @@ def objective(config: TrainConfig) -> dict:
             "--sft-weight": loss.sft_weight, "--length-normalization": loss.normalize_length,
             "--orpo-lambda": loss.orpo_lambda, "--rdpo-alpha": loss.rdpo_alpha,
             "--slic-delta": loss.slic_delta}
+
+
+def _floats(*values) -> bool:
+    return all(isinstance(v, float) for v in values)
+
+
+def _same(old, new) -> bool:
+    """Equal, floats to rounding (a margin given as gamma or as beta x ratio)."""
+    return math.isclose(old, new, rel_tol=1e-9, abs_tol=1e-12) if _floats(old, new) else old == new
 
 
 def settings_record(config: TrainConfig, total_iters: int, schedule: dict) -> dict:
@@ -149,8 +159,9 @@ def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path
                        f"--pretrained-checkpoint {checkpoint})")
     if "objective" in record:  # recorded since 2026-11-28
         now = objective(config)
-        changed = [f"{flag} {old} -> {now.get(flag)}"
-                   for flag, old in record["objective"].items() if now.get(flag) != old]
+        changed = [f"{flag} {old:g} -> {now.get(flag):g}" if _floats(old, now.get(flag))
+                   else f"{flag} {old} -> {now.get(flag)}"
+                   for flag, old in record["objective"].items() if not _same(old, now.get(flag))]
         if changed:
             refused.append(f"{', '.join(changed)} (a run optimises one objective: start a new "
                            f"run from the checkpoint with --pretrained-checkpoint {checkpoint})")
