@@ -57,14 +57,15 @@ def _load_one_optimizer_state(inner, state_dict: dict) -> None:
     else:
         inner.load_state_dict(state_dict)
     if saved_schedules:
+        structure = _structural_keys()
         for group in inner.optimizer.param_groups:
-            _set_schedule(group, saved_schedules[_identifier(group, _structural_keys())])
+            _set_schedule(group, saved_schedules[_identifier(group, structure)])
 
 
 SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
-"""Param-group keys of the learning-rate and weight-decay schedule. From megatron-core 0.19 the
-distributed optimizer pairs a checkpoint's param groups with the run's by them too, so a resume
-on another schedule (--override-opt-param-scheduler) would find no saved group to load."""
+"""Param-group keys of the learning-rate and weight-decay schedule. From megatron-core 0.19
+every optimizer pairs a checkpoint's param groups with the run's by them too, so a resume on
+another schedule (--override-opt-param-scheduler) would find no saved group to load."""
 
 
 def _structural_keys() -> tuple[str, ...]:

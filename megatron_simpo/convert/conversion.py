@@ -57,10 +57,8 @@ class ImportConfig:
         for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size),
                             ("--pipeline-parallel-size", self.pipeline_parallel_size),
                             ("--expert-model-parallel-size", self.expert_model_parallel_size),
-                            ("--expert-tensor-parallel-size",
-                             1 if self.expert_tensor_parallel_size is None
-                             else self.expert_tensor_parallel_size)):
-            if value < 1:
+                            ("--expert-tensor-parallel-size", self.expert_tensor_parallel_size)):
+            if value is not None and value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
 
 

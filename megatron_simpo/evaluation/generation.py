@@ -240,10 +240,9 @@ class AnswersConfig:
         if (self.hf is None) == (self.load is None):
             raise ValueError("give one of --hf and --load")
         for flag, value in (("--batch-size", self.batch_size),
-                            ("--max-new-tokens", 1 if self.max_new_tokens is None
-                             else self.max_new_tokens),
+                            ("--max-new-tokens", self.max_new_tokens),
                             ("--tensor-parallel-size", self.tensor_parallel_size)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError("--temperature must be >= 0")

@@ -108,11 +108,10 @@ class TrainConfig:
                                  "holds")
         elif self.micro_batch_size is None:
             object.__setattr__(self, "micro_batch_size", 1)
-        for flag, value in (("--micro-batch-size", 1 if self.micro_batch_size is None
-                             else self.micro_batch_size),
+        for flag, value in (("--micro-batch-size", self.micro_batch_size),  # None: the budget
                             ("--global-batch-size", self.global_batch_size),
                             ("--log-interval", self.log_interval)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         for flag, value in (("--save-interval", self.save_interval),
                             ("--eval-interval", self.eval_interval),
