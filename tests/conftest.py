@@ -1,6 +1,6 @@
 """Test-session plumbing: a private cache folder for the session, and the reused ranks of
-tests/multiprocess.py end with each module, so an idle world does not keep its leftover threads
-polling while other modules run."""
+tests/multiprocess.py that hold leftover threads end with their module, so an idle world does
+not keep them polling while other modules run (lean worlds go on serving)."""
 
 import atexit
 import os
@@ -25,6 +25,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _close_worlds_after_module():
+def _close_busy_worlds_after_module():
     yield
-    multiprocess.close_worlds()
+    multiprocess.close_busy_worlds()

@@ -1,7 +1,7 @@
 """The launcher (examples/train_simpo_llama3.sh) end to end under torchrun: the demo run
 learns, extra arguments replace its defaults, a bad flag is one line, and runs survive a stop
-signal or a killed launcher. These tests start their own processes; no reused world is idle
-(and polling) beside them in this module."""
+signal or a killed launcher. These tests start their own processes; only lean reused worlds
+(tests/multiprocess.py: a few idle threads each) wait beside them."""
 
 import contextlib
 import json

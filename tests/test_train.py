@@ -101,7 +101,8 @@ def test_every_batch_layout_trains_the_same_model(tiny, tmp_path):
 
 
 def _train_and_count_leftovers(rank, argv):
-    """Train, then count the DDP wrappers and threads this (reused) rank still holds."""
+    """Train, then count the DDP wrappers the run left in this (reused) rank (those of earlier
+    calls not counted) and the threads the rank holds."""
     import gc
     import os
 
@@ -109,11 +110,14 @@ def _train_and_count_leftovers(rank, argv):
 
     from megatron_simpo.distributed import runtime
 
+    def wrappers() -> int:
+        gc.collect()
+        return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+
+    before = wrappers()
     _train(rank, argv)
     runtime.shutdown()
-    gc.collect()
-    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
-    return alive, len(os.listdir("/proc/self/task"))
+    return wrappers() - before, len(os.listdir("/proc/self/task"))
 
 
 def test_a_finished_run_frees_its_model_and_process_groups(tiny, tmp_path):
