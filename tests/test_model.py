@@ -225,3 +225,33 @@ def test_gemma3_test_config_really_uses_its_features():
                  for name, t in model.state_dict().items()}
         model.load_state_dict(state)
         assert (model(tokens).logits - logits).abs().max() > 0.1  # q/k norms at 1 + 0
+
+
+def _build_run_and_shut_down(rank, hf_config):
+    """A TP2 model's forward, then the teardown every run ends with; this rank's threads after."""
+    import gc
+    import os
+
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.builder import build_model
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    runtime.initialize(parallel, seed=1)
+    model = build_model(ModelConfig.from_hf_config(hf_config), parallel)
+    tokens = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        model(input_ids=tokens, position_ids=torch.arange(8).expand_as(tokens), attention_mask=None)
+    del model
+    runtime.shutdown()
+    gc.collect()
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_a_shut_down_model_leaves_no_process_group_behind():
+    # Megatron-Core's rotary embedding caches its forward on the module, which holds its
+    # process group: without runtime.shutdown emptying that cache, each model built in a
+    # process that goes on kept its gloo groups' threads (3-4 per rank each time).
+    config = tiny_hf_config("llama3")
+    threads = [run_on_ranks(2, _build_run_and_shut_down, config) for _ in range(3)]
+    assert threads[1] == threads[2], threads

@@ -118,9 +118,28 @@ def set_seed(seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    """Tear down Megatron's parallel state and the process group (safe to call twice).
+
+    Megatron-Core's rotary embeddings cache their forward (``functools.lru_cache`` on the
+    method, keyed on the module, which holds its context-parallel group); the cache is emptied
+    here, or a process that goes on (a sweep, a notebook, the tests' reused ranks) would keep a
+    finished run's rotary modules and process groups, with their gloo threads, alive.
+    """
     from megatron.core import parallel_state
 
+    _clear_rotary_caches()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _clear_rotary_caches() -> None:
+    """Empty the forward caches of Megatron-Core's rotary embedding classes."""
+    from megatron.core.models.common.embeddings import (rotary_pos_embedding,
+                                                        yarn_rotary_pos_embedding)
+
+    for cls in (rotary_pos_embedding.RotaryEmbedding,
+                getattr(yarn_rotary_pos_embedding, "YarnRotaryEmbedding", None)):
+        cache_clear = getattr(getattr(cls, "forward", None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()

@@ -125,9 +125,9 @@ def release(parts: TrainingComponents) -> None:
     ``optimizer.build_optimizer``), whose shards are views of the parameters with autograd
     edges to their accumulator nodes, and those nodes (C++, kept by the DDP) hold the DDP's
     gradient hooks, which hold the DDP; with ``--overlap-param-gather`` every submodule holds a
-    forward pre-hook on the DDP, and Megatron's rotary embedding stays in a module-level cache.
-    Without cutting these, the run's buffers and its gloo/NCCL groups (and their threads) stay
-    alive for the rest of the process.
+    forward pre-hook on the DDP. Without cutting these, the run's buffers and its gloo/NCCL
+    groups (and their threads) stay alive for the rest of the process. (Megatron's rotary
+    embedding cache, which holds the groups too, is emptied by ``runtime.shutdown``.)
     """
     remove_schedule_hooks([parts.model])
     getattr(parts.model, "grad_accs", []).clear()
