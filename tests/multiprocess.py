@@ -15,8 +15,9 @@ import atexit
 from megatron_simpo.distributed import launch
 
 _WORLDS: dict[int, launch.LocalWorld] = {}
-# A call that leaves a model alive keeps its gloo groups' threads polling (about 0.05% of a
-# core each; a run frees them: components.release); past this many a world is replaced.
+# A call that leaves a model alive keeps its gloo groups' threads polling (their idle cost:
+# the module docstring; a run frees them: components.release, runtime.shutdown); past this many
+# a world is replaced before its next call, even mid-module.
 MAX_THREADS = 300
 LEAN_THREADS = 48
 """Threads per rank a world may hold and still outlive its test module (a fresh rank: ~10)."""
