@@ -143,3 +143,58 @@ def test_a_file_that_is_not_reference_logps_is_one_line_naming_it(tmp_path, writ
     assert "weights_only" not in line
     assert line.endswith("megatron-simpo-reference-logps writes)") or line.endswith(
         f"'other', expected {FORMAT}, written by megatron-simpo-reference-logps)")
+
+
+def _command_reference_sums(rank, hf_config, hf_state, batch, chunk):
+    """Per-sequence log-prob sums of the reference model the reference-logps command builds
+    (``run_setup.build_reference_from_config``), its checkpoint loader given the HF weights."""
+    import types
+
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training import run_setup
+    from megatron_simpo.training.step import sequence_logp_sums
+
+    config = ModelConfig.from_hf_config(hf_config)
+    parallel = ParallelConfig()
+    runtime.initialize(parallel, seed=0, model_config=config)
+    weights = hf_to_megatron(hf_state, config, config.padded_vocab_size(1))
+    settings = types.SimpleNamespace(logprob_chunk_size=chunk, parallel=parallel, bf16=False,
+                                     transformer_impl="local", fp8=None)
+    saved = run_setup._load_pretrained
+    run_setup._load_pretrained = lambda source: lambda model: load_rank_state(
+        model, weights, config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+    try:
+        model, head = run_setup.build_reference_from_config(
+            settings, types.SimpleNamespace(config=config))
+        return sequence_logp_sums(model, [batch], head)[0]
+    finally:
+        run_setup._load_pretrained = saved
+
+
+@pytest.mark.parametrize("chunk", [8, 0])
+def test_the_commands_reference_caps_gemma2_logits_as_transformers_does(chunk):
+    """Gemma-2's final-logit soft-capping: the memory-lean head (which scores hidden states
+    itself) must cap as the full-logit model does; the sums equal transformers' (fp32)."""
+    import torch
+
+    from megatron_simpo.data.collate import TokenizedPair, collate_pairs
+    from tests.test_step import _sequence_logps
+    from tests.tiny import tiny_hf_config, tiny_hf_model
+
+    hf_config = tiny_hf_config("gemma2")
+    model = tiny_hf_model(hf_config, seed=3)
+    g = torch.Generator().manual_seed(0)
+
+    def ids(low, high):
+        length = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(0, hf_config["vocab_size"], (length,), generator=g).tolist()
+
+    batch = collate_pairs([TokenizedPair(ids(1, 6), ids(1, 12), ids(1, 12)) for _ in range(4)],
+                          24)
+    with torch.no_grad():
+        expected, _ = _sequence_logps(model, batch)
+    [sums] = run_on_ranks(1, _command_reference_sums, hf_config, model.state_dict(), batch, chunk)
+    torch.testing.assert_close(sums, expected, atol=1e-5, rtol=1e-5)

@@ -68,8 +68,7 @@ def build_components(model_config: ModelConfig, parallel: ParallelConfig,
         total_iters: run length in optimizer steps; builds the learning-rate schedule.
         freeze_router: mixture of experts: the routers get no gradient and no update.
     """
-    head = LogprobHead(logprob_chunk_size, vocab_size=model_config.vocab_size,
-                       final_logit_softcapping=model_config.final_logit_softcapping)
+    head = LogprobHead.for_model(logprob_chunk_size, model_config)
     settings = dict(params_dtype=params_dtype, transformer_impl=transformer_impl, head=head)
     # Megatron's DDP gives every trained weight an fp32 main_grad: the linear layers add their
     # weight gradients into it (model/wgrad.py) instead of making them apart for DDP to add.

@@ -46,6 +46,13 @@ class LogprobHead:
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
 
+    @classmethod
+    def for_model(cls, chunk_size: int, model_config) -> "LogprobHead":
+        """The head of a model of ``model_config`` (its vocabulary and final-logit cap): the one
+        way the policy's and every reference's heads are made, so none can miss the cap."""
+        return cls(chunk_size, vocab_size=model_config.vocab_size,
+                   final_logit_softcapping=model_config.final_logit_softcapping)
+
     @property
     def full_logits(self) -> bool:
         """Whether the model returns full logits (chunk size 0), so every position can be

@@ -156,7 +156,7 @@ def build_reference_from_config(config: TrainConfig, source: ModelSource
                                 ) -> tuple[Any, LogprobHead]:
     """The run's frozen reference model alone (megatron-simpo-reference-logps), and the
     log-prob head it was built for."""
-    head = LogprobHead(config.logprob_chunk_size, vocab_size=source.config.vocab_size)
+    head = LogprobHead.for_model(config.logprob_chunk_size, source.config)
     model = build_reference(source.config, config.parallel, head=head,
                             **_model_settings(config), overrides=_reference_overrides(config),
                             load=_load_pretrained(source))
