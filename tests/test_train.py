@@ -468,10 +468,12 @@ def test_resuming_on_changed_data_is_refused_unless_overridden(tiny, tmp_path):
     assert [row["iteration"] for row in _metrics(tmp_path / "b") if "loss" in row] == [3, 4]
 
 
-def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
-    """--eval-dump: one line per held-out pair at each evaluation; its means are the eval
-    metrics, its token counts the pairs' response lengths, and its log-prob sums those of the
-    Hugging Face model the run started from (at iteration 0)."""
+@pytest.mark.parametrize("context_parallel", [1, 2])
+def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path, context_parallel):
+    """--eval-dump: one line per held-out pair at each evaluation (at DP2, and at CP2, where
+    both ranks hold every pair's sums); its means are the eval metrics, its token counts the
+    pairs' response lengths, and its log-prob sums those of the Hugging Face model the run
+    started from (at iteration 0)."""
     import torch
     import transformers
 
@@ -488,6 +490,7 @@ def test_eval_dump_holds_every_held_out_pair(tiny, tmp_path):
     cli.hf_to_megatron_main(["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "mg")])
     _, evals = run_on_ranks(2, _train, _argv(tiny, pretrained_checkpoint=tmp_path / "mg",
                                              train_iters=2, eval_interval=2, eval_dump=True,
+                                             context_parallel_size=context_parallel,
                                              save=tmp_path / "run"))[0]
     valid = load_datasets(DataConfig(train_data_path=str(tiny["train"]),
                                      valid_data_path=str(tiny["valid"]), seq_length=64,

@@ -59,12 +59,13 @@ def write_eval_dump(save: str | Path, at: int, evaluation: Evaluation,
                     microbatch_pairs: Sequence[tuple[int, ...]],
                     pairs: Sequence[TokenizedPair], loss: LossConfig) -> None:
     """Gather every rank's lines on rank 0, which writes them in pair order (atomically).
-    Call on every rank; the lines come from the first tensor-parallel rank of the last
-    pipeline stage (the others hold the same values, or none)."""
+    Call on every rank; the lines come from the first tensor- and context-parallel rank of the
+    last pipeline stage (the others hold the same values, or none)."""
     from megatron.core import parallel_state as ps
 
     rows = []
-    if evaluation.logp_sums and ps.get_tensor_model_parallel_rank() == 0:
+    if (evaluation.logp_sums and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0):
         rows = dump_rows(evaluation, microbatch_pairs, pairs, loss)
     rank = dist.get_rank()
     gathered = [None] * dist.get_world_size() if rank == 0 else None
