@@ -4,9 +4,10 @@ One spawned 4-rank gloo world runs every multi-rank check in sequence: the CP at
 plain SDPA / eager attention on the whole row (causal, packed segments, an explicit mask, a
 Gemma-2 window with soft-capping), then one SimPO step at CP2 x TP2, CP2 x PP2 and CP2 x DP2
 (distributed optimizer), causal and packed rows, shared-prompt rows packed at CP2 x TP2
-(--share-prompt: a scored token's position may sit on either CP rank), and DPO with its reference model's pass at
-CP2 x TP2 (packed). The step's reference is tests/test_step.py's
-independent one-process Hugging Face computation (which CP1 matches there).
+(--share-prompt: a scored token's position may sit on either CP rank), DPO with its reference
+model's pass at CP2 x TP2 (packed), and Gemma-3 (two RoPE tables) at CP2 x TP2 (packed). The
+step's reference is tests/test_step.py's independent one-process Hugging Face computation
+(which CP1 matches there).
 """
 
 from unittest import mock
@@ -31,6 +32,8 @@ LAYOUTS = {
 }
 # DPO: the frozen reference model's forward-only pass runs under CP too
 DPO_LAYOUT = (2, 1, 2, True, False, False)
+# Gemma-3: its second (local) RoPE table at the CP rank's positions
+GEMMA3_LAYOUT = (2, 1, 2, True, False, False)
 
 
 def _pairs(vocab: int, seed: int = 1) -> list[TokenizedPair]:
@@ -220,9 +223,10 @@ def _step(hf_config, hf_state, pairs, layout, ref_state=None):
                 config=config)
 
 
-def _world(rank, attention_configs, hf_config, hf_state, ref_state, pairs):
+def _world(rank, attention_configs, hf_config, hf_state, ref_state, gemma3, pairs):
     steps = {name: _step(hf_config, hf_state, pairs, layout) for name, layout in LAYOUTS.items()}
     steps["dpo_cp2_tp2_packed"] = _step(hf_config, hf_state, pairs, DPO_LAYOUT, ref_state)
+    steps["gemma3_cp2_tp2_packed"] = _step(*gemma3, pairs, GEMMA3_LAYOUT)
     return dict(attention=_attention_checks(attention_configs), steps=steps)
 
 
@@ -234,15 +238,19 @@ def cp_world():
     pairs = _pairs(hf_config["vocab_size"])
     ref_state = tiny_hf_model(hf_config, seed=1).state_dict()
     attention_configs = {"llama3": hf_config, "gemma2": tiny_hf_config("gemma2")}
-    results = run_on_ranks(4, _world, attention_configs, hf_config, hf_state, ref_state, pairs)
+    gemma3_config = tiny_hf_config("gemma3")
+    gemma3 = (gemma3_config, tiny_hf_model(gemma3_config).state_dict())
+    results = run_on_ranks(4, _world, attention_configs, hf_config, hf_state, ref_state, gemma3,
+                           pairs)
     batch = collate_pairs(pairs, SEQ)
-    reference = {"simpo": _reference_step(hf_config, hf_state, batch, "simpo"),
-                 "dpo": _reference_step(hf_config, hf_state, batch, "dpo", ref_state)}
-    return results, reference, hf_config
+    reference = {"simpo": (_reference_step(hf_config, hf_state, batch, "simpo"), hf_config),
+                 "dpo": (_reference_step(hf_config, hf_state, batch, "dpo", ref_state), hf_config),
+                 "gemma3": (_reference_step(*gemma3, batch, "simpo"), gemma3_config)}
+    return results, reference
 
 
 def test_context_parallel_attention_equals_whole_row_attention(cp_world):
-    results, _, _ = cp_world
+    results, _ = cp_world
     for rank, result in enumerate(results):
         assert set(result["attention"]) == {
             "llama3_causal", "llama3_packed", "llama3_explicit", "gemma2_causal", "gemma2_packed",
@@ -251,10 +259,11 @@ def test_context_parallel_attention_equals_whole_row_attention(cp_world):
             assert out_diff <= 1e-5 and grad_diff <= 1e-5, (rank, name, out_diff, grad_diff)
 
 
-@pytest.mark.parametrize("name", [*sorted(LAYOUTS), "dpo_cp2_tp2_packed"])
+@pytest.mark.parametrize("name", [*sorted(LAYOUTS), "dpo_cp2_tp2_packed", "gemma3_cp2_tp2_packed"])
 def test_context_parallel_step_matches_single_process_reference(cp_world, name):
-    results, reference, hf_config = cp_world
-    loss, grads, grad_norm, params = reference["dpo" if name.startswith("dpo") else "simpo"]
+    results, reference = cp_world
+    (loss, grads, grad_norm, params), hf_config = reference[
+        name.split("_")[0] if name.startswith(("dpo", "gemma3")) else "simpo"]
     steps = [result["steps"][name] for result in results]
     for step in steps:
         assert abs(step["metrics"]["loss"] - loss) <= 1e-5, (step["metrics"]["loss"], loss)

@@ -170,21 +170,31 @@ def _rope_worker(rank, positions):
     model = SimpleNamespace(rotary_pos_emb=rope, max_sequence_length=64)
     shared = rope(positions.shape[1])  # [s, 1, 1, d]: what GPTModel hands its layers
     plain = torch.arange(positions.shape[1]).expand_as(positions)
+    # a CP rank's share of a packed row: positions 0..s-1 inside a longer segment, whose
+    # length GPTModel sizes its angles by
+    longest = rope(positions.shape[1] + 6)
     return (_rotary_at_positions(model, shared, positions),
-            _rotary_at_positions(model, shared, plain) is shared)
+            _rotary_at_positions(model, shared, plain) is shared,
+            _rotary_at_positions(model, longest, plain))
 
 
 def test_rope_follows_restarting_position_ids():
     """RoPE angles of a packed row are those of each sequence's own positions (RoPE is
     relative, so the logits above barely see an offset; the angles must still restart)."""
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [0, 1, 0, 1, 2, 3, 4, 5, 0, 1]])
-    [(got, plain_untouched)] = run_on_ranks(1, _rope_worker, positions)
+    [(got, plain_untouched, in_longer_segment)] = run_on_ranks(1, _rope_worker, positions)
     inverse = 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
-    angles = positions.t().double().unsqueeze(-1) * inverse  # [s, b, d/2]
-    expected = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # [s, b, 1, d]
+
+    def expected(at):
+        angles = at.t().double().unsqueeze(-1) * inverse  # [s, b, d/2]
+        return torch.cat([angles, angles], dim=-1).unsqueeze(2)  # [s, b, 1, d]
+
     assert got.shape == (10, 2, 1, 8)
-    assert (got.double() - expected).abs().max().item() <= 1e-6
+    assert (got.double() - expected(positions)).abs().max().item() <= 1e-6
     assert plain_untouched  # unpacked rows keep GPTModel's shared angles, bit for bit
+    plain = torch.arange(10).expand(2, -1)
+    assert in_longer_segment.shape == (10, 2, 1, 8)
+    assert (in_longer_segment.double() - expected(plain)).abs().max().item() <= 1e-6
 
 
 def test_gemma2_test_config_really_caps_and_slides():

@@ -29,8 +29,12 @@ def _rotary_at_positions(model, rotary_pos_emb: torch.Tensor, position_ids: torc
     if position_ids is None or rotary_pos_emb is None:
         return rotary_pos_emb
     s = position_ids.shape[-1]
-    if torch.equal(position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
-        return rotary_pos_emb  # the usual case: nothing to change, bit for bit
+    # The usual case, nothing to change (bit for bit): Megatron's angles are those of 0..s-1.
+    # Packed rows' angles are sized by their longest segment, which under CP can be longer than
+    # a rank's s tokens even where the rank's positions are 0..s-1.
+    if rotary_pos_emb.shape[0] == s and torch.equal(
+            position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
+        return rotary_pos_emb
     table = (rope or model.rotary_pos_emb)(model.max_sequence_length)  # [L, 1, 1, d]
     return table[position_ids.t()].squeeze(2)
 
@@ -105,11 +109,13 @@ def gpt_model_class():
             if embedding_scale is not None and self.pre_process:
                 self.embedding.register_forward_hook(
                     functools.partial(_scale_embedding, embedding_scale))
-            if self.config.context_parallel_size > 1 and hasattr(self, "rotary_pos_emb"):
+            if self.config.context_parallel_size > 1:
                 # Megatron would cut the rank's chunks out of 0..s-1 itself (through pinned
                 # memory, which a CPU lacks): the angles are taken at the rank's positions
-                # instead (_context_parallel_positions), the same ones.
-                self.rotary_pos_emb.cp_group = None
+                # instead (_context_parallel_positions), the same ones. Gemma-3's local table too.
+                for rope in (getattr(self, "rotary_pos_emb", None), self.local_rotary_pos_emb):
+                    if rope is not None:
+                        rope.cp_group = None
             if final_logit_softcapping is not None and self.post_process:
                 self.output_layer.register_forward_hook(
                     functools.partial(_softcap_logits, final_logit_softcapping))
