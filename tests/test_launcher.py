@@ -193,6 +193,38 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
     assert 1 <= stopped < 2000
 
 
+def test_sigterm_to_the_launcher_saves_and_exits_0(demo_assets, tmp_path):
+    """Slurm's scancel and Ctrl-C reach the launcher (torchrun's agent) too: it passes the
+    signal on, waits for the ranks to save (torchrun would kill them after 30 s), and ends
+    with exit code 0 and no traceback."""
+    import signal
+    import time
+
+    from megatron_simpo.cli import launch
+
+    run_dir = _demo_folder(tmp_path, demo_assets, "run")
+    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, "--log-interval", 1,
+                       "--eval-interval", 100000, "--save-interval", 100000)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= stopped < 2000 and f"> stopped at iteration {stopped}: a stop signal" in out
+    # torchrun's 30 s deadline is lifted unless the user sets one
+    from torch.distributed.run import parse_args
+
+    args = parse_args(["--nproc-per-node", "2", "-m", launch.TRAIN_MODULE])
+    launch.wait_for_stopping_ranks(args)
+    assert args.shutdown_timeout == launch.STOPPING_RANKS_WAIT
+
+
 def test_launcher_reports_a_bad_flag_once(tmp_path):
     from megatron_simpo.model.tiny import write_default
 

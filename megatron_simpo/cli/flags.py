@@ -236,6 +236,14 @@ LAUNCHER_ERRORS = "MEGATRON_SIMPO_LAUNCHER_ERRORS"
 """Environment variable: the folder where ranks started by the launcher leave their one line."""
 
 
+def note_finished() -> None:
+    """Under the launcher, leave ``rank<RANK>.done`` in its folder: this rank ended well (so a
+    launcher that was signalled knows its ranks saved and stopped rather than died)."""
+    folder = os.environ.get(LAUNCHER_ERRORS)
+    if folder:
+        open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.done"), "w").close()
+
+
 def run_command(prog: str, call: Callable[[], T], *,
                 errors: Mapping[type | tuple[type, ...], int] | None = None,
                 distributed: bool = False) -> T:

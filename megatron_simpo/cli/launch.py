@@ -18,6 +18,9 @@ ending.
   so two jobs on one machine do not collide on torchrun's 29500. Several nodes need a port
   they agree on: ``--master-port`` / ``MASTER_PORT`` (default 29500, as torchrun). A port
   given that is taken here is one line and exit code 2.
+* **A signal to this process stops the run as one to a rank does.** The agent passes it on, the
+  ranks save at their next step boundary, and this command exits 0; it waits for them as long
+  as that takes (:func:`wait_for_stopping_ranks`), not torchrun's 30 s.
 * Ranks started here ask the kernel to stop them when this process dies (``cli.train``).
 """
 
@@ -41,6 +44,8 @@ SETUP_ERRORS = (ValueError, OSError, RuntimeError)
 """A start-up check's failure: the user's mistake (exit code 2), as ``cli.train`` reports it."""
 RANK_VERDICTS = (2, 3)
 """Exit codes of a rank that has said why in one line (``cli.train``): passed on as they are."""
+STOPPING_RANKS_WAIT = 24 * 3600
+"""Seconds the agent waits for signalled ranks to save and stop (``wait_for_stopping_ranks``)."""
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 
 
@@ -166,25 +171,56 @@ def _rank_line(folder: str, first_rank: int) -> str | None:
     return None
 
 
+def wait_for_stopping_ranks(args) -> None:
+    """A signal to this process (Slurm's ``scancel``, Ctrl-C) reaches the agent, which passes it
+    to the ranks; they save at their next step boundary and exit 0. torchrun kills them
+    ``--shutdown-timeout`` seconds later (default 30), often mid-save: unless the user gives
+    one (the flag or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``), the agent waits for them here (a
+    second signal still ends them at once)."""
+    if (getattr(args, "shutdown_timeout", 0) is None
+            and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ):
+        args.shutdown_timeout = STOPPING_RANKS_WAIT
+
+
+def _all_ranks_finished(folder: str, args) -> bool:
+    """Whether every rank of this node left its ``rank<RANK>.done`` (``flags.note_finished``)."""
+    from torch.distributed.run import determine_local_world_size
+
+    done = [name for name in os.listdir(folder) if name.endswith(".done")]
+    return len(done) == determine_local_world_size(args.nproc_per_node)
+
+
 def start_ranks(args) -> int:
     """Run torchrun's agent on ``args``; the exit code this command ends with."""
     import tempfile
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
     with tempfile.TemporaryDirectory(prefix="megatron-simpo-launch-") as folder, \
             _agent_logs_held() as held:
         os.environ[LAUNCHER_ERRORS] = folder  # the ranks inherit it
+        signalled = None
         try:
             run(args)
             failure = None
         except ChildFailedError as error:
             failure = error
+        except SignalException as error:  # passed on to the ranks, which have ended since
+            failure, signalled = None, error
         finally:
             os.environ.pop(LAUNCHER_ERRORS, None)
+        if signalled is not None and _all_ranks_finished(folder, args):
+            return 0  # they saved and stopped, and said so
         first_rank, first = failure.get_first_failure() if failure else (None, None)
         line = _rank_line(folder, first_rank) if failure else None
+    if signalled is not None:
+        for record in held.records:
+            logging.getLogger("torch").handle(record)
+        print(f"{PROG}: launch: {signalled.sigval.name} arrived and the ranks were stopped "
+              "before they had saved", file=sys.stderr, flush=True)
+        return 1
     if first is not None and first.exitcode in RANK_VERDICTS:
         if line:
             print(line, file=sys.stderr, flush=True)
@@ -206,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     choose_rendezvous(args)
     run_command(PROG, lambda: (check_master_port(args), preflight(config, world_size_of(args))),
                 errors={SETUP_ERRORS: 2})
+    wait_for_stopping_ranks(args)
     raise SystemExit(start_ranks(args))
 
 

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     from megatron_simpo.checkpoint import checkpointing
     from megatron_simpo.checkpoint.metrics_file import MetricsFileError
     from megatron_simpo.cli.arguments import PROG, parse_args
-    from megatron_simpo.cli.flags import run_command
+    from megatron_simpo.cli.flags import note_finished, run_command
     from megatron_simpo.data.config import DataError
     from megatron_simpo.distributed.lifecycle import die_with_parent
     from megatron_simpo.distributed.runtime import PortInUse
@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     run_command(PROG, lambda: run(config, prepared), distributed=True,
                 errors={RunFailed: 3, (checkpointing.CheckpointError, DataError, PortInUse,
                                        ResumeError, MetricsFileError): 2})
+    note_finished()
 
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes
