@@ -387,7 +387,8 @@ def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, mo
     prepare(parse_args(_argv(tiny, train_iters=2, save=other, overwrite=True)))  # accepted
     # A resumed run must not find later iterations in its --save: here it resumes from 1.
     run = tmp_path / "run"
-    run_on_ranks(1, _train, _argv(tiny, train_iters=3, save=run, save_interval=1))
+    run_on_ranks(1, _train, _argv(tiny, train_iters=3, save=run, save_interval=1,
+                                  eval_interval=1, eval_dump=True))
     (run / "latest_checkpointed_iteration.txt").write_text("1\n")
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=3, load=run, save=run))
     assert f"--save {run} holds iterations after the resumed one (1): 2, 3" in err
@@ -396,6 +397,8 @@ def test_a_save_folder_holding_another_run_is_refused(tiny, tmp_path, capsys, mo
     assert len(losses) == 2
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert [row["iteration"] for row in _metrics(run) if "loss" in row] == [1, 2, 3]
+    # the replaced iterations' per-pair dumps go with their metrics lines
+    assert sorted(p.name for p in (run / "eval_dump").iterdir()) == ["iter_0000000.jsonl"]
 
 
 def _train_until_the_disk_is_full(rank, argv):

@@ -55,6 +55,16 @@ def dump_rows(evaluation: Evaluation, microbatch_pairs: Sequence[tuple[int, ...]
     return rows
 
 
+def drop_dumps_from(save: str | Path, iteration: int) -> None:
+    """Remove the dumps of ``iteration`` and later from ``save`` (rank 0), as metrics.jsonl drops
+    its lines: all of them for a fresh run (``--overwrite``), those a resumed run evaluates
+    again or passes for a resumed one."""
+    for path in (Path(save) / FOLDER).glob("iter_*.jsonl*"):
+        number = path.name[len("iter_"):].split(".")[0]
+        if number.isdigit() and int(number) >= iteration:
+            path.unlink()
+
+
 def write_eval_dump(save: str | Path, at: int, evaluation: Evaluation,
                     microbatch_pairs: Sequence[tuple[int, ...]],
                     pairs: Sequence[TokenizedPair], loss: LossConfig) -> None:

@@ -15,6 +15,7 @@ from megatron_simpo.distributed import runtime
 from megatron_simpo.training.checkpointer import Checkpointer, RunFailed
 from megatron_simpo.training.components import release
 from megatron_simpo.training.config import TrainConfig
+from megatron_simpo.training.eval_dump import drop_dumps_from
 from megatron_simpo.training.evaluator import Evaluator
 from megatron_simpo.training.guards import StepHealth
 from megatron_simpo.distributed.lifecycle import StopRequests
@@ -132,6 +133,8 @@ class _Session:
         self.writer = MetricsWriter(self.config.save, self.config.tensorboard_dir, self.env.rank,
                                     state.iteration if resumed else None)
         self.say(self.writer.warning)
+        if self.config.save and self.env.rank == 0:
+            drop_dumps_from(self.config.save, state.iteration if resumed else 0)
         self.summary = TrainSummary(iteration=state.iteration)
         # Whether the optimizer has state to save: not before its first update of a new run.
         self.updated = resumed
