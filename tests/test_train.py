@@ -253,6 +253,9 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     assert "--recompute-method and --recompute-num-layers go with --recompute-granularity full" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
     assert "--fp16 is not supported" in err
+    monkeypatch.setattr("megatron_simpo.training.metrics.TENSORBOARD_PACKAGE", "tensorboard_not_here")
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, tensorboard_dir=tmp_path))
+    assert "--tensorboard-dir needs the tensorboard_not_here package (pip install tensorboard_not_here)" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1,
                                                  override_opt_param_scheduler=True))
     assert "--override-opt-param-scheduler applies to a resume: it needs --load" in err

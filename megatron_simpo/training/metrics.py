@@ -21,6 +21,19 @@ from megatron_simpo.training.step import StepResult
 
 
 
+TENSORBOARD_PACKAGE = "tensorboard"
+"""What ``torch.utils.tensorboard`` needs installed for ``--tensorboard-dir``."""
+
+
+def check_tensorboard(tensorboard_dir: str | None) -> None:
+    """Refuse ``--tensorboard-dir`` before any work where its package is missing."""
+    import importlib.util
+
+    if tensorboard_dir and importlib.util.find_spec(TENSORBOARD_PACKAGE) is None:
+        raise ValueError(f"--tensorboard-dir needs the {TENSORBOARD_PACKAGE} package "
+                         f"(pip install {TENSORBOARD_PACKAGE})")
+
+
 class MetricsWriter:
     """Rank 0 writes metrics.jsonl (and TensorBoard events when asked and installed).
 

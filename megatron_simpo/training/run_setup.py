@@ -16,6 +16,7 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.training.components import TrainingComponents, build_components, build_reference
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.logprob_head import LogprobHead
+from megatron_simpo.training.metrics import check_tensorboard
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 from megatron_simpo.checkpoint.layout import check_writable_folder
 from megatron_simpo.training.resume import check_resume
@@ -77,6 +78,7 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         config.moe.check_shared_prompt(source.config)
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
+    check_tensorboard(config.tensorboard_dir)
     if config.save:
         check_save_folder(config, source)
     if source.resume_from is not None:
