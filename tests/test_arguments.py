@@ -244,6 +244,29 @@ def test_pairs_options_are_validated_naming_the_flag(argv, message, capsys):
     assert line.startswith("build_pairs: error: ") and message in line
 
 
+@pytest.mark.parametrize("command, base", [
+    ("generate_answers", ["--benchmark", "arena_hard", "--questions", "q.jsonl", "--output", "o"]),
+    ("build_pairs", ["--prompts-path", "p.jsonl", "--output", "pairs.jsonl", "--reward-fn", "m:f"]),
+])
+def test_hf_out_replaces_an_earlier_export_and_nothing_else(command, base, tmp_path, capsys):
+    from megatron_simpo.convert.export_marker import EXPORT_MARKER
+
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    argv = base + ["--load", "run", "--hf-out", str(folder)]
+    with pytest.raises(SystemExit) as info:
+        _commands()[command].parse(argv)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"{command}: error: --hf-out {folder} holds files that are not an export of "
+                    f"this project (no {EXPORT_MARKER}); give a new or empty folder (see --help)")
+    (folder / EXPORT_MARKER).write_text("{}")  # an earlier export (a resumed command's)
+    assert _commands()[command].parse(argv)["config"].hf_out == str(folder)
+    assert _commands()[command].parse(base + ["--load", "run", "--hf-out",
+                                              str(tmp_path / "new")])["config"]
+
+
 def test_list_flags_take_several_values():
     parsed = _commands()["build_pairs"].parse(["--prompts-path", "p", "--output", "o.parquet",
                                                "--hf", "h", "--reward-fn", "m:f",

@@ -232,6 +232,12 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
     assert (expected[..., :logits.shape[-1]] - logits).abs().max() <= 1e-5
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    # A run from --model-config has no original config.json: the special tokens come from its
+    # tokenizer, so transformers' generate stops at the tokenizer's end of turn.
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(model.config, name) == getattr(generation, name) == \
+            getattr(tokenizer, name) is not None, name
     from safetensors.torch import load_file
 
     at_2 = load_file(tmp_path / "hf_it2" / "model.safetensors")

@@ -20,6 +20,7 @@ import torch
 from megatron_simpo.checkpoint import checkpointing, streaming
 from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
+from megatron_simpo.convert.export_marker import EXPORT_MARKER
 from megatron_simpo.convert.llama import (expected_hf_shape, hf_names_for, hf_tensors_from,
                                           megatron_names)
 from megatron_simpo.model.builder import build_model
@@ -86,6 +87,8 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
     base = json.loads((base_dir / "config.json").read_text()) \
         if base_dir and (base_dir / "config.json").is_file() else None
     hf_config = hf_config_dict(config, base, out_dtype)
+    if base is None and "tokenizer" in assets:
+        hf_config = _with_special_tokens(hf_config, assets["tokenizer"])
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if base_dir and (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", staging / "generation_config.json")
@@ -97,7 +100,23 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
         for file in assets["tokenizer"].iterdir():
             if file.is_file():
                 shutil.copy2(file, staging / file.name)
+    (staging / EXPORT_MARKER).write_text(json.dumps({"load": str(checkpoint)}) + "\n")
     if save.exists():
         shutil.rmtree(save)
     staging.rename(save)
     return save
+
+
+def _with_special_tokens(hf_config: dict, tokenizer_dir: Path) -> dict:
+    """``hf_config`` with the tokenizer's bos/eos/pad ids where it names none (a run from
+    ``--model-config`` has no original config.json): without them transformers' ``generate``
+    stops at a default id, not at the tokenizer's end of turn."""
+    missing = [k for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if hf_config.get(k) is None]
+    if not missing:
+        return hf_config
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    found = {k: getattr(tokenizer, k) for k in missing if getattr(tokenizer, k, None) is not None}
+    return {**hf_config, **found}

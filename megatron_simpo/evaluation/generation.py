@@ -21,6 +21,7 @@ from typing import Callable, Literal
 from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
                                                read_questions, write_answers)
 from megatron_simpo.evaluation.judge_metadata import token_counter
+from megatron_simpo.convert.export_marker import check_replaceable
 
 
 def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
@@ -167,6 +168,17 @@ def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
     return sample
 
 
+def check_model_source(hf: str | None, load: str | None, hf_out: str | None) -> None:
+    """The model flags of a command that generates: one of --hf and --load, and --hf-out (with
+    --load) new, empty or an earlier export, which the export replaces."""
+    if (hf is None) == (load is None):
+        raise ValueError("give one of --hf and --load")
+    if hf_out and not load:
+        raise ValueError("--hf-out goes with --load (it is where the checkpoint is exported)")
+    if hf_out:
+        check_replaceable(hf_out, "--hf-out")
+
+
 def model_folder(stack: contextlib.ExitStack, *, hf: str | None, load: str | None,
                  hf_out: str | None) -> Path:
     """The Hugging Face folder to generate with: ``hf``, or the Megatron checkpoint ``load``
@@ -237,8 +249,7 @@ class AnswersConfig:
     vLLM)"""
 
     def __post_init__(self) -> None:
-        if (self.hf is None) == (self.load is None):
-            raise ValueError("give one of --hf and --load")
+        check_model_source(self.hf, self.load, self.hf_out)
         for flag, value in (("--batch-size", self.batch_size),
                             ("--max-new-tokens", self.max_new_tokens),
                             ("--tensor-parallel-size", self.tensor_parallel_size)):
@@ -246,8 +257,6 @@ class AnswersConfig:
                 raise ValueError(f"{flag} must be >= 1")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError("--temperature must be >= 0")
-        if self.hf_out and not self.load:
-            raise ValueError("--hf-out goes with --load (it is where the checkpoint is exported)")
 
     @property
     def overrides(self) -> dict:

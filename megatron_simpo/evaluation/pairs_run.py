@@ -100,12 +100,9 @@ class PairsConfig:
     (once), and still dropped"""
 
     def __post_init__(self) -> None:
-        if (self.hf is None) == (self.load is None):
-            raise ValueError("give one of --hf and --load")
+        generation.check_model_source(self.hf, self.load, self.hf_out)
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ValueError("give one of --reward-model and --reward-fn")
-        if self.hf_out and not self.load:
-            raise ValueError("--hf-out goes with --load (it is where the checkpoint is exported)")
         if self.trust_remote_code and not self.reward_model:
             raise ValueError("--trust-remote-code goes with --reward-model")
         for flag, value in (("--batch-size", self.batch_size),
