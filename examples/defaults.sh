@@ -10,6 +10,7 @@ SAME_MEANING=(
   "--model-config --pretrained-checkpoint"
   "--valid-data-path --valid-fraction"
   "--data-cache-dir --data-cache-path"
+  "--micro-batch-size --max-tokens-per-microbatch"
 )
 
 replaced_by_user() {  # is default flag $1 set by the user's arguments (the rest)?

@@ -20,7 +20,8 @@
 # GPU recipe also TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by
 # default when TP > 1) and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra
 # arguments are passed on to megatron_simpo.cli.train (megatron-simpo-train) and override the
-# defaults and the recipe's flags of the same meaning (e.g. --lr 5e-7).
+# defaults and the recipe's flags of the same meaning (e.g. --lr 5e-7); an --algorithm replaces
+# the default recipe (not a RECIPE you set).
 # The package must be installed (pip install ., or make setup).
 set -euo pipefail
 
@@ -63,7 +64,10 @@ case "$MODEL" in
     ;;
   llama3-8b-instruct|recipe)
     : "${CHECKPOINT:?set CHECKPOINT to a Megatron checkpoint from megatron-simpo-convert-hf-to-megatron}"
-    RECIPE=${RECIPE:-llama3-8b-instruct-simpo}
+    if [ -z "${RECIPE:-}" ]; then  # the default recipe gives way to an --algorithm of yours
+      RECIPE=llama3-8b-instruct-simpo
+      RECIPE_BY_DEFAULT=1
+    fi
     GPUS_PER_NODE=${GPUS_PER_NODE:-8}
     SAVE=${SAVE:-outputs/$RECIPE}
     TP=${TP:-2}
@@ -108,6 +112,7 @@ esac
 # spelling of the same setting (examples/defaults.sh). (beta 2.5 and gamma = 0.55 x beta are the
 # library's defaults.)
 source "$REPO/examples/defaults.sh"
+if [ -n "${RECIPE_BY_DEFAULT:-}" ]; then SAME_MEANING+=("--recipe --algorithm"); fi
 keep_defaults_not_given "$@"
 
 # megatron_simpo.cli.launch checks the command line, the data, the checkpoints and --save once,

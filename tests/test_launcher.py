@@ -404,3 +404,28 @@ def test_moe_launcher_defaults_give_way_to_flags_of_the_same_meaning():
     layout = train[train.index("--tensor-model-parallel-size"):][:8]
     assert layout == ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4",
                       "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]
+
+
+def test_llama3_launcher_defaults_give_way_to_flags_of_the_same_meaning():
+    """examples/train_simpo_llama3.sh (PYTHON=echo): a token budget replaces the default
+    micro-batch size, and an --algorithm the default recipe (a RECIPE you set stays, and the
+    contradiction is then yours to hear about)."""
+    def train_flags(extra_env, *args):
+        env = dict(os.environ, CHECKPOINT="/ckpt", DATA="/data.jsonl", PYTHON="echo",
+                   **extra_env)
+        env.pop("RECIPE", None)
+        env.update(extra_env)
+        completed = subprocess.run(["bash", str(ROOT / "examples" / "train_simpo_llama3.sh"),
+                                    *args], env=env, capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 0, completed.stderr
+        argv = completed.stdout.split()
+        return argv[argv.index("--") + 1:]
+
+    tiny = train_flags({"MODEL": "tiny", "SAVE": "/nowhere"}, "--pack-sequences",
+                       "--max-tokens-per-microbatch", "512")
+    assert "--micro-batch-size" not in tiny and tiny[-2:] == ["--max-tokens-per-microbatch", "512"]
+    dpo = train_flags({}, "--algorithm", "dpo")
+    assert "--recipe" not in dpo and dpo[-2:] == ["--algorithm", "dpo"]
+    chosen = train_flags({"RECIPE": "gemma2-9b-it-simpo"}, "--algorithm", "dpo")
+    assert chosen[chosen.index("--recipe") + 1] == "gemma2-9b-it-simpo"
+
