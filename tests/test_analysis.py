@@ -85,6 +85,13 @@ def test_summary_figures_equal_an_independent_computation(tmp_path):
     assert other["kl_from_reference"][0][1] == -summary["kl_from_reference"][1][1]
 
 
+def test_the_summary_is_strict_json():
+    from megatron_simpo.evaluation.analysis import strict_json
+
+    text = strict_json({"length_vs_mean_logp": float("nan"), "kl": [[4, float("-inf")], [5, 0.5]]})
+    assert json.loads(text) == {"length_vs_mean_logp": None, "kl": [[4, None], [5, 0.5]]}
+
+
 def test_the_tool_writes_plots_and_a_summary(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = _fake_run(tmp_path / "run")

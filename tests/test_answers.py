@@ -266,3 +266,17 @@ def test_data_errors_of_the_command_are_one_line_without_usage(tmp_path, capsys,
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("generate_answers: error: ") and message in line
     assert "usage" not in line
+
+
+def test_vllm_backend_where_vllm_is_missing_is_the_users_mistake(monkeypatch):
+    import importlib.util
+
+    from megatron_simpo.evaluation import generation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ValueError, match=r"^--backend vllm needs the vllm package"):
+        generation.pick_backend("vllm")
+    assert generation.pick_backend("auto") == generation.pick_backend("transformers") == \
+        "transformers"

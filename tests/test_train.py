@@ -763,3 +763,18 @@ def test_resume_rules_on_the_run_length_in_iterations(tiny, tmp_path):
         check_resume(shorter, saved, tmp_path, 20)
     assert str(error.value) == (f"--load {tmp_path} is at iteration 32, past the run's 20 "
                                 "iterations (--train-iters 20)")
+
+
+def test_a_run_without_validation_pairs_says_so(tiny):
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.data.collate import TokenizedPair
+    from megatron_simpo.data.sampler import PairSampler
+    from megatron_simpo.training.training_data import TrainingData
+
+    config = parse_args(_argv(tiny, train_iters=1))
+    pairs = [TokenizedPair([1, 2], [3], [4, 5])] * 8
+    data = TrainingData(pairs, [], 0, PairSampler(8, 8, 0), 1)
+    assert "warning: no validation pairs (--valid-data-path or --valid-fraction): no held-out " \
+           "metrics this run" in data.warnings(config, 1)
+    assert not any("validation" in w for w in
+                   TrainingData(pairs, pairs, 0, PairSampler(8, 8, 0), 1).warnings(config, 1))

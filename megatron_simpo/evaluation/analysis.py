@@ -235,6 +235,20 @@ class AnalysisConfig:
     the KL estimate (default: the run's iteration-0 dump)"""
 
 
+def strict_json(value) -> str:
+    """``value`` as strict JSON: an undefined number (a correlation of constant lengths, NaN)
+    is null, which every JSON reader takes."""
+    def clean(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+    return json.dumps(clean(value), indent=1, allow_nan=False)
+
+
 def analyze(config: AnalysisConfig) -> Path:
     """Write the plots and summary.json, print where and the length correlations; a run that
     cannot be analysed raises :class:`RunError` naming what is missing. A rounds' root (no
@@ -257,7 +271,7 @@ def analyze(config: AnalysisConfig) -> Path:
     if "margins" in summary:
         compact["margins"] = {w: {k: v for k, v in m.items() if k != "values"}
                               for w, m in summary["margins"].items()}
-    (out / "summary.json").write_text(json.dumps(compact, indent=1))
+    (out / "summary.json").write_text(strict_json(compact))
     print(f"> analysis of {config.run}: {', '.join(p.name for p in written)} and summary.json "
           f"in {out}")
     for skipped in summary["skipped"]:

@@ -195,15 +195,19 @@ def model_folder(stack: contextlib.ExitStack, *, hf: str | None, load: str | Non
 
 
 def pick_backend(name: str) -> str:
-    """auto: vLLM where it is installed and a GPU is present, else transformers."""
-    if name != "auto":
-        return name
+    """auto: vLLM where it is installed and a GPU is present, else transformers; vllm asked for
+    where it is not installed is the user's mistake (one line)."""
     import importlib.util
 
+    installed = importlib.util.find_spec("vllm") is not None
+    if name == "vllm" and not installed:
+        raise ValueError("--backend vllm needs the vllm package (pip install vllm; on a CUDA "
+                         "machine), or --backend transformers")
+    if name != "auto":
+        return name
     import torch
 
-    return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else \
-        "transformers"
+    return "vllm" if installed and torch.cuda.is_available() else "transformers"
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,10 @@ class TrainingData:
                          "--identical-pairs refuse stops on them instead")
         usable = self.usable_valid_pairs(config, dp_size)
         per_step = (config.micro_batch_size or 1) * dp_size
-        if self.valid_pairs and usable == 0:
+        if not self.valid_pairs:
+            found.append("warning: no validation pairs (--valid-data-path or --valid-fraction): "
+                         "no held-out metrics this run")
+        elif usable == 0:
             found.append(f"warning: the validation set has {len(self.valid_pairs)} pair(s), fewer "
                          f"than one micro-batch per data-parallel rank ({per_step}): no "
                          "evaluation")
