@@ -242,6 +242,8 @@ def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
     ("question", "q.jsonl:2: 'turns' must be a list of strings"),
     ("answer", "model_answer/m.jsonl:1: not an answer row (no 'question_id')"),
     ("output", "data: cannot make the folder"),
+    ("settings", "model_answer/m.jsonl holds answers made with other settings (seed 0 -> 1; "
+                 "temperature None -> 0.5): give the same ones to complete it"),
 ])
 def test_data_errors_of_the_command_are_one_line_without_usage(tmp_path, capsys, monkeypatch,
                                                                case, message):
@@ -258,10 +260,23 @@ def test_data_errors_of_the_command_are_one_line_without_usage(tmp_path, capsys,
         (output / "model_answer" / "m.jsonl").write_text(json.dumps({"answer": "x"}) + "\n")
     if case == "output":  # --output names a file where a folder is needed
         output.write_text("a file")
+    argv = ["--benchmark", "mt_bench", "--questions", "q.jsonl", "--output", str(output),
+            "--hf", "hf", "--model-id", "m", "--backend", "transformers"]
+    if case == "settings":  # a run stopped after its first answer, resumed with other sampling
+        from megatron_simpo.evaluation import generation
+
+        (output / "model_answer").mkdir(parents=True)
+        answers = output / "model_answer" / "m.jsonl"
+        answers.write_text(json.dumps({"question_id": 81, "choices": []}) + "\n")
+        config = generation.AnswersConfig(benchmark="mt_bench", questions="q.jsonl",
+                                          output=str(output), hf="hf", model_id="m")
+        generation.keep_settings(answers, dict(
+            model=str((tmp_path / "hf").resolve()), backend="transformers", seed=0,
+            dtype="auto", apply_chat_template=True, **config.overrides))
+        argv += ["--seed", "1", "--temperature", "0.5"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        main(["--benchmark", "mt_bench", "--questions", "q.jsonl", "--output", str(output),
-              "--hf", "hf", "--model-id", "m", "--backend", "transformers"])
+        main(argv)
     assert info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("generate_answers: error: ") and message in line

@@ -167,11 +167,9 @@ def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tm
     assert abs(first_eval["eval/loss"] - 0.6931471805599453) <= 1e-6  # policy == reference
 
 
-def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, tmp_path):
-    import signal
+def _long_run_after_its_first_step(demo_assets, tmp_path) -> tuple[Path, subprocess.Popen]:
+    """A 2,000-iteration launcher run, once its first step is in metrics.jsonl."""
     import time
-
-    import psutil
 
     run_dir = _demo_folder(tmp_path, demo_assets, "run")
     launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, "--log-interval", 1,
@@ -182,6 +180,15 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
         if metrics.is_file() and '"loss"' in metrics.read_text():
             break
         time.sleep(0.2)
+    return run_dir, launcher
+
+
+def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, tmp_path):
+    import signal
+
+    import psutil
+
+    run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
              if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
     assert len(ranks) == 2
@@ -198,19 +205,10 @@ def test_sigterm_to_the_launcher_saves_and_exits_0(demo_assets, tmp_path):
     signal on, waits for the ranks to save (torchrun would kill them after 30 s), and ends
     with exit code 0 and no traceback."""
     import signal
-    import time
 
     from megatron_simpo.cli import launch
 
-    run_dir = _demo_folder(tmp_path, demo_assets, "run")
-    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, "--log-interval", 1,
-                       "--eval-interval", 100000, "--save-interval", 100000)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and '"loss"' in metrics.read_text():
-            break
-        time.sleep(0.2)
+    run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path)
     launcher.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-3000:]

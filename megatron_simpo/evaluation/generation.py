@@ -13,6 +13,8 @@ The answer files and sampling defaults are ``answers.py``'s; the options are
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +270,27 @@ class AnswersConfig:
                     max_new_tokens=self.max_new_tokens)
 
 
+def keep_settings(answers: Path, settings: dict) -> None:
+    """Record what makes ``answers`` (the model, backend, seed, sampling) beside it, in
+    ``<file>.settings.json``; a resume that would complete the file with other settings is
+    refused, naming each difference (files written before this record are not checked)."""
+    record = answers.with_name(answers.name + ".settings.json")
+    if answers.is_file() and record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{record}: not a settings record; move it away") from None
+        differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
+                  if saved.get(key) != value]
+        if differ:
+            raise ValueError(f"{answers} holds answers made with other settings "
+                             f"({'; '.join(differ)}): give the same ones to complete it, or "
+                             "another --output or --model-id")
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(partial, record)
+
+
 def generate_answers(config: AnswersConfig) -> Path:
     """Write (or complete) the answer file; every input is checked before any model loads
     (ValueError naming the flag or file)."""
@@ -288,6 +311,9 @@ def generate_answers(config: AnswersConfig) -> Path:
         raise ValueError(f"--output {config.output}: cannot make the folder {answers.parent} "
                          f"({error.strerror or error})") from None
     answered(config.benchmark, answers)
+    keep_settings(answers, dict(
+        model=str(Path(config.load or config.hf).resolve()), backend=backend, seed=config.seed,
+        dtype=config.dtype, apply_chat_template=config.apply_chat_template, **config.overrides))
     with contextlib.ExitStack() as stack:
         hf_dir = model_folder(stack, hf=config.hf, load=config.load, hf_out=config.hf_out)
         options = dict(seed=config.seed, dtype=config.dtype,
