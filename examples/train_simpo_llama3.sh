@@ -20,8 +20,8 @@
 # GPU recipe also TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by
 # default when TP > 1) and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra
 # arguments are passed on to megatron_simpo.cli.train (megatron-simpo-train) and override the
-# defaults and the recipe's flags of the same meaning (e.g. --lr 5e-7); an --algorithm replaces
-# the default recipe (not a RECIPE you set).
+# defaults and the recipe's flags of the same meaning (e.g. --lr 5e-7); an --algorithm other
+# than simpo replaces the default recipe (not a RECIPE you set).
 # The package must be installed (pip install ., or make setup).
 set -euo pipefail
 
@@ -112,7 +112,18 @@ esac
 # spelling of the same setting (examples/defaults.sh). (beta 2.5 and gamma = 0.55 x beta are the
 # library's defaults.)
 source "$REPO/examples/defaults.sh"
-if [ -n "${RECIPE_BY_DEFAULT:-}" ]; then SAME_MEANING+=("--recipe --algorithm"); fi
+given_algorithm() {  # the value of an --algorithm among the arguments (empty: none)
+  local previous=""
+  for argument in "$@"; do
+    if [ "$previous" = "--algorithm" ]; then echo "$argument"; return; fi
+    case "$argument" in --algorithm=*) echo "${argument#--algorithm=}"; return ;; esac
+    previous=$argument
+  done
+}
+ALGORITHM_GIVEN=$(given_algorithm "$@")
+if [ -n "${RECIPE_BY_DEFAULT:-}" ] && [ -n "$ALGORITHM_GIVEN" ] && [ "$ALGORITHM_GIVEN" != simpo ]; then
+  SAME_MEANING+=("--recipe --algorithm")  # another algorithm than the recipe's SimPO
+fi
 keep_defaults_not_given "$@"
 
 # megatron_simpo.cli.launch checks the command line, the data, the checkpoints and --save once,

@@ -167,17 +167,21 @@ def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tm
     assert abs(first_eval["eval/loss"] - 0.6931471805599453) <= 1e-6  # policy == reference
 
 
-def _long_run_after_its_first_step(demo_assets, tmp_path) -> tuple[Path, subprocess.Popen]:
-    """A 2,000-iteration launcher run, once its first step is in metrics.jsonl."""
+def _long_run_after_its_first_step(demo_assets, tmp_path, save_interval=100000,
+                                   ) -> tuple[Path, subprocess.Popen]:
+    """A 2,000-iteration launcher run, once its first step is in metrics.jsonl (and its first
+    checkpoint is saved, with a ``save_interval``)."""
     import time
 
     run_dir = _demo_folder(tmp_path, demo_assets, "run")
-    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, "--log-interval", 1,
-                       "--eval-interval", 100000, "--save-interval", 100000)
+    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000,
+                       "--log-interval", 1, "--eval-interval", 100000,
+                       "--save-interval", save_interval)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and '"loss"' in metrics.read_text():
+        if (metrics.is_file() and '"loss"' in metrics.read_text()
+                and (save_interval > 1 or (run_dir / "latest_checkpointed_iteration.txt").is_file())):
             break
         time.sleep(0.2)
     return run_dir, launcher
@@ -200,27 +204,51 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
     assert 1 <= stopped < 2000
 
 
-def test_sigterm_to_the_launcher_saves_and_exits_0(demo_assets, tmp_path):
+def test_sigterm_to_the_launcher_saves_and_exits_0(demo_assets, tmp_path, monkeypatch):
     """Slurm's scancel and Ctrl-C reach the launcher (torchrun's agent) too: it passes the
-    signal on, waits for the ranks to save (torchrun would kill them after 30 s), and ends
-    with exit code 0 and no traceback."""
+    signal on (to each rank's process group), waits for the ranks to save (torchrun would kill
+    them after 30 s), and ends with exit code 0 and no traceback. The run has saved before the
+    signal: the checkpoint writer's helper process, started at that save, lives on for the
+    stop-save."""
     import signal
 
     from megatron_simpo.cli import launch
 
-    run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path)
+    for name in ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "PET_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path, save_interval=1)
     launcher.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
-    assert 1 <= stopped < 2000 and f"> stopped at iteration {stopped}: a stop signal" in out
+    assert 2 <= stopped < 2000 and f"> stopped at iteration {stopped}: a stop signal" in out
+    assert f"> saved checkpoint {run_dir / f'iter_{stopped:07d}'}" in out
     # torchrun's 30 s deadline is lifted unless the user sets one
     from torch.distributed.run import parse_args
 
     args = parse_args(["--nproc-per-node", "2", "-m", launch.TRAIN_MODULE])
     launch.wait_for_stopping_ranks(args)
     assert args.shutdown_timeout == launch.STOPPING_RANKS_WAIT
+
+
+def test_a_failed_stop_save_is_its_one_line_and_code(demo_assets, tmp_path):
+    """A signal to the launcher whose stop-save fails (here: the folder it writes into cannot
+    be made; a full disk in practice): the ranks' one line and exit code 2, not "stopped before
+    they had saved"."""
+    import signal
+
+    run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path)
+    for iteration in range(1, 2001):  # a file where each iteration's save folder would go
+        (run_dir / f"iter_{iteration:07d}.partial").write_text("")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "before they had saved" not in err, err[-3000:]
+    lines = [line for line in _one_line(err) if line.startswith("train_simpo")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "train_simpo: error: cannot save iteration "), err[-3000:]
+    assert f" to {run_dir}: File exists" in lines[0], lines
 
 
 def test_launcher_reports_a_bad_flag_once(tmp_path):
@@ -424,6 +452,10 @@ def test_llama3_launcher_defaults_give_way_to_flags_of_the_same_meaning():
     assert "--micro-batch-size" not in tiny and tiny[-2:] == ["--max-tokens-per-microbatch", "512"]
     dpo = train_flags({}, "--algorithm", "dpo")
     assert "--recipe" not in dpo and dpo[-2:] == ["--algorithm", "dpo"]
+    ipo = train_flags({}, "--algorithm=ipo")
+    assert "--recipe" not in ipo and ipo[-1:] == ["--algorithm=ipo"]
+    simpo = train_flags({}, "--algorithm", "simpo")  # the recipe's own: the recipe stays
+    assert simpo[simpo.index("--recipe") + 1] == "llama3-8b-instruct-simpo"
     chosen = train_flags({"RECIPE": "gemma2-9b-it-simpo"}, "--algorithm", "dpo")
     assert chosen[chosen.index("--recipe") + 1] == "gemma2-9b-it-simpo"
 

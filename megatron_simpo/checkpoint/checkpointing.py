@@ -108,25 +108,51 @@ def _sharded_state(model, optimizer=None, scheduler=None, *, is_loading: bool,
     return state
 
 
-class _WriteFailureLogged(logging.Filter):
-    """Drops the checkpoint writer's log of a failed write, which is raised and reported too."""
+_HELD_WRITER_LOGS = {
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": (
+        "encountered an error", "An error is caught while starting worker"),
+    # megatron-core >= 0.17, on every process's first save, though no save here is async:
+    "megatron.core.dist_checkpointing.strategies.torch": ("async save is deprecated",),
+}
+"""Logger -> messages of Megatron-Core's checkpoint writer that are held back: a failed write
+is raised and reported once (as one line), and the rest is not news to a user."""
+
+
+class _HeldBack(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]):
+        super().__init__()
+        self.messages = messages
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "encountered an error" not in record.getMessage()
+        return not any(message in record.getMessage() for message in self.messages)
 
 
 @contextlib.contextmanager
 def _writer_logs_held():
     """Megatron-Core's checkpoint writer logs a failed write (``Local process 0 encountered an
     error: [Errno 28] ...``) before raising it; the raised error is reported, once. Its other
-    logs pass."""
-    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
-    held = _WriteFailureLogged()
-    logger.addFilter(held)
+    logs pass, except those of :data:`_HELD_WRITER_LOGS`."""
+    held = [(logging.getLogger(name), _HeldBack(messages))
+            for name, messages in _HELD_WRITER_LOGS.items()]
+    for logger, held_back in held:
+        logger.addFilter(held_back)
     try:
         yield
     finally:
-        logger.removeFilter(held)
+        for logger, held_back in held:
+            logger.removeFilter(held_back)
+
+
+def _failure_of(action) -> BaseException | None:
+    """What ``action()`` raised (a full disk, a quota, a permission), or None; an interrupt or
+    an exit is raised as it is."""
+    try:
+        action()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:
+        return error
+    return None
 
 
 def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
@@ -144,13 +170,13 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = dist.get_rank()
-    failure = None
-    try:
-        if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir()
-        dist.barrier()
+
+    def make_folder() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+
+    def write() -> None:
         dtype = next(model.parameters()).dtype
         state["checkpoint_info"] = {"params_dtype": str(dtype).removeprefix("torch.")}
         with _writer_logs_held():  # its error log would repeat the one line raised below
@@ -162,13 +188,16 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
             for name, source in (assets or {}).items():
                 if source is not None and Path(source).is_dir():
                     shutil.copytree(source, partial / name)
-    except BaseException as error:  # any rank: a full disk, a quota, a permission
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
-            raise
-        failure = error
+
+    # Every rank takes part in the same collectives whichever fails: rank 0 makes the folder,
+    # all agree it is there, all write, all agree the writes succeeded.
+    failure = _failure_of(make_folder) if rank == 0 else None
+    folder_made = not max_over_world(0 if failure is None else 1)
+    if folder_made:
+        failure = _failure_of(write)
     reason = (write_failure_reason(failure, partial) if failure is not None
               else "another rank failed to write")
-    if max_over_world(0 if failure is None else 1):
+    if not folder_made or max_over_world(0 if failure is None else 1):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(failure, TensorSourceError):

@@ -10,8 +10,15 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsFileError(ValueError):
-    """A damaged metrics.jsonl line (not JSON before the last line, or not a metrics row); the
-    message names the file and the line."""
+    """A damaged metrics.jsonl line (not JSON before the last line, or not a metrics row), or a
+    report of the run (metrics.jsonl, an eval dump) that cannot be written; the message names
+    the file (and the line)."""
+
+
+def write_failed(path: str | Path, error: OSError) -> MetricsFileError:
+    """The error of a run's report that cannot be written (a full disk, a removed folder)."""
+    return MetricsFileError(f"cannot write {path}: {error.strerror or type(error).__name__}; "
+                            "the run stops (resume from its last checkpoint with --load)")
 
 
 def _row(line: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -236,12 +237,28 @@ LAUNCHER_ERRORS = "MEGATRON_SIMPO_LAUNCHER_ERRORS"
 """Environment variable: the folder where ranks started by the launcher leave their one line."""
 
 
-def note_finished() -> None:
-    """Under the launcher, leave ``rank<RANK>.done`` in its folder: this rank ended well (so a
-    launcher that was signalled knows its ranks saved and stopped rather than died)."""
+def _finished_marker() -> str | None:
     folder = os.environ.get(LAUNCHER_ERRORS)
-    if folder:
-        open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.done"), "w").close()
+    return os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.done") if folder \
+        else None
+
+
+def note_started() -> None:
+    """Under the launcher, remove this local rank's ``local<LOCAL_RANK>.done`` (left by the
+    rank that held this place before an elastic restart): it is this run's to leave."""
+    marker = _finished_marker()
+    if marker:
+        with contextlib.suppress(OSError):
+            os.remove(marker)
+
+
+def note_finished() -> None:
+    """Under the launcher, leave ``local<LOCAL_RANK>.done`` in its folder: this rank ended well
+    (so a launcher that was signalled knows its ranks saved and stopped rather than died)."""
+    marker = _finished_marker()
+    if marker:
+        with contextlib.suppress(OSError):  # the launcher is gone: nobody to tell
+            open(marker, "w").close()
 
 
 def run_command(prog: str, call: Callable[[], T], *,
@@ -251,7 +268,7 @@ def run_command(prog: str, call: Callable[[], T], *,
     (default: :data:`USER_ERRORS`, exit code 2), :func:`user_error` with its message and code.
 
     Under the launcher (``megatron_simpo.cli.launch``, which sets :data:`LAUNCHER_ERRORS`), a
-    rank writes its line to ``rank<RANK>.txt`` in that folder instead of printing it, and exits
+    rank writes its code and line to ``rank<RANK>.txt`` in that folder instead of printing it, and exits
     with the code: the launcher prints one line (rank 0's, else the first failed rank's), so a
     mistake only one rank sees is reported too.
 
@@ -269,7 +286,7 @@ def run_command(prog: str, call: Callable[[], T], *,
                 if folder:
                     rank = os.environ.get("RANK", "0")
                     with open(os.path.join(folder, f"rank{rank}.txt"), "w") as handle:
-                        handle.write(f"{prog}: error: {message}\n")
+                        handle.write(f"{exit_code}\n{prog}: error: {message}\n")
                     raise SystemExit(exit_code)
                 user_error(prog, message, exit_code)
         raise

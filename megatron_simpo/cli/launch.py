@@ -19,8 +19,9 @@ ending.
   they agree on: ``--master-port`` / ``MASTER_PORT`` (default 29500, as torchrun). A port
   given that is taken here is one line and exit code 2.
 * **A signal to this process stops the run as one to a rank does.** The agent passes it on, the
-  ranks save at their next step boundary, and this command exits 0; it waits for them as long
-  as that takes (:func:`wait_for_stopping_ranks`), not torchrun's 30 s.
+  ranks save at their next step boundary, and this command exits 0; it waits for them up to an
+  hour (:func:`wait_for_stopping_ranks`), not torchrun's 30 s. A rank's one line (a stop-save
+  that failed) is passed on with its code; a second signal ends the ranks at once.
 * Ranks started here ask the kernel to stop them when this process dies (``cli.train``).
 """
 
@@ -44,8 +45,9 @@ SETUP_ERRORS = (ValueError, OSError, RuntimeError)
 """A start-up check's failure: the user's mistake (exit code 2), as ``cli.train`` reports it."""
 RANK_VERDICTS = (2, 3)
 """Exit codes of a rank that has said why in one line (``cli.train``): passed on as they are."""
-STOPPING_RANKS_WAIT = 24 * 3600
-"""Seconds the agent waits for signalled ranks to save and stop (``wait_for_stopping_ranks``)."""
+STOPPING_RANKS_WAIT = 3600
+"""Seconds the agent waits for signalled ranks to save and stop (``wait_for_stopping_ranks``):
+a step and a save of the largest runs, with room; a rank hung in a collective is still killed."""
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 
 
@@ -160,14 +162,17 @@ def _agent_logs_held():
             logger.propagate = True
 
 
-def _rank_line(folder: str, first_rank: int) -> str | None:
-    """The line rank 0 left in ``folder`` (``run_command`` under the launcher), else the one
-    of the first rank that failed, else any rank's; None if none did."""
-    lines = {int(name[4:-4]): (Path(folder) / name).read_text().strip()
-             for name in os.listdir(folder) if name.startswith("rank") and name.endswith(".txt")}
-    for rank in (0, first_rank, *sorted(lines)):
-        if lines.get(rank):
-            return lines[rank]
+def _rank_verdict(folder: str, first_rank: int | None) -> tuple[int, str] | None:
+    """The exit code and line rank 0 left in ``folder`` (``run_command`` under the launcher),
+    else those of the first rank that failed, else any rank's; None if none did."""
+    verdicts = {}
+    for name in os.listdir(folder):
+        if name.startswith("rank") and name.endswith(".txt"):
+            code, _, line = (Path(folder) / name).read_text().partition("\n")
+            verdicts[int(name[4:-4])] = (int(code), line.strip())
+    for rank in (0, first_rank, *sorted(verdicts)):
+        if rank in verdicts and verdicts[rank][1]:
+            return verdicts[rank]
     return None
 
 
@@ -175,15 +180,16 @@ def wait_for_stopping_ranks(args) -> None:
     """A signal to this process (Slurm's ``scancel``, Ctrl-C) reaches the agent, which passes it
     to the ranks; they save at their next step boundary and exit 0. torchrun kills them
     ``--shutdown-timeout`` seconds later (default 30), often mid-save: unless the user gives
-    one (the flag or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``), the agent waits for them here (a
-    second signal still ends them at once)."""
+    one (the flag, ``PET_SHUTDOWN_TIMEOUT`` or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``), the agent
+    waits up to :data:`STOPPING_RANKS_WAIT` here. A second signal ends the ranks at once."""
     if (getattr(args, "shutdown_timeout", 0) is None
             and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ):
         args.shutdown_timeout = STOPPING_RANKS_WAIT
 
 
 def _all_ranks_finished(folder: str, args) -> bool:
-    """Whether every rank of this node left its ``rank<RANK>.done`` (``flags.note_finished``)."""
+    """Whether every rank of this node left its ``local<LOCAL_RANK>.done``
+    (``flags.note_finished``)."""
     from torch.distributed.run import determine_local_world_size
 
     done = [name for name in os.listdir(folder) if name.endswith(".done")]
@@ -214,16 +220,19 @@ def start_ranks(args) -> int:
         if signalled is not None and _all_ranks_finished(folder, args):
             return 0  # they saved and stopped, and said so
         first_rank, first = failure.get_first_failure() if failure else (None, None)
-        line = _rank_line(folder, first_rank) if failure else None
+        verdict = _rank_verdict(folder, first_rank)
     if signalled is not None:
+        if verdict is not None:  # e.g. the stop-save failed for a full disk: that, once
+            print(verdict[1], file=sys.stderr, flush=True)
+            return verdict[0]
         for record in held.records:
             logging.getLogger("torch").handle(record)
         print(f"{PROG}: launch: {signalled.sigval.name} arrived and the ranks were stopped "
               "before they had saved", file=sys.stderr, flush=True)
         return 1
     if first is not None and first.exitcode in RANK_VERDICTS:
-        if line:
-            print(line, file=sys.stderr, flush=True)
+        if verdict is not None:
+            print(verdict[1], file=sys.stderr, flush=True)
         return first.exitcode  # the ranks' one line, said once
     for record in held.records:  # news: a crash, a signal, or warnings of a run that ended well
         logging.getLogger("torch").handle(record)

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     from megatron_simpo.checkpoint import checkpointing
     from megatron_simpo.checkpoint.metrics_file import MetricsFileError
     from megatron_simpo.cli.arguments import PROG, parse_args
-    from megatron_simpo.cli.flags import note_finished, run_command
+    from megatron_simpo.cli.flags import note_finished, note_started, run_command
     from megatron_simpo.data.config import DataError
     from megatron_simpo.distributed.lifecycle import die_with_parent
     from megatron_simpo.distributed.runtime import PortInUse
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     from megatron_simpo.training.resume import ResumeError
     from megatron_simpo.training.run_setup import prepare
 
+    note_started()
     config = parse_args(argv)
     prepared = run_command(PROG, lambda: prepare(config),
                            errors={(ValueError, FileNotFoundError, RuntimeError): 2})

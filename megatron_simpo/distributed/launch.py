@@ -101,7 +101,7 @@ def _exit_now() -> None:
     import sys
 
     for child in multiprocessing.active_children():
-        child.terminate()
+        child.kill()  # a checkpoint writer's queue manager ignores SIGTERM (writer_process)
         child.join(5)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,9 +3,12 @@ an iteration interval, and ranks that do not outlive their launcher.
 
 A signal reaches one rank, or all of them at slightly different moments. Each rank only notes
 it; at the next step boundary the ranks agree (one all-reduce of a small flag over the world)
-and all of them save a checkpoint, flush their metrics and exit 0 together. A second signal of
-the same kind, more than 2 s after the first, ends the process at once, as it would without this
-module (repeats within 2 s are one event: a dying parent signals once per thread).
+and all of them save a checkpoint, flush their metrics and exit 0 together. A second stop signal
+(SIGTERM or SIGINT, whichever came first), more than 2 s after the first, ends the process at
+once, as it would without this module: torchrun's agent passes a second Ctrl-C on as SIGTERM.
+Signals within 2 s of the first are one event (a dying parent signals once per thread; scancel
+signals a rank and its agent, which passes the signal on). Nothing heavy is imported at the top:
+a checkpoint writer's helper process imports this module to start.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import os
 import signal
 import sys
 import time
-
-from megatron_simpo.distributed.runtime import max_over_world
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _REPEAT_WINDOW_S = 2.0
@@ -57,15 +58,16 @@ class StopRequests:
 
     def _note(self, number: int, frame) -> None:
         now = time.monotonic()
-        if self.received == number:
+        if self.received is not None:
             # One event can deliver several: a parent-death signal arrives once per thread of a
-            # dying multi-threaded parent. A repeat within a moment is that, not a second ask.
+            # dying multi-threaded parent; scancel signals a rank and its agent, which passes
+            # the signal on. A repeat within a moment is that, not a second ask.
             if now - self._received_at < _REPEAT_WINDOW_S:
                 return
-            signal.signal(number, self._previous.get(number, signal.SIG_DFL))
-            if number == signal.SIGINT:
+            self.__exit__()  # asked twice (SIGTERM or SIGINT): end now, as without this handler
+            if number == signal.SIGINT and signal.getsignal(number) is signal.default_int_handler:
                 raise KeyboardInterrupt
-            os.kill(os.getpid(), number)  # asked twice: end now, as without this handler
+            os.kill(os.getpid(), number)
             return
         self.received, self._received_at = number, now
         print(f"> rank {os.environ.get('RANK', '0')}: received {signal.Signals(number).name}; "
@@ -81,6 +83,8 @@ class StopRequests:
             code = 2
         if self.received is not None:
             code = 3
+        from megatron_simpo.distributed.runtime import max_over_world  # torch: not at the top
+
         return _REASONS.get(max_over_world(code))
 
 

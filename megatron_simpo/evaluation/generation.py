@@ -13,8 +13,6 @@ The answer files and sampling defaults are ``answers.py``'s; the options are
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Callable, Literal
 
 from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
                                                read_questions, write_answers)
+from megatron_simpo.evaluation import settings_record
 from megatron_simpo.evaluation.judge_metadata import token_counter
 from megatron_simpo.convert.export_marker import check_replaceable
 
@@ -276,19 +275,12 @@ def keep_settings(answers: Path, settings: dict) -> None:
     refused, naming each difference (files written before this record are not checked)."""
     record = answers.with_name(answers.name + ".settings.json")
     if answers.is_file() and record.is_file():
-        try:
-            saved = json.loads(record.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{record}: not a settings record; move it away") from None
-        differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
-                  if saved.get(key) != value]
+        differ = settings_record.differences(record, settings)
         if differ:
             raise ValueError(f"{answers} holds answers made with other settings "
                              f"({'; '.join(differ)}): give the same ones to complete it, or "
                              "another --output or --model-id")
-    partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(partial, record)
+    settings_record.write(record, settings)
 
 
 def generate_answers(config: AnswersConfig) -> Path:
@@ -312,7 +304,8 @@ def generate_answers(config: AnswersConfig) -> Path:
                          f"({error.strerror or error})") from None
     answered(config.benchmark, answers)
     keep_settings(answers, dict(
-        model=str(Path(config.load or config.hf).resolve()), backend=backend, seed=config.seed,
+        model=settings_record.model_identity(config.hf, config.load), backend=backend,
+        seed=config.seed,
         dtype=config.dtype, apply_chat_template=config.apply_chat_template, **config.overrides))
     with contextlib.ExitStack() as stack:
         hf_dir = model_folder(stack, hf=config.hf, load=config.load, hf_out=config.hf_out)

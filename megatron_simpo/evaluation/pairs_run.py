@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from megatron_simpo.evaluation import generation, pairs, reward_stats, rewards
+from megatron_simpo.evaluation import generation, pairs, reward_stats, rewards, settings_record
 from megatron_simpo.evaluation.answers import Sampling
 
 AUTHORS_SEEDS = (13, 21, 42, 79, 100)
@@ -169,6 +169,7 @@ def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
             "dtype", "reward_model", "reward_fn")
     return {**{k: v for k, v in asdict(config).items() if k in kept},
+            "load": settings_record.model_identity(None, config.load) if config.load else None,
             "score_identical": config.reward_stats is not None,
             "seeds": list(config.sample_seeds), "backend": backend, "prompts": digest}
 
@@ -179,21 +180,14 @@ def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
     path = folder / "settings.json"
     if create and not folder.is_dir():
         folder.mkdir(parents=True)
-        partial = folder / "settings.json.partial"
-        partial.write_text(json.dumps(expected, indent=1) + "\n")
-        os.replace(partial, path)
+        settings_record.write(path, expected)
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ValueError(f"{path}: missing or unreadable; move {folder} away to start "
-                         "over") from None
-    for key, value in expected.items():
-        if recorded.get(key) != value:
-            name = {"prompts": "the prompts", "score_identical": "--reward-stats (given:)"}.get(
-                key, f"--{key.replace('_', '-')}")
-            raise ValueError(f"{folder} was started with {name} {recorded.get(key)!r}, now "
-                             f"{value!r}: give the same settings to resume, or move it away")
+    names = {"prompts": "the prompts", "score_identical": "--reward-stats (given:)"}
+    differ = settings_record.differences(
+        path, expected, lambda key: names.get(key, f"--{key.replace('_', '-')}"))
+    if differ:
+        raise ValueError(f"{folder} was started with other settings ({'; '.join(differ)}): "
+                         "give the same ones to resume, or move it away")
 
 
 def part_path(folder: Path, batch: int) -> Path:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from megatron_simpo.checkpoint import checkpointing
+from megatron_simpo.checkpoint import checkpointing, writer_process
 from megatron_simpo.training.components import TrainingComponents
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.guards import finite_everywhere, parameters
@@ -30,6 +30,8 @@ class Checkpointer:
                  say: Callable[[str | None], None]):
         self.config, self.source, self.parts, self.data = config, source, parts, data
         self.total_iters, self.rank, self.say = total_iters, rank, say
+        if config.save:  # the stop-save must survive the stop signal (checkpoint.writer_process)
+            writer_process.keep_through_stop_signals()
 
     def resume(self) -> checkpointing.TrainState:
         """The state of --load (weights, optimizer, schedule loaded; its data checked), or

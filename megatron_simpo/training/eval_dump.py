@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_simpo.checkpoint.metrics_file import write_failed
 from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.training.losses import LossConfig, preference_loss
 from megatron_simpo.training.step import Evaluation
@@ -81,10 +82,12 @@ def write_eval_dump(save: str | Path, at: int, evaluation: Evaluation,
     gathered = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(rows, gathered, dst=0)
     if rank == 0:
-        folder = Path(save) / FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
         ordered = sorted((row for part in gathered for row in part), key=lambda r: r["pair"])
-        path = folder / f"iter_{at:07d}.jsonl"
+        path = Path(save) / FOLDER / f"iter_{at:07d}.jsonl"
         partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(json.dumps(row) + "\n" for row in ordered))
-        os.replace(partial, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text("".join(json.dumps(row) + "\n" for row in ordered))
+            os.replace(partial, path)
+        except OSError as error:
+            raise write_failed(path, error) from None

@@ -13,7 +13,7 @@ from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.model.flops import step_flops
 from megatron_simpo.training.guards import json_number
 from megatron_simpo.checkpoint.metrics_file import (METRICS_FILE, MetricsFileError,
-                                                    read_metrics_file)
+                                                    read_metrics_file, write_failed)
 
 __all__ = ["METRICS_FILE", "MetricsFileError", "MetricsWriter", "StepRecord", "at_interval",
            "pair_flops", "read_metrics_file"]
@@ -77,8 +77,11 @@ class MetricsWriter:
             return
         if self.path:
             row = {"iteration": iteration, **{k: json_number(v) for k, v in values.items()}}
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(row, allow_nan=False) + "\n")
+            try:
+                with self.path.open("a") as handle:
+                    handle.write(json.dumps(row, allow_nan=False) + "\n")
+            except OSError as error:
+                raise write_failed(self.path, error) from None
         if self.tensorboard:
             for name, value in values.items():
                 if value is not None:

@@ -1,0 +1,40 @@
+"""What made an output, kept beside it: a resume that would complete the output with other
+settings is refused, naming each difference (generate-answers' ``<file>.settings.json``,
+build-pairs' ``<output>.parts/settings.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def model_identity(hf: str | None, load: str | None) -> str:
+    """The model an output comes from, as a record holds it: the absolute Hugging Face folder,
+    or the iteration folder ``--load`` names now (a save root's tracker moves as training goes
+    on: completing the output from the newer iteration is another model)."""
+    from megatron_simpo.checkpoint.layout import find_checkpoint
+
+    return str((find_checkpoint(load) if load else Path(hf)).resolve())
+
+
+def write(path: Path, settings: dict) -> None:
+    """Record ``settings`` in ``path`` (atomically)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def differences(path: Path, settings: dict,
+                name: Callable[[str], str] = lambda key: key) -> list[str]:
+    """``<name> <recorded> -> <now>`` for each setting whose recorded value differs. Raises
+    ValueError naming ``path`` when it is missing or not a record."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path}: missing or not a settings record; move it away")
+    return [f"{name(key)} {recorded.get(key)!r} -> {value!r}"
+            for key, value in settings.items() if recorded.get(key) != value]

@@ -1,0 +1,84 @@
+"""Stop signals in one process: a second signal of either kind ends it at once (the agent
+passes a second Ctrl-C on as SIGTERM), and the checkpoint writer's helper process survives a
+stop signal and dies with its rank. The launcher's end-to-end cases are in test_launcher.py."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+STOPPING = textwrap.dedent("""
+    import os, signal, sys, time
+    from megatron_simpo.distributed import lifecycle
+    lifecycle._REPEAT_WINDOW_S = {window}
+    with lifecycle.StopRequests() as requests:
+        for number in {signals}:
+            os.kill(os.getpid(), number)
+            time.sleep({pause})
+        print("still running; noted", signal.Signals(requests.received).name, flush=True)
+""")
+
+
+def _stopping(signals, pause: float, window: float = 0.5) -> subprocess.CompletedProcess:
+    code = STOPPING.format(window=window, signals=[int(s) for s in signals], pause=pause)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_first_signal_is_noted_and_repeats_within_the_window_are_one_event():
+    done = _stopping([signal.SIGINT, signal.SIGTERM, signal.SIGINT], pause=0.0, window=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "still running; noted SIGINT"
+    assert done.stderr.count("received SIGINT; saving and stopping") == 1
+
+
+@pytest.mark.parametrize("first,second,ending", [
+    (signal.SIGINT, signal.SIGTERM, -signal.SIGTERM),  # Ctrl-C twice, through torchrun's agent
+    (signal.SIGTERM, signal.SIGINT, -signal.SIGINT),  # an uncaught KeyboardInterrupt
+    (signal.SIGTERM, signal.SIGTERM, -signal.SIGTERM),
+])
+def test_a_second_stop_signal_of_either_kind_ends_the_process(first, second, ending):
+    done = _stopping([first, second], pause=0.7)
+    assert done.returncode == ending, done.stderr
+    assert "still running" not in done.stdout
+    if second == signal.SIGINT:
+        assert "KeyboardInterrupt" in done.stderr
+
+
+WRITER = textwrap.dedent("""
+    import os, signal, time
+    from megatron_simpo.checkpoint import writer_process
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    queue = writer_process.keep_through_stop_signals()
+    getter = getattr(filesystem_async, "get_write_results_queue", None) or \\
+        filesystem_async._get_write_results_queue
+    assert getter() is queue and writer_process.keep_through_stop_signals() is queue
+    manager = queue._manager._process.pid
+    os.kill(manager, signal.SIGTERM)
+    os.kill(manager, signal.SIGINT)
+    time.sleep(0.5)
+    queue.put("written")
+    print(manager, queue.get(timeout=10), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_the_writers_queue_survives_a_stop_signal_and_dies_with_its_rank():
+    """Megatron-Core's checkpoint writer reports each save through this queue; a stop signal to
+    the rank's process group (torchrun's agent, scancel) must leave it working."""
+    import psutil
+
+    rank = subprocess.Popen([sys.executable, "-c", WRITER], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = rank.stdout.readline().split()
+        assert line[1:] == ["written"], rank.stderr.read() if not line else line
+        manager = psutil.Process(int(line[0]))
+        assert manager.is_running()
+    finally:
+        rank.kill()
+        rank.communicate(timeout=30)
+    manager.wait(timeout=10)  # PR_SET_PDEATHSIG: it never outlives the rank
+    assert not psutil.pid_exists(manager.pid) or manager.status() == psutil.STATUS_ZOMBIE
