@@ -202,3 +202,18 @@ def test_what_cannot_be_analysed_or_written_is_one_line_before_any_work(tmp_path
     [line] = capsys.readouterr().err.splitlines()
     assert line == (f"analyze_run: error: {empty / 'metrics.jsonl'} has no rows: the run logged "
                     "nothing yet")
+
+
+def test_an_undefined_length_correlation_is_said_and_not_plotted(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _fake_run(tmp_path / "run")
+    last = run / "eval_dump" / "iter_0000010.jsonl"
+    rows = [json.loads(line) for line in last.read_text().splitlines()]
+    last.write_text("".join(json.dumps({**row, "chosen_tokens": 7, "rejected_tokens": 7}) + "\n"
+                            for row in rows))
+    main([str(run)])
+    assert "> length correlations: undefined, every held-out response has the same length" in \
+        capsys.readouterr().out.splitlines()
+    out = run / "analysis"
+    assert (out / "margin_distribution.png").is_file()
+    assert not (out / "length_correlation.png").exists()

@@ -295,3 +295,20 @@ def test_vllm_backend_where_vllm_is_missing_is_the_users_mistake(monkeypatch):
         generation.pick_backend("vllm")
     assert generation.pick_backend("auto") == generation.pick_backend("transformers") == \
         "transformers"
+
+
+def test_transformers_replies_stop_at_the_models_context(capsys):
+    # vLLM's replies stop at the model's context; transformers' generate would go on past it
+    # (a tiny model's 4,096 default new tokens on a 64-position context).
+    from types import SimpleNamespace
+
+    from megatron_simpo.evaluation.generation import _stop_at_context
+
+    new_tokens = _stop_at_context(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)))
+    assert new_tokens([[1] * 10, [1] * 20], 44) == 44  # fits: as asked
+    assert capsys.readouterr().err == ""
+    assert new_tokens([[1] * 10, [1] * 20], 4096) == 44
+    assert new_tokens([[1] * 70], 4096) == 1  # the prompt alone is past the context
+    [line] = capsys.readouterr().err.splitlines()  # said once
+    assert line == ("warning: prompts of 20 tokens and up to 4096 new ones go beyond the model's "
+                    "context of 64 positions: replies stop at the context")

@@ -177,3 +177,23 @@ def test_a_non_finite_weight_is_named_on_every_rank_after_load(tmp_path, poison_
                 "weight holds NaN/inf values (a damaged shard or a diverged run); refusing to "
                 "load it")
     assert results == [expected, expected]
+
+
+def test_a_tracker_naming_a_removed_iteration_says_what_is_left(tmp_path):
+    from megatron_simpo.checkpoint.layout import TRACKER_FILE, find_checkpoint
+
+    for iteration in (2, 4):
+        (tmp_path / f"iter_{iteration:07d}").mkdir()
+        (tmp_path / f"iter_{iteration:07d}" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000006").mkdir()  # removed by hand, or cut short
+    (tmp_path / TRACKER_FILE).write_text("6")
+    with pytest.raises(FileNotFoundError) as error:
+        find_checkpoint(tmp_path)
+    assert str(error.value) == (
+        f"--load {tmp_path}: {TRACKER_FILE} names iteration 6 but {tmp_path}/iter_0000006 is "
+        f"missing or incomplete; the complete iterations there are 2, 4: give --load "
+        f"{tmp_path}/iter_0000004, or write the one to resume from into {tmp_path}/{TRACKER_FILE}")
+    for iteration in (2, 4):
+        (tmp_path / f"iter_{iteration:07d}" / "metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="; no complete iteration is left there$"):
+        find_checkpoint(tmp_path)

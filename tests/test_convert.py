@@ -246,6 +246,19 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
     assert not torch.equal(at_2["model.norm.weight"], at_3["model.norm.weight"])
 
 
+def test_an_export_stands_when_its_tokenizer_cannot_be_loaded(tmp_path, capsys):
+    # The special-token ids are filled from the run's tokenizer where config.json has none; a
+    # tokenizer that does not load (a damaged file, a missing package) leaves them out, said.
+    from megatron_simpo.convert.megatron_to_hf import _with_special_tokens
+
+    (tmp_path / "tokenizer_config.json").write_text("{damaged")
+    assert _with_special_tokens({"eos_token_id": 2}, tmp_path) == {"eos_token_id": 2}
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: {tmp_path} cannot be loaded as a tokenizer (")
+    assert line.endswith("config.json has no bos_token_id, pad_token_id: set them before "
+                         "generating")
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 def _error_line(capsys, main, argv) -> str:

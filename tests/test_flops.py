@@ -85,3 +85,9 @@ def test_shared_prompt_rows_count_the_attention_their_mask_allows():
         expected + output_layer_flops(config, scored))
     unshared = pair_flops(config, pairs, [0, 1])
     assert pair_flops(config, pairs, [0, 1], share_prompt=True) < unshared
+
+
+def test_the_log_line_shows_a_small_models_throughput():
+    from megatron_simpo.training.metrics import _tflops
+
+    assert [_tflops(v) for v in (412.345, 1.0, 0.0, 0.0123456)] == ["412.3", "1.0", "0.0", "0.0123"]

@@ -93,3 +93,18 @@ def test_one_batch_walkthrough_names_only_functions_that_exist():
                 node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.name == part]
             assert found, f"docs/one-batch.md: {path}:{qualname} is not defined there"
             scope = found[0].body
+
+
+def test_commands_hold_back_megatron_cores_import_warnings_about_absent_te_and_apex():
+    import subprocess
+    import sys
+
+    importing = "import megatron.core.optimizer, megatron.core.optimizer.clip_grads"
+    plain = subprocess.run([sys.executable, "-W", "default", "-c", importing],
+                           capture_output=True, text=True, timeout=300)
+    assert "Transformer Engine and Apex are not installed" in plain.stderr  # what is held back
+    command = subprocess.run([sys.executable, "-W", "default", "-c",
+                              f"import megatron_simpo.cli.convert; {importing}"],
+                             capture_output=True, text=True, timeout=300)
+    assert command.returncode == 0, command.stderr
+    assert "Transformer Engine and Apex are not installed" not in command.stderr, command.stderr

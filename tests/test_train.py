@@ -339,6 +339,7 @@ def test_non_finite_training_stops_and_writes_no_checkpoint(tiny, tmp_path):
     [line] = _error_lines(results[0][2])
     assert line.startswith("train_simpo: error: 3 steps in a row (up to iteration 3) had a "
                            "non-finite loss or gradient and were skipped (--max-skipped-steps 3)")
+    assert line.endswith("then start again (this run saved no checkpoint)")
     assert _error_lines(results[1][2]) == []
     assert not (save / "latest_checkpointed_iteration.txt").exists()
     assert not list(save.glob("iter_*"))

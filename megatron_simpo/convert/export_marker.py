@@ -16,4 +16,5 @@ def check_replaceable(folder: str | Path, flag: str) -> None:
         raise ValueError(f"{flag} {folder} is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_MARKER).is_file():
         raise ValueError(f"{flag} {folder} holds files that are not an export of this project "
-                         f"(no {EXPORT_MARKER}); give a new or empty folder")
+                         f"(no {EXPORT_MARKER}); give a new or empty folder (an export "
+                         "made before exports held that file: remove its files yourself)")

@@ -115,8 +115,17 @@ def _with_special_tokens(hf_config: dict, tokenizer_dir: Path) -> dict:
                if hf_config.get(k) is None]
     if not missing:
         return hf_config
+    import sys
+
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as error:  # any tokenizer's failure: the export stands without the ids
+        print(f"warning: {tokenizer_dir} cannot be loaded as a tokenizer "
+              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+              f"the export's config.json has no {', '.join(missing)}: set them before "
+              "generating", file=sys.stderr, flush=True)
+        return hf_config
     found = {k: getattr(tokenizer, k) for k in missing if getattr(tokenizer, k, None) is not None}
     return {**hf_config, **found}

@@ -200,12 +200,13 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
         axis.set_ylabel("pairs")
         axis.legend()
         save(figure, "margin_distribution.png")
-        correlation = summary["length_correlation"]
+    correlation = summary.get("length_correlation", {})
+    values = [correlation.get(key, math.nan) for key in
+              ("length_vs_mean_logp", "length_vs_summed_logp", "length_vs_reward")]
+    if not all(math.isnan(value) for value in values):  # undefined: one length (said by main)
         figure, axis = plt.subplots(figsize=(6, 4))
-        names = ["length vs\naverage log-prob", "length vs\nsummed log-prob", "length vs\nreward"]
-        values = [correlation["length_vs_mean_logp"], correlation["length_vs_summed_logp"],
-                  correlation["length_vs_reward"]]
-        axis.bar(names, values)
+        axis.bar(["length vs\naverage log-prob", "length vs\nsummed log-prob",
+                  "length vs\nreward"], values)
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_ylabel("Spearman correlation")
         axis.set_title(f"held-out responses, iteration {correlation['iteration']}")

@@ -50,9 +50,11 @@ def _causal_lm(hf_dir: str | Path, dtype: str):
     return tokenizer, model, device, pad, stops
 
 
-def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling) -> list[str]:
-    """One ``generate`` call on prompts left-padded to one length (every prompt ends at the
-    same column); the replies decoded without special tokens, stripped."""
+def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
+                          new_tokens: int) -> list[str]:
+    """One ``generate`` call of up to ``new_tokens`` tokens on prompts left-padded to one length
+    (every prompt ends at the same column); the replies decoded without special tokens,
+    stripped."""
     import torch
 
     tokenizer, model, device, pad, stops = loaded
@@ -66,28 +68,55 @@ def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling) -> l
         do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
     with torch.no_grad():
         out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
+                             max_new_tokens=new_tokens, pad_token_id=pad,
                              eos_token_id=stops, **options)
     return [text.strip() for text in
             tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)]
 
 
+def _stop_at_context(model) -> Callable[[list[list[int]], int], int]:
+    """(prompts, new tokens wanted) -> the new tokens that keep the longest prompt's reply in
+    the model's context (``max_position_embeddings``), as vLLM's replies stop there; said once
+    when it shortens a reply."""
+    import sys
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    said = False
+
+    def new_tokens(ids: list[list[int]], wanted: int) -> int:
+        nonlocal said
+        longest = max(len(prompt) for prompt in ids)
+        if context is None or longest + wanted <= context:
+            return wanted
+        if not said:
+            said = True
+            print(f"warning: prompts of {longest} tokens and up to {wanted} new ones go beyond "
+                  f"the model's context of {context} positions: replies stop at the context",
+                  file=sys.stderr, flush=True)
+        return max(1, context - longest)
+
+    return new_tokens
+
+
 def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
                            apply_chat_template: bool):
     """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
-    in the batch, prompts left-padded."""
+    in the batch, prompts left-padded; replies stop at the model's context."""
     import torch
 
     from megatron_simpo.data.tokenization import encode_prompts
 
     loaded = _causal_lm(hf_dir, dtype)
+    new_tokens = _stop_at_context(loaded[1])
     torch.manual_seed(seed)
 
     def generate(conversations, samplings):
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         replies: list[str] = [""] * len(ids)
         for sampling, members in _groups(samplings).items():
-            texts = _left_padded_generate(loaded, [ids[i] for i in members], sampling)
+            group = [ids[i] for i in members]
+            texts = _left_padded_generate(loaded, group, sampling,
+                                          new_tokens(group, sampling.max_new_tokens))
             for i, text in zip(members, texts):
                 replies[i] = text
         return replies
@@ -125,19 +154,21 @@ Sample = Callable[[list[list[dict]], Sampling, tuple[int, ...]], list[list[str]]
 def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template: bool) -> Sample:
     """``Sample`` on ``transformers``: sample k of every prompt in the batch comes from one
     ``generate`` call after ``torch.manual_seed(seeds[k])`` (prompts left-padded), so the same
-    prompts, batch and seeds give the same samples."""
+    prompts, batch and seeds give the same samples; replies stop at the model's context."""
     import torch
 
     from megatron_simpo.data.tokenization import encode_prompts
 
     loaded = _causal_lm(hf_dir, dtype)
+    new_tokens = _stop_at_context(loaded[1])
 
     def sample(conversations, sampling, seeds):
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         by_seed = []
         for seed in seeds:
             torch.manual_seed(seed)
-            by_seed.append(_left_padded_generate(loaded, ids, sampling))
+            by_seed.append(_left_padded_generate(loaded, ids, sampling,
+                                                 new_tokens(ids, sampling.max_new_tokens)))
         return [list(replies) for replies in zip(*by_seed)]
 
     return sample

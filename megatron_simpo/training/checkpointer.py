@@ -59,6 +59,21 @@ class Checkpointer:
         dist.barrier()
         return state
 
+    def resume_hint(self) -> str:
+        """Where a run that failed goes on from: this run's latest checkpoint, the one it
+        resumed from, or the start."""
+        latest = None
+        if self.config.save:
+            try:
+                latest = checkpointing.find_checkpoint(self.config.save)
+            except (FileNotFoundError, ValueError):
+                pass
+        if latest is not None:
+            return f"then resume from {latest} (--load {self.config.save})"
+        if self.source.resume_from is not None:
+            return f"then resume from {self.source.resume_from} again (no newer checkpoint)"
+        return "then start again (this run saved no checkpoint)"
+
     def due(self, iteration: int, stopping: bool) -> bool:
         """At the interval, at the end, and when the run stops early (with --save)."""
         return bool(self.config.save) and (

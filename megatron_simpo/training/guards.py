@@ -69,7 +69,7 @@ class StepHealth:
                         "had a non-finite loss or gradient and were skipped "
                         f"(--max-skipped-steps {self.max_skipped_steps}); the weights are those "
                         "of the last good step. Check the data and the settings (learning rate, "
-                        "--simpo-beta), then resume from the last checkpoint"), None
+                        "--simpo-beta)"), None
             return None, (f"warning: iteration {iteration} skipped: non-finite loss or gradient "
                           f"({self.skipped_in_a_row} in a row, {self.skipped_total} in all)")
         self.skipped_in_a_row = 0

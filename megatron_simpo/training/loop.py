@@ -78,7 +78,7 @@ def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
                                               record.result.grad_norm)
             session.say(warning)
             if stop_run:
-                raise RunFailed(stop_run)
+                raise RunFailed(f"{stop_run}, {session.checkpointer.resume_hint()}")
             if session.evaluator.due(iteration):
                 session.evaluate(iteration)
             stop = stop_requests.reason(iteration) if iteration < total_iters else None

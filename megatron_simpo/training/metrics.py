@@ -14,12 +14,10 @@ from megatron_simpo.model.flops import step_flops
 from megatron_simpo.training.guards import json_number
 from megatron_simpo.checkpoint.metrics_file import (METRICS_FILE, MetricsFileError,
                                                     read_metrics_file, write_failed)
+from megatron_simpo.training.step import StepResult
 
 __all__ = ["METRICS_FILE", "MetricsFileError", "MetricsWriter", "StepRecord", "at_interval",
            "pair_flops", "read_metrics_file"]
-from megatron_simpo.training.step import StepResult
-
-
 
 TENSORBOARD_PACKAGE = "tensorboard"
 """What ``torch.utils.tensorboard`` needs installed for ``--tensorboard-dir``."""
@@ -48,12 +46,9 @@ class MetricsWriter:
         self.active = rank == 0
         self.path = Path(save) / METRICS_FILE if save and self.active else None
         self.tensorboard = None
-        if tensorboard_dir and self.active:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package "
-                                   "(pip install tensorboard)") from error
+        if tensorboard_dir and self.active:  # its package: check_tensorboard, at start-up
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tensorboard = SummaryWriter(tensorboard_dir)
         self.warning = None
         """The cut-off last line a resumed run dropped (read_metrics_file), to print."""
@@ -87,6 +82,12 @@ class MetricsWriter:
                 if value is not None:
                     self.tensorboard.add_scalar(name, value, iteration)
             self.tensorboard.flush()
+
+
+def _tflops(value: float) -> str:
+    """Megatron-LM's one decimal, or three significant digits below 1 (a small model's
+    throughput is not 0.0)."""
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.3g}"
 
 
 def at_interval(iteration: int, interval: int | None, last: int) -> bool:
@@ -144,7 +145,7 @@ class StepRecord:
         norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
         return (f" iteration {iteration:8d}/{total:8d} | consumed samples: {consumed:12d} | "
                 f"elapsed time per iteration (ms): {1000 * elapsed:.1f} | "
-                f"throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} | "
+                f"throughput per GPU (TFLOP/s/GPU): {_tflops(tflops_per_gpu)} | "
                 f"learning rate: {self.learning_rate:.3E} | "
                 f"loss: {metrics['loss']:.6E} | "
                 f"reward accuracy: {metrics['rewards/accuracies']:.3f} | "
