@@ -16,7 +16,8 @@ def tiny(tmp_path_factory):
 
 
 def _argv(tiny, **flags):
-    source = [] if "pretrained_checkpoint" in flags else ["--model-config", str(tiny["config"])]
+    source = [] if "pretrained_checkpoint" in flags or flags.pop("no_source", False) else \
+        ["--model-config", str(tiny["config"])]
     argv = source + ["--tokenizer", str(tiny["tokenizer"]),
             "--train-data-path", str(tiny["train"]), "--valid-data-path", str(tiny["valid"]),
             "--seq-length", "64", "--max-prompt-length", "48", "--micro-batch-size", "2",
@@ -251,6 +252,11 @@ def test_bad_command_lines_fail_before_training(tiny, tmp_path, capsys, monkeypa
     assert "--recompute-granularity full needs --recompute-method" in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, recompute_method="block"))
     assert "--recompute-method and --recompute-num-layers go with --recompute-granularity full" in err
+    err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, load=tmp_path / "new",
+                                                 save=tmp_path / "new", no_source=True))
+    assert (f"--load {tmp_path / 'new'} holds no checkpoint yet (it is --save: a first start), "
+            "and there is nothing to start from: give --pretrained-checkpoint or --model-config "
+            "too") in err
     err = _main_error(capsys, monkeypatch, _argv(tiny, train_iters=1, fp16=True))
     assert "--fp16 is not supported" in err
     monkeypatch.setattr("megatron_simpo.training.metrics.TENSORBOARD_PACKAGE", "tensorboard_not_here")
@@ -440,16 +446,28 @@ def test_a_failed_save_names_the_folder_and_reason_and_keeps_the_last_checkpoint
 
 
 def test_exit_interval_saves_and_stops_and_a_tiny_validation_set_is_reported(tiny, tmp_path):
+    """Also: one command line for every start of a requeued job (Megatron-LM's --load): --load
+    naming --save starts from the beginning while no checkpoint is there (the steps of a start
+    that saved none are dropped), and resumes once one is."""
     valid = tmp_path / "valid.jsonl"
     valid.write_text("".join(Path(tiny["valid"]).read_text().splitlines(keepends=True)[:3]))
     save = tmp_path / "run"
-    argv = _argv(tiny, train_iters=8, save=save, exit_interval=3) + ["--valid-data-path", valid]
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"iteration": 1, "loss": 9.0}\n')  # saved nothing
+    argv = _argv(tiny, train_iters=8, save=save, load=save, exit_interval=3) + [
+        "--valid-data-path", valid]
     [(code, out, _), _] = run_on_ranks(2, _main_in_rank, argv)
     assert code == 0
+    assert f"> --load {save}: no checkpoint there yet; the run starts from the beginning" in out
     assert "> stopped at iteration 3: --exit-interval reached" in out
     assert "warning: the validation set has 3 pair(s), fewer than one micro-batch per " \
            "data-parallel rank (4): no evaluation" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    [(code, out, _), _] = run_on_ranks(2, _main_in_rank, argv)  # the job's next start
+    assert code == 0 and f"> resumed from {save / 'iter_0000003'} at iteration 3" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert [row["iteration"] for row in _metrics(save)] == list(range(1, 7))
+    assert all(row["loss"] != 9.0 for row in _metrics(save))
 
 
 def test_resuming_on_changed_data_is_refused_unless_overridden(tiny, tmp_path):

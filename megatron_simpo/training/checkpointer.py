@@ -51,6 +51,9 @@ class Checkpointer:
                 override_loaded_schedule(self.parts.optimizer, self.parts.scheduler,
                                          self.config.optimizer)
             self.say(f"> resumed from {resume_from} at iteration {state.iteration}")
+        elif self.config.load:  # run_setup.first_start_in_save
+            self.say(f"> --load {self.config.load}: no checkpoint there yet; the run starts "
+                     "from the beginning")
         # What the next checkpoints record of this run (training.resume).
         self.settings = settings_record(self.config, self.total_iters,
                                         effective_schedule(self.config, saved, self.total_iters))

@@ -68,7 +68,9 @@ class TrainConfig:
     """dpo, ipo, rdpo: the reference model's log-probs precomputed from
     --pretrained-checkpoint by megatron-simpo-reference-logps; no reference model is loaded."""
     load: str | None = None
-    """Resume exactly from this save folder (model, optimizer, schedule, data position, RNG)."""
+    """Resume exactly from this save folder (model, optimizer, schedule, data position, RNG).
+    Naming the --save folder while it holds no checkpoint yet, the run starts from the
+    beginning (one command line for every start of a requeued job)."""
     override_data: bool = False
     """Resume with --load although the training data changed since the checkpoint (another
     source, tokenizer, --seq-length or held-out split): training goes on from the saved

@@ -33,9 +33,27 @@ class ModelSource:
     tokenizer_path: Path
 
 
+def first_start_in_save(config: TrainConfig) -> bool:
+    """Whether ``--load`` names the ``--save`` folder and that holds no checkpoint yet (no
+    tracker, no complete iteration): a job's first start, requeued with the same command line
+    (Megatron-LM's ``--load``), which starts from the beginning."""
+    if not (config.load and config.save) or \
+            Path(config.load).resolve() != Path(config.save).resolve():
+        return False
+    save = Path(config.save)
+    return not (save / checkpointing.TRACKER_FILE).exists() \
+        and not checkpointing.saved_iterations(save)
+
+
 def resolve_model_source(config: TrainConfig) -> ModelSource:
     """Which architecture, weights and tokenizer the run uses (before anything is built)."""
-    resume = checkpointing.find_checkpoint(config.load, "--load") if config.load else None
+    first_start = first_start_in_save(config)
+    if first_start and not (config.pretrained_checkpoint or config.model_config_path):
+        raise ValueError(f"--load {config.load} holds no checkpoint yet (it is --save: a first "
+                         "start), and there is nothing to start from: give "
+                         "--pretrained-checkpoint or --model-config too")
+    resume = (checkpointing.find_checkpoint(config.load, "--load")
+              if config.load and not first_start else None)
     pretrained = (checkpointing.find_checkpoint(config.pretrained_checkpoint,
                                                 "--pretrained-checkpoint")
                   if config.pretrained_checkpoint else None)
@@ -48,6 +66,8 @@ def resolve_model_source(config: TrainConfig) -> ModelSource:
     tokenizer = config.data.tokenizer_path
     if tokenizer is None:
         source = resume or pretrained
+        if source is None:
+            raise ValueError("no tokenizer: give --tokenizer (a Hugging Face tokenizer folder)")
         tokenizer = checkpointing.checkpoint_assets(source).get("tokenizer")
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer saved with {source}; give --tokenizer")
@@ -108,6 +128,8 @@ def check_save_folder(config: TrainConfig, source: ModelSource) -> None:
         found = [str(save / name) for name in (checkpointing.TRACKER_FILE, METRICS_FILE)
                  if (save / name).exists()]
         found += [str(checkpointing.iteration_dir(save, i)) for i in saved]
+        if config.load:  # a first start in --save (first_start_in_save): steps, no checkpoint
+            found = []
         if found and not config.overwrite:
             raise ValueError(f"--save {save} already holds a run ({', '.join(found[:3])}"
                              f"{', ...' if len(found) > 3 else ''}): resume it with --load "
