@@ -299,16 +299,39 @@ def test_vllm_backend_where_vllm_is_missing_is_the_users_mistake(monkeypatch):
 
 def test_transformers_replies_stop_at_the_models_context(capsys):
     # vLLM's replies stop at the model's context; transformers' generate would go on past it
-    # (a tiny model's 4,096 default new tokens on a 64-position context).
-    from types import SimpleNamespace
+    # (a tiny model's 4,096 default new tokens on a short context). Each row stops at its own
+    # room: a short prompt batched with a long one gets the reply it gets alone.
+    import torch
 
-    from megatron_simpo.evaluation.generation import _stop_at_context
+    from megatron_simpo.evaluation.generation import _ContextRoom, _left_padded_generate
+    from megatron_simpo.evaluation.answers import Sampling
+    from tests.tiny import tiny_hf_config, tiny_hf_model
 
-    new_tokens = _stop_at_context(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)))
-    assert new_tokens([[1] * 10, [1] * 20], 44) == 44  # fits: as asked
+    model = tiny_hf_model(tiny_hf_config(max_position_embeddings=24))
+    capsys.readouterr()
+
+    def text(ids):  # up to the end of turn (99, also the padding)
+        ids = ids.tolist()
+        return " ".join(map(str, ids[:ids.index(99)] if 99 in ids else ids))
+
+    class Ids:  # a tokenizer whose text is the token ids
+        def batch_decode(self, rows, skip_special_tokens):
+            return [text(row) for row in rows]
+
+    room = _ContextRoom(model)
+    assert room.limits([[5] * 4, [5] * 18], 6) == (6, None)  # room for all: as asked
     assert capsys.readouterr().err == ""
-    assert new_tokens([[1] * 10, [1] * 20], 4096) == 44
-    assert new_tokens([[1] * 70], 4096) == 1  # the prompt alone is past the context
-    [line] = capsys.readouterr().err.splitlines()  # said once
-    assert line == ("warning: prompts of 20 tokens and up to 4096 new ones go beyond the model's "
-                    "context of 64 positions: replies stop at the context")
+    prompts = [[7, 3, 9, 4], list(range(10, 28))]
+    replies = _left_padded_generate((Ids(), model, torch.device("cpu"), 99, [99]), prompts,
+                                    Sampling(temperature=0.0, max_new_tokens=4096), room)
+    [line] = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("warning:")]  # said once
+    assert line == ("warning: replies stop at the model's context of 24 positions (2 of 2 "
+                    "prompts leave room for fewer than the 4096 new tokens asked)")
+    for prompt, reply in zip(prompts, replies):
+        alone = model.generate(input_ids=torch.tensor([prompt]), do_sample=False,
+                               max_new_tokens=24 - len(prompt), pad_token_id=99,
+                               eos_token_id=[99])
+        assert reply == text(alone[0, len(prompt):])
+    assert [len(reply.split()) for reply in replies] == [20, 6]  # (no end of turn here)
+    assert room.limits([[5] * 30], 8) == (1, [1])  # a prompt past the context: one token

@@ -191,7 +191,7 @@ def test_a_tracker_naming_a_removed_iteration_says_what_is_left(tmp_path):
         find_checkpoint(tmp_path)
     assert str(error.value) == (
         f"--load {tmp_path}: {TRACKER_FILE} names iteration 6 but {tmp_path}/iter_0000006 is "
-        f"missing or incomplete; the complete iterations there are 2, 4: give --load "
+        f"missing or incomplete; the latest complete iterations there are 2, 4: give --load "
         f"{tmp_path}/iter_0000004, or write the one to resume from into {tmp_path}/{TRACKER_FILE}")
     for iteration in (2, 4):
         (tmp_path / f"iter_{iteration:07d}" / "metadata.json").unlink()

@@ -34,6 +34,25 @@ def _launch(env_overrides: dict, *args, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
+def _finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``process.communicate(timeout)``; past the timeout the launcher and every process it
+    started are killed (a hung run must not outlive its test), then the test fails."""
+    import psutil
+
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            family = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        for member in [*family, process]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                member.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"no end within {timeout} s; killed. stderr:\n{err[-3000:]}") from None
+
+
 TORCH_PORT = 29500
 """torchrun's and torch's default rendezvous port: another job on the machine may hold it."""
 
@@ -77,7 +96,7 @@ def demo_run(tmp_path_factory):
     write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
     with _port_held(TORCH_PORT):  # beside another job on torch's default port
         launcher = _launch({"SAVE": str(out)}, "--train-iters", 400)
-        stdout, stderr = launcher.communicate(timeout=900)
+        stdout, stderr = _finish(launcher, 900)
     return out, subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
 
 
@@ -111,7 +130,7 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
              "--save-interval", 1000]
     straight_dir = _demo_folder(tmp_path, demo_assets, "straight")
     straight = _launch({"SAVE": str(straight_dir)}, *flags)
-    _, err = straight.communicate(timeout=600)
+    _, err = _finish(straight, 600)
     assert straight.returncode == 0, err[-3000:]
     run_dir = _demo_folder(tmp_path, demo_assets, "run")
     launcher = _launch({"SAVE": str(run_dir)}, *flags)
@@ -125,12 +144,12 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
              if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGTERM)
-    out, err = launcher.communicate(timeout=300)
+    out, err = _finish(launcher, 300)
     assert launcher.returncode == 0, err[-3000:]
     stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < 30 and f"> stopped at iteration {stopped}: a stop signal" in out
     resumed = _launch({"SAVE": str(run_dir)}, *flags, "--load", run_dir)
-    out, err = resumed.communicate(timeout=600)
+    out, err = _finish(resumed, 600)
     assert resumed.returncode == 0, err[-3000:]
     rows = [row for row in _metrics(run_dir) if "loss" in row]
     assert [row["iteration"] for row in rows] == list(range(1, 31))  # none twice, none lost
@@ -153,7 +172,7 @@ def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tm
                         "--train-iters", 2, "--seq-length", 64, "--max-prompt-length", 48,
                         "--global-batch-size", 4, "--valid-data-path", demo_assets / "valid.jsonl",
                         "--tokenizer", demo_assets / "tokenizer")
-    out, err = completed.communicate(timeout=600)
+    out, err = _finish(completed, 600)
     assert completed.returncode == 0, err[-3000:]
     assert "2 iterations of 4 pairs" in out
     # DPO from the tiny model's checkpoint, with the margin and run length of one's choice.
@@ -161,7 +180,7 @@ def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tm
     completed = _launch({"SAVE": str(dpo_dir)}, "--algorithm", "dpo", "--beta", 0.1,
                         "--pretrained-checkpoint", out_dir, "--train-epochs", 1,
                         "--global-batch-size", 1024, "--micro-batch-size", 16)
-    out, err = completed.communicate(timeout=600)
+    out, err = _finish(completed, 600)
     assert completed.returncode == 0, err[-3000:]
     first_eval = next(row for row in _metrics(dpo_dir) if "eval/loss" in row)
     assert abs(first_eval["eval/loss"] - 0.6931471805599453) <= 1e-6  # policy == reference
@@ -197,7 +216,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
              if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     launcher.send_signal(signal.SIGKILL)  # the torchrun agent (exec'd by the launcher script)
-    launcher.communicate(timeout=60)
+    _finish(launcher, 60)
     gone, alive = psutil.wait_procs(ranks, timeout=120)
     assert not alive, "ranks outlived their launcher"
     stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
@@ -218,7 +237,7 @@ def test_sigterm_to_the_launcher_saves_and_exits_0(demo_assets, tmp_path, monkey
         monkeypatch.delenv(name, raising=False)
     run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path, save_interval=1)
     launcher.send_signal(signal.SIGTERM)
-    out, err = launcher.communicate(timeout=300)
+    out, err = _finish(launcher, 300)
     assert launcher.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
@@ -242,7 +261,7 @@ def test_a_failed_stop_save_is_its_one_line_and_code(demo_assets, tmp_path):
     for iteration in range(1, 2001):  # a file where each iteration's save folder would go
         (run_dir / f"iter_{iteration:07d}.partial").write_text("")
     launcher.send_signal(signal.SIGTERM)
-    _, err = launcher.communicate(timeout=300)
+    _, err = _finish(launcher, 300)
     assert launcher.returncode == 2, err[-3000:]
     assert "Traceback" not in err and "before they had saved" not in err, err[-3000:]
     lines = [line for line in _one_line(err) if line.startswith("train_simpo")]
@@ -315,7 +334,7 @@ def test_launcher_reports_an_error_found_by_the_ranks_in_one_line(demo_assets, t
     bad = _bad_row_file(demo_assets, tmp_path)
     launcher = _launch({"SAVE": str(_demo_folder(tmp_path, demo_assets, "run"))},
                        "--train-data-path", bad, "--train-iters", 2)
-    _, err = launcher.communicate(timeout=300)
+    _, err = _finish(launcher, 300)
     assert launcher.returncode == 2, err[-3000:]
     assert _one_line(err) == [f"train_simpo: error: {bad}:5: not valid JSON (Expecting value)"]
 
@@ -345,7 +364,7 @@ def test_launcher_checks_before_the_ranks_start(case, tmp_path):
         expected = ("--global-batch-size (33) must be divisible by --micro-batch-size (16) x "
                     "data-parallel size (2)")
     launcher = _launch({"SAVE": str(save)}, *args)
-    _, err = launcher.communicate(timeout=300)
+    _, err = _finish(launcher, 300)
     assert launcher.returncode == 2, err[-3000:]
     lines = _one_line(err)
     assert len(lines) == 1 and lines[0].startswith(f"train_simpo: error: {expected}"), lines
@@ -362,7 +381,7 @@ def test_a_taken_master_port_is_one_line(demo_assets, tmp_path):
     with _port_held(TORCH_PORT):
         launcher = _launch({"SAVE": str(_demo_folder(tmp_path, demo_assets, "run")),
                             "MASTER_PORT": str(TORCH_PORT)})
-        _, err = launcher.communicate(timeout=300)
+        _, err = _finish(launcher, 300)
         one_process = subprocess.run(
             [sys.executable, "-m", "megatron_simpo.cli.train", *_tiny_flags(demo_assets),
              "--train-data-path", str(demo_assets / "train.jsonl")],
@@ -459,3 +478,27 @@ def test_llama3_launcher_defaults_give_way_to_flags_of_the_same_meaning():
     chosen = train_flags({"RECIPE": "gemma2-9b-it-simpo"}, "--algorithm", "dpo")
     assert chosen[chosen.index("--recipe") + 1] == "gemma2-9b-it-simpo"
 
+
+
+def test_a_ranks_line_reaches_the_launcher_whole_and_a_restart_clears_it(tmp_path, monkeypatch):
+    """A rank under the launcher leaves its exit code and line (flags.run_command); the launcher
+    reads them (rank 0's first); a rank started in its place (an elastic restart) removes what
+    the earlier one left."""
+    from megatron_simpo.cli import flags, launch
+
+    def mistake():
+        raise ValueError(f"bad {os.environ['RANK']}")
+
+    monkeypatch.setenv(flags.LAUNCHER_ERRORS, str(tmp_path))
+    for rank, code in (("1", 3), ("0", 2)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as ended:
+            flags.run_command("train_simpo", mistake, errors={ValueError: code})
+        assert ended.value.code == code
+    assert launch._rank_verdict(str(tmp_path), None) == (2, "train_simpo: error: bad 0")
+    flags.note_finished()  # (rank 0, which then ended well after a restart)
+    assert sorted(os.listdir(tmp_path)) == ["local0.done", "rank0.txt", "rank1.txt"]
+    flags.note_started()  # rank 0 starts again
+    assert sorted(os.listdir(tmp_path)) == ["rank1.txt"]
+    assert launch._rank_verdict(str(tmp_path), None) == (3, "train_simpo: error: bad 1")

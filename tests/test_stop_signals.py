@@ -47,6 +47,38 @@ def test_a_second_stop_signal_of_either_kind_ends_the_process(first, second, end
         assert "KeyboardInterrupt" in done.stderr
 
 
+BLOCKED = textwrap.dedent("""
+    import datetime
+    import torch.distributed as dist
+    from megatron_simpo.distributed import lifecycle
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=120))
+    with lifecycle.StopRequests():
+        print("blocked", flush=True)
+        store.get("never set")  # waits in C++, as a collective whose peer is gone
+""")
+
+
+def test_a_second_signal_ends_a_rank_blocked_where_no_python_handler_runs():
+    """A hung collective (a peer hung or gone) is when a user signals twice: the second signal
+    must end the rank although its main thread never returns to Python."""
+    import time
+
+    rank = subprocess.Popen([sys.executable, "-c", BLOCKED], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "blocked"
+        rank.send_signal(signal.SIGTERM)
+        time.sleep(2.5)
+        started = time.monotonic()
+        rank.send_signal(signal.SIGTERM)
+        _, err = rank.communicate(timeout=30)
+    finally:
+        rank.kill()
+    assert rank.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - started < 10
+    assert "> rank 0: SIGTERM again while blocked; ending now" in err
+
+
 WRITER = textwrap.dedent("""
     import os, signal, time
     from megatron_simpo.checkpoint import writer_process

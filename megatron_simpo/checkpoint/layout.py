@@ -63,7 +63,8 @@ def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
     folder = iteration_dir(path, int(text))
     if not (folder / "metadata.json").is_file():
         left = saved_iterations(path)
-        hint = (f"the complete iterations there are {', '.join(map(str, left[-5:]))}: give "
+        latest = ", ".join(map(str, left[-5:]))
+        hint = (f"the latest complete iterations there are {latest}: give "
                 f"{flag} {iteration_dir(path, left[-1])}, or write the one to resume from "
                 f"into {tracker}" if left else "no complete iteration is left there")
         raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "

@@ -17,13 +17,17 @@ from __future__ import annotations
 import signal
 
 
-def _serve_queue_only() -> None:
+def _serve_queue_only(rank_pid: int) -> None:
     """The manager process's start (its initializer): stop signals are its rank's to act on."""
+    import os
+
     from megatron_simpo.distributed.lifecycle import die_with_parent
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)  # never outlives the rank (PR_SET_PDEATHSIG; Linux)
+    if os.getppid() != rank_pid:  # the rank died before that took effect
+        os._exit(1)
 
 
 def _megatron_queue_getter():
@@ -46,13 +50,14 @@ def keep_through_stop_signals():
     that a stop signal leaves running, and return it; a later call keeps it. Call from the main
     thread (the manager dies with that thread), while no save is in flight."""
     import multiprocessing
+    import os
     from multiprocessing.managers import SyncManager
 
     global _queue
     module, getter = _megatron_queue_getter()
     if _queue is None or getattr(module, "_results_queue", None) is not _queue:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_serve_queue_only)
+        manager.start(initializer=_serve_queue_only, initargs=(os.getpid(),))
         _queue = manager.Queue()  # the proxy keeps its manager alive
         module._results_queue = _queue
     if getter() is not _queue:

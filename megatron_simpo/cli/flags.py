@@ -244,12 +244,17 @@ def _finished_marker() -> str | None:
 
 
 def note_started() -> None:
-    """Under the launcher, remove this local rank's ``local<LOCAL_RANK>.done`` (left by the
-    rank that held this place before an elastic restart): it is this run's to leave."""
-    marker = _finished_marker()
-    if marker:
-        with contextlib.suppress(OSError):
-            os.remove(marker)
+    """Under the launcher, remove what a rank that held this place before an elastic restart
+    left: its ``local<LOCAL_RANK>.done`` and its ``rank<RANK>.txt`` line."""
+    folder = os.environ.get(LAUNCHER_ERRORS)
+    if folder:
+        for name in (_finished_marker(), os.path.join(folder, _line_file())):
+            with contextlib.suppress(OSError):
+                os.remove(name)
+
+
+def _line_file() -> str:
+    return f"rank{os.environ.get('RANK', '0')}.txt"
 
 
 def note_finished() -> None:
@@ -284,9 +289,10 @@ def run_command(prog: str, call: Callable[[], T], *,
                 message = str(error.args[0] if isinstance(error, KeyError) else error)
                 folder = os.environ.get(LAUNCHER_ERRORS)
                 if folder:
-                    rank = os.environ.get("RANK", "0")
-                    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as handle:
+                    path = os.path.join(folder, _line_file())
+                    with open(path + ".partial", "w") as handle:
                         handle.write(f"{exit_code}\n{prog}: error: {message}\n")
+                    os.replace(path + ".partial", path)  # whole, for the launcher to read
                     raise SystemExit(exit_code)
                 user_error(prog, message, exit_code)
         raise

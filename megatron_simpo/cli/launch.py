@@ -169,7 +169,8 @@ def _rank_verdict(folder: str, first_rank: int | None) -> tuple[int, str] | None
     for name in os.listdir(folder):
         if name.startswith("rank") and name.endswith(".txt"):
             code, _, line = (Path(folder) / name).read_text().partition("\n")
-            verdicts[int(name[4:-4])] = (int(code), line.strip())
+            if code.isdigit():  # (written whole: flags.run_command)
+                verdicts[int(name[4:-4])] = (int(code), line.strip())
     for rank in (0, first_rank, *sorted(verdicts)):
         if rank in verdicts and verdicts[rank][1]:
             return verdicts[rank]

@@ -7,7 +7,8 @@ and all of them save a checkpoint, flush their metrics and exit 0 together. A se
 (SIGTERM or SIGINT, whichever came first), more than 2 s after the first, ends the process at
 once, as it would without this module: torchrun's agent passes a second Ctrl-C on as SIGTERM.
 Signals within 2 s of the first are one event (a dying parent signals once per thread; scancel
-signals a rank and its agent, which passes the signal on). Nothing heavy is imported at the top:
+signals a rank and its agent, which passes the signal on); a rank blocked in a collective that
+never finishes ends too (:class:`_SecondSignalWatch`). Nothing heavy is imported at the top:
 a checkpoint writer's helper process imports this module to start.
 """
 
@@ -21,6 +22,8 @@ import time
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _REPEAT_WINDOW_S = 2.0
+_GRACE_S = 2.0
+"""After a second stop signal, how long the main thread has to end the process itself."""
 # Reasons by priority: the largest code any rank reports wins (all-reduce MAX).
 _REASONS = {1: "--exit-interval reached", 2: "--exit-duration-in-mins reached",
             3: "a stop signal (SIGTERM/SIGINT) arrived"}
@@ -49,12 +52,16 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             for number in _SIGNALS:
                 self._previous[number] = signal.signal(number, self._note)
+            self._watch = _SecondSignalWatch()
         return self
 
     def __exit__(self, *exc_info) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        if getattr(self, "_watch", None) is not None:
+            self._watch.close()
+            self._watch = None
 
     def _note(self, number: int, frame) -> None:
         now = time.monotonic()
@@ -86,6 +93,53 @@ class StopRequests:
         from megatron_simpo.distributed.runtime import max_over_world  # torch: not at the top
 
         return _REASONS.get(max_over_world(code))
+
+
+class _SecondSignalWatch:
+    """Ends the process on a second stop signal also while its main thread is blocked inside a
+    collective that never finishes (a peer hung or gone), where no Python signal handler runs.
+
+    Python's C-level handler writes each signal's number to a wakeup fd at once; a thread
+    reading it ends the process (exit status 128 + the signal) when, ``_GRACE_S`` after a
+    signal that came more than ``_REPEAT_WINDOW_S`` after the first, the process has not ended
+    through :meth:`StopRequests._note` in the main thread.
+    """
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._first: float | None = None
+        threading.Thread(target=self._watch, name="stop-signal-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        with self._reader:
+            while True:
+                try:
+                    numbers = self._reader.recv(64)
+                except OSError:
+                    return
+                if not numbers:  # closed
+                    return
+                for number in numbers:
+                    if number not in _SIGNALS:
+                        continue
+                    now = time.monotonic()
+                    if self._first is None:
+                        self._first = now
+                    elif now - self._first >= _REPEAT_WINDOW_S:
+                        time.sleep(_GRACE_S)  # the main thread ends the process, if it can
+                        print(f"> rank {os.environ.get('RANK', '0')}: "
+                              f"{signal.Signals(number).name} again while blocked; ending now",
+                              file=sys.stderr, flush=True)
+                        os._exit(128 + number)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        self._writer.close()  # the thread reads the end and returns
 
 
 def die_with_parent(number: int = signal.SIGTERM) -> None:

@@ -51,10 +51,10 @@ def _causal_lm(hf_dir: str | Path, dtype: str):
 
 
 def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
-                          new_tokens: int) -> list[str]:
-    """One ``generate`` call of up to ``new_tokens`` tokens on prompts left-padded to one length
-    (every prompt ends at the same column); the replies decoded without special tokens,
-    stripped."""
+                          room: "_ContextRoom") -> list[str]:
+    """One ``generate`` call on prompts left-padded to one length (every prompt ends at the
+    same column), each reply within the model's context (``room``); the replies decoded
+    without special tokens, stripped."""
     import torch
 
     tokenizer, model, device, pad, stops = loaded
@@ -66,6 +66,17 @@ def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
         mask[row, longest - len(prompt):] = 1
     options = dict(do_sample=False) if sampling.temperature == 0 else dict(
         do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    new_tokens, rows = room.limits(ids, sampling.max_new_tokens)
+    if rows is not None:  # a row with less room stops there (the others go on)
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        limits = torch.tensor(rows, device=device)
+
+        class RoomLeft(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return limits <= input_ids.shape[1] - longest
+
+        options["stopping_criteria"] = StoppingCriteriaList([RoomLeft()])
     with torch.no_grad():
         out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
                              max_new_tokens=new_tokens, pad_token_id=pad,
@@ -74,28 +85,29 @@ def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
             tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)]
 
 
-def _stop_at_context(model) -> Callable[[list[list[int]], int], int]:
-    """(prompts, new tokens wanted) -> the new tokens that keep the longest prompt's reply in
-    the model's context (``max_position_embeddings``), as vLLM's replies stop there; said once
-    when it shortens a reply."""
-    import sys
+class _ContextRoom:
+    """Each reply stops at the model's context (``max_position_embeddings``), as vLLM's do
+    (transformers' ``generate`` would go on past it); said once, when it shortens a reply."""
 
-    context = getattr(model.config, "max_position_embeddings", None)
-    said = False
+    def __init__(self, model):
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.said = False
 
-    def new_tokens(ids: list[list[int]], wanted: int) -> int:
-        nonlocal said
-        longest = max(len(prompt) for prompt in ids)
-        if context is None or longest + wanted <= context:
-            return wanted
-        if not said:
-            said = True
-            print(f"warning: prompts of {longest} tokens and up to {wanted} new ones go beyond "
-                  f"the model's context of {context} positions: replies stop at the context",
-                  file=sys.stderr, flush=True)
-        return max(1, context - longest)
+    def limits(self, ids: list[list[int]], wanted: int) -> tuple[int, list[int] | None]:
+        """(``max_new_tokens`` of the call, each row's own limit: None when all have room)."""
+        import sys
 
-    return new_tokens
+        if self.context is None:
+            return wanted, None
+        rows = [max(1, min(wanted, self.context - len(prompt))) for prompt in ids]
+        if min(rows) == wanted:
+            return wanted, None
+        if not self.said:
+            self.said = True
+            print(f"warning: replies stop at the model's context of {self.context} positions "
+                  f"({sum(r < wanted for r in rows)} of {len(rows)} prompts leave room for "
+                  f"fewer than the {wanted} new tokens asked)", file=sys.stderr, flush=True)
+        return max(rows), rows
 
 
 def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
@@ -107,16 +119,14 @@ def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
     from megatron_simpo.data.tokenization import encode_prompts
 
     loaded = _causal_lm(hf_dir, dtype)
-    new_tokens = _stop_at_context(loaded[1])
+    room = _ContextRoom(loaded[1])
     torch.manual_seed(seed)
 
     def generate(conversations, samplings):
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         replies: list[str] = [""] * len(ids)
         for sampling, members in _groups(samplings).items():
-            group = [ids[i] for i in members]
-            texts = _left_padded_generate(loaded, group, sampling,
-                                          new_tokens(group, sampling.max_new_tokens))
+            texts = _left_padded_generate(loaded, [ids[i] for i in members], sampling, room)
             for i, text in zip(members, texts):
                 replies[i] = text
         return replies
@@ -160,15 +170,14 @@ def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template:
     from megatron_simpo.data.tokenization import encode_prompts
 
     loaded = _causal_lm(hf_dir, dtype)
-    new_tokens = _stop_at_context(loaded[1])
+    room = _ContextRoom(loaded[1])
 
     def sample(conversations, sampling, seeds):
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         by_seed = []
         for seed in seeds:
             torch.manual_seed(seed)
-            by_seed.append(_left_padded_generate(loaded, ids, sampling,
-                                                 new_tokens(ids, sampling.max_new_tokens)))
+            by_seed.append(_left_padded_generate(loaded, ids, sampling, room))
         return [list(replies) for replies in zip(*by_seed)]
 
     return sample
@@ -306,7 +315,8 @@ def keep_settings(answers: Path, settings: dict) -> None:
     refused, naming each difference (files written before this record are not checked)."""
     record = answers.with_name(answers.name + ".settings.json")
     if answers.is_file() and record.is_file():
-        differ = settings_record.differences(record, settings)
+        differ = settings_record.differences(record, settings,
+                                             start_over=f"{answers} and {record}")
         if differ:
             raise ValueError(f"{answers} holds answers made with other settings "
                              f"({'; '.join(differ)}): give the same ones to complete it, or "
@@ -334,12 +344,13 @@ def generate_answers(config: AnswersConfig) -> Path:
         raise ValueError(f"--output {config.output}: cannot make the folder {answers.parent} "
                          f"({error.strerror or error})") from None
     answered(config.benchmark, answers)
+    model = settings_record.model_identity(config.hf, config.load)  # --load: its iteration now
     keep_settings(answers, dict(
-        model=settings_record.model_identity(config.hf, config.load), backend=backend,
-        seed=config.seed,
-        dtype=config.dtype, apply_chat_template=config.apply_chat_template, **config.overrides))
+        model=model, backend=backend, seed=config.seed, dtype=config.dtype,
+        apply_chat_template=config.apply_chat_template, **config.overrides))
     with contextlib.ExitStack() as stack:
-        hf_dir = model_folder(stack, hf=config.hf, load=config.load, hf_out=config.hf_out)
+        hf_dir = model_folder(stack, hf=config.hf, load=model if config.load else None,
+                              hf_out=config.hf_out)
         options = dict(seed=config.seed, dtype=config.dtype,
                        apply_chat_template=config.apply_chat_template)
         if backend == "vllm":

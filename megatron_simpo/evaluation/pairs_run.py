@@ -184,7 +184,8 @@ def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
         return
     names = {"prompts": "the prompts", "score_identical": "--reward-stats (given:)"}
     differ = settings_record.differences(
-        path, expected, lambda key: names.get(key, f"--{key.replace('_', '-')}"))
+        path, expected, lambda key: names.get(key, f"--{key.replace('_', '-')}"),
+        start_over=str(folder))
     if differ:
         raise ValueError(f"{folder} was started with other settings ({'; '.join(differ)}): "
                          "give the same ones to resume, or move it away")
@@ -328,7 +329,7 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
     open_parts(folder, expected, create=False)
     _pin_device(backend, local_rank, config.tensor_parallel_size, world)
     with contextlib.ExitStack() as stack:
-        hf_dir = generation.model_folder(stack, hf=config.hf, load=config.load,
+        hf_dir = generation.model_folder(stack, hf=config.hf, load=expected["load"],
                                          hf_out=config.hf_out if rank == 0 else None)
         tokenizer = load_tokenizer(hf_dir)
         roles = known_roles(tokenizer)

@@ -26,15 +26,17 @@ def write(path: Path, settings: dict) -> None:
     os.replace(partial, path)
 
 
-def differences(path: Path, settings: dict,
-                name: Callable[[str], str] = lambda key: key) -> list[str]:
+def differences(path: Path, settings: dict, name: Callable[[str], str] = lambda key: key, *,
+                start_over: str) -> list[str]:
     """``<name> <recorded> -> <now>`` for each setting whose recorded value differs. Raises
-    ValueError naming ``path`` when it is missing or not a record."""
+    ValueError naming ``path`` when it is missing or not a record, with ``start_over``: what
+    to move away to start over."""
     try:
         recorded = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         recorded = None
     if not isinstance(recorded, dict):
-        raise ValueError(f"{path}: missing or not a settings record; move it away")
+        raise ValueError(f"{path}: missing or not a settings record; move {start_over} away "
+                         "to start over")
     return [f"{name(key)} {recorded.get(key)!r} -> {value!r}"
             for key, value in settings.items() if recorded.get(key) != value]

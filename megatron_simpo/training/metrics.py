@@ -64,8 +64,11 @@ class MetricsWriter:
                             row["iteration"] == resume_iteration and not is_eval):
                         kept.append(line + "\n")
             temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text("".join(kept))
-            os.replace(temporary, self.path)
+            try:
+                temporary.write_text("".join(kept))
+                os.replace(temporary, self.path)
+            except OSError as error:
+                raise write_failed(self.path, error) from None
 
     def write(self, iteration: int, values: dict[str, float]) -> None:
         if not self.active:
