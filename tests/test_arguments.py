@@ -260,7 +260,8 @@ def test_hf_out_replaces_an_earlier_export_and_nothing_else(command, base, tmp_p
     assert info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line == (f"{command}: error: --hf-out {folder} holds files that are not an export of "
-                    f"this project (no {EXPORT_MARKER}); give a new or empty folder (see --help)")
+                    f"this project (no {EXPORT_MARKER}); give a new or empty folder (an export "
+                    "made before exports held that file: remove its files yourself) (see --help)")
     (folder / EXPORT_MARKER).write_text("{}")  # an earlier export (a resumed command's)
     assert _commands()[command].parse(argv)["config"].hf_out == str(folder)
     assert _commands()[command].parse(base + ["--load", "run", "--hf-out",

@@ -193,6 +193,14 @@ def test_a_tracker_naming_a_removed_iteration_says_what_is_left(tmp_path):
         f"--load {tmp_path}: {TRACKER_FILE} names iteration 6 but {tmp_path}/iter_0000006 is "
         f"missing or incomplete; the latest complete iterations there are 2, 4: give --load "
         f"{tmp_path}/iter_0000004, or write the one to resume from into {tmp_path}/{TRACKER_FILE}")
+    (tmp_path / TRACKER_FILE).unlink()  # or no tracker at all
+    with pytest.raises(FileNotFoundError) as error:
+        find_checkpoint(tmp_path)
+    assert str(error.value).endswith(f"(no {TRACKER_FILE} and not an iter_NNNNNNN folder); the "
+                                     "latest complete iterations there are 2, 4: give --load "
+                                     f"{tmp_path}/iter_0000004, or write the one to resume from "
+                                     f"into {tmp_path}/{TRACKER_FILE}")
+    (tmp_path / TRACKER_FILE).write_text("6")
     for iteration in (2, 4):
         (tmp_path / f"iter_{iteration:07d}" / "metadata.json").unlink()
     with pytest.raises(FileNotFoundError, match="; no complete iteration is left there$"):

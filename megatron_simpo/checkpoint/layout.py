@@ -54,21 +54,22 @@ def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
     if (path / MODEL_CONFIG_FILE).is_file() and (path / "metadata.json").is_file():
         return path
     tracker = path / TRACKER_FILE
+    left = saved_iterations(path)
+    hint = (f"the latest complete iterations there are {', '.join(map(str, left[-5:]))}: give "
+            f"{flag} {iteration_dir(path, left[-1]) if left else ''}, or write the one to "
+            f"resume from into {tracker}")
     if not tracker.is_file():
         raise FileNotFoundError(f"{flag} {path}: no checkpoint there (no {TRACKER_FILE} and not "
-                                f"an iter_NNNNNNN folder)")
+                                f"an iter_NNNNNNN folder)" + (f"; {hint}" if left else ""))
     text = tracker.read_text().strip()
     if not text.isdigit():
-        raise ValueError(f"{flag} {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
+        raise ValueError(f"{flag} {path}: {TRACKER_FILE} holds {text!r}, not an iteration "
+                         "number" + (f"; {hint}" if left else ""))
     folder = iteration_dir(path, int(text))
     if not (folder / "metadata.json").is_file():
-        left = saved_iterations(path)
-        latest = ", ".join(map(str, left[-5:]))
-        hint = (f"the latest complete iterations there are {latest}: give "
-                f"{flag} {iteration_dir(path, left[-1])}, or write the one to resume from "
-                f"into {tracker}" if left else "no complete iteration is left there")
         raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
-                                f"{folder} is missing or incomplete; {hint}")
+                                f"{folder} is missing or incomplete; "
+                                f"{hint if left else 'no complete iteration is left there'}")
     return folder
 
 
