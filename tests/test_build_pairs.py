@@ -403,7 +403,8 @@ def test_an_interrupted_run_resumes_to_the_same_pairs(tiny, uninterrupted, tmp_p
     with pytest.raises(SystemExit):
         main(_flags(tiny, output, "--temperature", "0.7"))
     [line] = capsys.readouterr().err.splitlines()
-    assert "was started with other settings (--temperature 0.8 -> 0.7): give the same ones to resume" in line
+    assert ("was started with other settings (--temperature 0.8 -> 0.7): give the same ones to "
+            "resume") in line
     # A batch file on disk is checked before it is trusted.
     bad = tmp_path / "pairs.jsonl.parts" / "batch-000001.jsonl"
     bad.write_text(json.dumps({"index": 2, "prompt_id": "x", "samples": [], "scores": None}))

@@ -199,8 +199,8 @@ def _long_run_after_its_first_step(demo_assets, tmp_path, save_interval=100000,
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         metrics = run_dir / "metrics.jsonl"
-        if (metrics.is_file() and '"loss"' in metrics.read_text()
-                and (save_interval > 1 or (run_dir / "latest_checkpointed_iteration.txt").is_file())):
+        saved = (run_dir / "latest_checkpointed_iteration.txt").is_file()
+        if metrics.is_file() and '"loss"' in metrics.read_text() and (save_interval > 1 or saved):
             break
         time.sleep(0.2)
     return run_dir, launcher

@@ -1,4 +1,5 @@
-"""Command lines: flags generated from the config dataclasses, one module per console script. Nothing in the package imports this sub-package.
+"""Command lines: flags generated from the config dataclasses, one module per console script.
+Nothing in the package imports this sub-package.
 
 Every command's process imports this first (ranks under torchrun too), so it holds back what
 Megatron-Core warns at import without news for a user: that Transformer Engine and Apex are

@@ -273,9 +273,9 @@ def run_command(prog: str, call: Callable[[], T], *,
     (default: :data:`USER_ERRORS`, exit code 2), :func:`user_error` with its message and code.
 
     Under the launcher (``megatron_simpo.cli.launch``, which sets :data:`LAUNCHER_ERRORS`), a
-    rank writes its code and line to ``rank<RANK>.txt`` in that folder instead of printing it, and exits
-    with the code: the launcher prints one line (rank 0's, else the first failed rank's), so a
-    mistake only one rank sees is reported too.
+    rank writes its exit code and line to ``rank<RANK>.txt`` in that folder instead of printing
+    the line, and exits with the code: the launcher prints one line (rank 0's, else the first
+    failed rank's), so a mistake only one rank sees is reported too.
 
     Args:
         distributed: the command starts process groups: they are shut down however it ends.
