@@ -114,3 +114,32 @@ def test_the_writers_queue_survives_a_stop_signal_and_dies_with_its_rank():
         rank.communicate(timeout=30)
     manager.wait(timeout=10)  # PR_SET_PDEATHSIG: it never outlives the rank
     assert not psutil.pid_exists(manager.pid) or manager.status() == psutil.STATUS_ZOMBIE
+
+
+FORKED = textwrap.dedent("""
+    import os, signal, sys, time
+    from megatron_simpo.distributed import lifecycle
+    with lifecycle.StopRequests() as requests:
+        child = os.fork()
+        if child == 0:  # a checkpoint writer: the signal is its rank's
+            time.sleep(1.0)
+            os._exit(0)
+        os.kill(child, signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        time.sleep(3)
+        print("writer", os.waitstatus_to_exitcode(status), "rank noted", requests.received,
+              flush=True)
+""")
+
+
+def test_a_process_forked_by_a_rank_leaves_stop_signals_to_the_rank():
+    """Megatron-Core's checkpoint writers are forked from the rank during a save; a signal to the
+    rank's process group reaches them too: they finish their writes, say nothing, and the rank's
+    watch does not take their signals for its own."""
+    done = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["writer", "0", "rank", "noted", "None"]
+    assert "received" not in done.stderr and "again" not in done.stderr, done.stderr

@@ -45,6 +45,7 @@ class StopRequests:
         self._received_at = 0.0
         self._started = time.monotonic()
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "StopRequests":
         import threading
@@ -64,6 +65,10 @@ class StopRequests:
             self._watch = None
 
     def _note(self, number: int, frame) -> None:
+        if os.getpid() != self._pid:
+            # A process forked meanwhile (Megatron-Core's checkpoint writers): the signal is
+            # its rank's to act on, which finishes the save and stops.
+            return
         now = time.monotonic()
         if self.received is not None:
             # One event can deliver several: a parent-death signal arrives once per thread of a
@@ -112,6 +117,7 @@ class _SecondSignalWatch:
         self._reader, self._writer = socket.socketpair()
         self._writer.setblocking(False)
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        _forget_wakeup_fd_in_forks()
         self._first: float | None = None
         threading.Thread(target=self._watch, name="stop-signal-watch", daemon=True).start()
 
@@ -140,6 +146,17 @@ class _SecondSignalWatch:
     def close(self) -> None:
         signal.set_wakeup_fd(self._previous_fd)
         self._writer.close()  # the thread reads the end and returns
+
+
+_FORKS_FORGET = []
+
+
+def _forget_wakeup_fd_in_forks() -> None:
+    """A forked process (a checkpoint writer) does not report its signals to its rank's watch:
+    they are not the rank's. Registered once per process."""
+    if not _FORKS_FORGET:
+        _FORKS_FORGET.append(True)
+        os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
 
 
 def die_with_parent(number: int = signal.SIGTERM) -> None:
