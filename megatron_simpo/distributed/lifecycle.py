@@ -15,6 +15,7 @@ a checkpoint writer's helper process imports this module to start.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -148,15 +149,11 @@ class _SecondSignalWatch:
         self._writer.close()  # the thread reads the end and returns
 
 
-_FORKS_FORGET = []
-
-
+@functools.cache  # once per process
 def _forget_wakeup_fd_in_forks() -> None:
     """A forked process (a checkpoint writer) does not report its signals to its rank's watch:
-    they are not the rank's. Registered once per process."""
-    if not _FORKS_FORGET:
-        _FORKS_FORGET.append(True)
-        os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
+    they are not the rank's."""
+    os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
 
 
 def die_with_parent(number: int = signal.SIGTERM) -> None:
