@@ -203,5 +203,32 @@ def test_a_tracker_naming_a_removed_iteration_says_what_is_left(tmp_path):
     (tmp_path / TRACKER_FILE).write_text("6")
     for iteration in (2, 4):
         (tmp_path / f"iter_{iteration:07d}" / "metadata.json").unlink()
-    with pytest.raises(FileNotFoundError, match="; no complete iteration is left there$"):
+    with pytest.raises(FileNotFoundError) as error:
         find_checkpoint(tmp_path)
+    assert str(error.value).endswith(
+        "; no complete iteration is left there (to start from the beginning, drop --load; where "
+        f"it is also --save, removing {TRACKER_FILE} does the same)")
+    (tmp_path / "iter_0000002" / "metadata.json").write_text("{}")  # one: said in the singular
+    with pytest.raises(FileNotFoundError) as error:
+        find_checkpoint(tmp_path)
+    assert str(error.value).endswith(f"; the complete iteration there is 2: give --load "
+                                     f"{tmp_path}/iter_0000002, or write the one to resume from "
+                                     f"into {tmp_path}/{TRACKER_FILE}")
+
+
+def test_a_load_that_is_missing_or_a_file_is_one_line_naming_it(tmp_path):
+    from megatron_simpo.checkpoint.layout import TRACKER_FILE, find_checkpoint
+
+    with pytest.raises(FileNotFoundError) as error:
+        find_checkpoint(tmp_path / "absent", "--pretrained-checkpoint")
+    assert str(error.value) == f"--pretrained-checkpoint {tmp_path / 'absent'}: does not exist"
+    (tmp_path / TRACKER_FILE).write_text("2")
+    with pytest.raises(FileNotFoundError) as error:
+        find_checkpoint(tmp_path / TRACKER_FILE)
+    assert str(error.value) == (f"--load {tmp_path / TRACKER_FILE}: is the tracker file: give "
+                                f"its folder, --load {tmp_path}")
+    (tmp_path / "weights.pt").write_text("")
+    with pytest.raises(FileNotFoundError) as error:
+        find_checkpoint(tmp_path / "weights.pt")
+    assert str(error.value) == (f"--load {tmp_path / 'weights.pt'}: is a file, not a checkpoint "
+                                "folder (a save folder or an iter_NNNNNNN folder)")

@@ -525,9 +525,19 @@ def slow(rows, tokenizer, config):  # in each tokenizing worker: say so, then ta
     return real(rows, tokenizer, config)
 
 data_cache.tokenize_records = slow
-data_cache.prepare_data(DataConfig(train_data_path=source, data_cache_dir=cache_dir, seq_length=48,
-                                   max_prompt_length=12, dataset_num_proc=2),
-                        build_tokenizer(), tokenizer_path, seed=0)
+prepare = lambda: data_cache.prepare_data(
+    DataConfig(train_data_path=source, data_cache_dir=cache_dir, seq_length=48,
+               max_prompt_length=12, dataset_num_proc=2), build_tokenizer(), tokenizer_path, seed=0)
+if os.environ.get("UNDER_STOP_REQUESTS"):  # as megatron-simpo-train tokenizes
+    from megatron_simpo.distributed.lifecycle import StopRequests
+    requests = StopRequests(before_training=True)
+    try:
+        with requests:
+            prepare()
+    except BaseException as error:
+        print("stopped:", type(error).__name__, requests.received, flush=True)
+else:
+    prepare()
 """
 
 
@@ -541,18 +551,23 @@ def _descendants(pid):
     return found
 
 
-def _start_slow_builder(data, tmp_path):
-    """A builder process tokenizing with 2 workers that sleep; (process, its descendants)."""
+def _start_slow_builder(data, tmp_path, under_stop_requests=False):
+    """A builder process tokenizing with 2 workers that sleep; (process, its descendants). Its
+    stdout goes to ``tmp_path / "stdout"``."""
+    import os
     import subprocess
     import sys
     import time
 
     marks = tmp_path / "marks"
     marks.mkdir()
-    with (tmp_path / "stderr").open("w") as stderr:  # a file: survivors cannot block its reader
+    env = dict(os.environ, UNDER_STOP_REQUESTS="1" if under_stop_requests else "")
+    with (tmp_path / "stderr").open("w") as stderr, (tmp_path / "stdout").open("w") as stdout:
+        # files: survivors cannot block their reader; a session of its own, for a Ctrl-C
         process = subprocess.Popen([sys.executable, "-c", _SLOW_BUILDER, str(data / "train.jsonl"),
                                     str(tmp_path / "cache"), str(marks), str(data / "tokenizer")],
-                                   stderr=stderr)
+                                   stderr=stderr, stdout=stdout, env=env,
+                                   start_new_session=True)
     deadline = time.monotonic() + 120
     while len(list(marks.iterdir())) < 2:
         assert process.poll() is None and time.monotonic() < deadline, \
@@ -593,21 +608,50 @@ def test_a_killed_builder_leaves_no_workers_and_its_folder_is_swept(data, tmp_pa
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
-def test_sigterm_while_tokenizing_says_stopping_and_cleans_up(data, tmp_path):
+@pytest.mark.parametrize("under_stop_requests", [False, True])
+def test_sigterm_while_tokenizing_says_stopping_and_cleans_up(data, tmp_path,
+                                                               under_stop_requests):
+    # Alone (a tool), the build ends with 143; under megatron-simpo-train's stop handling
+    # (lifecycle.StopRequests before training), the trainer's handler notes the signal too.
     import signal
 
-    process, family = _start_slow_builder(data, tmp_path)
+    process, family = _start_slow_builder(data, tmp_path, under_stop_requests)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     finally:
         _assert_all_gone(family + [process.pid])
     stderr = (tmp_path / "stderr").read_text()
-    assert process.returncode == 128 + signal.SIGTERM
     line = (f"> data: received SIGTERM while tokenizing {data}/train.jsonl: stopping (the partial "
             "cache entry is removed; the next run tokenizes it again)\n")
     assert stderr.count("> data: received") == 1 and line in stderr
     assert "Traceback" not in stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+    if under_stop_requests:
+        assert process.returncode == 0, stderr
+        assert (tmp_path / "stdout").read_text() == f"stopped: SystemExit {signal.SIGTERM}\n"
+    else:
+        assert process.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+def test_ctrl_c_while_tokenizing_is_the_builders_alone(data, tmp_path):
+    """Ctrl-C reaches the builder's whole process group: the workers leave it to the builder (no
+    KeyboardInterrupt traceback from each), which stops, removes its partial entry, and ends."""
+    import os
+    import signal
+
+    process, family = _start_slow_builder(data, tmp_path, under_stop_requests=True)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    finally:
+        _assert_all_gone(family + [process.pid])
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode == 0, stderr
+    # (what the stop leaves datasets' pool to raise on its way out varies; the signal is noted)
+    assert (tmp_path / "stdout").read_text().split()[::2] == ["stopped:", str(signal.SIGINT)]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
 
 

@@ -251,6 +251,58 @@ def test_sigterm_to_the_launcher_saves_and_exits_0(demo_assets, tmp_path, monkey
     assert args.shutdown_timeout == launch.STOPPING_RANKS_WAIT
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler (Python installs none of its own)."""
+    import signal
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+@pytest.mark.parametrize("when,ctrl_c", [("ranks_started", False), ("ranks_started", True),
+                                         ("ranks_exist", False)])
+def test_a_signal_before_training_began_stops_at_once_with_one_line(demo_assets, tmp_path,
+                                                                    when, ctrl_c):
+    """A stop signal while the ranks still start (importing, tokenizing, loading): nothing to
+    save, so they stop at once; one line, exit code 0, none of the agent's log lines. SIGTERM
+    to the launcher (scancel; the agent passes it on), or Ctrl-C to the whole process group;
+    once the ranks handle signals, or before (then the launcher says it)."""
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = _demo_folder(tmp_path, demo_assets, "run")
+    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert launcher.poll() is None and time.monotonic() < deadline
+        ranks = [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
+        with contextlib.suppress(OSError):
+            if len(ranks) == 2 and (when == "ranks_exist" or all(map(_catches_sigterm, ranks))):
+                break
+        time.sleep(0.02)
+    if ctrl_c:
+        os.killpg(launcher.pid, signal.SIGINT)
+    else:
+        launcher.send_signal(signal.SIGTERM)
+    out, err = _finish(launcher, 120)
+    name = "SIGINT" if ctrl_c else "SIGTERM"
+    assert launcher.returncode == 0, err[-3000:]
+    assert out.splitlines()[-1:] == [f"> stopped by {name} before training began: nothing to "
+                                     "save; the same command starts again"], out[-3000:]
+    assert "iteration" not in out and not (run_dir / "metrics.jsonl").exists()
+    if when == "ranks_started":
+        assert sorted(_one_line(err)) == [f"> rank {rank}: received {name}; stopping (training "
+                                          "has not begun)" for rank in (0, 1)], err[-3000:]
+    else:
+        assert _one_line(err) == [], err[-3000:]
+
+
 def test_a_failed_stop_save_is_its_one_line_and_code(demo_assets, tmp_path):
     """A signal to the launcher whose stop-save fails (here: the folder it writes into cannot
     be made; a full disk in practice): the ranks' one line and exit code 2, not "stopped before

@@ -143,3 +143,49 @@ def test_a_process_forked_by_a_rank_leaves_stop_signals_to_the_rank():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["writer", "0", "rank", "noted", "None"]
     assert "received" not in done.stderr and "again" not in done.stderr, done.stderr
+
+
+BEFORE_TRAINING = textwrap.dedent("""
+    import os, signal, sys, time
+    from megatron_simpo.distributed import lifecycle
+    requests = lifecycle.StopRequests(before_training=True)
+    began = []
+    requests._when_training_begins = lambda: began.append(True)
+    with requests:
+        try:  # setup: the first signal ends it at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            print("setup went on", flush=True)
+        except lifecycle.StoppedBeforeTraining as stopped:
+            print("setup stopped", signal.Signals(stopped.number).name, flush=True)
+        requests.received = None
+        try:  # a signal while an error is handled: that error ends setup; noted all the same
+            try:
+                raise ValueError("setup's own error")
+            except ValueError:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            print("noted", signal.Signals(requests.received).name, flush=True)
+            requests.training_begins()
+        except lifecycle.StoppedBeforeTraining as stopped:
+            print("training_begins stopped", signal.Signals(stopped.number).name, began,
+                  flush=True)
+        requests.received, requests._received_at = None, 0.0
+        requests.training_begins()
+        os.kill(os.getpid(), signal.SIGTERM)  # from here on: noted, saved at the next boundary
+        time.sleep(0.2)
+        print("training noted", signal.Signals(requests.received).name, began, flush=True)
+""")
+
+
+def test_before_training_a_first_signal_ends_setup_and_after_it_is_noted():
+    done = subprocess.run([sys.executable, "-c", BEFORE_TRAINING], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["setup stopped SIGTERM", "noted SIGINT",
+                                        "training_begins stopped SIGINT []",
+                                        "training noted SIGTERM [True]"]
+    assert done.stderr.splitlines() == [
+        "> rank 0: received SIGTERM; stopping (training has not begun)",
+        "> rank 0: received SIGINT; stopping (training has not begun)",
+        "> rank 0: received SIGTERM; saving and stopping at the next step boundary"]

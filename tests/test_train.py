@@ -463,8 +463,13 @@ def test_exit_interval_saves_and_stops_and_a_tiny_validation_set_is_reported(tin
     assert "warning: the validation set has 3 pair(s), fewer than one micro-batch per " \
            "data-parallel rank (4): no evaluation" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    left = save / "iter_0000005.partial"  # a save its run never finished (a second signal)
+    (left / "weights").mkdir(parents=True)
+    (left / "weights" / "__0_0.distcp").write_bytes(b"\0" * 100)
     [(code, out, _), _] = run_on_ranks(2, _main_in_rank, argv)  # the job's next start
     assert code == 0 and f"> resumed from {save / 'iter_0000003'} at iteration 3" in out
+    assert f"> removed {left}: a save that never finished (its run ended mid-save)" in out
+    assert not left.exists()
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert [row["iteration"] for row in _metrics(save)] == list(range(1, 7))
     assert all(row["loss"] != 9.0 for row in _metrics(save))

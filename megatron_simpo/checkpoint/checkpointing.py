@@ -33,8 +33,8 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               check_model_config, checkpoint_assets,
                                               find_checkpoint, iteration_dir, optimizer_metadata,
                                               read_common_state, read_model_config,
-                                              read_train_iteration,
-                                              read_train_state, remove_iterations_after,
+                                              read_train_iteration, read_train_state,
+                                              remove_interrupted_saves, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
                                               write_failure_reason, write_tracker)
 from megatron_simpo.checkpoint import optimizer_state
@@ -46,8 +46,8 @@ from megatron_simpo.model.architecture import ModelConfig
 __all__ = ["CheckpointError", "MODEL_CONFIG_FILE", "TRACKER_FILE", "TrainState",
            "check_model_config", "checkpoint_assets", "find_checkpoint", "iteration_dir",
            "load_checkpoint", "load_model_state", "read_model_config", "read_train_iteration",
-           "read_train_state", "remove_iterations_after", "save_checkpoint", "save_model_only",
-           "saved_iterations", "saved_params_dtype"]
+           "read_train_state", "remove_interrupted_saves", "remove_iterations_after",
+           "save_checkpoint", "save_model_only", "saved_iterations", "saved_params_dtype"]
 
 def _rng_state_object(parallel_ranks: tuple[int, ...], parallel_sizes: tuple[int, ...]):
     from megatron.core import tensor_parallel

@@ -51,13 +51,22 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
 def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
     """The iteration folder a path names: a save root (its latest iteration) or an iter_ folder."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: does not exist")
+    if path.is_file():
+        what = (f"is the tracker file: give its folder, {flag} {path.parent}"
+                if path.name == TRACKER_FILE else
+                "is a file, not a checkpoint folder (a save folder or an iter_NNNNNNN folder)")
+        raise FileNotFoundError(f"{flag} {path}: {what}")
     if (path / MODEL_CONFIG_FILE).is_file() and (path / "metadata.json").is_file():
         return path
     tracker = path / TRACKER_FILE
     left = saved_iterations(path)
-    hint = (f"the latest complete iterations there are {', '.join(map(str, left[-5:]))}: give "
-            f"{flag} {iteration_dir(path, left[-1]) if left else ''}, or write the one to "
-            f"resume from into {tracker}")
+    hint = (("the latest complete iterations there are "
+             if len(left) > 1 else "the complete iteration there is ")
+            + f"{', '.join(map(str, left[-5:]))}: give {flag} "
+            f"{iteration_dir(path, left[-1]) if left else ''}, or write the one to resume from "
+            f"into {tracker}")
     if not tracker.is_file():
         raise FileNotFoundError(f"{flag} {path}: no checkpoint there (no {TRACKER_FILE} and not "
                                 f"an iter_NNNNNNN folder)" + (f"; {hint}" if left else ""))
@@ -68,8 +77,10 @@ def find_checkpoint(path: str | Path, flag: str = "--load") -> Path:
     folder = iteration_dir(path, int(text))
     if not (folder / "metadata.json").is_file():
         raise FileNotFoundError(f"{flag} {path}: {TRACKER_FILE} names iteration {text} but "
-                                f"{folder} is missing or incomplete; "
-                                f"{hint if left else 'no complete iteration is left there'}")
+                                f"{folder} is missing or incomplete; " + (
+                                    hint if left else "no complete iteration is left there (to "
+                                    f"start from the beginning, drop {flag}; where it is also "
+                                    f"--save, removing {TRACKER_FILE} does the same)"))
     return folder
 
 
@@ -124,12 +135,24 @@ def remove_iterations_after(root: str | Path, iteration: int) -> None:
     for number in saved_iterations(root):
         if number > iteration:
             shutil.rmtree(iteration_dir(root, number))
-    for partial in root.glob("iter_*.partial"):
-        shutil.rmtree(partial)
+    remove_interrupted_saves(root)
     if iteration == 0:
         (root / TRACKER_FILE).unlink(missing_ok=True)
     elif (root / TRACKER_FILE).is_file():
         write_tracker(root, iteration)
+
+
+def remove_interrupted_saves(root: str | Path) -> list[Path]:
+    """Remove the ``iter_NNNNNNN.partial`` folders of saves that never finished (a run ended
+    mid-save: a second stop signal, a SIGKILL); returns them. Rank 0 only, before this run's
+    first save."""
+    removed = sorted(Path(root).glob("iter_*.partial"))
+    for partial in removed:
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink()
+    return removed
 
 
 def write_tracker(root: Path, iteration: int) -> None:

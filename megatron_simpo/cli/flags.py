@@ -245,16 +245,27 @@ def _finished_marker() -> str | None:
 
 def note_started() -> None:
     """Under the launcher, remove what a rank that held this place before an elastic restart
-    left: its ``local<LOCAL_RANK>.done`` and its ``rank<RANK>.txt`` line."""
+    left: its ``local<LOCAL_RANK>.done`` and ``.began`` and its ``rank<RANK>.txt`` line."""
     folder = os.environ.get(LAUNCHER_ERRORS)
     if folder:
-        for name in (_finished_marker(), os.path.join(folder, _line_file())):
+        began = os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.began")
+        for name in (_finished_marker(), began, os.path.join(folder, _line_file())):
             with contextlib.suppress(OSError):
                 os.remove(name)
 
 
 def _line_file() -> str:
     return f"rank{os.environ.get('RANK', '0')}.txt"
+
+
+def note_training_began() -> None:
+    """Under the launcher, leave ``local<LOCAL_RANK>.began``: this rank's training began (a
+    signal before any rank's did stops a run with nothing to save)."""
+    folder = os.environ.get(LAUNCHER_ERRORS)
+    if folder:
+        with contextlib.suppress(OSError):
+            open(os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.began"),
+                 "w").close()
 
 
 def note_finished() -> None:

@@ -21,7 +21,9 @@ ending.
 * **A signal to this process stops the run as one to a rank does.** The agent passes it on, the
   ranks save at their next step boundary, and this command exits 0; it waits for them up to an
   hour (:func:`wait_for_stopping_ranks`), not torchrun's 30 s. A rank's one line (a stop-save
-  that failed) is passed on with its code; a second signal ends the ranks at once.
+  that failed) is passed on with its code; a second signal ends the ranks at once. A signal
+  before training began (imports, tokenizing, loading) stops the ranks at once, with one line
+  and exit code 0: there was nothing to save.
 * Ranks started here ask the kernel to stop them when this process dies (``cli.train``).
 """
 
@@ -29,16 +31,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from megatron_simpo.cli.arguments import PROG, parse_args
+from typing import TYPE_CHECKING
+
+# Light imports only: a Ctrl-C in the first seconds reaches main()'s handler, not torch's import.
 from megatron_simpo.cli.flags import LAUNCHER_ERRORS, run_command, user_error
-from megatron_simpo.distributed.runtime import PortInUse, port_in_use_message
-from megatron_simpo.training.config import TrainConfig
-from megatron_simpo.training.run_setup import prepare
+from megatron_simpo.distributed.lifecycle import StopRequests, stopped_before_training
+
+if TYPE_CHECKING:
+    from megatron_simpo.training.config import TrainConfig
 
 TRAIN_MODULE = "megatron_simpo.cli.train"
 SETUP_ERRORS = (ValueError, OSError, RuntimeError)
@@ -55,6 +61,8 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """``[torchrun options] -- <training flags>`` -> (torchrun options, training flags)."""
     argv = list(argv)
     if "--" not in argv:
+        from megatron_simpo.cli.arguments import PROG
+
         user_error(PROG, "launch: give torchrun's options, then --, then the training flags")
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1:]
@@ -82,6 +90,8 @@ def check_data_readable(config: TrainConfig) -> None:
 def preflight(config: TrainConfig, world_size: int | None) -> None:
     """The ranks' start-up checks (``run_setup.prepare``) for a world of ``world_size`` ranks
     (None: elastic, not known yet; the ranks check it), and the data sources."""
+    from megatron_simpo.training.run_setup import prepare
+
     saved = os.environ.get("WORLD_SIZE")
     if world_size is not None:
         os.environ["WORLD_SIZE"] = str(world_size)  # prepare() reads the world from it
@@ -123,6 +133,8 @@ def check_master_port(args) -> None:
     """The port the user gave is free here, on the node that hosts the rendezvous (node rank
     0 of a static rendezvous). Raises PortInUse."""
     import socket
+
+    from megatron_simpo.distributed.runtime import PortInUse, port_in_use_message
 
     if args.standalone or args.rdzv_backend != "static" or args.node_rank != 0:
         return
@@ -205,6 +217,8 @@ def start_ranks(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
+    from megatron_simpo.cli.arguments import PROG
+
     with tempfile.TemporaryDirectory(prefix="megatron-simpo-launch-") as folder, \
             _agent_logs_held() as held:
         os.environ[LAUNCHER_ERRORS] = folder  # the ranks inherit it
@@ -219,17 +233,23 @@ def start_ranks(args) -> int:
         finally:
             os.environ.pop(LAUNCHER_ERRORS, None)
         if signalled is not None and _all_ranks_finished(folder, args):
-            return 0  # they saved and stopped, and said so
+            return 0  # they saved and stopped (or had nothing to save yet), and said so
         first_rank, first = failure.get_first_failure() if failure else (None, None)
         verdict = _rank_verdict(folder, first_rank)
+        began = any(name.endswith(".began") for name in os.listdir(folder))
     if signalled is not None:
         if verdict is not None:  # e.g. the stop-save failed for a full disk: that, once
             print(verdict[1], file=sys.stderr, flush=True)
             return verdict[0]
+        if not began:  # ranks ended during setup, some before they could say so
+            print(stopped_before_training(signalled.sigval), flush=True)
+            return 0
         for record in held.records:
             logging.getLogger("torch").handle(record)
-        print(f"{PROG}: launch: {signalled.sigval.name} arrived and the ranks were stopped "
-              "before they had saved", file=sys.stderr, flush=True)
+        print(f"{PROG}: launch: {signalled.sigval.name} arrived and the ranks ended before "
+              "they had saved (a second stop signal, or the agent's shutdown timeout, ends them "
+              "at once); the next start resumes from the latest complete checkpoint",
+              file=sys.stderr, flush=True)
         return 1
     if first is not None and first.exitcode in RANK_VERDICTS:
         if verdict is not None:
@@ -244,16 +264,36 @@ def start_ranks(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """A stop signal during the checks (before a rank starts) ends this command with the
+    ranks' line for it and exit code 0; from then on, torchrun's agent passes signals on."""
+    stop_requests = StopRequests(before_training=True, announce=False)
+    try:
+        with stop_requests:
+            args = _checked(sys.argv[1:] if argv is None else argv)
+    except BaseException as error:
+        number = (signal.SIGINT if isinstance(error, KeyboardInterrupt)  # before the handler
+                  else stop_requests.received)
+        if not number:
+            raise
+        print(stopped_before_training(number), flush=True)
+        raise SystemExit(0) from None
+    raise SystemExit(start_ranks(args))
+
+
+def _checked(argv: Sequence[str]):
+    """torchrun's arguments for the command line ``argv``, once every check has passed."""
     from torch.distributed.run import parse_args as parse_torchrun_args
 
-    torchrun_argv, train_argv = split_command(sys.argv[1:] if argv is None else argv)
+    from megatron_simpo.cli.arguments import PROG, parse_args
+
+    torchrun_argv, train_argv = split_command(argv)
     config = parse_args(train_argv)
     args = parse_torchrun_args([*torchrun_argv, "-m", TRAIN_MODULE, *train_argv])
     choose_rendezvous(args)
     run_command(PROG, lambda: (check_master_port(args), preflight(config, world_size_of(args))),
                 errors={SETUP_ERRORS: 2})
     wait_for_stopping_ranks(args)
-    raise SystemExit(start_ranks(args))
+    return args
 
 
 if __name__ == "__main__":

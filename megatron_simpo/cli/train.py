@@ -9,6 +9,7 @@ process by ``spawn`` on each process's first save, and that process imports the 
 from __future__ import annotations
 
 import os
+import signal
 
 
 def main(argv=None) -> None:
@@ -16,11 +17,35 @@ def main(argv=None) -> None:
     ends in one ``train_simpo: error: ...`` line from rank 0 and exit code 2; a run that cannot
     go on (non-finite steps, unsavable weights) in one such line and exit code 3. Under raw
     torchrun, torchrun's failure report and exit code 1 follow; the launcher
-    (``megatron_simpo.cli.launch``) passes the line and the code on alone."""
+    (``megatron_simpo.cli.launch``) passes the line and the code on alone.
+
+    A stop signal (SIGTERM, SIGINT) before training begins ends setup at once, with one line
+    from rank 0 and exit code 0: nothing was saved, and the same command starts again; from
+    the first step on, the ranks save at the next step boundary (``lifecycle``)."""
+    from megatron_simpo.cli.flags import note_finished, note_started, note_training_began
+    from megatron_simpo.distributed.lifecycle import StopRequests, stopped_before_training
+
+    note_started()
+    stop_requests = StopRequests(before_training=True, when_training_begins=note_training_began)
+    try:
+        with stop_requests:
+            _prepare_and_run(argv, stop_requests)
+    except BaseException as error:
+        number = (signal.SIGINT if isinstance(error, KeyboardInterrupt)  # before the handler
+                  else stop_requests.received)
+        if not (stop_requests.before_training and number):
+            raise
+        # Whatever setup ended in (this exception, a peer's exit in a collective): the stop.
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped_before_training(number), flush=True)
+    note_finished()
+
+
+def _prepare_and_run(argv, stop_requests) -> None:
     from megatron_simpo.checkpoint import checkpointing
     from megatron_simpo.checkpoint.metrics_file import MetricsFileError
     from megatron_simpo.cli.arguments import PROG, parse_args
-    from megatron_simpo.cli.flags import note_finished, note_started, run_command
+    from megatron_simpo.cli.flags import run_command
     from megatron_simpo.data.config import DataError
     from megatron_simpo.distributed.lifecycle import die_with_parent
     from megatron_simpo.distributed.runtime import PortInUse
@@ -29,16 +54,15 @@ def main(argv=None) -> None:
     from megatron_simpo.training.resume import ResumeError
     from megatron_simpo.training.run_setup import prepare
 
-    note_started()
     config = parse_args(argv)
+    stop_requests.limit(config.exit_duration_in_mins, config.exit_interval)
     prepared = run_command(PROG, lambda: prepare(config),
                            errors={(ValueError, FileNotFoundError, RuntimeError): 2})
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
         die_with_parent()
-    run_command(PROG, lambda: run(config, prepared), distributed=True,
+    run_command(PROG, lambda: run(config, prepared, stop_requests), distributed=True,
                 errors={RunFailed: 3, (checkpointing.CheckpointError, DataError, PortInUse,
                                        ResumeError, MetricsFileError): 2})
-    note_finished()
 
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing spawns helper processes

@@ -171,7 +171,8 @@ _hooked = False
 
 def _after_fork_in_child() -> None:
     """In every process a builder forks: die with the builder (SIGKILL on its death), and no
-    SIGTERM handler of the builder's; a builder already gone ends it at once."""
+    SIGTERM handler of the builder's; Ctrl-C is the builder's to act on (no KeyboardInterrupt
+    in each worker); a builder already gone ends it at once."""
     global _builder_pid
     parent = _builder_pid
     if parent is None:
@@ -179,6 +180,7 @@ def _after_fork_in_child() -> None:
     _builder_pid = os.getpid()  # what this process forks in turn dies with it
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:
         pass
     die_with_parent(signal.SIGKILL)
@@ -206,6 +208,8 @@ def builder_guard(what: str):
         print(f"> data: received {signal.Signals(number).name} while tokenizing {what}: "
               "stopping (the partial cache entry is removed; the next run tokenizes it again)",
               file=sys.stderr, flush=True)
+        if callable(previous.get(number)):  # the command's own (lifecycle.StopRequests): noted
+            previous[number](number, frame)
         raise SystemExit(128 + number)
 
     if threading.current_thread() is threading.main_thread():

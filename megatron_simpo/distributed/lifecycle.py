@@ -8,8 +8,13 @@ and all of them save a checkpoint, flush their metrics and exit 0 together. A se
 once, as it would without this module: torchrun's agent passes a second Ctrl-C on as SIGTERM.
 Signals within 2 s of the first are one event (a dying parent signals once per thread; scancel
 signals a rank and its agent, which passes the signal on); a rank blocked in a collective that
-never finishes ends too (:class:`_SecondSignalWatch`). Nothing heavy is imported at the top:
-a checkpoint writer's helper process imports this module to start.
+never finishes ends too (:class:`_SecondSignalWatch`).
+
+Before training begins (``before_training``: the command's imports, its checks, tokenizing,
+building the model, loading a checkpoint) there is nothing to save: the first stop signal ends
+setup at once with :class:`StoppedBeforeTraining`, which the command reports as a clean stop.
+Nothing heavy is imported at the top: a checkpoint writer's helper process imports this module
+to start.
 """
 
 from __future__ import annotations
@@ -30,18 +35,38 @@ _REASONS = {1: "--exit-interval reached", 2: "--exit-duration-in-mins reached",
             3: "a stop signal (SIGTERM/SIGINT) arrived"}
 
 
+class StoppedBeforeTraining(BaseException):
+    """A stop signal arrived before training began: nothing to save. A BaseException, as
+    KeyboardInterrupt, so that no ``except Exception`` of the setup code takes it for an error
+    of its own; ``finally`` blocks still run (a half-built cache entry is removed)."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number = number
+
+
 class StopRequests:
     """Context manager: while active, SIGTERM/SIGINT are noted instead of ending the process.
 
     Args:
         exit_duration_in_mins: stop once the run has lasted this long (None: no limit).
         exit_interval: stop at the first iteration that is a multiple of this (None: never).
+        before_training: until :meth:`training_begins`, the first stop signal raises
+            :class:`StoppedBeforeTraining` in the main thread at once (if it arrives while an
+            exception is being handled, the one being handled ends setup, or
+            :meth:`training_begins` raises).
+        when_training_begins: called by :meth:`training_begins` (the launcher's marker).
+        announce: print a line for a first signal (a rank's ``> rank R: received ...``).
     """
 
     def __init__(self, exit_duration_in_mins: float | None = None,
-                 exit_interval: int | None = None):
+                 exit_interval: int | None = None, *, before_training: bool = False,
+                 when_training_begins=None, announce: bool = True):
         self.exit_duration_in_mins = exit_duration_in_mins
         self.exit_interval = exit_interval
+        self.before_training = before_training
+        self.announce = announce
+        self._when_training_begins = when_training_begins
         self.received: int | None = None
         self._received_at = 0.0
         self._started = time.monotonic()
@@ -83,8 +108,39 @@ class StopRequests:
             os.kill(os.getpid(), number)
             return
         self.received, self._received_at = number, now
-        print(f"> rank {os.environ.get('RANK', '0')}: received {signal.Signals(number).name}; "
-              "saving and stopping at the next step boundary", file=sys.stderr, flush=True)
+        rank, name = os.environ.get("RANK", "0"), signal.Signals(number).name
+        if self.announce:
+            print(f"> rank {rank}: received {name}; " + (
+                "stopping (training has not begun)" if self.before_training else
+                "saving and stopping at the next step boundary"), file=sys.stderr, flush=True)
+        if self.before_training and sys.exc_info()[0] is None:
+            raise StoppedBeforeTraining(number)  # (else the exception being handled ends setup)
+
+    @property
+    def stopped_before_training(self) -> bool:
+        """Whether a stop signal arrived while setup still ran."""
+        return self.before_training and self.received is not None
+
+    def limit(self, exit_duration_in_mins: float | None, exit_interval: int | None) -> None:
+        """Set the exit options once the flags are read (the duration counts from
+        construction)."""
+        self.exit_duration_in_mins, self.exit_interval = exit_duration_in_mins, exit_interval
+
+    def training_begins(self) -> None:
+        """From here on a first stop signal is noted (saved at the next step boundary). A
+        collective with ``before_training``: if any rank has received a stop signal, every rank
+        raises :class:`StoppedBeforeTraining`."""
+        if not self.before_training:
+            return
+        from megatron_simpo.distributed.runtime import max_over_world  # torch: not at the top
+
+        self.before_training = False  # a signal during the collective is noted, for the step
+        number = max_over_world(self.received or 0)
+        if number:
+            self.before_training, self.received = True, self.received or number
+            raise StoppedBeforeTraining(number)
+        if self._when_training_begins is not None:
+            self._when_training_begins()
 
     def reason(self, iteration: int) -> str | None:
         """Agreed on by every rank (a collective: call on all ranks at the same boundary)."""
@@ -99,6 +155,12 @@ class StopRequests:
         from megatron_simpo.distributed.runtime import max_over_world  # torch: not at the top
 
         return _REASONS.get(max_over_world(code))
+
+
+def stopped_before_training(number: int) -> str:
+    """The line a run stopped by signal ``number`` before training began ends with."""
+    return (f"> stopped by {signal.Signals(number).name} before training began: nothing to "
+            "save; the same command starts again")
 
 
 class _SecondSignalWatch:

@@ -57,8 +57,12 @@ class Checkpointer:
         # What the next checkpoints record of this run (training.resume).
         self.settings = settings_record(self.config, self.total_iters,
                                         effective_schedule(self.config, saved, self.total_iters))
-        if self.config.save and self.config.overwrite and self.rank == 0:
-            checkpointing.remove_iterations_after(self.config.save, state.iteration)
+        if self.config.save and self.rank == 0:
+            for left in checkpointing.remove_interrupted_saves(self.config.save):
+                self.say(f"> removed {left}: a save that never finished (its run ended "
+                         "mid-save)")
+            if self.config.overwrite:
+                checkpointing.remove_iterations_after(self.config.save, state.iteration)
         dist.barrier()
         return state
 

@@ -7,6 +7,7 @@ evaluator (held-out metrics and --eval-dump), checkpointer (resume and saves).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -51,24 +52,36 @@ def load_data(config: TrainConfig, source: ModelSource) -> TrainingData:
         valid_reference=table.lookup(data.valid_pairs, "validation", path))
 
 
-def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None) -> TrainSummary:
-    """Train as configured; call on every rank (under torchrun or spawned)."""
+def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None,
+        stop_requests: StopRequests | None = None) -> TrainSummary:
+    """Train as configured; call on every rank (under torchrun or spawned).
+
+    Args:
+        stop_requests: the command's, already active (``before_training``: setup ends at once
+            on a stop signal); default: stop signals are noted from the first step on.
+    """
     source, num_microbatches = prepared or prepare(config)
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     data = load_data(config, source)
     total_iters = config.train_iters or config.train_epochs * data.sampler.batches_per_epoch
     session = _Session(config, source, env, data, total_iters, num_microbatches)
     try:
-        return _train_loop(config, session, data, total_iters)
+        return _train_loop(config, session, data, total_iters, stop_requests)
     finally:
         release(session.parts)
 
 
 def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
-                total_iters: int) -> TrainSummary:
+                total_iters: int, stop_requests: StopRequests | None) -> TrainSummary:
     iteration, consumed = session.start()
     health = StepHealth(config.max_skipped_steps)
-    with StopRequests(config.exit_duration_in_mins, config.exit_interval) as stop_requests:
+    if stop_requests is None:
+        stop_requests = StopRequests(config.exit_duration_in_mins, config.exit_interval)
+        active = stop_requests
+    else:
+        active = contextlib.nullcontext()  # the command's, entered before setup
+    with active:
+        stop_requests.training_begins()
         while iteration < total_iters:
             start = time.perf_counter()
             record = session.step(data.sampler.global_batch(consumed))
