@@ -31,6 +31,16 @@ def test_minimal_command_line_equals_the_dataclass_defaults(paths):
     assert config.parallel == ParallelConfig() and config.fp8 is None
 
 
+def test_megatron_lms_exit_signal_handler_is_taken_and_says_what_runs_do(paths):
+    # Megatron-LM's launch scripts pass it; the behaviour it asks for is every run's here.
+    argv = ["--train-data-path", str(paths / "train.jsonl"), "--model-config",
+            str(paths / "config.json"), "--tokenizer", str(paths), "--train-iters", "5"]
+    assert parse_args([*argv, "--exit-signal-handler"]) == parse_args(argv)
+    help_text = " ".join(build_parser().format_help().split())
+    assert ("--exit-signal-handler Megatron-LM's switch for what every run here does: SIGTERM or "
+            "SIGINT saves a checkpoint at the next step boundary and stops") in help_text
+
+
 def test_help_lists_the_supported_architectures():
     from megatron_simpo.model.architecture import SUPPORTED_ARCHITECTURES
 

@@ -90,6 +90,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     for section in SECTIONS:
         section.add_to(parser)
     parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(  # in Megatron-LM launch scripts; what it asks for is how runs stop here
+        "--exit-signal-handler", action="store_true",
+        help="Megatron-LM's switch for what every run here does: SIGTERM or SIGINT saves a "
+             "checkpoint at the next step boundary and stops (accepted for its scripts)")
     return parser
 
 

@@ -93,7 +93,8 @@ class TrainConfig:
     """A step whose loss or gradient is NaN/inf is skipped (no update); this many in a row end
     the run with an error."""
     overwrite: bool = False
-    """Let a new run (no --load) replace the checkpoints and metrics already in --save."""
+    """Let this run replace what --save holds: a new run (no --load) all its checkpoints and
+    metrics, a resumed run the iterations (and their metrics) after the one it resumes from."""
     exit_interval: int | None = None
     """Save and stop at the first iteration that is a multiple of this."""
     exit_duration_in_mins: float | None = None
