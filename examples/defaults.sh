@@ -2,6 +2,7 @@
 # the user's extra arguments of the same meaning, the same flag or another spelling of the same
 # setting, so a default never contradicts what the user asked for.
 #   keep_defaults_not_given "$@"   # ARGS without the defaults the arguments replace
+#   resume_from_save "$SAVE" "$@"  # ARGS plus --load of the save folder: the same command resumes
 
 SAME_MEANING=(
   "--train-iters --train-epochs"
@@ -37,4 +38,36 @@ keep_defaults_not_given() {  # ARGS minus each default flag (and its value) the 
     i=$((i + width))
   done
   ARGS=("${kept[@]}")
+}
+
+given_value() {  # the value of flag $1 among the arguments (the rest; empty: not given)
+  local flag=$1 previous="" argument
+  shift
+  for argument in "$@"; do
+    if [ "$previous" = "$flag" ]; then echo "$argument"; return; fi
+    case "$argument" in "$flag"=*) echo "${argument#"$flag"=}"; return ;; esac
+    previous=$argument
+  done
+}
+
+given_flag() {  # is flag $1 among the arguments (the rest)?
+  local flag=$1 argument
+  shift
+  for argument in "$@"; do
+    [ "${argument%%=*}" = "$flag" ] && return 0
+  done
+  return 1
+}
+
+resume_from_save() {  # ARGS plus --load <the save folder> (the user's --save, else $1)
+  # Megatron-LM's --load with --save: a first start begins from --pretrained-checkpoint (the
+  # save folder holds no checkpoint yet), later ones go on from its latest checkpoint. A
+  # --load of the user's, or --overwrite (a fresh run in the save folder), go without it.
+  local default=$1
+  shift
+  if ! given_flag --load "$@" && ! given_flag --overwrite "$@"; then
+    local given
+    given=$(given_value --save "$@")
+    ARGS+=(--load "${given:-$default}")
+  fi
 }

@@ -14,6 +14,10 @@
 # MODEL=tiny runs the embedded tiny default on CPU with two gloo processes (DP=2; TP=2 also
 # works) and needs nothing else:  MODEL=tiny bash examples/train_simpo_llama3.sh
 #
+# The same command resumes: --load "$SAVE" goes with --save "$SAVE" (Megatron-LM's convention),
+# so a first start begins from CHECKPOINT and later ones (a requeued job) from SAVE's latest
+# checkpoint; --overwrite starts afresh in SAVE instead.
+#
 # Variables: RECIPE, CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, CP (context
 # parallelism: long pairs, docs/context-parallel.md), MICRO_BATCH_SIZE,
 # GLOBAL_BATCH_SIZE, NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the
@@ -36,6 +40,7 @@ MASTER_PORT=${MASTER_PORT:-}  # default: a free port on one node, 29500 on sever
 case "$MODEL" in
   tiny)
     OUT=${SAVE:-outputs/demo}
+    SAVE=$OUT
     ASSETS="$OUT/assets"
     GPUS_PER_NODE=${GPUS_PER_NODE:-2}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two processes share the CPU cores
@@ -112,19 +117,12 @@ esac
 # spelling of the same setting (examples/defaults.sh). (beta 2.5 and gamma = 0.55 x beta are the
 # library's defaults.)
 source "$REPO/examples/defaults.sh"
-given_algorithm() {  # the value of an --algorithm among the arguments (empty: none)
-  local previous=""
-  for argument in "$@"; do
-    if [ "$previous" = "--algorithm" ]; then echo "$argument"; return; fi
-    case "$argument" in --algorithm=*) echo "${argument#--algorithm=}"; return ;; esac
-    previous=$argument
-  done
-}
-ALGORITHM_GIVEN=$(given_algorithm "$@")
+ALGORITHM_GIVEN=$(given_value --algorithm "$@")
 if [ -n "${RECIPE_BY_DEFAULT:-}" ] && [ -n "$ALGORITHM_GIVEN" ] && [ "$ALGORITHM_GIVEN" != simpo ]; then
   SAME_MEANING+=("--recipe --algorithm")  # another algorithm than the recipe's SimPO
 fi
 keep_defaults_not_given "$@"
+resume_from_save "$SAVE" "$@"
 
 # megatron_simpo.cli.launch checks the command line, the data, the checkpoints and --save once,
 # then runs torchrun's agent on megatron_simpo.cli.train: a user's mistake, found before or after

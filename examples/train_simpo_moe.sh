@@ -15,6 +15,8 @@
 #   qwen3-30b-a3b  TP 4 (sequence parallel) x PP 2, experts EP 4 x ETP 1: Megatron-Bridge's
 #                  Qwen3-30B-A3B DPO layout; router trainable, load-balancing loss 0 (NeMo-RL)
 #   mixtral-8x7b   TP 2 (sequence parallel) x PP 4, experts EP 2 x ETP 1 (141 GB GPUs: H200)
+# The same command resumes: --load goes with --save (Megatron-LM's convention); --overwrite
+# starts afresh in SAVE instead.
 # Variables: MODEL, CHECKPOINT, DATA, VALID_DATA, SAVE, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
 # GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON. Extra arguments replace
 # the defaults of the same meaning (examples/defaults.sh: --train-iters replaces --train-epochs),
@@ -46,11 +48,12 @@ ARGS=(
   --weight-decay 0 --clip-grad 1.0
   --bf16 --use-distributed-optimizer --recompute-granularity selective
   --eval-interval 100 --log-interval 1
-  --save "${SAVE:-outputs/$MODEL-simpo}" --save-interval 200 --seed 42
+  --save "${SAVE:=outputs/$MODEL-simpo}" --save-interval 200 --seed 42
 )
 if [ -n "${VALID_DATA:-}" ]; then ARGS+=(--valid-data-path "$VALID_DATA"); else ARGS+=(--valid-fraction 0.01); fi
 source "$REPO/examples/defaults.sh"
 keep_defaults_not_given "$@"
+resume_from_save "$SAVE" "$@"  # the same command resumes
 RENDEZVOUS=(--master-addr "${MASTER_ADDR:-127.0.0.1}")
 if [ -n "${MASTER_PORT:-}" ]; then RENDEZVOUS+=(--master-port "$MASTER_PORT"); fi
 

@@ -148,13 +148,20 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
     assert launcher.returncode == 0, err[-3000:]
     stopped = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < 30 and f"> stopped at iteration {stopped}: a stop signal" in out
-    resumed = _launch({"SAVE": str(run_dir)}, *flags, "--load", run_dir)
+    resumed = _launch({"SAVE": str(run_dir)}, *flags)  # the same command: --load SAVE
     out, err = _finish(resumed, 600)
     assert resumed.returncode == 0, err[-3000:]
+    assert f"> resumed from {run_dir / f'iter_{stopped:07d}'} at iteration {stopped}" in out
     rows = [row for row in _metrics(run_dir) if "loss" in row]
     assert [row["iteration"] for row in rows] == list(range(1, 31))  # none twice, none lost
     expected = [row["loss"] for row in _metrics(straight_dir) if "loss" in row]
     assert [row["loss"] for row in rows] == expected
+    again = _launch({"SAVE": str(run_dir)}, *flags)  # once more: the run is complete
+    out, err = _finish(again, 600)
+    assert again.returncode == 0, err[-3000:]
+    assert "> the run is complete: iteration 30 of 30 is saved; nothing to train (a larger " \
+           "--train-iters goes on from there)" in out and "\n iteration " not in out
+    assert [row for row in _metrics(run_dir) if "loss" in row] == rows
 
 
 def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tmp_path):
@@ -391,8 +398,8 @@ def test_launcher_reports_an_error_found_by_the_ranks_in_one_line(demo_assets, t
     assert _one_line(err) == [f"train_simpo: error: {bad}:5: not valid JSON (Expecting value)"]
 
 
-@pytest.mark.parametrize("case", ["save_holds_a_run", "save_cannot_be_written",
-                                  "load_is_no_checkpoint", "batch_does_not_fit_the_world"])
+@pytest.mark.parametrize("case", ["save_cannot_be_written", "load_is_no_checkpoint",
+                                  "batch_does_not_fit_the_world"])
 def test_launcher_checks_before_the_ranks_start(case, tmp_path):
     # Mistakes the ranks used to find (one line, then torchrun's report and exit code 1): the
     # launcher's one process finds them first.
@@ -401,10 +408,7 @@ def test_launcher_checks_before_the_ranks_start(case, tmp_path):
     save = tmp_path / "demo"
     write_default(save / "assets", train_pairs=64, valid_pairs=16, seed=11)
     args, expected = [], ""
-    if case == "save_holds_a_run":
-        (save / "metrics.jsonl").write_text("{}\n")
-        expected = f"--save {save} already holds a run ({save / 'metrics.jsonl'}): resume it"
-    elif case == "save_cannot_be_written":  # (root writes anywhere: a file on the path)
+    if case == "save_cannot_be_written":  # (root writes anywhere: a file on the path)
         (tmp_path / "a-file").write_text("")
         target = tmp_path / "a-file" / "run"
         args, expected = ["--save", target], f"--save {target} cannot be written (Not a directory"
@@ -529,6 +533,17 @@ def test_llama3_launcher_defaults_give_way_to_flags_of_the_same_meaning():
     assert simpo[simpo.index("--recipe") + 1] == "llama3-8b-instruct-simpo"
     chosen = train_flags({"RECIPE": "gemma2-9b-it-simpo"}, "--algorithm", "dpo")
     assert chosen[chosen.index("--recipe") + 1] == "gemma2-9b-it-simpo"
+    # The same command resumes (--load SAVE, Megatron-LM's convention); --overwrite starts
+    # afresh; a --load of one's own replaces SAVE's.
+    for model in ({}, {"MODEL": "tiny"}):
+        same = train_flags({"SAVE": "/ckpt/run", **model})
+        assert same[same.index("--load") + 1] == same[same.index("--save") + 1] == "/ckpt/run"
+        assert "--load" not in train_flags({"SAVE": "/ckpt/run", **model}, "--overwrite")
+        other = train_flags({"SAVE": "/ckpt/run", **model}, "--load", "/ckpt/old")
+        assert other.count("--load") == 1 and other[-2:] == ["--load", "/ckpt/old"]
+        elsewhere = train_flags({"SAVE": "/ckpt/run", **model}, "--save=/ckpt/new")
+        assert elsewhere[elsewhere.index("--load") + 1] == "/ckpt/new"
+        assert "--save" not in elsewhere and elsewhere[-1] == "--save=/ckpt/new"
 
 
 

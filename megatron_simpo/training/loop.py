@@ -74,6 +74,9 @@ def run(config: TrainConfig, prepared: tuple[ModelSource, int] | None = None,
 def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
                 total_iters: int, stop_requests: StopRequests | None) -> TrainSummary:
     iteration, consumed = session.start()
+    if iteration >= total_iters:  # a finished run's command again (--load SAVE --save SAVE)
+        session.say(f"> the run is complete: iteration {iteration} of {total_iters} is saved; "
+                    "nothing to train (a larger --train-iters goes on from there)")
     health = StepHealth(config.max_skipped_steps)
     if stop_requests is None:
         stop_requests = StopRequests(config.exit_duration_in_mins, config.exit_interval)
