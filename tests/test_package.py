@@ -111,3 +111,16 @@ def test_commands_hold_back_megatron_cores_import_warnings_about_absent_te_and_a
                              capture_output=True, text=True, timeout=300)
     assert command.returncode == 0, command.stderr
     assert "Transformer Engine and Apex are not installed" not in command.stderr, command.stderr
+
+
+def test_a_file_is_written_whole_or_not_at_all(tmp_path):
+    import pytest
+
+    from megatron_simpo.distributed.files import write_text_atomically
+
+    path = tmp_path / "metrics.jsonl"
+    assert write_text_atomically(path, '{"iteration": 1}\n') == path
+    with pytest.raises(UnicodeEncodeError):  # fails mid-write, as a full disk would
+        write_text_atomically(path, '{"iteration": 2, "note": "\ud800"}\n')
+    assert path.read_text() == '{"iteration": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no partial left

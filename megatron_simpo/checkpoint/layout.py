@@ -11,6 +11,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_simpo.distributed.files import write_text_atomically
 from megatron_simpo.model.architecture import ModelConfig
 
 
@@ -156,9 +157,7 @@ def remove_interrupted_saves(root: str | Path) -> list[Path]:
 
 
 def write_tracker(root: Path, iteration: int) -> None:
-    temporary = root / (TRACKER_FILE + ".tmp")
-    temporary.write_text(f"{iteration}\n")
-    os.replace(temporary, root / TRACKER_FILE)
+    write_text_atomically(root / TRACKER_FILE, f"{iteration}\n", suffix=".tmp")
 
 
 def os_reason(error: BaseException) -> str:

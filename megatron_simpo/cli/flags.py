@@ -26,6 +26,8 @@ import typing
 from dataclasses import dataclass
 from typing import Callable, Mapping, NoReturn, Sequence, TypeVar
 
+from megatron_simpo.distributed.files import write_text_atomically
+
 T = TypeVar("T")
 USER_ERRORS = (ValueError, FileNotFoundError)
 """What a command reports as the user's mistake (exit code 2) unless it says otherwise."""
@@ -300,10 +302,9 @@ def run_command(prog: str, call: Callable[[], T], *,
                 message = str(error.args[0] if isinstance(error, KeyError) else error)
                 folder = os.environ.get(LAUNCHER_ERRORS)
                 if folder:
-                    path = os.path.join(folder, _line_file())
-                    with open(path + ".partial", "w") as handle:
-                        handle.write(f"{exit_code}\n{prog}: error: {message}\n")
-                    os.replace(path + ".partial", path)  # whole, for the launcher to read
+                    write_text_atomically(  # whole, for the launcher to read
+                        os.path.join(folder, _line_file()),
+                        f"{exit_code}\n{prog}: error: {message}\n")
                     raise SystemExit(exit_code)
                 user_error(prog, message, exit_code)
         raise

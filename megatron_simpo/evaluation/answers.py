@@ -23,13 +23,13 @@ the answer file are skipped.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
+from megatron_simpo.distributed.files import write_text_atomically
 from megatron_simpo.evaluation.judge_metadata import TokenCount, conv_metadata
 
 Benchmark = Literal["alpaca_eval", "arena_hard", "mt_bench"]
@@ -229,9 +229,7 @@ def write_answers(benchmark: str, questions: list[Question], generate: Generate,
         if benchmark == "alpaca_eval":
             done.update((r["instruction"], r) for r in records)
             ordered = [done[q.key] for q in questions if q.key in done]
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps(ordered, indent=1, ensure_ascii=False), encoding="utf-8")
-            os.replace(partial, path)
+            write_text_atomically(path, json.dumps(ordered, indent=1, ensure_ascii=False))
         else:
             with path.open("a", encoding="utf-8") as out:
                 out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from megatron_simpo.distributed.files import write_text_atomically
 from megatron_simpo.evaluation import generation, pairs, reward_stats, rewards, settings_record
 from megatron_simpo.evaluation.answers import Sampling
 
@@ -220,10 +221,8 @@ def read_part(path: Path, batch: list[Prompt], seeds: int,
 
 
 def write_part(path: Path, rows: list[dict]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                       encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                        for r in rows))
 
 
 def checked_rewards(values: list, where: list[tuple[Prompt, int]]) -> list[float]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from megatron_simpo.distributed.files import write_text_atomically
 
 DROPS = ("identical", "tie", "empty")
 
@@ -51,10 +52,7 @@ def statistics(rows: list[dict], choices: list) -> dict:
 def write_stats(path: str | Path, stats: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(stats, indent=1) + "\n")
-    os.replace(partial, path)
-    return path
+    return write_text_atomically(path, json.dumps(stats, indent=1) + "\n")
 
 
 def _number(value, optional: bool) -> bool:

@@ -5,9 +5,10 @@ build-pairs' ``<output>.parts/settings.json``)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
+
+from megatron_simpo.distributed.files import write_text_atomically
 
 
 def model_identity(hf: str | None, load: str | None) -> str:
@@ -21,9 +22,7 @@ def model_identity(hf: str | None, load: str | None) -> str:
 
 def write(path: Path, settings: dict) -> None:
     """Record ``settings`` in ``path`` (atomically)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(partial, path)
+    write_text_atomically(path, json.dumps(settings, indent=1) + "\n")
 
 
 def differences(path: Path, settings: dict, name: Callable[[str], str] = lambda key: key, *,

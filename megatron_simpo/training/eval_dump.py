@@ -10,7 +10,6 @@ and (dpo, ipo, rdpo) the reference's summed log-probs.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_simpo.checkpoint.metrics_file import write_failed
 from megatron_simpo.data.collate import TokenizedPair
+from megatron_simpo.distributed.files import write_text_atomically
 from megatron_simpo.training.losses import LossConfig, preference_loss
 from megatron_simpo.training.step import Evaluation
 
@@ -84,10 +84,8 @@ def write_eval_dump(save: str | Path, at: int, evaluation: Evaluation,
     if rank == 0:
         ordered = sorted((row for part in gathered for row in part), key=lambda r: r["pair"])
         path = Path(save) / FOLDER / f"iter_{at:07d}.jsonl"
-        partial = path.with_name(path.name + ".partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text("".join(json.dumps(row) + "\n" for row in ordered))
-            os.replace(partial, path)
+            write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in ordered))
         except OSError as error:
             raise write_failed(path, error) from None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_simpo.distributed.files import write_text_atomically
 from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.model.flops import step_flops
@@ -63,10 +63,8 @@ class MetricsWriter:
                     if row["iteration"] < resume_iteration or (
                             row["iteration"] == resume_iteration and not is_eval):
                         kept.append(line + "\n")
-            temporary = self.path.with_name(self.path.name + ".tmp")
             try:
-                temporary.write_text("".join(kept))
-                os.replace(temporary, self.path)
+                write_text_atomically(self.path, "".join(kept), suffix=".tmp")
             except OSError as error:
                 raise write_failed(self.path, error) from None
 

@@ -1,0 +1,22 @@
+"""Files written whole: a reader (another rank, the next run, a user's tool) sees the old
+content or the new, never a part. Standard library only: every layer writes through it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomically(path: str | Path, text: str, *, encoding: str = "utf-8",
+                          suffix: str = ".partial") -> Path:
+    """Write ``text`` to ``path + suffix`` and rename it over ``path``. The partial file is
+    removed when the write fails (a full disk); the error is raised as it is."""
+    path = Path(path)
+    partial = path.with_name(path.name + suffix)
+    try:
+        partial.write_text(text, encoding=encoding)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
