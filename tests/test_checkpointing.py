@@ -232,3 +232,16 @@ def test_a_load_that_is_missing_or_a_file_is_one_line_naming_it(tmp_path):
         find_checkpoint(tmp_path / "weights.pt")
     assert str(error.value) == (f"--load {tmp_path / 'weights.pt'}: is a file, not a checkpoint "
                                 "folder (a save folder or an iter_NNNNNNN folder)")
+
+
+def test_only_the_folders_of_unfinished_saves_are_removed(tmp_path):
+    from megatron_simpo.checkpoint.layout import remove_interrupted_saves
+
+    (tmp_path / "iter_0000005.partial" / "weights").mkdir(parents=True)  # a save cut short
+    (tmp_path / "iter_notes.partial").write_text("a user's file")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "iter_0000006.partial").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "iter_0000007.partial").write_text("not a folder a save makes")
+    assert remove_interrupted_saves(tmp_path) == [tmp_path / "iter_0000005.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere", "iter_0000006.partial", "iter_0000007.partial", "iter_notes.partial"]

@@ -268,46 +268,58 @@ def _catches_sigterm(pid: int) -> bool:
     return False
 
 
+SLOW_RANK_START = "import os, time\nif os.environ.get('LOCAL_RANK') == '1':\n    time.sleep(60)\n"
+"""sitecustomize.py for a run whose rank 1 takes a minute to start Python (a slow node)."""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
-@pytest.mark.parametrize("when,ctrl_c", [("ranks_started", False), ("ranks_started", True),
-                                         ("ranks_exist", False)])
-def test_a_signal_before_training_began_stops_at_once_with_one_line(demo_assets, tmp_path,
-                                                                    when, ctrl_c):
+@pytest.mark.parametrize("case", ["sigterm", "ctrl_c", "one_rank_not_started",
+                                  "to_one_rank_only"])
+def test_a_signal_before_training_began_stops_at_once_with_one_line(demo_assets, tmp_path, case):
     """A stop signal while the ranks still start (importing, tokenizing, loading): nothing to
     save, so they stop at once; one line, exit code 0, none of the agent's log lines. SIGTERM
-    to the launcher (scancel; the agent passes it on), or Ctrl-C to the whole process group;
-    once the ranks handle signals, or before (then the launcher says it)."""
+    to the launcher (scancel; the agent passes it on), Ctrl-C to the whole process group, a
+    rank not yet in Python (its signal's default ends it: the launcher says it), or SIGTERM to
+    one rank alone (the agent then ends the other at once: no hang, no traceback)."""
     import signal
     import time
 
     import psutil
 
     run_dir = _demo_folder(tmp_path, demo_assets, "run")
-    launcher = _launch({"SAVE": str(run_dir)}, "--train-iters", 2000, start_new_session=True)
+    env = {"SAVE": str(run_dir)}
+    if case == "one_rank_not_started":
+        (tmp_path / "slow").mkdir()
+        (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_RANK_START)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "slow"), *sys.path])
+    launcher = _launch(env, "--train-iters", 2000, start_new_session=True)
     deadline = time.monotonic() + 120
     while True:
         assert launcher.poll() is None and time.monotonic() < deadline
-        ranks = [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
-        with contextlib.suppress(OSError):
-            if len(ranks) == 2 and (when == "ranks_exist" or all(map(_catches_sigterm, ranks))):
+        ranks = {int(p.environ()["LOCAL_RANK"]): p.pid
+                 for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "megatron_simpo.cli.train" in " ".join(p.cmdline())}
+        started = [0] if case == "one_rank_not_started" else [0, 1]
+        with contextlib.suppress(OSError, KeyError):
+            if len(ranks) == 2 and all(_catches_sigterm(ranks[rank]) for rank in started):
                 break
         time.sleep(0.02)
-    if ctrl_c:
+    if case == "ctrl_c":
         os.killpg(launcher.pid, signal.SIGINT)
+    elif case == "to_one_rank_only":
+        os.kill(ranks[1], signal.SIGTERM)
     else:
         launcher.send_signal(signal.SIGTERM)
     out, err = _finish(launcher, 120)
-    name = "SIGINT" if ctrl_c else "SIGTERM"
+    name = "SIGINT" if case == "ctrl_c" else "SIGTERM"
     assert launcher.returncode == 0, err[-3000:]
-    assert out.splitlines()[-1:] == [f"> stopped by {name} before training began: nothing to "
-                                     "save; the same command starts again"], out[-3000:]
-    assert "iteration" not in out and not (run_dir / "metrics.jsonl").exists()
-    if when == "ranks_started":
-        assert sorted(_one_line(err)) == [f"> rank {rank}: received {name}; stopping (training "
-                                          "has not begun)" for rank in (0, 1)], err[-3000:]
-    else:
-        assert _one_line(err) == [], err[-3000:]
+    line = (f"> stopped by {name} before training began: nothing to save; the same command "
+            "starts again")
+    assert out.splitlines()[-1:] == [line] and out.count("> stopped") == 1, out[-3000:]
+    assert not (run_dir / "metrics.jsonl").exists()
+    said = [f"> rank {rank}: received {name}; stopping (training has not begun)"
+            for rank in started]
+    assert sorted(_one_line(err)) == said, err[-3000:]
 
 
 def test_a_failed_stop_save_is_its_one_line_and_code(demo_assets, tmp_path):

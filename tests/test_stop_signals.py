@@ -174,7 +174,13 @@ BEFORE_TRAINING = textwrap.dedent("""
         requests.training_begins()
         os.kill(os.getpid(), signal.SIGTERM)  # from here on: noted, saved at the next boundary
         time.sleep(0.2)
-        print("training noted", signal.Signals(requests.received).name, began, flush=True)
+        print("training noted", signal.Signals(requests.received).name, began, requests.began,
+              flush=True)
+        requests.received, requests._received_at = None, 0.0
+        requests.training_ended()
+        os.kill(os.getpid(), signal.SIGINT)  # after the last step and save: noted
+        time.sleep(0.2)
+        print("finishing noted", signal.Signals(requests.received).name, flush=True)
 """)
 
 
@@ -184,8 +190,78 @@ def test_before_training_a_first_signal_ends_setup_and_after_it_is_noted():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["setup stopped SIGTERM", "noted SIGINT",
                                         "training_begins stopped SIGINT []",
-                                        "training noted SIGTERM [True]"]
+                                        "training noted SIGTERM [True] True",
+                                        "finishing noted SIGINT"]
     assert done.stderr.splitlines() == [
         "> rank 0: received SIGTERM; stopping (training has not begun)",
         "> rank 0: received SIGINT; stopping (training has not begun)",
-        "> rank 0: received SIGTERM; saving and stopping at the next step boundary"]
+        "> rank 0: received SIGTERM; saving and stopping at the next step boundary",
+        "> rank 0: received SIGINT; the run is finishing"]
+
+
+AGREEING = textwrap.dedent("""
+    import os, sys, time
+    import megatron_simpo.cli.train as train
+    rank = int(sys.argv[1])
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=sys.argv[2])
+
+    def setup(argv, stop_requests):  # rank 0 still sets up; rank 1 waits in the agreement
+        import torch.distributed as dist
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        try:
+            if rank == 0:
+                time.sleep(60)
+            print("agreeing", flush=True)
+            stop_requests.training_begins()
+            print("training began", flush=True)
+        finally:
+            dist.destroy_process_group()
+
+    train._prepare_and_run = setup
+    train.main([])
+""")
+
+
+def test_a_signal_while_peers_agree_that_training_begins_stops_every_rank_cleanly():
+    """The agent signals every rank; one still sets up (it stops at once and leaves), another
+    waits in the agreement, which fails for the peer's exit: that rank stops cleanly too (it
+    had received the signal), with no traceback."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    ranks = [subprocess.Popen([sys.executable, "-c", AGREEING, str(rank), port],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        assert ranks[1].stdout.readline().strip() == "agreeing"
+        time.sleep(0.5)
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+        ends = [rank.communicate(timeout=60) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (out, err) in zip(ranks, ends):
+        assert rank.returncode == 0, err
+        assert "Traceback" not in err and "training began" not in out.splitlines(), err
+    assert ends[0][0].strip() == ("> stopped by SIGTERM before training began: nothing to save; "
+                                  "the same command starts again")
+
+
+def test_exit_options_are_agreed_at_a_boundary_and_the_duration_counts_from_the_start():
+    # (one process: the agreement is the value itself)
+    from megatron_simpo.distributed import lifecycle
+
+    requests = lifecycle.StopRequests(before_training=True)  # the command's start
+    requests._started -= 90.0  # 1.5 min of setup (imports, tokenizing, loading)
+    requests.limit(exit_duration_in_mins=2.0, exit_interval=4)  # the flags, read later
+    assert [requests.reason(i) for i in (1, 2, 3, 4)] == [None, None, None,
+                                                          "--exit-interval reached"]
+    requests._started -= 30.0
+    assert requests.reason(5) == "--exit-duration-in-mins reached"
+    requests.received = signal.SIGTERM
+    assert requests.reason(8) == "a stop signal (SIGTERM/SIGINT) arrived"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -147,12 +148,11 @@ def remove_interrupted_saves(root: str | Path) -> list[Path]:
     """Remove the ``iter_NNNNNNN.partial`` folders of saves that never finished (a run ended
     mid-save: a second stop signal, a SIGKILL); returns them. Rank 0 only, before this run's
     first save."""
-    removed = sorted(Path(root).glob("iter_*.partial"))
+    removed = sorted(path for path in Path(root).glob("iter_*.partial")
+                     if re.fullmatch(r"iter_\d{7}\.partial", path.name)
+                     and path.is_dir() and not path.is_symlink())  # folders a save makes
     for partial in removed:
-        if partial.is_dir():
-            shutil.rmtree(partial)
-        else:
-            partial.unlink()
+        shutil.rmtree(partial)
     return removed
 
 

@@ -51,6 +51,10 @@ SETUP_ERRORS = (ValueError, OSError, RuntimeError)
 """A start-up check's failure: the user's mistake (exit code 2), as ``cli.train`` reports it."""
 RANK_VERDICTS = (2, 3)
 """Exit codes of a rank that has said why in one line (``cli.train``): passed on as they are."""
+_STOP_EXITS = {-number: number for number in (signal.SIGTERM, signal.SIGINT)} | {
+    128 + number: number for number in (signal.SIGTERM, signal.SIGINT)}
+"""Exit code -> stop signal of a rank it ended: killed by it (-N), or ended by ``cli.train``
+before training began (128 + N)."""
 STOPPING_RANKS_WAIT = 3600
 """Seconds the agent waits for signalled ranks to save and stop (``wait_for_stopping_ranks``):
 a step and a save of the largest runs, with room; a rank hung in a collective is still killed."""
@@ -251,6 +255,11 @@ def start_ranks(args) -> int:
               "at once); the next start resumes from the latest complete checkpoint",
               file=sys.stderr, flush=True)
         return 1
+    if not began and first is not None and first.exitcode in _STOP_EXITS:
+        # A stop signal that reached a rank (not this process) before training began: the
+        # agent ended the others; nothing to save.
+        print(stopped_before_training(_STOP_EXITS[first.exitcode]), flush=True)
+        return 0
     if first is not None and first.exitcode in RANK_VERDICTS:
         if verdict is not None:
             print(verdict[1], file=sys.stderr, flush=True)

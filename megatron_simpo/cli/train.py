@@ -19,10 +19,14 @@ def main(argv=None) -> None:
     torchrun, torchrun's failure report and exit code 1 follow; the launcher
     (``megatron_simpo.cli.launch``) passes the line and the code on alone.
 
-    A stop signal (SIGTERM, SIGINT) before training begins ends setup at once, with one line
-    from rank 0 and exit code 0: nothing was saved, and the same command starts again; from
-    the first step on, the ranks save at the next step boundary (``lifecycle``)."""
-    from megatron_simpo.cli.flags import note_finished, note_started, note_training_began
+    A stop signal (SIGTERM, SIGINT) before training begins ends setup at once: nothing was
+    saved, and the same command starts again. Alone, the command says so in one line and exits
+    0; under torchrun a rank exits 128 + the signal, so that the agent ends the other ranks at
+    once (a signal that reached one rank), and the launcher (or rank 0 under raw torchrun)
+    says it. From the first step on, the ranks save at the next step boundary
+    (``lifecycle``)."""
+    from megatron_simpo.cli.flags import (LAUNCHER_ERRORS, note_finished, note_started,
+                                          note_training_began)
     from megatron_simpo.distributed.lifecycle import StopRequests, stopped_before_training
 
     note_started()
@@ -33,11 +37,13 @@ def main(argv=None) -> None:
     except BaseException as error:
         number = (signal.SIGINT if isinstance(error, KeyboardInterrupt)  # before the handler
                   else stop_requests.received)
-        if not (stop_requests.before_training and number):
+        if stop_requests.began or not number:
             raise
         # Whatever setup ended in (this exception, a peer's exit in a collective): the stop.
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHER_ERRORS):
             print(stopped_before_training(number), flush=True)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):
+            raise SystemExit(128 + number) from None
     note_finished()
 
 

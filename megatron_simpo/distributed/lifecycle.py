@@ -57,6 +57,9 @@ class StopRequests:
             :meth:`training_begins` raises).
         when_training_begins: called by :meth:`training_begins` (the launcher's marker).
         announce: print a line for a first signal (a rank's ``> rank R: received ...``).
+
+    The ``--exit-duration-in-mins`` clock starts at construction: the command's start, setup
+    included, as Megatron-LM counts it.
     """
 
     def __init__(self, exit_duration_in_mins: float | None = None,
@@ -65,6 +68,11 @@ class StopRequests:
         self.exit_duration_in_mins = exit_duration_in_mins
         self.exit_interval = exit_interval
         self.before_training = before_training
+        self._agree = before_training  # training_begins is a collective
+        self.began = False
+        """Whether training has begun (:meth:`training_begins` returned)."""
+        self.finishing = False
+        """Set by :meth:`training_ended`: the last step and save are done."""
         self.announce = announce
         self._when_training_begins = when_training_begins
         self.received: int | None = None
@@ -112,14 +120,10 @@ class StopRequests:
         if self.announce:
             print(f"> rank {rank}: received {name}; " + (
                 "stopping (training has not begun)" if self.before_training else
+                "the run is finishing" if self.finishing else
                 "saving and stopping at the next step boundary"), file=sys.stderr, flush=True)
         if self.before_training and sys.exc_info()[0] is None:
             raise StoppedBeforeTraining(number)  # (else the exception being handled ends setup)
-
-    @property
-    def stopped_before_training(self) -> bool:
-        """Whether a stop signal arrived while setup still ran."""
-        return self.before_training and self.received is not None
 
     def limit(self, exit_duration_in_mins: float | None, exit_interval: int | None) -> None:
         """Set the exit options once the flags are read (the duration counts from
@@ -129,18 +133,23 @@ class StopRequests:
     def training_begins(self) -> None:
         """From here on a first stop signal is noted (saved at the next step boundary). A
         collective with ``before_training``: if any rank has received a stop signal, every rank
-        raises :class:`StoppedBeforeTraining`."""
-        if not self.before_training:
-            return
-        from megatron_simpo.distributed.runtime import max_over_world  # torch: not at the top
+        raises :class:`StoppedBeforeTraining`. Until it returns, :attr:`began` stays False: a
+        collective that fails because a peer stopped first ends setup like the signal."""
+        if self._agree:
+            from megatron_simpo.distributed.runtime import max_over_world  # torch: not at top
 
-        self.before_training = False  # a signal during the collective is noted, for the step
-        number = max_over_world(self.received or 0)
-        if number:
-            self.before_training, self.received = True, self.received or number
-            raise StoppedBeforeTraining(number)
-        if self._when_training_begins is not None:
-            self._when_training_begins()
+            self.before_training = False  # a signal during the collective is noted, for the step
+            number = max_over_world(self.received or 0)
+            if number:
+                self.before_training, self.received = True, self.received or number
+                raise StoppedBeforeTraining(number)
+            if self._when_training_begins is not None:
+                self._when_training_begins()
+        self.began = True
+
+    def training_ended(self) -> None:
+        """The last step (and its save) is done: a first signal from here on is only noted."""
+        self.finishing = True
 
     def reason(self, iteration: int) -> str | None:
         """Agreed on by every rank (a collective: call on all ranks at the same boundary)."""

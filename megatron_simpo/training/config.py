@@ -98,8 +98,9 @@ class TrainConfig:
     exit_interval: int | None = None
     """Save and stop at the first iteration that is a multiple of this."""
     exit_duration_in_mins: float | None = None
-    """Save and stop at the first step boundary after the run has lasted this long (a
-    scheduler's time limit, less the time a save takes). SIGTERM/SIGINT always do the same."""
+    """Save and stop at the first step boundary after the command has run this long, setup
+    included (a scheduler's time limit, less the time a save takes). SIGTERM/SIGINT always do
+    the same."""
     tensorboard_dir: str | None = None
     """Also write the metrics as TensorBoard events here (needs the tensorboard package)."""
 

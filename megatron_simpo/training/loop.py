@@ -104,6 +104,7 @@ def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
                 session.summary.stopped_early = stop
                 session.say(f"> stopped at iteration {iteration}: {stop}")
                 break
+        stop_requests.training_ended()
     return session.finish(health)
 
 
