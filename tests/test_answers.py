@@ -232,6 +232,15 @@ def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
         ["arena question 2", "arena question 3", "arena question 4"]
     assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
         ["q0", "q1", "q2", "q3", "q4"]
+    # Cut between a whole record and its newline: kept, and the next answers start a line.
+    path.write_text(whole.removesuffix("\n"))
+    model = Recorder()
+    write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
+                  overrides={}, count_tokens=_words, say=lambda _: None)
+    assert [c[0]["content"] for conversations, _ in model.calls for c in conversations] == \
+        ["arena question 2", "arena question 3", "arena question 4"]
+    assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
+        ["q0", "q1", "q2", "q3", "q4"]
     path.write_text("not json\n" + whole)
     with pytest.raises(QuestionError, match=r"m.jsonl:1: not valid JSON"):
         write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",

@@ -312,6 +312,27 @@ def test_non_empty_output_is_refused_without_force(hf_models, tmp_path, capsys):
     assert (tmp_path / "o" / "keep.txt").read_text() == "x"
 
 
+def test_force_replaces_a_later_checkpoint_and_an_interrupted_one_is_no_obstacle(
+        hf_models, converted_llama3, tmp_path):
+    from megatron_simpo.checkpoint.checkpointing import find_checkpoint
+
+    # A folder holding a training run at iteration 4 (here: a copy): --force replaces it, and
+    # its tracker names the conversion, not the old iteration 4 (an export would take that).
+    shutil.copytree(converted_llama3, tmp_path / "o")
+    shutil.copytree(tmp_path / "o" / "iter_0000000", tmp_path / "o" / "iter_0000004")
+    (tmp_path / "o" / "latest_checkpointed_iteration.txt").write_text("4\n")
+    hf_to_megatron_main(["--hf-path", str(hf_models["mistral"][1]), "--save",
+                         str(tmp_path / "o"), "--force"])
+    assert find_checkpoint(tmp_path / "o") == tmp_path / "o" / "iter_0000000"
+    assert sorted(p.name for p in (tmp_path / "o").glob("iter_*")) == ["iter_0000000"]
+    # What a killed conversion leaves (its unfinished save) needs no --force.
+    (tmp_path / "killed" / "iter_0000000.partial").mkdir(parents=True)
+    hf_to_megatron_main(["--hf-path", str(hf_models["mistral"][1]), "--save",
+                         str(tmp_path / "killed")])
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
+        "iter_0000000", "latest_checkpointed_iteration.txt"]
+
+
 def _broken_copy(src: Path, dst: Path, how: str) -> Path:
     shutil.copytree(src, dst)
     weights = dst / "model.safetensors"

@@ -97,7 +97,13 @@ class Converted:
 
 
 def _refuse_non_empty(path: Path, force: bool) -> None:
-    if path.exists() and any(path.iterdir()) and not force:
+    """Refuse a --save that holds anything but the unfinished save of an interrupted
+    conversion (``iter_NNNNNNN.partial``: replaced by this one) unless ``force``."""
+    if not path.exists() or force:
+        return
+    held = [entry.name for entry in path.iterdir()
+            if not (re.fullmatch(r"iter_\d{7}\.partial", entry.name) and entry.is_dir())]
+    if held:
         raise FileExistsError(f"--save {path} exists and is not empty (use --force to replace)")
 
 
@@ -196,6 +202,11 @@ def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
                                model.to_dict(), DTYPES[dtype])
     except ConversionError as error:
         raise ConversionError(f"conversion failed, nothing was published: {error}") from None
+    if config.force:  # replaced: the folder's earlier iterations go, its tracker names this one
+        from megatron_simpo.checkpoint.layout import remove_iterations_after, write_tracker
+
+        remove_iterations_after(save, 0)
+        write_tracker(save, 0)
     return Converted(Path(path), dtype, why)
 
 

@@ -158,16 +158,20 @@ def answered(benchmark: str, path: Path) -> dict[str, dict]:
             raise QuestionError(f"{path}: not an AlpacaEval answer list; move it away or give "
                                 "another --output") from None
     lines = [line for line in text.splitlines() if line.strip()]
-    rows = []
+    rows, kept = [], []
     for number, line in enumerate(lines, start=1):
         try:
             rows.append(json.loads(line))
+            kept.append(line)
         except json.JSONDecodeError:
             if number < len(lines):
                 raise QuestionError(f"{path}:{number}: not valid JSON; move the file away or "
                                     "give another --output") from None
-            # The run was stopped while writing its last line: drop it, it is asked again.
-            path.write_text("".join(l + "\n" for l in lines[:-1]), encoding="utf-8")
+            # The run was stopped while writing its last line: dropped, it is asked again.
+    if len(kept) < len(lines) or not text.endswith("\n"):
+        # Whole lines only, each ended (the next answers are appended after them): a last line
+        # cut before its newline would take the next answer onto it.
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or "question_id" not in row:
             raise QuestionError(f"{path}:{number}: not an answer row (no 'question_id'); move the "
