@@ -314,6 +314,41 @@ def test_run_command_ends_in_one_line_from_rank_zero(capsys, monkeypatch, rank, 
     assert run_command("tool", lambda: 7) == 7 and shutdowns == [1, 1]
 
 
+def test_a_stop_signal_ends_a_command_in_one_line_after_its_clean_up(capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from megatron_simpo.cli.flags import run_command
+
+    monkeypatch.setenv("RANK", "0")
+    cleaned = []
+
+    def work(number):
+        def call():
+            try:
+                os.kill(os.getpid(), number)
+                time.sleep(30)
+            finally:
+                cleaned.append(number)  # a temporary folder, an unfinished output
+        return call
+
+    for number, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_command("tool", work(number))
+        assert exit_info.value.code == 128 + number and cleaned[-1] == number
+        assert capsys.readouterr().err == f"tool: stopped by {name}\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as before the command
+    noted = []  # a command's own handling (training's) is left in place
+    signal.signal(signal.SIGTERM, lambda *_: noted.append(True))
+    try:
+        assert run_command("tool", lambda: (os.kill(os.getpid(), signal.SIGTERM),
+                                            time.sleep(0.1), "went on")[-1]) == "went on"
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert noted == [True]
+
+
 def test_an_abbreviated_flag_is_refused_not_completed(paths, capsys):
     """Flags are taken as spelled in full (Megatron-LM's allow_abbrev=False): --train-iter is
     not silently --train-iters (the launch scripts drop defaults by their full names)."""

@@ -739,3 +739,45 @@ def test_streamed_import_equals_the_filled_model_saved(hf_models, tmp_path):
                 for key, tensor in reference.items():
                     assert tensor.dtype == states[name][key].dtype == torch.bfloat16, key
                     assert torch.equal(tensor, states[name][key]), (name, key)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="prctl")
+@pytest.mark.parametrize("ctrl_c", [False, True])
+def test_a_stopped_conversion_ends_its_ranks_and_publishes_nothing(hf_models, tmp_path, ctrl_c):
+    """SIGTERM (scancel) to the converter, or Ctrl-C to its process group, while its ranks run:
+    one line, exit code 128 + the signal, no rank left running (they published the
+    checkpoint later before), nothing published, its temporary files removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
+    converter = subprocess.Popen(
+        [sys.executable, "-m", "megatron_simpo.cli.convert", "hf-to-megatron", "--hf-path",
+         str(hf_models["llama3"][1]), "--save", str(tmp_path / "o"),
+         "--tensor-parallel-size", "2"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(ranks := psutil.Process(converter.pid).children()) < 2:
+        assert converter.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(1.0)  # the ranks import torch and Megatron-Core
+    if ctrl_c:
+        os.killpg(converter.pid, signal.SIGINT)
+    else:
+        converter.send_signal(signal.SIGTERM)
+    _, err = converter.communicate(timeout=60)
+    number = signal.SIGINT if ctrl_c else signal.SIGTERM
+    assert converter.returncode == 128 + number, err
+    assert err.strip() == f"{cli.IMPORT.prog}: stopped by {signal.Signals(number).name}", err
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive
+    time.sleep(2)  # a rank left running would publish now
+    assert not (tmp_path / "o" / "latest_checkpointed_iteration.txt").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -290,11 +290,34 @@ def run_command(prog: str, call: Callable[[], T], *,
     the line, and exits with the code: the launcher prints one line (rank 0's, else the first
     failed rank's), so a mistake only one rank sees is reported too.
 
+    A stop signal ends the command as Ctrl-C does in Python (SIGTERM raises :class:`Stopped`;
+    ``finally`` blocks and context managers clean up) with one line, ``<prog>: stopped by
+    SIGTERM``, and exit code 128 + the signal, unless the command handles signals itself
+    (training's ``lifecycle.StopRequests``). Under torchrun the process also ends when its
+    agent dies (``lifecycle.die_with_parent``).
+
     Args:
         distributed: the command starts process groups: they are shut down however it ends.
     """
+    import signal
+    import threading
+
+    from megatron_simpo.distributed.lifecycle import die_with_parent
+
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
+        die_with_parent()
+    previous = None
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return call()
+    except (KeyboardInterrupt, Stopped) as stop:
+        number = getattr(stop, "number", signal.SIGINT)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: stopped by {signal.Signals(number).name}", file=sys.stderr,
+                  flush=True)
+        raise SystemExit(128 + number) from None
     except Exception as error:
         for kinds, exit_code in ({USER_ERRORS: 2} if errors is None else errors).items():
             if isinstance(error, kinds):
@@ -309,7 +332,21 @@ def run_command(prog: str, call: Callable[[], T], *,
                 user_error(prog, message, exit_code)
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if distributed:
             from megatron_simpo.distributed import runtime
 
             runtime.shutdown()
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised in a command's main thread (as SIGINT raises KeyboardInterrupt)."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number = number
+
+
+def _raise_stopped(number: int, frame) -> None:
+    raise Stopped(number)

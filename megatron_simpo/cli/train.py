@@ -53,7 +53,6 @@ def _prepare_and_run(argv, stop_requests) -> None:
     from megatron_simpo.cli.arguments import PROG, parse_args
     from megatron_simpo.cli.flags import run_command
     from megatron_simpo.data.config import DataError
-    from megatron_simpo.distributed.lifecycle import die_with_parent
     from megatron_simpo.distributed.runtime import PortInUse
     from megatron_simpo.training.checkpointer import RunFailed
     from megatron_simpo.training.loop import run
@@ -62,10 +61,8 @@ def _prepare_and_run(argv, stop_requests) -> None:
 
     config = parse_args(argv)
     stop_requests.limit(config.exit_duration_in_mins, config.exit_interval)
-    prepared = run_command(PROG, lambda: prepare(config),
+    prepared = run_command(PROG, lambda: prepare(config),  # (under torchrun: dies with it)
                            errors={(ValueError, FileNotFoundError, RuntimeError): 2})
-    if os.environ.get("TORCHELASTIC_RUN_ID"):  # under torchrun: never outlive its agent
-        die_with_parent()
     run_command(PROG, lambda: run(config, prepared, stop_requests), distributed=True,
                 errors={RunFailed: 3, (checkpointing.CheckpointError, DataError, PortInUse,
                                        ResumeError, MetricsFileError): 2})

@@ -9,6 +9,7 @@ Megatron-Core per call: the test suite's main cost on a small machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -45,23 +46,58 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
+def _fresh_entry(*args) -> None:
+    """A :func:`run_on_ranks` rank: it dies with its parent (a killed converter publishes
+    nothing), then runs as :func:`_entry`."""
+    import signal
+
+    from megatron_simpo.distributed.lifecycle import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
+    _entry(*args)
+
+
+@contextlib.contextmanager
+def _ctrl_c_left_to_this_process():
+    """Processes started in the block ignore SIGINT (an ignored signal stays ignored across
+    exec, and Python then installs no KeyboardInterrupt handler): Ctrl-C reaches the whole
+    process group, and the parent alone acts on it, ending its ranks."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_on_ranks(world_size: int, fn, *args, timeout: float | None = None) -> list:
     """Call ``fn(rank, *args)`` in ``world_size`` fresh processes; return their results by rank.
 
-    ``fn`` must be a module-level function. A failure on any rank raises with that rank's traceback.
+    ``fn`` must be a module-level function. A failure on any rank raises with that rank's
+    traceback. However this call ends (a stop signal, Ctrl-C), no rank outlives it.
     """
     port = _free_port()
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        processes = [context.Process(target=_entry, args=(r, world_size, port, out_dir, fn, args))
+        processes = [context.Process(target=_fresh_entry,
+                                     args=(r, world_size, port, out_dir, fn, args))
                      for r in range(world_size)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(timeout)
-        for process in processes:
-            if process.is_alive():
-                process.kill()
+        try:
+            with _ctrl_c_left_to_this_process():
+                for process in processes:
+                    process.start()
+            for process in processes:
+                process.join(timeout)
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
         return _collect(out_dir, world_size,
                         lambda rank: f"exit code {processes[rank].exitcode}; timeout {timeout}s?")
 
