@@ -172,6 +172,9 @@ def test_skipped_analyses_are_named_with_the_reason(tmp_path, capsys):
         "--eval-dump in this run)"]
     assert json.loads((run / "analysis" / "summary.json").read_text())["skipped"][1].startswith(
         "margin distribution")
+    # The first analysis's figures of what is skipped now are gone, not left beside this one.
+    assert sorted(p.name for p in (run / "analysis").iterdir()) == ["summary.json",
+                                                                    "training_curves.png"]
 
 
 def test_what_cannot_be_analysed_or_written_is_one_line_before_any_work(tmp_path, capsys):

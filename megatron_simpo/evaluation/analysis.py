@@ -26,7 +26,12 @@ import numpy as np
 
 from megatron_simpo.checkpoint.layout import check_writable_folder
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
+from megatron_simpo.distributed.files import write_text_atomically
 from megatron_simpo.evaluation import rounds
+
+PLOTS = ("training_curves.png", "margin_distribution.png", "length_correlation.png",
+         "kl_from_reference.png")
+"""The figures an analysis may write, each replaced or removed by the next analysis."""
 
 
 CURVES = ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -169,9 +174,12 @@ def plot(summary: dict, out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in PLOTS:  # an earlier analysis's: a plot skipped now must not stay beside it
+        (out_dir / name).unlink(missing_ok=True)
     written = []
 
     def save(figure, name: str) -> None:
+        assert name in PLOTS
         figure.tight_layout()
         written.append(out_dir / name)
         figure.savefig(written[-1], dpi=100)
@@ -272,7 +280,7 @@ def analyze(config: AnalysisConfig) -> Path:
     if "margins" in summary:
         compact["margins"] = {w: {k: v for k, v in m.items() if k != "values"}
                               for w, m in summary["margins"].items()}
-    (out / "summary.json").write_text(strict_json(compact))
+    write_text_atomically(out / "summary.json", strict_json(compact))
     print(f"> analysis of {config.run}: {', '.join(p.name for p in written)} and summary.json "
           f"in {out}")
     for skipped in summary["skipped"]:
