@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_simpo.evaluation.answers import (MT_BENCH_TEMPERATURE, QuestionError, read_questions,
-                                               write_answers)
+from megatron_simpo.evaluation.answers import (MT_BENCH_TEMPERATURE, QuestionError, answer_path,
+                                               read_questions, write_answers)
 
 ALPACA = [{"instruction": "Name a colour.", "dataset": "helpful_base"},
           {"instruction": "Count to three.", "dataset": "oasst"},
@@ -34,7 +34,8 @@ class Recorder:
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = [], fail_after
 
-    def __call__(self, conversations, samplings):
+    def __call__(self, conversations, samplings, streams):
+        assert len(streams) == len(conversations)
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("interrupted")
         self.calls.append((conversations, samplings))
@@ -123,6 +124,51 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, benchmark, rows):
     else:
         keys = [str(json.loads(line)["question_id"]) for line in path.read_text().splitlines()]
     assert keys == [q.key for q in questions]  # each once, in order
+
+
+def test_a_resumed_run_samples_what_an_uninterrupted_one_did(tmp_path):
+    """Sampled answers (MT-Bench's temperatures, two turns) of a real model on transformers:
+    a run stopped after its first batch and resumed in a new generator (a new process) writes
+    the same answers as one that was never stopped."""
+    import torch
+    import transformers
+
+    from megatron_simpo.evaluation.generation import transformers_generator
+    from megatron_simpo.model.tiny import write_default
+
+    tiny = write_default(tmp_path / "tiny", train_pairs=4, valid_pairs=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tiny["config"])).save_pretrained(tmp_path / "hf")
+    transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"]).save_pretrained(tmp_path / "hf")
+    questions = read_questions("mt_bench", _write(tmp_path / "q.jsonl", MT_BENCH))
+
+    def generator():
+        return transformers_generator(tmp_path / "hf", seed=5, dtype="float32",
+                                      apply_chat_template=False)
+
+    def answers(output, generate):
+        return write_answers("mt_bench", questions, generate, output=output, model_id="m",
+                             overrides={"max_new_tokens": 6}, batch_size=2, say=lambda _: None)
+
+    def contents(path):
+        return {row["question_id"]: row["choices"][0]["turns"]
+                for row in map(json.loads, path.read_text().splitlines())}
+
+    straight = contents(answers(tmp_path / "straight", generator()))
+    generate, calls = generator(), []
+
+    def stopped_after_a_batch(*args):
+        calls.append(1)
+        if len(calls) > 2:  # two turns of the first batch, then Ctrl-C
+            raise KeyboardInterrupt
+        return generate(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        answers(tmp_path / "resumed", stopped_after_a_batch)
+    assert len(contents(answer_path("mt_bench", tmp_path / "resumed", "m"))) == 2
+    assert contents(answers(tmp_path / "resumed", generator())) == straight
+    assert len({turns[0] for turns in straight.values()}) == len(MT_BENCH)  # sampled, varied
 
 
 def test_question_files_in_the_wrong_format_are_named(tmp_path):

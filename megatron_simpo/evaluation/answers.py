@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,8 +197,16 @@ def answer_record(benchmark: str, question: Question, outputs: list[str], model_
     return record
 
 
-Generate = Callable[[list[list[dict]], list[Sampling]], list[str]]
-"""(conversations, their sampling) -> the model's next assistant message for each."""
+Generate = Callable[[list[list[dict]], list[Sampling], list[int]], list[str]]
+"""(conversations, their sampling, their streams) -> the model's next assistant message for
+each. A stream (:func:`stream_of`) names a question's turn: a generator seeds its sampling
+from the streams, so a resumed run samples what an uninterrupted one did."""
+
+
+def stream_of(question: Question, turn: int) -> int:
+    """A number for ``question``'s turn ``turn``: the same in every run (not Python's hash,
+    which is salted per process)."""
+    return zlib.crc32(f"{question.key}\0{turn}".encode("utf-8"))
 
 
 def write_answers(benchmark: str, questions: list[Question], generate: Generate, *,
@@ -224,7 +233,8 @@ def write_answers(benchmark: str, questions: list[Question], generate: Generate,
             for i in live:
                 conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
             replies = generate([list(conversations[i]) for i in live],
-                               [samplings[i] for i in live])
+                               [samplings[i] for i in live],
+                               [stream_of(batch[i], turn) for i in live])
             for i, reply in zip(live, replies):
                 conversations[i].append({"role": "assistant", "content": reply})
                 outputs[i].append(reply)

@@ -110,22 +110,29 @@ class _ContextRoom:
         return max(rows), rows
 
 
+def _stream_seed(seed: int, stream: int) -> int:
+    """The sampling seed of a batch (or a request) from the run's seed and its stream."""
+    return (seed * 4_294_967_311 + stream) % 2**63
+
+
 def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
                            apply_chat_template: bool):
     """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
-    in the batch, prompts left-padded; replies stop at the model's context."""
+    in the batch, prompts left-padded, each after ``torch.manual_seed`` from the run's seed and
+    the stream of its first question (a resumed run's batches are the uninterrupted run's:
+    the same samples); replies stop at the model's context."""
     import torch
 
     from megatron_simpo.data.tokenization import encode_prompts
 
     loaded = _causal_lm(hf_dir, dtype)
     room = _ContextRoom(loaded[1])
-    torch.manual_seed(seed)
 
-    def generate(conversations, samplings):
+    def generate(conversations, samplings, streams):
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         replies: list[str] = [""] * len(ids)
         for sampling, members in _groups(samplings).items():
+            torch.manual_seed(_stream_seed(seed, streams[members[0]]))
             texts = _left_padded_generate(loaded, [ids[i] for i in members], sampling, room)
             for i, text in zip(members, texts):
                 replies[i] = text
@@ -136,7 +143,8 @@ def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
 
 def vllm_generator(hf_dir: str | Path, *, seed: int, tensor_parallel_size: int, dtype: str,
                    apply_chat_template: bool):
-    """``answers.Generate`` on vLLM, from our token ids (vLLM never re-renders the prompt)."""
+    """``answers.Generate`` on vLLM, from our token ids (vLLM never re-renders the prompt); a
+    seed per request, from the run's seed and the question's stream."""
     import transformers
     from vllm import LLM, SamplingParams
 
@@ -146,11 +154,12 @@ def vllm_generator(hf_dir: str | Path, *, seed: int, tensor_parallel_size: int, 
     llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, seed=seed,
               dtype=dtype)
 
-    def generate(conversations, samplings):
+    def generate(conversations, samplings, streams):
         ids = encode_prompts(tokenizer, conversations,
                              apply_chat_template=apply_chat_template)
         params = [SamplingParams(temperature=s.temperature, top_p=s.top_p,
-                                 max_tokens=s.max_new_tokens) for s in samplings]
+                                 max_tokens=s.max_new_tokens, seed=_stream_seed(seed, stream))
+                  for s, stream in zip(samplings, streams)]
         outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params)
         return [o.outputs[0].text.strip() for o in outputs]
 
