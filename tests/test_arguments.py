@@ -349,6 +349,44 @@ def test_a_stop_signal_ends_a_command_in_one_line_after_its_clean_up(capsys, mon
     assert noted == [True]
 
 
+ORPHANED = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=dict(
+    os.environ, TORCHELASTIC_RUN_ID="job"), stderr=open(sys.argv[2], "w"))
+print(child.pid, flush=True)
+child.wait()
+"""
+UNDER_TORCHRUN = """
+import time
+from megatron_simpo.cli.flags import run_command
+run_command("tool", lambda: (print("running", flush=True), time.sleep(60)))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="prctl")
+def test_a_command_under_torchrun_ends_when_its_agent_is_killed(tmp_path):
+    """kill -9 of torchrun's agent (reference-logps, build-pairs under torchrun): the rank is
+    signalled by the kernel and ends as on SIGTERM, not left computing for nobody."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    agent = subprocess.Popen([sys.executable, "-c", ORPHANED, UNDER_TORCHRUN,
+                              str(tmp_path / "err")], stdout=subprocess.PIPE, text=True)
+    rank = psutil.Process(int(agent.stdout.readline()))
+    assert agent.stdout.readline().strip() == "running"  # (the rank writes to the same pipe)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    try:
+        rank.wait(timeout=30)  # (not our child: its exit code is not ours to read)
+    finally:
+        if rank.is_running():
+            rank.kill()
+    assert (tmp_path / "err").read_text() == "tool: stopped by SIGTERM\n"
+
+
 def test_an_abbreviated_flag_is_refused_not_completed(paths, capsys):
     """Flags are taken as spelled in full (Megatron-LM's allow_abbrev=False): --train-iter is
     not silently --train-iters (the launch scripts drop defaults by their full names)."""
