@@ -166,7 +166,10 @@ def test_a_resumed_run_samples_what_an_uninterrupted_one_did(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         answers(tmp_path / "resumed", stopped_after_a_batch)
-    assert len(contents(answer_path("mt_bench", tmp_path / "resumed", "m"))) == 2
+    path = answer_path("mt_bench", tmp_path / "resumed", "m")
+    assert len(contents(path)) == 2
+    # A kill while the batch was being written: one of its two answers is there.
+    path.write_text(path.read_text().splitlines(keepends=True)[0])
     assert contents(answers(tmp_path / "resumed", generator())) == straight
     assert len({turns[0] for turns in straight.values()}) == len(MT_BENCH)  # sampled, varied
 
@@ -267,13 +270,14 @@ def test_vllm_backend_writes_greedy_answers(tmp_path):
 def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
     questions = read_questions("arena_hard", _write(tmp_path / "question.jsonl", ARENA))
     write_answers("arena_hard", questions[:2], Recorder(), output=tmp_path / "data",
-                  model_id="m", overrides={}, count_tokens=_words, say=lambda _: None)
+                  model_id="m", overrides={}, batch_size=2, count_tokens=_words,
+                  say=lambda _: None)
     path = tmp_path / "data" / "model_answer" / "m.jsonl"
     whole = path.read_text()
     path.write_text(whole + '{"question_id": "q2", "answer_id": "ab')  # killed mid-line
     model = Recorder()
     write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
-                  overrides={}, count_tokens=_words, say=lambda _: None)
+                  overrides={}, batch_size=2, count_tokens=_words, say=lambda _: None)
     assert [c[0]["content"] for conversations, _ in model.calls for c in conversations] == \
         ["arena question 2", "arena question 3", "arena question 4"]
     assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
@@ -282,15 +286,22 @@ def test_a_line_cut_off_by_an_interruption_is_asked_again(tmp_path):
     path.write_text(whole.removesuffix("\n"))
     model = Recorder()
     write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
-                  overrides={}, count_tokens=_words, say=lambda _: None)
+                  overrides={}, batch_size=2, count_tokens=_words, say=lambda _: None)
     assert [c[0]["content"] for conversations, _ in model.calls for c in conversations] == \
         ["arena question 2", "arena question 3", "arena question 4"]
+    assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
+        ["q0", "q1", "q2", "q3", "q4"]
+    # Cut inside a character (answers keep non-ASCII text as it is): the line is asked again.
+    path.write_bytes(whole.encode() + '{"question_id": "q2", "answer": "\u00e9'.encode()[:-1])
+    model = Recorder()
+    write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
+                  overrides={}, batch_size=2, count_tokens=_words, say=lambda _: None)
     assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == \
         ["q0", "q1", "q2", "q3", "q4"]
     path.write_text("not json\n" + whole)
     with pytest.raises(QuestionError, match=r"m.jsonl:1: not valid JSON"):
         write_answers("arena_hard", questions, model, output=tmp_path / "data", model_id="m",
-                      overrides={}, count_tokens=_words, say=lambda _: None)
+                      overrides={}, batch_size=2, count_tokens=_words, say=lambda _: None)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -390,3 +401,14 @@ def test_transformers_replies_stop_at_the_models_context(capsys):
         assert reply == text(alone[0, len(prompt):])
     assert [len(reply.split()) for reply in replies] == [20, 6]  # (no end of turn here)
     assert room.limits([[5] * 30], 8) == (1, [1])  # a prompt past the context: one token
+
+
+def test_a_settings_record_compares_what_it_holds(tmp_path):
+    from megatron_simpo.evaluation import settings_record
+
+    record = tmp_path / "a.jsonl.settings.json"
+    settings_record.write(record, {"seed": 0, "temperature": None})  # kept before batch_size
+    assert settings_record.differences(record, {"seed": 0, "temperature": None,
+                                                "batch_size": 8}, start_over="a") == []
+    assert settings_record.differences(record, {"seed": 1, "temperature": None,
+                                                "batch_size": 8}, start_over="a") == ["seed 0 -> 1"]

@@ -151,25 +151,26 @@ def answered(benchmark: str, path: Path) -> dict[str, dict]:
     """The answers already in ``path`` by question key (resuming an interrupted run)."""
     if not path.is_file():
         return {}
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     if benchmark == "alpaca_eval":  # replaced atomically: whole or absent
         try:
-            return {row["instruction"]: row for row in json.loads(text)}
-        except (json.JSONDecodeError, TypeError, KeyError):
+            return {row["instruction"]: row for row in json.loads(data.decode("utf-8"))}
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
             raise QuestionError(f"{path}: not an AlpacaEval answer list; move it away or give "
                                 "another --output") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in data.split(b"\n") if line.strip()]
     rows, kept = [], []
     for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-            kept.append(line)
-        except json.JSONDecodeError:
+        try:  # (a cut can fall inside a character: bytes until a line is whole)
+            text = line.decode("utf-8")
+            rows.append(json.loads(text))
+            kept.append(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if number < len(lines):
                 raise QuestionError(f"{path}:{number}: not valid JSON; move the file away or "
                                     "give another --output") from None
             # The run was stopped while writing its last line: dropped, it is asked again.
-    if len(kept) < len(lines) or not text.endswith("\n"):
+    if len(kept) < len(lines) or not data.endswith(b"\n"):
         # Whole lines only, each ended (the next answers are appended after them): a last line
         # cut before its newline would take the next answer onto it.
         write_text_atomically(path, "".join(line + "\n" for line in kept))
@@ -213,18 +214,32 @@ def write_answers(benchmark: str, questions: list[Question], generate: Generate,
                   output: str | Path, model_id: str, overrides: dict, batch_size: int = 8,
                   count_tokens: TokenCount | None = None,
                   say: Callable[[str], None] = print) -> Path:
-    """Answer every question not yet in the answer file, ``batch_size`` at a time; the file is
-    updated after each batch (atomically for AlpacaEval's JSON list, by appended lines for the
-    others), so an interruption loses at most one batch. ``count_tokens``: Arena-Hard's
-    ``token_len`` (needed for arena_hard)."""
+    """Answer every question not yet in the answer file, in batches of ``batch_size``
+    consecutive questions; the file is updated after each batch (atomically for AlpacaEval's
+    JSON list, by appended lines for the others), so an interruption loses at most one batch.
+    A batch is answered whole or asked again whole (its answers of a cut batch are dropped):
+    a generator may sample per batch, so a resumed run asks exactly the batches an
+    uninterrupted one asked. ``count_tokens``: Arena-Hard's ``token_len`` (needed for
+    arena_hard)."""
     path = answer_path(benchmark, output, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = answered(benchmark, path)
-    todo = [q for q in questions if q.key not in done]
-    say(f"> {benchmark}: {len(questions)} questions, {len(questions) - len(todo)} already "
-        f"answered in {path}, {len(todo)} to go")
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    batches = [questions[start:start + batch_size]
+               for start in range(0, len(questions), batch_size)]
+    cut = [q.key for batch in batches if 0 < sum(q.key in done for q in batch) < len(batch)
+           for q in batch if q.key in done]
+    if cut:
+        for key in cut:
+            del done[key]
+        _rewrite(benchmark, path, done, questions)
+        say(f"> {benchmark}: {len(cut)} answer(s) of a batch the last run did not finish are "
+            "asked again with their batch")
+    batches = [batch for batch in batches if not all(q.key in done for q in batch)]
+    todo = sum(map(len, batches))
+    say(f"> {benchmark}: {len(questions)} questions, {len(questions) - todo} already "
+        f"answered in {path}, {todo} to go")
+    answered_now = 0
+    for batch in batches:
         samplings = [sampling_for(benchmark, q, overrides) for q in batch]
         conversations = [[] for _ in batch]
         outputs = [[] for _ in batch]
@@ -242,10 +257,22 @@ def write_answers(benchmark: str, questions: list[Question], generate: Generate,
                    for q, o in zip(batch, outputs)]
         if benchmark == "alpaca_eval":
             done.update((r["instruction"], r) for r in records)
-            ordered = [done[q.key] for q in questions if q.key in done]
-            write_text_atomically(path, json.dumps(ordered, indent=1, ensure_ascii=False))
+            _rewrite(benchmark, path, done, questions)
         else:
-            with path.open("a", encoding="utf-8") as out:
-                out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        say(f"> {benchmark}: {min(start + batch_size, len(todo))}/{len(todo)} answered")
+            with path.open("a", encoding="utf-8") as out:  # one write: the batch whole
+                out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        answered_now += len(batch)
+        say(f"> {benchmark}: {answered_now}/{todo} answered")
     return path
+
+
+def _rewrite(benchmark: str, path: Path, done: dict[str, dict],
+             questions: list[Question]) -> None:
+    """The answer file with the answers ``done`` only (atomically): AlpacaEval's list in the
+    questions' order, the others' lines in the order they were written."""
+    if benchmark == "alpaca_eval":
+        text = json.dumps([done[q.key] for q in questions if q.key in done], indent=1,
+                          ensure_ascii=False)
+    else:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in done.values())
+    write_text_atomically(path, text)

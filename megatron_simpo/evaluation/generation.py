@@ -356,7 +356,9 @@ def generate_answers(config: AnswersConfig) -> Path:
     model = settings_record.model_identity(config.hf, config.load)  # --load: its iteration now
     keep_settings(answers, dict(
         model=model, backend=backend, seed=config.seed, dtype=config.dtype,
-        apply_chat_template=config.apply_chat_template, **config.overrides))
+        apply_chat_template=config.apply_chat_template, **config.overrides,
+        # transformers samples per batch: another batch size, other samples (vLLM: per request)
+        **({"batch_size": config.batch_size} if backend == "transformers" else {})))
     with contextlib.ExitStack() as stack:
         hf_dir = model_folder(stack, hf=config.hf, load=model if config.load else None,
                               hf_out=config.hf_out)

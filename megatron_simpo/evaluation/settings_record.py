@@ -27,7 +27,8 @@ def write(path: Path, settings: dict) -> None:
 
 def differences(path: Path, settings: dict, name: Callable[[str], str] = lambda key: key, *,
                 start_over: str) -> list[str]:
-    """``<name> <recorded> -> <now>`` for each setting whose recorded value differs. Raises
+    """``<name> <recorded> -> <now>`` for each setting whose recorded value differs (a setting
+    the record does not hold was not kept by the version that wrote it: not compared). Raises
     ValueError naming ``path`` when it is missing or not a record, with ``start_over``: what
     to move away to start over."""
     try:
@@ -37,5 +38,5 @@ def differences(path: Path, settings: dict, name: Callable[[str], str] = lambda 
     if not isinstance(recorded, dict):
         raise ValueError(f"{path}: missing or not a settings record; move {start_over} away "
                          "to start over")
-    return [f"{name(key)} {recorded.get(key)!r} -> {value!r}"
-            for key, value in settings.items() if recorded.get(key) != value]
+    return [f"{name(key)} {recorded[key]!r} -> {value!r}"
+            for key, value in settings.items() if key in recorded and recorded[key] != value]
