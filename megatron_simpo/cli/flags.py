@@ -290,11 +290,13 @@ def run_command(prog: str, call: Callable[[], T], *,
     the line, and exits with the code: the launcher prints one line (rank 0's, else the first
     failed rank's), so a mistake only one rank sees is reported too.
 
-    A stop signal ends the command as Ctrl-C does in Python (SIGTERM raises :class:`Stopped`;
-    ``finally`` blocks and context managers clean up) with one line, ``<prog>: stopped by
-    SIGTERM``, and exit code 128 + the signal, unless the command handles signals itself
-    (training's ``lifecycle.StopRequests``). Under torchrun the process also ends when its
-    agent dies (``lifecycle.die_with_parent``).
+    A stop signal ends the command after its clean-up (SIGTERM raises :class:`Stopped` as
+    SIGINT raises KeyboardInterrupt; ``finally`` blocks and context managers run) with one
+    line, ``<prog>: stopped by SIGTERM``, unless the command handles signals itself
+    (training's ``lifecycle.StopRequests``): SIGTERM with exit code 143; Ctrl-C as Python ends
+    on it, by SIGINT itself once the interpreter has finished (no traceback), so that a shell
+    script running the command stops too. Under torchrun the process also ends when its agent
+    dies (``lifecycle.die_with_parent``).
 
     Args:
         distributed: the command starts process groups: they are shut down however it ends.
@@ -314,9 +316,13 @@ def run_command(prog: str, call: Callable[[], T], *,
         return call()
     except (KeyboardInterrupt, Stopped) as stop:
         number = getattr(stop, "number", signal.SIGINT)
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and not getattr(stop, "said", False):
             print(f"{prog}: stopped by {signal.Signals(number).name}", file=sys.stderr,
                   flush=True)
+        stop.said = True  # (a command run inside another says it once)
+        if isinstance(stop, KeyboardInterrupt):
+            sys.excepthook = _quiet_on_interrupt(sys.excepthook)
+            raise
         raise SystemExit(128 + number) from None
     except Exception as error:
         for kinds, exit_code in ({USER_ERRORS: 2} if errors is None else errors).items():
@@ -350,3 +356,17 @@ class Stopped(BaseException):
 
 def _raise_stopped(number: int, frame) -> None:
     raise Stopped(number)
+
+
+def _quiet_on_interrupt(hook):
+    """``hook``, but silent for KeyboardInterrupt: the command said why it stopped, and Python
+    still ends the process by SIGINT for the uncaught interrupt."""
+    if getattr(hook, "quiet_on_interrupt", False):
+        return hook
+
+    def quiet(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            hook(kind, value, traceback)
+
+    quiet.quiet_on_interrupt = True
+    return quiet

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -98,11 +99,11 @@ class Converted:
 
 def _refuse_non_empty(path: Path, force: bool) -> None:
     """Refuse a --save that holds anything but the unfinished save of an interrupted
-    conversion (``iter_NNNNNNN.partial``: replaced by this one) unless ``force``."""
+    conversion (``iter_0000000.partial``: replaced by this one) unless ``force``."""
     if not path.exists() or force:
         return
     held = [entry.name for entry in path.iterdir()
-            if not (re.fullmatch(r"iter_\d{7}\.partial", entry.name) and entry.is_dir())]
+            if not (entry.name == "iter_0000000.partial" and entry.is_dir())]
     if held:
         raise FileExistsError(f"--save {path} exists and is not empty (use --force to replace)")
 
@@ -202,11 +203,15 @@ def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
                                model.to_dict(), DTYPES[dtype])
     except ConversionError as error:
         raise ConversionError(f"conversion failed, nothing was published: {error}") from None
-    if config.force:  # replaced: the folder's earlier iterations go, its tracker names this one
-        from megatron_simpo.checkpoint.layout import remove_iterations_after, write_tracker
+    if config.force:  # replaced: the tracker names this one first, then the others go
+        from megatron_simpo.checkpoint.layout import (iteration_dir, remove_interrupted_saves,
+                                                      saved_iterations, write_tracker)
 
-        remove_iterations_after(save, 0)
         write_tracker(save, 0)
+        for number in saved_iterations(save):
+            if number:
+                shutil.rmtree(iteration_dir(save, number))
+        remove_interrupted_saves(save)
     return Converted(Path(path), dtype, why)
 
 

@@ -46,14 +46,14 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _fresh_entry(*args) -> None:
-    """A :func:`run_on_ranks` rank: it dies with its parent (a killed converter publishes
-    nothing), then runs as :func:`_entry`."""
+def _fresh_entry(parent: int, *args) -> None:
+    """A :func:`run_on_ranks` rank: it dies with its parent, process ``parent`` (a killed
+    converter publishes nothing), then runs as :func:`_entry`."""
     import signal
 
     from megatron_simpo.distributed.lifecycle import die_with_parent
 
-    die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL, parent)
     _entry(*args)
 
 
@@ -85,7 +85,7 @@ def run_on_ranks(world_size: int, fn, *args, timeout: float | None = None) -> li
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         processes = [context.Process(target=_fresh_entry,
-                                     args=(r, world_size, port, out_dir, fn, args))
+                                     args=(os.getpid(), r, world_size, port, out_dir, fn, args))
                      for r in range(world_size)]
         try:
             with _ctrl_c_left_to_this_process():

@@ -227,10 +227,11 @@ def _forget_wakeup_fd_in_forks() -> None:
     os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
 
 
-def die_with_parent(number: int = signal.SIGTERM) -> None:
+def die_with_parent(number: int = signal.SIGTERM, parent: int | None = None) -> None:
     """Ask the kernel to send ``number`` to this process when its parent (torchrun's agent)
-    dies, so ranks never train on unattended after a ``kill -9`` of the launcher. Linux only;
-    elsewhere a no-op."""
+    dies, so ranks never train on unattended after a ``kill -9`` of the launcher. A parent
+    already gone (this process re-parented to init, or away from ``parent``, the pid it was
+    started by: a subreaper may adopt it) sends it at once. Linux only; elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -239,5 +240,5 @@ def die_with_parent(number: int = signal.SIGTERM) -> None:
         return
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, number)
-    if os.getppid() == 1:  # the parent is already gone
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):  # already gone
         os.kill(os.getpid(), number)
