@@ -74,7 +74,7 @@ def test_token_count_falls_back_to_the_models_tokenizer_and_says_so(tmp_path, mo
 class Markdown:
     """A stand-in model answering in markdown (a different answer per question)."""
 
-    def __call__(self, conversations, samplings):
+    def __call__(self, conversations, samplings, streams):
         return [MARKDOWN + f"\nAnswer to: {c[-1]['content']}" for c in conversations]
 
 
