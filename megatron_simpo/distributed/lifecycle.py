@@ -52,9 +52,10 @@ class StopRequests:
         exit_duration_in_mins: stop once the run has lasted this long (None: no limit).
         exit_interval: stop at the first iteration that is a multiple of this (None: never).
         before_training: until :meth:`training_begins`, the first stop signal raises
-            :class:`StoppedBeforeTraining` in the main thread at once (if it arrives while an
-            exception is being handled, the one being handled ends setup, or
-            :meth:`training_begins` raises).
+            :class:`StoppedBeforeTraining` in the main thread at once. Where Python drops what
+            a handler raises (the handler ran inside a weakref callback or ``__del__``: an
+            "unraisable" exception), it is raised again at the next moment the main thread
+            runs Python; a setup that swallows it otherwise stops at :meth:`training_begins`.
         when_training_begins: called by :meth:`training_begins` (the launcher's marker).
         announce: print a line for a first signal (a rank's ``> rank R: received ...``).
 
@@ -76,6 +77,7 @@ class StopRequests:
         self.announce = announce
         self._when_training_begins = when_training_begins
         self.received: int | None = None
+        self._raised = False  # StoppedBeforeTraining is on its way (not dropped)
         self._received_at = 0.0
         self._started = time.monotonic()
         self._previous: dict[int, object] = {}
@@ -85,6 +87,8 @@ class StopRequests:
         import threading
 
         if threading.current_thread() is threading.main_thread():
+            self._previous_unraisable = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
             for number in _SIGNALS:
                 self._previous[number] = signal.signal(number, self._note)
             self._watch = _SecondSignalWatch()
@@ -94,6 +98,8 @@ class StopRequests:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        if getattr(self, "_previous_unraisable", None) is not None:
+            sys.unraisablehook, self._previous_unraisable = self._previous_unraisable, None
         if getattr(self, "_watch", None) is not None:
             self._watch.close()
             self._watch = None
@@ -104,6 +110,9 @@ class StopRequests:
             # its rank's to act on, which finishes the save and stops.
             return
         now = time.monotonic()
+        if self.received is not None and self.before_training and not self._raised:
+            self._raised = True  # (_unraisable: Python dropped the first raise)
+            raise StoppedBeforeTraining(self.received)
         if self.received is not None:
             # One event can deliver several: a parent-death signal arrives once per thread of a
             # dying multi-threaded parent; scancel signals a rank and its agent, which passes
@@ -122,8 +131,25 @@ class StopRequests:
                 "stopping (training has not begun)" if self.before_training else
                 "the run is finishing" if self.finishing else
                 "saving and stopping at the next step boundary"), file=sys.stderr, flush=True)
-        if self.before_training and sys.exc_info()[0] is None:
-            raise StoppedBeforeTraining(number)  # (else the exception being handled ends setup)
+        if self.before_training:
+            self._raised = True
+            raise StoppedBeforeTraining(number)
+
+    def _unraisable(self, unraisable) -> None:
+        """``sys.unraisablehook``: a StoppedBeforeTraining that Python dropped is raised again,
+        once the callback that dropped it has returned: the signal is sent to the main thread
+        again a moment later (within the repeat window); anything else goes to the previous
+        hook."""
+        if isinstance(unraisable.exc_value, StoppedBeforeTraining) and os.getpid() == self._pid:
+            import threading
+
+            self._raised = False
+            again = threading.Timer(0.05, signal.pthread_kill,
+                                    (threading.main_thread().ident, self.received))
+            again.daemon = True
+            again.start()
+            return
+        self._previous_unraisable(unraisable)
 
     def limit(self, exit_duration_in_mins: float | None, exit_interval: int | None) -> None:
         """Set the exit options once the flags are read (the duration counts from
