@@ -127,10 +127,10 @@ class StopRequests:
         self.received, self._received_at = number, now
         rank, name = os.environ.get("RANK", "0"), signal.Signals(number).name
         if self.announce:
-            print(f"> rank {rank}: received {name}; " + (
+            _say(f"> rank {rank}: received {name}; " + (
                 "stopping (training has not begun)" if self.before_training else
                 "the run is finishing" if self.finishing else
-                "saving and stopping at the next step boundary"), file=sys.stderr, flush=True)
+                "saving and stopping at the next step boundary"))
         if self.before_training:
             self._raised = True
             raise StoppedBeforeTraining(number)
@@ -192,6 +192,13 @@ class StopRequests:
         return _REASONS.get(max_over_world(code))
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in one write: the ranks that a signal reaches at once share the
+    terminal, and print()'s text and newline, written apart, interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def stopped_before_training(number: int) -> str:
     """The line a run stopped by signal ``number`` before training began ends with."""
     return (f"> stopped by {signal.Signals(number).name} before training began: nothing to "
@@ -236,9 +243,8 @@ class _SecondSignalWatch:
                         self._first = now
                     elif now - self._first >= _REPEAT_WINDOW_S:
                         time.sleep(_GRACE_S)  # the main thread ends the process, if it can
-                        print(f"> rank {os.environ.get('RANK', '0')}: "
-                              f"{signal.Signals(number).name} again while blocked; ending now",
-                              file=sys.stderr, flush=True)
+                        _say(f"> rank {os.environ.get('RANK', '0')}: "
+                             f"{signal.Signals(number).name} again while blocked; ending now")
                         os._exit(128 + number)
 
     def close(self) -> None:
