@@ -130,18 +130,21 @@ def read_train_iteration(checkpoint: Path) -> int | None:
     return None if state is None else state.iteration
 
 
-def remove_iterations_after(root: str | Path, iteration: int) -> None:
+def remove_iterations_after(root: str | Path, iteration: int, *, track: bool = False) -> None:
     """What ``--overwrite`` replaces: the iterations after ``iteration`` (all of a fresh run's,
-    with its tracker; the metrics file is the loop's to trim). Rank 0 only."""
+    with its tracker; the metrics file is the loop's to trim), and unfinished saves. Rank 0
+    only. The tracker is settled first, so an interruption leaves it naming an iteration that
+    is there, or absent. ``track``: it names ``iteration`` in any case (a converter's
+    ``--force``: iteration 0 is its checkpoint)."""
     root = Path(root)
+    if track or (iteration and (root / TRACKER_FILE).is_file()):
+        write_tracker(root, iteration)
+    elif iteration == 0:
+        (root / TRACKER_FILE).unlink(missing_ok=True)
     for number in saved_iterations(root):
         if number > iteration:
             shutil.rmtree(iteration_dir(root, number))
     remove_interrupted_saves(root)
-    if iteration == 0:
-        (root / TRACKER_FILE).unlink(missing_ok=True)
-    elif (root / TRACKER_FILE).is_file():
-        write_tracker(root, iteration)
 
 
 def remove_interrupted_saves(root: str | Path) -> list[Path]:

@@ -239,10 +239,18 @@ LAUNCHER_ERRORS = "MEGATRON_SIMPO_LAUNCHER_ERRORS"
 """Environment variable: the folder where ranks started by the launcher leave their one line."""
 
 
-def _finished_marker() -> str | None:
+def _marker(kind: str) -> str | None:
+    """Under the launcher, this rank's ``local<LOCAL_RANK>.<kind>`` in its folder."""
     folder = os.environ.get(LAUNCHER_ERRORS)
-    return os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.done") if folder \
+    return os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.{kind}") if folder \
         else None
+
+
+def _leave_marker(kind: str) -> None:
+    marker = _marker(kind)
+    if marker:
+        with contextlib.suppress(OSError):  # the launcher is gone: nobody to tell
+            open(marker, "w").close()
 
 
 def note_started() -> None:
@@ -250,8 +258,7 @@ def note_started() -> None:
     left: its ``local<LOCAL_RANK>.done`` and ``.began`` and its ``rank<RANK>.txt`` line."""
     folder = os.environ.get(LAUNCHER_ERRORS)
     if folder:
-        began = os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.began")
-        for name in (_finished_marker(), began, os.path.join(folder, _line_file())):
+        for name in (_marker("done"), _marker("began"), os.path.join(folder, _line_file())):
             with contextlib.suppress(OSError):
                 os.remove(name)
 
@@ -263,20 +270,13 @@ def _line_file() -> str:
 def note_training_began() -> None:
     """Under the launcher, leave ``local<LOCAL_RANK>.began``: this rank's training began (a
     signal before any rank's did stops a run with nothing to save)."""
-    folder = os.environ.get(LAUNCHER_ERRORS)
-    if folder:
-        with contextlib.suppress(OSError):
-            open(os.path.join(folder, f"local{os.environ.get('LOCAL_RANK', '0')}.began"),
-                 "w").close()
+    _leave_marker("began")
 
 
 def note_finished() -> None:
     """Under the launcher, leave ``local<LOCAL_RANK>.done`` in its folder: this rank ended well
     (so a launcher that was signalled knows its ranks saved and stopped rather than died)."""
-    marker = _finished_marker()
-    if marker:
-        with contextlib.suppress(OSError):  # the launcher is gone: nobody to tell
-            open(marker, "w").close()
+    _leave_marker("done")
 
 
 def run_command(prog: str, call: Callable[[], T], *,

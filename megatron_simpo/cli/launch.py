@@ -35,9 +35,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 # Light imports only: a Ctrl-C in the first seconds reaches main()'s handler, not torch's import.
 from megatron_simpo.cli.flags import LAUNCHER_ERRORS, run_command, user_error
@@ -280,8 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with stop_requests:
             args = _checked(sys.argv[1:] if argv is None else argv)
     except BaseException as error:
-        number = (signal.SIGINT if isinstance(error, KeyboardInterrupt)  # before the handler
-                  else stop_requests.received)
+        number = stop_requests.setup_stop(error)
         if not number:
             raise
         print(stopped_before_training(number), flush=True)

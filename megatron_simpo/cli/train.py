@@ -9,7 +9,6 @@ process by ``spawn`` on each process's first save, and that process imports the 
 from __future__ import annotations
 
 import os
-import signal
 
 
 def main(argv=None) -> None:
@@ -35,11 +34,9 @@ def main(argv=None) -> None:
         with stop_requests:
             _prepare_and_run(argv, stop_requests)
     except BaseException as error:
-        number = (signal.SIGINT if isinstance(error, KeyboardInterrupt)  # before the handler
-                  else stop_requests.received)
-        if stop_requests.began or not number:
+        number = stop_requests.setup_stop(error)
+        if not number:
             raise
-        # Whatever setup ended in (this exception, a peer's exit in a collective): the stop.
         if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHER_ERRORS):
             print(stopped_before_training(number), flush=True)
         if os.environ.get("TORCHELASTIC_RUN_ID"):

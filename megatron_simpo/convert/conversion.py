@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -203,15 +202,10 @@ def import_hf(config: ImportConfig, *, run_on_ranks=None) -> Converted:
                                model.to_dict(), DTYPES[dtype])
     except ConversionError as error:
         raise ConversionError(f"conversion failed, nothing was published: {error}") from None
-    if config.force:  # replaced: the tracker names this one first, then the others go
-        from megatron_simpo.checkpoint.layout import (iteration_dir, remove_interrupted_saves,
-                                                      saved_iterations, write_tracker)
+    if config.force:  # replaced: the tracker names this one, then the others go
+        from megatron_simpo.checkpoint.layout import remove_iterations_after
 
-        write_tracker(save, 0)
-        for number in saved_iterations(save):
-            if number:
-                shutil.rmtree(iteration_dir(save, number))
-        remove_interrupted_saves(save)
+        remove_iterations_after(save, 0, track=True)
     return Converted(Path(path), dtype, why)
 
 

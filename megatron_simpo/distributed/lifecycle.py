@@ -151,6 +151,14 @@ class StopRequests:
             return
         self._previous_unraisable(unraisable)
 
+    def setup_stop(self, error: BaseException) -> int | None:
+        """The stop signal that ended setup with ``error`` (this exception, or what a peer's
+        exit left a collective to raise), or None: not a stop, or training had begun. A
+        KeyboardInterrupt is Ctrl-C that came before the handler."""
+        if self.began:
+            return None
+        return signal.SIGINT if isinstance(error, KeyboardInterrupt) else self.received
+
     def limit(self, exit_duration_in_mins: float | None, exit_interval: int | None) -> None:
         """Set the exit options once the flags are read (the duration counts from
         construction)."""
