@@ -221,7 +221,8 @@ def test_system_messages_follow_the_templates_own_rule(tokenizer, tmp_path):
     [_, folded] = _tokenize(gemma3, tmp_path, rows)
     as_user = gemma3.apply_chat_template([{"role": "user", "content": "be brief\n\nhi"}],
                                          add_generation_prompt=True, tokenize=False)
-    assert folded.prompt == gemma3(as_user, add_special_tokens=False)["input_ids"][-40:]
+    as_ids = gemma3(as_user, add_special_tokens=False)["input_ids"]
+    assert folded.prompt == as_ids[:1] + as_ids[-39:]  # cut on the left, its BOS kept
     assert [system_role(t)[0] for t in (tokenizer, gemma2, gemma3)] == ["native", "refuses",
                                                                        "folds"]
     config = _config(tmp_path / "d.jsonl")

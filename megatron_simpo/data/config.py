@@ -40,13 +40,14 @@ class DataConfig:
     apply_chat_template: bool = True
     """Render rows with the tokenizer's chat template. --no-apply-chat-template takes the
     columns as text already formatted (e.g. NeMo-Aligner JSONL with its template baked in):
-    the prompt is encoded with the tokenizer's special tokens (its BOS), each response as text
-    followed by EOS."""
+    prompt + response is encoded as one text with the tokenizer's special tokens (one BOS, also
+    where the text starts with it), the response is what follows the prompt's tokens, and EOS
+    is appended unless the response ends with it."""
     seq_length: int = 2048
     """Most tokens of prompt + response (the paper's max length); responses are cut on the
     right to fit."""
     max_prompt_length: int = 1800
-    """Most prompt tokens; longer prompts lose tokens on the left."""
+    """Most prompt tokens; longer prompts lose tokens on the left (a leading BOS is kept)."""
     data_cache_dir: str | None = None
     """Where tokenized pairs are kept (Arrow, memory-mapped by every rank; one folder per
     source and setting, reused by later runs); default $XDG_CACHE_HOME/megatron_simpo/data

@@ -133,7 +133,20 @@ def _jsonl_objects(path: Path):
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object")
+            if "\\u" in line.lower() and _has_lone_surrogate(row):
+                raise DataError(f"{where}: a \\uXXXX escape of half a surrogate pair (e.g. a "
+                                 "cut emoji) is not Unicode text")
             yield where, row
+
+
+def _has_lone_surrogate(value) -> bool:
+    """A string of ``value`` (nested) holds an unpaired surrogate: JSON allows its escape,
+    tokenizers cannot encode it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_preference_rows(path: str | Path, columns=None) -> list[dict]:

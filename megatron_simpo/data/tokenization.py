@@ -21,6 +21,8 @@ def _messages(value, where: str, column: str, roles: tuple[str, ...] = ()) -> li
                [{"role": "assistant", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
                                        for m in value):
+        if any(m["content"] is None for m in value):
+            raise DataError(f"{where}: column {column!r} has a message whose content is null")
         unknown = sorted({str(m["role"]) for m in value} - set(roles)) if roles else []
         if unknown:
             raise DataError(f"{where}: column {column!r} has messages with unknown role(s) "
@@ -80,8 +82,11 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     DataError naming it.
 
     The response tokens are what the template adds after the generation prompt (Llama-3: the
-    answer and ``<|eot_id|>``); without a chat template the prompt is encoded with the
-    tokenizer's special tokens and the response gets the EOS token appended.
+    answer and ``<|eot_id|>``); without a chat template prompt + response is encoded as one
+    text with the tokenizer's special tokens (one BOS, also where the text carries it), the
+    response is what follows the prompt's tokens (where a token merges across the boundary, it
+    goes to the response, as in TRL), and EOS is appended unless the text ends with it. A
+    prompt cut on the left keeps its BOS.
     """
     has_template = uses_chat_template(tokenizer, config.apply_chat_template)
     roles = known_roles(tokenizer)
@@ -93,8 +98,9 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
         prompts.append(prompt)
         if has_template:
             fulls.extend(prompt + r for r in responses)
-        else:
-            fulls.extend("".join(str(m["content"]) for m in r) for r in responses)
+        else:  # the prompt's text and the response's, tokenized as one text (as TRL does)
+            fulls.extend(plain_text(prompt, where) + plain_text(r, where, joiner="")
+                         for r in responses)
     if not rows:
         return []
     # One batched call per kind: the template is rendered far faster than row by row.
@@ -104,22 +110,27 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
         fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
         full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
     else:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        full_ids = [ids + eos for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
+        eos = tokenizer.eos_token_id
+        full_ids = [ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
+                    for ids in _one_bos(tokenizer, tokenizer(fulls, add_special_tokens=True)
+                                        ["input_ids"])]
     records = []
     for index, row in enumerate(rows):
         prompt = prompt_ids[index]
-        answers = []
-        for offset, column in enumerate(("chosen", "rejected")):
-            full = full_ids[2 * index + offset]
-            if has_template:
+        pair_ids = full_ids[2 * index:2 * index + 2]
+        if has_template:
+            for column, full in zip(("chosen", "rejected"), pair_ids):
                 if full[:len(prompt)] != prompt:
                     raise DataError(f"{row['source']}: the chat template does not render the "
                                      f"prompt as a prefix of the conversation; cannot find the "
                                      f"{column} response tokens")
-                full = full[len(prompt):]
-            answers.append(full)
-        kept_prompt = prompt[-config.max_prompt_length:]
+        else:  # the response starts where the texts' tokens part (a merge across the boundary)
+            prompt = prompt[:min(_common_prefix(prompt, full) for full in pair_ids)]
+            if not prompt:
+                raise DataError(f"{row['source']}: the prompt's tokens merge with the "
+                                 "response's; no prompt token is left")
+        answers = [full[len(prompt):] for full in pair_ids]
+        kept_prompt = _keep_end(prompt, config.max_prompt_length, tokenizer.bos_token_id)
         budget = config.seq_length - len(kept_prompt)
         chosen, rejected = (answer[:budget] for answer in answers)
         for column, answer in (("chosen", chosen), ("rejected", rejected)):
@@ -130,6 +141,42 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
                                     prompt_cut=len(kept_prompt) < len(prompt),
                                     responses_cut=sum(len(a) > budget for a in answers)))
     return records
+
+
+def plain_text(messages: list[dict], where: str = "", joiner: str = "\n") -> str:
+    """Messages as text without a chat template (roles dropped); content must be text."""
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise DataError(f"{where}: a message's content is not text; without a chat template "
+                        "only string contents can be encoded")
+    return joiner.join(m["content"] for m in messages)
+
+
+def _one_bos(tokenizer, encoded: list[list[int]]) -> list[list[int]]:
+    """Encodings with special tokens whose text began with the BOS token already: the added
+    BOS dropped (one BOS, never two)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return encoded
+    return [ids[1:] if ids[:2] == [bos, bos] else ids for ids in encoded]
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _keep_end(prompt: list[int], limit: int, bos: int | None) -> list[int]:
+    """The prompt's last ``limit`` tokens; a leading BOS is kept (the model never sees a
+    sequence without its start token)."""
+    if len(prompt) <= limit:
+        return prompt
+    if bos is not None and limit >= 2 and prompt[0] == bos:
+        return [bos] + prompt[len(prompt) - (limit - 1):]
+    return prompt[-limit:]
 
 
 SYSTEM_ROLES = ("native", "folds", "refuses")
@@ -202,8 +249,9 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], *,
         rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
                                                  tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    texts = ["\n".join(str(m["content"]) for m in messages) for messages in conversations]
-    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+    texts = [plain_text(messages, sources[i] if sources else f"prompt {i}")
+             for i, messages in enumerate(conversations)]
+    return _one_bos(tokenizer, tokenizer(texts, add_special_tokens=True)["input_ids"])
 
 
 def check_tokenizer(tokenizer, tokenizer_path, config: DataConfig,
