@@ -28,7 +28,10 @@ $(VENV)/.installed: setup.py
 	  $(VENV_PY) -m pip install -q --upgrade pip && \
 	  { $(VENV_PY) -m pip install -q "$(TORCH_CPU_PIN)" 2>/dev/null || \
 	    $(VENV_PY) -m pip install -q --index-url "$(TORCH_CPU_INDEX)" "$(TORCH_CPU_PIN)"; } && \
-	  $(VENV_PY) -m pip install -q -e ".[test,eval-test]"; \
+	  $(VENV_PY) -m pip install -q -e ".[test,eval-test]" && \
+	  { ! $(VENV_PY) -c "import megatron.core" 2>&1 | grep -q "No module named 'triton'" || \
+	    { echo "[setup] this megatron-core (>= 0.18, Python >= 3.12) imports triton, which PyTorch's CPU wheel lacks: installing it"; \
+	      $(VENV_PY) -m pip install -q triton; }; }; \
 	fi
 	touch $@
 

@@ -26,6 +26,17 @@ else
 fi
 [ -d "$site/megatron/core" ] || { echo "$wheel: no megatron/core inside" >&2; exit 2; }
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+# megatron-core 0.19 imports triton when it is imported (its MoE paged-stash kernels), and
+# PyTorch's CPU wheel comes without it: the check then takes triton (import only; nothing
+# here runs a Triton kernel on the CPU) from a folder of its own, installed once, outside .venv.
+if ! "$python" -c "import triton" >/dev/null 2>&1; then
+    triton_site=${TRITON_SITE:-.whl/triton-site}
+    if [ ! -d "$triton_site/triton" ]; then
+        echo "[test_megatron_core] installing triton (import only) into $triton_site" >&2
+        "$python" -m pip install -q --no-deps --target "$triton_site" "${TRITON_PIN:-triton}"
+    fi
+    export PYTHONPATH="$PYTHONPATH:$(cd "$triton_site" && pwd)"
+fi
 "$python" -c "import megatron.core as m; print('megatron-core', m.__version__, 'from', m.__file__.rsplit('/megatron/', 1)[0])"
 [ $# -gt 0 ] || set -- tests
 exec "$python" -m pytest -q -p no:cacheprovider "$@"
