@@ -29,7 +29,8 @@
 # Variables: ROUNDS (or --rounds K), ROOT, START (a Megatron checkpoint), PROMPTS, HELDOUT_PROMPTS,
 # REWARD_MODEL or REWARD_FN, NUM_SAMPLES, TEMPERATURE, MAX_NEW_TOKENS, SAMPLING_BATCH_SIZE,
 # PAIRS_ARGS (more build-pairs flags), NPROC (build-pairs processes, torchrun), MODEL and the
-# launcher's variables (TP, PP, GPUS_PER_NODE, ...), PYTHON. --overwrite starts ROOT's rounds
+# launcher's variables (TP, PP, GPUS_PER_NODE, ...), PYTHON; for MODEL=tiny also WARMUP_ITERS
+# (default 200) and PROMPTS_PER_ROUND (default 512). --overwrite starts ROOT's rounds
 # afresh; other arguments go to every round's training (megatron-simpo-train flags).
 set -euo pipefail
 

@@ -20,7 +20,7 @@
 #
 # Variables: RECIPE, CHECKPOINT, DATA, VALID_DATA, DATA_CACHE_DIR, SAVE, TP, PP, CP (context
 # parallelism: long pairs, docs/context-parallel.md), MICRO_BATCH_SIZE,
-# GLOBAL_BATCH_SIZE, NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the
+# GLOBAL_BATCH_SIZE, TRAIN_ITERS (MODEL=tiny: default 500), NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, PYTHON; for the
 # GPU recipe also TRANSFORMER_IMPL (transformer_engine, or local), SEQUENCE_PARALLEL (1 by
 # default when TP > 1) and FP8 (e.g. FP8=hybrid; FP8_RECIPE defaults to tensorwise). Extra
 # arguments are passed on to megatron_simpo.cli.train (megatron-simpo-train) and override the

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train SimPO (or DPO) on Megatron-Core. Run under torchrun; see examples/train_simpo_llama3.sh."""
+"""Train SimPO (or a baseline: DPO, IPO, CPO, ORPO, R-DPO, RRHF, SLiC-HF) on Megatron-Core. Run under torchrun; see examples/train_simpo_llama3.sh."""
 
 from megatron_simpo.cli.train import main
 
