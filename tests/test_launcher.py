@@ -159,9 +159,16 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
     again = _launch({"SAVE": str(run_dir)}, *flags)  # once more: the run is complete
     out, err = _finish(again, 600)
     assert again.returncode == 0, err[-3000:]
-    assert "> the run is complete: iteration 30 of 30 is saved; nothing to train (a larger " \
-           "--train-iters goes on from there)" in out and "\n iteration " not in out
+    assert "> the run is complete: iteration 30 of 30 is saved; nothing to train (to train " \
+           "further: a larger --train-iters or --train-epochs with " \
+           "--override-opt-param-scheduler, the learning-rate schedule stretched to the new " \
+           "length)" in out and "\n iteration " not in out
     assert [row for row in _metrics(run_dir) if "loss" in row] == rows
+    longer = _launch({"SAVE": str(run_dir)}, *flags[2:], "--train-iters", 32,
+                     "--override-opt-param-scheduler")  # what that line advises
+    out, err = _finish(longer, 600)
+    assert longer.returncode == 0, err[-3000:]
+    assert [row["iteration"] for row in _metrics(run_dir) if "loss" in row] == list(range(1, 33))
 
 
 def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tmp_path):
@@ -339,6 +346,28 @@ def test_a_failed_stop_save_is_its_one_line_and_code(demo_assets, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         "train_simpo: error: cannot save iteration "), err[-3000:]
     assert f" to {run_dir}: File exists" in lines[0], lines
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--nproc-per-node", "2", "-h", "--", "--lr", "1"]])
+def test_launcher_help_is_its_own_and_torchruns(argv, capsys):
+    from megatron_simpo.cli.launch import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert out.startswith("usage: python -m megatron_simpo.cli.launch [torchrun options] -- "
+                          "<training flags>\n")
+    assert "\ntorchrun options:\n" in out and "--nproc-per-node" in out
+    assert "training_script" not in out  # the script is the launcher's own
+
+
+def test_launcher_help_after_the_separator_is_trainings(capsys):
+    from megatron_simpo.cli.launch import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--nproc-per-node", "2", "--", "--help"])
+    assert info.value.code == 0 and "--simpo-gamma" in capsys.readouterr().out
 
 
 def test_launcher_reports_a_bad_flag_once(tmp_path):

@@ -59,13 +59,33 @@ a step and a save of the largest runs, with room; a rank hung in a collective is
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 
 
+USAGE = "python -m megatron_simpo.cli.launch [torchrun options] -- <training flags>"
+
+
+def print_help() -> None:
+    """The launcher's own help: its usage, what it adds to torchrun, and torchrun's options
+    (training flags: ``--help`` after ``--``, or ``python -m megatron_simpo.cli.train --help``)."""
+    from torch.distributed.run import get_args_parser
+
+    lines = get_args_parser().format_help().splitlines()
+    options = lines[lines.index("options:") + 1:]  # the script to run is this launcher's own
+    print(f"usage: {USAGE}\n\n"
+          "Checks the training flags, the model, the checkpoint to load, the world layout and\n"
+          "the data once, then starts the training ranks (megatron_simpo.cli.train) under\n"
+          "torchrun's agent: a mistake is one line and exit code 2; a stop signal saves and\n"
+          "exits 0. Without --master-port (or MASTER_PORT) one node rendezvouses on a free\n"
+          "port. Training flags: `-- --help`, or python -m megatron_simpo.cli.train --help.\n")
+    print("\n".join(["torchrun options:", *options]))
+
+
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """``[torchrun options] -- <training flags>`` -> (torchrun options, training flags)."""
     argv = list(argv)
     if "--" not in argv:
         from megatron_simpo.cli.arguments import PROG
 
-        user_error(PROG, "launch: give torchrun's options, then --, then the training flags")
+        user_error(PROG, f"launch: give torchrun's options, then --, then the training flags "
+                         f"(usage: {USAGE}; --help says more)")
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1:]
 
@@ -292,6 +312,10 @@ def _checked(argv: Sequence[str]):
 
     from megatron_simpo.cli.arguments import PROG, parse_args
 
+    argv = list(argv)
+    if {"-h", "--help"} & set(argv[:argv.index("--")] if "--" in argv else argv):
+        print_help()
+        raise SystemExit(0)
     torchrun_argv, train_argv = split_command(argv)
     config = parse_args(train_argv)
     args = parse_torchrun_args([*torchrun_argv, "-m", TRAIN_MODULE, *train_argv])

@@ -76,7 +76,9 @@ def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
     iteration, consumed = session.start()
     if iteration >= total_iters:  # a finished run's command again (--load SAVE --save SAVE)
         session.say(f"> the run is complete: iteration {iteration} of {total_iters} is saved; "
-                    "nothing to train (a larger --train-iters goes on from there)")
+                    "nothing to train (to train further: a larger --train-iters or "
+                    "--train-epochs with --override-opt-param-scheduler, the learning-rate "
+                    "schedule stretched to the new length)")
     health = StepHealth(config.max_skipped_steps)
     if stop_requests is None:
         stop_requests = StopRequests(config.exit_duration_in_mins, config.exit_interval)
