@@ -97,7 +97,7 @@ def test_flags_given_only_are_passed_on(paths):
     assert parse_args(base).data.apply_chat_template is True
     data = parse_args(base + ["--no-apply-chat-template", "--data-cache-path", "/tmp/c",
                               "--dataset-num-proc", "3", "--override-data", "--eval-dump",
-                              "--save", "/tmp/s"])
+                              "--save", "/tmp/s", "--load", "/tmp/s", "--valid-fraction", "0.1"])
     assert data.data.apply_chat_template is False and data.data.data_cache_dir == "/tmp/c"
     assert data.data.dataset_num_proc == 3 and data.override_data and data.eval_dump
 
@@ -219,7 +219,10 @@ def test_analysis_takes_its_run_as_a_positional_argument():
     (["--hf", "h", "--load", "l"], "give one of --hf and --load"),
     (["--hf", "h", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--hf", "h", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--hf", "h", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--hf", "h", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--hf", "h", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--hf", "h", "--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
+    (["--hf", "h", "--dtype", "foo"], "--dtype must be one of auto, bfloat16"),
     (["--hf", "h", "--hf-out", "o"], "--hf-out goes with --load"),
     (["--hf", "h", "--backend", "gpt"], "argument --backend: invalid choice"),
 ])
@@ -244,6 +247,11 @@ def test_answers_options_are_validated_naming_the_flag(argv, message, capsys):
      "--num-samples must be 2..5 (one per --seeds), got 6"),
     (["--hf", "h", "--reward-fn", "m:f", "--seeds", "4"], "a pair needs at least two samples"),
     (["--hf", "h", "--reward-fn", "m:f", "--seeds", "x"], "argument --seeds: invalid int value"),
+    (["--hf", "h", "--reward-fn", "m:f", "--temperature", "nan"],
+     "--temperature must be a finite number >= 0, got nan"),
+    (["--hf", "h", "--reward-fn", "m:f", "--dtype", "foo"], "--dtype must be one of auto"),
+    (["--hf", "h", "--reward-fn", "m:f", "--reward-stats", "."],
+     "--reward-stats . is a folder: give the JSON file to write"),
 ])
 def test_pairs_options_are_validated_naming_the_flag(argv, message, capsys):
     base = ["--prompts-path", "p.jsonl", "--output", "pairs.jsonl"]

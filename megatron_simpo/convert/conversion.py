@@ -85,6 +85,15 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.iteration is not None and self.iteration < 0:
             raise ValueError(f"--iteration must be >= 0, got {self.iteration}")
+        from megatron_simpo.convert.hf_io import parse_size
+
+        try:
+            size = parse_size(self.max_shard_size)
+        except (ValueError, OverflowError):
+            size = None
+        if size is None or size < 1:
+            raise ValueError(f"--max-shard-size must be a positive size such as 5GB, 200MB or "
+                             f"a byte count, got {self.max_shard_size!r}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class Converted:
 def _refuse_non_empty(path: Path, force: bool) -> None:
     """Refuse a --save that holds anything but the unfinished save of an interrupted
     conversion (``iter_0000000.partial``: replaced by this one) unless ``force``."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--save {path} is a file, not a folder")
     if not path.exists() or force:
         return
     held = [entry.name for entry in path.iterdir()

@@ -73,6 +73,13 @@ class DataConfig:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ValueError(f"--dataset-num-proc must be >= 1, got {self.dataset_num_proc}")
+        if self.valid_data_path and self.valid_fraction > 0:
+            raise ValueError("give --valid-data-path or --valid-fraction, not both (a held-out "
+                             "share of the training pairs is only taken without a validation "
+                             "source)")
+        if not self.valid_data_path and self.valid_split != "test":
+            raise ValueError(f"--valid-split {self.valid_split} applies to --valid-data-path, "
+                             "which is not given")
         if self.identical_pairs not in ("drop", "refuse"):
             raise ValueError(f"--identical-pairs must be drop or refuse, got {self.identical_pairs!r}")
 

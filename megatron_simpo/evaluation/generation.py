@@ -13,6 +13,7 @@ The answer files and sampling defaults are ``answers.py``'s; the options are
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,21 @@ def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
     return sample
 
 
+DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
+"""--dtype values both backends take (torch's names; vLLM's spellings)."""
+
+
+def check_sampling(dtype: str, temperature: float | None, top_p: float | None) -> None:
+    """The model dtype and the sampling settings of a command that generates, checked before
+    any model loads (a NaN would pass a plain comparison; top-p above 1 is no nucleus)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def check_model_source(hf: str | None, load: str | None, hf_out: str | None) -> None:
     """The model flags of a command that generates: one of --hf and --load, and --hf-out (with
     --load) new, empty or an earlier export, which the export replaces."""
@@ -309,8 +325,7 @@ class AnswersConfig:
                             ("--tensor-parallel-size", self.tensor_parallel_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1")
-        if self.temperature is not None and self.temperature < 0:
-            raise ValueError("--temperature must be >= 0")
+        check_sampling(self.dtype, self.temperature, self.top_p)
 
     @property
     def overrides(self) -> dict:

@@ -121,9 +121,11 @@ class PairsConfig:
             raise ValueError("a pair needs at least two samples: give two or more --seeds")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        generation.check_sampling(self.dtype, self.temperature, self.top_p)
         pairs.output_kind(self.output)
+        if self.reward_stats is not None and Path(self.reward_stats).is_dir():
+            raise ValueError(f"--reward-stats {self.reward_stats} is a folder: give the JSON "
+                             "file to write")
 
     @property
     def sample_seeds(self) -> tuple[int, ...]:

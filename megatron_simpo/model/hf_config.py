@@ -45,7 +45,8 @@ _GEMMA3_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9
 
 def fields_from_hf(hf: dict[str, Any] | str | Path) -> dict[str, Any]:
     """``ModelConfig``'s fields from a Hugging Face ``config.json`` (a dict, the file, or its
-    folder); ValueError naming the file and the setting for what is unsupported.
+    folder); ValueError naming the file and the setting for what is unsupported, missing or
+    not a number.
 
     Understands both spellings of RoPE settings: ``rope_theta`` + ``rope_scaling`` (the
     released Llama files) and ``rope_parameters`` (transformers >= 5).
@@ -60,6 +61,20 @@ def fields_from_hf(hf: dict[str, Any] | str | Path) -> dict[str, Any]:
             hf = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read Hugging Face config {source}: {error}") from error
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: not a Hugging Face config (a JSON object), but a JSON "
+                         f"{type(hf).__name__}")
+    try:
+        return _fields(hf, source)
+    except KeyError as error:
+        raise ValueError(f"{source}: missing setting {error.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        if str(error).startswith(source):  # already names the file and the setting
+            raise
+        raise ValueError(f"{source}: a setting has the wrong type or value ({error})") from None
+
+
+def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     architectures = hf.get("architectures") or []
     by_type = {model_type: name for name, model_type in MODEL_TYPES.items()}
     by_type["gemma3"] = GEMMA3_MULTIMODAL

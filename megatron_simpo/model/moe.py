@@ -33,10 +33,11 @@ class MoESettings:
     rest are dropped (by lowest probability); None: no limit, no token dropped."""
 
     def __post_init__(self) -> None:
-        if not self.moe_aux_loss_coeff >= 0:
-            raise ValueError(f"--moe-aux-loss-coeff must be >= 0, got {self.moe_aux_loss_coeff}")
-        if self.moe_expert_capacity_factor is not None and not self.moe_expert_capacity_factor > 0:
-            raise ValueError(f"--moe-expert-capacity-factor must be > 0, got "
+        if not 0 <= self.moe_aux_loss_coeff < float("inf"):
+            raise ValueError(f"--moe-aux-loss-coeff must be a finite number >= 0, got {self.moe_aux_loss_coeff}")
+        if self.moe_expert_capacity_factor is not None and \
+                not 0 < self.moe_expert_capacity_factor < float("inf"):
+            raise ValueError(f"--moe-expert-capacity-factor must be a finite number > 0, got "
                              f"{self.moe_expert_capacity_factor}")
         if self.freeze_moe_router and self.moe_aux_loss_coeff > 0:
             raise ValueError("--moe-aux-loss-coeff trains the router; it cannot be frozen "

@@ -193,19 +193,44 @@ class TrainConfig:
                              self.optimizer.use_checkpoint_opt_param_scheduler)):
             if given and not self.load:
                 raise ValueError(f"{flag} applies to a resume: it needs --load")
+        for flag, given, needed, what in (
+                ("--override-data", self.override_data, self.load, "--load (it applies to a resume)"),
+                ("--overwrite", self.overwrite, self.save, "--save (what it would replace)"),
+                ("--exit-interval", self.exit_interval is not None, self.save,
+                 "--save (it saves a checkpoint and stops)")):
+            if given and not needed:
+                raise ValueError(f"{flag} needs {what}")
+        if not self.data.valid_data_path and self.data.valid_fraction == 0:
+            for flag, given in (("--eval-interval", self.eval_interval is not None),
+                                ("--eval-dump", self.eval_dump)):
+                if given:
+                    raise ValueError(f"{flag} needs validation pairs: give --valid-data-path or "
+                                     "--valid-fraction")
         if self.eval_dump and not self.save:
             raise ValueError("--eval-dump needs --save (the dumps go to <save>/eval_dump/)")
         if self.data.tokenizer_path is None and self.pretrained_checkpoint is None and not self.load:
             raise ValueError("no tokenizer: give --tokenizer (a Hugging Face tokenizer folder)")
-        from megatron_simpo.data.sources import SourceError, kind_of
+        from megatron_simpo.data.sources import FILE_KINDS, SourceError, kind_of
 
+        kinds = []
         for flag, source in (("--train-data-path", self.data.train_data_path),
                              ("--valid-data-path", self.data.valid_data_path)):
             try:
                 if source:
-                    kind_of(source)  # a file, a save_to_disk folder or a Hub name
+                    kinds.append(kind_of(source))  # a file, a save_to_disk folder or a Hub name
             except SourceError as error:
                 raise FileNotFoundError(f"{flag}: {error}") from None
+        for (flag, source), kind, split_flag, split, default in zip(
+                (("--train-data-path", self.data.train_data_path),
+                 ("--valid-data-path", self.data.valid_data_path)), kinds,
+                ("--train-split", "--valid-split"),
+                (self.data.train_split, self.data.valid_split), ("train", "test")):
+            if kind in FILE_KINDS and split != default:
+                raise ValueError(f"{split_flag} {split} applies to a Hub dataset or a "
+                                 f"DatasetDict folder, not the file {flag} {source}")
+        if self.data.dataset_config is not None and "hub" not in kinds:
+            raise ValueError(f"--dataset-config {self.data.dataset_config} applies to a Hub "
+                             "dataset (--train-data-path / --valid-data-path), and none is given")
         for flag, path in (("--model-config", self.model_config_path),
                            ("--tokenizer", self.data.tokenizer_path),
                            ("--reference-logps", self.reference_logps)):

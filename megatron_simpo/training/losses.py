@@ -28,6 +28,7 @@ and divides by the global count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -107,6 +108,13 @@ class LossConfig:
             raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        for flag, value in (("--beta", self.beta), ("--simpo-gamma", self.gamma),
+                            ("--simpo-gamma-beta-ratio", self.gamma_beta_ratio),
+                            ("--label-smoothing", self.label_smoothing),
+                            ("--sft-weight", self.sft_weight), ("--orpo-lambda", self.orpo_lambda),
+                            ("--rdpo-alpha", self.rdpo_alpha), ("--slic-delta", self.slic_delta)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
         name = self.algorithm
         own = {"orpo_lambda": ("orpo", "--orpo-lambda", DEFAULT_ORPO_LAMBDA),
                "rdpo_alpha": ("rdpo", "--rdpo-alpha", DEFAULT_RDPO_ALPHA),

@@ -78,7 +78,14 @@ def settings_record(config: TrainConfig, total_iters: int, schedule: dict) -> di
     return {"schedule": dict(schedule), "train_iters": config.train_iters,
             "train_epochs": config.train_epochs, "total_iters": total_iters,
             "seed": config.seed, "global_batch_size": config.global_batch_size,
-            "objective": objective(config)}
+            "objective": objective(config), "state_layout": state_layout(config)}
+
+
+def state_layout(config: TrainConfig) -> dict:
+    """The settings that decide which tensors a checkpoint's optimizer state holds (fp32 master
+    weights beside bf16 ones; the distributed optimizer's sharded state), by their flag."""
+    return {"--bf16": config.bf16,
+            "--use-distributed-optimizer": config.optimizer.use_distributed_optimizer}
 
 
 def effective_schedule(config: TrainConfig, saved: TrainState | None, total_iters: int) -> dict:
@@ -165,6 +172,12 @@ def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path
         if changed:
             refused.append(f"{', '.join(changed)} (a run optimises one objective: start a new "
                            f"run from the checkpoint with --pretrained-checkpoint {checkpoint})")
+    for flag, old in record.get("state_layout", {}).items():  # recorded since this check
+        now = state_layout(config).get(flag)
+        if old != now:
+            refused.append(f"{flag} {'on' if old else 'off'} -> {'on' if now else 'off'} (the "
+                           "checkpoint's optimizer state is laid out for the first: resume with "
+                           f"it, or start a new run from --pretrained-checkpoint {checkpoint})")
     if refused:
         raise ResumeError(f"--load {checkpoint} contradicts the command line: "
                           + "; ".join(refused))

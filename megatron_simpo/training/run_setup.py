@@ -59,6 +59,19 @@ def resolve_model_source(config: TrainConfig) -> ModelSource:
                   if config.pretrained_checkpoint else None)
     if resume is not None:
         model_config = checkpointing.read_model_config(resume)
+        for flag, given in (("--model-config", config.model_config_path),
+                            ("--pretrained-checkpoint", pretrained)):
+            if given is None:
+                continue
+            first = (ModelConfig.from_hf_config(given) if flag == "--model-config"
+                     else checkpointing.read_model_config(given))
+            differ = [f"{name} {getattr(model_config, name)} -> {getattr(first, name)}"
+                      for name in model_config.__dataclass_fields__
+                      if getattr(model_config, name) != getattr(first, name)]
+            if differ:
+                raise ValueError(f"--load {resume} holds another model than {flag} {given} "
+                                 f"({', '.join(differ)}): resume with the {flag} the run "
+                                 "started from, or leave it out")
     elif pretrained is not None:
         model_config = checkpointing.read_model_config(pretrained)
     else:

@@ -92,7 +92,8 @@ class TrainingData:
             raise DataError(f"--load {checkpoint} was trained on other data "
                             f"(fingerprint {saved.data_fingerprint}, now {self.fingerprint}:"
                             " the data's content, its split or columns, the tokenizer, "
-                            "--seq-length, --max-prompt-length or the held-out split changed); "
+                            "--seq-length, --max-prompt-length or the held-out split changed, or "
+                            "this version of megatron_simpo tokenizes differently); "
                             "give --override-data to go on from its position "
                             f"({saved.consumed_samples} samples) in the new data")
         return (f"warning: --override-data: resuming {checkpoint} on other data than it was "
