@@ -527,6 +527,10 @@ def test_a_truncated_shard_is_named(converted_llama3, tmp_path, capsys):
     (lambda it: (it / "model_config.json").write_text('{"num_layers": 2'),
      "model_config.json (damaged: Expecting "),
     (lambda it: (it / "model_config.json").unlink(), "model_config.json (missing)"),
+    (lambda it: (it / "model_config.json").write_text('[1]'),
+     "model_config.json (damaged: model config: unknown fields [1])"),
+    (lambda it: (it / "model_config.json").write_text('{"num_layers": "two"}'),
+     "model_config.json (damaged: "),
 ])
 def test_a_damaged_checkpoint_file_is_named(converted_llama3, tmp_path, damage, expected):
     """What a checkpoint's readers see first (its architecture, its common state): a damaged or

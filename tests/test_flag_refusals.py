@@ -42,6 +42,7 @@ def _base(paths):
     (["--override-data"], "--override-data needs --load"),
     (["--overwrite"], "--overwrite needs --save"),
     (["--exit-interval", "3"], "--exit-interval needs --save"),
+    (["--exit-duration-in-mins", "30"], "--exit-duration-in-mins needs --save"),
 ])
 def test_a_flag_without_effect_or_a_non_finite_number_is_one_line(paths, argv, message, capsys):
     argv = [str(paths / "valid.jsonl") if a == "VALID" else a for a in argv]
@@ -55,7 +56,8 @@ def test_a_flag_without_effect_or_a_non_finite_number_is_one_line(paths, argv, m
 def test_the_same_flags_where_they_apply_are_taken(paths):
     config = parse_args(_base(paths) + ["--valid-fraction", "0.1", "--eval-interval", "2",
                                         "--save", "S", "--load", "S", "--override-data",
-                                        "--overwrite", "--exit-interval", "3"])
+                                        "--overwrite", "--exit-interval", "3",
+                                        "--exit-duration-in-mins", "30"])
     assert config.data.valid_fraction == 0.1 and config.override_data and config.overwrite
 
 

@@ -301,7 +301,8 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
     :class:`CheckpointError` naming it."""
     try:
         return ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
-    except (FileNotFoundError, json.JSONDecodeError) as error:
+    except (FileNotFoundError, json.JSONDecodeError, ValueError, TypeError,
+            AttributeError) as error:  # missing, not JSON, or not a model config's fields
         reason = "missing" if isinstance(error, FileNotFoundError) else f"damaged: {error}"
         raise CheckpointError(f"cannot read checkpoint {checkpoint}: {MODEL_CONFIG_FILE} "
                               f"({reason})") from None

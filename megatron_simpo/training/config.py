@@ -197,6 +197,8 @@ class TrainConfig:
                 ("--override-data", self.override_data, self.load, "--load (it applies to a resume)"),
                 ("--overwrite", self.overwrite, self.save, "--save (what it would replace)"),
                 ("--exit-interval", self.exit_interval is not None, self.save,
+                 "--save (it saves a checkpoint and stops)"),
+                ("--exit-duration-in-mins", self.exit_duration_in_mins is not None, self.save,
                  "--save (it saves a checkpoint and stops)")):
             if given and not needed:
                 raise ValueError(f"{flag} needs {what}")
