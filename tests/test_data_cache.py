@@ -671,3 +671,18 @@ def test_a_folder_that_is_not_a_tokenizer_is_one_line(tmp_path):
         load_tokenizer(tmp_path / "damaged")
     assert str(error.value).startswith(f"cannot load tokenizer from {tmp_path / 'damaged'}: ")
     assert "\n" not in str(error.value)
+
+
+def test_a_tokenizers_tiktoken_vocabulary_is_part_of_its_fingerprint(tmp_path):
+    """Tokenizers built on tiktoken keep their vocabulary in a ``*.tiktoken`` file: another
+    vocabulary is another tokenizer (the cache must not hand out the old tokens)."""
+    from megatron_simpo.data.fingerprints import tokenizer_fingerprint
+    from megatron_simpo.model.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "vocab.tiktoken").write_text("YQ== 0\n")
+    before = tokenizer_fingerprint(tmp_path, tokenizer)
+    assert tokenizer_fingerprint(tmp_path, tokenizer) == before
+    (tmp_path / "vocab.tiktoken").write_text("Yg== 0\n")
+    assert tokenizer_fingerprint(tmp_path, tokenizer) != before

@@ -100,6 +100,7 @@ def tokenizer_fingerprint(path: str | Path, tokenizer, memo: HashMemo | None = N
     chat template."""
     memo, path = memo or HashMemo(None), Path(path)
     files = [path / name for name in _TOKENIZER_FILES if (path / name).is_file()]
+    files += sorted(f for f in path.glob("*.tiktoken") if f.is_file())  # tiktoken vocabularies
     digest = hashlib.blake2b(digest_size=16)
     digest.update(memo.digest(path, files).encode())
     digest.update(type(tokenizer).__name__.encode())
