@@ -128,3 +128,75 @@ def test_architecture_imports_no_megatron():
             "print(sorted(m for m in sys.modules if m.startswith('megatron.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _without(config: dict, *keys: str) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
+
+
+@pytest.mark.parametrize("config, message", [
+    (tiny_hf_config("mixtral", sliding_window=4096), r"\(sliding_window=4096\)"),
+    # transformers' Gemma-3 attention never soft-caps, whatever the config says
+    (tiny_hf_config("gemma3", attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
+    # transformers 5 reads rope_parameters' base, transformers 4 the top-level one
+    (tiny_hf_config("llama3", rope_theta=10000.0,
+                    rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+     "rope_theta=10000.0 contradicts rope_parameters' rope_theta=500000.0"),
+    # Megatron-Core refuses renormalised top-1 routing at build time, after conversion began
+    (tiny_hf_config("mixtral", num_experts_per_tok=1), "num_experts_per_tok=1"),
+    (tiny_hf_config("qwen3_moe_norm", num_experts_per_tok=1), "num_experts_per_tok=1"),
+])
+def test_settings_megatron_does_not_reproduce_are_refused(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as error:
+        ModelConfig.from_hf_config(tmp_path)
+    assert len(str(error.value).splitlines()) == 1
+    assert str(error.value).startswith(str(tmp_path / "config.json") + ": ")
+
+
+@pytest.mark.parametrize("arch, missing", [
+    ("llama3", ("rms_norm_eps",)),
+    ("qwen2", ("rms_norm_eps",)),
+    ("mixtral", ("rope_theta", "rms_norm_eps")),
+    ("gemma2", ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                "query_pre_attn_scalar", "rms_norm_eps")),
+])
+def test_settings_a_file_leaves_out_take_the_transformers_defaults(arch, missing):
+    import transformers
+
+    full = tiny_hf_config(arch)
+    partial = _without(full, *missing)
+    hf = transformers.AutoConfig.for_model(**partial)
+    read = ModelConfig.from_hf_config(partial)
+    rope = hf.rope_parameters
+    assert read.rope_theta == rope["rope_theta"] and read.norm_eps == hf.rms_norm_eps
+    if arch == "gemma2":
+        assert (read.attn_logit_softcapping, read.final_logit_softcapping, read.sliding_window,
+                read.query_pre_attn_scalar) == (hf.attn_logit_softcapping,
+                                                hf.final_logit_softcapping, hf.sliding_window,
+                                                hf.query_pre_attn_scalar)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_a_mistral_export_without_its_original_config_keeps_its_window(window):
+    """transformers reads a Mistral config without the key as a window of 4096: an export
+    writes the model's own (none, or Mistral v0.1's)."""
+    import transformers
+
+    config = ModelConfig.from_hf_config(tiny_hf_config("mistral", sliding_window=window))
+    written = hf_config_dict(config, None, torch.float32)
+    assert transformers.AutoConfig.for_model(**written).sliding_window == window
+
+
+def test_a_mistral_file_without_a_window_gets_transformers_4096():
+    config = ModelConfig.from_hf_config(_without(tiny_hf_config("mistral"), "sliding_window"))
+    assert config.sliding_window == 4096 and all(config.sliding_layers)
+
+
+def test_a_window_no_sequence_outgrows_is_left_out_of_the_built_model():
+    mistral = ModelConfig.from_hf_config(tiny_hf_config("mistral0.1"))  # a window of 8
+    assert mistral.for_rows(9) is mistral
+    assert mistral.for_rows(8) == ModelConfig.from_hf_config(tiny_hf_config("mistral0.1",
+                                                                            sliding_window=None))
+    gemma3 = ModelConfig.from_hf_config(tiny_hf_config("gemma3"))  # its window picks RoPE tables
+    assert gemma3.for_rows(4) is gemma3

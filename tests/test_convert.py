@@ -116,7 +116,7 @@ def test_converted_checkpoint_gives_hugging_face_logits(hf_models, tmp_path, tp,
         assert diff <= 1e-5, f"{arch} TP={tp} PP={pp}: max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("arch", ["llama3.2", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama3.2", "mistral0.1", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, arch, capsys):
     import transformers
     from safetensors.torch import load_file

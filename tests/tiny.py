@@ -15,6 +15,10 @@ ARCHITECTURES = {
                      tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"],
                     rope_theta=1000000.0, sliding_window=None),
+    # Mistral v0.1 (and zephyr-7b, the SimPO base recipe's model): every layer slides; a window
+    # of 8 that the tests' longer rows outgrow
+    "mistral0.1": dict(model_type="mistral", architectures=["MistralForCausalLM"],
+                       rope_theta=10000.0, sliding_window=8),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0,
                   rms_norm_eps=1e-6),
     # head_dim 16 != hidden / heads (32 / 4), as Qwen3's own (e.g. 4B: 2560 / 32 heads, 128);

@@ -163,6 +163,15 @@ class ModelConfig:
         """Gemma's layout (see ``GEMMA_ARCHITECTURES``)."""
         return self.architecture in GEMMA_ARCHITECTURES
 
+    def for_rows(self, seq_length: int) -> "ModelConfig":
+        """The model as built for sequences of at most ``seq_length`` tokens: a sliding window
+        that no such sequence outgrows masks nothing and is left out (the same function, with
+        plain causal attention: its faster kernels, and Transformer Engine's spec), unless the
+        window also picks the layers' RoPE tables (Gemma-3)."""
+        if self.sliding_window is None or self.dual_rope or seq_length > self.sliding_window:
+            return self
+        return dataclasses.replace(self, sliding_window=None, layer_types=None)
+
     @property
     def sliding_layers(self) -> list[bool]:
         """Per layer: whether it attends through the sliding window."""
@@ -244,6 +253,9 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
                    query_pre_attn_scalar=int(config.query_pre_attn_scalar)
                    if float(config.query_pre_attn_scalar).is_integer()
                    else config.query_pre_attn_scalar)
+    if config.architecture == "MistralForCausalLM":  # transformers' default is a 4096 window
+        out["sliding_window"] = config.sliding_window
+        out.pop("layer_types", None)
     if config.architecture == "MixtralForCausalLM":
         out.update(num_local_experts=config.num_experts, num_experts_per_tok=config.moe_router_topk,
                    intermediate_size=config.moe_ffn_hidden_size, sliding_window=None)

@@ -134,9 +134,12 @@ def layer_spec(config: ModelConfig, transformer_impl: TransformerImpl = "local",
             _mlp_submodules(spec.submodules.mlp).linear_fc2 = post_norm_row_parallel_linear()
         return spec
     check_transformer_impl(transformer_impl)
-    if config.is_gemma or config.sliding_window is not None:
+    if config.is_gemma:
         raise ValueError(f"{config.architecture} needs --transformer-impl local (soft-capping, "
                          "sliding windows and post-norms live in the local spec's layers)")
+    if config.sliding_window is not None:  # (one no sequence outgrows is left out: for_rows)
+        raise ValueError(f"{config.architecture}'s sliding window ({config.sliding_window} "
+                         "keys, fewer than --seq-length) needs --transformer-impl local")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
         qk_layernorm=config.qk_layernorm, num_experts=experts, moe_grouped_gemm=False)
 
@@ -178,7 +181,8 @@ def check_shared_prompt_attention(transformer_impl: str, config) -> None:
     if config is not None and any(config.sliding_layers):
         raise ValueError(f"--share-prompt: the model's sliding-window layers "
                          f"({config.sliding_window} keys) measure windows in row indices, which "
-                         "shared-prompt rows shift for the rejected response; leave it off")
+                         "shared-prompt rows shift for the rejected response; leave it off, or keep "
+                         "--seq-length within the window")
 
 
 def check_transformer_impl(transformer_impl: str) -> None:

@@ -42,6 +42,19 @@ _GEMMA3_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9
                         sliding_window=4096, rope_theta=1_000_000.0,
                         rope_local_base_freq=10_000.0, initializer_range=0.02)
 
+# transformers' defaults for what a config.json may leave out, where this reader's generic
+# fallback would differ (RoPE bases: _ROPE_THETA, read beside rope_parameters)
+_DEFAULTS = {
+    "LlamaForCausalLM": dict(rms_norm_eps=1e-6), "MistralForCausalLM": dict(rms_norm_eps=1e-6,
+                                                                          sliding_window=4096),
+    "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6), "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6),
+    "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6), "MixtralForCausalLM": dict(rms_norm_eps=1e-5),
+    "Gemma2ForCausalLM": dict(rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                              sliding_window=4096, query_pre_attn_scalar=256),
+}
+_ROPE_THETA = {"MixtralForCausalLM": 1_000_000.0}
+
 
 def fields_from_hf(hf: dict[str, Any] | str | Path) -> dict[str, Any]:
     """``ModelConfig``'s fields from a Hugging Face ``config.json`` (a dict, the file, or its
@@ -92,6 +105,8 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
             f"{source}: unsupported architecture {architecture!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    in_file = set(hf)
+    hf = {**_DEFAULTS.get(architecture, {}), **hf}
     gemma = architecture in GEMMA_ARCHITECTURES
     if gemma:
         activation = hf.get("hidden_activation") or hf.get("hidden_act")
@@ -104,9 +119,15 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     gemma3 = {}
     if architecture == "Gemma3ForCausalLM":
         gemma3, rope, hf = _gemma3_rope(hf, rope, source)
+    elif hf.get("rope_theta") is not None and not hf.get("rope_scaling") and \
+            float(rope.get("rope_theta", hf["rope_theta"])) != float(hf["rope_theta"]):
+        # transformers 5 takes rope_parameters' base, transformers 4 the top-level one
+        raise ValueError(f"{source}: rope_theta={hf['rope_theta']} contradicts "
+                         f"rope_parameters' rope_theta={rope['rope_theta']}")
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
                                          else None)
-    rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    rope_theta = float(hf.get("rope_theta", rope.get(
+        "rope_theta", _ROPE_THETA.get(architecture, 10000.0))))
     rope_scaling_factor = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -125,7 +146,13 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: mlp_bias=True is unsupported")
     if hf.get("use_sliding_window", False) or (
             architecture == "MixtralForCausalLM" and hf.get("sliding_window") is not None):
-        raise ValueError(f"{source}: sliding-window attention is unsupported")
+        what = ("use_sliding_window=True" if hf.get("use_sliding_window", False) else
+                f"sliding_window={hf['sliding_window']}" if "sliding_window" in in_file else
+                f"no sliding_window (transformers' default: {hf['sliding_window']})")
+        raise ValueError(f"{source}: sliding-window attention is unsupported ({what})")
+    if architecture == "Gemma3ForCausalLM" and hf.get("attn_logit_softcapping") is not None:
+        raise ValueError(f"{source}: attn_logit_softcapping={hf['attn_logit_softcapping']} is "
+                         "unsupported for Gemma-3 (transformers' Gemma-3 attention ignores it)")
     heads = int(hf["num_attention_heads"])
     gemma_fields = {}
     if gemma:
@@ -141,6 +168,10 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
                     6 if architecture == "Gemma3ForCausalLM" else 2)) else "full_attention"
                 for i in range(layers))),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256))
+    if architecture == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+        # Mistral v0.1 (and its fine-tunes, e.g. zephyr-7b): every layer slides
+        gemma_fields = dict(sliding_window=int(hf["sliding_window"]),
+                            layer_types=("sliding_attention",) * int(hf["num_hidden_layers"]))
     return dict(
         architecture=architecture,
         num_layers=int(hf["num_hidden_layers"]),
@@ -153,7 +184,7 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         max_position_embeddings=int(hf["max_position_embeddings"]),
         rope_theta=rope_theta,
         rope_scaling_factor=rope_scaling_factor,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
         qk_layernorm=architecture in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"),
@@ -202,6 +233,11 @@ def _moe_fields(hf: dict[str, Any], architecture: str, source: str) -> dict[str,
         raise ValueError(f"{source}: router_jitter_noise={hf['router_jitter_noise']} unsupported "
                          "(needs 0)")
     experts = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+    renormalised = architecture == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False))
+    if renormalised and int(hf.get("num_experts_per_tok", 2 if architecture ==
+                                   "MixtralForCausalLM" else 8)) == 1:
+        raise ValueError(f"{source}: num_experts_per_tok=1 with renormalised top-k "
+                         "probabilities is unsupported (Megatron-Core refuses it)")
     if architecture == "MixtralForCausalLM":
         return dict(num_experts=experts, moe_ffn_hidden_size=int(hf["intermediate_size"]),
                     moe_router_topk=int(hf.get("num_experts_per_tok", 2)))

@@ -107,7 +107,8 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     if config.batching.pack_sequences and not config.batching.share_prompt:
         check_packed_attention(config.transformer_impl)
     if config.batching.share_prompt:
-        check_shared_prompt_attention(config.transformer_impl, source.config)
+        check_shared_prompt_attention(config.transformer_impl,
+                                      source.config.for_rows(config.data.seq_length))
         config.moe.check_shared_prompt(source.config)
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
@@ -179,7 +180,8 @@ def build_from_config(config: TrainConfig, source: ModelSource, total_iters: int
     state)."""
     load_pretrained = _load_pretrained(source)
     return build_components(
-        source.config, config.parallel, config.optimizer, **_model_settings(config),
+        source.config.for_rows(config.data.seq_length), config.parallel, config.optimizer,
+        **_model_settings(config),
         logprob_chunk_size=config.logprob_chunk_size,
         transformer_overrides=config.model_overrides(source.config),
         freeze_router=config.moe.freeze_moe_router,
@@ -194,7 +196,8 @@ def build_reference_from_config(config: TrainConfig, source: ModelSource
     """The run's frozen reference model alone (megatron-simpo-reference-logps), and the
     log-prob head it was built for."""
     head = LogprobHead.for_model(config.logprob_chunk_size, source.config)
-    model = build_reference(source.config, config.parallel, head=head,
+    model = build_reference(source.config.for_rows(config.data.seq_length), config.parallel,
+                            head=head,
                             **_model_settings(config), overrides=_reference_overrides(config),
                             load=_load_pretrained(source))
     return model, head
