@@ -117,3 +117,109 @@ def test_a_lone_surrogate_escape_is_named_by_line(tmp_path):
     with pytest.raises(DataError, match=rf"{path}:2: a \\uXXXX escape of half a surrogate pair"):
         load_datasets(DataConfig(train_data_path=str(path), seq_length=64, max_prompt_length=40),
                       build_tokenizer(), seed=0)
+
+
+# A template with tool support (as Llama-3.1's or Qwen's: the schemas in the prompt) and a
+# template argument of its own (as Qwen3's enable_thinking).
+_TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if brief %}..{% endif %}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% for tool in tools %}{{ tool['name'] }}({{ tool['parameters'] | tojson }})\n"
+    "{% endfor %}<|eot_id|>{% endif %}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif %}")
+_TOOL = {"name": "add", "parameters": {"a": "int", "b": "int"}}
+
+
+def _tools_tokenizer():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = _TOOLS_TEMPLATE
+    return tokenizer
+
+
+def _expected(tokenizer, row, **options):
+    """TRL's tokens for a conversational row: the template renders the prompt (with the
+    generation prompt) and prompt + response with the row's tools and arguments; the response
+    is what follows the prompt."""
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **options)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    out = [list(ids)]
+    for column in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": row[column]}], **options)
+        full = full["input_ids"] if hasattr(full, "keys") else full
+        assert full[:len(ids)] == ids
+        out.append(list(full[len(ids):]))
+    return out
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["list", "json-text"])
+def test_a_rows_tools_and_template_arguments_reach_the_template(tmp_path, as_text):
+    """TRL passes a row's ``tools`` (a list, or its JSON text) and ``chat_template_kwargs`` to
+    the chat template; rows without them are rendered as before, in the same run."""
+    tokenizer = _tools_tokenizer()
+    rows = [{"prompt": "add 2 and 3", "chosen": "5", "rejected": "6",
+             "tools": json.dumps([_TOOL]) if as_text else [_TOOL]},
+            {"prompt": "add 2 and 3", "chosen": "5", "rejected": "6",
+             "chat_template_kwargs": {"brief": True}},
+            {"prompt": "add 2 and 3", "chosen": "5", "rejected": "6", "tools": []}]
+    pairs = _pairs(tokenizer, tmp_path, rows)
+    expected = [_expected(tokenizer, rows[0], tools=[_TOOL]),
+                _expected(tokenizer, rows[1], brief=True), _expected(tokenizer, rows[2])]
+    assert [[list(p.prompt), list(p.chosen), list(p.rejected)] for p in pairs] == expected
+    assert "system" in tokenizer.decode(pairs[0].prompt)  # the tool schemas' turn
+    assert tokenizer.decode(pairs[1].prompt).startswith("<|begin_of_text|>..")
+    assert pairs[2].prompt != pairs[0].prompt
+
+
+def test_tools_from_a_parquet_source_through_the_cache(tmp_path):
+    """The datasets path (Parquet, the tokenize-once cache in its worker map) reads the same
+    columns and gives the same tokens as JSONL."""
+    import pandas as pd
+
+    from megatron_simpo.data.cache import prepare_data
+
+    tokenizer = _tools_tokenizer()
+    rows = [{"prompt": f"add {i} and 3", "chosen": str(i + 3), "rejected": "0",
+             "tools": json.dumps([_TOOL]) if i % 2 else ""} for i in range(6)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    config = DataConfig(train_data_path=str(tmp_path / "d.parquet"), seq_length=256,
+                        max_prompt_length=200, data_cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(config, tokenizer, tmp_path, seed=0)
+    got = sorted([list(p.prompt), list(p.chosen), list(p.rejected)] for p in prepared.train)
+    want = sorted(_expected(tokenizer, r, **({"tools": [_TOOL]} if r["tools"] else {}))
+                  for r in rows)
+    assert got == want
+
+
+@pytest.mark.parametrize("tokenizer, kw, message", [
+    (build_tokenizer(), {}, "d.jsonl:1: the tokenizer's chat template renders no tools"),
+    (_tools_tokenizer(), {"apply_chat_template": False},
+     "d.jsonl:1: its tools and chat_template_kwargs go to the chat template, which is not"),
+])
+def test_tools_that_would_be_left_out_are_refused(tmp_path, tokenizer, kw, message):
+    row = {"prompt": "add 2 and 3", "chosen": "5", "rejected": "6", "tools": [_TOOL]}
+    with pytest.raises(DataError, match=message):
+        _pairs(tokenizer, tmp_path, [row], **kw)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[{", "column 'tools' is not JSON"), ({"name": "add"}, "column 'tools' must be a list of tool schemas"),
+])
+def test_malformed_tools_are_named_by_row(tmp_path, value, message):
+    row = {"prompt": "add 2 and 3", "chosen": "5", "rejected": "6", "tools": value}
+    with pytest.raises(DataError, match=f"d.jsonl:1: {message}"):
+        _pairs(_tools_tokenizer(), tmp_path, [row])
+
+
+def test_on_policy_prompts_with_tools_are_refused(tmp_path):
+    from megatron_simpo.data.sources import read_prompt_rows
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "tools": None}) + "\n"
+                    + json.dumps({"prompt": "b", "tools": [_TOOL]}) + "\n")
+    with pytest.raises(DataError, match=f"{path}:2: column 'tools': on-policy sampling"):
+        read_prompt_rows(str(path), split="train")

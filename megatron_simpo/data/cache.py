@@ -45,7 +45,8 @@ from megatron_simpo.data.integrity import (ABSENT, PAIRS, SUMMARY, builder_guard
                                            file_checksums, sweep_dead_builds, token_id_problem)
 from megatron_simpo.data.pair_table import PairTable
 from megatron_simpo.data.sampler import held_out_split
-from megatron_simpo.data.sources import ColumnMap, SourceError, row_source, rows_dataset
+from megatron_simpo.data.sources import (TEMPLATE_COLUMNS, ColumnMap, SourceError, row_source,
+                                         rows_dataset)
 from megatron_simpo.data.tokenization import (check_tokenizer, identical_pair_error,
                                               tokenize_records)
 
@@ -68,9 +69,10 @@ def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, config: DataC
     the ``error`` column, and the caller reports the first one."""
     n = len(indices)
     sources = batch["source"] if "source" in batch else [row_source(where, i) for i in indices]
+    names = [name for name in ("prompt", "chosen", "rejected") + TEMPLATE_COLUMNS
+             if name in batch]
     rows = [{"source": sources[k], **{name: json.loads(batch[name][k]) if encoded
-                                      else batch[name][k]
-                                      for name in ("prompt", "chosen", "rejected")}}
+                                      else batch[name][k] for name in names}}
             for k in range(n)]
     try:
         records = tokenize_records(rows, tokenizer, config)

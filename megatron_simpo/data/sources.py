@@ -34,6 +34,11 @@ class SourceError(ValueError):
     """A data source that cannot be read; the message names it (and the row)."""
 
 
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+"""Optional columns a preference row passes to the chat template (TRL's names and meaning):
+read where a source has them, under these names."""
+
+
 @dataclass(frozen=True)
 class ColumnMap:
     """Which columns hold the prompt and the two responses."""
@@ -90,10 +95,11 @@ def rows_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = Col
         import datasets
 
         rows = read_preference_rows(source, columns)
+        names = ("prompt", "chosen", "rejected") + tuple(
+            name for name in TEMPLATE_COLUMNS if any(name in row for row in rows))
         return datasets.Dataset.from_dict(
             {"source": [row["source"] for row in rows],
-             **{name: [json.dumps(row[name]) for row in rows]
-                for name in ("prompt", "chosen", "rejected")}}), True
+             **{name: [json.dumps(row.get(name)) for row in rows] for name in names}}), True
     dataset, _ = open_dataset(source, kind, split=split, columns=columns,
                               dataset_config=dataset_config)
     return dataset, False
@@ -106,8 +112,9 @@ def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
     dataset, encoded = rows_dataset(source, kind, split=split, columns=columns,
                                     dataset_config=dataset_config)
     where = where_of(source, kind, split)
-    return [{**{name: json.loads(row[name]) if encoded else row[name]
-                for name in ("prompt", "chosen", "rejected")},
+    names = [name for name in ("prompt", "chosen", "rejected") + TEMPLATE_COLUMNS
+             if name in dataset.column_names]
+    return [{**{name: json.loads(row[name]) if encoded else row[name] for name in names},
              "source": row["source"] if encoded else row_source(where, index)}
             for index, row in enumerate(dataset)]
 
@@ -158,7 +165,9 @@ def read_preference_rows(path: str | Path, columns=None) -> list[dict]:
         missing = [name for _, name in columns if name not in row]
         if missing:
             raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
-        rows.append({**{ours: row[theirs] for ours, theirs in columns}, "source": where})
+        rows.append({**{ours: row[theirs] for ours, theirs in columns},
+                     **{name: row[name] for name in TEMPLATE_COLUMNS if name in row},
+                     "source": where})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -175,6 +184,7 @@ def read_prompt_rows(source: str, *, split: str, prompt_column: str = "prompt",
         for where, row in _jsonl_objects(Path(source)):
             if prompt_column not in row:
                 raise DataError(f"{where}: missing column {prompt_column} (--prompt-column)")
+            _no_template_options(row, where)
             rows.append({"prompt": row[prompt_column], "prompt_id": row.get("prompt_id"),
                          "source": where})
         if not rows:
@@ -186,15 +196,30 @@ def read_prompt_rows(source: str, *, split: str, prompt_column: str = "prompt",
                           f"{', '.join(dataset.column_names)}; map it with --prompt-column)")
     if len(dataset) == 0:
         raise SourceError(f"{where}: no rows")
+    for name in TEMPLATE_COLUMNS:
+        if name in dataset.column_names:
+            for index, value in enumerate(dataset[name]):
+                _no_template_options({name: value}, row_source(where, index))
     ids = dataset["prompt_id"] if "prompt_id" in dataset.column_names else [None] * len(dataset)
     return [{"prompt": prompt, "prompt_id": prompt_id, "source": row_source(where, index)}
             for index, (prompt, prompt_id) in enumerate(zip(dataset[prompt_column], ids))]
 
 
+def _no_template_options(row: dict, where: str) -> None:
+    """Prompts are sampled without a row's tools or template arguments (on-policy pairs): a
+    row that has them is refused, rather than sampled from another prompt than it names."""
+    for name in TEMPLATE_COLUMNS:
+        if row.get(name) not in (None, "", [], {}):
+            raise DataError(f"{where}: column {name!r}: on-policy sampling renders prompts "
+                            "without the chat template's tools or arguments; remove the column "
+                            "(or its values) to sample these prompts without them")
+
+
 def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = ColumnMap(),
                  dataset_config: str | None = None):
-    """(``datasets.Dataset`` with exactly the columns prompt, chosen, rejected; how to name it
-    in messages) for a source that ``datasets`` reads (not JSONL)."""
+    """(``datasets.Dataset`` with the columns prompt, chosen, rejected, and those of
+    ``TEMPLATE_COLUMNS`` it has; how to name it in messages) for a source that ``datasets``
+    reads (not JSONL)."""
     dataset, where = open_source(source, kind, split, dataset_config)
     missing = [f"{name!r}" for _, name in columns if name not in dataset.column_names]
     if missing:
@@ -203,7 +228,9 @@ def open_dataset(source: str, kind: str, *, split: str, columns: ColumnMap = Col
                           "--chosen-column, --rejected-column)")
     if len(dataset) == 0:
         raise SourceError(f"{where}: no rows")
-    dataset = dataset.select_columns([name for _, name in columns])
+    dataset = dataset.select_columns([name for _, name in columns] + [
+        name for name in TEMPLATE_COLUMNS if name in dataset.column_names
+        and name not in (theirs for _, theirs in columns)])
     renames = {theirs: ours for ours, theirs in columns if theirs != ours}
     if renames:
         # Through temporary names: a mapping may swap names (e.g. chosen <-> rejected).

@@ -8,11 +8,13 @@ on the right (``--seq-length``). ``encode_prompts`` is shared with generation fo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.data.config import DataConfig, DataError
+from megatron_simpo.data.sources import TEMPLATE_COLUMNS
 
 
 def _messages(value, where: str, column: str, roles: tuple[str, ...] = ()) -> list[dict]:
@@ -91,6 +93,12 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
     has_template = uses_chat_template(tokenizer, config.apply_chat_template)
     roles = known_roles(tokenizer)
     prompts, fulls = [], []
+    options = [template_options(row, row["source"]) for row in rows]
+    asking = next((row["source"] for row, o in zip(rows, options) if o), None)
+    if asking is not None and not has_template:
+        raise DataError(f"{asking}: its {' and '.join(TEMPLATE_COLUMNS)} go to the chat "
+                        "template, which is not applied here (--no-apply-chat-template, or a "
+                        "tokenizer without one)")
     for row in rows:
         where = row["source"]
         prompt = prompt_messages(row["prompt"], where, roles)
@@ -105,9 +113,10 @@ def tokenize_records(rows: list[dict], tokenizer, config: DataConfig) -> list[To
         return []
     # One batched call per kind: the template is rendered far faster than row by row.
     prompt_ids = encode_prompts(tokenizer, prompts, apply_chat_template=has_template,
-                                sources=[row["source"] for row in rows])
+                                sources=[row["source"] for row in rows], options=options)
     if has_template:
-        fulls = tokenizer.apply_chat_template(fulls, tokenize=False)
+        fulls = render(tokenizer, fulls, [o for o in options for _ in range(2)],
+                       [row["source"] for row in rows for _ in range(2)])
         full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
     else:
         eos = tokenizer.eos_token_id
@@ -235,19 +244,84 @@ def uses_chat_template(tokenizer, apply_chat_template: bool = True) -> bool:
     return apply_chat_template and getattr(tokenizer, "chat_template", None) is not None
 
 
+def template_options(row: dict, where: str) -> dict:
+    """The chat template's keyword arguments a row asks for, as TRL's trainers pass them: its
+    ``tools`` (tool schemas: a list of JSON objects, or its JSON text; an empty list is none)
+    and its ``chat_template_kwargs`` (an object, e.g. ``{"enable_thinking": false}``)."""
+    found = {}
+    for column, kind in zip(TEMPLATE_COLUMNS, (list, dict)):
+        value = row.get(column)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else None
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: column {column!r} is not JSON ({error.msg})") from None
+        if value in (None, [], {}):
+            continue
+        if not isinstance(value, kind) or kind is list and not all(isinstance(t, dict)
+                                                                   for t in value):
+            raise DataError(f"{where}: column {column!r} must be "
+                            + ("a list of tool schemas (JSON objects)" if kind is list
+                               else "a JSON object of the chat template's arguments"))
+        found[column] = value
+    options = dict(found.get("chat_template_kwargs", {}))
+    clash = sorted(set(options) & _TEMPLATE_ARGUMENTS)
+    if clash:
+        raise DataError(f"{where}: column 'chat_template_kwargs' sets {', '.join(clash)}, "
+                        "which tokenization decides")
+    if "tools" in found:
+        options["tools"] = found["tools"]
+    return options
+
+
+_TEMPLATE_ARGUMENTS = frozenset({"conversation", "tools", "tokenize", "add_generation_prompt",
+                                 "continue_final_message", "return_dict", "return_tensors",
+                                 "padding", "truncation", "max_length", "chat_template"})
+"""``apply_chat_template``'s own arguments: not a row's to set."""
+
+
+def render(tokenizer, conversations: list[list[dict]], options: list[dict] | None = None,
+           sources: list[str] | None = None, **kwargs) -> list[str]:
+    """``apply_chat_template(..., tokenize=False)`` of each conversation with its row's
+    ``options`` (:func:`template_options`): those without any in one batched call (far faster
+    than one by one). A template that renders a row's tools as if there were none (it has no
+    tool support) is refused: the prompt would silently lack them."""
+    options = options or [{}] * len(conversations)
+    plain = [i for i, o in enumerate(options) if not o]
+    texts: list = [None] * len(conversations)
+    if plain:
+        batch = tokenizer.apply_chat_template([conversations[i] for i in plain], tokenize=False,
+                                              **kwargs)
+        for i, text in zip(plain, batch):
+            texts[i] = text
+    for i, o in enumerate(options):
+        if o:
+            texts[i] = tokenizer.apply_chat_template(conversations[i], tokenize=False, **kwargs,
+                                                     **o)
+            if "tools" in o and texts[i] == tokenizer.apply_chat_template(
+                    conversations[i], tokenize=False, **kwargs,
+                    **{k: v for k, v in o.items() if k != "tools"}):
+                raise DataError(f"{sources[i] if sources else f'conversation {i}'}: the "
+                                "tokenizer's chat template renders no tools: the row's 'tools' "
+                                "would be left out of its prompt")
+    return texts
+
+
 def encode_prompts(tokenizer, conversations: list[list[dict]], *,
                    apply_chat_template: bool = True,
-                   sources: list[str] | None = None) -> list[list[int]]:
+                   sources: list[str] | None = None,
+                   options: list[dict] | None = None) -> list[list[int]]:
     """Token ids of prompts exactly as training sees them: the chat template with the
     generation prompt, encoded without adding special tokens again (the template's BOS is the
     only one); without a template (none, or not applied), the messages' text with the
     tokenizer's special tokens. Generation for evaluation uses this too, so it never differs
     from training. System messages follow the template's own rule (``check_system_messages``:
-    refused in one line naming the row, ``sources[i]``, where the template refuses them)."""
+    refused in one line naming the row, ``sources[i]``, where the template refuses them).
+    ``options``: each conversation's template arguments (:func:`template_options`)."""
     if uses_chat_template(tokenizer, apply_chat_template):
         check_system_messages(tokenizer, conversations, sources)
-        rendered = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
-                                                 tokenize=False)
+        rendered = render(tokenizer, conversations, options, sources,
+                          add_generation_prompt=True)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     texts = [plain_text(messages, sources[i] if sources else f"prompt {i}")
              for i, messages in enumerate(conversations)]
