@@ -427,6 +427,9 @@ _DAMAGE = {
     "garbled_summary": (lambda f: (f / "prepared.json").write_text('{"key": [1, '),
                         r"prepared\.json cannot be read \(JSONDecodeError\)"),
     "stale": (_stale, r"stale: written by an older version, without checksums"),
+    "no_tokens_digest": (lambda f: (f / "prepared.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((f / "prepared.json").read_text()).items()
+         if k != "tokens"})), r"stale: written by an older version, without its tokens' digest"),
 }
 
 
@@ -686,3 +689,33 @@ def test_a_tokenizers_tiktoken_vocabulary_is_part_of_its_fingerprint(tmp_path):
     assert tokenizer_fingerprint(tmp_path, tokenizer) == before
     (tmp_path / "vocab.tiktoken").write_text("Yg== 0\n")
     assert tokenizer_fingerprint(tmp_path, tokenizer) != before
+
+
+def test_the_data_fingerprint_is_the_pairs_tokens_not_the_cache_format(data, tmp_path,
+                                                                       monkeypatch):
+    """A new cache format (this package's tokenization changed) rebuilds the entry; a resume
+    is refused only if the pairs' tokens changed with it. The fingerprint is the digest of the
+    token ids (computed here independently) and the held-out split."""
+    import dataclasses
+    import hashlib
+
+    tokenizer = build_tokenizer()
+    config = _config(data, tmp_path)
+    first = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    original = data_cache.cache_key
+    monkeypatch.setattr(data_cache, "cache_key", lambda *a, **k: dataclasses.replace(
+        original(*a, **k), format="megatron_simpo.pairs/next"))
+    again = prepare_data(config, tokenizer, data / "tokenizer", seed=5)
+    assert again.messages[-1].startswith("> data: tokenized")  # another entry, built anew
+    assert len(list((tmp_path / "cache").glob("pairs-*"))) == 2
+    assert again.fingerprint == first.fingerprint
+    digest = hashlib.sha256()  # every row's lengths and ids, column by column, in file order
+    rows = [tuple(map(list, (p.prompt, p.chosen, p.rejected))) for p in
+            data_cache.load_entry(next((tmp_path / "cache").glob("pairs-*")), len(tokenizer))]
+    for column in range(3):
+        ids = [row[column] for row in rows]
+        digest.update(("prompt", "chosen", "rejected")[column].encode())
+        digest.update(np.array([len(x) for x in ids], dtype="<i8").tobytes())
+        digest.update(np.array([t for x in ids for t in x], dtype="<i4").tobytes())
+    expected = hashlib.sha256(json.dumps([[digest.hexdigest()], "valid-path"]).encode())
+    assert first.fingerprint == expected.hexdigest()[:16]

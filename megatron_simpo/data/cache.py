@@ -42,7 +42,8 @@ from megatron_simpo.data.fingerprints import (MEMO_FILE, CacheKey, HashMemo, cac
                                               tokenizer_fingerprint)
 from megatron_simpo.data.integrity import (ABSENT, PAIRS, SUMMARY, builder_guard,
                                            building_folder, discard_entry, entry_problem,
-                                           file_checksums, sweep_dead_builds, token_id_problem)
+                                           file_checksums, recorded_tokens_digest,
+                                           sweep_dead_builds, token_id_problem, tokens_digest)
 from megatron_simpo.data.pair_table import PairTable
 from megatron_simpo.data.sampler import held_out_split
 from megatron_simpo.data.sources import (TEMPLATE_COLUMNS, ColumnMap, SourceError, row_source,
@@ -143,6 +144,7 @@ def build_entry(key: CacheKey, folder: Path, tokenizer, config: DataConfig,
                     datasets.enable_progress_bars()
             summary = {"key": asdict(key), "pairs": len(tokenized), "num_proc": num_proc,
                        "seconds": time.perf_counter() - began,
+                       "tokens": tokens_digest(tokenized.data.table),
                        "files": file_checksums(work / PAIRS)}
             (work / SUMMARY).write_text(json.dumps(summary, indent=1))
             del tokenized
@@ -274,8 +276,9 @@ class PreparedData:
     train: PairTable
     valid: PairTable | list
     fingerprint: str
-    """Identity of the training data as the run sees it (source content, tokenizer, lengths,
-    held-out split): saved in checkpoints, checked on resume."""
+    """Identity of the training data as the run sees it (its pairs' token ids and the held-out
+    split; not the source's name or this version's cache format): saved in checkpoints,
+    checked on resume."""
     dropped: list[str] = field(default_factory=list)
     cut: dict[str, int] = field(default_factory=lambda: {"prompts": 0, "responses": 0})
     messages: list[str] = field(default_factory=list)
@@ -288,11 +291,12 @@ def _keys(config: DataConfig, tokenizer_id: str, memo: HashMemo | None = None) -
             if which == "train" or config.valid_data_path]
 
 
-def _select(tables: list[PairTable], keys: list[CacheKey], config: DataConfig, seed: int,
+def _select(tables: list[PairTable], digests: list[str], config: DataConfig, seed: int,
             messages: list[str]) -> PreparedData:
     """The one rule for what the run trains and evaluates on: the seeded held-out split
     (``valid_fraction``, without a validation source), then every pair whose two responses are
-    the same tokens dropped (or refused, ``identical_pairs``), the cuts counted."""
+    the same tokens dropped (or refused, ``identical_pairs``), the cuts counted. The run's
+    data fingerprint is that of the tables' tokens (``digests``) and of the split."""
     train, valid = tables[0], (tables[1] if len(tables) > 1 else None)
     held_out = "valid-path"
     if valid is None and config.valid_fraction > 0:
@@ -313,7 +317,7 @@ def _select(tables: list[PairTable], keys: list[CacheKey], config: DataConfig, s
             raise identical_pair_error(table.sources(identical[:1])[0], config)
         dropped += table.sources(identical)
         kept.append(table.subset(np.flatnonzero(~table.flags("identical"))))
-    identity = hashlib.sha256(json.dumps([[k.content_digest for k in keys], held_out]).encode())
+    identity = hashlib.sha256(json.dumps([digests, held_out]).encode())
     return PreparedData(kept[0], kept[1], identity.hexdigest()[:16], dropped, cut, messages)
 
 
@@ -342,7 +346,7 @@ def prepare_data(config: DataConfig, tokenizer, tokenizer_path: str | Path, seed
         dist.broadcast_object_list(keys, src=0)
     if isinstance(keys[0], str):
         raise DataError(keys[0])
-    tables = []
+    tables, digests = [], []
     for key in keys[0]:
         folder = cache_dir / f"pairs-{key.digest}"
         began = time.perf_counter()
@@ -354,12 +358,13 @@ def prepare_data(config: DataConfig, tokenizer, tokenizer_path: str | Path, seed
         _first_error_everywhere(dist, opened if isinstance(opened, str) else None,
                                 source_rank=None)
         tables.append(opened)
+        digests.append(recorded_tokens_digest(folder))
         what = "tokenized" if built else "reusing tokenized"
         messages.append(f"> data: {what} {key.where} ({len(tables[-1])} rows) in {folder}"
                         + (f" ({time.perf_counter() - began:.1f} s)" if built else ""))
     if memo is not None:  # once the entries exist: a failed build leaves the folder empty
         memo.save()
-    return _select(tables, keys[0], config, seed, messages)
+    return _select(tables, digests, config, seed, messages)
 
 
 def _as_lists(pairs) -> list[TokenizedPair]:
@@ -378,6 +383,7 @@ def prepare_in_memory(config: DataConfig, tokenizer, seed: int) -> PreparedData:
             if not (folder / SUMMARY).is_file():  # valid may be train's own split
                 build_entry(key, folder, tokenizer, config, config.dataset_num_proc)
             tables.append(load_entry(folder, len(tokenizer)))
-        prepared = _select(tables, keys, config, seed, [])
+        prepared = _select(tables, [recorded_tokens_digest(Path(scratch) / f"pairs-{k.digest}")
+                                    for k in keys], config, seed, [])
         return replace(prepared, train=_as_lists(prepared.train),
                        valid=_as_lists(prepared.valid))

@@ -131,12 +131,6 @@ class CacheKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
 
     @property
-    def content_digest(self) -> str:
-        """The pairs' identity: the same bytes under another name or path are the same data."""
-        identity = {k: v for k, v in asdict(self).items() if k != "source"}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-
-    @property
     def where(self) -> str:
         return where_of(self.source, self.kind, self.split)
 

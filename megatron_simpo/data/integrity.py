@@ -73,6 +73,8 @@ def entry_problem(folder: Path, key: dict) -> str | None:
         return f"{SUMMARY} is garbled"
     if "files" not in summary:
         return "stale: written by an older version, without checksums"
+    if not isinstance(summary.get("tokens"), str):
+        return "stale: written by an older version, without its tokens' digest"
     if summary.get("key") != json.loads(json.dumps(key)):
         return "stale: written for another source or setting"
     try:
@@ -96,6 +98,31 @@ def entry_problem(folder: Path, key: dict) -> str | None:
             if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
                 return f"{PAIRS}/{name} does not match its checksum (its bytes changed)"
     return None
+
+
+def tokens_digest(table) -> str:
+    """sha256 of a pairs table's token ids, row by row (prompt, chosen, rejected: each row's
+    lengths and ids): the pairs' identity, whatever their source is called or however this
+    version caches them. Written into the entry's summary when it is built
+    (:func:`recorded_tokens_digest`)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    for column in ("prompt", "chosen", "rejected"):
+        ids = table.column(column)
+        lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+        digest.update(column.encode())
+        digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(values, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
+def recorded_tokens_digest(folder: Path) -> str:
+    """The :func:`tokens_digest` an entry's summary records (read after ``entry_problem``
+    found the entry sound)."""
+    return json.loads((folder / SUMMARY).read_text())["tokens"]
 
 
 def token_id_problem(table, vocab_size: int) -> str | None:
