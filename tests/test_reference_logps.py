@@ -162,7 +162,8 @@ def _command_reference_sums(rank, hf_config, hf_state, batch, chunk):
     runtime.initialize(parallel, seed=0, model_config=config)
     weights = hf_to_megatron(hf_state, config, config.padded_vocab_size(1))
     settings = types.SimpleNamespace(logprob_chunk_size=chunk, parallel=parallel, bf16=False,
-                                     transformer_impl="local", fp8=None)
+                                     transformer_impl="local", fp8=None,
+                                     data=types.SimpleNamespace(seq_length=batch.tokens.shape[1]))
     saved = run_setup._load_pretrained
     run_setup._load_pretrained = lambda source: lambda model: load_rank_state(
         model, weights, config, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
