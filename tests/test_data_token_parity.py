@@ -223,3 +223,22 @@ def test_on_policy_prompts_with_tools_are_refused(tmp_path):
                     + json.dumps({"prompt": "b", "tools": [_TOOL]}) + "\n")
     with pytest.raises(DataError, match=f"{path}:2: column 'tools': on-policy sampling"):
         read_prompt_rows(str(path), split="train")
+
+
+def test_a_tool_call_turn_with_null_content_is_kept(tmp_path):
+    """OpenAI/transformers' tool-call format: an assistant turn whose content is null beside its
+    tool_calls (the template renders the calls); only a null content with nothing else is
+    refused."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{% if m.get('tool_calls') %}{{ m['tool_calls'] | tojson }}{% else %}{{ m['content'] }}"
+        "{% endif %}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>"
+        "assistant<|end_header_id|>\n\n{% endif %}")
+    call = [{"type": "function", "function": {"name": "w", "arguments": {}}}]
+    prompt = [{"role": "user", "content": "weather?"},
+              {"role": "assistant", "content": None, "tool_calls": call},
+              {"role": "tool", "content": "sunny"}]
+    [pair] = _pairs(tokenizer, tmp_path, [{"prompt": prompt, "chosen": "It is sunny.",
+                                           "rejected": "no"}])
+    assert len(pair.prompt) > 0

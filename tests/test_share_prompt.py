@@ -228,3 +228,37 @@ def test_shared_rows_step_equals_the_unshared_step(tp, pp):
                 assert diff <= 1e-5, (case, name, diff)
             assert max(g.abs().max().item() for g in plain["grads"].values()) > 1e-4
     assert sum(r[case, False]["sums"] is not None for r in results for case in CASES) > 0
+
+
+def _train_losses(rank, argv):
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.training.loop import run
+
+    return run(parse_args(argv)).losses
+
+
+def test_share_prompt_trains_a_model_whose_window_no_row_outgrows(tmp_path):
+    """Mistral v0.1's window (every layer slides) at a --seq-length within it masks nothing:
+    the model is built without it (ModelConfig.for_rows), --share-prompt is taken, its FLOPs
+    are counted, and the losses are those of the same weights without a window."""
+    import json
+    from pathlib import Path
+
+    from megatron_simpo.model.tiny import write_default
+
+    tiny = write_default(tmp_path / "tiny", train_pairs=64, valid_pairs=8, seed=7)
+    losses = []
+    for window in (64, None):
+        config = json.loads(Path(tiny["config"]).read_text())
+        config.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                      sliding_window=window)
+        path = tmp_path / f"config-{window}.json"
+        path.write_text(json.dumps(config))
+        argv = ["--model-config", str(path), "--tokenizer", str(tiny["tokenizer"]),
+                "--train-data-path", str(tiny["train"]), "--seq-length", "64",
+                "--max-prompt-length", "48", "--max-tokens-per-microbatch", "160",
+                "--pack-sequences", "--share-prompt", "--global-batch-size", "8", "--lr", "1e-3",
+                "--train-iters", "2", "--log-interval", "1", "--seed", "3",
+                "--data-cache-dir", str(tmp_path / "cache")]
+        losses.append(run_on_ranks(1, _train_losses, argv)[0])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]

@@ -23,7 +23,8 @@ def _messages(value, where: str, column: str, roles: tuple[str, ...] = ()) -> li
                [{"role": "assistant", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
                                        for m in value):
-        if any(m["content"] is None for m in value):
+        # (an assistant turn that calls tools has no text: content null beside its tool_calls)
+        if any(m["content"] is None and not m.get("tool_calls") for m in value):
             raise DataError(f"{where}: column {column!r} has a message whose content is null")
         unknown = sorted({str(m["role"]) for m in value} - set(roles)) if roles else []
         if unknown:

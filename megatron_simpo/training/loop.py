@@ -185,7 +185,9 @@ class _Session:
         if not logged and not result.skipped_non_finite:
             return
         # Model FLOPs of SimPO's work (a reference model's pass not counted) per rank.
-        flops = pair_flops(self.source.config, self.data.train_pairs, record.indices,
+        # The model as built (ModelConfig.for_rows): a window no row outgrows is left out.
+        flops = pair_flops(self.source.config.for_rows(self.config.data.seq_length),
+                           self.data.train_pairs, record.indices,
                            share_prompt=self.config.batching.share_prompt)
         tflops = flops / elapsed / 1e12 / self.env.world_size
         self.writer.write(iteration, record.values(consumed, elapsed, tflops))

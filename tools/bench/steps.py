@@ -83,7 +83,8 @@ def preference_step(rank, algorithm, model_dict, pairs, seq, steps, warmup, chun
     from megatron_simpo.model.precision import Fp8Config, check_fp8_support
     from megatron_simpo.training.step import train_step
 
-    config, parallel = ModelConfig.from_dict(model_dict), ParallelConfig()
+    # built as training builds it: a window no row of ``seq`` tokens outgrows is left out
+    config, parallel = ModelConfig.from_dict(model_dict).for_rows(seq), ParallelConfig()
     env = runtime.initialize(parallel, seed=0)
     overrides = {}
     if fp8 is not None:
