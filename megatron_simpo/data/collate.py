@@ -70,6 +70,12 @@ class PreferenceBatch:
     """Shared-prompt rows only: [4, k] int64, every scored token as (row, index in the row,
     label, sequence); a prompt's last position is scored twice (the first chosen and the first
     rejected token)."""
+    scored_tokens: torch.Tensor | None = None
+    """Unpacked and packed rows: [4, k] int64, the positions where ``loss_mask`` is 1 in
+    row-major order as (row, index in the row, label, sequence), found on the host when the
+    batch is made (``scored_tokens``), so that the step need not read the mask back from the
+    device (a nonzero: a device sync per micro-batch). None where a batch is cut on the device
+    or re-laid (a context-parallel share): the step then finds them from ``loss_mask``."""
 
     @property
     def packed(self) -> bool:
@@ -105,8 +111,11 @@ class PreferenceBatch:
         if start % 2 or stop % 2:
             raise ValueError("row ranges must cover whole pairs (even bounds)")
         ref = None if self.reference_logp_sum is None else self.reference_logp_sum[start:stop]
-        return PreferenceBatch(self.tokens[start:stop], self.labels[start:stop],
-                               self.loss_mask[start:stop], self.position_ids[start:stop], ref)
+        labels, loss_mask = self.labels[start:stop], self.loss_mask[start:stop]
+        on_host = loss_mask.device.type == "cpu"
+        return PreferenceBatch(self.tokens[start:stop], labels, loss_mask,
+                               self.position_ids[start:stop], ref,
+                               scored_tokens=scored_tokens(labels, loss_mask) if on_host else None)
 
     def to(self, device: torch.device) -> "PreferenceBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -127,6 +136,7 @@ class PreferenceBatch:
         share = {name: getattr(self, name)[:, at] for name in (
             "tokens", "labels", "loss_mask", "position_ids", "sequence_ids")
             if getattr(self, name) is not None}
+        share["scored_tokens"] = None  # the whole row's; the share's come from its loss mask
         if self.scored is not None:  # the scored tokens whose position this rank holds
             local = torch.full((self.seq_length,), -1, dtype=torch.long, device=at.device)
             local[at] = torch.arange(len(at), device=at.device)
@@ -135,6 +145,16 @@ class PreferenceBatch:
             share["scored"] = torch.stack([rows[mine], local[index[mine]], labels[mine],
                                            sequences[mine]])
         return replace(self, **share)
+
+
+def scored_tokens(labels: torch.Tensor, loss_mask: torch.Tensor,
+                  sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[4, k] int64 (row, index in the row, label, sequence) of every position where
+    ``loss_mask`` is nonzero, in row-major order; the sequence is the row unless
+    ``sequence_ids`` (packed rows) says otherwise. For host tensors (the collate's)."""
+    rows, positions = loss_mask.nonzero(as_tuple=True)
+    sequences = rows if sequence_ids is None else sequence_ids[rows, positions]
+    return torch.stack([rows, positions, labels[rows, positions], sequences])
 
 
 def _sequence(pair: TokenizedPair, index: int, offset: int, limit: int) -> tuple[torch.Tensor, int]:
@@ -169,7 +189,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], seq_length: int, pad_id: int =
             labels[row, :length] = full[1:]
             loss_mask[row, prompt_length - 1:length] = 1.0
     position_ids = torch.arange(seq_length, dtype=torch.long).unsqueeze(0).expand(n_rows, -1)
-    return PreferenceBatch(tokens, labels, loss_mask, position_ids.contiguous())
+    return PreferenceBatch(tokens, labels, loss_mask, position_ids.contiguous(),
+                           scored_tokens=scored_tokens(labels, loss_mask))
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0, *,
@@ -207,7 +228,8 @@ def collate_packed(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0,
     cu_seqlens = torch.tensor(starts, dtype=torch.int32)
     return PreferenceBatch(tokens, labels, loss_mask, position_ids, None, sequence_ids,
                            cu_seqlens, thd=thd, packed_pairs=len(pairs),
-                           longest_segment=int(cu_seqlens.diff().max()))
+                           longest_segment=int(cu_seqlens.diff().max()),
+                           scored_tokens=scored_tokens(labels, loss_mask, sequence_ids))
 
 
 def collate_shared(pairs: Sequence[TokenizedPair], length: int, pad_id: int = 0, *,

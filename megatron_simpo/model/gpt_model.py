@@ -147,7 +147,14 @@ def gpt_model_class():
 def _scale_embedding(scale: float, embedding, args, output: torch.Tensor) -> torch.Tensor:
     """Forward hook of the embedding: its [s, b, h] output times ``scale``, a scalar of the
     output's dtype (so bf16 rounds sqrt(hidden) as transformers does)."""
-    return output * torch.tensor(scale, dtype=output.dtype, device=output.device)
+    return output * _scalar(scale, output.dtype, output.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-dim tensor on ``device``, made once: a new one per forward would be a
+    blocking host-to-device copy (a device sync on a GPU) per micro-batch."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _softcap_logits(cap: float, output_layer, args, output):

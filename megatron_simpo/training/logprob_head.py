@@ -105,7 +105,8 @@ class LogprobHead:
             raise ValueError("the memory-lean head scores chosen positions only: give `at`")
         model = getattr(model, "module", model)
         hidden = output[at]
-        if not model.config.sequence_parallel:
+        if not model.config.sequence_parallel and \
+                parallel_state.get_tensor_model_parallel_world_size() > 1:
             # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
             # Under sequence parallelism the model's gather already reduce-scatters it.
             hidden = copy_to_tensor_model_parallel_region(hidden)

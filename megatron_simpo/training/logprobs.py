@@ -167,15 +167,20 @@ class _FusedOutputLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size, softcap=None):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = start + chunk_size
+        def chunk(start, stop):
             logits = hidden[start:stop] @ weight.t()
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-            out[start:stop], lse[start:stop] = _chunk_forward(
-                logits, labels[start:stop], vocab_size, group)
+            return _chunk_forward(logits, labels[start:stop], vocab_size, group)
+
+        if 0 < hidden.shape[0] <= chunk_size:  # one chunk: its results are the outputs
+            out, lse = chunk(0, hidden.shape[0])
+        else:
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            lse = torch.empty_like(out)
+            for start in range(0, hidden.shape[0], chunk_size):
+                stop = start + chunk_size
+                out[start:stop], lse[start:stop] = chunk(start, stop)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.vocab_size, ctx.group, ctx.chunk_size = vocab_size, group, chunk_size
         ctx.softcap = softcap
@@ -184,7 +189,8 @@ class _FusedOutputLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         hidden, weight, labels, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
+        one_chunk = 0 < hidden.shape[0] <= ctx.chunk_size
+        grad_hidden = None if one_chunk else torch.empty_like(hidden)
         # Under Megatron's DDP the weight carries its fp32 gradient buffer (main_grad): add the
         # chunks straight into it, as Megatron's fused weight-gradient GEMMs do, instead of
         # building a separate fp32 [V_p/tp, h] sum and a copy of it in the weight's dtype.
@@ -203,7 +209,10 @@ class _FusedOutputLogProbs(torch.autograd.Function):
                                            ctx.vocab_size, ctx.group, weight.dtype)
             if tanh is not None:  # d(c tanh(z / c)) / dz = 1 - tanh(z / c)^2
                 grad_logits = (grad_logits.float() * (1 - tanh.float().square())).to(weight.dtype)
-            grad_hidden[start:stop] = grad_logits @ weight
+            if one_chunk:
+                grad_hidden = (grad_logits @ weight).to(hidden.dtype)
+            else:
+                grad_hidden[start:stop] = grad_logits @ weight
             # Accumulate in place: no [V_p/tp, h] temporary per chunk.
             add_product_(grad_weight, grad_logits.t(), hidden[start:stop])
         if into_main_grad:

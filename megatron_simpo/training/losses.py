@@ -236,7 +236,8 @@ def preference_loss(chosen_logp_sum: torch.Tensor, chosen_count: torch.Tensor,
             h = h + config.rdpo_alpha * (chosen_count - rejected_count).to(h.dtype)
         if config.loss_type == "sigmoid":
             eps = config.label_smoothing
-            loss = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+            loss = (-(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h) if eps
+                    else -F.logsigmoid(h))
         else:
             loss = torch.relu(1 - h)
     elif config.algorithm == "ipo":

@@ -111,12 +111,19 @@ def _local_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: 
                 zeros.index_add(0, sequences, torch.ones_like(logps)))
     if head.full_logits and not batch.packed:
         return sequence_logprobs(head.logps(output, batch.labels, model), batch.loss_mask)
-    rows, positions = batch.loss_mask.nonzero(as_tuple=True)
-    logps = head.logps(output, batch.labels, model, at=(rows, positions))
-    sequences = batch.sequence_ids[rows, positions] if batch.packed else rows
-    mask = batch.loss_mask[rows, positions].to(logps.dtype)
+    if batch.scored_tokens is not None:  # found on the host by the collate: no device read-back
+        rows, positions, labels, sequences = batch.scored_tokens
+        if head.full_logits:  # full logits score every position, then pick (labels [b, s])
+            labels = batch.labels
+    else:  # a batch cut or re-laid on the device: a nonzero (a device sync on a GPU)
+        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+        labels = batch.labels
+        sequences = batch.sequence_ids[rows, positions] if batch.packed else rows
+    logps = head.logps(output, labels, model, at=(rows, positions))
+    # The loss mask is exactly 1 at every scored position: each one counts once.
     zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
-    return zeros.index_add(0, sequences, logps * mask), zeros.index_add(0, sequences, mask)
+    return (zeros.index_add(0, sequences, logps),
+            zeros.index_add(0, sequences, torch.ones_like(logps)))
 
 
 @dataclass(frozen=True)
@@ -145,10 +152,12 @@ def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Ten
         logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], spec.loss,
         None if reference is None else reference[0::2],
         None if reference is None else reference[1::2])
-    metric_sums = torch.stack([metrics[name].sum() for name in spec.loss.metric_names])
-    # Counted once over the CP group (finalize_model_grads sums counts over DP x CP).
+    metric_sums = torch.stack([metrics[name] for name in spec.loss.metric_names]).sum(dim=1)
+    # Counted once over the CP group (finalize_model_grads sums counts over DP x CP). A host
+    # tensor: the schedule adds it to its device total as a scalar (a device tensor made from
+    # a Python int here would be a blocking host-to-device copy, a sync, per micro-batch).
     pairs = batch.num_pairs if _context_parallel()[0] == 0 else 0
-    num_pairs = torch.tensor(pairs, dtype=torch.int, device=loss.device)
+    num_pairs = torch.tensor(pairs, dtype=torch.int)
     return loss.sum(), num_pairs, _Report(metric_sums, logp_sum.detach())
 
 
