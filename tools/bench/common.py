@@ -19,7 +19,7 @@ from typing import Literal
 
 from megatron_simpo.cli.flags import Command, Section
 
-Preset = Literal["cpu-small", "cpu-lengths", "llama3.2-1b", "llama3-8b", "gemma2-2b"]
+Preset = Literal["cpu-small", "cpu-lengths", "cpu-host", "llama3.2-1b", "llama3-8b", "gemma2-2b"]
 
 # Model shapes by name (ModelConfig fields, head_dim spelled out as a converted config has it);
 # the default CPU shape is small enough for 2 cores.
@@ -32,6 +32,12 @@ PRESETS = {
     "cpu-lengths": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1536,
                         num_attention_heads=8, num_query_groups=2, head_dim=64, vocab_size=4096,
                         max_position_embeddings=4096, rope_theta=500000.0),
+    # Compute next to nothing: a step's time is the host's work (Python, op dispatch), which a
+    # GPU step of short micro-batches also pays (docs/performance.md, issue 26).
+    "cpu-host": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                     num_query_groups=2, head_dim=16, vocab_size=256,
+                     max_position_embeddings=4096, rope_theta=500000.0,
+                     rope_scaling_factor=32.0, tie_word_embeddings=True),
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192,
                         num_attention_heads=32, num_query_groups=8, head_dim=64,
                         vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,

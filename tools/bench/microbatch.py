@@ -15,8 +15,12 @@ rate, how much slower than its FLOPs each kind runs: 1.0 means no fixed cost at 
   python -m tools.bench microbatch --preset llama3.2-1b --tokens 1024 4096 --profile OUT
 
 ``--profile DIR`` also records one ``new`` step of the smallest size with torch.profiler
-(DIR/microbatch_profile.txt: operators by host and device time, syncs, allocator calls, and
-torch.compile's compile times).
+(DIR/microbatch_profile.txt: operators by host and device time, syncs, allocator calls,
+torch.compile's compile times, and per micro-batch the operators the host dispatches and its
+reads of device values). ``--preset cpu-host`` (a model that computes next to nothing) measures
+the host's work alone, on any machine:
+
+  python -m tools.bench microbatch --preset cpu-host --tokens 96 --microbatches 16 --profile OUT
 """
 
 from __future__ import annotations
@@ -46,7 +50,24 @@ def _microbatch(vocab: int, pairs: int, row: int, seed: int):
                           for _ in range(pairs)], row)
 
 
-def _profile_report(profiler, path: Path) -> None:
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero")
+"""Operators that read a device value on the host (on a GPU: the host waits for the device)."""
+
+
+def op_counts(events, microbatches: int) -> list[str]:
+    """Per micro-batch: torch operators issued at the top level (not inside another operator:
+    what the host dispatches), all of them, and each host read of a device value."""
+    aten = [e for e in events if e.name.startswith("aten::")]
+    top = [e for e in aten if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    lines = [f"== per micro-batch ({microbatches} in the step, optimizer step included)",
+             f"top-level operators {len(top) / microbatches:.1f}, all {len(aten) / microbatches:.1f}"]
+    for name in SYNCS:
+        found = sum(e.name == name for e in aten)
+        lines.append(f"{name:<50}{found / microbatches:>8.2f}")
+    return lines
+
+
+def _profile_report(profiler, path: Path, microbatches: int) -> None:
     averages = profiler.key_averages()
     lines = ["== by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=30),
              "== by device time", averages.table(sort_by="self_device_time_total", row_limit=20)]
@@ -57,6 +78,7 @@ def _profile_report(profiler, path: Path) -> None:
     for event in averages:
         if any(event.key.startswith(name) for name in watched):
             lines.append(f"{event.key:<50}{event.count:>8}{event.cpu_time_total / 1e3:>12.2f}")
+    lines += op_counts(profiler.events(), microbatches)
     try:
         from torch._dynamo.utils import compile_times
 
@@ -64,7 +86,7 @@ def _profile_report(profiler, path: Path) -> None:
     except Exception as error:  # a private helper: report its absence, do not fail the bench
         lines.append(f"== torch.compile: compile_times unavailable ({error})")
     path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-12:]))
+    print("\n".join(lines[-18:]))
 
 
 def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, overrides,
@@ -128,7 +150,7 @@ def _run(rank, model_dict, tokens, pairs, microbatches, steps, warmup, chunk, ov
         with profile(activities=activities) as profiler:
             step(mbs)
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
-        _profile_report(profiler, Path(profile_dir) / "microbatch_profile.txt")
+        _profile_report(profiler, Path(profile_dir) / "microbatch_profile.txt", len(mbs))
     return results
 
 
