@@ -22,7 +22,7 @@ from megatron_simpo.model.architecture import ModelConfig
 from megatron_simpo.model.gpt_model import MODEL_OUTPUTS, ModelOutput, gpt_model_class
 from megatron_simpo.model.layers import (RMSNorm, dual_rope_self_attention, gelu_tanh,
                                          post_norm_row_parallel_linear)
-from megatron_simpo.model import wgrad
+from megatron_simpo.model import rope, wgrad
 from megatron_simpo.model.moe import experts_apart, moe_transformer_fields, router_gemm_without_te
 from megatron_simpo.distributed.parallel import ParallelConfig
 
@@ -241,6 +241,7 @@ def build_model(config: ModelConfig, parallel: ParallelConfig, *,
         raise ValueError(f"output_mode must be one of {', '.join(MODEL_OUTPUTS)}, got "
                          f"{output_mode!r}")
     parallel.check_model(config)
+    rope.install()  # its cosines and sines once per forward (exact: model/rope.py)
     if config.is_moe:
         router_gemm_without_te()
     if pre_process is None:
