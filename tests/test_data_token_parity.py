@@ -242,3 +242,40 @@ def test_a_tool_call_turn_with_null_content_is_kept(tmp_path):
     [pair] = _pairs(tokenizer, tmp_path, [{"prompt": prompt, "chosen": "It is sunny.",
                                            "rejected": "no"}])
     assert len(pair.prompt) > 0
+
+
+def test_tools_as_arrow_structs_read_as_their_jsonl(tmp_path):
+    """Parquet holds every row's tool schemas and template arguments in one struct type: a key
+    one row has is null in the others (``"x": null`` rendered, an argument defined as None).
+    They are left out, so the same rows give the same tokens (and fingerprint) as JSONL."""
+    import pandas as pd
+
+    from megatron_simpo.data.cache import prepare_data
+
+    tokenizer = _tools_tokenizer()
+    tokenizer.chat_template = _TOOLS_TEMPLATE.replace(
+        "{% if brief %}..{% endif %}", "{% if brief is defined %}[{{ brief }}]{% endif %}")
+    rows = [{"prompt": "add 2 and 3", "chosen": "5", "rejected": "6", "tools": [_TOOL],
+             "chat_template_kwargs": {"brief": True}},
+            {"prompt": "neg 2", "chosen": "-2", "rejected": "2",
+             "tools": [{"name": "neg", "parameters": {"x": "int"}}],
+             "chat_template_kwargs": {"other": 1}}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    got = {}
+    for name in ("d.jsonl", "d.parquet"):
+        prepared = prepare_data(DataConfig(train_data_path=str(tmp_path / name), seq_length=256,
+                                           max_prompt_length=200,
+                                           data_cache_dir=str(tmp_path / f"cache-{name}")),
+                                tokenizer, tmp_path, seed=0)
+        got[name] = ([[list(p.prompt), list(p.chosen), list(p.rejected)] for p in prepared.train],
+                     prepared.fingerprint)
+    assert "null" not in tokenizer.decode(got["d.parquet"][0][1][0])
+    assert got["d.parquet"] == got["d.jsonl"]
+
+
+def test_a_template_argument_that_tokenization_sets_is_refused(tmp_path):
+    row = {"prompt": "a", "chosen": "b", "rejected": "c",
+           "chat_template_kwargs": {"messages": []}}
+    with pytest.raises(DataError, match="d.jsonl:1: column 'chat_template_kwargs' sets messages"):
+        _pairs(_tools_tokenizer(), tmp_path, [row])

@@ -77,3 +77,22 @@ def test_what_it_does_not_take_goes_to_megatrons_rope(case):
     finally:
         rope._megatron_apply = real
     assert len(seen) == 1
+
+
+def test_a_layers_view_of_stacked_tables_is_made_once_per_table_and_keeps_the_masks(monkeypatch):
+    """Gemma-3: every layer takes its table as a new view of the model's stacked two
+    ([2, s, b, 1, d]); one entry per table and forward, and no layer's view pushes the forward's
+    masks out of the cache (it did: a block mask rebuilt every few layers)."""
+    rope.install()
+    forward_cache.clear()
+    calls, builds = [], []
+    real = torch.cos
+    monkeypatch.setattr(torch, "cos", lambda x: calls.append(x) or real(x))
+    t = torch.randn(5, 1, 2, 8)
+    stacked = torch.randn(2, 5, 1, 1, 8)
+    for layer in range(12):
+        out = rope.apply(t, stacked[int(layer % 6 == 5)], _config())
+        assert torch.equal(out, _megatron(t, stacked[int(layer % 6 == 5)].clone(), _config()))
+        forward_cache.per_forward(forward_cache.CAUSAL, ("mask",),
+                                  lambda: builds.append(1) or object())
+    assert len(calls) == 2 + 12 and len(builds) == 1  # 12: Megatron's own, for the comparison

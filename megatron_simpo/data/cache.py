@@ -47,7 +47,7 @@ from megatron_simpo.data.integrity import (ABSENT, PAIRS, SUMMARY, builder_guard
 from megatron_simpo.data.pair_table import PairTable
 from megatron_simpo.data.sampler import held_out_split
 from megatron_simpo.data.sources import (TEMPLATE_COLUMNS, ColumnMap, SourceError, row_source,
-                                         rows_dataset)
+                                         rows_dataset, without_filled_nulls)
 from megatron_simpo.data.tokenization import (check_tokenizer, identical_pair_error,
                                               tokenize_records)
 
@@ -73,7 +73,9 @@ def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, config: DataC
     names = [name for name in ("prompt", "chosen", "rejected") + TEMPLATE_COLUMNS
              if name in batch]
     rows = [{"source": sources[k], **{name: json.loads(batch[name][k]) if encoded
-                                      else batch[name][k] for name in names}}
+                                      else without_filled_nulls(batch[name][k])
+                                      if name in TEMPLATE_COLUMNS else batch[name][k]
+                                      for name in names}}
             for k in range(n)]
     try:
         records = tokenize_records(rows, tokenizer, config)

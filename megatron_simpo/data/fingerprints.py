@@ -17,7 +17,7 @@ from pathlib import Path
 from megatron_simpo.data.config import DataConfig, DataError
 from megatron_simpo.data.sources import FILE_KINDS, SourceError, kind_of, open_source, where_of
 
-FORMAT = "megatron_simpo.pairs/2"
+FORMAT = "megatron_simpo.pairs/3"
 """Changes whenever tokenization (tokenization.tokenize_records) or the cached layout changes."""
 
 MEMO_FILE = "source-hashes.json"

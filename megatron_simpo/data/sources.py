@@ -39,6 +39,19 @@ TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
 read where a source has them, under these names."""
 
 
+def without_filled_nulls(value):
+    """A ``TEMPLATE_COLUMNS`` value as read from Arrow (Parquet, Arrow, the Hub), without the
+    null keys Arrow adds: one struct type holds every row's objects, so a tool schema or
+    template argument that one row has appears in every other row as null (``"x": null`` in
+    the rendered schemas, an argument a template finds defined). Dropped, as a JSONL row that
+    never had them reads; a JSON-text column (a string) is read as written."""
+    if isinstance(value, dict):
+        return {k: without_filled_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_filled_nulls(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class ColumnMap:
     """Which columns hold the prompt and the two responses."""
@@ -114,7 +127,9 @@ def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
     where = where_of(source, kind, split)
     names = [name for name in ("prompt", "chosen", "rejected") + TEMPLATE_COLUMNS
              if name in dataset.column_names]
-    return [{**{name: json.loads(row[name]) if encoded else row[name] for name in names},
+    return [{**{name: json.loads(row[name]) if encoded else
+                (without_filled_nulls(row[name]) if name in TEMPLATE_COLUMNS else row[name])
+                for name in names},
              "source": row["source"] if encoded else row_source(where, index)}
             for index, row in enumerate(dataset)]
 

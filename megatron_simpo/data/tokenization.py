@@ -275,7 +275,8 @@ def template_options(row: dict, where: str) -> dict:
     return options
 
 
-_TEMPLATE_ARGUMENTS = frozenset({"conversation", "tools", "tokenize", "add_generation_prompt",
+_TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tools", "tokenize",
+                                 "add_generation_prompt", "return_assistant_tokens_mask",
                                  "continue_final_message", "return_dict", "return_tensors",
                                  "padding", "truncation", "max_length", "chat_template"})
 """``apply_chat_template``'s own arguments: not a row's to set."""

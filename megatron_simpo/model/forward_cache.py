@@ -14,7 +14,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable
 
-_SIZE = 4
+_SIZE = 8
 _cache: list = []  # [(weakref to the source, key, value)], newest last
 
 
@@ -31,6 +31,10 @@ def per_forward(source: Any, key: tuple, make: Callable[[], Any]) -> Any:
         if ref() is source and cached_key == key:
             return value
     value = make()
+    # Entries whose source is gone can never match again: dropped first, so that they do not
+    # push out live ones (a source made anew in every layer, e.g. a view, would otherwise
+    # evict the forward's masks every few layers).
+    _cache[:] = [entry for entry in _cache if entry[0]() is not None]
     _cache.append((weakref.ref(source), key, value))
     del _cache[:-_SIZE]
     return value

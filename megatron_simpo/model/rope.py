@@ -39,7 +39,12 @@ def apply(t: torch.Tensor, freqs: torch.Tensor, config, cu_seqlens=None, mscale:
             or freqs.shape[-1] != t.shape[-1]):
         return _megatron_apply(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale,
                                cp_group=cp_group, **options)
-    cos_, sin_ = forward_cache.per_forward(freqs, ("rope", mscale, t.dtype), lambda: (
+    # A view made anew in every layer (Gemma-3's layer picks its table of the model's stacked
+    # two, [2, s, b, 1, d]) is keyed by the tensor it views and where it lies in it: one entry
+    # per table and forward, not one per layer.
+    base = freqs if freqs._base is None else freqs._base
+    where = (freqs.storage_offset(), tuple(freqs.shape), freqs.stride(), freqs.dtype)
+    cos_, sin_ = forward_cache.per_forward(base, ("rope", mscale, t.dtype, where), lambda: (
         (torch.cos(freqs) * mscale).to(t.dtype), (torch.sin(freqs) * mscale).to(t.dtype)))
     return (t * cos_) + (_rotate_half(t, False) * sin_)
 
