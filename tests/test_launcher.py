@@ -53,6 +53,23 @@ def _finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
         raise AssertionError(f"no end within {timeout} s; killed. stderr:\n{err[-3000:]}") from None
 
 
+def _training_ranks(launcher_pid: int) -> dict:
+    """The training ranks under ``launcher_pid`` by LOCAL_RANK: processes running
+    megatron_simpo.cli.train whose parent does not (a rank's forks, such as its tokenizing
+    workers, show the same command line), skipping any that end while they are looked at."""
+    import psutil
+
+    def trains(process) -> bool:
+        return "megatron_simpo.cli.train" in " ".join(process.cmdline())
+
+    ranks = {}
+    for process in psutil.Process(launcher_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, KeyError, ValueError):
+            if trains(process) and not trains(process.parent()):
+                ranks[int(process.environ()["LOCAL_RANK"])] = process
+    return ranks
+
+
 TORCH_PORT = 29500
 """torchrun's and torch's default rendezvous port: another job on the machine may hold it."""
 
@@ -124,8 +141,6 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
     import signal
     import time
 
-    import psutil
-
     flags = ["--train-iters", 30, "--log-interval", 1, "--eval-interval", 1000,
              "--save-interval", 1000]
     straight_dir = _demo_folder(tmp_path, demo_assets, "straight")
@@ -140,8 +155,7 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
         if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
+    ranks = list(_training_ranks(launcher.pid).values())
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGTERM)
     out, err = _finish(launcher, 300)
@@ -226,8 +240,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(demo_assets, t
     import psutil
 
     run_dir, launcher = _long_run_after_its_first_step(demo_assets, tmp_path)
-    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "megatron_simpo.cli.train" in " ".join(p.cmdline())]
+    ranks = list(_training_ranks(launcher.pid).values())
     assert len(ranks) == 2
     launcher.send_signal(signal.SIGKILL)  # the torchrun agent (exec'd by the launcher script)
     _finish(launcher, 60)
@@ -291,8 +304,6 @@ def test_a_signal_before_training_began_stops_at_once_with_one_line(demo_assets,
     import signal
     import time
 
-    import psutil
-
     run_dir = _demo_folder(tmp_path, demo_assets, "run")
     env = {"SAVE": str(run_dir)}
     if case == "one_rank_not_started":
@@ -303,9 +314,7 @@ def test_a_signal_before_training_began_stops_at_once_with_one_line(demo_assets,
     deadline = time.monotonic() + 120
     while True:
         assert launcher.poll() is None and time.monotonic() < deadline
-        ranks = {int(p.environ()["LOCAL_RANK"]): p.pid
-                 for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if "megatron_simpo.cli.train" in " ".join(p.cmdline())}
+        ranks = {rank: p.pid for rank, p in _training_ranks(launcher.pid).items()}
         started = [0] if case == "one_rank_not_started" else [0, 1]
         with contextlib.suppress(OSError, KeyError):
             if len(ranks) == 2 and all(_catches_sigterm(ranks[rank]) for rank in started):
