@@ -310,10 +310,8 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
 
 def check_model_config(checkpoint: Path, expected: ModelConfig) -> None:
     """Refuse a checkpoint of another architecture, naming the fields that differ."""
-    saved = read_model_config(checkpoint).to_dict()
-    wanted = expected.to_dict()
-    differ = [f"{k}: checkpoint {saved.get(k)!r} vs model {wanted.get(k)!r}"
-              for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    differ = [f"{k}: checkpoint {saved!r} vs model {wanted!r}" for k, (saved, wanted) in
+              sorted(read_model_config(checkpoint).differences(expected).items())]
     if differ:
         raise ValueError(f"checkpoint {checkpoint} does not match the model: " + "; ".join(differ))
 

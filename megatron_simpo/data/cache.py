@@ -46,8 +46,8 @@ from megatron_simpo.data.integrity import (ABSENT, PAIRS, SUMMARY, builder_guard
                                            sweep_dead_builds, token_id_problem, tokens_digest)
 from megatron_simpo.data.pair_table import PairTable
 from megatron_simpo.data.sampler import held_out_split
-from megatron_simpo.data.sources import (TEMPLATE_COLUMNS, ColumnMap, SourceError, row_source,
-                                         rows_dataset, without_filled_nulls)
+from megatron_simpo.data.sources import (TEMPLATE_COLUMNS, ColumnMap, SourceError,
+                                         column_value, row_source, rows_dataset)
 from megatron_simpo.data.tokenization import (check_tokenizer, identical_pair_error,
                                               tokenize_records)
 
@@ -72,9 +72,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, config: DataC
     sources = batch["source"] if "source" in batch else [row_source(where, i) for i in indices]
     names = [name for name in ("prompt", "chosen", "rejected") + TEMPLATE_COLUMNS
              if name in batch]
-    rows = [{"source": sources[k], **{name: json.loads(batch[name][k]) if encoded
-                                      else without_filled_nulls(batch[name][k])
-                                      if name in TEMPLATE_COLUMNS else batch[name][k]
+    rows = [{"source": sources[k], **{name: column_value(name, batch[name][k], encoded)
                                       for name in names}}
             for k in range(n)]
     try:

@@ -52,6 +52,15 @@ def without_filled_nulls(value):
     return value
 
 
+def column_value(name: str, value, encoded: bool):
+    """A row's value of column ``name`` as ``rows_dataset`` gives it: JSON text where the
+    dataset is ``encoded`` (JSONL), else as Arrow holds it, the template columns without the
+    null keys Arrow fills in (``without_filled_nulls``)."""
+    if encoded:
+        return json.loads(value)
+    return without_filled_nulls(value) if name in TEMPLATE_COLUMNS else value
+
+
 @dataclass(frozen=True)
 class ColumnMap:
     """Which columns hold the prompt and the two responses."""
@@ -127,9 +136,7 @@ def read_rows(source: str, *, split: str, columns: ColumnMap = ColumnMap(),
     where = where_of(source, kind, split)
     names = [name for name in ("prompt", "chosen", "rejected") + TEMPLATE_COLUMNS
              if name in dataset.column_names]
-    return [{**{name: json.loads(row[name]) if encoded else
-                (without_filled_nulls(row[name]) if name in TEMPLATE_COLUMNS else row[name])
-                for name in names},
+    return [{**{name: column_value(name, row[name], encoded) for name in names},
              "source": row["source"] if encoded else row_source(where, index)}
             for index, row in enumerate(dataset)]
 

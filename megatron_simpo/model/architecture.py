@@ -203,6 +203,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def differences(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+        """The settings ``other`` has otherwise, by name: (this one's, the other's)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {name: (value, theirs[name]) for name, value in mine.items()
+                if theirs[name] != value}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -280,8 +286,7 @@ def hf_config_dict(config: ModelConfig, base: dict | None, dtype: torch.dtype) -
         if config.rope_scaling_factor is not None:
             out["rope_scaling"] = dict(rope_type="llama3", factor=config.rope_scaling_factor,
                                        **MEGATRON_LLAMA3_ROPE)
-    described = ModelConfig.from_hf_config(out).to_dict()
-    differ = {k: (v, described[k]) for k, v in config.to_dict().items() if described[k] != v}
+    differ = config.differences(ModelConfig.from_hf_config(out))
     if differ:  # e.g. the original's RoPE fields no longer hold
         raise ValueError(f"the exported config.json would not describe the checkpoint's model "
                          f"(field: (checkpoint, config.json)): {differ}")

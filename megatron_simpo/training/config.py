@@ -215,19 +215,18 @@ class TrainConfig:
         from megatron_simpo.data.sources import FILE_KINDS, SourceError, kind_of
 
         kinds = []
-        for flag, source in (("--train-data-path", self.data.train_data_path),
-                             ("--valid-data-path", self.data.valid_data_path)):
+        for flag, source, split_flag, split, default in (
+                ("--train-data-path", self.data.train_data_path, "--train-split",
+                 self.data.train_split, "train"),
+                ("--valid-data-path", self.data.valid_data_path, "--valid-split",
+                 self.data.valid_split, "test")):
+            if not source:
+                continue
             try:
-                if source:
-                    kinds.append(kind_of(source))  # a file, a save_to_disk folder or a Hub name
+                kinds.append(kind_of(source))  # a file, a save_to_disk folder or a Hub name
             except SourceError as error:
                 raise FileNotFoundError(f"{flag}: {error}") from None
-        for (flag, source), kind, split_flag, split, default in zip(
-                (("--train-data-path", self.data.train_data_path),
-                 ("--valid-data-path", self.data.valid_data_path)), kinds,
-                ("--train-split", "--valid-split"),
-                (self.data.train_split, self.data.valid_split), ("train", "test")):
-            if kind in FILE_KINDS and split != default:
+            if kinds[-1] in FILE_KINDS and split != default:
                 raise ValueError(f"{split_flag} {split} applies to a Hub dataset or a "
                                  f"DatasetDict folder, not the file {flag} {source}")
         if self.data.dataset_config is not None and "hub" not in kinds:

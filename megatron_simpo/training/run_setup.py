@@ -65,9 +65,8 @@ def resolve_model_source(config: TrainConfig) -> ModelSource:
                 continue
             first = (ModelConfig.from_hf_config(given) if flag == "--model-config"
                      else checkpointing.read_model_config(given))
-            differ = [f"{name} {getattr(model_config, name)} -> {getattr(first, name)}"
-                      for name in model_config.__dataclass_fields__
-                      if getattr(model_config, name) != getattr(first, name)]
+            differ = [f"{name} {old} -> {new}"
+                      for name, (old, new) in model_config.differences(first).items()]
             if differ:
                 raise ValueError(f"--load {resume} holds another model than {flag} {given} "
                                  f"({', '.join(differ)}): resume with the {flag} the run "

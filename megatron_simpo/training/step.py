@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_simpo.data.collate import PreferenceBatch
+from megatron_simpo.data.collate import PreferenceBatch, scored_tokens
 from megatron_simpo.training.guards import finite_everywhere, gradient_buffers
 from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.training.logprobs import sequence_logprobs
@@ -111,14 +111,13 @@ def _local_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: 
                 zeros.index_add(0, sequences, torch.ones_like(logps)))
     if head.full_logits and not batch.packed:
         return sequence_logprobs(head.logps(output, batch.labels, model), batch.loss_mask)
-    if batch.scored_tokens is not None:  # found on the host by the collate: no device read-back
-        rows, positions, labels, sequences = batch.scored_tokens
-        if head.full_logits:  # full logits score every position, then pick (labels [b, s])
-            labels = batch.labels
-    else:  # a batch cut or re-laid on the device: a nonzero (a device sync on a GPU)
-        rows, positions = batch.loss_mask.nonzero(as_tuple=True)
+    # Found on the host by the collate (no device read-back); for a batch cut or re-laid on
+    # the device, from its loss mask here (a nonzero: a device sync on a GPU).
+    rows, positions, labels, sequences = (
+        batch.scored_tokens if batch.scored_tokens is not None else
+        scored_tokens(batch.labels, batch.loss_mask, batch.sequence_ids if batch.packed else None))
+    if head.full_logits:  # full logits score every position, then pick (labels [b, s])
         labels = batch.labels
-        sequences = batch.sequence_ids[rows, positions] if batch.packed else rows
     logps = head.logps(output, labels, model, at=(rows, positions))
     # The loss mask is exactly 1 at every scored position: each one counts once.
     zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
