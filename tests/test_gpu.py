@@ -434,3 +434,46 @@ def test_mixture_of_experts_on_a_gpu_matches_transformers(tmp_path):
     scale = expected.abs().max().item()
     assert (logits["fp32"] - expected).abs().max().item() <= 1e-3 * max(1.0, scale)
     assert (logits["bf16"] - expected).abs().max().item() <= 0.05 * max(1.0, scale)
+
+
+def _grouped_causal_attention(rank, hf_config):
+    """SDPAttention on causal rows with grouped keys/values: bf16 on CUDA (the flash kernel
+    takes the groups as they are) and fp32 on the CPU; outputs and input gradients of each."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.model.attention import SDPAttention, grouped_sdpa
+    from megatron_simpo.model.builder import transformer_config
+
+    config = ModelConfig.from_hf_config(hf_config)
+    runtime.initialize(ParallelConfig(), seed=0, model_config=config)
+    module = SDPAttention(transformer_config(config, ParallelConfig()), layer_number=1,
+                          attn_mask_type=AttnMaskType.causal, attention_type="self")
+    g = torch.Generator().manual_seed(0)
+    s, b, hn = 256, 2, config.kv_channels
+    inputs = [torch.randn(s, b, n, hn, generator=g) for n in
+              (config.num_attention_heads, config.num_query_groups, config.num_query_groups)]
+    upstream = torch.randn(s, b, config.num_attention_heads * hn, generator=g)
+    results = {}
+    for name, device, dtype in (("cuda_bf16", "cuda", torch.bfloat16),
+                                ("cpu_fp32", "cpu", torch.float32)):
+        leaves = [t.to(device, dtype).requires_grad_(True) for t in inputs]
+        out = module(*leaves, attention_mask=None)
+        out.backward(upstream.to(device, dtype))
+        results[name] = [out.detach().float().cpu()] + [t.grad.float().cpu() for t in leaves]
+    used = grouped_sdpa(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+    return results, used
+
+
+@needs_gpu
+def test_grouped_query_causal_attention_on_cuda_matches_cpu():
+    """Plain causal rows with GQA on a GPU: SDPA's flash kernel takes the key/value groups
+    unrepeated (enable_gqa); output and q/k/v gradients equal the CPU's fp32 attention."""
+    hf_config = tiny_hf_config("llama3", **GPU_MODEL)
+    results, used = run_on_ranks(1, _grouped_causal_attention, hf_config)[0]
+    assert used
+    for got, want in zip(results["cuda_bf16"], results["cpu_fp32"]):
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()

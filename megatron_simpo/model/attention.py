@@ -72,6 +72,7 @@ except ImportError:  # PyTorch < 2.10
 
 CUDA_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 _VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
 
 
@@ -81,6 +82,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def grouped_sdpa(q: torch.Tensor) -> bool:
+    """Whether causal SDPA takes the key/value groups as they are (``enable_gqa``, PyTorch >=
+    2.5) instead of copies repeated to every head: on CPUs, and in bf16/fp16 on CUDA, whose
+    flash kernel takes them (CUDA's memory-efficient kernel, the fp32 one, does not)."""
+    return _SDPA_GQA and (not q.is_cuda or q.dtype in (torch.bfloat16, torch.float16))
 
 
 def segment_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
@@ -200,6 +208,12 @@ class SDPAttention(DotProductAttention):
             return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
                                                        self.hidden_size_per_partition)
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if attention_mask is None and self.softcap is None and grouped_sdpa(q):
+            if mask_type != AttnMaskType.causal:
+                raise ValueError(f"SDPA attention: no mask given for mask type {mask_type.name}")
+            context = sdpa(q, k, v, is_causal=True, scale=self.sdpa_scale, enable_gqa=repeat > 1)
+            return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1],
+                                                       self.hidden_size_per_partition)
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
