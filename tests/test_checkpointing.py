@@ -122,6 +122,21 @@ def test_os_reason_reads_torch_per_rank_failures():
         assert os_reason(wrapped) == os_reason(error)
 
 
+def test_a_loader_message_listing_every_key_is_cut_to_one_short_line(tmp_path):
+    """Megatron's loader names a missing key with every key there is (5,955 characters for a
+    tiny MoE model): the error line keeps its start and says how much was left out."""
+    from megatron_simpo.checkpoint.layout import REASON_LENGTH, shard_reason
+
+    keys = [f"decoder.layers.{i}.mlp.experts.weight{i}" for i in range(200)]
+    message = f'"optimizer.state.param.router.weight from model not in state dict: {keys}"'
+    (tmp_path / "metadata.json").write_text("{}")
+    torch.save({}, tmp_path / "common.pt")  # sound files: the loader's message is the reason
+    reason = shard_reason(tmp_path, KeyError(message))
+    start = f"KeyError: {KeyError(message)}"[:len("KeyError: ") + REASON_LENGTH]
+    assert reason == f"{start} ... ({len(str(KeyError(message))) - REASON_LENGTH} more characters)"
+    assert shard_reason(tmp_path, KeyError("short")) == "KeyError: 'short'"
+
+
 def test_a_save_on_a_full_disk_names_iteration_folder_and_reason(tmp_path):
     save = tmp_path / "run"
     [message] = run_on_ranks(1, _save, str(save), True)

@@ -680,7 +680,8 @@ def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
     assert rows[5]["learning_rate"] > 1e-4 and rows[6]["consumed_samples"] == 48
     saved = checkpointing.read_train_state(save / "iter_0000006").settings
     assert saved["schedule"] == dict(lr=1e-3, min_lr=1e-4, lr_decay_style="cosine",
-                                     lr_warmup_fraction=0.25, weight_decay=0.0, iterations=6)
+                                     lr_warmup_fraction=0.25, weight_decay=0.0, adam_beta1=0.9,
+                                     adam_beta2=0.999, adam_eps=1e-8, iterations=6)
     # The checkpoint's schedule past its end: iterations 7-8 at its --min-lr 1e-4.
     argv = _argv(tiny, train_iters=8, load=save, save=save, lr="5e-3",
                  use_checkpoint_opt_param_scheduler=True)
@@ -688,7 +689,8 @@ def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
     assert code == 0, err
     assert "warning: --use-checkpoint-opt-param-scheduler: the checkpoint's learning-rate " \
            "schedule is kept (--lr 0.001, --min-lr 0.0001, --lr-decay-style cosine, " \
-           "--lr-warmup-fraction 0.25, --weight-decay 0.0, over 6 steps), not the command " \
+           "--lr-warmup-fraction 0.25, --weight-decay 0.0, --adam-beta1 0.9, --adam-beta2 " \
+           "0.999, --adam-eps 1e-08, over 6 steps), not the command " \
            "line's (--lr 0.001 -> 0.005, --min-lr 0.0001 -> 0.0, --train-iters 6 -> 8)" in out
     assert "> iterations 7-8 run past the checkpoint's schedule at its final rate, --min-lr " \
            "0.0001" in out

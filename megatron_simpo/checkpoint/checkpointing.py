@@ -289,11 +289,17 @@ def _global_name(model, name: str) -> str:
     return ".".join(parts)
 
 
-def check_finite_weights(model, checkpoint: Path) -> None:
+def check_finite_weights(model, checkpoint: Path, optimizer=None) -> None:
     """Refuse loaded weights holding NaN/inf (a garbled shard of the right size loads without an
-    error): the first such tensor any rank holds is named, the same on every rank (all call it)."""
-    bad = next((_global_name(model, name) for name, param in model.named_parameters()
-                if not bool(torch.isfinite(param).all())), None)
+    error), and with ``optimizer`` its loaded state too (main weights, which the next step
+    writes into the model, and Adam's moments): the first such tensor any rank holds is named,
+    the same on every rank (all call it)."""
+    names = {id(param): _global_name(model, name) for name, param in model.named_parameters()}
+    tensors = [(names[id(param)], param) for param in model.parameters()]
+    if optimizer is not None:
+        tensors += list(optimizer_state.state_tensors(optimizer, names))
+    bad = next((name for name, tensor in tensors if not bool(torch.isfinite(tensor).all())),
+               None)
     if not max_over_world(int(bad is not None)):
         return
     if dist.is_initialized():
@@ -338,11 +344,12 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
         raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
                               f"{shard_reason(checkpoint, error)}") from error
     load_model_state(model, loaded["model"], checkpoint)
-    if not allow_non_finite:
-        check_finite_weights(model, checkpoint)
+    if full:
+        optimizer_state.load_optimizer_state(optimizer, loaded["optimizer"])
+    if not allow_non_finite:  # after the optimizer's state, which may write into the weights
+        check_finite_weights(model, checkpoint, optimizer if full else None)
     if not full:
         return None
-    optimizer_state.load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:

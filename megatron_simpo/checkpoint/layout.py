@@ -3,6 +3,7 @@ holds besides its shards, and the readers that need no model (see ``checkpointin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -103,6 +104,9 @@ def read_common_state(checkpoint: Path) -> dict:
     naming it (:func:`shard_reason`)."""
     from megatron.core import dist_checkpointing
 
+    bad = _damaged_common(Path(checkpoint))
+    if bad is not None:  # torch.load does not check the archive's CRCs: a flipped byte loads
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: common.pt (damaged: {bad})")
     try:
         return dist_checkpointing.load_common_state_dict(str(checkpoint))
     except BaseException as error:  # torch's CheckpointException is a BaseException
@@ -110,6 +114,26 @@ def read_common_state(checkpoint: Path) -> dict:
             raise
         raise CheckpointError(f"cannot read checkpoint {checkpoint}: "
                               f"{shard_reason(checkpoint, error)}") from error
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> str:
+    """A checkpoint's identity without reading all of it: its model config, the dist
+    checkpoint's metadata, and every shard file's name, size, first and last MiB."""
+    digest = hashlib.sha256()
+    checkpoint = Path(checkpoint)
+    files = sorted(p for p in checkpoint.iterdir()
+                   if p.is_file() and (p.suffix == ".distcp" or p.name in (
+                       "model_config.json", ".metadata", "common.pt", "metadata.json")))
+    mib = 1 << 20
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(mib))
+            if size > 2 * mib:
+                handle.seek(size - mib)
+                digest.update(handle.read(mib))
+    return digest.hexdigest()
 
 
 def read_train_state(checkpoint: Path) -> TrainState | None:
@@ -254,6 +278,20 @@ def damaged_shards(checkpoint: Path) -> list[str]:
     return damaged
 
 
+def _damaged_common(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's ``common.pt`` (a zip archive, torch.save's format:
+    each member's CRC checked), or None if it is sound or absent."""
+    common = checkpoint / "common.pt"
+    if not common.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(common) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as error:
+        return str(error)
+    return None if bad is None else f"{bad} fails its checksum"
+
+
 def damaged_files(checkpoint: Path) -> list[str]:
     """Megatron-Core's own files of a checkpoint that are missing or cannot be read:
     ``metadata.json``, and ``common.pt`` where the installed megatron-core needs it (up to 0.16;
@@ -270,11 +308,7 @@ def damaged_files(checkpoint: Path) -> list[str]:
         found.append(f"metadata.json (damaged: {error})")
     common = checkpoint / "common.pt"
     if common.is_file():
-        try:
-            with zipfile.ZipFile(common) as archive:  # torch.save's format
-                bad = archive.testzip()
-        except (OSError, zipfile.BadZipFile) as error:
-            bad = str(error)
+        bad = _damaged_common(checkpoint)
         if bad is not None:
             found.append(f"common.pt (damaged: {bad})")
     elif not hasattr(serialization, "_legacy_common_state_exists"):
@@ -293,7 +327,14 @@ def shard_reason(checkpoint: Path, error: BaseException) -> str:
     if damaged:
         return ", ".join(damaged)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}{': ' + lines[-1] if lines else ''}"
+    last = lines[-1] if lines else ""
+    if len(last) > REASON_LENGTH:  # e.g. a missing key listed with every key there is
+        last = f"{last[:REASON_LENGTH]} ... ({len(last) - REASON_LENGTH} more characters)"
+    return f"{type(error).__name__}{': ' + last if last else ''}"
+
+
+REASON_LENGTH = 300
+"""The characters of a loader's own message that an error line keeps."""
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:

@@ -152,3 +152,34 @@ def load_optimizer_state(optimizer, state_dict: dict) -> None:
         for state in torch_optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+
+# (model params, the optimizer's own copies) attribute pairs of Megatron-Core's optimizers: the
+# mixed-precision one (fp32 copies of bf16/fp16 weights) and the distributed one (shards).
+_MAIN_PARAM_GROUPS = (("float16_groups", "fp32_from_float16_groups"),
+                      ("model_float16_groups", "shard_fp32_from_float16_groups"),
+                      ("model_fp32_groups", "shard_fp32_groups"))
+
+
+def state_tensors(optimizer, names: dict[int, str]):
+    """(description, tensor) of every tensor the optimizer steps with: its main weights (the
+    model's own, fp32 copies or their shards) and each one's state (Adam's ``exp_avg`` and
+    ``exp_avg_sq``; not ``step``). ``names``: id of a model parameter -> its name; a copy is
+    described by its model parameter's name."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    owner = dict(names)
+    for inner in chained:
+        for model_attr, main_attr in _MAIN_PARAM_GROUPS:
+            for model_group, main_group in zip(getattr(inner, model_attr, None) or [],
+                                               getattr(inner, main_attr, None) or []):
+                for param, main in zip(model_group, main_group):
+                    if main is not None and id(param) in names:
+                        owner[id(main)] = names[id(param)]
+    for torch_optimizer in torch_optimizers(optimizer):
+        for group in torch_optimizer.param_groups:
+            for main in group["params"]:
+                name = owner.get(id(main), f"a parameter of shape {list(main.shape)}")
+                yield f"{name} (the optimizer's main weight)", main
+                for key, value in torch_optimizer.state.get(main, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        yield f"{name} (the optimizer's {key})", value

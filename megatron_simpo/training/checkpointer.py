@@ -14,7 +14,7 @@ from megatron_simpo.training.guards import finite_everywhere, parameters
 from megatron_simpo.training.metrics import at_interval
 from megatron_simpo.training.optimizer import finish_param_sync, override_loaded_schedule
 from megatron_simpo.training.resume import check_resume, effective_schedule, settings_record
-from megatron_simpo.training.run_setup import ModelSource
+from megatron_simpo.training.run_setup import ModelSource, resumes_in_save
 from megatron_simpo.training.training_data import TrainingData
 
 
@@ -38,11 +38,13 @@ class Checkpointer:
         iteration 0; clears what --overwrite replaces in --save. Every rank."""
         state = checkpointing.TrainState(0, 0)
         resume_from = self.source.resume_from
+        self.continues_in_save = resumes_in_save(self.config, self.source)
         saved = None
         if resume_from is not None:
             saved = checkpointing.read_train_state(resume_from)
             self.say(self.data.check_resume(saved, self.config, resume_from))
-            for note in check_resume(self.config, saved, resume_from, self.total_iters):
+            for note in check_resume(self.config, saved, resume_from, self.total_iters,
+                                     reference=self.source.weights_from):
                 self.say(note)
             state = checkpointing.load_checkpoint(
                 resume_from, self.parts.model.module, self.parts.optimizer,
@@ -56,13 +58,15 @@ class Checkpointer:
                      "from the beginning")
         # What the next checkpoints record of this run (training.resume).
         self.settings = settings_record(self.config, self.total_iters,
-                                        effective_schedule(self.config, saved, self.total_iters))
+                                        effective_schedule(self.config, saved, self.total_iters),
+                                        reference=self.source.weights_from)
         if self.config.save and self.rank == 0:
             for left in checkpointing.remove_interrupted_saves(self.config.save):
                 self.say(f"> removed {left}: a save that never finished (its run ended "
                          "mid-save)")
-            if self.config.overwrite:
-                checkpointing.remove_iterations_after(self.config.save, state.iteration)
+            if self.config.overwrite:  # all of it where the resumed run is another folder's
+                checkpointing.remove_iterations_after(
+                    self.config.save, state.iteration if self.continues_in_save else 0)
         dist.barrier()
         return state
 

@@ -149,11 +149,13 @@ class _Session:
         (iteration, consumed samples)."""
         state = self.checkpointer.resume()
         resumed = self.source.resume_from is not None
+        # metrics and dumps go on in --save where the run resumes its own checkpoint there
+        goes_on = state.iteration if self.checkpointer.continues_in_save else None
         self.writer = MetricsWriter(self.config.save, self.config.tensorboard_dir, self.env.rank,
-                                    state.iteration if resumed else None)
+                                    goes_on)
         self.say(self.writer.warning)
         if self.config.save and self.env.rank == 0:
-            drop_dumps_from(self.config.save, state.iteration if resumed else 0)
+            drop_dumps_from(self.config.save, goes_on or 0)
         self.summary = TrainSummary(iteration=state.iteration)
         # Whether the optimizer has state to save: not before its first update of a new run.
         self.updated = resumed

@@ -191,9 +191,13 @@ def override_loaded_schedule(optimizer, scheduler, settings: OptimizerSettings) 
     settings' at the loaded step count.
 
     Megatron-Core's param groups carry their own ``max_lr`` / ``min_lr``, which ``get_lr`` reads
-    before the scheduler's, and loading the optimizer state restores the checkpoint's: they are
-    set to the settings' here and the current rate recomputed (``step(0)``).
+    before the scheduler's, and Adam's ``betas`` and ``eps``; loading the optimizer state
+    restores the checkpoint's: they are set to the settings' here and the current rate
+    recomputed (``step(0)``).
     """
     for group in optimizer.param_groups:
         group["max_lr"], group["min_lr"] = settings.lr, settings.min_lr
+        if "betas" in group:
+            group["betas"] = (settings.adam_beta1, settings.adam_beta2)
+            group["eps"] = settings.adam_eps
     scheduler.step(increment=0)

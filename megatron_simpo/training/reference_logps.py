@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_simpo.checkpoint.layout import checkpoint_fingerprint
 from megatron_simpo.data.batching import PairLengths, plan_forward
 from megatron_simpo.data.config import DataError
 from megatron_simpo.data.collate import TokenizedPair
@@ -41,26 +42,6 @@ def pair_key(pair: TokenizedPair) -> str:
         ids = np.asarray(part, dtype=np.int64)
         digest.update(np.int64(len(ids)).tobytes())
         digest.update(ids.tobytes())
-    return digest.hexdigest()
-
-
-def checkpoint_fingerprint(checkpoint: Path) -> str:
-    """A checkpoint's identity without reading all of it: its model config, the dist
-    checkpoint's metadata, and every shard file's name, size, first and last MiB."""
-    digest = hashlib.sha256()
-    checkpoint = Path(checkpoint)
-    files = sorted(p for p in checkpoint.iterdir()
-                   if p.is_file() and (p.suffix == ".distcp" or p.name in (
-                       "model_config.json", ".metadata", "common.pt", "metadata.json")))
-    mib = 1 << 20
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(mib))
-            if size > 2 * mib:
-                handle.seek(size - mib)
-                digest.update(handle.read(mib))
     return digest.hexdigest()
 
 

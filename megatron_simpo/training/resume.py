@@ -5,7 +5,8 @@ is compared with them before anything is built (``run_setup.prepare``), and agai
 length in iterations is known (``Checkpointer.resume``: ``--train-epochs`` over the data):
 
 * the learning-rate schedule, ``--lr``, ``--min-lr``, ``--lr-decay-style``,
-  ``--lr-warmup-fraction``, ``--weight-decay`` and the run length (``--train-iters`` /
+  ``--lr-warmup-fraction``, ``--weight-decay``, Adam's ``--adam-beta1``, ``--adam-beta2`` and
+  ``--adam-eps``, and the run length (``--train-iters`` /
   ``--train-epochs`` and the iterations they amount to): a difference is refused unless
 
   - ``--override-opt-param-scheduler``: the command line's schedule, built for the new run
@@ -33,12 +34,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from megatron_simpo.checkpoint.layout import TrainState
+from megatron_simpo.checkpoint.layout import TrainState, checkpoint_fingerprint
 from megatron_simpo.training.config import TrainConfig
 
-SCHEDULE_FIELDS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_fraction", "weight_decay")
+SCHEDULE_FIELDS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_fraction", "weight_decay",
+                   "adam_beta1", "adam_beta2", "adam_eps")
 """OptimizerSettings fields of the learning-rate schedule (the checkpoint's scheduler holds
-them)."""
+them) and Adam's settings (its param groups hold them: loading the optimizer state restores
+the checkpoint's). Records from before 2026-11-29 lack Adam's, which are then not compared."""
 
 
 class ResumeError(ValueError):
@@ -59,7 +62,10 @@ def objective(config: TrainConfig) -> dict:
             "--simpo-gamma": loss.margin, "--label-smoothing": loss.label_smoothing,
             "--sft-weight": loss.sft_weight, "--length-normalization": loss.normalize_length,
             "--orpo-lambda": loss.orpo_lambda, "--rdpo-alpha": loss.rdpo_alpha,
-            "--slic-delta": loss.slic_delta}
+            "--slic-delta": loss.slic_delta,
+            # a mixture-of-experts model's load-balancing term and which tokens its experts take
+            "--moe-aux-loss-coeff": config.moe.moe_aux_loss_coeff,
+            "--moe-expert-capacity-factor": config.moe.moe_expert_capacity_factor}
 
 
 def _floats(*values) -> bool:
@@ -71,21 +77,34 @@ def _same(old, new) -> bool:
     return math.isclose(old, new, rel_tol=1e-9, abs_tol=1e-12) if _floats(old, new) else old == new
 
 
-def settings_record(config: TrainConfig, total_iters: int, schedule: dict) -> dict:
+def settings_record(config: TrainConfig, total_iters: int, schedule: dict,
+                    reference: Path | None = None) -> dict:
     """What a checkpoint records of its run: the ``schedule`` in effect (see
     :func:`effective_schedule`), the run length as given and in iterations, the seed, the
-    global batch size and the objective."""
+    global batch size, the objective, and the reference model (dpo, ipo, rdpo: the
+    ``--pretrained-checkpoint`` given as ``reference``, by its fingerprint)."""
     return {"schedule": dict(schedule), "train_iters": config.train_iters,
             "train_epochs": config.train_epochs, "total_iters": total_iters,
             "seed": config.seed, "global_batch_size": config.global_batch_size,
-            "objective": objective(config), "state_layout": state_layout(config)}
+            "objective": objective(config), "state_layout": state_layout(config),
+            "reference": reference_record(config, reference)}
+
+
+def reference_record(config: TrainConfig, reference: Path | None) -> dict | None:
+    """The reference model a run's loss compares with (None without one): its checkpoint and
+    fingerprint (``checkpoint.layout.checkpoint_fingerprint``)."""
+    if not config.loss.needs_reference or reference is None:
+        return None
+    return {"checkpoint": str(reference), "fingerprint": checkpoint_fingerprint(reference)}
 
 
 def state_layout(config: TrainConfig) -> dict:
     """The settings that decide which tensors a checkpoint's optimizer state holds (fp32 master
     weights beside bf16 ones; the distributed optimizer's sharded state), by their flag."""
     return {"--bf16": config.bf16,
-            "--use-distributed-optimizer": config.optimizer.use_distributed_optimizer}
+            "--use-distributed-optimizer": config.optimizer.use_distributed_optimizer,
+            # a frozen router has no optimizer state
+            "--freeze-moe-router": config.moe.freeze_moe_router}
 
 
 def effective_schedule(config: TrainConfig, saved: TrainState | None, total_iters: int) -> dict:
@@ -110,7 +129,8 @@ def schedule_differences(saved: dict, config: TrainConfig, total_iters: int | No
     the checkpoint's record (the run length in iterations only when ``total_iters`` is known)."""
     schedule, optimizer = saved["schedule"], config.optimizer
     found = [f"--{name.replace('_', '-')} {schedule[name]} -> {getattr(optimizer, name)}"
-             for name in SCHEDULE_FIELDS if schedule[name] != getattr(optimizer, name)]
+             for name in SCHEDULE_FIELDS
+             if name in schedule and schedule[name] != getattr(optimizer, name)]
     (old_flag, old), (new_flag, new) = (_length(saved["train_iters"], saved["train_epochs"]),
                                         _length(config.train_iters, config.train_epochs))
     if old_flag == new_flag and old != new:
@@ -124,10 +144,11 @@ def schedule_differences(saved: dict, config: TrainConfig, total_iters: int | No
 
 
 def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path,
-                 total_iters: int | None = None) -> list[str]:
+                 total_iters: int | None = None, reference: Path | None = None) -> list[str]:
     """Refuse (:class:`ResumeError`, one line) a resume of ``checkpoint`` whose command line
     differs from the run it saved, unless a flag accepts each difference; returns the lines to
-    print about the accepted ones. ``total_iters``: the new run length in iterations, when known.
+    print about the accepted ones. ``total_iters``: the new run length in iterations, when known;
+    ``reference``: the reference model's checkpoint now given (--pretrained-checkpoint).
     Checkpoints without a record (written before it was kept) are not checked."""
     if saved is None or saved.settings is None:
         return []
@@ -141,7 +162,7 @@ def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path
                          f"schedule ({listed}) from the checkpoint's step count")
         elif optimizer.use_checkpoint_opt_param_scheduler:
             kept = ", ".join(f"--{name.replace('_', '-')} {record['schedule'][name]}"
-                             for name in SCHEDULE_FIELDS)
+                             for name in SCHEDULE_FIELDS if name in record["schedule"])
             notes.append(f"warning: --use-checkpoint-opt-param-scheduler: the checkpoint's "
                          f"learning-rate schedule is kept ({kept}, over "
                          f"{record['schedule']['iterations']} steps), not the command line's "
@@ -178,6 +199,13 @@ def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path
             refused.append(f"{flag} {'on' if old else 'off'} -> {'on' if now else 'off'} (the "
                            "checkpoint's optimizer state is laid out for the first: resume with "
                            f"it, or start a new run from --pretrained-checkpoint {checkpoint})")
+    was = record.get("reference")  # recorded since 2026-11-29
+    if was is not None and config.loss.needs_reference:
+        now = reference_record(config, reference)
+        if now is None or now["fingerprint"] != was["fingerprint"]:
+            refused.append(f"--pretrained-checkpoint {was['checkpoint']} -> {reference} (the "
+                           "reference model: its weights differ, and a run compares with one "
+                           "reference; resume with the run's)")
     if refused:
         raise ResumeError(f"--load {checkpoint} contradicts the command line: "
                           + "; ".join(refused))

@@ -45,6 +45,17 @@ def first_start_in_save(config: TrainConfig) -> bool:
         and not checkpointing.saved_iterations(save)
 
 
+def resumes_in_save(config: TrainConfig, source: ModelSource) -> bool:
+    """Whether the run resumes a checkpoint of its --save folder (its metrics, dumps and
+    iterations go on there); a resume saved elsewhere starts that folder as a new run does."""
+    if source.resume_from is None or not config.save:
+        return False
+    checkpoint = Path(source.resume_from)
+    in_root = checkpoint.name.startswith("iter_") and checkpoint.name[5:].isdigit()
+    root = checkpoint.parent if in_root else checkpoint
+    return root.resolve() == Path(config.save).resolve()
+
+
 def resolve_model_source(config: TrainConfig) -> ModelSource:
     """Which architecture, weights and tokenizer the run uses (before anything is built)."""
     first_start = first_start_in_save(config)
@@ -115,16 +126,17 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     if config.save:
         check_save_folder(config, source)
     if source.resume_from is not None:
-        check_resumed_run(config, source.resume_from)
+        check_resumed_run(config, source)
     return source, config.check_world(world_size)
 
 
-def check_resumed_run(config: TrainConfig, checkpoint: Path) -> None:
+def check_resumed_run(config: TrainConfig, source: ModelSource) -> None:
     """A resume's command line against the checkpoint's run (training.resume; the run length
     in iterations is checked again once the data is loaded), and the metrics.jsonl it will
     append to (a damaged line before the last one is refused)."""
+    checkpoint = source.resume_from
     check_resume(config, checkpointing.read_train_state(checkpoint), checkpoint,
-                 config.train_iters)
+                 config.train_iters, reference=source.weights_from)
     if config.save and (Path(config.save) / METRICS_FILE).is_file():
         read_metrics_file(Path(config.save) / METRICS_FILE)
 
@@ -136,17 +148,22 @@ def check_save_folder(config: TrainConfig, source: ModelSource) -> None:
     save = Path(config.save)
     check_writable_folder(save, "--save")
     saved = checkpointing.saved_iterations(save)
-    resumed = checkpointing.read_train_iteration(source.resume_from) if source.resume_from else None
+    resumed = (checkpointing.read_train_iteration(source.resume_from)
+               if resumes_in_save(config, source) else None)
     if resumed is None:
         found = [str(save / name) for name in (checkpointing.TRACKER_FILE, METRICS_FILE)
                  if (save / name).exists()]
         found += [str(checkpointing.iteration_dir(save, i)) for i in saved]
-        if config.load:  # a first start in --save (first_start_in_save): steps, no checkpoint
-            found = []
+        if config.load and source.resume_from is None:
+            found = []  # a first start in --save (first_start_in_save): steps, no checkpoint
         if found and not config.overwrite:
-            raise ValueError(f"--save {save} already holds a run ({', '.join(found[:3])}"
-                             f"{', ...' if len(found) > 3 else ''}): resume it with --load "
-                             f"{save}, or give --overwrite to replace it")
+            held = f"{', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
+            if source.resume_from is not None:
+                raise ValueError(f"--save {save} already holds another run ({held}), and this "
+                                 f"one resumes from {source.resume_from}: save into that run's "
+                                 "folder or an empty one, or give --overwrite to replace it")
+            raise ValueError(f"--save {save} already holds a run ({held}): resume it with "
+                             f"--load {save}, or give --overwrite to replace it")
         return
     later = [i for i in saved if i > resumed]
     if later and not config.overwrite:
