@@ -260,3 +260,63 @@ def test_only_the_folders_of_unfinished_saves_are_removed(tmp_path):
     assert remove_interrupted_saves(tmp_path) == [tmp_path / "iter_0000005.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "elsewhere", "iter_0000006.partial", "iter_0000007.partial", "iter_notes.partial"]
+
+
+def _load_after(rank, save: str, damage: str) -> tuple[list[str], str]:
+    """Save a TP=2 model, damage one file as ``damage`` says (on rank 0, once every rank has
+    saved), load: (the files the manifest lists, the load's error or "loaded")."""
+    import json as json_module
+
+    import torch.distributed as dist
+
+    from megatron_simpo.checkpoint.checkpointing import (CheckpointError, load_checkpoint,
+                                                         save_model_only)
+    from megatron_simpo.checkpoint.checksums import MANIFEST_FILE
+
+    model, config, build_again = _tiny_model(tp=2)
+    folder = save_model_only(save, 0, model, config)
+    listed = sorted(json_module.loads((folder / MANIFEST_FILE).read_text())["files"])
+    dist.barrier()  # every rank has read it
+    shard = folder / "__1_0.distcp"  # rank 1's (the other rank checks it when loading)
+    if rank == 0:
+        if damage == "byte":
+            raw = bytearray(shard.read_bytes())
+            raw[len(raw) // 2] ^= 0x10
+            shard.write_bytes(bytes(raw))
+        elif damage == "cut":
+            shard.write_bytes(shard.read_bytes()[:-7])
+        elif damage == "manifest":
+            (folder / MANIFEST_FILE).write_text("{")
+        elif damage == "no manifest":
+            (folder / MANIFEST_FILE).unlink()
+    dist.barrier()
+    try:
+        load_checkpoint(folder, build_again(), model_config=config)
+    except CheckpointError as error:
+        return listed, str(error)
+    return listed, "loaded"
+
+
+@pytest.mark.parametrize("damage", ["none", "byte", "cut", "manifest", "no manifest"])
+def test_every_saved_file_is_checked_against_its_checksum_before_a_load(tmp_path, damage):
+    """Each save records the size and CRC-32 of every file (each rank its own shards, rank 0
+    the shared ones) in checksums.json; a load checks them first, the files shared out over
+    the ranks: one changed byte or a cut file is named the same on every rank, a damaged
+    manifest is named, a checkpoint saved before checksums were kept loads unchecked."""
+    save = tmp_path / damage.replace(" ", "_")
+    results = run_on_ranks(2, _load_after, str(save), damage)
+    listed = results[0][0]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "metadata.json",
+            "model_config.json"} <= set(listed)
+    folder = save / "iter_0000000"
+    expected = {
+        "none": "loaded", "no manifest": "loaded",
+        "byte": f"checkpoint {folder}: __1_0.distcp (its bytes changed since it was saved: "
+                "CRC-32 differs); a damaged copy, refusing to load it",
+        "manifest": f"cannot read checkpoint {folder}: checksums.json (damaged: Expecting "
+                    "property name enclosed in double quotes: line 1 column 2 (char 1))"}
+    if damage == "cut":
+        size = (folder / "__1_0.distcp").stat().st_size
+        expected["cut"] = (f"checkpoint {folder}: __1_0.distcp ({size} bytes, {size + 7} when "
+                           "saved); a damaged copy, refusing to load it")
+    assert [message for _, message in results] == [expected[damage]] * 2

@@ -484,7 +484,9 @@ def _load_weights(rank, checkpoint):
 
 
 def test_a_garbled_shard_of_the_right_size_is_named_at_load(converted_llama3, tmp_path):
-    """Bytes of one tensor overwritten in place (0xFF..: NaN in fp32); sizes unchanged."""
+    """Bytes of one tensor overwritten in place (0xFF..: NaN in fp32); sizes unchanged: the
+    shard's checksum names it; without checksums (a checkpoint saved before they were kept)
+    the loaded tensor is named."""
     from torch.distributed.checkpoint import FileSystemReader
 
     damaged = shutil.copytree(converted_llama3, tmp_path / "damaged")
@@ -502,6 +504,10 @@ def test_a_garbled_shard_of_the_right_size_is_named_at_load(converted_llama3, tm
     size = shard.stat().st_size
     shard.write_bytes(bytes(data))
     assert shard.stat().st_size == size
+    [message] = run_on_ranks(1, _load_weights, str(damaged))
+    assert message == (f"checkpoint {folder}: {shard.name} (its bytes changed since it was "
+                       "saved: CRC-32 differs); a damaged copy, refusing to load it")
+    (folder / "checksums.json").unlink()
     [message] = run_on_ranks(1, _load_weights, str(damaged))
     assert message == (f"checkpoint {folder}: tensor {name} holds NaN/inf values (a damaged shard "
                        "or a diverged run); refusing to load it")

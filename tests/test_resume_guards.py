@@ -94,11 +94,22 @@ WEIGHT = "embedding.word_embeddings.weight"
 @pytest.mark.parametrize("state", ["param", "exp_avg_sq"])
 def test_non_finite_optimizer_state_is_refused_by_name(tiny, saved_run, tmp_path, state):
     """A NaN in the optimizer's saved main weight (the distributed optimizer writes it into
-    the model's weights when it loads) or in an Adam moment: refused at load, naming the tensor,
-    exit code 2 (before, it trained NaN and blamed the data)."""
+    the model's weights when it loads) or in an Adam moment: the file's checksum no longer
+    matches its save's, which is refused naming the file; in a checkpoint without checksums
+    (saved before they were recorded) the loaded state is refused naming the tensor, exit code
+    2 (before, it trained NaN and blamed the data)."""
+    from megatron_simpo.checkpoint.checksums import MANIFEST_FILE
+
     run = _copy_at(saved_run, tmp_path / "run", 2)
+    shard, _, _ = _stored_bytes(run / "iter_0000002", f"optimizer.state.{state}.{WEIGHT}")
     _poison(run / "iter_0000002", f"optimizer.state.{state}.{WEIGHT}")
     argv = _argv(tiny, train_iters=4, load=run, save=tmp_path / "elsewhere", bf16=True)
+    [(code, out, err)] = run_on_ranks(1, _main_in_rank, argv)
+    assert code == 2, err
+    assert _error_lines(err) == [
+        f"train_simpo: error: checkpoint {run / 'iter_0000002'}: {shard.name} (its bytes changed "
+        "since it was saved: CRC-32 differs); a damaged copy, refusing to load it"]
+    (run / "iter_0000002" / MANIFEST_FILE).unlink()
     [(code, out, err)] = run_on_ranks(1, _main_in_rank, argv)
     what = "main weight" if state == "param" else state
     assert code == 2, err

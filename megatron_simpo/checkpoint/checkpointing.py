@@ -37,7 +37,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               remove_interrupted_saves, remove_iterations_after,
                                               saved_iterations, shard_reason, train_state_from,
                                               write_failure_reason, write_tracker)
-from megatron_simpo.checkpoint import optimizer_state
+from megatron_simpo.checkpoint import checksums, optimizer_state
 from megatron_simpo.checkpoint.streaming import TensorSourceError, streaming_strategy
 from megatron_simpo.distributed.runtime import max_over_world
 from megatron_simpo.model.architecture import ModelConfig
@@ -170,6 +170,7 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     rank = dist.get_rank()
+    written: dict[str, list[int]] = {}  # this rank's files: name -> [size, CRC-32]
 
     def make_folder() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +189,7 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
             for name, source in (assets or {}).items():
                 if source is not None and Path(source).is_dir():
                     shutil.copytree(source, partial / name)
+        written.update(checksums.digests(partial, rank))
 
     # Every rank takes part in the same collectives whichever fails: rank 0 makes the folder,
     # all agree it is there, all write, all agree the writes succeeded.
@@ -204,7 +206,10 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
             raise failure
         raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
                               f"{_latest_note(root)}") from failure
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, written)
     if rank == 0:
+        checksums.write_manifest(partial, {k: v for part in every for k, v in part.items()})
         if final.exists():  # re-saving an iteration (--overwrite): the old folder goes only now
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -310,6 +315,27 @@ def check_finite_weights(model, checkpoint: Path, optimizer=None) -> None:
                           "shard or a diverged run); refusing to load it")
 
 
+def check_checksums(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose files differ from the checksums its save recorded
+    (:mod:`checksums`; all ranks call it, each checking its share of the files), naming the
+    first file that does, the same on every rank."""
+    try:
+        files = checksums.read_manifest(checkpoint)
+    except ValueError as error:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {error}") from None
+    if files is None:  # saved before checksums were recorded
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bad = checksums.first_mismatch(checkpoint, files, rank, world)
+    if not max_over_world(int(bad is not None)):
+        return
+    if dist.is_initialized():
+        found: list = [None] * world
+        dist.all_gather_object(found, bad)
+        bad = next(reason for reason in found if reason is not None)
+    raise CheckpointError(f"checkpoint {checkpoint}: {bad}; a damaged copy, refusing to load it")
+
+
 def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
                     model_config: ModelConfig, allow_non_finite: bool = False) -> TrainState | None:
     """Load weights (and, when given, optimizer, scheduler, RNG and train state) from a checkpoint.
@@ -321,6 +347,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
     """
     from megatron.core import dist_checkpointing
 
+    check_checksums(checkpoint)
     check_model_config(checkpoint, model_config)
     common = read_common_state(checkpoint)
     saved = common.get("train_state")
