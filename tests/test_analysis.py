@@ -220,3 +220,21 @@ def test_an_undefined_length_correlation_is_said_and_not_plotted(tmp_path, capsy
     out = run / "analysis"
     assert (out / "margin_distribution.png").is_file()
     assert not (out / "length_correlation.png").exists()
+
+
+@pytest.mark.parametrize("reader", ["metrics", "dump"])
+def test_metrics_and_dump_lines_end_at_newlines_only(tmp_path, reader):
+    """Rows holding U+2028, U+2029 or U+0085 raw (JSON keeps them in strings; str.splitlines()
+    would end a line there) and CRLF line ends are read as the rows written."""
+    from megatron_simpo.checkpoint.metrics_file import read_metrics_file
+    from megatron_simpo.evaluation.analysis import read_dump
+
+    rows = [{"iteration": i, "note": f"a{c}b"} for i, c in enumerate("\u2028\u2029\u0085", 1)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n\n",
+                    encoding="utf-8", newline="")
+    if reader == "metrics":
+        found, warning = read_metrics_file(path)
+        assert [row for _, row in found] == rows and warning is None
+    else:
+        assert read_dump(path) == rows

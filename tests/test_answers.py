@@ -412,3 +412,40 @@ def test_a_settings_record_compares_what_it_holds(tmp_path):
                                                 "batch_size": 8}, start_over="a") == []
     assert settings_record.differences(record, {"seed": 1, "temperature": None,
                                                 "batch_size": 8}, start_over="a") == ["seed 0 -> 1"]
+
+
+LINE_BREAKS = "\u2028\u2029\u0085\x0b\x0c\x1c\x1d\x1e"
+"""What str.splitlines() ends a line at besides \\n and \\r: inside a JSON string they stay text
+(json.dumps(ensure_ascii=False) writes the first three raw)."""
+
+
+@pytest.mark.parametrize("benchmark", ["alpaca_eval", "arena_hard", "mt_bench"])
+def test_questions_holding_unicode_line_breaks_are_read_whole(tmp_path, benchmark):
+    texts = [f"before{c}after" for c in LINE_BREAKS]
+    if benchmark == "alpaca_eval":
+        rows = [{"instruction": t} for t in texts]
+    elif benchmark == "arena_hard":
+        rows = [{"question_id": f"q{i}", "turns": [{"content": t}]} for i, t in enumerate(texts)]
+    else:
+        rows = [{"question_id": i, "turns": [t, t + "?"]} for i, t in enumerate(texts)]
+    path = tmp_path / "q.jsonl"
+    # Raw characters, a Windows line end and a blank line (JSON escapes only the controls).
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n",
+                    encoding="utf-8", newline="")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    questions = read_questions(benchmark, path)
+    assert [q.turns[0] for q in questions] == texts
+    # Answers holding them resume as the questions they answer.
+    output = tmp_path / ("out.json" if benchmark == "alpaca_eval" else "data")
+
+    class Echo:
+        def __call__(self, conversations, samplings, streams):
+            return [c[-1]["content"] + LINE_BREAKS for c in conversations]
+
+    write_answers(benchmark, questions[:4], Echo(), output=output, model_id="m", overrides={},
+                  batch_size=2, count_tokens=_words, say=lambda _: None)
+    model = Recorder()
+    write_answers(benchmark, questions, model, output=output, model_id="m", overrides={},
+                  batch_size=2, count_tokens=_words, say=lambda _: None)
+    assert [c[0]["content"] for conversations, _ in model.calls for c in conversations
+            if len(c) == 1] == texts[4:]

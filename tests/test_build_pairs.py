@@ -535,3 +535,43 @@ def test_a_remote_code_reward_model_scores_by_its_score_output(tiny, tmp_path):
     _assert_scores_are_the_models(_jsonl(output), tokenizer,
                                   lambda ids: reward_model(**ids).score[0, 0].item())
     shutil.rmtree(rm)
+
+
+LINE_BREAKS = "\u2028\u2029\u0085\x0b\x0c\x1c\x1d\x1e"
+"""What str.splitlines() ends a line at besides \\n and \\r; JSON keeps them inside strings (the
+first three raw under ensure_ascii=False, as the parts and the pairs are written)."""
+
+
+def test_samples_holding_unicode_line_breaks_merge_and_resume(tiny, monkeypatch, tmp_path):
+    """A batch file whose samples hold those characters is this run's batch: the run merges it,
+    and a rerun reads it back (CRLF line ends and blank lines too) instead of refusing it."""
+    samples = {p: [f"{p} {c} sample {k}" * (k + 1) for k, c in enumerate(LINE_BREAKS[:5])]
+               for p in PROMPTS}
+
+    def fake_sampler(hf_dir, **_):
+        def sample(conversations, sampling, seeds):
+            return [list(samples[c[-1]["content"]]) for c in conversations]
+        return sample
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    output = tmp_path / "pairs.jsonl"
+    _run(_flags(tiny, output, reward="by_length"))
+    text = output.read_text(encoding="utf-8")
+    assert "\u2028" in text
+    rows = [json.loads(line) for line in text.split("\n") if line]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for row in rows:  # by length: the last sample is the longest, the first the shortest
+        assert row["chosen"][-1]["content"] == samples[row["prompt"]][-1]
+        assert row["rejected"][-1]["content"] == samples[row["prompt"]][0]
+
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    config = COMMAND.parse(_flags(tiny, output, reward="by_length"))["config"]
+    prompts = pairs_run.read_prompts(config, say=lambda _: None)[:2]
+    written = [{"index": p.index, "prompt_id": p.prompt_id, "samples": samples[p.prompt],
+                "scores": [float(len(s)) for s in samples[p.prompt]]} for p in prompts]
+    part = tmp_path / "batch-000000.jsonl"
+    pairs_run.write_part(part, written)
+    assert pairs_run.read_part(part, prompts, seeds=5) == written
+    part.write_bytes(part.read_bytes().replace(b"\n", b"\r\n") + b"\r\n")
+    assert pairs_run.read_part(part, prompts, seeds=5) == written

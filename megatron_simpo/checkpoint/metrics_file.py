@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_simpo.distributed.files import jsonl_lines
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -38,12 +40,10 @@ def read_metrics_file(path: str | Path) -> tuple[list[tuple[str, dict]], str | N
     the line. Blank lines are skipped.
     """
     path = Path(path)
-    lines = path.read_text(errors="replace").splitlines()
-    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    lines = jsonl_lines(path.read_text(encoding="utf-8", errors="replace"))
+    last = lines[-1][0] if lines else 0
     found, warning = [], None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in lines:
         try:
             found.append((line, _row(line)))
         except json.JSONDecodeError as error:

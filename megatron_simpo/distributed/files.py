@@ -20,3 +20,12 @@ def write_text_atomically(path: str | Path, text: str, *, encoding: str = "utf-8
         partial.unlink(missing_ok=True)
         raise
     return path
+
+
+def jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of each non-blank line of a JSON-lines file's text. Lines end at
+    "\\n" only (a "\\r" before it is dropped): ``str.splitlines`` also ends them at U+2028,
+    U+2029, U+0085 and \\x0b, \\x0c, \\x1c-\\x1e, and JSON written with ``ensure_ascii=False``
+    keeps the first three raw inside its strings."""
+    lines = (line.removesuffix("\r") for line in text.split("\n"))
+    return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]

@@ -26,7 +26,7 @@ import numpy as np
 
 from megatron_simpo.checkpoint.layout import check_writable_folder
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
-from megatron_simpo.distributed.files import write_text_atomically
+from megatron_simpo.distributed.files import jsonl_lines, write_text_atomically
 from megatron_simpo.evaluation import rounds
 
 PLOTS = ("training_curves.png", "margin_distribution.png", "length_correlation.png",
@@ -61,7 +61,7 @@ def read_dumps(run: Path) -> dict[int, list[dict]]:
     dumps = {}
     for path in sorted(folder.glob("iter_*.jsonl")):
         dumps[int(path.stem.removeprefix("iter_"))] = [
-            json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            json.loads(line) for _, line in jsonl_lines(path.read_text(encoding="utf-8"))]
     return dumps
 
 
@@ -116,7 +116,7 @@ def read_dump(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no such eval-dump file")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for _, line in jsonl_lines(path.read_text(encoding="utf-8"))]
 
 
 def _kl(dumps: dict[int, list[dict]], reference: list[dict], what: str) -> list[list[float]]:

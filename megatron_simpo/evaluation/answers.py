@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
-from megatron_simpo.distributed.files import write_text_atomically
+from megatron_simpo.distributed.files import jsonl_lines, write_text_atomically
 from megatron_simpo.evaluation.judge_metadata import TokenCount, conv_metadata
 
 Benchmark = Literal["alpaca_eval", "arena_hard", "mt_bench"]
@@ -86,9 +86,7 @@ def _read_rows(path: Path) -> list[tuple[str, object]]:
         except json.JSONDecodeError as error:
             raise QuestionError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(text):
         try:
             rows.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as error:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from megatron_simpo.distributed.files import write_text_atomically
+from megatron_simpo.distributed.files import jsonl_lines, write_text_atomically
 from megatron_simpo.evaluation import generation, pairs, reward_stats, rewards, settings_record
 from megatron_simpo.evaluation.answers import Sampling
 
@@ -205,7 +205,7 @@ def read_part(path: Path, batch: list[Prompt], seeds: int,
     if not path.is_file():
         return None
     try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        rows = [json.loads(line) for _, line in jsonl_lines(path.read_text(encoding="utf-8"))]
         ok = [(r["index"], r["prompt_id"]) for r in rows] == \
              [(p.index, p.prompt_id) for p in batch] and all(
                  len(r["samples"]) == seeds and all(isinstance(t, str) for t in r["samples"])
