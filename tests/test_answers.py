@@ -224,13 +224,14 @@ def test_greedy_answers_of_a_tp2_checkpoint_equal_transformers_generate(tmp_path
             (tmp_path / "arena" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported",
                                                                   dtype=torch.float32).eval()
+    reference.generation_config = transformers.GenerationConfig()  # not the export's settings
     for row, question in zip(rows, questions):
         [ids] = encode_prompts(tokenizer, [[{"role": "user",
                                              "content": question["turns"][0]["content"]}]])
         assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
         out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
                                                                                 dtype=torch.long),
-                                 do_sample=False, max_new_tokens=12,
+                                 do_sample=False, repetition_penalty=1.0, max_new_tokens=12,
                                  pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()

@@ -98,13 +98,16 @@ def test_defaults_are_the_authors_and_seeds_give_the_same_samples(tiny):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny / "hf",
                                                               dtype=torch.float32).eval()
     [alone] = sample(conversations[:1], sampling, (13, 21, 42))
+    # Temperature and top-p alone, whatever the folder's generation_config holds
+    # (tests/test_generation_settings.py: one that holds a release's top_k and penalty).
+    model.generation_config = transformers.GenerationConfig()
     ids = tokenizer.apply_chat_template(conversations[0], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     for seed, text in zip((13, 21, 42), alone):
         torch.manual_seed(seed)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=0.8, top_p=0.95, max_new_tokens=10,
-                             pad_token_id=tokenizer.pad_token_id,
+                             temperature=0.8, top_p=0.95, top_k=0, repetition_penalty=1.0,
+                             max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
         assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 

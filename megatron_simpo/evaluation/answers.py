@@ -208,6 +208,11 @@ def stream_of(question: Question, turn: int) -> int:
     return zlib.crc32(f"{question.key}\0{turn}".encode("utf-8"))
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """The sampling seed of a batch (or a request) from the run's seed and its stream."""
+    return (seed * 4_294_967_311 + stream) % 2**63
+
+
 def write_answers(benchmark: str, questions: list[Question], generate: Generate, *,
                   output: str | Path, model_id: str, overrides: dict, batch_size: int = 8,
                   count_tokens: TokenCount | None = None,

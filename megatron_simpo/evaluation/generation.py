@@ -4,7 +4,9 @@ The model is a Hugging Face folder, or a Megatron checkpoint (any TP/PP) exporte
 the project's converter first. Prompts are rendered exactly as training rendered them
 (``data.encode_prompts``: the chat template's BOS and no other), so evaluation never sees a
 double BOS or another template. Backends: vLLM when installed and a GPU is present (its own
-tensor parallelism), else Hugging Face transformers (batched, left padding; CPU or GPU).
+tensor parallelism; ``vllm_backend``), else Hugging Face transformers (batched, left padding;
+CPU or GPU); both sample with the benchmark's settings only, never the model's
+generation_config.
 Samplers (``Sample``: several seeded samples per prompt) serve on-policy pairs (``pairs_run``).
 The answer files and sampling defaults are ``answers.py``'s; the options are
 :class:`AnswersConfig`'s, and :func:`generate_answers` is the command.
@@ -20,9 +22,10 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
-                                               read_questions, write_answers)
+                                               read_questions, stream_seed, write_answers)
 from megatron_simpo.evaluation import settings_record
 from megatron_simpo.evaluation.judge_metadata import token_counter
+from megatron_simpo.evaluation.vllm_backend import vllm_generator, vllm_sampler  # noqa: F401
 from megatron_simpo.convert.export_marker import check_replaceable
 
 
@@ -34,7 +37,10 @@ def _groups(samplings: list[Sampling]) -> dict[Sampling, list[int]]:
 
 
 def _causal_lm(hf_dir: str | Path, dtype: str):
-    """(tokenizer, model in eval mode, device, pad id, stop ids) of a Hugging Face folder."""
+    """(tokenizer, model in eval mode, device, pad id, stop ids) of a Hugging Face folder. Its
+    generation_config keeps only the stop and pad ids (not a release's top_k or repetition
+    penalty, nor transformers' default top_k 50): greedy is the argmax, sampling temperature and
+    top-p only, as vLLM's ``SamplingParams`` (the SimPO authors' sampler) make them."""
     import torch
     import transformers
 
@@ -48,6 +54,9 @@ def _causal_lm(hf_dir: str | Path, dtype: str):
     stops = sorted({*(configured if isinstance(configured, list) else [configured]),
                     tokenizer.eos_token_id} - {None})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=model.generation_config.bos_token_id, eos_token_id=stops,
+        pad_token_id=pad, top_k=0, repetition_penalty=1.0)
     return tokenizer, model, device, pad, stops
 
 
@@ -66,7 +75,7 @@ def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
         tokens[row, longest - len(prompt):] = torch.tensor(prompt)
         mask[row, longest - len(prompt):] = 1
     options = dict(do_sample=False) if sampling.temperature == 0 else dict(
-        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     new_tokens, rows = room.limits(ids, sampling.max_new_tokens)
     if rows is not None:  # a row with less room stops there (the others go on)
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -111,11 +120,6 @@ class _ContextRoom:
         return max(rows), rows
 
 
-def _stream_seed(seed: int, stream: int) -> int:
-    """The sampling seed of a batch (or a request) from the run's seed and its stream."""
-    return (seed * 4_294_967_311 + stream) % 2**63
-
-
 def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
                            apply_chat_template: bool):
     """``answers.Generate`` on ``transformers``: one ``generate`` call per sampling setting
@@ -133,36 +137,11 @@ def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         replies: list[str] = [""] * len(ids)
         for sampling, members in _groups(samplings).items():
-            torch.manual_seed(_stream_seed(seed, streams[members[0]]))
+            torch.manual_seed(stream_seed(seed, streams[members[0]]))
             texts = _left_padded_generate(loaded, [ids[i] for i in members], sampling, room)
             for i, text in zip(members, texts):
                 replies[i] = text
         return replies
-
-    return generate
-
-
-def vllm_generator(hf_dir: str | Path, *, seed: int, tensor_parallel_size: int, dtype: str,
-                   apply_chat_template: bool):
-    """``answers.Generate`` on vLLM, from our token ids (vLLM never re-renders the prompt); a
-    seed per request, from the run's seed and the question's stream."""
-    import transformers
-    from vllm import LLM, SamplingParams
-
-    from megatron_simpo.data.tokenization import encode_prompts
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, seed=seed,
-              dtype=dtype)
-
-    def generate(conversations, samplings, streams):
-        ids = encode_prompts(tokenizer, conversations,
-                             apply_chat_template=apply_chat_template)
-        params = [SamplingParams(temperature=s.temperature, top_p=s.top_p,
-                                 max_tokens=s.max_new_tokens, seed=_stream_seed(seed, stream))
-                  for s, stream in zip(samplings, streams)]
-        outputs = llm.generate([{"prompt_token_ids": i} for i in ids], params)
-        return [o.outputs[0].text.strip() for o in outputs]
 
     return generate
 
@@ -190,32 +169,6 @@ def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template:
             by_seed.append(_left_padded_generate(loaded, ids, sampling, room))
         return [list(replies) for replies in zip(*by_seed)]
 
-    return sample
-
-
-def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
-                 apply_chat_template: bool, gpu_memory_utilization: float = 0.9) -> Sample:
-    """``Sample`` on vLLM with a seed per request (``SamplingParams(seed=...)``, as the
-    authors' decode.py): a sample depends on its prompt and seed only, not on the batch."""
-    import transformers
-    from vllm import LLM, SamplingParams
-
-    from megatron_simpo.data.tokenization import encode_prompts
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-              gpu_memory_utilization=gpu_memory_utilization)
-
-    def sample(conversations, sampling, seeds):
-        ids = encode_prompts(tokenizer, conversations, apply_chat_template=apply_chat_template)
-        requests = [{"prompt_token_ids": i} for i in ids for _ in seeds]
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, seed=seed)
-                  for _ in ids for seed in seeds]
-        texts = [o.outputs[0].text.strip() for o in llm.generate(requests, params)]
-        return [texts[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(ids))]
-
-    sample.llm = llm  # the engine, for checks against its own generate
     return sample
 
 
