@@ -5,11 +5,16 @@ written in the exact layout each benchmark's judge reads:
 
 * AlpacaEval 2: questions a JSON list (or JSONL) of ``{"instruction", "dataset"?}``; answers a
   JSON list of ``{"instruction", "output", "generator", "dataset"}``, in the questions' order.
-* Arena-Hard: ``question.jsonl`` rows ``{"question_id", "category", "turns": [{"content"}]}``;
-  answers ``model_answer/<model>.jsonl`` rows ``{"question_id", "answer_id", "model_id",
+* Arena-Hard, in the layout of the question file given (answers ``model_answer/<model>.jsonl``):
+  arena-hard-auto up to ff46f0a (Nov 2024): ``question.jsonl`` rows ``{"question_id",
+  "category", "turns": [{"content"}]}``; answers ``{"question_id", "answer_id", "model_id",
   "choices": [{"index": 0, "turns": [{"content": ...}]}], "tstamp", "conv_metadata"}`` (turns
-  are dicts; ``conv_metadata``, the length and markdown counts its show_result.py and style
-  control read, on single-turn answers as arena-hard-auto writes it: ``judge_metadata``).
+  are dicts). Since 900183d ("reformat v0.1", Apr 2025) and v2.0: questions ``{"uid",
+  "category", "cluster" or "subcategory", "prompt"}``; answers ``{"uid", "ans_id", "model",
+  "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content":
+  {"answer": ...}}], "tstamp", "metadata"}``. ``conv_metadata`` / ``metadata``: the length
+  and markdown counts its show_result.py's style control reads, on single-turn answers as
+  arena-hard-auto writes them (``judge_metadata``; token_len in ``ARENA_HARD_ENCODING``).
 * MT-Bench (FastChat llm_judge): ``question.jsonl`` rows ``{"question_id", "category",
   "turns": [str, str]}``; answers ``model_answer/<model>.jsonl`` rows with
   ``"choices": [{"index": 0, "turns": [str, str]}]`` (turns are strings); the second turn is
@@ -56,6 +61,9 @@ SAMPLING: dict[str, Sampling] = {
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
                         "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 """FastChat's temperature_config; other categories take 0.7, as FastChat does."""
+ARENA_HARD_ENCODING = {"question_id": "cl100k_base", "uid": "o200k_base"}
+"""Arena-Hard's token_len encoding by the question file's id field: gpt-3.5-turbo's up to
+ff46f0a, gpt-4o's since 900183d (``tiktoken.encoding_for_model`` in its gen_answer.py)."""
 
 
 class QuestionError(ValueError):
@@ -71,8 +79,11 @@ class Question:
     extra: tuple[tuple[str, object], ...] = ()
     """Fields copied to the answer (AlpacaEval's dataset)."""
     question_id: int | str | None = None
-    """The question file's question_id as written there (its JSON type kept: MT-Bench's are
-    numbers, Arena-Hard's hex strings, which may be all digits)."""
+    """The question file's question_id (uid) as written there (its JSON type kept: MT-Bench's
+    are numbers, Arena-Hard's hex strings, which may be all digits)."""
+    id_field: str = "question_id"
+    """"uid" for Arena-Hard questions in arena-hard-auto's layout since 900183d (answers in that
+    layout too)."""
 
 
 def _read_rows(path: Path) -> list[tuple[str, object]]:
@@ -106,27 +117,53 @@ def read_questions(benchmark: str, path: str | Path) -> list[Question]:
             questions.append(Question(row["instruction"], (row["instruction"],),
                                       extra=(("dataset", row.get("dataset", "custom")),)))
             continue
-        if "question_id" not in row:
-            raise QuestionError(f"{where}: missing 'question_id'")
-        turns = row.get("turns")
-        if benchmark == "arena_hard":
-            ok = isinstance(turns, list) and turns and all(
-                isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns)
-            if not ok:
-                raise QuestionError(f"{where}: 'turns' must be a list of {{\"content\": str}} "
-                                    "(Arena-Hard's format)")
-            turns = [t["content"] for t in turns]
+        if benchmark == "arena_hard" and "uid" in row and "question_id" not in row:
+            questions.append(_uid_question(where, row))
+        elif "question_id" not in row:
+            raise QuestionError(f"{where}: missing 'question_id'" + (
+                " (or 'uid' and 'prompt': arena-hard-auto's layout since its v0.1 reformat)"
+                if benchmark == "arena_hard" else ""))
         else:
-            if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-                raise QuestionError(f"{where}: 'turns' must be a list of strings (MT-Bench's "
-                                    "format)")
-        questions.append(Question(str(row["question_id"]), tuple(turns), row.get("category"),
-                                  question_id=row["question_id"]))
+            questions.append(_turns_question(benchmark, where, row))
+        if questions[-1].id_field != questions[0].id_field:
+            raise QuestionError(f"{where}: a question with '{questions[-1].id_field}' after "
+                                f"ones with '{questions[0].id_field}': one arena-hard-auto "
+                                "layout per file")
     keys = [q.key for q in questions]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise QuestionError(f"{path}: question {duplicate!r} appears twice")
     return questions
+
+
+def _uid_question(where: str, row: dict) -> Question:
+    """An Arena-Hard question in arena-hard-auto's layout since 900183d: uid, prompt."""
+    if not isinstance(row.get("prompt"), str):
+        raise QuestionError(f"{where}: 'prompt' must be a string (Arena-Hard's format since "
+                            "arena-hard-auto's v0.1 reformat: uid, category, prompt)")
+    return Question(str(row["uid"]), (row["prompt"],), row.get("category"),
+                    question_id=row["uid"], id_field="uid")
+
+
+def _turns_question(benchmark: str, where: str, row: dict) -> Question:
+    """An MT-Bench question, or an Arena-Hard one in arena-hard-auto's layout up to ff46f0a."""
+    turns = row.get("turns")
+    if benchmark == "arena_hard":
+        ok = isinstance(turns, list) and turns and all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns)
+        if not ok:
+            raise QuestionError(f"{where}: 'turns' must be a list of {{\"content\": str}} "
+                                "(Arena-Hard's format)")
+        turns = [t["content"] for t in turns]
+    elif not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        raise QuestionError(f"{where}: 'turns' must be a list of strings (MT-Bench's format)")
+    return Question(str(row["question_id"]), tuple(turns), row.get("category"),
+                    question_id=row["question_id"])
+
+
+def answer_key(questions: list[Question]) -> str:
+    """The field that names an answer's question: the question file's id field."""
+    return questions[0].id_field if questions else "question_id"
 
 
 def sampling_for(benchmark: str, question: Question, overrides: dict) -> Sampling:
@@ -145,8 +182,9 @@ def answer_path(benchmark: str, output: str | Path, model_id: str) -> Path:
     return output if benchmark == "alpaca_eval" else output / "model_answer" / f"{model_id}.jsonl"
 
 
-def answered(benchmark: str, path: Path) -> dict[str, dict]:
-    """The answers already in ``path`` by question key (resuming an interrupted run)."""
+def answered(benchmark: str, path: Path, key: str = "question_id") -> dict[str, dict]:
+    """The answers already in ``path`` by question key (resuming an interrupted run); ``key``:
+    the field naming the question (:func:`answer_key`)."""
     if not path.is_file():
         return {}
     data = path.read_bytes()
@@ -173,10 +211,10 @@ def answered(benchmark: str, path: Path) -> dict[str, dict]:
         # cut before its newline would take the next answer onto it.
         write_text_atomically(path, "".join(line + "\n" for line in kept))
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or "question_id" not in row:
-            raise QuestionError(f"{path}:{number}: not an answer row (no 'question_id'); move the "
+        if not isinstance(row, dict) or key not in row:
+            raise QuestionError(f"{path}:{number}: not an answer row (no '{key}'); move the "
                                 "file away or give another --output")
-    return {str(row["question_id"]): row for row in rows}
+    return {str(row[key]): row for row in rows}
 
 
 def answer_record(benchmark: str, question: Question, outputs: list[str], model_id: str,
@@ -185,13 +223,18 @@ def answer_record(benchmark: str, question: Question, outputs: list[str], model_
     if benchmark == "alpaca_eval":
         return {"instruction": question.key, "output": outputs[0], "generator": model_id,
                 **dict(question.extra)}
+    if benchmark == "arena_hard" and len(outputs) == 1 and count_tokens is None:
+        raise ValueError("Arena-Hard answers carry token_len: give count_tokens "
+                         "(judge_metadata.token_counter)")
+    if question.id_field == "uid":  # arena-hard-auto's gen_answer.py since 900183d
+        return {"uid": question.question_id, "ans_id": uuid.uuid4().hex, "model": model_id,
+                "messages": [{"role": "user", "content": question.turns[0]},
+                             {"role": "assistant", "content": {"answer": outputs[0]}}],
+                "tstamp": time.time(), "metadata": conv_metadata(outputs[0], count_tokens)}
     turns = [{"content": o} for o in outputs] if benchmark == "arena_hard" else list(outputs)
     record = {"question_id": question.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
               "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
     if benchmark == "arena_hard" and len(outputs) == 1:
-        if count_tokens is None:
-            raise ValueError("Arena-Hard answers carry token_len: give count_tokens "
-                             "(judge_metadata.token_counter)")
         record["conv_metadata"] = conv_metadata(outputs[0], count_tokens)
     return record
 
@@ -226,7 +269,7 @@ def write_answers(benchmark: str, questions: list[Question], generate: Generate,
     arena_hard)."""
     path = answer_path(benchmark, output, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = answered(benchmark, path)
+    done = answered(benchmark, path, answer_key(questions))
     batches = [questions[start:start + batch_size]
                for start in range(0, len(questions), batch_size)]
     cut = [q.key for batch in batches if 0 < sum(q.key in done for q in batch) < len(batch)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from megatron_simpo.evaluation.answers import (Benchmark, Sampling, answer_path, answered,
+from megatron_simpo.evaluation.answers import (ARENA_HARD_ENCODING, Benchmark, Sampling,
+                                               answer_key, answer_path, answered,
                                                read_questions, stream_seed, write_answers)
 from megatron_simpo.evaluation import settings_record
 from megatron_simpo.evaluation.judge_metadata import token_counter
@@ -320,7 +321,7 @@ def generate_answers(config: AnswersConfig) -> Path:
     except OSError as error:
         raise ValueError(f"--output {config.output}: cannot make the folder {answers.parent} "
                          f"({error.strerror or error})") from None
-    answered(config.benchmark, answers)
+    answered(config.benchmark, answers, answer_key(questions))
     model = settings_record.model_identity(config.hf, config.load)  # --load: its iteration now
     keep_settings(answers, dict(
         model=model, backend=backend, seed=config.seed, dtype=config.dtype,
@@ -339,7 +340,7 @@ def generate_answers(config: AnswersConfig) -> Path:
             generate = transformers_generator(hf_dir, **options)
         count_tokens = None
         if config.benchmark == "arena_hard":
-            count_tokens, how = token_counter(hf_dir)
+            count_tokens, how = token_counter(hf_dir, ARENA_HARD_ENCODING[answer_key(questions)])
             print(f"> Arena-Hard token_len: {how}")
         path = write_answers(config.benchmark, questions, generate, output=config.output,
                              model_id=model_id, overrides=config.overrides,
