@@ -98,11 +98,13 @@ def test_planner_counts_shared_rows_and_saved_prompt_tokens():
 
 
 def test_step_record_reports_the_saved_prompt_tokens():
-    from megatron_simpo.training.metrics import StepRecord
+    from megatron_simpo.training.metrics import LogWindow, StepRecord
     from megatron_simpo.training.step import StepResult
 
-    record = StepRecord(StepResult({"loss": 1.0}, 1.0, True), (0, 1), 1e-3, 100, 0.9, 37)
-    assert record.values(2, 1.0, 0.0)["prompt_tokens_saved"] == 37
+    window = LogWindow()
+    window.add(StepRecord(StepResult({"loss": 1.0}, 1.0, True), (0, 1), 1e-3, 100, 0.9, 37),
+               1.0, 0)
+    assert window.close(2, 1)["prompt_tokens_saved"] == 37
 
 
 def test_share_prompt_is_refused_where_the_mask_cannot_go():

@@ -54,12 +54,17 @@ def _train(rank, argv):
                               "dp2_overlap_param_gather", "tp2_sequence_parallel",
                               "pp2_packed"])
 def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
+    """Resumed runs repeat the straight run's steps; with --log-interval 3 (and a save at 4,
+    off that cadence) each metrics.jsonl row holds the mean of the steps since the previous
+    row, every step logged once across the resume."""
     straight, straight_evals = run_on_ranks(2, _train, _argv(tiny, train_iters=8, eval_interval=4,
                                                              save=tmp_path / "a", **layout))[0]
     first, _ = run_on_ranks(2, _train, _argv(tiny, train_iters=8, save=tmp_path / "b",
-                                             save_interval=4, **layout)
+                                             save_interval=4, log_interval=3, **layout)
                             )[0]
     assert first == straight  # same run: saving (or evaluating) along the way changes nothing
+    _assert_rows_are_window_means(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"),
+                                  [(1, 3), (4, 4), (5, 6), (7, 8)])
     # Resume from iteration 4 of run "b" (remove the final checkpoint so the tracker says 4).
     (tmp_path / "b" / "latest_checkpointed_iteration.txt").write_text("4\n")
     resumed, resumed_evals = run_on_ranks(2, _train, _argv(tiny, train_iters=8, load=tmp_path / "b",
@@ -73,6 +78,35 @@ def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
     assert [m["iteration"] for m in metrics if "loss" in m] == list(range(1, 9))
     assert all(m["tflops_per_gpu"] > 0 for m in metrics if "loss" in m)
     assert {"eval/rewards/accuracies", "eval/loss"} <= set(metrics[0])
+    # The same resume into "b" itself: its rows after 4 are dropped and written again.
+    run_on_ranks(2, _train, _argv(tiny, train_iters=8, load=tmp_path / "b", save=tmp_path / "b",
+                                  overwrite=True, log_interval=3, **layout))
+    _assert_rows_are_window_means(metrics, _metrics(tmp_path / "b"),
+                                  [(1, 3), (4, 4), (5, 6), (7, 8)])
+
+
+STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss")
+
+
+def _assert_rows_are_window_means(per_step: list[dict], logged: list[dict],
+                                  windows: list[tuple[int, int]]) -> None:
+    """``logged``'s training rows are at the windows' last iterations, each the mean of the
+    --log-interval 1 run's rows of its steps (the last step's learning rate, grad norm and
+    consumed samples); held-out rows stay apart."""
+    steps = {row["iteration"]: row for row in per_step if "loss" in row}
+    rows = [row for row in logged if "loss" in row]
+    assert [row["iteration"] for row in rows] == [last for _, last in windows]
+    for row, (first, last) in zip(rows, windows):
+        window = [steps[i] for i in range(first, last + 1)]
+        for name in STEP_METRICS:
+            mean = sum(step[name] for step in window) / len(window)
+            assert row[name] == pytest.approx(mean, rel=0, abs=1e-5), name
+        for name in ("learning_rate", "grad_norm", "consumed_samples", "skipped"):
+            assert row[name] == pytest.approx(steps[last][name], abs=1e-5), name
+        assert not any(name.startswith("eval/") for name in row)
+    assert all(set(row) <= {"iteration"} | {n for n in row if n.startswith("eval/")}
+               for row in logged if "loss" not in row)
 
 
 def test_every_batch_layout_trains_the_same_model(tiny, tmp_path):
@@ -352,6 +386,37 @@ def test_non_finite_training_stops_and_writes_no_checkpoint(tiny, tmp_path):
     steps = [row for row in _metrics(save) if "skipped" in row]
     assert [row["iteration"] for row in steps] == [1, 2, 3]
     assert all(row["skipped"] == 1 and row["grad_norm"] is None for row in steps)
+
+
+def test_a_logged_row_is_the_mean_of_its_window():
+    """LogWindow: the step metrics' mean over the window's steps that were not skipped (the
+    skipped ones counted), time and padding over all of them, throughput as totals over the
+    time, the last step's learning rate and grad norm."""
+    import math
+
+    from megatron_simpo.training.metrics import LogWindow, StepRecord, log_line
+    from megatron_simpo.training.step import StepResult
+
+    steps = [  # (loss, accuracy, skipped, grad norm, lr, tokens, padding, saved, seconds, flops)
+        (0.7, 0.5, False, 1.5, 1e-3, 100, 0.9, 4, 2.0, 6e12),
+        (math.nan, math.nan, True, None, 2e-3, 300, 0.7, 0, 1.0, 3e12),
+        (0.4, 1.0, False, 0.5, 3e-3, 200, 0.8, 8, 1.0, 3e12)]
+    window = LogWindow()
+    for loss, accuracy, skipped, norm, lr, tokens, padding, saved, seconds, flops in steps:
+        result = StepResult({"loss": loss, "rewards/accuracies": accuracy,
+                             "rewards/margins": loss}, norm, not skipped, skipped)
+        window.add(StepRecord(result, (0,), lr, tokens, padding, saved), seconds, flops)
+    row = window.close(24, 2)
+    assert not window and row == pytest.approx(dict(
+        loss=(0.7 + 0.4) / 2, **{"rewards/accuracies": 0.75, "rewards/margins": 0.55},
+        learning_rate=3e-3, grad_norm=0.5, consumed_samples=24, iteration_time_s=4 / 3,
+        tokens_per_second=600 / 4, padding_efficiency=0.8, prompt_tokens_saved=4,
+        tflops_per_gpu=12 / 4 / 2, skipped=1), rel=1e-12)
+    assert log_line(3, 10, row).endswith("| skipped: 1 (non-finite loss or gradient) |")
+    window.add(StepRecord(StepResult({"loss": math.inf}, None, False, True), (0,), 1e-3, 1,
+                          1.0, 0), 1.0, 0)
+    only_skipped = window.close(32, 1)  # nothing to average: null in metrics.jsonl
+    assert math.isnan(only_skipped["loss"]) and only_skipped["grad_norm"] is None
 
 
 def _save_zero_model(rank, save, config_path):

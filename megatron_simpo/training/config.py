@@ -86,7 +86,8 @@ class TrainConfig:
     response lengths and rewards to <save>/eval_dump/iter_NNNNNNN.jsonl (tools/analyze_run.py
     plots them); needs --save."""
     log_interval: int = 1
-    """Print the log line and write metrics every this many iterations."""
+    """Print the log line and write metrics every this many iterations (and at the last one,
+    a skipped step and a save), each row the mean of the steps since the previous one."""
     seed: int = 42
     """Seed of the initialisation, the data order and the held-out split."""
     max_skipped_steps: int = 3

@@ -20,7 +20,8 @@ from megatron_simpo.training.eval_dump import drop_dumps_from
 from megatron_simpo.training.evaluator import Evaluator
 from megatron_simpo.training.guards import StepHealth
 from megatron_simpo.distributed.lifecycle import StopRequests
-from megatron_simpo.training.metrics import MetricsWriter, StepRecord, at_interval, pair_flops
+from megatron_simpo.training.metrics import (LogWindow, MetricsWriter, StepRecord, at_interval,
+                                             log_line, pair_flops)
 from megatron_simpo.training.reference_logps import ReferenceLogps
 from megatron_simpo.training.run_setup import ModelSource, build_from_config, prepare
 from megatron_simpo.training.step import train_step
@@ -101,6 +102,7 @@ def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
                 session.evaluate(iteration)
             stop = stop_requests.reason(iteration) if iteration < total_iters else None
             if session.checkpointer.due(iteration, stopping=bool(stop)):
+                session.log(iteration, consumed)
                 session.checkpointer.save(iteration, consumed, session.updated)
             if stop:
                 session.summary.stopped_early = stop
@@ -157,6 +159,7 @@ class _Session:
         if self.config.save and self.env.rank == 0:
             drop_dumps_from(self.config.save, goes_on or 0)
         self.summary = TrainSummary(iteration=state.iteration)
+        self.window = LogWindow()
         # Whether the optimizer has state to save: not before its first update of a new run.
         self.updated = resumed
         self.evaluate(state.iteration)
@@ -177,23 +180,30 @@ class _Session:
                           plan.padding_efficiency, plan.saved_tokens)
 
     def record(self, iteration: int, consumed: int, record: StepRecord, elapsed: float) -> None:
-        """Into the summary; to the metrics and the log every --log-interval iterations, at
-        the last one, and at every skipped step."""
+        """Into the summary and the logging window; the window's row (its steps' means,
+        metrics.LogWindow) to the metrics and the log every --log-interval iterations, at the
+        last one, and at every skipped step."""
         result = record.result
         self.summary.losses.append(result.metrics["loss"])
         self.summary.iteration = iteration
         self.summary.skipped_steps += int(result.skipped_non_finite)
-        logged = at_interval(iteration, self.config.log_interval, self.total_iters)
-        if not logged and not result.skipped_non_finite:
-            return
-        # Model FLOPs of SimPO's work (a reference model's pass not counted) per rank.
+        # Model FLOPs of SimPO's work (a reference model's pass not counted).
         # The model as built (ModelConfig.for_rows): a window no row outgrows is left out.
-        flops = pair_flops(self.source.config.for_rows(self.config.data.seq_length),
-                           self.data.train_pairs, record.indices,
-                           share_prompt=self.config.batching.share_prompt)
-        tflops = flops / elapsed / 1e12 / self.env.world_size
-        self.writer.write(iteration, record.values(consumed, elapsed, tflops))
-        self.say(record.log_line(iteration, self.total_iters, consumed, elapsed, tflops))
+        self.window.add(record, elapsed, pair_flops(
+            self.source.config.for_rows(self.config.data.seq_length), self.data.train_pairs,
+            record.indices, share_prompt=self.config.batching.share_prompt))
+        if (at_interval(iteration, self.config.log_interval, self.total_iters)
+                or result.skipped_non_finite):
+            self.log(iteration, consumed)
+
+    def log(self, iteration: int, consumed: int) -> None:
+        """The row of the steps since the last one, if any (also before a save: a run resumed
+        from it logs every step once, metrics.jsonl having dropped the rows after it)."""
+        if not self.window:
+            return
+        values = self.window.close(consumed, self.env.world_size)
+        self.writer.write(iteration, values)
+        self.say(log_line(iteration, self.total_iters, values))
 
     def evaluate(self, at: int) -> None:
         metrics = self.evaluator(at)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from megatron_simpo.checkpoint.metrics_file import (METRICS_FILE, MetricsFileErr
                                                     read_metrics_file, write_failed)
 from megatron_simpo.training.step import StepResult
 
-__all__ = ["METRICS_FILE", "MetricsFileError", "MetricsWriter", "StepRecord", "at_interval",
-           "pair_flops", "read_metrics_file"]
+__all__ = ["METRICS_FILE", "LogWindow", "MetricsFileError", "MetricsWriter", "StepRecord",
+           "at_interval", "log_line", "pair_flops", "read_metrics_file"]
 
 TENSORBOARD_PACKAGE = "tensorboard"
 """What ``torch.utils.tensorboard`` needs installed for ``--tensorboard-dir``."""
@@ -126,31 +127,63 @@ class StepRecord:
     prompt_tokens_saved: int = 0
     """Prompt positions not computed thanks to shared-prompt rows, over the global batch."""
 
-    def values(self, consumed: int, elapsed: float, tflops_per_gpu: float) -> dict[str, float]:
-        """The metrics.jsonl row of the step (without its iteration)."""
-        result = self.result
-        return {**result.metrics, "learning_rate": self.learning_rate,
-                "grad_norm": result.grad_norm, "consumed_samples": consumed,
-                "iteration_time_s": elapsed,
-                "tokens_per_second": self.real_tokens / elapsed,
-                "padding_efficiency": self.padding_efficiency,
-                "prompt_tokens_saved": self.prompt_tokens_saved,
-                "tflops_per_gpu": tflops_per_gpu,
-                "skipped": int(result.skipped_non_finite)}
 
-    def log_line(self, iteration: int, total: int, consumed: int, elapsed: float,
-                 tflops_per_gpu: float) -> str:
-        """The printed line of the step."""
-        result = self.result
-        metrics, grad_norm = result.metrics, result.grad_norm
-        norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
-        return (f" iteration {iteration:8d}/{total:8d} | consumed samples: {consumed:12d} | "
-                f"elapsed time per iteration (ms): {1000 * elapsed:.1f} | "
-                f"throughput per GPU (TFLOP/s/GPU): {_tflops(tflops_per_gpu)} | "
-                f"learning rate: {self.learning_rate:.3E} | "
-                f"loss: {metrics['loss']:.6E} | "
-                f"reward accuracy: {metrics['rewards/accuracies']:.3f} | "
-                f"reward margin: {metrics['rewards/margins']:.4f} | grad norm: {norm} | "
-                f"tokens/s: {self.real_tokens / max(elapsed, 1e-9):.0f} | "
-                f"padding efficiency: {self.padding_efficiency:.3f} |" +
-                (" skipped: non-finite loss or gradient |" if result.skipped_non_finite else ""))
+class LogWindow:
+    """The steps since the last logged row; the row reports them all, as means.
+
+    TRL averages its stored metrics over the logging window and Megatron-LM its losses over
+    the log interval; so does a row here: the step metrics (``loss``, ``rewards/*``,
+    ``logps/*``, ``nll_loss``, ...) are the mean over the window's steps that were not skipped
+    (a skipped step's are non-finite; ``skipped`` counts those; with none left, null);
+    ``iteration_time_s``, ``padding_efficiency`` and ``prompt_tokens_saved`` are the mean over
+    all its steps, ``tokens_per_second`` and ``tflops_per_gpu`` its totals over its time.
+    ``learning_rate``, ``grad_norm`` and ``consumed_samples`` are the last step's (Megatron-LM
+    and TRL log the current step's grad norm; null when that step was skipped).
+    """
+
+    def __init__(self):
+        self._steps: list[tuple[StepRecord, float, int]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._steps)
+
+    def add(self, record: StepRecord, elapsed: float, flops: int) -> None:
+        """A step, its wall-clock seconds and its model FLOPs (:func:`pair_flops`)."""
+        self._steps.append((record, elapsed, flops))
+
+    def close(self, consumed: int, world_size: int) -> dict[str, float]:
+        """The metrics.jsonl row of the window's steps (without its iteration); the window is
+        empty again."""
+        steps, self._steps = self._steps, []
+        last = steps[-1][0]
+        good = [record.result.metrics for record, _, _ in steps
+                if not record.result.skipped_non_finite]
+        seconds = sum(elapsed for _, elapsed, _ in steps)
+        n = len(steps)
+        return {**{name: (sum(m[name] for m in good) / len(good) if good else math.nan)
+                   for name in last.result.metrics},
+                "learning_rate": last.learning_rate, "grad_norm": last.result.grad_norm,
+                "consumed_samples": consumed, "iteration_time_s": seconds / n,
+                "tokens_per_second": sum(r.real_tokens for r, _, _ in steps) / seconds,
+                "padding_efficiency": sum(r.padding_efficiency for r, _, _ in steps) / n,
+                "prompt_tokens_saved": sum(r.prompt_tokens_saved for r, _, _ in steps) / n,
+                "tflops_per_gpu": sum(f for _, _, f in steps) / seconds / 1e12 / world_size,
+                "skipped": sum(r.result.skipped_non_finite for r, _, _ in steps)}
+
+
+def log_line(iteration: int, total: int, row: dict[str, float]) -> str:
+    """The printed line of a :class:`LogWindow` row (Megatron-LM's: per-iteration time and
+    throughput, and the losses, as the window's means)."""
+    norm = "n/a" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}"
+    skipped = row["skipped"]
+    return (f" iteration {iteration:8d}/{total:8d} | "
+            f"consumed samples: {row['consumed_samples']:12d} | "
+            f"elapsed time per iteration (ms): {1000 * row['iteration_time_s']:.1f} | "
+            f"throughput per GPU (TFLOP/s/GPU): {_tflops(row['tflops_per_gpu'])} | "
+            f"learning rate: {row['learning_rate']:.3E} | "
+            f"loss: {row['loss']:.6E} | "
+            f"reward accuracy: {row['rewards/accuracies']:.3f} | "
+            f"reward margin: {row['rewards/margins']:.4f} | grad norm: {norm} | "
+            f"tokens/s: {row['tokens_per_second']:.0f} | "
+            f"padding efficiency: {row['padding_efficiency']:.3f} |" +
+            (f" skipped: {skipped} (non-finite loss or gradient) |" if skipped else ""))
