@@ -44,6 +44,7 @@ def _expected(config: dict, sum_w, n_w, sum_l, n_l, ref_w=None, ref_l=None):
         w, l = s_w, s_l
         if algorithm in REFERENCE_BASED:
             w, l = w - float(ref_w[i]), l - float(ref_l[i])
+        summed = w, l  # the reference-based ones' rewards: TRL's DPOTrainer logs the sums
         if average:
             w, l = w / len_w, l / len_l
         nll = -s_w / len_w
@@ -58,7 +59,6 @@ def _expected(config: dict, sum_w, n_w, sum_l, n_l, ref_w=None, ref_l=None):
             chosen, rejected = beta * w, beta * l
         elif algorithm == "ipo":
             loss = (w - l - 1.0 / (2.0 * beta)) ** 2
-            chosen, rejected = beta * w, beta * l
         elif algorithm == "orpo":  # odds(y) = p / (1 - p), p = exp(average log-prob)
             p_w, p_l = math.exp(w), math.exp(l)
             log_odds = math.log(p_w / (1 - p_w)) - math.log(p_l / (1 - p_l))
@@ -70,6 +70,8 @@ def _expected(config: dict, sum_w, n_w, sum_l, n_l, ref_w=None, ref_l=None):
         else:  # slic
             loss = max(0.0, config.get("slic_delta", 1.0) - w + l)
             chosen, rejected = w, l
+        if algorithm in REFERENCE_BASED:
+            chosen, rejected = beta * summed[0], beta * summed[1]
         losses.append(loss + lam * nll)
         accuracies.append(float(chosen > rejected))
     return torch.tensor(losses, dtype=torch.float64), torch.tensor(accuracies, dtype=torch.float64)
@@ -265,20 +267,38 @@ def test_orpo_equals_trl():
                                rtol=0)
 
 
-def test_ipo_token_averaged_equals_trl_dpo_trainer():
-    """TRL's IPO lives inside DPOTrainer._compute_loss: it is fed per-token log-probs through a
-    stand-in model output, with precomputed reference sums, for a batch of [chosen; rejected]."""
+TRL_DPO_LOSS_TYPES = {  # DPOTrainer's loss type: our algorithm and its length normalisation
+    "ipo": ("ipo", True), "sigmoid_norm": ("dpo", True), "sigmoid": ("dpo", False),
+    "hinge": ("dpo", False)}
+LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+          "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize("loss_type", sorted(TRL_DPO_LOSS_TYPES))
+def test_reference_based_losses_and_metrics_equal_trl_dpo_trainer(loss_type):
+    """TRL's DPO losses live inside DPOTrainer._compute_loss: it is fed per-token log-probs
+    through a stand-in model output, with precomputed reference sums, for a batch of [chosen;
+    rejected]. The loss and the logged rewards and logps equal ours; where the loss averages
+    over tokens (ipo, sigmoid_norm), TRL still logs rewards and logps from the sums."""
     trl = _trl("trl")
     from collections import defaultdict
 
     g = torch.Generator().manual_seed(1)
     length = 12
     completion = torch.zeros(2 * N, length, dtype=torch.long)
-    for row in range(2 * N):  # prompt of 3 tokens, then a response of 2..8 tokens
-        completion[row, 3:3 + int(torch.randint(2, 9, (1,), generator=g))] = 1
+    # prompts of 3 tokens; pairs 0 and 1 a short chosen and a long rejected response, whose
+    # summed and averaged log-ratios disagree on which is better; the others 2..8 tokens
+    lengths = [2, 3] + [int(torch.randint(2, 9, (1,), generator=g)) for _ in range(N - 2)]
+    lengths += [8, 8] + [int(torch.randint(2, 9, (1,), generator=g)) for _ in range(N - 2)]
+    for row, n in enumerate(lengths):
+        completion[row, 3:3 + n] = 1
     token_logps = -torch.rand(2 * N, length - 1, generator=g, dtype=torch.float64) * 4
     token_logps = token_logps * completion[:, 1:]  # TRL's log-probs are zero off the completion
-    reference = -torch.rand(2 * N, generator=g, dtype=torch.float64) * 10
+    sums, counts = token_logps.sum(-1), completion.sum(-1).double()
+    # reference: log-ratio +1.0 over the short chosen, +2.0 over the long rejected response
+    reference = sums - torch.rand(2 * N, generator=g, dtype=torch.float64) * 2
+    reference[[0, 1, N, N + 1]] = sums[[0, 1, N, N + 1]] - torch.tensor([1.0, 1.0, 2.0, 2.0],
+                                                                         dtype=torch.float64)
 
     class Output:
         log_probs = token_logps
@@ -290,9 +310,9 @@ def test_ipo_token_averaged_equals_trl_dpo_trainer():
     accelerator.gather_for_metrics = accelerator.gather = lambda tensor: tensor
     trainer = _namespace(model=torch.nn.Linear(1, 1), aux_loss_enabled=False, ld_alpha=None,
                          precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                         loss_types=["ipo"], loss_weights=[1.0], beta=0.4, use_weighting=False,
-                         _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
-                         _tp_size=1)
+                         loss_types=[loss_type], loss_weights=[1.0], beta=0.4,
+                         use_weighting=False, _metrics={"train": defaultdict(list)},
+                         _total_train_tokens=0, _tp_size=1)
     trainer.accelerator = accelerator
     inputs = {"input_ids": torch.zeros(2 * N, length, dtype=torch.long),
               "attention_mask": torch.ones(2 * N, length, dtype=torch.long),
@@ -300,8 +320,14 @@ def test_ipo_token_averaged_equals_trl_dpo_trainer():
               "ref_chosen_logps": reference[:N], "ref_rejected_logps": reference[N:]}
     expected = trl.DPOTrainer._compute_loss(trainer, lambda **kwargs: Output(), inputs,
                                             return_outputs=False)
-    sums, counts = token_logps.sum(-1), completion.sum(-1).double()
-    loss, _ = preference_loss(sums[:N], counts[:N], sums[N:], counts[N:],
-                              LossConfig(algorithm="ipo", beta=0.4, length_normalization=True),
-                              reference[:N], reference[N:])
+    algorithm, averaged = TRL_DPO_LOSS_TYPES[loss_type]
+    config = LossConfig(algorithm=algorithm, beta=0.4, length_normalization=averaged,
+                        loss_type="hinge" if loss_type == "hinge" else "sigmoid")
+    loss, metrics = preference_loss(sums[:N], counts[:N], sums[N:], counts[N:], config,
+                                    reference[:N], reference[N:])
     torch.testing.assert_close(loss.mean(), expected, atol=1e-12, rtol=0)
+    logged = trainer._metrics["train"]
+    for name in LOGGED:
+        # (TRL averages the accuracies in fp32)
+        assert metrics[name].mean().item() == pytest.approx(logged[name][0], abs=1e-7), name
+    assert metrics["rewards/accuracies"][:2].tolist() == [0.0, 0.0]  # summed: rejected ahead

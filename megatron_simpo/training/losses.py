@@ -20,8 +20,11 @@ NLL(y_w) = -a(y_w), the length-averaged NLL of the chosen response, weighted by 
 (lambda; 1 for cpo, orpo, rrhf and slic, whose objectives include it; 0 otherwise, where it adds
 CPO's term, e.g. CPO-SimPO). For the sigmoid family (simpo, dpo, cpo, rdpo) ``loss_type="hinge"``
 uses max(0, 1 - h) and label smoothing eps gives -(1 - eps) log sigmoid(h) - eps log sigmoid(-h).
-Options an algorithm does not define are refused, not ignored. Metrics keep TRL's names; rewards
-are beta * score (the score itself for orpo, rrhf and slic, which have no beta). KTO needs
+Options an algorithm does not define are refused, not ignored. Metrics keep TRL's names and
+conventions: rewards are beta * score (the score itself for orpo, rrhf and slic, which have no
+beta) and logps the score (CPOTrainer's, the score averaged as the loss averages it), except
+that dpo, ipo and rdpo log beta * (s(y) - s_ref(y)) and s(y), summed even where the loss
+averages (DPOTrainer's, whose loss types ipo and sigmoid_norm average in the loss only). KTO needs
 unpaired examples (another data shape) and is not here. Everything is per pair: the caller sums
 and divides by the global count.
 """
@@ -229,6 +232,11 @@ def preference_loss(chosen_logp_sum: torch.Tensor, chosen_count: torch.Tensor,
     scale = 1.0 if config.algorithm in WITHOUT_BETA else config.beta
     chosen_rewards = scale * chosen_reward_score
     rejected_rewards = scale * rejected_reward_score
+    logged = chosen_rewards, rejected_rewards, chosen_score, rejected_score
+    if config.needs_reference:  # TRL's DPOTrainer: from the sums, even where the loss averages
+        logged = (scale * (chosen_logp_sum - reference_chosen_logp_sum),
+                  scale * (rejected_logp_sum - reference_rejected_logp_sum),
+                  chosen_logp_sum, rejected_logp_sum)
     extra = {}
     if config.algorithm in SIGMOID_FAMILY:
         h = chosen_rewards - rejected_rewards - config.margin
@@ -255,13 +263,14 @@ def preference_loss(chosen_logp_sum: torch.Tensor, chosen_count: torch.Tensor,
     nll = -chosen_logp_sum / chosen_count.clamp(min=1)
     if config.sft_weight > 0:
         loss = loss + config.sft_weight * nll
+    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = (x.detach() for x in logged)
     metrics = {
-        "rewards/chosen": chosen_rewards.detach(),
-        "rewards/rejected": rejected_rewards.detach(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(loss.dtype).detach(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
-        "logps/chosen": chosen_score.detach(),
-        "logps/rejected": rejected_score.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(loss.dtype),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps,
+        "logps/rejected": rejected_logps,
         "nll_loss": nll.detach(),
         "loss": loss.detach(),
         **extra,
