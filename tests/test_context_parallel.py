@@ -17,7 +17,8 @@ import torch
 
 from megatron_simpo.data.collate import TokenizedPair, collate_pairs
 from tests.multiprocess import run_on_ranks
-from tests.test_step import LR, ADAM_EPS, BETA, GAMMA, _compare, _reference_step, gather_global
+from tests.test_step import (LR, ADAM_EPS, BETA, GAMMA, _compare, _reference_step,
+                             assert_mean_logits, gather_global, trl_mean_logits)
 from tests.tiny import tiny_hf_config, tiny_hf_model
 
 PAIRS, SEQ = 4, 24
@@ -246,11 +247,14 @@ def cp_world():
     reference = {"simpo": (_reference_step(hf_config, hf_state, batch, "simpo"), hf_config),
                  "dpo": (_reference_step(hf_config, hf_state, batch, "dpo", ref_state), hf_config),
                  "gemma3": (_reference_step(*gemma3, batch, "simpo"), gemma3_config)}
-    return results, reference
+    logits = {"simpo": trl_mean_logits(hf_config, hf_state, batch),
+              "gemma3": trl_mean_logits(*gemma3, batch)}
+    logits["dpo"] = logits["simpo"]  # the policy's
+    return results, reference, logits
 
 
 def test_context_parallel_attention_equals_whole_row_attention(cp_world):
-    results, _ = cp_world
+    results, _, _ = cp_world
     for rank, result in enumerate(results):
         assert set(result["attention"]) == {
             "llama3_causal", "llama3_packed", "llama3_explicit", "gemma2_causal", "gemma2_packed",
@@ -261,13 +265,14 @@ def test_context_parallel_attention_equals_whole_row_attention(cp_world):
 
 @pytest.mark.parametrize("name", [*sorted(LAYOUTS), "dpo_cp2_tp2_packed", "gemma3_cp2_tp2_packed"])
 def test_context_parallel_step_matches_single_process_reference(cp_world, name):
-    results, reference = cp_world
-    (loss, grads, grad_norm, params), hf_config = reference[
-        name.split("_")[0] if name.startswith(("dpo", "gemma3")) else "simpo"]
+    results, reference, logits = cp_world
+    model = name.split("_")[0] if name.startswith(("dpo", "gemma3")) else "simpo"
+    (loss, grads, grad_norm, params), hf_config = reference[model]
     steps = [result["steps"][name] for result in results]
     for step in steps:
         assert abs(step["metrics"]["loss"] - loss) <= 1e-5, (step["metrics"]["loss"], loss)
         assert abs(step["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
+    assert_mean_logits(steps, logits[model])
     _compare(grads, steps, hf_config, "grads", 1e-5)
     _compare(params, steps, hf_config, "params", 1e-5)
 

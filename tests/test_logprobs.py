@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megatron_simpo.training.logprobs import sequence_logprobs, vocab_parallel_logprobs
+from megatron_simpo.training.logprobs import (sequence_logprobs, vocab_parallel_logprobs,
+                                              vocab_slice_sums)
 from tests.multiprocess import run_on_ranks
 
 BATCH, SEQ, PADDED_VOCAB, TRUE_VOCAB = 3, 5, 48, 41  # 7 padded ids, spread over the last ranks
@@ -44,18 +45,24 @@ def _tp_worker(rank, tp):
     (logps * upstream).sum().backward()
     assert torch.equal(shard.detach(), before), "input logits were modified"
     assert dist.get_world_size() == tp
-    return logps.detach(), shard.grad
+    sums = vocab_slice_sums(shard.detach(), vocab_size=TRUE_VOCAB,
+                            tp_group=parallel_state.get_tensor_model_parallel_group())
+    return logps.detach(), shard.grad, sums
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_parallel_logprobs_match_full_log_softmax(tp):
+    """Also each rank's share of the mean logit (TRL's mean_logits: over the true vocabulary,
+    padding excluded): summed over the ranks."""
     logits, labels, upstream = _inputs()
     expected, expected_grad = _reference(logits, labels, upstream)
     results = run_on_ranks(tp, _tp_worker, tp)
-    for rank, (logps, grad) in enumerate(results):
+    for rank, (logps, grad, _) in enumerate(results):
         torch.testing.assert_close(logps, expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(grad, torch.chunk(expected_grad, tp, dim=-1)[rank],
                                    atol=1e-6, rtol=0)
+    mean_logits = sum(sums for _, _, sums in results) / TRUE_VOCAB
+    torch.testing.assert_close(mean_logits, logits[..., :TRUE_VOCAB].mean(-1), atol=1e-5, rtol=0)
 
 
 def test_unsplit_logprobs_in_process_and_padding_excluded():
@@ -116,7 +123,7 @@ def _fused_reference(softcap=None):
         logits = torch.tanh(logits / softcap) * softcap
     logps = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     (logps * upstream).sum().backward()
-    return logps.detach(), hidden.grad, weight.grad
+    return logps.detach(), hidden.grad, weight.grad, logits.detach().mean(-1)
 
 
 def _fused_worker(rank, tp, softcap=None):
@@ -133,20 +140,26 @@ def _fused_worker(rank, tp, softcap=None):
     hidden, weight, labels, upstream = _fused_inputs()
     hidden.requires_grad_(True)
     shard = torch.chunk(weight, tp, dim=0)[rank].clone().requires_grad_(True)
-    logps = fused_output_logprobs(hidden, shard, labels, vocab_size=TRUE_VOCAB, tp_group=group,
-                                  chunk_size=5, softcap=softcap)
+    logps, sums = fused_output_logprobs(hidden, shard, labels, vocab_size=TRUE_VOCAB,
+                                        tp_group=group, chunk_size=5, softcap=softcap,
+                                        with_sums=True)
+    assert not sums.requires_grad
     (logps * upstream).sum().backward()
     grad_hidden = hidden.grad.clone()
     dist.all_reduce(grad_hidden, group=group)  # what Megatron's copy-to-TP-region does
-    return logps.detach(), grad_hidden, shard.grad
+    return logps.detach(), grad_hidden, shard.grad, sums
 
 
 @pytest.mark.parametrize("tp, softcap", [(1, None), (2, None), (1, 2.0), (2, 2.0)])
 def test_fused_chunked_logprobs_match_full_logits(tp, softcap):
-    expected, grad_hidden, grad_weight = _fused_reference(softcap)
-    for rank, (logps, g_hidden, g_weight) in enumerate(run_on_ranks(tp, _fused_worker, tp,
-                                                                    softcap)):
+    """Values and gradients; and each token's mean (capped) logit over the true vocabulary,
+    TRL's mean_logits, from the chunks' sums over each rank's slice."""
+    expected, grad_hidden, grad_weight, mean_logits = _fused_reference(softcap)
+    results = run_on_ranks(tp, _fused_worker, tp, softcap)
+    for rank, (logps, g_hidden, g_weight, _) in enumerate(results):
         torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(g_hidden, grad_hidden, atol=1e-5, rtol=0)
         # grad_weight is [V_p, h] with zero rows for the padded ids; each rank owns a slice.
         torch.testing.assert_close(g_weight, torch.chunk(grad_weight, tp)[rank], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sum(sums for *_, sums in results) / TRUE_VOCAB, mean_logits,
+                               atol=1e-5, rtol=0)

@@ -35,6 +35,25 @@ def _sequence_logps(hf_model, batch):
     return (token * batch.loss_mask).sum(-1), batch.loss_mask.sum(-1)
 
 
+def trl_mean_logits(hf_config, hf_state, batch) -> dict[str, float]:
+    """TRL's logits/chosen and logits/rejected (DPOTrainer's): each scored response token's
+    logits averaged over the (true) vocabulary, then over the batch's chosen (rejected) response
+    tokens; from the one-process Hugging Face model (soft-capped logits where it caps them)."""
+    model = tiny_hf_model(hf_config)
+    model.load_state_dict(hf_state)
+    with torch.no_grad():
+        per_token = model(batch.tokens).logits.float().mean(-1) * batch.loss_mask
+    return {f"logits/{side}": (per_token[k::2].sum() / batch.loss_mask[k::2].sum()).item()
+            for k, side in ((0, "chosen"), (1, "rejected"))}
+
+
+def assert_mean_logits(results, expected) -> None:
+    for result in results:  # on every rank, pipeline stages included
+        for name, value in expected.items():
+            assert abs(result["metrics"][name] - value) <= 1e-5, (name, result["metrics"][name],
+                                                                  value)
+
+
 def _reference_step(hf_config, hf_state, batch, algorithm, ref_state=None, clip=1e9,
                     loss_options=None):
     """Loss, gradients (HF names), grad norm and AdamW-updated params, all on one process.
@@ -246,6 +265,7 @@ def test_simpo_step_matches_single_process_reference(case):
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
     assert grad_norm > clip or not distributed_optimizer  # the clipping case really clips
+    assert_mean_logits(results, trl_mean_logits(hf_config, hf_state, batch))
     _compare(grads, results, hf_config, "grads", atol=1e-5)
     _compare(params, results, hf_config, "params", atol=1e-5)
 
@@ -370,6 +390,7 @@ def test_microbatch_layouts_match_single_process_reference(case):
     for result in results:
         assert abs(result["metrics"]["loss"] - loss) <= 1e-5
         assert abs(result["grad_norm"] - grad_norm) <= 1e-5 * max(1.0, grad_norm)
+    assert_mean_logits(results, trl_mean_logits(hf_config, hf_state, collate_pairs(pairs, SEQ)))
     _compare(grads, results, hf_config, "grads", atol=1e-5)
     _compare(params, results, hf_config, "params", atol=1e-5)
 

@@ -86,7 +86,8 @@ def test_resume_is_bitwise_identical(tiny, tmp_path, layout):
 
 
 STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss")
+                "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss", "logits/chosen",
+                "logits/rejected")
 
 
 def _assert_rows_are_window_means(per_step: list[dict], logged: list[dict],

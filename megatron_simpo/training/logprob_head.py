@@ -11,7 +11,10 @@ the models to match it) and handed to the step:
   full [b, s, V_p/tp] logits never exist.
 
 Both give log p(y) = z_y - logsumexp(z) over the true vocabulary (padding excluded), with z the
-logits of the position; the tensor-parallel group is Megatron-Core's (``parallel_state``).
+logits of the position; the tensor-parallel group is Megatron-Core's (``parallel_state``). Asked,
+both also give each scored position's mean logit over the true vocabulary (TRL's
+``mean_logits``), this rank's share of it (its slice's sum / V: summed over TP ranks), read
+from the logits where they exist (full: one more pass over them; memory-lean: over each chunk).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_simpo.training.logprobs import fused_output_logprobs, vocab_parallel_logprobs
+from megatron_simpo.training.logprobs import (fused_output_logprobs, vocab_parallel_logprobs,
+                                              vocab_slice_sums)
 from megatron_simpo.model.builder import ModelOutput, output_weight
 
 
@@ -78,8 +82,11 @@ class LogprobHead:
                 "(components.build_components builds the models to match their head)")
 
     def logps(self, output: torch.Tensor, labels: torch.Tensor, model,
-              at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """log p(labels) under the last stage's ``output`` of ``model`` (or its DDP wrapper).
+              at: tuple[torch.Tensor, torch.Tensor] | None = None, mean_logits: bool = False):
+        """log p(labels) under the last stage's ``output`` of ``model`` (or its DDP wrapper);
+        with ``mean_logits``, (that, this rank's share of each position's mean logit over the
+        true vocabulary, fp32, same shape, no gradient: summed over TP ranks, TRL's
+        ``mean_logits``).
 
         Args:
             output: [b, s, V_p/tp] logits, or [b, s, h] hidden states (memory-lean; gathered
@@ -94,13 +101,19 @@ class LogprobHead:
 
         group = parallel_state.get_tensor_model_parallel_group()
         listed = at is not None and labels.dim() == 1
-        if self.full_logits and listed:
-            return vocab_parallel_logprobs(output[at].unsqueeze(0), labels.unsqueeze(0),
-                                           vocab_size=self.vocab_size, tp_group=group)[0]
         if self.full_logits:
-            token_logps = vocab_parallel_logprobs(output, labels, vocab_size=self.vocab_size,
-                                                  tp_group=group)
-            return token_logps if at is None else token_logps[at]
+            if listed:
+                token_logps = vocab_parallel_logprobs(output[at].unsqueeze(0), labels.unsqueeze(0),
+                                                      vocab_size=self.vocab_size, tp_group=group)[0]
+            else:
+                token_logps = vocab_parallel_logprobs(output, labels, vocab_size=self.vocab_size,
+                                                      tp_group=group)
+                token_logps = token_logps if at is None else token_logps[at]
+            if not mean_logits:
+                return token_logps
+            with torch.no_grad():
+                sums = vocab_slice_sums(output, vocab_size=self.vocab_size, tp_group=group)
+            return token_logps, (sums if at is None else sums[at]) / self.vocab_size
         if at is None:
             raise ValueError("the memory-lean head scores chosen positions only: give `at`")
         model = getattr(model, "module", model)
@@ -110,8 +123,10 @@ class LogprobHead:
             # Identity forward, all-reduce of the hidden-state gradient over TP in backward.
             # Under sequence parallelism the model's gather already reduce-scatters it.
             hidden = copy_to_tensor_model_parallel_region(hidden)
-        return fused_output_logprobs(hidden, output_weight(model),
-                                     labels if listed else labels[at],
-                                     vocab_size=self.vocab_size, tp_group=group,
-                                     chunk_size=self.chunk_size,
-                                     softcap=self.final_logit_softcapping)
+        result = fused_output_logprobs(hidden, output_weight(model),
+                                       labels if listed else labels[at],
+                                       vocab_size=self.vocab_size, tp_group=group,
+                                       chunk_size=self.chunk_size,
+                                       softcap=self.final_logit_softcapping,
+                                       with_sums=mean_logits)
+        return (result[0], result[1] / self.vocab_size) if mean_logits else result

@@ -34,6 +34,15 @@ def _local_slice(group, local_vocab: int, vocab_size: int) -> tuple[int, int]:
     return rank * local_vocab, max(0, min(local_vocab, vocab_size - rank * local_vocab))
 
 
+def vocab_slice_sums(logits: torch.Tensor, *, vocab_size: int, tp_group=None) -> torch.Tensor:
+    """[..] fp32 sums of this rank's slice of ``logits`` [.., V_p/tp] over its real vocabulary
+    entries (padding excluded; on a GPU half-precision logits are read, not copied); the sum of
+    these over the tensor-parallel ranks is the sum over the true vocabulary (TRL's
+    ``mean_logits`` times ``vocab_size``)."""
+    _, valid_local = _local_slice(tp_group, logits.shape[-1], vocab_size)
+    return logits[..., :valid_local].sum(dim=-1, dtype=torch.float32)
+
+
 def _shifted_exponentials(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, group):
     """The forward terms on one rank's slice ``logits`` [.., V_p/tp] (consumed: it becomes
     exp(z - m)): (z_label - m [..], exp(z - m), sum of exp over the whole vocabulary [..],
@@ -163,16 +172,25 @@ class _FusedOutputLogProbs(torch.autograd.Function):
 
     With ``softcap`` c the logits are ``c * tanh(z / c)`` (in their dtype, as transformers caps
     Gemma-2's), and backward multiplies their gradient by ``1 - tanh(z / c)^2``.
+
+    With ``with_sums`` the second output is each token's :func:`vocab_slice_sums` of its
+    (capped) logits, read from the chunk while it exists (no gradient); else it is empty.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size, softcap=None):
+    def forward(ctx, hidden, weight, labels, vocab_size, group, chunk_size, softcap=None,
+                with_sums=False):
         def chunk(start, stop):
             logits = hidden[start:stop] @ weight.t()
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
+            if with_sums:  # before _chunk_forward consumes the chunk
+                sums[start:stop] = vocab_slice_sums(logits, vocab_size=vocab_size,
+                                                    tp_group=group)
             return _chunk_forward(logits, labels[start:stop], vocab_size, group)
 
+        sums = torch.empty(hidden.shape[0] if with_sums else 0, dtype=torch.float32,
+                           device=hidden.device)
         if 0 < hidden.shape[0] <= chunk_size:  # one chunk: its results are the outputs
             out, lse = chunk(0, hidden.shape[0])
         else:
@@ -184,10 +202,11 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.vocab_size, ctx.group, ctx.chunk_size = vocab_size, group, chunk_size
         ctx.softcap = softcap
-        return out
+        ctx.mark_non_differentiable(sums)
+        return out, sums
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _):
         hidden, weight, labels, lse = ctx.saved_tensors
         one_chunk = 0 < hidden.shape[0] <= ctx.chunk_size
         grad_hidden = None if one_chunk else torch.empty_like(hidden)
@@ -218,13 +237,13 @@ class _FusedOutputLogProbs(torch.autograd.Function):
         if into_main_grad:
             # Autograd still needs a gradient for the weight (DDP's hook runs when it arrives,
             # and a tied embedding adds its own to it): zeros, which the hook adds to main_grad.
-            return grad_hidden, torch.zeros_like(weight), None, None, None, None, None
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+            return grad_hidden, torch.zeros_like(weight), None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 def fused_output_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           vocab_size: int, tp_group=None, chunk_size: int = 1024,
-                          softcap: float | None = None) -> torch.Tensor:
+                          softcap: float | None = None, with_sums: bool = False):
     """Memory-lean log-probs: the output layer and the log-softmax fused, chunked over tokens.
 
     Args:
@@ -234,19 +253,21 @@ def fused_output_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         labels: [n] token ids in [0, vocab_size).
         chunk_size: tokens whose logits exist at once.
         softcap: final-logit soft-capping c (Gemma-2), or None: logits ``c * tanh(z / c)``.
+        with_sums: also return each token's :func:`vocab_slice_sums` of those logits.
 
     Returns:
         [n] fp32 log p(labels), equal to ``vocab_parallel_logprobs(hidden @ weight.T, labels)``
         (of the soft-capped logits with ``softcap``), differentiable with respect to ``hidden``
-        and ``weight``.
+        and ``weight``; with ``with_sums``, (that, [n] fp32 sums).
     """
     if hidden.shape[0] != labels.shape[0] or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels "
                          f"{tuple(labels.shape)} disagree")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _FusedOutputLogProbs.apply(hidden, weight, labels, vocab_size, tp_group, chunk_size,
-                                      softcap)
+    logps, sums = _FusedOutputLogProbs.apply(hidden, weight, labels, vocab_size, tp_group,
+                                             chunk_size, softcap, with_sums)
+    return (logps, sums) if with_sums else logps
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,

@@ -82,21 +82,26 @@ def _local_share(batch: PreferenceBatch) -> PreferenceBatch:
     return batch.context_parallel_share(rank, size)
 
 
-def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _policy_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead,
+                      mean_logits: bool = False):
     """[2n] summed response log-probs and [2n] response lengths of this CP rank's share of the
-    batch, summed over the CP group (the whole sequences' on every CP rank)."""
-    logp_sum, count = _local_logp_sums(batch, output, model, head)
+    batch, summed over the CP group (the whole sequences' on every CP rank); with
+    ``mean_logits``, third, [2n] sums of the scored positions' mean logits (detached; this TP
+    rank's share, ``LogprobHead.logps``), else None."""
+    logp_sum, count, logits = _local_logp_sums(batch, output, model, head, mean_logits)
     _, size, group = _context_parallel()
     if size == 1:
-        return logp_sum, count
-    both = _SumOverContextParallel.apply(torch.stack([logp_sum, count.to(logp_sum.dtype)]), group)
-    return both[0], both[1].detach().to(count.dtype)
+        return logp_sum, count, logits
+    parts = [logp_sum, count.to(logp_sum.dtype)] + ([] if logits is None else [logits])
+    summed = _SumOverContextParallel.apply(torch.stack(parts), group)
+    return (summed[0], summed[1].detach().to(count.dtype),
+            None if logits is None else summed[2].detach())
 
 
-def _local_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2n] summed response log-probs and [2n] response lengths from the last stage's output.
+def _local_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: LogprobHead,
+                     mean_logits: bool = False):
+    """[2n] summed response log-probs, [2n] response lengths and (``mean_logits``) [2n] sums of
+    the positions' mean logits, else None, from the last stage's output.
 
     ``output`` is what ``head`` scores: [b, s, V_p/tp] logits, or [b, s, h] hidden states
     (memory-lean: only the response positions are scored). Unpacked, sequence j is row j
@@ -105,24 +110,28 @@ def _local_logp_sums(batch: PreferenceBatch, output: torch.Tensor, model, head: 
     """
     if batch.shared:
         rows, positions, labels, sequences = batch.scored
-        logps = head.logps(output, labels, model, at=(rows, positions))
-        zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
-        return (zeros.index_add(0, sequences, logps),
-                zeros.index_add(0, sequences, torch.ones_like(logps)))
-    if head.full_logits and not batch.packed:
-        return sequence_logprobs(head.logps(output, batch.labels, model), batch.loss_mask)
-    # Found on the host by the collate (no device read-back); for a batch cut or re-laid on
-    # the device, from its loss mask here (a nonzero: a device sync on a GPU).
-    rows, positions, labels, sequences = (
-        batch.scored_tokens if batch.scored_tokens is not None else
-        scored_tokens(batch.labels, batch.loss_mask, batch.sequence_ids if batch.packed else None))
-    if head.full_logits:  # full logits score every position, then pick (labels [b, s])
-        labels = batch.labels
-    logps = head.logps(output, labels, model, at=(rows, positions))
+    elif head.full_logits and not batch.packed:
+        scored = head.logps(output, batch.labels, model, mean_logits=mean_logits)
+        logps, logits = scored if mean_logits else (scored, None)
+        logp_sum, count = sequence_logprobs(logps, batch.loss_mask)
+        return logp_sum, count, (None if logits is None else
+                                 sequence_logprobs(logits, batch.loss_mask)[0])
+    else:
+        # Found on the host by the collate (no device read-back); for a batch cut or re-laid
+        # on the device, from its loss mask here (a nonzero: a device sync on a GPU).
+        rows, positions, labels, sequences = (
+            batch.scored_tokens if batch.scored_tokens is not None else
+            scored_tokens(batch.labels, batch.loss_mask,
+                          batch.sequence_ids if batch.packed else None))
+        if head.full_logits:  # full logits score every position, then pick (labels [b, s])
+            labels = batch.labels
+    scored = head.logps(output, labels, model, at=(rows, positions), mean_logits=mean_logits)
+    logps, logits = scored if mean_logits else (scored, None)
     # The loss mask is exactly 1 at every scored position: each one counts once.
     zeros = torch.zeros(batch.num_sequences, dtype=logps.dtype, device=logps.device)
     return (zeros.index_add(0, sequences, logps),
-            zeros.index_add(0, sequences, torch.ones_like(logps)))
+            zeros.index_add(0, sequences, torch.ones_like(logps)),
+            None if logits is None else zeros.index_add(0, sequences, logits))
 
 
 @dataclass(frozen=True)
@@ -141,11 +150,14 @@ class _Report:
     """[n_metrics] sums over the micro-batch's pairs, in ``LossConfig.metric_names`` order."""
     logp_sums: torch.Tensor
     """[2n] the policy's summed response log-probs (chosen, rejected, ...), detached."""
+    logit_totals: torch.Tensor
+    """[4] over the micro-batch's chosen, then rejected responses: the scored positions' mean
+    logits summed (this TP rank's share), then the scored tokens."""
 
 
 def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Tensor):
     """Megatron schedule loss function: (sum of pair losses, pair count, ``_Report``)."""
-    logp_sum, count = _policy_logp_sums(batch, output, model, spec.head)
+    logp_sum, count, logits = _policy_logp_sums(batch, output, model, spec.head, True)
     reference = batch.reference_logp_sum
     loss, metrics = preference_loss(
         logp_sum[0::2], count[0::2], logp_sum[1::2], count[1::2], spec.loss,
@@ -157,7 +169,10 @@ def _loss_func(batch: PreferenceBatch, spec: _StepSpec, model, output: torch.Ten
     # a Python int here would be a blocking host-to-device copy, a sync, per micro-batch).
     pairs = batch.num_pairs if _context_parallel()[0] == 0 else 0
     num_pairs = torch.tensor(pairs, dtype=torch.int)
-    return loss.sum(), num_pairs, _Report(metric_sums, logp_sum.detach())
+    tokens = count.to(logits.dtype)
+    logit_totals = torch.stack([logits[0::2].sum(), logits[1::2].sum(), tokens[0::2].sum(),
+                                tokens[1::2].sum()])
+    return loss.sum(), num_pairs, _Report(metric_sums, logp_sum.detach(), logit_totals)
 
 
 def _forward(batch: PreferenceBatch, model) -> torch.Tensor:
@@ -195,7 +210,7 @@ def _logp_sums_forward_step(head: LogprobHead, data_iterator, model):
     batch = _local_share(next(data_iterator))
 
     def collect(output):
-        logp_sum, _ = _policy_logp_sums(batch, output, model, head)
+        logp_sum, _, _ = _policy_logp_sums(batch, output, model, head)
         return logp_sum.sum(), torch.tensor(0, dtype=torch.int), logp_sum
 
     return _forward(batch, model), collect
@@ -249,25 +264,37 @@ def sequence_logp_sums(model, microbatches: Sequence[PreferenceBatch], head: Log
         model.train(was_training)
 
 
+LOGIT_METRICS = ("logits/chosen", "logits/rejected")
+"""TRL's (DPOTrainer's): the mean over the batch's chosen (rejected) response tokens of the
+scoring position's mean logit over the true vocabulary."""
+
+
 def _global_metric_means(per_microbatch: list[_Report],
                          microbatches: Sequence[PreferenceBatch],
                          names: Sequence[str]) -> dict[str, float]:
-    """Sum metric sums over micro-batches and DP ranks, divide by pairs, share across stages."""
+    """Sum metric sums over micro-batches and DP ranks, divide by pairs, share across stages;
+    ``LOGIT_METRICS`` are per token, their vocabulary slices' shares summed over TP ranks."""
     from megatron.core import parallel_state
 
-    # The last slot carries the pair count, so one all-reduce moves sums and count together.
-    totals = torch.zeros(len(names) + 1, dtype=torch.float64,
-                         device=microbatches[0].tokens.device)
+    # [metric sums, logit sums (chosen, rejected), tokens (chosen, rejected), pairs]: one
+    # all-reduce moves them all over DP; one more, of the logit sums, over TP.
+    n = len(names)
+    totals = torch.zeros(n + 5, dtype=torch.float64, device=microbatches[0].tokens.device)
     for report in per_microbatch:
-        totals[:-1] += report.metric_sums.to(torch.float64)
+        totals[:n] += report.metric_sums.to(torch.float64)
+        totals[n:n + 4] += report.logit_totals.to(torch.float64)
     if per_microbatch:  # the last pipeline stage
         totals[-1] = sum(batch.num_pairs for batch in microbatches)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            logit_sums = totals[n:n + 2].clone()
+            dist.all_reduce(logit_sums, group=parallel_state.get_tensor_model_parallel_group())
+            totals[n:n + 2] = logit_sums
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-    means = (totals[:-1] / totals[-1]).tolist()
-    return dict(zip(names, means))
+    means = torch.cat([totals[:n] / totals[-1], totals[n:n + 2] / totals[n + 2:n + 4].clamp(min=1)])
+    return dict(zip([*names, *LOGIT_METRICS], means.tolist()))
 
 
 def _prepare(model_chunks: list, microbatches: Sequence[PreferenceBatch], loss_config: LossConfig,
