@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_simpo.evaluation import generation, pairs_run
+from megatron_simpo.evaluation import generation, pairs_run, vllm_backend
 from megatron_simpo.evaluation.answers import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,7 +457,7 @@ def test_vllm_samples_follow_its_own_seeded_generate(tiny):
 
     from megatron_simpo.data.tokenization import encode_prompts
 
-    sample = generation.vllm_sampler(tiny / "hf", tensor_parallel_size=1, dtype="auto",
+    sample = vllm_backend.vllm_sampler(tiny / "hf", tensor_parallel_size=1, dtype="auto",
                                      apply_chat_template=True, gpu_memory_utilization=0.3)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     seeds = (13, 21, 42, 79, 100)

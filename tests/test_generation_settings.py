@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from megatron_simpo.evaluation import generation
+from megatron_simpo.evaluation import generation, vllm_backend
 from megatron_simpo.evaluation.answers import Sampling
 
 PROMPTS = ["reverse abcdefgh", "hi", "say something long"]
@@ -137,10 +137,10 @@ def test_vllm_requests_state_every_filter_and_penalty_off(released, monkeypatch)
     fake.LLM, fake.SamplingParams = LLM, lambda **params: params
     monkeypatch.setitem(sys.modules, "vllm", fake)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
-    sample = generation.vllm_sampler(released, tensor_parallel_size=1, dtype="auto",
+    sample = vllm_backend.vllm_sampler(released, tensor_parallel_size=1, dtype="auto",
                                      apply_chat_template=True)
     assert sample(conversations, Sampling(0.8, 0.95, 16), (13, 21)) == [["x", "x"]] * 2
-    generate = generation.vllm_generator(released, seed=3, tensor_parallel_size=1,
+    generate = vllm_backend.vllm_generator(released, seed=3, tensor_parallel_size=1,
                                          dtype="auto", apply_chat_template=True)
     assert generate(conversations, [Sampling(0.0, 1.0, 8), Sampling(0.7, 1.0, 8)], [5, 6]) == \
         ["x", "x"]

@@ -26,7 +26,7 @@ from megatron_simpo.evaluation.answers import (ARENA_HARD_ENCODING, Benchmark, S
                                                read_questions, stream_seed, write_answers)
 from megatron_simpo.evaluation import settings_record
 from megatron_simpo.evaluation.judge_metadata import token_counter
-from megatron_simpo.evaluation.vllm_backend import vllm_generator, vllm_sampler  # noqa: F401
+from megatron_simpo.evaluation.vllm_backend import vllm_generator
 from megatron_simpo.convert.export_marker import check_replaceable
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from megatron_simpo.distributed.files import jsonl_lines, write_text_atomically
-from megatron_simpo.evaluation import generation, pairs, reward_stats, rewards, settings_record
+from megatron_simpo.evaluation import (generation, pairs, reward_stats, rewards, settings_record,
+                                       vllm_backend)
 from megatron_simpo.evaluation.answers import Sampling
 
 AUTHORS_SEEDS = (13, 21, 42, 79, 100)
@@ -348,7 +349,7 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
             say(line)
         if todo:
             options = dict(dtype=config.dtype, apply_chat_template=config.apply_chat_template)
-            sample = generation.vllm_sampler(
+            sample = vllm_backend.vllm_sampler(
                 hf_dir, tensor_parallel_size=config.tensor_parallel_size,
                 gpu_memory_utilization=config.gpu_memory_utilization, **options) \
                 if backend == "vllm" else generation.transformers_sampler(hf_dir, **options)
