@@ -320,3 +320,37 @@ def test_every_saved_file_is_checked_against_its_checksum_before_a_load(tmp_path
         expected["cut"] = (f"checkpoint {folder}: __1_0.distcp ({size} bytes, {size + 7} when "
                            "saved); a damaged copy, refusing to load it")
     assert [message for _, message in results] == [expected[damage]] * 2
+
+
+def _save_with_failing_manifest(rank, save: str) -> str:
+    """A TP=2 save whose checksums.json cannot be written (rank 0's disk full just then)."""
+    import errno
+
+    from megatron_simpo.checkpoint import checksums
+    from megatron_simpo.checkpoint.checkpointing import CheckpointError, save_model_only
+
+    model, config, _ = _tiny_model(tp=2)
+    real = checksums.write_manifest
+
+    def full(folder, entries):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "checksums.json"))
+
+    checksums.write_manifest = full
+    try:
+        save_model_only(save, 0, model, config)
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        checksums.write_manifest = real
+    return "saved"
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_save_on_every_rank(tmp_path):
+    """Rank 0 writes checksums.json after the shards: its failure is agreed on by every rank
+    (the others waited for it at a barrier) and nothing is published."""
+    save = tmp_path / "run"
+    messages = run_on_ranks(2, _save_with_failing_manifest, str(save))
+    assert messages[0].startswith(f"cannot save iteration 0 to {save}: No space left on device")
+    assert messages[1] == (f"cannot save iteration 0 to {save}: rank 0 failed to write; "
+                           "nothing was published")
+    assert not list(save.glob("iter_*"))

@@ -513,14 +513,31 @@ def test_a_garbled_shard_of_the_right_size_is_named_at_load(converted_llama3, tm
                        "or a diverged run); refusing to load it")
 
 
-def test_a_truncated_shard_is_named(converted_llama3, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["cut", "byte"])
+def test_a_damaged_shard_is_named_by_the_exporter(converted_llama3, tmp_path, capsys, damage):
+    """The exporter checks the shards against the save's checksums too (one changed byte used
+    to export silently); without checksums a cut shard is named by the loader's failure."""
     damaged = tmp_path / "damaged"
     shutil.copytree(converted_llama3, damaged)
-    [shard, *_] = sorted((damaged / "iter_0000000").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:100])
-    message = _error_line(capsys, cli.megatron_to_hf_main,
-                          ["--load", str(damaged), "--save", str(tmp_path / "hf")])
-    assert f"cannot read checkpoint {damaged / 'iter_0000000'}: shard {shard.name}" in message
+    folder = damaged / "iter_0000000"
+    [shard, *_] = sorted(folder.glob("*.distcp"))
+    size = shard.stat().st_size
+    if damage == "cut":
+        shard.write_bytes(shard.read_bytes()[:100])
+        reason = f"{shard.name} (100 bytes, {size} when saved)"
+    else:
+        raw = bytearray(shard.read_bytes())
+        raw[size // 2] ^= 0x01
+        shard.write_bytes(bytes(raw))
+        reason = f"{shard.name} (its bytes changed since it was saved: CRC-32 differs)"
+    argv = ["--load", str(damaged), "--save", str(tmp_path / "hf")]
+    message = _error_line(capsys, cli.megatron_to_hf_main, argv)
+    assert f"checkpoint {folder}: {reason}; a damaged copy, refusing to load it" in message
+    assert not (tmp_path / "hf").exists()
+    if damage == "cut":
+        (folder / "checksums.json").unlink()
+        message = _error_line(capsys, cli.megatron_to_hf_main, argv)
+        assert f"cannot read checkpoint {folder}: shard {shard.name}" in message
 
 
 @pytest.mark.parametrize("damage, expected", [

@@ -238,3 +238,81 @@ def test_resume_rules_on_the_reference_model_and_mixture_of_experts(tiny, tmp_pa
                          tmp_path)
         assert str(error.value).startswith(f"--load {tmp_path} contradicts the command line: "
                                            f"{expected}"), str(error.value)
+
+
+def test_a_link_to_an_iteration_of_save_resumes_in_save(tiny, saved_run, tmp_path):
+    """--load given as a link to one of --save's iterations is that run going on in its own
+    folder: --overwrite keeps its iterations up to the resumed one (it deleted them all, the
+    loaded one too, as another run's folder), and its metrics."""
+    run = _copy_at(saved_run, tmp_path / "run", 4)
+    link = tmp_path / "best"
+    link.symlink_to(run / "iter_0000002")
+    rows_before = [row for row in _metrics(run) if row["iteration"] <= 2 and "loss" in row]
+    argv = _argv(tiny, train_iters=4, load=link, save=run, overwrite=True, bf16=True)
+    [(code, _, err)] = run_on_ranks(1, _main_in_rank, argv)
+    assert code == 0, err
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
+    rows = [row for row in _metrics(run) if "loss" in row]
+    assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
+    assert rows[:2] == rows_before
+
+
+def _stopped_by_a_signal_at(rank, argv, at: int):
+    """``train.main`` as a user runs it, with SIGTERM received at iteration ``at``."""
+    import signal
+
+    from megatron_simpo.distributed import lifecycle
+
+    real = lifecycle.StopRequests.reason
+
+    def reason(self, iteration):
+        if iteration == at:
+            self.received = signal.SIGTERM
+        return real(self, iteration)
+
+    lifecycle.StopRequests.reason = reason
+    try:
+        return _main_in_rank(rank, argv)
+    finally:
+        lifecycle.StopRequests.reason = real
+
+
+def test_a_stop_without_save_logs_the_steps_since_the_last_row(tiny):
+    """SIGTERM at iteration 3 with --log-interval 10 and no --save: the stop prints the row of
+    steps 1-3 (it was lost: rows were flushed only before a save)."""
+    argv = _argv(tiny, train_iters=8, log_interval=10)
+    [(code, out, err)] = run_on_ranks(1, _stopped_by_a_signal_at, argv, 3)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith(" iteration ")]
+    assert len(lines) == 1 and lines[0].startswith(" iteration        3/       8 |"), out
+
+
+def test_a_record_without_adam_settings_is_checked_against_the_loaded_ones(
+        tiny, saved_run, tmp_path):
+    """A checkpoint saved before Adam's settings were recorded (no checksums either): the
+    loaded optimizer's betas and eps stand in for the record, so another --adam-beta2 is
+    refused, not silently replaced by the checkpoint's."""
+    from megatron_simpo.checkpoint.checksums import MANIFEST_FILE
+
+    run = _copy_at(saved_run, tmp_path / "run", 2)
+    shutil.rmtree(run / "iter_0000004")
+    folder = run / "iter_0000002"
+    common = folder / "common.pt"
+    if not common.is_file():
+        pytest.skip("this megatron-core keeps the common state in the shards")
+    import torch
+
+    state = torch.load(common, weights_only=False)
+    schedule = state["train_state"]["run_settings"]["schedule"]
+    for name in ("adam_beta1", "adam_beta2", "adam_eps"):
+        del schedule[name]
+    torch.save(state, common)
+    (folder / MANIFEST_FILE).unlink()
+    argv = _argv(tiny, train_iters=4, load=run, save=run, adam_beta2="0.95", bf16=True)
+    [(code, _, err)] = run_on_ranks(1, _main_in_rank, argv)
+    assert code == 2, err
+    assert _error_lines(err) == [
+        f"train_simpo: error: --load {folder} contradicts the command line: --adam-beta2 0.999 "
+        "-> 0.95 (give --override-opt-param-scheduler to train on the command line's "
+        "learning-rate schedule, or --use-checkpoint-opt-param-scheduler to keep the "
+        "checkpoint's)"]

@@ -209,7 +209,15 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, written)
     if rank == 0:
-        checksums.write_manifest(partial, {k: v for part in every for k, v in part.items()})
+        failure = _failure_of(lambda: checksums.write_manifest(
+            partial, {k: v for part in every for k, v in part.items()}))
+    if max_over_world(0 if failure is None else 1):  # rank 0's, agreed on by every rank
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        reason = write_failure_reason(failure, partial) if failure else "rank 0 failed to write"
+        raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
+                              f"{_latest_note(root)}") from failure
+    if rank == 0:
         if final.exists():  # re-saving an iteration (--overwrite): the old folder goes only now
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -315,27 +323,6 @@ def check_finite_weights(model, checkpoint: Path, optimizer=None) -> None:
                           "shard or a diverged run); refusing to load it")
 
 
-def check_checksums(checkpoint: Path) -> None:
-    """Refuse a checkpoint whose files differ from the checksums its save recorded
-    (:mod:`checksums`; all ranks call it, each checking its share of the files), naming the
-    first file that does, the same on every rank."""
-    try:
-        files = checksums.read_manifest(checkpoint)
-    except ValueError as error:
-        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {error}") from None
-    if files is None:  # saved before checksums were recorded
-        return
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    bad = checksums.first_mismatch(checkpoint, files, rank, world)
-    if not max_over_world(int(bad is not None)):
-        return
-    if dist.is_initialized():
-        found: list = [None] * world
-        dist.all_gather_object(found, bad)
-        bad = next(reason for reason in found if reason is not None)
-    raise CheckpointError(f"checkpoint {checkpoint}: {bad}; a damaged copy, refusing to load it")
-
-
 def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
                     model_config: ModelConfig, allow_non_finite: bool = False) -> TrainState | None:
     """Load weights (and, when given, optimizer, scheduler, RNG and train state) from a checkpoint.
@@ -347,7 +334,7 @@ def load_checkpoint(checkpoint: Path, model, optimizer=None, scheduler=None, *,
     """
     from megatron.core import dist_checkpointing
 
-    check_checksums(checkpoint)
+    checksums.check(checkpoint)
     check_model_config(checkpoint, model_config)
     common = read_common_state(checkpoint)
     saved = common.get("train_state")

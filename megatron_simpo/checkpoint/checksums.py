@@ -19,6 +19,11 @@ import json
 import zlib
 from pathlib import Path
 
+import torch.distributed as dist
+
+from megatron_simpo.checkpoint.layout import CheckpointError
+from megatron_simpo.distributed.runtime import max_over_world
+
 MANIFEST_FILE = "checksums.json"
 FORMAT = "megatron_simpo.checksums/1"
 _SHARED_FILES = (".metadata", "common.pt", "metadata.json", "model_config.json")
@@ -82,10 +87,34 @@ def first_mismatch(checkpoint: Path, files: dict[str, list[int]], rank: int,
     name, from ``rank``) that is missing or differs from its record, or None."""
     for name in sorted(files)[rank::world_size]:
         path, (size, crc) = checkpoint / name, files[name]
-        if not path.is_file():
-            return f"{name} (missing)"
-        if path.stat().st_size != size:
-            return f"{name} ({path.stat().st_size} bytes, {size} when saved)"
-        if file_crc(path) != crc:
-            return f"{name} (its bytes changed since it was saved: CRC-32 differs)"
+        try:
+            if not path.is_file():
+                return f"{name} (missing)"
+            if path.stat().st_size != size:
+                return f"{name} ({path.stat().st_size} bytes, {size} when saved)"
+            if file_crc(path) != crc:
+                return f"{name} (its bytes changed since it was saved: CRC-32 differs)"
+        except OSError as error:  # every rank must reach the verdict's collective
+            return f"{name} (unreadable: {error.strerror or error})"
     return None
+
+
+def check(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose files differ from the checksums its save recorded
+    (all ranks call it, each checking its share of the files), naming the
+    first file that does, the same on every rank."""
+    try:
+        files = read_manifest(checkpoint)
+    except ValueError as error:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {error}") from None
+    if files is None:  # saved before checksums were recorded
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bad = first_mismatch(checkpoint, files, rank, world)
+    if not max_over_world(int(bad is not None)):
+        return
+    if dist.is_initialized():
+        found: list = [None] * world
+        dist.all_gather_object(found, bad)
+        bad = next(reason for reason in found if reason is not None)
+    raise CheckpointError(f"checkpoint {checkpoint}: {bad}; a damaged copy, refusing to load it")

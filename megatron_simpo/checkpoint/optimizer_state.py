@@ -154,6 +154,13 @@ def load_optimizer_state(optimizer, state_dict: dict) -> None:
                 state["step"] = state["step"].clone()
 
 
+def loaded_adam(optimizer) -> dict:
+    """Adam's settings as the (loaded) optimizer holds them, by OptimizerSettings' names."""
+    group = torch_optimizers(optimizer)[0].param_groups[0]
+    return {"adam_beta1": group["betas"][0], "adam_beta2": group["betas"][1],
+            "adam_eps": group["eps"]}
+
+
 # (model params, the optimizer's own copies) attribute pairs of Megatron-Core's optimizers: the
 # mixed-precision one (fp32 copies of bf16/fp16 weights) and the distributed one (shards).
 _MAIN_PARAM_GROUPS = (("float16_groups", "fp32_from_float16_groups"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_simpo.checkpoint import checksums
 from megatron_simpo.checkpoint.layout import CheckpointError, check_model_config, shard_reason
 from megatron_simpo.model.architecture import ModelConfig
 
@@ -187,6 +188,7 @@ def load_model_parts(checkpoint: Path, model, parts: list[list[str]], *,
     """
     from megatron.core import dist_checkpointing
 
+    checksums.check(checkpoint)
     check_model_config(checkpoint, model_config)
     sharded = model.sharded_state_dict()
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()

@@ -86,9 +86,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
 
 def grouped_sdpa(q: torch.Tensor) -> bool:
     """Whether causal SDPA takes the key/value groups as they are (``enable_gqa``, PyTorch >=
-    2.5) instead of copies repeated to every head: on CPUs, and in bf16/fp16 on CUDA, whose
-    flash kernel takes them (CUDA's memory-efficient kernel, the fp32 one, does not)."""
-    return _SDPA_GQA and (not q.is_cuda or q.dtype in (torch.bfloat16, torch.float16))
+    2.5) instead of copies repeated to every head: on CPUs, and where CUDA's flash kernel takes
+    them (bf16/fp16, Ampere or newer, head dim <= 256). Elsewhere no fused CUDA kernel takes
+    ``enable_gqa`` (the memory-efficient one, fp32's, does not) and SDPA would fall back to
+    its math kernel, which holds the [s, s] scores."""
+    if not _SDPA_GQA:
+        return False
+    if not q.is_cuda:
+        return True
+    return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 def segment_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:

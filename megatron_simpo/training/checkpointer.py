@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from megatron_simpo.checkpoint import checkpointing, writer_process
+from megatron_simpo.checkpoint.optimizer_state import loaded_adam
 from megatron_simpo.training.components import TrainingComponents
 from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.guards import finite_everywhere, parameters
@@ -43,12 +44,15 @@ class Checkpointer:
         if resume_from is not None:
             saved = checkpointing.read_train_state(resume_from)
             self.say(self.data.check_resume(saved, self.config, resume_from))
-            for note in check_resume(self.config, saved, resume_from, self.total_iters,
-                                     reference=self.source.weights_from):
-                self.say(note)
             state = checkpointing.load_checkpoint(
                 resume_from, self.parts.model.module, self.parts.optimizer,
                 self.parts.scheduler, model_config=self.source.config)
+            if saved.settings is not None:  # a record from before Adam's settings were in it:
+                for name, value in loaded_adam(self.parts.optimizer).items():  # as loaded
+                    saved.settings["schedule"].setdefault(name, value)
+            for note in check_resume(self.config, saved, resume_from, self.total_iters,
+                                     reference=self.source.weights_from):
+                self.say(note)
             if self.config.optimizer.override_opt_param_scheduler:
                 override_loaded_schedule(self.parts.optimizer, self.parts.scheduler,
                                          self.config.optimizer)

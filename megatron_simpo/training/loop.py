@@ -105,6 +105,7 @@ def _train_loop(config: TrainConfig, session: _Session, data: TrainingData,
                 session.log(iteration, consumed)
                 session.checkpointer.save(iteration, consumed, session.updated)
             if stop:
+                session.log(iteration, consumed)  # the steps since the last row (no save)
                 session.summary.stopped_early = stop
                 session.say(f"> stopped at iteration {iteration}: {stop}")
                 break

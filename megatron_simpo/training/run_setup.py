@@ -50,7 +50,7 @@ def resumes_in_save(config: TrainConfig, source: ModelSource) -> bool:
     iterations go on there); a resume saved elsewhere starts that folder as a new run does."""
     if source.resume_from is None or not config.save:
         return False
-    checkpoint = Path(source.resume_from)
+    checkpoint = Path(source.resume_from).resolve()  # a link to an iteration: where it is
     in_root = checkpoint.name.startswith("iter_") and checkpoint.name[5:].isdigit()
     root = checkpoint.parent if in_root else checkpoint
     return root.resolve() == Path(config.save).resolve()

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "data": ("data", "data preparation: the memory-mapped cache vs in memory"),
     "context_parallel": ("context_parallel", "peak memory per rank of a step: CP1 vs CP2"),
     "cache_check": ("cache_check", "checking a data cache entry on open: checksums, token ids"),
+    "checkpoint_check": ("checkpoint_check", "a checkpoint's checksums against its save and load"),
     "share": ("share_prompt", "shared-prompt rows vs unshared: positions computed, step time"),
     "moe": ("moe", "a tiny mixture of experts at EP 1 vs EP 2: tokens/s, peak memory per rank"),
 }
