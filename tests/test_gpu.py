@@ -275,10 +275,10 @@ def _lean_gradients(rank, vocab, tokens, hidden_size, chunk):
         h = hidden.to(device, dtype).requires_grad_()
         w = weight.to(device, dtype).requires_grad_()
         w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=device)
-        logps = fused_output_logprobs(h, w, labels.to(device), vocab_size=vocab - 7,
-                                      chunk_size=chunk)
+        logps, sums = fused_output_logprobs(h, w, labels.to(device), vocab_size=vocab - 7,
+                                            chunk_size=chunk, with_sums=True)
         (logps * upstream.to(device)).sum().backward()
-        results[device] = [t.detach().float().cpu() for t in (logps, h.grad, w.main_grad)]
+        results[device] = [t.detach().float().cpu() for t in (logps, h.grad, w.main_grad, sums)]
     return results
 
 
@@ -286,9 +286,10 @@ def _lean_gradients(rank, vocab, tokens, hidden_size, chunk):
 def test_lean_logprobs_in_bf16_match_fp32_on_cpu():
     """The GPU path of the lean log-probs (bf16 GEMMs, fp32 softmax, bf16 weight-gradient GEMMs
     into fp32) against the CPU-exact fp32 path on the same bf16 values (padded vocabulary,
-    a short last chunk): log-probs and both gradients within bf16 rounding."""
+    a short last chunk): log-probs, both gradients and each token's sum of its vocabulary
+    slice (logits/chosen, logits/rejected) within bf16 rounding."""
     results = run_on_ranks(1, _lean_gradients, 32000, 700, 256, 256)[0]
-    for name, gpu, cpu in zip(("logps", "grad_hidden", "main_grad"), results["cuda"],
+    for name, gpu, cpu in zip(("logps", "grad_hidden", "main_grad", "sums"), results["cuda"],
                               results["cpu"]):
         scale = cpu.abs().max().item()
         assert (gpu - cpu).abs().max().item() <= 0.02 * scale, (name, scale)
