@@ -127,3 +127,31 @@ def test_a_forward_pass_plans_any_number_of_pairs_with_the_training_rules():
                         seq_length=2048) == plan_global_batch(
         indices, lengths, dp_size=1, micro_batch_size=1, config=budget, seq_length=2048).ranks[0]
     assert plan_forward([], [], micro_batch_size=4, config=budget, seq_length=2048) == ()
+
+
+@pytest.mark.parametrize("layout", ["budget", "packed"])
+@pytest.mark.parametrize("dp_size", [2, 3, 8])
+def test_expert_parallelism_gets_as_many_microbatches_on_every_rank(layout, dp_size):
+    """``equal_counts`` (expert parallelism: each micro-batch's all-to-all spans the DP ranks):
+    under a token budget every rank gets the same number of micro-batches, every pair still
+    once, the budget still held, by splitting the fullest micro-batches."""
+    config, _ = LAYOUTS[layout]
+    uneven = 0
+    for lengths in _global_batches(count=6, size=dp_size * 20):
+        free = _plan(lengths, layout, dp_size)
+        uneven += len({len(rank) for rank in free.ranks}) > 1
+        plan = plan_global_batch(list(range(len(lengths))), lengths, dp_size=dp_size,
+                                 micro_batch_size=1, config=config, seq_length=2048,
+                                 equal_counts=True)
+        assert len({len(rank) for rank in plan.ranks}) == 1
+        placed = sorted(i for rank in plan.ranks for mb in rank for i in mb.pairs)
+        assert placed == list(range(len(lengths)))
+        for mb in (mb for rank in plan.ranks for mb in rank):
+            assert len(mb.pairs) == 1 or mb.processed_tokens <= config.max_tokens_per_microbatch
+    assert uneven  # without it the counts do differ on these batches
+    one_each = BatchingConfig(max_tokens_per_microbatch=8)  # a budget below any pair
+    lengths = [pair_lengths(5, 3, 3)] * 3
+    with pytest.raises(ValueError, match="3 pairs of one pair per micro-batch cannot give 2 "
+                                         "data-parallel ranks as many micro-batches each"):
+        plan_global_batch([0, 1, 2], lengths, dp_size=2, micro_batch_size=1, config=one_each,
+                          seq_length=64, equal_counts=True)

@@ -141,3 +141,18 @@ def test_a_resume_that_changes_the_optimizer_states_layout_is_refused(paths, tmp
         f"--load {tmp_path} contradicts the command line: {flag} off -> on (the checkpoint's "
         "optimizer state is laid out for the first: resume with it, or start a new run from "
         f"--pretrained-checkpoint {tmp_path})")
+
+
+def test_expert_parallelism_under_a_token_budget_needs_a_global_batch_the_ranks_share(paths):
+    """EP > 1 with --max-tokens-per-microbatch: every DP rank must run as many micro-batches
+    (their expert all-to-all), which a global batch not divisible by the DP size cannot give."""
+    flags = ["--expert-model-parallel-size", "2", "--max-tokens-per-microbatch", "512",
+             "--global-batch-size"]
+    with pytest.raises(ValueError) as error:
+        parse_args(_base(paths) + flags + ["7"]).check_world(2)
+    assert str(error.value) == (
+        "--global-batch-size (7) must be a multiple of the data-parallel size (2) with "
+        "--expert-model-parallel-size (2) under a token budget: each micro-batch's expert "
+        "all-to-all spans the data-parallel ranks, so every rank runs as many micro-batches")
+    assert parse_args(_base(paths) + flags + ["8"]).check_world(2) is None
+    assert parse_args(_base(paths) + flags[2:] + ["7"]).check_world(2) is None  # no EP

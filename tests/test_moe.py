@@ -504,3 +504,60 @@ def test_save_at_ep2_resume_at_ep1_gives_the_uninterrupted_losses(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows if "aux_loss" in row] == [2]
     assert all(row["aux_loss"] > 0 for row in rows if "aux_loss" in row)
+
+
+# ---- 2 ranks: expert parallelism under a token budget -------------------------------------------
+def _reference_sums(rank, argv):
+    """Run megatron-simpo-reference-logps; its file's sums by pair key."""
+    import contextlib
+    import io
+
+    from megatron_simpo.cli.reference_logps import main
+    from megatron_simpo.training.reference_logps import ReferenceLogps
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+    path = argv[argv.index("--reference-logps") + 1]
+    stored = ReferenceLogps.load(path)
+    return {key: stored.sums[row].tolist() for key, row in stored.rows.items()}
+
+
+def test_expert_parallel_ranks_run_as_many_microbatches_under_a_token_budget(tmp_path):
+    """EP2 on DP2 ranks: every micro-batch's expert all-to-all spans both ranks, so a token
+    budget that dealt them 2 and 1 micro-batches hung (training, evaluation, the reference
+    pass). Now the planner gives each rank as many: the losses of budgets 288 and 192 and of
+    fixed micro-batches agree (same weights, same pairs), 5 held-out pairs evaluate 4, and the
+    reference log-probs of 61 pairs (not a multiple of 2) equal EP1's."""
+    from megatron_simpo.model.tiny import write_default
+
+    tiny = write_default(tmp_path / "data", train_pairs=56, valid_pairs=5, seed=7)
+    hf = json.loads(Path(tiny["config"]).read_text())
+    hf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=32,
+              intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+    (tmp_path / "moe.json").write_text(json.dumps(hf))
+
+    def argv(ep, *flags, source=("--pretrained-checkpoint", str(tmp_path / "sft"))):
+        return [*source, "--tokenizer", str(tiny["tokenizer"]), "--train-data-path",
+                str(tiny["train"]), "--valid-data-path", str(tiny["valid"]), "--seq-length", "64",
+                "--max-prompt-length", "48", "--global-batch-size", "8", "--lr", "1e-2",
+                "--seed", "3", "--train-iters", "2", "--expert-model-parallel-size", str(ep),
+                *flags]
+
+    run_on_ranks(2, _train, argv(1, "--micro-batch-size", "1", "--save", str(tmp_path / "sft"),
+                                 source=("--model-config", str(tmp_path / "moe.json"))))
+    runs = {name: run_on_ranks(2, _train, argv(2, *flags), timeout=180)[0] for name, flags in (
+        ("fixed", ("--micro-batch-size", "1")),
+        ("budget 288", ("--max-tokens-per-microbatch", "288")),
+        ("budget 192", ("--max-tokens-per-microbatch", "192")),
+        ("packed", ("--max-tokens-per-microbatch", "288", "--pack-sequences")))}
+    for name, losses in runs.items():
+        assert losses == pytest.approx(runs["fixed"], abs=1e-5), name
+    found = {}
+    for ep in (1, 2):
+        logps = tmp_path / f"reference-ep{ep}.pt"
+        found[ep] = run_on_ranks(2, _reference_sums, argv(
+            ep, "--algorithm", "dpo", "--max-tokens-per-microbatch", "192",
+            "--reference-logps", str(logps)), timeout=180)[0]
+    assert len(found[2]) == 61 and found[2].keys() == found[1].keys()
+    for key, sums in found[1].items():
+        assert found[2][key] == pytest.approx(sums, abs=1e-5)

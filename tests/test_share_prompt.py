@@ -60,11 +60,41 @@ def test_shared_rows_give_the_unshared_log_probs_in_a_hf_model():
             assert shared.loss_mask.sum() == plain.loss_mask.sum()
 
 
+def test_a_short_pair_beside_a_long_shared_row_keeps_its_positions_below_seq_length():
+    """A micro-batch's shared rows are as long as its longest (up to 2 x --seq-length): the
+    short pair's padding tail was numbered on past --seq-length (and past the model's largest
+    position: Megatron's RoPE table raised IndexError). The tail is at position 0 now; the
+    log-probs stay the unshared ones."""
+    config = tiny_hf_config("llama3", attn_implementation="eager")
+    model = tiny_hf_model(config, seed=1)
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(0, config["vocab_size"], (n,), generator=g).tolist()
+
+    seq_length = 48
+    pairs = [TokenizedPair(ids(20), ids(24), ids(24)), TokenizedPair(ids(2), ids(1), ids(2))]
+    plain = collate_pairs(pairs, seq_length)
+    shared = collate_shared(pairs, 72)  # the long pair's shared row: 20 + 24 + 24 - 1 = 67
+    assert int(shared.position_ids.max()) < seq_length
+    causal = ~torch.ones(seq_length, seq_length, dtype=torch.bool).tril().expand(
+        len(plain.tokens), 1, seq_length, seq_length)
+    with torch.no_grad():
+        token = _hf_sums(model, plain.tokens, plain.labels, causal).gather(
+            -1, plain.labels.unsqueeze(-1)).squeeze(-1)
+        expected = (token * plain.loss_mask).sum(-1)
+        rows, at, labels, sequences = shared.scored
+        out = _hf_sums(model, shared.tokens, shared.labels, shared.attention_mask,
+                       shared.position_ids)
+    got = torch.zeros(4).index_add(0, sequences, out[rows, at, labels])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-6), got - expected
+
+
 def test_shared_mask_keeps_the_responses_apart():
     batch = collate_shared([TokenizedPair([1, 2, 3], [4, 5, 6], [7, 8])], 8)
     visible = ~batch.attention_mask[0, 0]
-    # row: p0 p1 p2 c0 c1 r0 pad pad; positions 0 1 2 3 4 3 0 1
-    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 0, 1]
+    # row: p0 p1 p2 c0 c1 r0 pad pad; positions 0 1 2 3 4 3 0 0 (the tail at 0)
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 0, 0]
     assert visible[5].tolist() == [True, True, True, False, False, True, False, False]
     assert visible[4].tolist() == [True, True, True, True, True, False, False, False]
     assert visible[7].tolist() == [False] * 6 + [True, True]

@@ -870,3 +870,23 @@ def test_a_run_without_validation_pairs_says_so(tiny):
            "metrics this run" in data.warnings(config, 1)
     assert not any("validation" in w for w in
                    TrainingData(pairs, pairs, 0, PairSampler(8, 8, 0), 1).warnings(config, 1))
+
+
+def test_the_pairs_each_epoch_leaves_out_are_said(tiny):
+    """Each epoch drops its last incomplete global batch (Megatron-LM's rule; TRL trains it):
+    the run says how many pairs that leaves out, and nothing when the batches fit."""
+    from megatron_simpo.cli.arguments import parse_args
+    from megatron_simpo.data.collate import TokenizedPair
+    from megatron_simpo.data.sampler import PairSampler
+    from megatron_simpo.training.training_data import TrainingData
+
+    config = parse_args(_argv(tiny, train_iters=1))  # global batch 8
+    pair = TokenizedPair([1, 2], [3], [4, 5])
+    sampler = PairSampler(20, 8, 0)
+    assert sampler.batches_per_epoch * 8 == 16  # the sampler's own rule
+    warnings = TrainingData([pair] * 20, [], 0, sampler, 1).warnings(config, 1)
+    assert "> 4 pair(s) of each epoch are not trained: the epoch's last, incomplete global " \
+           "batch (of 8) is dropped, as Megatron-LM does; each epoch's permutation leaves out " \
+           "others" in warnings
+    fitting = TrainingData([pair] * 16, [], 0, PairSampler(16, 8, 0), 1).warnings(config, 1)
+    assert not any("not trained" in w for w in fitting)

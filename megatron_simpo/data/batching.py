@@ -219,7 +219,7 @@ def _balanced_deal(microbatches: list[Microbatch], dp_size: int, equal_counts: b
 
 def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *, dp_size: int,
                       micro_batch_size: int, config: BatchingConfig, seq_length: int,
-                      multiple: int = 8) -> BatchPlan:
+                      multiple: int = 8, equal_counts: bool = False) -> BatchPlan:
     """Lay out one global batch.
 
     Args:
@@ -229,6 +229,10 @@ def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *,
         micro_batch_size: pairs per micro-batch (fixed-size layouts).
         seq_length: the longest row allowed (--seq-length); caps padded lengths.
         multiple: rows are padded to a multiple of this (TP/SP/FP8 alignment).
+        equal_counts: every rank the same number of micro-batches under a token budget too
+            (expert parallelism: each micro-batch's token exchange spans data-parallel ranks);
+            the fullest micro-batches are split until the count divides evenly. The
+            fixed-size layouts always have equal counts.
     """
     if len(indices) != len(lengths):
         raise ValueError("indices and lengths differ in number")
@@ -240,7 +244,7 @@ def plan_global_batch(indices: Sequence[int], lengths: Sequence[PairLengths], *,
         if len(indices) < dp_size:
             raise ValueError(f"{len(indices)} pairs cannot feed {dp_size} data-parallel ranks")
         ranks = _token_budget_plan(list(indices), length_of, dp_size, config, multiple,
-                                   seq_length)
+                                   seq_length, equal_counts)
         return BatchPlan(ranks, real, saved)
     per_rank = len(indices) // dp_size
     if per_rank * dp_size != len(indices) or per_rank % micro_batch_size:
@@ -285,9 +289,11 @@ def plan_forward(indices: Sequence[int], lengths: Sequence[PairLengths], *,
 
 
 def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config: BatchingConfig,
-                       multiple: int, seq_length: int) -> tuple[tuple[Microbatch, ...], ...]:
+                       multiple: int, seq_length: int, equal_counts: bool = False
+                       ) -> tuple[tuple[Microbatch, ...], ...]:
     """Micro-batches formed over the whole global batch (sorted, so lengths in a micro-batch
-    are alike), then dealt to ranks largest first to the least loaded one."""
+    are alike), then dealt to ranks largest first to the least loaded one (``equal_counts``:
+    as many to each)."""
     budget, shared = config.max_tokens_per_microbatch, config.share_prompt
     rows_per_pair = 1 if shared else 2
 
@@ -305,9 +311,13 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
                 current = []
             current.append(index)
         groups.append(current)
-    while len(groups) < dp_size:  # every rank needs work: halve the fullest micro-batch
+    # every rank needs work (and with equal_counts as much as the others): halve the fullest
+    while len(groups) < dp_size or (equal_counts and len(groups) % dp_size):
         fullest = max(range(len(groups)), key=lambda g: len(groups[g]))
         group = groups.pop(fullest)
+        if len(group) < 2:
+            raise ValueError(f"{len(indices)} pairs of one pair per micro-batch cannot give "
+                             f"{dp_size} data-parallel ranks as many micro-batches each")
         groups[fullest:fullest] = [group[:len(group) // 2], group[len(group) // 2:]]
     if config.pack_sequences:
         microbatches = [Microbatch(tuple(g), round_up(sum(length_of[i].size(shared) for i in g),
@@ -315,7 +325,7 @@ def _token_budget_plan(indices: list[int], length_of: dict, dp_size: int, config
                         for g in groups]
     else:
         microbatches = [Microbatch(tuple(g), row_of(g[0]), shared=shared) for g in groups]
-    return _balanced_deal(microbatches, dp_size, equal_counts=False)
+    return _balanced_deal(microbatches, dp_size, equal_counts=equal_counts)
 
 
 def _first_fit_decreasing(pairs: list[int], length_of: dict, capacity: int,

@@ -87,7 +87,7 @@ def shared_fields(pairs: Sequence, length: int, pad_id: int = 0, *, packed: bool
     segment = torch.zeros((rows, length), dtype=torch.long)
     part = torch.full((rows, length), PROMPT, dtype=torch.long)
     scored: list[torch.Tensor] = []  # [4, k] pieces: row, index, label, sequence
-    ends, at = [0] * rows, 0
+    at = 0
     for index, pair in enumerate(pairs):
         row = 0 if packed else index
         start = at if packed else 0
@@ -112,9 +112,10 @@ def shared_fields(pairs: Sequence, length: int, pad_id: int = 0, *, packed: bool
             loss_mask[row].index_put_((where,), torch.ones(len(where)), accumulate=True)
             scored.append(torch.stack([torch.full_like(where, row), where,
                                        torch.from_numpy(label), torch.full_like(where, sequence)]))
-        ends[row] = at = stop
-    for row, end in enumerate(ends):  # the padding tail: a segment of its own, causal in itself
-        position_ids[row, end:] = torch.arange(length - end)
+        at = stop
+    # The padding tail (a segment of its own, never scored) keeps position 0: numbered on, a
+    # short pair's tail beside a long shared row (up to 2 x --seq-length) would pass the
+    # model's largest position.
     mask = shared_mask(segment, part)
     return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
                 attention_mask=mask, packed_pairs=len(pairs), scored=torch.cat(scored, dim=1))

@@ -260,6 +260,13 @@ class TrainConfig:
             if self.global_batch_size < dp:
                 raise ValueError(f"--global-batch-size ({self.global_batch_size}) must be at "
                                  f"least the data-parallel size ({dp})")
+            if self.parallel.expert_model_parallel_size > 1 and self.global_batch_size % dp:
+                raise ValueError(
+                    f"--global-batch-size ({self.global_batch_size}) must be a multiple of the "
+                    f"data-parallel size ({dp}) with --expert-model-parallel-size "
+                    f"({self.parallel.expert_model_parallel_size}) under a token budget: each "
+                    "micro-batch's expert all-to-all spans the data-parallel ranks, so every "
+                    "rank runs as many micro-batches")
             return None
         if self.global_batch_size % (self.micro_batch_size * dp) != 0:
             raise ValueError(

@@ -125,6 +125,7 @@ def compute(config, output: str | Path) -> Path:
     from megatron.core import parallel_state
 
     from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.runtime import max_over_world
     from megatron_simpo.training.step import attach_reference_logps
     from megatron_simpo.training.run_setup import build_reference_from_config, resolve_model_source
     from megatron_simpo.training.training_data import TrainingData
@@ -143,8 +144,18 @@ def compute(config, output: str | Path) -> Path:
                      and parallel_state.get_tensor_model_parallel_rank() == 0)
     found: dict[str, tuple[float, float]] = {}
     for pairs in (data.train_pairs, data.valid_pairs):
+        if not pairs:
+            continue
         mine = list(range(dp_rank, len(pairs), dp_size))  # each pair on one data-parallel rank
-        for microbatch in _forward_microbatches(data, pairs, mine, config):
+        planned = _forward_microbatches(data, pairs, mine or [0], config)
+        if config.parallel.expert_model_parallel_size > 1:
+            # each micro-batch's expert all-to-all spans the data-parallel ranks: a rank with
+            # fewer runs its last again (the same sums again) until all have run as many
+            count = max_over_world(len(planned))
+            planned = planned + (planned[-1],) * (count - len(planned))
+        elif not mine:
+            planned = ()
+        for microbatch in planned:
             batch = data.collate(pairs, microbatch, config, env.device, None)
             [batch] = attach_reference_logps(model, [batch], head)
             if holds_results:

@@ -63,6 +63,11 @@ class TrainingData:
                  f"{length_statistics(self.train_pairs)}; {self.cut['prompts']} prompt(s) cut on "
                  f"the left (--max-prompt-length), {self.cut['responses']} response(s) on the "
                  f"right (--seq-length); {len(self.dropped)} pair(s) dropped"]
+        left = len(self.train_pairs) % config.global_batch_size
+        if left and len(self.train_pairs) > config.global_batch_size:
+            found.append(f"> {left} pair(s) of each epoch are not trained: the epoch's last, "
+                         f"incomplete global batch (of {config.global_batch_size}) is dropped, "
+                         "as Megatron-LM does; each epoch's permutation leaves out others")
         if self.dropped:
             found.append(f"warning: {len(self.dropped)} pair(s) dropped: chosen and rejected are "
                          f"the same tokens (first: {', '.join(self.dropped[:3])}); "
@@ -77,9 +82,12 @@ class TrainingData:
                          f"than one micro-batch per data-parallel rank ({per_step}): no "
                          "evaluation")
         elif usable < len(self.valid_pairs):
+            why = (f"each of the {dp_size} data-parallel ranks evaluates as many pairs, as "
+                   "expert parallelism needs" if config.batching.token_budget else
+                   f"it uses whole micro-batches of {per_step} across the ranks")
             found.append(f"warning: {len(self.valid_pairs) - usable} of "
                          f"{len(self.valid_pairs)} validation pairs are left out of evaluation "
-                         f"(it uses whole micro-batches of {per_step} across the ranks)")
+                         f"({why})")
         return found
 
     def check_resume(self, saved: checkpointing.TrainState | None, config: TrainConfig,
@@ -105,7 +113,8 @@ class TrainingData:
         return plan_global_batch(indices, [PairLengths.of(pairs[i]) for i in indices], dp_size=dp_size,
                                  micro_batch_size=config.micro_batch_size or 1,
                                  config=config.batching, seq_length=config.data.seq_length,
-                                 multiple=self.padding_multiple)
+                                 multiple=self.padding_multiple,
+                                 equal_counts=config.parallel.expert_model_parallel_size > 1)
 
     def collate(self, pairs: list[TokenizedPair], microbatch: Microbatch, config: TrainConfig,
                 device, reference: torch.Tensor | None) -> PreferenceBatch:
@@ -130,6 +139,8 @@ class TrainingData:
         """Validation pairs evaluated: all under a token budget, else whole micro-batches
         on every rank."""
         if config.batching.token_budget:
+            if config.parallel.expert_model_parallel_size > 1:  # as many micro-batches each
+                return len(self.valid_pairs) // dp_size * dp_size
             return len(self.valid_pairs) if len(self.valid_pairs) >= dp_size else 0
         chunk = config.micro_batch_size * dp_size
         return len(self.valid_pairs) // chunk * chunk
