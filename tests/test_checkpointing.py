@@ -290,21 +290,31 @@ def _load_after(rank, save: str, damage: str) -> tuple[list[str], str]:
         elif damage == "no manifest":
             (folder / MANIFEST_FILE).unlink()
     dist.barrier()
+    from megatron_simpo.checkpoint import checksums
+
+    real = checksums.read_manifest
+    if damage == "unseen on rank 1" and rank == 1:  # another node's view: no manifest
+        checksums.read_manifest = lambda checkpoint: None
     try:
         load_checkpoint(folder, build_again(), model_config=config)
     except CheckpointError as error:
         return listed, str(error)
+    finally:
+        checksums.read_manifest = real
     return listed, "loaded"
 
 
-@pytest.mark.parametrize("damage", ["none", "byte", "cut", "manifest", "no manifest"])
+@pytest.mark.parametrize("damage", ["none", "byte", "cut", "manifest", "no manifest",
+                                    "unseen on rank 1"])
 def test_every_saved_file_is_checked_against_its_checksum_before_a_load(tmp_path, damage):
     """Each save records the size and CRC-32 of every file (each rank its own shards, rank 0
     the shared ones) in checksums.json; a load checks them first, the files shared out over
     the ranks: one changed byte or a cut file is named the same on every rank, a damaged
-    manifest is named, a checkpoint saved before checksums were kept loads unchecked."""
+    manifest is named, a checkpoint saved before checksums were kept loads unchecked; a rank
+    that does not see the manifest the others see ends with them (it skipped their
+    collectives and both waited forever)."""
     save = tmp_path / damage.replace(" ", "_")
-    results = run_on_ranks(2, _load_after, str(save), damage)
+    results = run_on_ranks(2, _load_after, str(save), damage, timeout=120)
     listed = results[0][0]
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "metadata.json",
             "model_config.json"} <= set(listed)
@@ -314,7 +324,9 @@ def test_every_saved_file_is_checked_against_its_checksum_before_a_load(tmp_path
         "byte": f"checkpoint {folder}: __1_0.distcp (its bytes changed since it was saved: "
                 "CRC-32 differs); a damaged copy, refusing to load it",
         "manifest": f"cannot read checkpoint {folder}: checksums.json (damaged: Expecting "
-                    "property name enclosed in double quotes: line 1 column 2 (char 1))"}
+                    "property name enclosed in double quotes: line 1 column 2 (char 1))",
+        "unseen on rank 1": f"cannot read checkpoint {folder}: checksums.json (missing here, "
+                            "present on another rank's file system)"}
     if damage == "cut":
         size = (folder / "__1_0.distcp").stat().st_size
         expected["cut"] = (f"checkpoint {folder}: __1_0.distcp ({size} bytes, {size + 7} when "
@@ -354,3 +366,38 @@ def test_a_manifest_that_cannot_be_written_fails_the_save_on_every_rank(tmp_path
     assert messages[1] == (f"cannot save iteration 0 to {save}: rank 0 failed to write; "
                            "nothing was published")
     assert not list(save.glob("iter_*"))
+
+
+def _save_with_failing_tracker(rank, save: str) -> str:
+    """A TP=2 save whose tracker cannot be written when rank 0 publishes (a full disk)."""
+    import errno
+
+    from megatron_simpo.checkpoint import checkpointing
+    from megatron_simpo.checkpoint.checkpointing import CheckpointError, save_model_only
+
+    model, config, _ = _tiny_model(tp=2)
+    real = checkpointing.write_tracker
+
+    def full(root, iteration):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "tracker.tmp"))
+
+    checkpointing.write_tracker = full
+    try:
+        save_model_only(save, 0, model, config)
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        checkpointing.write_tracker = real
+    return "saved"
+
+
+def test_a_publish_that_fails_ends_the_save_on_every_rank(tmp_path):
+    """Rank 0 publishes (renames the folder, writes the tracker) while the others wait: its
+    failure was a traceback there and a collateral one on the others (exit code 1); now every
+    rank ends with one line."""
+    save = tmp_path / "run"
+    messages = run_on_ranks(2, _save_with_failing_tracker, str(save), timeout=120)
+    assert messages[0] == (f"cannot publish iteration 0 in {save}: No space left on device: "
+                           f"{save / 'tracker.tmp'}; nothing was published")
+    assert messages[1] == (f"cannot publish iteration 0 in {save}: rank 0 failed to publish; "
+                           "nothing was published")

@@ -265,6 +265,48 @@ def test_an_entry_damaged_under_a_reading_rank_is_refused_on_every_rank(data, tm
                         r"\(--rebuild-data-cache tokenizes it again\)", errors[0]), errors[0]
 
 
+def _unreadable_on_rank_1(rank, config_fields):
+    """prepare_data on a rank, rank 1 unable to read the entry's files (an I/O error: a node
+    whose mount of the shared cache failed)."""
+    import errno
+    import hashlib
+
+    import torch.distributed as dist
+
+    from megatron_simpo.data.config import DataConfig, DataError
+
+    dist.init_process_group("gloo")
+    real = hashlib.file_digest
+
+    def failing(handle, digest):
+        raise OSError(errno.EIO, "Input/output error")
+
+    if rank == 1:
+        hashlib.file_digest = failing
+    try:
+        prepare_data(DataConfig(**config_fields), build_tokenizer(),
+                     config_fields["tokenizer_path"], seed=0)
+    except DataError as error:
+        return f"DataError: {error}"
+    finally:
+        hashlib.file_digest = real
+        dist.destroy_process_group()
+
+
+def test_an_entry_one_rank_cannot_read_is_one_message_on_every_rank(data, tmp_path):
+    """An OSError while a rank hashes the entry was a traceback on that rank and a collateral
+    one on the others (exit code 1): it is now the entry's fault in words, agreed on by every
+    rank, as damage is."""
+    import re
+
+    fields = dict(train_data_path=str(data / "train.jsonl"), seq_length=48, max_prompt_length=12,
+                  data_cache_dir=str(tmp_path / "shared"), tokenizer_path=str(data / "tokenizer"))
+    errors = run_on_ranks(2, _unreadable_on_rank_1, fields, timeout=120)
+    assert errors[0] == errors[1]
+    assert re.search(r"pairs/data-00000-of-00001\.arrow cannot be read \(Input/output error\)",
+                     errors[0]), errors[0]
+
+
 def test_an_unwritable_cache_is_one_clear_line(data, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

@@ -510,15 +510,31 @@ if ending == "rank1":  # a mistake only rank 1 sees; rank 0 goes on until the ag
     if rank == 0:
         time.sleep(60)
     run_command("prog", mistake)
+if ending == "peer":  # rank 1's mistake; rank 0's collective fails at once for its lost peer
+    if rank == 1:
+        try:
+            run_command("prog", mistake)
+        finally:
+            time.sleep(1)  # the peer that lost it ends first
+    folder = os.environ["MEGATRON_SIMPO_LAUNCHER_ERRORS"]
+    while not os.path.exists(os.path.join(folder, "rank1.txt")):
+        time.sleep(0.01)
+
+    def collective():
+        raise RuntimeError("[pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+
+    run_command("prog", collective)
 run_command("prog", mistake, errors={ValueError: int(ending)})
 """
 
 
-@pytest.mark.parametrize("ending", ["2", "3", "rank1", "crash"])
+@pytest.mark.parametrize("ending", ["2", "3", "rank1", "peer", "crash"])
 def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path):
     # The launcher's agent on two ranks of a small script ending through run_command: a
-    # verdict (2, 3) is one line (rank 0's; rank 1's when only rank 1 saw the mistake) and the
-    # ranks' exit code; a crash keeps torchrun's report (and the agent's log lines), exit 1.
+    # verdict (2, 3) is one line (rank 0's; rank 1's when only rank 1 saw the mistake, also
+    # when rank 0 ended first, its collective failing for the lost peer: no collateral
+    # traceback) and the ranks' exit code; a crash keeps torchrun's report (and the agent's
+    # log lines), exit 1.
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     code = ("import sys; from torch.distributed.run import parse_args; "
@@ -532,8 +548,9 @@ def test_launcher_passes_on_a_rank_verdict_and_reports_a_crash(ending, tmp_path)
         assert "RuntimeError: a bug" in completed.stderr and "Root Cause" in completed.stderr
         assert "exitcode" in completed.stderr  # the agent's held log line, or the report's
         return
-    assert completed.returncode == (2 if ending == "rank1" else int(ending)), completed.stderr
-    seen_by = 1 if ending == "rank1" else 0
+    assert completed.returncode == (2 if ending in ("rank1", "peer") else int(ending)), \
+        completed.stderr
+    seen_by = 1 if ending in ("rank1", "peer") else 0
     assert _one_line(completed.stderr) == [f"prog: error: bad thing seen by rank {seen_by}"]
 
 
@@ -619,3 +636,23 @@ def test_a_ranks_line_reaches_the_launcher_whole_and_a_restart_clears_it(tmp_pat
     flags.note_started()  # rank 0 starts again
     assert sorted(os.listdir(tmp_path)) == ["rank1.txt"]
     assert launch._rank_verdict(str(tmp_path), None) == (3, "train_simpo: error: bad 1")
+
+
+def test_the_failure_that_decides_is_a_ranks_line_then_its_own_stop():
+    """torchrun's first failure is the earliest to the second, the lowest rank on a tie: often
+    a rank that only lost its peer (exit code 1). A rank that said why (2, 3) decides, else one
+    that stopped itself on a signal before training (128 + N; -N may be the agent's doing)."""
+    from types import SimpleNamespace
+
+    from megatron_simpo.cli.launch import _deciding_failure
+
+    def failed(**codes):
+        failures = {int(rank[1:]): SimpleNamespace(exitcode=code) for rank, code in codes.items()}
+        return SimpleNamespace(failures=failures,
+                               get_first_failure=lambda: min(failures.items()))
+
+    assert _deciding_failure(None) == (None, None)
+    assert _deciding_failure(failed(r0=1, r1=2))[0] == 1
+    assert _deciding_failure(failed(r0=1, r1=143, r2=3))[0] == 2
+    assert _deciding_failure(failed(r0=1, r1=143))[0] == 1
+    assert _deciding_failure(failed(r0=1, r1=-15))[0] == 0  # killed: torchrun's first

@@ -217,14 +217,19 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
         reason = write_failure_reason(failure, partial) if failure else "rank 0 failed to write"
         raise CheckpointError(f"cannot save iteration {iteration} to {root}: {reason}; "
                               f"{_latest_note(root)}") from failure
-    if rank == 0:
+    def publish() -> None:
         if final.exists():  # re-saving an iteration (--overwrite): the old folder goes only now
             shutil.rmtree(final)
         os.replace(partial, final)
         current = _tracked_iteration(root)
         if current is None or iteration >= current:  # the tracker never moves backwards
             write_tracker(root, iteration)
-    dist.barrier()
+
+    failure = _failure_of(publish) if rank == 0 else None
+    if max_over_world(0 if failure is None else 1):  # rank 0's, agreed on by every rank
+        reason = write_failure_reason(failure, root) if failure else "rank 0 failed to publish"
+        raise CheckpointError(f"cannot publish iteration {iteration} in {root}: {reason}; "
+                              f"{_latest_note(root)}") from failure
     return final
 
 

@@ -100,21 +100,31 @@ def first_mismatch(checkpoint: Path, files: dict[str, list[int]], rank: int,
 
 
 def check(checkpoint: Path) -> None:
-    """Refuse a checkpoint whose files differ from the checksums its save recorded
-    (all ranks call it, each checking its share of the files), naming the
-    first file that does, the same on every rank."""
+    """Refuse a checkpoint whose files differ from the checksums its save recorded (all ranks
+    call it, each checking its share of the files), naming the first file that does, the same
+    on every rank. Whether there is a manifest at all is agreed on first: a rank that cannot
+    see or read it (another node's view of a shared file system) must not skip the checks'
+    collectives the others enter."""
     try:
-        files = read_manifest(checkpoint)
+        files, problem = read_manifest(checkpoint), None
     except ValueError as error:
-        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {error}") from None
-    if files is None:  # saved before checksums were recorded
+        files, problem = None, f"cannot read checkpoint {checkpoint}: {error}"
+    found = max_over_world(2 if problem else int(files is not None))
+    if found == 0:  # saved before checksums were recorded (on every rank's view)
         return
+    if problem is None and files is None:
+        problem = (f"cannot read checkpoint {checkpoint}: {MANIFEST_FILE} (missing here, "
+                   "present on another rank's file system)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    bad = first_mismatch(checkpoint, files, rank, world)
+    bad = problem
+    if bad is None and found == 1:
+        mismatch = first_mismatch(checkpoint, files, rank, world)
+        if mismatch is not None:
+            bad = f"checkpoint {checkpoint}: {mismatch}; a damaged copy, refusing to load it"
     if not max_over_world(int(bad is not None)):
         return
     if dist.is_initialized():
-        found: list = [None] * world
-        dist.all_gather_object(found, bad)
-        bad = next(reason for reason in found if reason is not None)
-    raise CheckpointError(f"checkpoint {checkpoint}: {bad}; a damaged copy, refusing to load it")
+        every: list = [None] * world
+        dist.all_gather_object(every, bad)
+        bad = next(reason for reason in every if reason is not None)
+    raise CheckpointError(bad)

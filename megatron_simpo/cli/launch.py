@@ -196,6 +196,21 @@ def _agent_logs_held():
             logger.propagate = True
 
 
+def _deciding_failure(failure) -> tuple[int | None, object]:
+    """(rank, ProcessFailure) that says how the run ended: a rank that said why in one line
+    (exit code 2 or 3), else one that ended itself on a stop signal before training (128 + N;
+    not -N, which may be the agent ending a peer), else torchrun's first. Its first is the
+    earliest to the second, and on a tie the lowest rank: often a rank that only lost its peer
+    (exit code 1) while the one that said why ended alongside."""
+    if failure is None:
+        return None, None
+    for wanted in (RANK_VERDICTS, [code for code in _STOP_EXITS if code > 0]):
+        for rank, found in sorted(failure.failures.items()):
+            if found.exitcode in wanted:
+                return rank, found
+    return failure.get_first_failure()
+
+
 def _rank_verdict(folder: str, first_rank: int | None) -> tuple[int, str] | None:
     """The exit code and line rank 0 left in ``folder`` (``run_command`` under the launcher),
     else those of the first rank that failed, else any rank's; None if none did."""
@@ -256,7 +271,7 @@ def start_ranks(args) -> int:
             os.environ.pop(LAUNCHER_ERRORS, None)
         if signalled is not None and _all_ranks_finished(folder, args):
             return 0  # they saved and stopped (or had nothing to save yet), and said so
-        first_rank, first = failure.get_first_failure() if failure else (None, None)
+        first_rank, first = _deciding_failure(failure)
         verdict = _rank_verdict(folder, first_rank)
         began = any(name.endswith(".began") for name in os.listdir(folder))
     if signalled is not None:
@@ -278,10 +293,12 @@ def start_ranks(args) -> int:
         # agent ended the others; nothing to save.
         print(stopped_before_training(_STOP_EXITS[first.exitcode]), flush=True)
         return 0
-    if first is not None and first.exitcode in RANK_VERDICTS:
+    if first is not None and (first.exitcode in RANK_VERDICTS or verdict is not None):
+        # the ranks' one line, said once (a rank that only lost its peer may have ended first)
         if verdict is not None:
             print(verdict[1], file=sys.stderr, flush=True)
-        return first.exitcode  # the ranks' one line, said once
+            return verdict[0]
+        return first.exitcode
     for record in held.records:  # news: a crash, a signal, or warnings of a run that ended well
         logging.getLogger("torch").handle(record)
     if failure is not None:

@@ -83,20 +83,29 @@ def entry_problem(folder: Path, key: dict) -> str | None:
     except (AttributeError, TypeError, ValueError):
         return f"{SUMMARY} is garbled (its checksums)"
     pairs = folder / PAIRS
-    found = {p.relative_to(pairs).as_posix() for p in pairs.rglob("*") if p.is_file()}
+    try:
+        found = {p.relative_to(pairs).as_posix() for p in pairs.rglob("*") if p.is_file()}
+    except OSError as error:
+        return f"{PAIRS} cannot be listed ({error.strerror or error})"
     for name, (size, _) in sorted(files.items()):
         if name not in found:
             return f"{PAIRS}/{name} is missing"
-        actual = (pairs / name).stat().st_size
+        try:
+            actual = (pairs / name).stat().st_size
+        except OSError as error:
+            return f"{PAIRS}/{name} cannot be read ({error.strerror or error})"
         if actual != size:
             return f"{PAIRS}/{name} is {actual} bytes, {size} when built"
     extra = sorted(found - set(files))
     if extra:
         return f"{PAIRS}/{extra[0]} was not written by the build"
     for name, (_, digest) in sorted(files.items()):
-        with (pairs / name).open("rb") as handle:
-            if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
-                return f"{PAIRS}/{name} does not match its checksum (its bytes changed)"
+        try:
+            with (pairs / name).open("rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
+                    return f"{PAIRS}/{name} does not match its checksum (its bytes changed)"
+        except OSError as error:  # an I/O error: the agreed DataError path names it
+            return f"{PAIRS}/{name} cannot be read ({error.strerror or error})"
     return None
 
 
