@@ -122,6 +122,26 @@ def test_os_reason_reads_torch_per_rank_failures():
         assert os_reason(wrapped) == os_reason(error)
 
 
+def test_os_reason_reads_an_os_error_passed_on_as_text():
+    """megatron-core's writer workers pass an OSError on as RuntimeError(f"Worker failure:
+    {error}"), and PyTorch's gather of the ranks' failures drops its cause: the reason (a quota,
+    a permission) is read from the text, not lost to "CheckpointException ranks:..."."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from megatron_simpo.checkpoint.layout import os_reason
+
+    spelled = OSError(errno.EDQUOT, "Disk quota exceeded", "/ckpt/iter_0000002.partial/__1_0.distcp")
+    try:
+        raise RuntimeError(f"Worker failure: {spelled}")
+    except RuntimeError as error:
+        failure = CheckpointException("save failed", {1: _wrap_exception(error)})
+    assert os_reason(failure) == "Disk quota exceeded: /ckpt/iter_0000002.partial/__1_0.distcp"
+    assert os_reason(RuntimeError("Worker failure: [Errno 13] Permission denied")) == \
+        "Permission denied"
+
+
 def test_a_loader_message_listing_every_key_is_cut_to_one_short_line(tmp_path):
     """Megatron's loader names a missing key with every key there is (5,955 characters for a
     tiny MoE model): the error line keeps its start and says how much was left out."""

@@ -191,10 +191,22 @@ def os_reason(error: BaseException) -> str:
     """The operating system's reason behind a failed write, found in the exception chain (and
     in the per-rank failures PyTorch's distributed checkpoint collects: ``CheckpointException.
     failures`` maps rank -> ``(exception, traceback summary)``), else its first line."""
-    for current in _chain(error):
+    chain = _chain(error)
+    for current in chain:
         if isinstance(current, OSError) and current.strerror:
             return current.strerror + (f": {current.filename}" if current.filename else "")
+    for current in chain:  # an OSError that reached us as text: "[Errno 122] Disk quota ..."
+        spelled = _ERRNO_TEXT.search(str(current))
+        if spelled:
+            return spelled["reason"] + (f": {spelled['file']}" if spelled["file"] else "")
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno \d+\] (?P<reason>[^:'\]\n]+?)(?:: '(?P<file>[^']+)')?(?=$|['\]\n,)])",
+                         re.MULTILINE)
+"""An OSError as str() spells it, inside another exception's message (megatron-core's writer
+workers pass theirs on as ``RuntimeError(f"Worker failure: {error}")``, and PyTorch's gather of
+the ranks' failures keeps the text, not the cause)."""
 
 
 def check_writable_folder(folder: str | Path, flag: str, given: str | Path | None = None
