@@ -285,3 +285,27 @@ def test_exit_options_are_agreed_at_a_boundary_and_the_duration_counts_from_the_
     assert requests.reason(5) == "--exit-duration-in-mins reached"
     requests.received = signal.SIGTERM
     assert requests.reason(8) == "a stop signal (SIGTERM/SIGINT) arrived"
+
+
+BLOCKED_IN_SETUP = BLOCKED.replace("lifecycle.StopRequests()",
+                                   "lifecycle.StopRequests(before_training=True)")
+
+
+def test_a_first_signal_ends_a_rank_blocked_before_training():
+    """Before training there is nothing to save: one signal ends a rank blocked in a set-up
+    collective (a peer still tokenizing) after a grace period, not when the peer arrives
+    (minutes, on a large dataset)."""
+    import time
+
+    rank = subprocess.Popen([sys.executable, "-c", BLOCKED_IN_SETUP], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "blocked"
+        started = time.monotonic()
+        rank.send_signal(signal.SIGTERM)
+        _, err = rank.communicate(timeout=60)
+    finally:
+        rank.kill()
+    assert rank.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - started < 20
+    assert "> rank 0: SIGTERM while blocked before training; ending now" in err

@@ -263,32 +263,6 @@ def note_started() -> None:
                 os.remove(name)
 
 
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-"""How gloo's collectives fail when a peer process has ended."""
-
-
-def _lost_a_peer_that_said_why(error: BaseException, wait: float = 3.0) -> bool:
-    """Under the launcher: ``error`` is a collective failing because a peer ended (a lost
-    connection, torch's ``DistError``), and another rank left its one line (a mistake it
-    saw, e.g. a file only its node lacks) within ``wait`` seconds."""
-    import time
-
-    import torch.distributed as dist
-
-    folder = os.environ.get(LAUNCHER_ERRORS)
-    if not folder or not (isinstance(error, getattr(dist, "DistError", ()))
-                          or any(text in str(error) for text in _PEER_GONE)):
-        return False
-    deadline = time.monotonic() + wait
-    while True:
-        if any(name.startswith("rank") and name.endswith(".txt") and name != _line_file()
-               for name in os.listdir(folder)):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
 def _line_file() -> str:
     return f"rank{os.environ.get('RANK', '0')}.txt"
 
@@ -362,7 +336,10 @@ def run_command(prog: str, call: Callable[[], T], *,
                         f"{exit_code}\n{prog}: error: {message}\n")
                     raise SystemExit(exit_code)
                 user_error(prog, message, exit_code)
-        if _lost_a_peer_that_said_why(error):  # its line is the run's: no collateral traceback
+        from megatron_simpo.distributed.lifecycle import lost_a_peer_that_said_why
+
+        if lost_a_peer_that_said_why(error, os.environ.get(LAUNCHER_ERRORS), _line_file(),
+                                     Stopped):  # its line is the run's: no collateral traceback
             raise SystemExit(1) from None
         raise
     finally:

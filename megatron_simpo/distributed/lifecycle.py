@@ -29,6 +29,7 @@ import time
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _REPEAT_WINDOW_S = 2.0
 _GRACE_S = 2.0
+_SETUP_GRACE_S = 10.0
 """After a second stop signal, how long the main thread has to end the process itself."""
 # Reasons by priority: the largest code any rank reports wins (all-reduce MAX).
 _REASONS = {1: "--exit-interval reached", 2: "--exit-duration-in-mins reached",
@@ -91,7 +92,7 @@ class StopRequests:
             sys.unraisablehook = self._unraisable
             for number in _SIGNALS:
                 self._previous[number] = signal.signal(number, self._note)
-            self._watch = _SecondSignalWatch()
+            self._watch = _SecondSignalWatch(self)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -220,10 +221,12 @@ class _SecondSignalWatch:
     Python's C-level handler writes each signal's number to a wakeup fd at once; a thread
     reading it ends the process (exit status 128 + the signal) when, ``_GRACE_S`` after a
     signal that came more than ``_REPEAT_WINDOW_S`` after the first, the process has not ended
-    through :meth:`StopRequests._note` in the main thread.
+    through :meth:`StopRequests._note` in the main thread. Before training (``requests``'
+    ``before_training``: nothing to save) the first signal does so after ``_SETUP_GRACE_S``: a
+    rank waiting in a set-up collective for a peer still tokenizing would otherwise wait for it.
     """
 
-    def __init__(self):
+    def __init__(self, requests: "StopRequests | None" = None):
         import socket
         import threading
 
@@ -232,7 +235,12 @@ class _SecondSignalWatch:
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         _forget_wakeup_fd_in_forks()
         self._first: float | None = None
+        self._requests, self._closed = requests, False
         threading.Thread(target=self._watch, name="stop-signal-watch", daemon=True).start()
+
+    def _in_setup(self) -> bool:
+        return (not self._closed and self._requests is not None
+                and self._requests.before_training)
 
     def _watch(self) -> None:
         with self._reader:
@@ -249,6 +257,13 @@ class _SecondSignalWatch:
                     now = time.monotonic()
                     if self._first is None:
                         self._first = now
+                        if self._in_setup():
+                            time.sleep(_SETUP_GRACE_S)  # the main thread ends it, if it can
+                            if self._in_setup():
+                                _say(f"> rank {os.environ.get('RANK', '0')}: "
+                                     f"{signal.Signals(number).name} while blocked before "
+                                     "training; ending now")
+                                os._exit(128 + number)
                     elif now - self._first >= _REPEAT_WINDOW_S:
                         time.sleep(_GRACE_S)  # the main thread ends the process, if it can
                         _say(f"> rank {os.environ.get('RANK', '0')}: "
@@ -256,6 +271,7 @@ class _SecondSignalWatch:
                         os._exit(128 + number)
 
     def close(self) -> None:
+        self._closed = True
         signal.set_wakeup_fd(self._previous_fd)
         self._writer.close()  # the thread reads the end and returns
 
@@ -282,3 +298,32 @@ def die_with_parent(number: int = signal.SIGTERM, parent: int | None = None) -> 
     libc.prctl(PR_SET_PDEATHSIG, number)
     if os.getppid() == 1 or (parent is not None and os.getppid() != parent):  # already gone
         os.kill(os.getpid(), number)
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""How gloo's collectives fail when a peer process has ended."""
+
+
+def lost_a_peer_that_said_why(error: BaseException, folder: str | None, own: str,
+                              interrupted: type[BaseException], wait: float = 3.0) -> bool:
+    """Under the launcher (``folder``: where ranks leave their one line, ``own``: this rank's
+    file there): ``error`` is a collective failing because a peer ended (a lost connection,
+    torch's ``DistError``), and another rank left its line (a mistake it saw, e.g. a file only
+    its node lacks) within ``wait`` seconds, or before ``interrupted`` (the agent's SIGTERM for
+    that peer's failure) arrived."""
+    dist = sys.modules.get("torch.distributed")  # (not imported: no collective failed)
+    if not folder or not (isinstance(error, getattr(dist, "DistError", ()))
+                          or any(text in str(error) for text in _PEER_GONE)):
+        return False
+
+    def said() -> bool:
+        return any(name.startswith("rank") and name.endswith(".txt") and name != own
+                   for name in os.listdir(folder))
+
+    deadline = time.monotonic() + wait
+    try:
+        while not said() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except interrupted:
+        pass
+    return said()
