@@ -354,26 +354,29 @@ def test_every_saved_file_is_checked_against_its_checksum_before_a_load(tmp_path
     assert [message for _, message in results] == [expected[damage]] * 2
 
 
-def _save_with_failing_manifest(rank, save: str) -> str:
-    """A TP=2 save whose checksums.json cannot be written (rank 0's disk full just then)."""
+def _save_with_a_full_disk_at(rank, save: str, step: str) -> str:
+    """A TP=2 save whose ``step`` fails on rank 0 for a full disk: "manifest" (checksums.json,
+    written after the shards) or "publish" (the tracker, when the folder is published)."""
     import errno
 
-    from megatron_simpo.checkpoint import checksums
+    from megatron_simpo.checkpoint import checkpointing, checksums
     from megatron_simpo.checkpoint.checkpointing import CheckpointError, save_model_only
 
     model, config, _ = _tiny_model(tp=2)
-    real = checksums.write_manifest
+    module, name = ((checksums, "write_manifest") if step == "manifest"
+                    else (checkpointing, "write_tracker"))
+    real = getattr(module, name)
 
-    def full(folder, entries):
-        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "checksums.json"))
+    def full(folder, _):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / f"{step}.tmp"))
 
-    checksums.write_manifest = full
+    setattr(module, name, full)
     try:
         save_model_only(save, 0, model, config)
     except CheckpointError as error:
         return str(error)
     finally:
-        checksums.write_manifest = real
+        setattr(module, name, real)
     return "saved"
 
 
@@ -381,34 +384,11 @@ def test_a_manifest_that_cannot_be_written_fails_the_save_on_every_rank(tmp_path
     """Rank 0 writes checksums.json after the shards: its failure is agreed on by every rank
     (the others waited for it at a barrier) and nothing is published."""
     save = tmp_path / "run"
-    messages = run_on_ranks(2, _save_with_failing_manifest, str(save))
+    messages = run_on_ranks(2, _save_with_a_full_disk_at, str(save), "manifest", timeout=120)
     assert messages[0].startswith(f"cannot save iteration 0 to {save}: No space left on device")
     assert messages[1] == (f"cannot save iteration 0 to {save}: rank 0 failed to write; "
                            "nothing was published")
     assert not list(save.glob("iter_*"))
-
-
-def _save_with_failing_tracker(rank, save: str) -> str:
-    """A TP=2 save whose tracker cannot be written when rank 0 publishes (a full disk)."""
-    import errno
-
-    from megatron_simpo.checkpoint import checkpointing
-    from megatron_simpo.checkpoint.checkpointing import CheckpointError, save_model_only
-
-    model, config, _ = _tiny_model(tp=2)
-    real = checkpointing.write_tracker
-
-    def full(root, iteration):
-        raise OSError(errno.ENOSPC, "No space left on device", str(root / "tracker.tmp"))
-
-    checkpointing.write_tracker = full
-    try:
-        save_model_only(save, 0, model, config)
-    except CheckpointError as error:
-        return str(error)
-    finally:
-        checkpointing.write_tracker = real
-    return "saved"
 
 
 def test_a_publish_that_fails_ends_the_save_on_every_rank(tmp_path):
@@ -416,8 +396,8 @@ def test_a_publish_that_fails_ends_the_save_on_every_rank(tmp_path):
     failure was a traceback there and a collateral one on the others (exit code 1); now every
     rank ends with one line."""
     save = tmp_path / "run"
-    messages = run_on_ranks(2, _save_with_failing_tracker, str(save), timeout=120)
+    messages = run_on_ranks(2, _save_with_a_full_disk_at, str(save), "publish", timeout=120)
     assert messages[0] == (f"cannot publish iteration 0 in {save}: No space left on device: "
-                           f"{save / 'tracker.tmp'}; nothing was published")
+                           f"{save / 'publish.tmp'}; nothing was published")
     assert messages[1] == (f"cannot publish iteration 0 in {save}: rank 0 failed to publish; "
                            "nothing was published")

@@ -221,8 +221,6 @@ def _damage_between_check_and_read(rank, config_fields):
     opened it, before rank 1 (which builds nothing) checks it."""
     import torch.distributed as dist
 
-    from megatron_simpo.data.config import DataConfig, DataError
-
     dist.init_process_group("gloo")
     real = data_cache._open
 
@@ -242,12 +240,21 @@ def _damage_between_check_and_read(rank, config_fields):
 
     data_cache._open = damaged_under
     try:
+        return _prepare_or_its_error(config_fields)
+    finally:
+        data_cache._open = real
+
+
+def _prepare_or_its_error(config_fields) -> str | None:
+    """prepare_data on this rank: None, or the DataError it ends in, as text."""
+    from megatron_simpo.data.config import DataConfig, DataError
+
+    try:
         prepare_data(DataConfig(**config_fields), build_tokenizer(),
                      config_fields["tokenizer_path"], seed=0)
     except DataError as error:
         return f"DataError: {error}"
-    finally:
-        data_cache._open = real
+    return None
 
 
 def test_an_entry_damaged_under_a_reading_rank_is_refused_on_every_rank(data, tmp_path):
@@ -273,8 +280,6 @@ def _unreadable_on_rank_1(rank, config_fields):
 
     import torch.distributed as dist
 
-    from megatron_simpo.data.config import DataConfig, DataError
-
     dist.init_process_group("gloo")
     real = hashlib.file_digest
 
@@ -284,10 +289,7 @@ def _unreadable_on_rank_1(rank, config_fields):
     if rank == 1:
         hashlib.file_digest = failing
     try:
-        prepare_data(DataConfig(**config_fields), build_tokenizer(),
-                     config_fields["tokenizer_path"], seed=0)
-    except DataError as error:
-        return f"DataError: {error}"
+        return _prepare_or_its_error(config_fields)
     finally:
         hashlib.file_digest = real
         dist.destroy_process_group()

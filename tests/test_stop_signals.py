@@ -58,24 +58,31 @@ BLOCKED = textwrap.dedent("""
 """)
 
 
-def test_a_second_signal_ends_a_rank_blocked_where_no_python_handler_runs():
-    """A hung collective (a peer hung or gone) is when a user signals twice: the second signal
-    must end the rank although its main thread never returns to Python."""
+def _signal_a_blocked_rank(script: str, pauses: list[float]) -> tuple[int, str, float]:
+    """Start ``script`` (a rank blocked where no Python handler runs), send SIGTERM after each
+    pause; (exit status, stderr, seconds from the last signal to the end)."""
     import time
 
-    rank = subprocess.Popen([sys.executable, "-c", BLOCKED], stdout=subprocess.PIPE,
+    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert rank.stdout.readline().strip() == "blocked"
-        rank.send_signal(signal.SIGTERM)
-        time.sleep(2.5)
-        started = time.monotonic()
-        rank.send_signal(signal.SIGTERM)
-        _, err = rank.communicate(timeout=30)
+        for pause in pauses:
+            time.sleep(pause)
+            started = time.monotonic()
+            rank.send_signal(signal.SIGTERM)
+        _, err = rank.communicate(timeout=60)
     finally:
         rank.kill()
-    assert rank.returncode == 128 + signal.SIGTERM, err
-    assert time.monotonic() - started < 10
+    return rank.returncode, err, time.monotonic() - started
+
+
+def test_a_second_signal_ends_a_rank_blocked_where_no_python_handler_runs():
+    """A hung collective (a peer hung or gone) is when a user signals twice: the second signal
+    must end the rank although its main thread never returns to Python."""
+    code, err, took = _signal_a_blocked_rank(BLOCKED, [0, 2.5])
+    assert code == 128 + signal.SIGTERM, err
+    assert took < 10
     assert "> rank 0: SIGTERM again while blocked; ending now" in err
 
 
@@ -295,17 +302,7 @@ def test_a_first_signal_ends_a_rank_blocked_before_training():
     """Before training there is nothing to save: one signal ends a rank blocked in a set-up
     collective (a peer still tokenizing) after a grace period, not when the peer arrives
     (minutes, on a large dataset)."""
-    import time
-
-    rank = subprocess.Popen([sys.executable, "-c", BLOCKED_IN_SETUP], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert rank.stdout.readline().strip() == "blocked"
-        started = time.monotonic()
-        rank.send_signal(signal.SIGTERM)
-        _, err = rank.communicate(timeout=60)
-    finally:
-        rank.kill()
-    assert rank.returncode == 128 + signal.SIGTERM, err
-    assert time.monotonic() - started < 20
+    code, err, took = _signal_a_blocked_rank(BLOCKED_IN_SETUP, [0])
+    assert code == 128 + signal.SIGTERM, err
+    assert took < 20
     assert "> rank 0: SIGTERM while blocked before training; ending now" in err
