@@ -206,7 +206,8 @@ def test_resume_rules_on_the_reference_model_and_mixture_of_experts(tiny, tmp_pa
     from megatron_simpo.checkpoint.layout import TrainState
     from megatron_simpo.cli.arguments import parse_args
     from megatron_simpo.training.resume import (ResumeError, check_resume,
-                                                command_line_schedule, settings_record)
+                                                command_line_schedule, reference_record,
+                                                settings_record)
 
     first, other = _fingerprinted(tmp_path / "sft1", "a"), _fingerprinted(tmp_path / "sft2", "b")
     moved = tmp_path / "moved"
@@ -214,17 +215,17 @@ def test_resume_rules_on_the_reference_model_and_mixture_of_experts(tiny, tmp_pa
     dpo = parse_args(_argv(tiny, train_iters=8, load=tmp_path, algorithm="dpo",
                            pretrained_checkpoint=first))
     saved = TrainState(4, 32, None, settings_record(dpo, 8, command_line_schedule(dpo, 8),
-                                                    reference=first))
-    assert check_resume(dpo, saved, tmp_path, reference=moved) == []
+                                                    reference=reference_record(dpo, first)))
+    assert check_resume(dpo, saved, tmp_path, reference=reference_record(dpo, moved)) == []
     with pytest.raises(ResumeError) as error:
-        check_resume(dpo, saved, tmp_path, reference=other)
+        check_resume(dpo, saved, tmp_path, reference=reference_record(dpo, other))
     assert str(error.value) == (
         f"--load {tmp_path} contradicts the command line: --pretrained-checkpoint {first} -> "
         f"{other} (the reference model: its weights differ, and a run compares with one "
         "reference; resume with the run's)")
     simpo = parse_args(_argv(tiny, train_iters=8, load=tmp_path))
     saved = TrainState(4, 32, None, settings_record(simpo, 8, command_line_schedule(simpo, 8),
-                                                    reference=first))
+                                                    reference=reference_record(simpo, first)))
     assert saved.settings["reference"] is None  # SimPO compares with no reference
     for flags, expected in [
             (dict(moe_aux_loss_coeff="0.01"), "--moe-aux-loss-coeff 0 -> 0.01 (a run optimises "

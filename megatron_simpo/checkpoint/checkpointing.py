@@ -39,7 +39,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               write_failure_reason, write_tracker)
 from megatron_simpo.checkpoint import checksums, optimizer_state
 from megatron_simpo.checkpoint.streaming import TensorSourceError, streaming_strategy
-from megatron_simpo.distributed.runtime import max_over_world
+from megatron_simpo.distributed.runtime import first_over_world, max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
 # The folder layout and its readers live in checkpoint.layout; callers reach them here too.
@@ -316,14 +316,10 @@ def check_finite_weights(model, checkpoint: Path, optimizer=None) -> None:
     tensors = [(names[id(param)], param) for param in model.parameters()]
     if optimizer is not None:
         tensors += list(optimizer_state.state_tensors(optimizer, names))
-    bad = next((name for name, tensor in tensors if not bool(torch.isfinite(tensor).all())),
-               None)
-    if not max_over_world(int(bad is not None)):
+    bad = first_over_world(next((name for name, tensor in tensors
+                                 if not bool(torch.isfinite(tensor).all())), None))
+    if bad is None:
         return
-    if dist.is_initialized():
-        found: list = [None] * dist.get_world_size()
-        dist.all_gather_object(found, bad)
-        bad = next(name for name in found if name is not None)
     raise CheckpointError(f"checkpoint {checkpoint}: tensor {bad} holds NaN/inf values (a damaged "
                           "shard or a diverged run); refusing to load it")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_simpo.checkpoint.layout import CheckpointError
-from megatron_simpo.distributed.runtime import max_over_world
+from megatron_simpo.distributed.runtime import first_over_world, max_over_world
 
 MANIFEST_FILE = "checksums.json"
 FORMAT = "megatron_simpo.checksums/1"
@@ -121,10 +121,6 @@ def check(checkpoint: Path) -> None:
         mismatch = first_mismatch(checkpoint, files, rank, world)
         if mismatch is not None:
             bad = f"checkpoint {checkpoint}: {mismatch}; a damaged copy, refusing to load it"
-    if not max_over_world(int(bad is not None)):
-        return
-    if dist.is_initialized():
-        every: list = [None] * world
-        dist.all_gather_object(every, bad)
-        bad = next(reason for reason in every if reason is not None)
-    raise CheckpointError(bad)
+    bad = first_over_world(bad)
+    if bad is not None:
+        raise CheckpointError(bad)

@@ -9,6 +9,7 @@ import torch
 
 from megatron_simpo.checkpoint import checksums
 from megatron_simpo.checkpoint.layout import CheckpointError, check_model_config, shard_reason
+from megatron_simpo.distributed.runtime import first_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
 
@@ -141,11 +142,9 @@ def _streamed_save(sharded_state_dict, checkpoint_dir, model, produce, progress:
         if bar:
             bar.close()
     # Every rank takes the first producer failure any rank had, so the one reported names it.
-    messages: list = [None] * dist.get_world_size()
     own = state["error"]
-    dist.all_gather_object(messages, None if own is None else
-                           (own.args[0] if isinstance(own, KeyError) and own.args else str(own)))
-    first = next((m for m in messages if m is not None), None)
+    first = first_over_world(None if own is None else (
+        own.args[0] if isinstance(own, KeyError) and own.args else str(own)))
     if first is not None:
         raise TensorSourceError(first) from own
     if failure is not None:

@@ -29,8 +29,9 @@ import time
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _REPEAT_WINDOW_S = 2.0
 _GRACE_S = 2.0
-_SETUP_GRACE_S = 10.0
 """After a second stop signal, how long the main thread has to end the process itself."""
+_SETUP_GRACE_S = 10.0
+"""The same after a first one before training (nothing to save)."""
 # Reasons by priority: the largest code any rank reports wins (all-reduce MAX).
 _REASONS = {1: "--exit-interval reached", 2: "--exit-duration-in-mins reached",
             3: "a stop signal (SIGTERM/SIGINT) arrived"}

@@ -110,6 +110,17 @@ def max_over_world(value: int) -> int:
     return int(flag.item())
 
 
+def first_over_world(reason: str | None) -> str | None:
+    """The first rank's ``reason`` (by rank) among those that have one, the same on every rank,
+    or None if no rank has: one all-reduce, and a gather of the reasons only when some rank
+    has one. Every rank must call it at the same point."""
+    if not max_over_world(int(reason is not None)) or not dist.is_initialized():
+        return reason
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, reason)
+    return next(found for found in every if found is not None)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and, where present, CUDA) generators."""
     random.seed(seed)

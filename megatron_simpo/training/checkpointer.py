@@ -14,7 +14,8 @@ from megatron_simpo.training.config import TrainConfig
 from megatron_simpo.training.guards import finite_everywhere, parameters
 from megatron_simpo.training.metrics import at_interval
 from megatron_simpo.training.optimizer import finish_param_sync, override_loaded_schedule
-from megatron_simpo.training.resume import check_resume, effective_schedule, settings_record
+from megatron_simpo.training.resume import (check_resume, effective_schedule, reference_record,
+                                            settings_record)
 from megatron_simpo.training.run_setup import ModelSource, resumes_in_save
 from megatron_simpo.training.training_data import TrainingData
 
@@ -40,6 +41,7 @@ class Checkpointer:
         state = checkpointing.TrainState(0, 0)
         resume_from = self.source.resume_from
         self.continues_in_save = resumes_in_save(self.config, self.source)
+        reference = reference_record(self.config, self.source.weights_from)  # read once
         saved = None
         if resume_from is not None:
             saved = checkpointing.read_train_state(resume_from)
@@ -51,7 +53,7 @@ class Checkpointer:
                 for name, value in loaded_adam(self.parts.optimizer).items():  # as loaded
                     saved.settings["schedule"].setdefault(name, value)
             for note in check_resume(self.config, saved, resume_from, self.total_iters,
-                                     reference=self.source.weights_from):
+                                     reference=reference):
                 self.say(note)
             if self.config.optimizer.override_opt_param_scheduler:
                 override_loaded_schedule(self.parts.optimizer, self.parts.scheduler,
@@ -63,7 +65,7 @@ class Checkpointer:
         # What the next checkpoints record of this run (training.resume).
         self.settings = settings_record(self.config, self.total_iters,
                                         effective_schedule(self.config, saved, self.total_iters),
-                                        reference=self.source.weights_from)
+                                        reference=reference)
         if self.config.save and self.rank == 0:
             for left in checkpointing.remove_interrupted_saves(self.config.save):
                 self.say(f"> removed {left}: a save that never finished (its run ended "

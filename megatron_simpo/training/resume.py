@@ -78,16 +78,16 @@ def _same(old, new) -> bool:
 
 
 def settings_record(config: TrainConfig, total_iters: int, schedule: dict,
-                    reference: Path | None = None) -> dict:
+                    reference: dict | None = None) -> dict:
     """What a checkpoint records of its run: the ``schedule`` in effect (see
     :func:`effective_schedule`), the run length as given and in iterations, the seed, the
-    global batch size, the objective, and the reference model (dpo, ipo, rdpo: the
-    ``--pretrained-checkpoint`` given as ``reference``, by its fingerprint)."""
+    global batch size, the objective, and the reference model (dpo, ipo, rdpo: ``reference``,
+    its :func:`reference_record`)."""
     return {"schedule": dict(schedule), "train_iters": config.train_iters,
             "train_epochs": config.train_epochs, "total_iters": total_iters,
             "seed": config.seed, "global_batch_size": config.global_batch_size,
             "objective": objective(config), "state_layout": state_layout(config),
-            "reference": reference_record(config, reference)}
+            "reference": reference}
 
 
 def reference_record(config: TrainConfig, reference: Path | None) -> dict | None:
@@ -144,11 +144,11 @@ def schedule_differences(saved: dict, config: TrainConfig, total_iters: int | No
 
 
 def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path,
-                 total_iters: int | None = None, reference: Path | None = None) -> list[str]:
+                 total_iters: int | None = None, reference: dict | None = None) -> list[str]:
     """Refuse (:class:`ResumeError`, one line) a resume of ``checkpoint`` whose command line
     differs from the run it saved, unless a flag accepts each difference; returns the lines to
     print about the accepted ones. ``total_iters``: the new run length in iterations, when known;
-    ``reference``: the reference model's checkpoint now given (--pretrained-checkpoint).
+    ``reference``: the :func:`reference_record` of the --pretrained-checkpoint now given.
     Checkpoints without a record (written before it was kept) are not checked."""
     if saved is None or saved.settings is None:
         return []
@@ -201,9 +201,9 @@ def check_resume(config: TrainConfig, saved: TrainState | None, checkpoint: Path
                            f"it, or start a new run from --pretrained-checkpoint {checkpoint})")
     was = record.get("reference")  # recorded since 2026-11-29
     if was is not None and config.loss.needs_reference:
-        now = reference_record(config, reference)
-        if now is None or now["fingerprint"] != was["fingerprint"]:
-            refused.append(f"--pretrained-checkpoint {was['checkpoint']} -> {reference} (the "
+        if reference is None or reference["fingerprint"] != was["fingerprint"]:
+            given = None if reference is None else reference["checkpoint"]
+            refused.append(f"--pretrained-checkpoint {was['checkpoint']} -> {given} (the "
                            "reference model: its weights differ, and a run compares with one "
                            "reference; resume with the run's)")
     if refused:

@@ -19,7 +19,7 @@ from megatron_simpo.training.logprob_head import LogprobHead
 from megatron_simpo.training.metrics import check_tensorboard
 from megatron_simpo.checkpoint.metrics_file import METRICS_FILE, read_metrics_file
 from megatron_simpo.checkpoint.layout import check_writable_folder
-from megatron_simpo.training.resume import check_resume
+from megatron_simpo.training.resume import check_resume, reference_record
 from megatron_simpo.model.builder import (check_packed_attention, check_shared_prompt_attention,
                                           check_transformer_impl)
 from megatron_simpo.model.precision import check_fp8_support
@@ -53,7 +53,7 @@ def resumes_in_save(config: TrainConfig, source: ModelSource) -> bool:
     checkpoint = Path(source.resume_from).resolve()  # a link to an iteration: where it is
     in_root = checkpoint.name.startswith("iter_") and checkpoint.name[5:].isdigit()
     root = checkpoint.parent if in_root else checkpoint
-    return root.resolve() == Path(config.save).resolve()
+    return root == Path(config.save).resolve()
 
 
 def resolve_model_source(config: TrainConfig) -> ModelSource:
@@ -136,7 +136,7 @@ def check_resumed_run(config: TrainConfig, source: ModelSource) -> None:
     append to (a damaged line before the last one is refused)."""
     checkpoint = source.resume_from
     check_resume(config, checkpointing.read_train_state(checkpoint), checkpoint,
-                 config.train_iters, reference=source.weights_from)
+                 config.train_iters, reference=reference_record(config, source.weights_from))
     if config.save and (Path(config.save) / METRICS_FILE).is_file():
         read_metrics_file(Path(config.save) / METRICS_FILE)
 
