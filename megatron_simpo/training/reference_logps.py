@@ -13,7 +13,8 @@ Refused: a file computed from another reference checkpoint (its fingerprint diff
 run's ``--pretrained-checkpoint``), and a run with a pair the file does not hold (other data,
 tokenizer, ``--seq-length`` or ``--max-prompt-length``). Flags of the command line that do not
 change the log-probs (loss, optimizer, run length, ``--save``) are accepted and not used, so
-that one argument list serves both commands.
+that one argument list serves both commands; a model or layout training refuses (e.g.
+``--share-prompt`` on sliding-window layers) is refused here too (``run_setup.check_model_layout``).
 """
 
 from __future__ import annotations
@@ -127,14 +128,14 @@ def compute(config, output: str | Path) -> Path:
     from megatron_simpo.distributed import runtime
     from megatron_simpo.distributed.runtime import max_over_world
     from megatron_simpo.training.step import attach_reference_logps
-    from megatron_simpo.training.run_setup import build_reference_from_config, resolve_model_source
+    from megatron_simpo.training.run_setup import (build_reference_from_config,
+                                                   check_model_layout, resolve_model_source)
     from megatron_simpo.training.training_data import TrainingData
 
     if not config.pretrained_checkpoint:
         raise ValueError("give the reference model as --pretrained-checkpoint")
     source = resolve_model_source(config)
-    _, world_size, _ = runtime.read_world()
-    config.parallel.validate(world_size, source.config)
+    world_size = check_model_layout(config, source)  # what training refuses, refused here
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     data = TrainingData.load(config, source)
     model, head = build_reference_from_config(config, source)

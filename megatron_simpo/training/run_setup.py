@@ -106,6 +106,21 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
     Returns the model source and the number of micro-batches per step and rank.
     """
     source = resolve_model_source(config)
+    world_size = check_model_layout(config, source)
+    check_tensorboard(config.tensorboard_dir)
+    if config.save:
+        check_save_folder(config, source)
+    if source.resume_from is not None:
+        check_resumed_run(config, source)
+    return source, config.check_world(world_size)
+
+
+def check_model_layout(config: TrainConfig, source: ModelSource) -> int:
+    """The checks of the model, the world layout and how rows reach the attention, for every
+    command that runs the model on the run's batches (training, and the reference log-probs of
+    ``megatron-simpo-reference-logps``, which must refuse what training refuses: a layout
+    training refuses would give it other log-probs, e.g. shared-prompt rows on sliding-window
+    layers). Returns the world size."""
     _, world_size, _ = runtime.read_world()
     config.parallel.validate(world_size, source.config)
     config.moe.check_model(source.config)
@@ -122,12 +137,7 @@ def prepare(config: TrainConfig) -> tuple[ModelSource, int]:
         config.moe.check_shared_prompt(source.config)
     if config.fp8 is not None:
         check_fp8_support(config.fp8)
-    check_tensorboard(config.tensorboard_dir)
-    if config.save:
-        check_save_folder(config, source)
-    if source.resume_from is not None:
-        check_resumed_run(config, source)
-    return source, config.check_world(world_size)
+    return world_size
 
 
 def check_resumed_run(config: TrainConfig, source: ModelSource) -> None:
