@@ -296,29 +296,42 @@ def test_share_prompt_trains_a_model_whose_window_no_row_outgrows(tmp_path):
     assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
-def test_reference_logps_command_refuses_shared_rows_on_sliding_window_layers(
-        tmp_path, capsys, monkeypatch):
+def _transformer_engine_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@pytest.mark.parametrize("arch, flags, message", [
+    ("mistral0.1", ["--share-prompt"], "--share-prompt: the model's sliding-window layers"),
+    pytest.param("llama3", ["--transformer-impl", "transformer_engine"],
+                 "--transformer-impl transformer_engine needs Transformer Engine",
+                 marks=pytest.mark.skipif(_transformer_engine_installed(),
+                                          reason="Transformer Engine is installed")),
+], ids=["share_prompt_sliding_window", "missing_transformer_engine"])
+def test_reference_logps_command_refuses_what_training_refuses(tmp_path, capsys, monkeypatch,
+                                                               arch, flags, message):
     """megatron-simpo-reference-logps takes the training command line and must refuse what
     training refuses: it took --share-prompt on a model whose sliding-window layers the rows
     outgrow and wrote reference log-probs of shifted windows (0.83 off on a tiny Mistral v0.1,
-    window 12, --seq-length 64), which a run without --share-prompt then used silently. One
-    line, exit code 2, before any process group or model exists."""
+    window 12, --seq-length 64), which a run without --share-prompt then used silently; a
+    missing Transformer Engine ended in a traceback. One line, exit code 2, before any process
+    group or model exists."""
     from megatron_simpo.cli.reference_logps import main
     from megatron_simpo.model.architecture import ModelConfig
     from megatron_simpo.training import run_setup
 
-    model = ModelConfig.from_hf_config(tiny_hf_config("mistral0.1"))  # every layer slides (8)
+    model = ModelConfig.from_hf_config(tiny_hf_config(arch))  # mistral0.1: every layer slides
     monkeypatch.setattr(run_setup, "resolve_model_source", lambda config: run_setup.ModelSource(
         model, None, tmp_path, tmp_path))
     (tmp_path / "train.jsonl").write_text("")
     argv = ["--pretrained-checkpoint", str(tmp_path), "--tokenizer", str(tmp_path),
             "--train-data-path", str(tmp_path / "train.jsonl"), "--train-iters", "1",
             "--algorithm", "dpo", "--seq-length", "64", "--max-prompt-length", "48",
-            "--share-prompt",
-            "--output", str(tmp_path / "reference.pt")]
+            "--output", str(tmp_path / "reference.pt"), *flags]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--share-prompt: the model's sliding-window layers" in err[0], err
+    assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "reference.pt").exists()

@@ -13,7 +13,7 @@ from megatron_simpo.checkpoint import checkpointing, layout
 from megatron_simpo.cli.arguments import build_parser, parse_args
 from megatron_simpo.cli.flags import Parser, Section, run_command
 from megatron_simpo.data.config import DataError
-from megatron_simpo.training.reference_logps import compute
+from megatron_simpo.training.reference_logps import compute, prepare
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = run_command(PROG, lambda: _OPTIONS.build(known))
     config = parse_args(rest, prog=PROG)
     flag = "--output" if options.output else "--reference-logps"
-    run_command(PROG, lambda: (_check_output(options.path, flag), compute(config, options.path)),
-                distributed=True, errors={
+    # the checks before any process group, as training's (a missing Transformer Engine, FP8 on
+    # a GPU without it: RuntimeError, the machine's answer to a flag); then the computation
+    source = run_command(PROG, lambda: (_check_output(options.path, flag), prepare(config))[1],
+                         errors={(ValueError, FileNotFoundError, RuntimeError, DataError,
+                                  checkpointing.CheckpointError): 2})
+    run_command(PROG, lambda: compute(config, options.path, source), distributed=True, errors={
         (ValueError, FileNotFoundError, DataError, checkpointing.CheckpointError): 2})
 
 

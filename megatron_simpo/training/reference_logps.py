@@ -120,22 +120,33 @@ def _forward_microbatches(data, pairs, indices: list[int], config) -> tuple:
                         seq_length=config.data.seq_length, multiple=data.padding_multiple)
 
 
-def compute(config, output: str | Path) -> Path:
-    """Compute and save the reference log-probs of the run ``config`` describes (every rank)."""
+def prepare(config):
+    """Every check that can fail before the reference model runs (one process, no process
+    group): the reference checkpoint, and the model and layout as training checks them
+    (``run_setup.check_model_layout``: what training refuses, e.g. ``--share-prompt`` on
+    sliding-window layers, would give other log-probs). Returns the model source."""
+    from megatron_simpo.training.run_setup import check_model_layout, resolve_model_source
+
+    if not config.pretrained_checkpoint:
+        raise ValueError("give the reference model as --pretrained-checkpoint")
+    source = resolve_model_source(config)
+    check_model_layout(config, source)
+    return source
+
+
+def compute(config, output: str | Path, source=None) -> Path:
+    """Compute and save the reference log-probs of the run ``config`` describes (every rank);
+    ``source``: what :func:`prepare` returned (checked here when not given)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_simpo.distributed import runtime
     from megatron_simpo.distributed.runtime import max_over_world
     from megatron_simpo.training.step import attach_reference_logps
-    from megatron_simpo.training.run_setup import (build_reference_from_config,
-                                                   check_model_layout, resolve_model_source)
+    from megatron_simpo.training.run_setup import build_reference_from_config
     from megatron_simpo.training.training_data import TrainingData
 
-    if not config.pretrained_checkpoint:
-        raise ValueError("give the reference model as --pretrained-checkpoint")
-    source = resolve_model_source(config)
-    world_size = check_model_layout(config, source)  # what training refuses, refused here
+    source = source or prepare(config)
     env = runtime.initialize(config.parallel, seed=config.seed, model_config=source.config)
     data = TrainingData.load(config, source)
     model, head = build_reference_from_config(config, source)
@@ -163,7 +174,7 @@ def compute(config, output: str | Path) -> Path:
                 sums = batch.reference_logp_sum.double().cpu().reshape(-1, 2)
                 found.update((pair_key(pairs[i]), tuple(s.tolist()))
                              for i, s in zip(microbatch.pairs, sums))
-    everything = [None] * world_size if env.rank == 0 else None
+    everything = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(found if holds_results else {}, everything, dst=0)
     output = Path(output)
     if env.rank == 0:
