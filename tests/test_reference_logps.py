@@ -199,3 +199,54 @@ def test_the_commands_reference_caps_gemma2_logits_as_transformers_does(chunk):
         expected, _ = _sequence_logps(model, batch)
     [sums] = run_on_ranks(1, _command_reference_sums, hf_config, model.state_dict(), batch, chunk)
     torch.testing.assert_close(sums, expected, atol=1e-5, rtol=1e-5)
+
+
+def _flip_a_sum_byte(path):
+    """One bit of one stored log-prob changed in place (the archive's CRC no longer agrees)."""
+    import torch
+
+    sums = torch.load(path, weights_only=True)["sums"]
+    data = bytearray(path.read_bytes())
+    at = data.find(sums[len(sums) // 2].numpy().tobytes())
+    assert at > 0
+    data[at + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _resave(change):
+    def write(path):
+        import torch
+
+        saved = torch.load(path, weights_only=True)
+        change(saved)
+        torch.save(saved, path)
+    return write
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_flip_a_sum_byte, r"damaged \(\S+/data/\d+ fails its checksum\)"),
+    (_resave(lambda saved: saved["sums"].__setitem__((5, 1), float("nan"))),
+     r"pair row 5 holds a non-finite log-prob \(\[-?[\d.]+, nan\]\)"),
+    (_resave(lambda saved: saved["keys"].pop()),
+     r"damaged \(expected \[n, 2\] float64 sums for n keys\)"),
+])
+def test_a_damaged_reference_logps_file_is_refused_before_it_is_trusted(setup, tmp_path, damage,
+                                                                        message):
+    """torch.load checks no CRC: a changed byte of a stored sum loads as another log-prob."""
+    import shutil
+
+    import torch
+
+    from megatron_simpo.data.config import DataError
+    from megatron_simpo.training.reference_logps import ReferenceLogps
+
+    _, _, logps = setup
+    path = tmp_path / "reference.pt"
+    shutil.copyfile(logps, path)
+    good = torch.load(path, weights_only=True)["sums"]
+    damage(path)
+    if damage is _flip_a_sum_byte:  # what loading it unchecked would give: other log-probs
+        assert not torch.equal(torch.load(path, weights_only=True)["sums"], good)
+    with pytest.raises(DataError, match=rf"^--reference-logps {path}: {message}; recompute it "
+                                        "with megatron-simpo-reference-logps$"):
+        ReferenceLogps.load(path)

@@ -290,18 +290,21 @@ def damaged_shards(checkpoint: Path) -> list[str]:
     return damaged
 
 
-def _damaged_common(checkpoint: Path) -> str | None:
-    """What is wrong with a checkpoint's ``common.pt`` (a zip archive, torch.save's format:
-    each member's CRC checked), or None if it is sound or absent."""
-    common = checkpoint / "common.pt"
-    if not common.is_file():
-        return None
+def damaged_archive(path: Path) -> str | None:
+    """What is wrong with a ``torch.save`` file (a zip archive: each member's CRC checked, which
+    ``torch.load`` does not do: a changed byte loads as another value), or None if sound."""
     try:
-        with zipfile.ZipFile(common) as archive:
+        with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (OSError, zipfile.BadZipFile) as error:
         return str(error)
     return None if bad is None else f"{bad} fails its checksum"
+
+
+def _damaged_common(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's ``common.pt``, or None if it is sound or absent."""
+    common = checkpoint / "common.pt"
+    return damaged_archive(common) if common.is_file() else None
 
 
 def damaged_files(checkpoint: Path) -> list[str]:

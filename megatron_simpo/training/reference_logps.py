@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_simpo.checkpoint.layout import checkpoint_fingerprint
+from megatron_simpo.checkpoint.layout import checkpoint_fingerprint, damaged_archive
 from megatron_simpo.data.batching import PairLengths, plan_forward
 from megatron_simpo.data.config import DataError
 from megatron_simpo.data.collate import TokenizedPair
@@ -69,10 +70,17 @@ class ReferenceLogps:
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceLogps":
+        """Read a file :meth:`save` wrote, verified before it is trusted: its archive's CRCs
+        (``torch.load`` checks none: a changed byte loads as another log-prob), then its
+        contents (one finite [chosen, rejected] row per key)."""
+        if not Path(path).is_file():
+            raise DataError(f"--reference-logps {path}: no such file")
+        damaged = damaged_archive(Path(path)) if zipfile.is_zipfile(path) else None
+        if damaged:
+            raise DataError(f"--reference-logps {path}: damaged ({damaged}); recompute it with "
+                            "megatron-simpo-reference-logps")
         try:
             saved = torch.load(path, weights_only=True)
-        except FileNotFoundError:
-            raise DataError(f"--reference-logps {path}: no such file") from None
         except Exception:  # PyTorch's own text (e.g. "use weights_only=False") would mislead
             raise DataError(f"--reference-logps {path}: not a reference log-probs file (the "
                             "tensor-only .pt file megatron-simpo-reference-logps writes)") from None
@@ -80,7 +88,18 @@ class ReferenceLogps:
             raise DataError(f"--reference-logps {path}: not a reference log-probs file "
                             f"(format {saved.get('format') if isinstance(saved, dict) else None!r}, "
                             f"expected {FORMAT}, written by megatron-simpo-reference-logps)")
-        return cls({key: row for row, key in enumerate(saved["keys"])}, saved["sums"],
+        keys, sums = saved.get("keys"), saved.get("sums")
+        if (not isinstance(sums, torch.Tensor) or sums.dtype != torch.float64
+                or sums.dim() != 2 or sums.shape[1] != 2 or not isinstance(keys, list)
+                or len(keys) != sums.shape[0]):
+            raise DataError(f"--reference-logps {path}: damaged (expected [n, 2] float64 sums "
+                            f"for n keys); recompute it with megatron-simpo-reference-logps")
+        bad = (~torch.isfinite(sums)).any(dim=1).nonzero()
+        if len(bad):
+            raise DataError(f"--reference-logps {path}: pair row {int(bad[0])} holds a "
+                            f"non-finite log-prob ({sums[int(bad[0])].tolist()}); recompute it "
+                            "with megatron-simpo-reference-logps")
+        return cls({key: row for row, key in enumerate(keys)}, sums,
                    saved["checkpoint"], saved["fingerprint"])
 
     def check_reference(self, checkpoint: Path, path: str | Path) -> None:
