@@ -21,11 +21,18 @@ megatron_to_hf_main = partial(cli.megatron_to_hf_main, run_on_ranks=run_on_ranks
 SEQ = 64
 
 
+# A second, named chat template, as tool-calling fine-tunes carry: apply_chat_template picks it
+# for rows with tools; transformers saves it as additional_chat_templates/tool_use.jinja.
+TOOL_USE_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ tools | tojson }}"
+
+
 def _save_hf(model, path: Path) -> Path:
     from megatron_simpo.model.tiny import build_tokenizer
 
     model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": TOOL_USE_TEMPLATE}
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -147,7 +154,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_models, tmp_path, 
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
         json.loads((hf_dir / "config.json").read_text())["architectures"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert tokenizer.chat_template is not None
+    assert tokenizer.chat_template == transformers.AutoTokenizer.from_pretrained(hf_dir).chat_template
+    assert tokenizer.chat_template["tool_use"] == TOOL_USE_TEMPLATE  # every named template
     if arch != "llama3.2":
         return  # the rest is about the folder format, the same for every architecture
     # The sharded export is itself a valid input: import it again and export unsharded. With

@@ -15,6 +15,9 @@ from megatron_simpo.model.architecture import ModelConfig
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja")
+# Folders of tokenizer files: a tokenizer's named chat templates beside its default one (e.g.
+# ``tool_use``, which ``apply_chat_template`` picks for rows with tools), as transformers saves them.
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
 HF_METADATA_FILES = ("config.json", "generation_config.json")
 
 
@@ -144,6 +147,9 @@ def copy_metadata(hf_path: str | Path, dest: str | Path) -> tuple[Path | None, P
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         for file in tokenizer_files:
             shutil.copy2(file, tokenizer_dir / file.name)
+        for name in TOKENIZER_FOLDERS:
+            if (hf_path / name).is_dir():
+                shutil.copytree(hf_path / name, tokenizer_dir / name)
     hf_dir = dest / "hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
     for name in HF_METADATA_FILES:

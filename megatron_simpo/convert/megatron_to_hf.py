@@ -100,6 +100,8 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
         for file in assets["tokenizer"].iterdir():
             if file.is_file():
                 shutil.copy2(file, staging / file.name)
+            elif file.is_dir():  # additional_chat_templates/ (hf_io.TOKENIZER_FOLDERS)
+                shutil.copytree(file, staging / file.name)
     (staging / EXPORT_MARKER).write_text(json.dumps({"load": str(checkpoint)}) + "\n")
     if save.exists():
         shutil.rmtree(save)
