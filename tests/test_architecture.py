@@ -20,6 +20,9 @@ def test_config_reads_both_rope_spellings():
     plain = ModelConfig.from_hf_config(
         dict(tiny_hf_config("llama3"), rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
     assert plain.rope_scaling_factor is None
+    # a legacy rope_scaling that names the default type is plain RoPE, as transformers reads it
+    assert ModelConfig.from_hf_config(
+        dict(tiny_hf_config("llama3"), rope_scaling={"rope_type": "default"})) == plain
 
 
 def test_config_from_file_and_round_trip(tmp_path):
@@ -145,6 +148,10 @@ def _without(config: dict, *keys: str) -> dict:
     # Megatron-Core refuses renormalised top-1 routing at build time, after conversion began
     (tiny_hf_config("mixtral", num_experts_per_tok=1), "num_experts_per_tok=1"),
     (tiny_hf_config("qwen3_moe_norm", num_experts_per_tok=1), "num_experts_per_tok=1"),
+    # transformers builds the model_type's class (a Llama here: no QKV bias), whatever
+    # architectures says
+    (tiny_hf_config("qwen2", model_type="llama"),
+     "architectures names Qwen2ForCausalLM but model_type is 'llama'"),
 ])
 def test_settings_megatron_does_not_reproduce_are_refused(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -154,22 +161,35 @@ def test_settings_megatron_does_not_reproduce_are_refused(tmp_path, config, mess
     assert str(error.value).startswith(str(tmp_path / "config.json") + ": ")
 
 
-@pytest.mark.parametrize("arch, missing", [
-    ("llama3", ("rms_norm_eps",)),
-    ("qwen2", ("rms_norm_eps",)),
-    ("mixtral", ("rope_theta", "rms_norm_eps")),
+# (32 heads: a model whose key/value heads default to 32, 8 or 4 is one transformers can build)
+_HEADS = dict(num_attention_heads=32, hidden_size=64)
+
+
+@pytest.mark.parametrize("arch, missing, given", [
+    ("llama3", ("rms_norm_eps", "num_key_value_heads"), {}),
+    ("qwen2", ("rms_norm_eps", "num_key_value_heads"), _HEADS),
+    ("mistral", ("num_key_value_heads",), _HEADS),
+    ("qwen3", ("num_key_value_heads", "head_dim"), _HEADS),
+    ("mixtral", ("rope_theta", "rms_norm_eps", "num_key_value_heads", "num_local_experts"),
+     _HEADS),
+    ("qwen3_moe", ("num_key_value_heads", "num_experts"), _HEADS),
     ("gemma2", ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
-                "query_pre_attn_scalar", "rms_norm_eps")),
+                "query_pre_attn_scalar", "rms_norm_eps", "num_key_value_heads", "head_dim"), {}),
 ])
-def test_settings_a_file_leaves_out_take_the_transformers_defaults(arch, missing):
+def test_settings_a_file_leaves_out_take_the_transformers_defaults(arch, missing, given):
     import transformers
 
-    full = tiny_hf_config(arch)
+    full = tiny_hf_config(arch, **given)
     partial = _without(full, *missing)
     hf = transformers.AutoConfig.for_model(**partial)
     read = ModelConfig.from_hf_config(partial)
     rope = hf.rope_parameters
     assert read.rope_theta == rope["rope_theta"] and read.norm_eps == hf.rms_norm_eps
+    assert read.num_query_groups == hf.num_key_value_heads
+    assert read.kv_channels == (getattr(hf, "head_dim", None)
+                                or hf.hidden_size // hf.num_attention_heads)
+    if read.is_moe:
+        assert read.num_experts == hf.num_local_experts
     if arch == "gemma2":
         assert (read.attn_logit_softcapping, read.final_logit_softcapping, read.sliding_window,
                 read.query_pre_attn_scalar) == (hf.attn_logit_softcapping,

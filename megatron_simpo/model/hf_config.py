@@ -44,14 +44,18 @@ _GEMMA3_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9
 
 # transformers' defaults for what a config.json may leave out, where this reader's generic
 # fallback would differ (RoPE bases: _ROPE_THETA, read beside rope_parameters)
+# (Llama's num_key_value_heads defaults to the heads, as this reader's fallback does.)
 _DEFAULTS = {
-    "LlamaForCausalLM": dict(rms_norm_eps=1e-6), "MistralForCausalLM": dict(rms_norm_eps=1e-6,
-                                                                          sliding_window=4096),
-    "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6), "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6),
-    "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6), "MixtralForCausalLM": dict(rms_norm_eps=1e-5),
+    "LlamaForCausalLM": dict(rms_norm_eps=1e-6),
+    "MistralForCausalLM": dict(rms_norm_eps=1e-6, sliding_window=4096, num_key_value_heads=8),
+    "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=32),
+    "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=32, head_dim=128),
+    "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=4, num_experts=128),
+    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, num_key_value_heads=8, num_local_experts=8),
     "Gemma2ForCausalLM": dict(rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                              sliding_window=4096, query_pre_attn_scalar=256),
+                              sliding_window=4096, query_pre_attn_scalar=256,
+                              num_key_value_heads=4, head_dim=256),
 }
 _ROPE_THETA = {"MixtralForCausalLM": 1_000_000.0}
 
@@ -93,6 +97,12 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     by_type["gemma3"] = GEMMA3_MULTIMODAL
     architecture = architectures[0] if architectures else by_type.get(
         hf.get("model_type"), hf.get("model_type"))
+    model_type = {v: k for k, v in by_type.items()}.get(architecture)
+    if architectures and model_type and hf.get("model_type", model_type) != model_type:
+        # transformers' Auto classes build the model of model_type, whatever architectures says
+        raise ValueError(f"{source}: architectures names {architecture} but model_type is "
+                         f"{hf['model_type']!r} (transformers would build that model; "
+                         f"{architecture}'s is {model_type!r})")
     if architecture == GEMMA3_MULTIMODAL:  # its text model; the vision tower is not read
         architecture, hf = "Gemma3ForCausalLM", dict(hf.get("text_config") or {})
     if architecture == "Gemma3ForCausalLM":
@@ -124,8 +134,9 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         # transformers 5 takes rope_parameters' base, transformers 4 the top-level one
         raise ValueError(f"{source}: rope_theta={hf['rope_theta']} contradicts "
                          f"rope_parameters' rope_theta={rope['rope_theta']}")
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                         else None)
+    scaling = hf.get("rope_scaling") or rope
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None  # plain RoPE, also when spelled {"rope_type": "default"}
     rope_theta = float(hf.get("rope_theta", rope.get(
         "rope_theta", _ROPE_THETA.get(architecture, 10000.0))))
     rope_scaling_factor = None
