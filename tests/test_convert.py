@@ -221,7 +221,12 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
     from megatron_simpo.model.tiny import write_default
 
     tiny = write_default(tmp_path / "tiny", train_pairs=64, valid_pairs=8)
-    argv = ["--model-config", str(tiny["config"]), "--tokenizer", str(tiny["tokenizer"]),
+    # --tokenizer given as a whole model folder (tokenizer, config.json, weights): the saved
+    # iterations carry its tokenizer only, and the export writes the trained weights, not its.
+    base = shutil.copytree(tiny["tokenizer"], tmp_path / "base-model")
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tiny["config"])).save_pretrained(base)
+    argv = ["--model-config", str(tiny["config"]), "--tokenizer", str(base),
             "--train-data-path", str(tiny["train"]), "--seq-length", "64",
             "--max-prompt-length", "48", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", "3", "--lr", "1e-3", "--use-distributed-optimizer",
@@ -232,6 +237,7 @@ def test_trained_checkpoint_exports_and_loads_in_transformers(tmp_path):
     megatron_to_hf_main(["--load", str(tmp_path / "run"), "--save", str(tmp_path / "hf_it2"),
                          "--iteration", "2"])
     megatron_to_hf_main(["--load", str(tmp_path / "run"), "--save", str(tmp_path / "hf")])
+    assert not list((tmp_path / "run" / "iter_0000003" / "tokenizer").glob("*.safetensors"))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 52, (2, 24))
     expected = torch.cat(run_on_ranks(2, _trained_logits, str(tmp_path / "run"), tokens), dim=-1)
@@ -339,6 +345,29 @@ def test_force_replaces_a_later_checkpoint_and_an_interrupted_one_is_no_obstacle
                          str(tmp_path / "killed")])
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
         "iter_0000000", "latest_checkpointed_iteration.txt"]
+
+
+def test_the_converted_tokenizer_is_the_one_transformers_loads_from_the_hf_folder(hf_models,
+                                                                                   tmp_path):
+    """Mistral's and Mixtral's tokenizer files name LlamaTokenizer: beside the model's
+    config.json transformers loads their tokenizer.json as it is, alone it rebuilds a Llama
+    tokenizer (other ids). The checkpoint's tokenizer keeps the config beside it."""
+    import transformers
+
+    from megatron_simpo.convert.hf_io import copy_metadata
+
+    src = shutil.copytree(hf_models["mistral"][1], tmp_path / "hf")
+    settings = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps(dict(settings,
+                                                               tokenizer_class="LlamaTokenizer")))
+    tokenizer_dir, _ = copy_metadata(src, tmp_path / "assets")
+    original = transformers.AutoTokenizer.from_pretrained(src)
+    copied = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = original.apply_chat_template([{"role": "user", "content": "reverse abc"},
+                                         {"role": "assistant", "content": "cba"}], tokenize=False)
+    assert type(copied) is type(original)
+    assert copied(text)["input_ids"] == original(text)["input_ids"]
+    assert not list(tokenizer_dir.glob("*.safetensors"))  # the tokenizer, not the model
 
 
 def _broken_copy(src: Path, dst: Path, how: str) -> Path:

@@ -39,6 +39,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               write_failure_reason, write_tracker)
 from megatron_simpo.checkpoint import checksums, optimizer_state
 from megatron_simpo.checkpoint.streaming import TensorSourceError, streaming_strategy
+from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 from megatron_simpo.distributed.runtime import first_over_world, max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 
@@ -188,7 +189,10 @@ def _write_checkpoint(save_dir: str | Path, iteration: int, state: dict, model,
             # are published, and replaced, with the weights they belong to.
             for name, source in (assets or {}).items():
                 if source is not None and Path(source).is_dir():
-                    shutil.copytree(source, partial / name)
+                    if name == "tokenizer":  # its files, not a model folder's weights beside them
+                        copy_tokenizer(source, partial / name)
+                    else:
+                        shutil.copytree(source, partial / name)
         written.update(checksums.digests(partial, rank))
 
     # Every rank takes part in the same collectives whichever fails: rank 0 makes the folder,

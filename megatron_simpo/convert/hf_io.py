@@ -9,15 +9,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 from megatron_simpo.convert.llama import expected_hf_shape
 from megatron_simpo.model.architecture import ModelConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja")
-# Folders of tokenizer files: a tokenizer's named chat templates beside its default one (e.g.
-# ``tool_use``, which ``apply_chat_template`` picks for rows with tools), as transformers saves them.
-TOKENIZER_FOLDERS = ("additional_chat_templates",)
 HF_METADATA_FILES = ("config.json", "generation_config.json")
 
 
@@ -138,18 +133,10 @@ def all_finite(tensor: torch.Tensor, chunk_bytes: int = 1 << 24) -> bool:
 
 
 def copy_metadata(hf_path: str | Path, dest: str | Path) -> tuple[Path | None, Path]:
-    """Copy tokenizer files to ``dest/tokenizer`` and config files to ``dest/hf``."""
+    """Copy the tokenizer to ``dest/tokenizer`` (``tokenizer_asset``) and config files to
+    ``dest/hf``."""
     hf_path, dest = Path(hf_path), Path(dest)
-    tokenizer_files = [hf_path / n for n in TOKENIZER_FILES if (hf_path / n).is_file()]
-    tokenizer_dir = None
-    if tokenizer_files:
-        tokenizer_dir = dest / "tokenizer"
-        tokenizer_dir.mkdir(parents=True, exist_ok=True)
-        for file in tokenizer_files:
-            shutil.copy2(file, tokenizer_dir / file.name)
-        for name in TOKENIZER_FOLDERS:
-            if (hf_path / name).is_dir():
-                shutil.copytree(hf_path / name, tokenizer_dir / name)
+    tokenizer_dir = dest / "tokenizer" if copy_tokenizer(hf_path, dest / "tokenizer") else None
     hf_dir = dest / "hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
     for name in HF_METADATA_FILES:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_simpo.checkpoint import checkpointing, streaming
+from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
 from megatron_simpo.convert.export_marker import EXPORT_MARKER
@@ -96,12 +97,8 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
         generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                       if hf_config.get(k) is not None}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if "tokenizer" in assets:
-        for file in assets["tokenizer"].iterdir():
-            if file.is_file():
-                shutil.copy2(file, staging / file.name)
-            elif file.is_dir():  # additional_chat_templates/ (hf_io.TOKENIZER_FOLDERS)
-                shutil.copytree(file, staging / file.name)
+    if "tokenizer" in assets:  # its own files only: the export's config.json and weights stay
+        copy_tokenizer(assets["tokenizer"], staging, model_config=False)
     (staging / EXPORT_MARKER).write_text(json.dumps({"load": str(checkpoint)}) + "\n")
     if save.exists():
         shutil.rmtree(save)
