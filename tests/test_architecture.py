@@ -152,6 +152,9 @@ def _without(config: dict, *keys: str) -> dict:
     # architectures says
     (tiny_hf_config("qwen2", model_type="llama"),
      "architectures names Qwen2ForCausalLM but model_type is 'llama'"),
+    # quantized weights are not the model's without their scales (an fp8 file converted as is)
+    (tiny_hf_config("llama3", quantization_config={"quant_method": "fp8"}),
+     r"quantized weights \(quantization_config, quant_method 'fp8'\) are unsupported"),
 ])
 def test_settings_megatron_does_not_reproduce_are_refused(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -383,6 +383,13 @@ def _broken_copy(src: Path, dst: Path, how: str) -> Path:
     elif how == "index":
         (dst / "model.safetensors.index.json").write_text(json.dumps(
             {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    elif how == "fp8":  # a quantized file whose config.json does not say so
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        name = "model.layers.1.self_attn.o_proj.weight"
+        state[name] = state[name].to(torch.float8_e4m3fn)
+        save_file(state, weights, metadata={"format": "pt"})
     return dst
 
 
@@ -398,6 +405,8 @@ def converted_llama3(hf_models, tmp_path_factory):
     ("truncated", "model.safetensors: unreadable safetensors file"),
     ("shape", "tensor model.layers.0.mlp.down_proj.weight has shape (32, 64), but config.json implies (32, 48)"),
     ("index", "model-00002-of-00002.safetensors: listed in the index but missing"),
+    ("fp8", "tensor model.layers.1.self_attn.o_proj.weight is stored as F8_E4M3, not as "
+            "floating point of 16 bits or more (quantized weights are unsupported"),
 ])
 def test_bad_checkpoints_fail_and_publish_nothing(hf_models, converted_llama3, tmp_path, capsys,
                                                  how, message):

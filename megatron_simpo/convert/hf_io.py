@@ -79,8 +79,10 @@ class HFCheckpointReader:
             file = self.path / file_name
             with safe_open(str(file), framework="pt") as handle:
                 for name in file_names:
-                    shape = handle.get_slice(self.stored.get(name, name)).get_shape()
-                    self._check_shape(file, name, tuple(shape))
+                    stored = handle.get_slice(self.stored.get(name, name))
+                    self._check_shape(file, name, tuple(stored.get_shape()))
+                    if stored.get_dtype() not in _FLOAT_DTYPES:
+                        raise ValueError(_dtype_message(file, name, stored.get_dtype()))
 
     def _check_shape(self, file: Path, name: str, shape: tuple[int, ...]) -> None:
         expected = expected_hf_shape(name, self.config)
@@ -102,10 +104,21 @@ class HFCheckpointReader:
         except Exception as error:
             raise ValueError(f"{file}: cannot read tensor {name} ({error})") from None
         self._check_shape(file, name, tuple(tensor.shape))
+        if tensor.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(_dtype_message(file, name, str(tensor.dtype).removeprefix("torch.")))
         if not self.allow_non_finite and not all_finite(tensor):
             raise ValueError(f"{file}: tensor {name} holds NaN/inf values; refusing to convert it "
                              "(--allow-non-finite to convert anyway)")
         return tensor
+
+
+# safetensors' names of the dtypes a weight may be stored in (not fp8 or integers: quantized)
+_FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
+
+
+def _dtype_message(file: Path, name: str, dtype: str) -> str:
+    return (f"{file}: tensor {name} is stored as {dtype}, not as floating point of 16 bits or "
+            "more (quantized weights are unsupported; convert a bf16/fp16/fp32 checkpoint)")
 
 
 # Where a Gemma3ForConditionalGeneration file keeps its text model's tensors: transformers'

@@ -103,6 +103,10 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: architectures names {architecture} but model_type is "
                          f"{hf['model_type']!r} (transformers would build that model; "
                          f"{architecture}'s is {model_type!r})")
+    if hf.get("quantization_config"):  # its weights are not the model's without their scales
+        method = dict(hf["quantization_config"]).get("quant_method", "unnamed")
+        raise ValueError(f"{source}: quantized weights (quantization_config, quant_method "
+                         f"{method!r}) are unsupported; convert a bf16/fp16/fp32 checkpoint")
     if architecture == GEMMA3_MULTIMODAL:  # its text model; the vision tower is not read
         architecture, hf = "Gemma3ForCausalLM", dict(hf.get("text_config") or {})
     if architecture == "Gemma3ForCausalLM":
