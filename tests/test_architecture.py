@@ -176,6 +176,8 @@ _HEADS = dict(num_attention_heads=32, hidden_size=64)
     ("mixtral", ("rope_theta", "rms_norm_eps", "num_key_value_heads", "num_local_experts"),
      _HEADS),
     ("qwen3_moe", ("num_key_value_heads", "num_experts"), _HEADS),
+    ("mixtral", ("num_local_experts",), dict(num_experts=2)),  # Qwen3-MoE's spelling
+    ("qwen3_moe", ("num_experts",), dict(num_local_experts=2)),  # transformers 5's
     ("gemma2", ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
                 "query_pre_attn_scalar", "rms_norm_eps", "num_key_value_heads", "head_dim"), {}),
 ])

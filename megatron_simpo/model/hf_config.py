@@ -50,14 +50,17 @@ _DEFAULTS = {
     "MistralForCausalLM": dict(rms_norm_eps=1e-6, sliding_window=4096, num_key_value_heads=8),
     "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=32),
     "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=32, head_dim=128),
-    "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=4, num_experts=128),
-    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, num_key_value_heads=8, num_local_experts=8),
+    "Qwen3MoeForCausalLM": dict(rms_norm_eps=1e-6, num_key_value_heads=4),
+    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, num_key_value_heads=8),
     "Gemma2ForCausalLM": dict(rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                               sliding_window=4096, query_pre_attn_scalar=256,
                               num_key_value_heads=4, head_dim=256),
 }
 _ROPE_THETA = {"MixtralForCausalLM": 1_000_000.0}
+# Experts per layer where a file names none, in either spelling (num_local_experts, num_experts:
+# transformers reads each as the other)
+_EXPERTS = {"MixtralForCausalLM": 8, "Qwen3MoeForCausalLM": 128}
 
 
 def fields_from_hf(hf: dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -247,7 +250,7 @@ def _moe_fields(hf: dict[str, Any], architecture: str, source: str) -> dict[str,
     if float(hf.get("router_jitter_noise") or 0.0) != 0.0:
         raise ValueError(f"{source}: router_jitter_noise={hf['router_jitter_noise']} unsupported "
                          "(needs 0)")
-    experts = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+    experts = int(hf.get("num_local_experts") or hf.get("num_experts") or _EXPERTS[architecture])
     renormalised = architecture == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False))
     if renormalised and int(hf.get("num_experts_per_tok", 2 if architecture ==
                                    "MixtralForCausalLM" else 8)) == 1:
