@@ -23,6 +23,7 @@ def test_config_reads_both_rope_spellings():
     # a legacy rope_scaling that names the default type is plain RoPE, as transformers reads it
     assert ModelConfig.from_hf_config(
         dict(tiny_hf_config("llama3"), rope_scaling={"rope_type": "default"})) == plain
+    assert ModelConfig.from_hf_config(dict(modern, rope_scaling={"type": "default"})) == config
 
 
 def test_config_from_file_and_round_trip(tmp_path):

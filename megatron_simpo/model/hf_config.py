@@ -141,9 +141,11 @@ def _fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         # transformers 5 takes rope_parameters' base, transformers 4 the top-level one
         raise ValueError(f"{source}: rope_theta={hf['rope_theta']} contradicts "
                          f"rope_parameters' rope_theta={rope['rope_theta']}")
-    scaling = hf.get("rope_scaling") or rope
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None  # plain RoPE, also when spelled {"rope_type": "default"}
+    scaling = None  # plain RoPE where neither spelling names a scaling ({"rope_type": "default"})
+    for given in (hf.get("rope_scaling") or {}, rope):
+        if given.get("rope_type", given.get("type", "default")) != "default":
+            scaling = given
+            break
     rope_theta = float(hf.get("rope_theta", rope.get(
         "rope_theta", _ROPE_THETA.get(architecture, 10000.0))))
     rope_scaling_factor = None
