@@ -578,3 +578,30 @@ def test_samples_holding_unicode_line_breaks_merge_and_resume(tiny, monkeypatch,
     assert pairs_run.read_part(part, prompts, seeds=5) == written
     part.write_bytes(part.read_bytes().replace(b"\n", b"\r\n") + b"\r\n")
     assert pairs_run.read_part(part, prompts, seeds=5) == written
+
+
+@pytest.mark.parametrize("backend, visible, local_rank, tp, device, engine", [
+    ("vllm", None, 1, 2, 2, "2,3"),
+    ("vllm", "4,5,6,7", 3, 1, 3, "7"),
+    ("transformers", "4,5,6,7", 2, 1, 2, "4,5,6,7"),
+])
+def test_each_process_scores_on_its_own_gpu(monkeypatch, backend, visible, local_rank, tp,
+                                            device, engine):
+    """Under torchrun, the reward model (torch's current device) is on the process's own GPU
+    with vLLM too, not on every process's GPU 0: the device is set in this process's view
+    before vLLM's engine is given the group's GPUs."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(
+        (index, os.environ.get("CUDA_VISIBLE_DEVICES"))))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    pairs_run._pin_device(backend, local_rank, tp, world=4)
+    assert calls == [(device, visible)]
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == (engine if visible or backend == "vllm"
+                                                      else None)

@@ -377,18 +377,21 @@ def _wait_until(done: Callable[[], bool], poll_s: float = 1.0) -> None:
 
 def _pin_device(backend: str, local_rank: int, tensor_parallel_size: int, world: int) -> None:
     """Under torchrun on GPUs: this process's device(s), the ``local_rank``-th group of
-    ``tensor_parallel_size``. No process group is started (vLLM starts its own)."""
+    ``tensor_parallel_size`` (one for transformers). The first is torch's current device here,
+    where the reward model and the transformers sampler run; vLLM's engine process sees only
+    the group (``CUDA_VISIBLE_DEVICES``, changed after this process's own view is fixed, so
+    the index stays this process's). No process group is started (vLLM starts its own)."""
     import torch
 
     if world == 1 or not torch.cuda.is_available():
         return
-    if backend == "transformers":
-        torch.cuda.set_device(local_rank)
-        return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    mine = devices[local_rank * tensor_parallel_size:(local_rank + 1) * tensor_parallel_size]
+    first = local_rank * tensor_parallel_size
+    mine = devices[first:first + tensor_parallel_size]
     if len(mine) < tensor_parallel_size:
         raise ValueError(f"{world} processes with --tensor-parallel-size {tensor_parallel_size} "
                          f"need {world * tensor_parallel_size} GPUs; {len(devices)} are visible")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # read by vLLM's engine process
+    torch.cuda.set_device(first)  # (initializes CUDA with the devices visible now)
+    if backend == "vllm":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # read by vLLM's engine process
