@@ -605,3 +605,44 @@ def test_each_process_scores_on_its_own_gpu(monkeypatch, backend, visible, local
     assert calls == [(device, visible)]
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == (engine if visible or backend == "vllm"
                                                       else None)
+
+
+def test_a_reward_template_refusing_system_messages_is_found_before_sampling(
+        tiny, tmp_path, monkeypatch, capsys):
+    """Prompts with a system turn and a reward model whose chat template refuses one (Gemma-2's
+    rule): one line naming the first such row of the prompts file, before the policy loads or
+    samples anything (it came after the first batch was sampled, naming "prompt 0")."""
+    import transformers
+
+    from megatron_simpo.cli.build_pairs import main
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    config = json.loads((tiny / "hf" / "config.json").read_text())
+    config.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"})
+    (rm / "config.json").write_text(json.dumps(config))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+                               "'System role not supported') }}{% endif %}"
+                               + tokenizer.chat_template)
+    tokenizer.save_pretrained(rm)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}] if i < 2
+                                           else [{"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": p}]}) + "\n"
+                               for i, p in enumerate(PROMPTS)))
+
+    def no_sampling(*_, **__):
+        raise AssertionError("the policy loaded before the reward template was checked")
+
+    monkeypatch.setattr(generation, "transformers_sampler", no_sampling)
+    flags = _flags(tiny, tmp_path / "pairs.jsonl")
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = ["--reward-model", str(rm)]
+    flags[flags.index("--prompts-path") + 1] = str(prompts)
+    with pytest.raises(SystemExit) as info:
+        main(flags)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"build_pairs: error: {prompts}:3: the chat template of --reward-model "
+                           f"{rm} refuses a system message (System role not supported; 3 "
+                           "prompt(s) have one)")

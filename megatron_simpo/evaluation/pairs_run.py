@@ -321,6 +321,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
     prompts = read_prompts(config, say := say if rank == 0 else (lambda _: None))
     if config.reward_model:
         rewards.check_reward_model(config.reward_model, config.trust_remote_code)
+        rewards.check_reward_template(config.reward_model, config.trust_remote_code,
+                                      [(p.prompt, p.source) for p in prompts])
     else:
         rewards.load_reward_fn(config.reward_fn)
     folder = parts_folder(config.output)

@@ -73,6 +73,29 @@ def length_batches(ids: list[list[int]], batch_size: int, pad: int | None) -> li
     return [rest[s:s + batch_size] for s in range(0, len(rest), batch_size)] + alone
 
 
+def _reward_tokenizer(path: str, trust_remote_code: bool):
+    """The reward model's tokenizer; one with no chat template is refused naming the flag."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path,
+                                                           trust_remote_code=trust_remote_code)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"--reward-model {path}: its tokenizer has no chat template (the reward "
+                         "is computed on the rendered conversation)")
+    return tokenizer
+
+
+def check_reward_template(path: str, trust_remote_code: bool, prompts: list[tuple]) -> None:
+    """Before any model loads: the reward model's chat template renders the prompts (each
+    ``(prompt as the source holds it, its source row)``); one whose template refuses a system
+    message is refused naming the first such row (``check_system_messages``)."""
+    from megatron_simpo.data.tokenization import check_system_messages, prompt_messages
+
+    tokenizer = _reward_tokenizer(path, trust_remote_code)
+    check_system_messages(tokenizer, [prompt_messages(p, where, ()) for p, where in prompts],
+                          [where for _, where in prompts], tokenizer_path=f"--reward-model {path}")
+
+
 def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) -> Score:
     """``Score`` from a reward model (module docstring); the model loads on the GPU if any."""
     import torch
@@ -82,11 +105,7 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) 
 
     check_reward_model(path, trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path,
-                                                           trust_remote_code=trust_remote_code)
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"--reward-model {path}: its tokenizer has no chat template (the reward "
-                         "is computed on the rendered conversation)")
+    tokenizer = _reward_tokenizer(path, trust_remote_code)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, dtype="auto", trust_remote_code=trust_remote_code).to(device).eval()
     pad = model.config.pad_token_id
