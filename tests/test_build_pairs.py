@@ -646,3 +646,26 @@ def test_a_reward_template_refusing_system_messages_is_found_before_sampling(
     assert line.startswith(f"build_pairs: error: {prompts}:3: the chat template of --reward-model "
                            f"{rm} refuses a system message (System role not supported; 3 "
                            "prompt(s) have one)")
+
+
+def test_a_reward_of_any_real_number_type_is_taken_and_others_named():
+    """A reward function computing with numpy or torch returns their scalars: finite real
+    numbers are taken as floats (np.float32 was refused as "not a finite number"); text,
+    booleans, non-finite values and several numbers are refused naming the prompt and sample."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from megatron_simpo.evaluation.rewards import checked_rewards
+
+    prompt = types.SimpleNamespace(source="prompts.jsonl:4", prompt_id="p4")
+    taken = [np.float32(0.5), np.float64(0.25), np.int64(3), 2, 1.5, torch.tensor(0.75),
+             np.array([0.125])]
+    assert checked_rewards(taken, [(prompt, k) for k in range(len(taken))]) == \
+        [0.5, 0.25, 3.0, 2.0, 1.5, 0.75, 0.125]
+    for value in ("0.5", True, np.bool_(True), float("nan"), np.float32("inf"),
+                  torch.tensor([0.1, 0.2]), None):
+        with pytest.raises(ValueError, match=r"^reward .* for prompts.jsonl:4 \(prompt_id p4\) "
+                                             r"sample 1: rewards must be finite numbers$"):
+            checked_rewards([1.0, value], [(prompt, 0), (prompt, 1)])

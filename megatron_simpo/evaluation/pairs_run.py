@@ -228,21 +228,6 @@ def write_part(path: Path, rows: list[dict]) -> None:
                                         for r in rows))
 
 
-def checked_rewards(values: list, where: list[tuple[Prompt, int]]) -> list[float]:
-    """Rewards as floats; anything not a finite number is refused naming prompt and sample
-    (``where``: each value's prompt and sample index)."""
-    out = []
-    for (prompt, sample), value in zip(where, values):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isfinite(value)
-        if not ok:
-            raise ValueError(f"reward {value!r} for {prompt.source} (prompt_id "
-                             f"{prompt.prompt_id}) sample {sample}: rewards must be "
-                             "finite numbers")
-        out.append(float(value))
-    return out
-
-
 def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
                  config: PairsConfig) -> list[dict]:
     """One batch: samples per seed, the non-identical ones scored (with ``--reward-stats`` the
@@ -256,7 +241,7 @@ def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
             enumerate(samples[i][:1] if pairs.all_identical(samples[i]) else samples[i])]
     values = score([batch[i].prompt for i, _, _ in flat], [messages[i] for i, _, _ in flat],
                    [response for _, _, response in flat]) if flat else []
-    values = checked_rewards(list(values), [(batch[i], k) for i, k, _ in flat])
+    values = rewards.checked_rewards(list(values), [(batch[i], k) for i, k, _ in flat])
     scores, at = {}, 0
     for i in scored:
         taken = 1 if pairs.all_identical(samples[i]) else len(seeds)

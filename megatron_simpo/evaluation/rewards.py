@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
+import numbers
 from pathlib import Path
 from typing import Callable
 
@@ -166,3 +168,31 @@ def reward_fn_scorer(spec: str) -> Score:
         return [function(prompt, response) for prompt, response in zip(prompts, responses)]
 
     return score
+
+
+def _real(value) -> float | None:
+    """``value`` as a float where it is a real number of any kind (Python's or numpy's, or a
+    one-element array or tensor of one), else None; a boolean is no reward."""
+    if not isinstance(value, numbers.Real) and callable(getattr(value, "item", None)):
+        try:
+            value = value.item()  # numpy scalars and arrays, torch tensors, of one element
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def checked_rewards(values: list, where: list[tuple]) -> list[float]:
+    """Rewards as floats; anything that is not a finite real number is refused naming the
+    prompt and sample (``where``: each value's prompt, with ``source`` and ``prompt_id``, and
+    its sample index)."""
+    out = []
+    for (prompt, sample), value in zip(where, values):
+        number = _real(value)
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"reward {value!r} for {prompt.source} (prompt_id "
+                             f"{prompt.prompt_id}) sample {sample}: rewards must be "
+                             "finite numbers")
+        out.append(number)
+    return out
