@@ -669,3 +669,27 @@ def test_a_reward_of_any_real_number_type_is_taken_and_others_named():
         with pytest.raises(ValueError, match=r"^reward .* for prompts.jsonl:4 \(prompt_id p4\) "
                                              r"sample 1: rewards must be finite numbers$"):
             checked_rewards([1.0, value], [(prompt, 0), (prompt, 1)])
+
+
+def test_a_resume_knows_the_model_folder_however_it_is_spelled(tiny, tmp_path, monkeypatch):
+    """The parts' settings hold the model folder's absolute path: the same folder spelled
+    another way resumes (it was refused), and another folder under the same relative spelling,
+    from another working folder, is refused (its samples were mixed in silently)."""
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    def expected(hf):
+        flags = _flags(tiny, tmp_path / "pairs.jsonl")
+        flags[flags.index("--hf") + 1] = hf
+        config = COMMAND.parse(flags)["config"]
+        return pairs_run.settings(config, pairs_run.read_prompts(config), "transformers")
+
+    folder = pairs_run.parts_folder(tmp_path / "pairs.jsonl")
+    monkeypatch.chdir(tiny)
+    pairs_run.open_parts(folder, expected("hf"), create=True)
+    pairs_run.open_parts(folder, expected(str(tiny / "hf")), create=False)
+    pairs_run.open_parts(folder, expected("./hf/"), create=False)
+    (tmp_path / "elsewhere" / "hf").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=f"other settings \\(--hf '{tiny / 'hf'}' -> "
+                                         f"'{tmp_path / 'elsewhere' / 'hf'}'\\)"):
+        pairs_run.open_parts(folder, expected("hf"), create=False)

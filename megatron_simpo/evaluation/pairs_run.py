@@ -173,6 +173,8 @@ def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
             "dtype", "reward_model", "reward_fn")
     return {**{k: v for k, v in asdict(config).items() if k in kept},
+            **{k: settings_record.local_path(getattr(config, k))
+               for k in ("prompts_path", "hf", "reward_model", "reward_fn")},
             "load": settings_record.model_identity(None, config.load) if config.load else None,
             "score_identical": config.reward_stats is not None,
             "seeds": list(config.sample_seeds), "backend": backend, "prompts": digest}

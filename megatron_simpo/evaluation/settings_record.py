@@ -20,6 +20,19 @@ def model_identity(hf: str | None, load: str | None) -> str:
     return str((find_checkpoint(load) if load else Path(hf)).resolve())
 
 
+def local_path(spec: str | None) -> str | None:
+    """A path flag as a record holds it: absolute where it names a local file or folder (the
+    same one however it is spelled, from whichever folder; another one under the same relative
+    spelling differs), as given otherwise (a Hub name). ``file.py:function`` (a reward
+    function) keeps its function name."""
+    if spec is None:
+        return None
+    module, colon, function = spec.rpartition(":")
+    if colon and module.endswith(".py"):
+        return f"{local_path(module)}:{function}"
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def write(path: Path, settings: dict) -> None:
     """Record ``settings`` in ``path`` (atomically)."""
     write_text_atomically(path, json.dumps(settings, indent=1) + "\n")
