@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_simpo.evaluation import generation, pairs_run, vllm_backend
+from megatron_simpo.evaluation import generation, pairs_run, pairs_world, vllm_backend
 from megatron_simpo.evaluation.answers import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -601,7 +601,7 @@ def test_each_process_scores_on_its_own_gpu(monkeypatch, backend, visible, local
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    pairs_run._pin_device(backend, local_rank, tp, world=4)
+    pairs_world.pin_device(backend, local_rank, tp, world=4)
     assert calls == [(device, visible)]
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == (engine if visible or backend == "vllm"
                                                       else None)
@@ -693,3 +693,40 @@ def test_a_resume_knows_the_model_folder_however_it_is_spelled(tiny, tmp_path, m
     with pytest.raises(ValueError, match=f"other settings \\(--hf '{tiny / 'hf'}' -> "
                                          f"'{tmp_path / 'elsewhere' / 'hf'}'\\)"):
         pairs_run.open_parts(folder, expected("hf"), create=False)
+
+
+def test_a_mistake_in_another_rank_s_share_is_said_by_that_rank(tiny, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Under torchrun, rank 1 alone sees its batches: a reward that is not a number, or a
+    damaged batch file of its own, is its one line, exit code 2 (it exited 2 without a word,
+    and torchrun's traceback was all the user saw); rank 0 never sees them."""
+    from megatron_simpo.cli.build_pairs import COMMAND, main
+
+    (tmp_path / "nan.py").write_text("def f(prompt, response):\n"
+                                     "    return float('nan') if prompt == 'say ok' else 1.0\n")
+
+    def fake_sampler(hf_dir, **_):
+        return lambda conversations, sampling, seeds: [[f"s{k}" for k in seeds]
+                                                       for _ in conversations]
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    flags = _flags(tiny, tmp_path / "pairs.jsonl")
+    flags[flags.index("--reward-fn") + 1] = f"{tmp_path / 'nan.py'}:f"
+    config = COMMAND.parse(flags)["config"]
+    prompts = pairs_run.read_prompts(config)
+    folder = pairs_run.parts_folder(config.output)
+    pairs_run.open_parts(folder, pairs_run.settings(config, prompts, "transformers"),
+                         create=True)  # rank 0's part
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for damaged in (False, True):
+        if damaged:
+            (folder / "batch-000001.jsonl").write_text("{not json\n")
+        with pytest.raises(SystemExit) as info:
+            main(flags)
+        assert info.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()[-1:]
+        assert line.startswith("build_pairs: error: " + (
+            f"{folder / 'batch-000001.jsonl'}: not this run's batch" if damaged else
+            f"reward nan for {tiny / 'prompts.jsonl'}:4 (prompt_id "))

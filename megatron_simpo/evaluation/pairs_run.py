@@ -27,14 +27,13 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 from megatron_simpo.distributed.files import jsonl_lines, write_text_atomically
-from megatron_simpo.evaluation import (generation, pairs, reward_stats, rewards, settings_record,
-                                       vllm_backend)
+from megatron_simpo.evaluation import (generation, pairs, pairs_world, reward_stats, rewards,
+                                       settings_record, vllm_backend)
 from megatron_simpo.evaluation.answers import Sampling
 
 AUTHORS_SEEDS = (13, 21, 42, 79, 100)
@@ -316,9 +315,10 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
     expected = settings(config, prompts, backend)
     if rank == 0:
         open_parts(folder, expected, create=True)
-    _wait_until(lambda: (folder / "settings.json").is_file())
+    pairs_world.wait_until(lambda: (folder / "settings.json").is_file())
     open_parts(folder, expected, create=False)
-    _pin_device(backend, local_rank, config.tensor_parallel_size, world)
+    with pairs_world.own_share():
+        pairs_world.pin_device(backend, local_rank, config.tensor_parallel_size, world)
     with contextlib.ExitStack() as stack:
         hf_dir = generation.model_folder(stack, hf=config.hf, load=expected["load"],
                                          hf_out=config.hf_out if rank == 0 else None)
@@ -329,9 +329,10 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
             if config.apply_chat_template else []
         size = config.batch_size
         mine = [b for b in range(math.ceil(len(prompts) / size)) if b % world == rank]
-        todo = [b for b in mine if read_part(part_path(folder, b), prompts[b * size:(b + 1) * size],
-                                             len(config.sample_seeds),
-                                             config.reward_stats is not None) is None]
+        with pairs_world.own_share():  # (a damaged batch file of this process's)
+            todo = [b for b in mine if read_part(part_path(folder, b), prompts[b * size:(b + 1) *
+                                                 size], len(config.sample_seeds),
+                                                 config.reward_stats is not None) is None]
         for line in notes + [f"> {len(prompts)} prompts in {math.ceil(len(prompts) / size)} "
                              f"batches, {len(config.sample_seeds)} samples each ({backend}); "
                              f"{len(todo)} of this process's {len(mine)} batches to go"]:
@@ -348,39 +349,10 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
                 rewards.reward_fn_scorer(config.reward_fn)
             for b in tqdm(todo, desc=f"rank {rank} batches", disable=rank != 0):
                 span = slice(b * size, (b + 1) * size)
-                write_part(part_path(folder, b),
-                           sample_batch(prompts[span], messages[span], sample, score, config))
+                with pairs_world.own_share():  # (a reward that is not a finite number)
+                    write_part(part_path(folder, b),
+                               sample_batch(prompts[span], messages[span], sample, score, config))
         if rank == 0:  # the others' batches (torchrun ends every process if one fails)
             batches = range(math.ceil(len(prompts) / size))
-            _wait_until(lambda: all(part_path(folder, b).is_file() for b in batches))
+            pairs_world.wait_until(lambda: all(part_path(folder, b).is_file() for b in batches))
         return merge(folder, prompts, messages, config, say) if rank == 0 else None
-
-
-def _wait_until(done: Callable[[], bool], poll_s: float = 1.0) -> None:
-    """Wait for a file another process writes. Only conditions that stay true are waited on
-    (the settings exist; every batch is written), so a folder left by an earlier run never
-    misleads."""
-    while not done():
-        time.sleep(poll_s)
-
-
-def _pin_device(backend: str, local_rank: int, tensor_parallel_size: int, world: int) -> None:
-    """Under torchrun on GPUs: this process's device(s), the ``local_rank``-th group of
-    ``tensor_parallel_size`` (one for transformers). The first is torch's current device here,
-    where the reward model and the transformers sampler run; vLLM's engine process sees only
-    the group (``CUDA_VISIBLE_DEVICES``, changed after this process's own view is fixed, so
-    the index stays this process's). No process group is started (vLLM starts its own)."""
-    import torch
-
-    if world == 1 or not torch.cuda.is_available():
-        return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    first = local_rank * tensor_parallel_size
-    mine = devices[first:first + tensor_parallel_size]
-    if len(mine) < tensor_parallel_size:
-        raise ValueError(f"{world} processes with --tensor-parallel-size {tensor_parallel_size} "
-                         f"need {world * tensor_parallel_size} GPUs; {len(devices)} are visible")
-    torch.cuda.set_device(first)  # (initializes CUDA with the devices visible now)
-    if backend == "vllm":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)  # read by vLLM's engine process
