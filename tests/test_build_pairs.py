@@ -730,3 +730,32 @@ def test_a_mistake_in_another_rank_s_share_is_said_by_that_rank(tiny, tmp_path, 
         assert line.startswith("build_pairs: error: " + (
             f"{folder / 'batch-000001.jsonl'}: not this run's batch" if damaged else
             f"reward nan for {tiny / 'prompts.jsonl'}:4 (prompt_id "))
+
+
+def test_a_text_sampled_twice_is_scored_once_per_prompt(tiny, tmp_path, monkeypatch):
+    """A reward model batches by length with padding, which moves a score in its last digits
+    (bf16 far more): a prompt's repeated sample, batched once padded and once not, got two
+    rewards. Each distinct text of a prompt is scored once, so equal texts have equal rewards."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    config = transformers.AutoConfig.from_pretrained(tiny / "hf")
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(3)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    texts = ["hgfedcbaxyzxyzxyzxyz", "hgf", "hgf", "hgf", "hgf"]
+
+    def fake_sampler(hf_dir, **_):
+        return lambda conversations, sampling, seeds: [list(texts) for _ in conversations]
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    flags = _flags(tiny, tmp_path / "pairs.jsonl", "--reward-stats", str(tmp_path / "stats.json"))
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
+        ["--reward-model", str(tmp_path / "rm"), "--reward-batch-size", "2"]
+    _run(flags)
+    for row in _jsonl(tmp_path / "pairs.jsonl"):
+        scores = row["all_rm_scores"]
+        assert scores[1] == scores[2] == scores[3] == scores[4], scores

@@ -231,25 +231,22 @@ def write_part(path: Path, rows: list[dict]) -> None:
 
 def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
                  config: PairsConfig) -> list[dict]:
-    """One batch: samples per seed, the non-identical ones scored (with ``--reward-stats`` the
-    identical ones too: their one text, once)."""
-    seeds = config.sample_seeds
+    """One batch: samples per seed, each prompt's distinct texts scored once (a text sampled
+    twice has one reward: batching with padding moves a score in its last digits); prompts
+    whose samples are all identical are not scored (with ``--reward-stats``: their one text)."""
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
-    samples = sample(messages, sampling, seeds)
-    scored = [i for i, s in enumerate(samples)
-              if config.reward_stats is not None or not pairs.all_identical(s)]
-    flat = [(i, k, response) for i in scored for k, response in
-            enumerate(samples[i][:1] if pairs.all_identical(samples[i]) else samples[i])]
-    values = score([batch[i].prompt for i, _, _ in flat], [messages[i] for i, _, _ in flat],
-                   [response for _, _, response in flat]) if flat else []
-    values = rewards.checked_rewards(list(values), [(batch[i], k) for i, k, _ in flat])
-    scores, at = {}, 0
-    for i in scored:
-        taken = 1 if pairs.all_identical(samples[i]) else len(seeds)
-        scores[i] = values[at:at + taken] * (len(seeds) // taken)
-        at += taken
+    samples = sample(messages, sampling, config.sample_seeds)
+    flat = [(i, text) for i, s in enumerate(samples)
+            if config.reward_stats is not None or not pairs.all_identical(s)
+            for text in dict.fromkeys(s)]
+    values = score([batch[i].prompt for i, _ in flat], [messages[i] for i, _ in flat],
+                   [text for _, text in flat]) if flat else []
+    values = rewards.checked_rewards(list(values),
+                                     [(batch[i], samples[i].index(text)) for i, text in flat])
+    reward = dict(zip(flat, values))
     return [{"index": p.index, "prompt_id": p.prompt_id, "samples": samples[i],
-             "scores": scores.get(i)} for i, p in enumerate(batch)]
+             "scores": [reward[i, text] for text in samples[i]] if (i, samples[i][0]) in reward
+             else None} for i, p in enumerate(batch)]
 
 
 def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], config: PairsConfig,
