@@ -401,7 +401,34 @@ def test_transformers_replies_stop_at_the_models_context(capsys):
                                eos_token_id=[99])
         assert reply == text(alone[0, len(prompt):])
     assert [len(reply.split()) for reply in replies] == [20, 6]  # (no end of turn here)
+    assert [reply.finished for reply in replies] == [False, False]  # (padded after: by 99)
     assert room.limits([[5] * 30], 8) == (1, [1])  # a prompt past the context: one token
+
+
+def test_a_reply_knows_whether_it_ended():
+    """A reply is finished where a stop token is among its own tokens, not where it was cut
+    at max_new_tokens (the padding after a finished row is not read as its end)."""
+    import types
+
+    import torch
+
+    from megatron_simpo.evaluation.answers import Sampling
+    from megatron_simpo.evaluation.generation import _ContextRoom, _left_padded_generate
+
+    class Decode:
+        def batch_decode(self, rows, skip_special_tokens):
+            return [" ".join(str(t) for t in row.tolist() if t not in (98, 99)) for row in rows]
+
+    class Fixed:  # generate: row 0 ends (98, then padding), row 1 is cut after 3 tokens
+        config = types.SimpleNamespace()
+
+        def generate(self, input_ids, **_):
+            return torch.cat([input_ids, torch.tensor([[5, 98, 99], [5, 6, 7]])], 1)
+
+    replies = _left_padded_generate((Decode(), Fixed(), torch.device("cpu"), 99, [98, 99]),
+                                    [[1, 2], [3]], Sampling(0.0, max_new_tokens=3),
+                                    _ContextRoom(Fixed()))
+    assert replies == ["5", "5 6 7"] and [r.finished for r in replies] == [True, False]
 
 
 def test_a_settings_record_compares_what_it_holds(tmp_path):

@@ -759,3 +759,32 @@ def test_a_text_sampled_twice_is_scored_once_per_prompt(tiny, tmp_path, monkeypa
     for row in _jsonl(tmp_path / "pairs.jsonl"):
         scores = row["all_rm_scores"]
         assert scores[1] == scores[2] == scores[3] == scores[4], scores
+
+
+def test_samples_cut_at_max_new_tokens_are_counted_in_the_last_line(tiny, monkeypatch, tmp_path):
+    """A kept pair whose chosen or rejected sample was cut at --max-new-tokens before it ended
+    (the authors' recipe keeps it, and training then ends it with the template's end of turn)
+    is counted in the last line, from the batch files (a resumed run counts it too); it was
+    never said."""
+    from megatron_simpo.evaluation.answers import Reply
+
+    samples = {"reverse abcdefgh": [("abc", True), ("a", False), ("abcdefgh", False)],
+               "hi": [("hello", True), ("h", True), ("hell", False)]}
+
+    def fake_sampler(hf_dir, **_):
+        return lambda conversations, sampling, seeds: [
+            [Reply(text, ended) for text, ended in samples[c[-1]["content"]]]
+            for c in conversations]
+
+    monkeypatch.setattr(generation, "transformers_sampler", fake_sampler)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in samples))
+    flags = _flags(tiny, tmp_path / "pairs.jsonl", "--seeds", "1", "2", "3", reward="by_length")
+    flags[flags.index("--prompts-path") + 1] = str(prompts)
+    said = []
+    _run(flags, say=said.append)
+    assert said[-1].endswith("; kept, as the authors' recipe keeps them: 1 chosen and 1 "
+                             "rejected samples cut at --max-new-tokens (or the model's context) "
+                             "before they ended")
+    rows = _jsonl(tmp_path / "pairs.jsonl")
+    assert [r["chosen"][-1]["content"] for r in rows] == ["abcdefgh", "hello"]

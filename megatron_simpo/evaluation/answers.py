@@ -50,6 +50,19 @@ class Sampling:
     max_new_tokens: int = 4096
 
 
+class Reply(str):
+    """A sampled reply's text (decoded without special tokens, stripped), which knows whether
+    it ended: ``finished`` is False where it was cut at ``max_new_tokens`` or the model's
+    context, before any stop token (a str, so wherever text goes, it goes)."""
+
+    finished: bool
+
+    def __new__(cls, text: str, finished: bool) -> "Reply":
+        reply = super().__new__(cls, text)
+        reply.finished = bool(finished)
+        return reply
+
+
 SAMPLING: dict[str, Sampling] = {
     # SimPO's AlpacaEval 2 configs (vLLM): temperature 0.9, top_p 1.0.
     "alpaca_eval": Sampling(temperature=0.9, top_p=1.0, max_new_tokens=4096),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from megatron_simpo.evaluation.answers import (ARENA_HARD_ENCODING, Benchmark, Sampling,
+from megatron_simpo.evaluation.answers import (ARENA_HARD_ENCODING, Benchmark, Reply, Sampling,
                                                answer_key, answer_path, answered,
                                                read_questions, stream_seed, write_answers)
 from megatron_simpo.evaluation import settings_record
@@ -62,10 +62,11 @@ def _causal_lm(hf_dir: str | Path, dtype: str):
 
 
 def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
-                          room: "_ContextRoom") -> list[str]:
+                          room: "_ContextRoom") -> list[Reply]:
     """One ``generate`` call on prompts left-padded to one length (every prompt ends at the
     same column), each reply within the model's context (``room``); the replies decoded
-    without special tokens, stripped."""
+    without special tokens, stripped, each finished where a stop token is among its own
+    tokens (a row stopped by its room is padded after: not finished)."""
     import torch
 
     tokenizer, model, device, pad, stops = loaded
@@ -92,8 +93,10 @@ def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
         out = model.generate(input_ids=tokens.to(device), attention_mask=mask.to(device),
                              max_new_tokens=new_tokens, pad_token_id=pad,
                              eos_token_id=stops, **options)
-    return [text.strip() for text in
-            tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+    own = rows or [new_tokens] * len(ids)  # each row's own tokens: at most its limit
+    return [Reply(text.strip(), any(t in stops for t in out[i, longest:longest + own[i]].tolist()))
+            for i, text in enumerate(texts)]
 
 
 class _ContextRoom:
@@ -148,7 +151,8 @@ def transformers_generator(hf_dir: str | Path, *, seed: int, dtype: str,
 
 
 Sample = Callable[[list[list[dict]], Sampling, tuple[int, ...]], list[list[str]]]
-"""(conversations, sampling, seeds) -> for each conversation, one reply per seed."""
+"""(conversations, sampling, seeds) -> for each conversation, one reply per seed (``Reply``s:
+the samplers here say whether each ended)."""
 
 
 def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template: bool) -> Sample:

@@ -215,6 +215,8 @@ def read_part(path: Path, batch: list[Prompt], seeds: int,
                       and not score_identical else
                       len(r["scores"]) == seeds and all(isinstance(v, float) for v in r["scores"])
                       and (len(set(r["scores"])) == 1 or not pairs.all_identical(r["samples"])))
+                 and (r.get("finished") is None or len(r["finished"]) == seeds
+                      and all(isinstance(f, bool) for f in r["finished"]))
                  for r in rows)
     except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not our rows
         ok = False
@@ -233,7 +235,9 @@ def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
                  config: PairsConfig) -> list[dict]:
     """One batch: samples per seed, each prompt's distinct texts scored once (a text sampled
     twice has one reward: batching with padding moves a score in its last digits); prompts
-    whose samples are all identical are not scored (with ``--reward-stats``: their one text)."""
+    whose samples are all identical are not scored (with ``--reward-stats``: their one text).
+    ``finished``: whether each sample ended (``answers.Reply``; None from a sampler that does
+    not say)."""
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     samples = sample(messages, sampling, config.sample_seeds)
     flat = [(i, text) for i, s in enumerate(samples)
@@ -246,7 +250,9 @@ def sample_batch(batch: list[Prompt], messages: list[list[dict]], sample, score,
     reward = dict(zip(flat, values))
     return [{"index": p.index, "prompt_id": p.prompt_id, "samples": samples[i],
              "scores": [reward[i, text] for text in samples[i]] if (i, samples[i][0]) in reward
-             else None} for i, p in enumerate(batch)]
+             else None, "finished": [r.finished for r in samples[i]]
+             if all(hasattr(r, "finished") for r in samples[i]) else None}
+            for i, p in enumerate(batch)]
 
 
 def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], config: PairsConfig,
@@ -254,6 +260,7 @@ def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], confi
     """The pairs in prompt order from the parts, written whole (the ``--reward-stats`` file
     first); the parts then removed."""
     records, dropped, every, choices = [], {"identical": 0, "tie": 0, "empty": 0}, [], []
+    cut = {"chosen": 0, "rejected": 0}  # kept pairs' samples that never ended
     text = all(isinstance(p.prompt, str) for p in prompts)
     size, seeds = config.batch_size, len(config.sample_seeds)
     for b in range(0, len(prompts), size):
@@ -270,6 +277,9 @@ def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], confi
             if choice.dropped:
                 dropped[choice.dropped] += 1
                 continue
+            for side in cut:
+                cut[side] += row.get("finished") is not None and \
+                    not row["finished"][getattr(choice, side)]
             records.append(pairs.pair_record(prompt.prompt_id, prompt.prompt,
                                              messages[prompt.index], row["samples"],
                                              row["scores"], choice, prompt_as_messages=not text))
@@ -279,7 +289,10 @@ def merge(folder: Path, prompts: list[Prompt], messages: list[list[dict]], confi
     shutil.rmtree(folder)
     say(f"> wrote {len(records)} pairs to {path}; dropped {dropped['identical']} prompts whose "
         f"samples were all identical, {dropped['tie']} whose best and worst scores tied, "
-        f"{dropped['empty']} with an empty best or worst sample")
+        f"{dropped['empty']} with an empty best or worst sample" + (
+            f"; kept, as the authors' recipe keeps them: {cut['chosen']} chosen and "
+            f"{cut['rejected']} rejected samples cut at --max-new-tokens (or the model's "
+            "context) before they ended" if any(cut.values()) else ""))
     return path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_simpo.evaluation.answers import Sampling, stream_seed
+from megatron_simpo.evaluation.answers import Reply, Sampling, stream_seed
 
 if TYPE_CHECKING:
     from megatron_simpo.evaluation.generation import Sample
@@ -65,7 +65,8 @@ def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
         ids = encode_prompts(tokenizer, conversations, apply_chat_template=apply_chat_template)
         requests = [{"prompt_token_ids": i} for i in ids for _ in seeds]
         params = [_vllm_params(sampling, seed) for _ in ids for seed in seeds]
-        texts = [o.outputs[0].text.strip() for o in llm.generate(requests, params)]
+        texts = [Reply(o.outputs[0].text.strip(), o.outputs[0].finish_reason != "length")
+                 for o in llm.generate(requests, params)]
         return [texts[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(ids))]
 
     sample.llm = llm  # the engine, for checks against its own generate
