@@ -788,3 +788,19 @@ def test_samples_cut_at_max_new_tokens_are_counted_in_the_last_line(tiny, monkey
                              "before they ended")
     rows = _jsonl(tmp_path / "pairs.jsonl")
     assert [r["chosen"][-1]["content"] for r in rows] == ["abcdefgh", "hello"]
+
+
+def test_greedy_sampling_without_reward_stats_is_one_line(tiny, tmp_path, capsys):
+    """--temperature 0 gives every seed the same sample: the run sampled every prompt and wrote
+    an empty pairs file, exit code 0; it is refused in one line (with --reward-stats, greedy
+    rewards are what is asked for)."""
+    from megatron_simpo.cli.build_pairs import COMMAND, main
+
+    with pytest.raises(SystemExit) as info:
+        main(_flags(tiny, tmp_path / "pairs.jsonl", "--temperature", "0"))
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("build_pairs: error: --temperature 0 is greedy: every seed gives the "
+                           "same sample, so no prompt makes a pair")
+    assert COMMAND.parse(_flags(tiny, tmp_path / "pairs.jsonl", "--temperature", "0",
+                                "--reward-stats", str(tmp_path / "s.json")))["config"]

@@ -122,6 +122,10 @@ class PairsConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         generation.check_sampling(self.dtype, self.temperature, self.top_p)
+        if self.temperature == 0 and self.reward_stats is None:
+            raise ValueError("--temperature 0 is greedy: every seed gives the same sample, so no "
+                             "prompt makes a pair (the authors sample at 0.8; greedy rewards "
+                             "alone: --reward-stats)")
         pairs.output_kind(self.output)
         if self.reward_stats is not None and Path(self.reward_stats).is_dir():
             raise ValueError(f"--reward-stats {self.reward_stats} is a folder: give the JSON "
