@@ -804,3 +804,39 @@ def test_greedy_sampling_without_reward_stats_is_one_line(tiny, tmp_path, capsys
                            "same sample, so no prompt makes a pair")
     assert COMMAND.parse(_flags(tiny, tmp_path / "pairs.jsonl", "--temperature", "0",
                                 "--reward-stats", str(tmp_path / "s.json")))["config"]
+
+
+def test_without_a_chat_template_a_sample_is_its_prompt_s_exact_continuation(tiny):
+    """--no-apply-chat-template: training joins the prompt's text and the response's, so the
+    sample must be the exact continuation: the tokens training reads are the tokens the model
+    sampled (they were stripped: "... abcdefgh" + " x\n" trained as "... abcdefghx")."""
+    import torch
+    import transformers
+
+    from megatron_simpo.data.config import DataConfig
+    from megatron_simpo.data.tokenization import encode_prompts, tokenize_records
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny / "hf",
+                                                              dtype=torch.float32).eval()
+    model.generation_config = transformers.GenerationConfig()
+    sample = generation.transformers_sampler(tiny / "hf", dtype="float32",
+                                             apply_chat_template=False)
+    conversation = [{"role": "user", "content": PROMPTS[0]}]
+    seeds = tuple(range(1, 30))
+    [replies] = sample([conversation], Sampling(0.8, 0.95, 10), seeds)
+    assert any(reply != reply.strip() for reply in replies)  # (spaces and line breaks at ends)
+    [ids] = encode_prompts(tokenizer, [conversation], apply_chat_template=False)
+    seeds, replies = zip(*[(s, r) for s, r in zip(seeds, replies) if r.strip()])  # (trainable)
+    rows = tokenize_records([{"source": f"seed {s}", "prompt": PROMPTS[0], "chosen": reply,
+                              "rejected": "x"} for s, reply in zip(seeds, replies)], tokenizer,
+                            DataConfig(train_data_path="-", seq_length=64, max_prompt_length=32,
+                                       apply_chat_template=False))
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    for seed, row in zip(seeds, rows):
+        torch.manual_seed(seed)
+        out = model.generate(torch.tensor([ids]), do_sample=True, temperature=0.8, top_p=0.95,
+                             top_k=0, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+        out = [t for t in out if t not in special]  # (not text: not decoded)
+        assert list(row.pair.chosen)[:len(out)] == out, seed

@@ -62,11 +62,13 @@ def _causal_lm(hf_dir: str | Path, dtype: str):
 
 
 def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
-                          room: "_ContextRoom") -> list[Reply]:
+                          room: "_ContextRoom", *, continuation: bool = False) -> list[Reply]:
     """One ``generate`` call on prompts left-padded to one length (every prompt ends at the
     same column), each reply within the model's context (``room``); the replies decoded
     without special tokens, stripped, each finished where a stop token is among its own
-    tokens (a row stopped by its room is padded after: not finished)."""
+    tokens (a row stopped by its room is padded after: not finished). ``continuation``
+    (prompts without a chat template, whose text training joins to the reply's): the reply's
+    text exactly as it continues the prompt's, unstripped (``_continuations``)."""
     import torch
 
     tokenizer, model, device, pad, stops = loaded
@@ -94,9 +96,23 @@ def _left_padded_generate(loaded, ids: list[list[int]], sampling: Sampling,
                              max_new_tokens=new_tokens, pad_token_id=pad,
                              eos_token_id=stops, **options)
     texts = tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+    texts = _continuations(tokenizer, ids, out[:, longest:].tolist(), texts) if continuation \
+        else [text.strip() for text in texts]
     own = rows or [new_tokens] * len(ids)  # each row's own tokens: at most its limit
-    return [Reply(text.strip(), any(t in stops for t in out[i, longest:longest + own[i]].tolist()))
+    return [Reply(text, any(t in stops for t in out[i, longest:longest + own[i]].tolist()))
             for i, text in enumerate(texts)]
+
+
+def _continuations(tokenizer, prompts: list[list[int]], replies: list[list[int]],
+                   alone: list[str]) -> list[str]:
+    """Each reply's text as it continues its prompt's: decode(prompt + reply) after
+    decode(prompt) (a SentencePiece reply decoded alone loses its first space), else the reply
+    decoded alone (``alone``); never stripped."""
+    starts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    fulls = tokenizer.batch_decode([p + r for p, r in zip(prompts, replies)],
+                                   skip_special_tokens=True)
+    return [full[len(start):] if full.startswith(start) else text
+            for start, full, text in zip(starts, fulls, alone)]
 
 
 class _ContextRoom:
@@ -158,20 +174,24 @@ the samplers here say whether each ended)."""
 def transformers_sampler(hf_dir: str | Path, *, dtype: str, apply_chat_template: bool) -> Sample:
     """``Sample`` on ``transformers``: sample k of every prompt in the batch comes from one
     ``generate`` call after ``torch.manual_seed(seeds[k])`` (prompts left-padded), so the same
-    prompts, batch and seeds give the same samples; replies stop at the model's context."""
+    prompts, batch and seeds give the same samples; replies stop at the model's context.
+    Without a chat template, replies are their prompts' exact continuations (training joins
+    the two texts)."""
     import torch
 
-    from megatron_simpo.data.tokenization import encode_prompts
+    from megatron_simpo.data.tokenization import encode_prompts, uses_chat_template
 
     loaded = _causal_lm(hf_dir, dtype)
     room = _ContextRoom(loaded[1])
+    continuation = not uses_chat_template(loaded[0], apply_chat_template)
 
     def sample(conversations, sampling, seeds):
         ids = encode_prompts(loaded[0], conversations, apply_chat_template=apply_chat_template)
         by_seed = []
         for seed in seeds:
             torch.manual_seed(seed)
-            by_seed.append(_left_padded_generate(loaded, ids, sampling, room))
+            by_seed.append(_left_padded_generate(loaded, ids, sampling, room,
+                                                 continuation=continuation))
         return [list(replies) for replies in zip(*by_seed)]
 
     return sample

@@ -55,17 +55,19 @@ def vllm_sampler(hf_dir: str | Path, *, tensor_parallel_size: int, dtype: str,
     import transformers
     from vllm import LLM
 
-    from megatron_simpo.data.tokenization import encode_prompts
+    from megatron_simpo.data.tokenization import encode_prompts, uses_chat_template
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     llm = LLM(model=str(hf_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
               gpu_memory_utilization=gpu_memory_utilization)
+    continuation = not uses_chat_template(tokenizer, apply_chat_template)  # (text joined on)
 
     def sample(conversations, sampling, seeds):
         ids = encode_prompts(tokenizer, conversations, apply_chat_template=apply_chat_template)
         requests = [{"prompt_token_ids": i} for i in ids for _ in seeds]
         params = [_vllm_params(sampling, seed) for _ in ids for seed in seeds]
-        texts = [Reply(o.outputs[0].text.strip(), o.outputs[0].finish_reason != "length")
+        texts = [Reply(o.outputs[0].text if continuation else o.outputs[0].text.strip(),
+                       o.outputs[0].finish_reason != "length")
                  for o in llm.generate(requests, params)]
         return [texts[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(ids))]
 
