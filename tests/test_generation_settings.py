@@ -130,8 +130,9 @@ def test_vllm_requests_state_every_filter_and_penalty_off(released, monkeypatch)
 
         def generate(self, prompts, params):
             requests.extend(params)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=" x ")])
-                    for _ in prompts]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text=" x ", finish_reason="length" if i % 2 else "stop")])
+                for i, _ in enumerate(prompts)]
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, lambda **params: params
@@ -139,7 +140,9 @@ def test_vllm_requests_state_every_filter_and_penalty_off(released, monkeypatch)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
     sample = vllm_backend.vllm_sampler(released, tensor_parallel_size=1, dtype="auto",
                                      apply_chat_template=True)
-    assert sample(conversations, Sampling(0.8, 0.95, 16), (13, 21)) == [["x", "x"]] * 2
+    replies = sample(conversations, Sampling(0.8, 0.95, 16), (13, 21))
+    assert replies == [["x", "x"]] * 2  # each ended unless vLLM stopped it at max_tokens
+    assert [[r.finished for r in row] for row in replies] == [[True, False]] * 2
     generate = vllm_backend.vllm_generator(released, seed=3, tensor_parallel_size=1,
                                          dtype="auto", apply_chat_template=True)
     assert generate(conversations, [Sampling(0.0, 1.0, 8), Sampling(0.7, 1.0, 8)], [5, 6]) == \
