@@ -8,6 +8,7 @@ run resumed to the same file; two processes writing what one writes.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -840,3 +841,56 @@ def test_without_a_chat_template_a_sample_is_its_prompt_s_exact_continuation(tin
                              eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
         out = [t for t in out if t not in special]  # (not text: not decoded)
         assert list(row.pair.chosen)[:len(out)] == out, seed
+
+
+def test_a_prompt_the_chat_template_refuses_is_its_row(tiny, tmp_path, monkeypatch, capsys):
+    """A template that raises for a conversation (Mistral's "roles must alternate"): one line
+    naming the prompts file's row, before the model loads, for the policy's template and the
+    reward model's, and in training's tokenization too (each was a jinja2 traceback)."""
+    import shutil
+
+    import transformers
+
+    from megatron_simpo.cli.build_pairs import main
+    from megatron_simpo.data.config import DataConfig, DataError
+    from megatron_simpo.data.tokenization import tokenize_records
+
+    alternate = ("{% for message in messages %}{% if (message['role'] == 'user') != "
+                 "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
+                 "alternate user/assistant/user/assistant/...') }}{% endif %}{% endfor %}")
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny / "hf", strict)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(strict)
+    tokenizer.chat_template = alternate + tokenizer.chat_template
+    tokenizer.save_pretrained(strict)
+    prompts = tmp_path / "prompts.jsonl"
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": two_users})
+                       + "\n")
+
+    def no_sampling(*_, **__):
+        raise AssertionError("the policy loaded before its template was checked")
+
+    monkeypatch.setattr(generation, "transformers_sampler", no_sampling)
+    refused = "the chat template refuses this conversation (Conversation roles must alternate"
+    for model in ("--hf", "--reward-model"):
+        flags = _flags(tiny, tmp_path / "pairs.jsonl")
+        flags[flags.index("--prompts-path") + 1] = str(prompts)
+        if model == "--hf":
+            flags[flags.index("--hf") + 1] = str(strict)
+        else:
+            (strict / "config.json").write_text(json.dumps(dict(
+                json.loads((tiny / "hf" / "config.json").read_text()),
+                architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"})))
+            flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
+                ["--reward-model", str(strict)]
+        with pytest.raises(SystemExit) as info:
+            main(flags)
+        assert info.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"build_pairs: error: {prompts}:2") and refused in line, line
+        shutil.rmtree(tmp_path / "pairs.jsonl.parts", ignore_errors=True)
+    with pytest.raises(DataError, match=f"^train.jsonl:7: {re.escape(refused)}"):
+        tokenize_records([{"source": "train.jsonl:7", "prompt": two_users, "chosen": "x",
+                           "rejected": "y"}], tokenizer,
+                         DataConfig(train_data_path="-", seq_length=64, max_prompt_length=32))

@@ -287,25 +287,41 @@ def render(tokenizer, conversations: list[list[dict]], options: list[dict] | Non
     """``apply_chat_template(..., tokenize=False)`` of each conversation with its row's
     ``options`` (:func:`template_options`): those without any in one batched call (far faster
     than one by one). A template that renders a row's tools as if there were none (it has no
-    tool support) is refused: the prompt would silently lack them."""
+    tool support) is refused: the prompt would silently lack them. A template that raises for a
+    conversation (its own check, e.g. roles that must alternate) is refused naming the row
+    (``sources[i]``), not a traceback."""
     options = options or [{}] * len(conversations)
     plain = [i for i, o in enumerate(options) if not o]
     texts: list = [None] * len(conversations)
+
+    def where(i: int) -> str:
+        return sources[i] if sources else f"conversation {i}"
+
+    def one(i: int, **more) -> str:
+        try:
+            return tokenizer.apply_chat_template(conversations[i], tokenize=False, **kwargs,
+                                                 **more)
+        except Exception as error:  # jinja2's TemplateError, or whatever the template raises
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DataError(f"{where(i)}: the chat template refuses this conversation "
+                            f"({reason})") from None
+
     if plain:
-        batch = tokenizer.apply_chat_template([conversations[i] for i in plain], tokenize=False,
-                                              **kwargs)
+        try:
+            batch = tokenizer.apply_chat_template([conversations[i] for i in plain],
+                                                  tokenize=False, **kwargs)
+        except Exception:
+            batch = [one(i) for i in plain]  # the row it refuses, named (or the error again)
+            raise
         for i, text in zip(plain, batch):
             texts[i] = text
     for i, o in enumerate(options):
         if o:
-            texts[i] = tokenizer.apply_chat_template(conversations[i], tokenize=False, **kwargs,
-                                                     **o)
-            if "tools" in o and texts[i] == tokenizer.apply_chat_template(
-                    conversations[i], tokenize=False, **kwargs,
-                    **{k: v for k, v in o.items() if k != "tools"}):
-                raise DataError(f"{sources[i] if sources else f'conversation {i}'}: the "
-                                "tokenizer's chat template renders no tools: the row's 'tools' "
-                                "would be left out of its prompt")
+            texts[i] = one(i, **o)
+            if "tools" in o and texts[i] == one(i, **{k: v for k, v in o.items()
+                                                     if k != "tools"}):
+                raise DataError(f"{where(i)}: the tokenizer's chat template renders no tools: "
+                                "the row's 'tools' would be left out of its prompt")
     return texts
 
 

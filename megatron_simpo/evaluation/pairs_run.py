@@ -305,8 +305,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
     model loads (ValueError naming the flag, file or row). Returns the output on rank 0."""
     from tqdm import tqdm
 
-    from megatron_simpo.data.tokenization import (check_system_messages, known_roles,
-                                                  load_tokenizer, prompt_messages)
+    from megatron_simpo.data.tokenization import (check_system_messages, encode_prompts,
+                                                  known_roles, load_tokenizer, prompt_messages)
     from megatron_simpo.distributed.runtime import read_world
 
     rank, world, local_rank = read_world()
@@ -341,6 +341,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         messages = [prompt_messages(p.prompt, p.source, roles) for p in prompts]
         notes = check_system_messages(tokenizer, messages, [p.source for p in prompts], hf_dir) \
             if config.apply_chat_template else []
+        encode_prompts(tokenizer, messages, apply_chat_template=config.apply_chat_template,
+                       sources=[p.source for p in prompts])  # (refused rows: before the model)
         size = config.batch_size
         mine = [b for b in range(math.ceil(len(prompts) / size)) if b % world == rank]
         with pairs_world.own_share():  # (a damaged batch file of this process's)

@@ -89,13 +89,18 @@ def _reward_tokenizer(path: str, trust_remote_code: bool):
 
 def check_reward_template(path: str, trust_remote_code: bool, prompts: list[tuple]) -> None:
     """Before any model loads: the reward model's chat template renders the prompts (each
-    ``(prompt as the source holds it, its source row)``); one whose template refuses a system
-    message is refused naming the first such row (``check_system_messages``)."""
-    from megatron_simpo.data.tokenization import check_system_messages, prompt_messages
+    ``(prompt as the source holds it, its source row)``) with a response; one whose template
+    refuses a system message, or a prompt's conversation, is refused naming the first such row
+    (``check_system_messages``, ``render``)."""
+    from megatron_simpo.data.tokenization import check_system_messages, prompt_messages, render
 
     tokenizer = _reward_tokenizer(path, trust_remote_code)
-    check_system_messages(tokenizer, [prompt_messages(p, where, ()) for p, where in prompts],
-                          [where for _, where in prompts], tokenizer_path=f"--reward-model {path}")
+    conversations = [prompt_messages(p, where, ()) for p, where in prompts]
+    sources = [where for _, where in prompts]
+    check_system_messages(tokenizer, conversations, sources,
+                          tokenizer_path=f"--reward-model {path}")
+    render(tokenizer, [c + [{"role": "assistant", "content": "x"}] for c in conversations],
+           sources=[f"{where} (--reward-model {path})" for where in sources])
 
 
 def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) -> Score:
