@@ -352,6 +352,7 @@ def test_reward_model_scores_equal_transformers_forward_with_its_template(tiny, 
     ("remote", "--reward-model {rm}: its sequence classifier is the model repository's own code "
                "(modeling_custom.RewardModel); it runs only with --trust-remote-code"),
     ("two-labels", "--reward-model {rm}: a classifier with 2 outputs; a reward model has one"),
+    ("no-tokenizer", "--reward-model {rm}: cannot load its tokenizer (Couldn't instantiate"),
 ])
 def test_a_reward_model_that_cannot_be_used_is_one_line(tiny, tmp_path, capsys, kind, message):
     from megatron_simpo.cli.build_pairs import main
@@ -365,6 +366,8 @@ def test_a_reward_model_that_cannot_be_used_is_one_line(tiny, tmp_path, capsys, 
                                 "modeling_custom.RewardModel"})
     elif kind == "two-labels":
         config.update(architectures=["LlamaForSequenceClassification"])
+    elif kind == "no-tokenizer":  # (its lines were the error: several, without the flag)
+        config.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "L"})
     (rm / "config.json").write_text(json.dumps(config))
     flags = _flags(tiny, tmp_path / "pairs.jsonl")
     flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = ["--reward-model", str(rm)]

@@ -76,11 +76,17 @@ def length_batches(ids: list[list[int]], batch_size: int, pad: int | None) -> li
 
 
 def _reward_tokenizer(path: str, trust_remote_code: bool):
-    """The reward model's tokenizer; one with no chat template is refused naming the flag."""
+    """The reward model's tokenizer; one that cannot be loaded, or has no chat template, is
+    refused in one line naming the flag."""
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path,
-                                                           trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # its lines joined: one line, every hint kept
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ValueError(f"--reward-model {path}: cannot load its tokenizer "
+                         f"({reason or type(error).__name__})") from None
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"--reward-model {path}: its tokenizer has no chat template (the reward "
                          "is computed on the rendered conversation)")
