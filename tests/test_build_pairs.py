@@ -897,3 +897,38 @@ def test_a_prompt_the_chat_template_refuses_is_its_row(tiny, tmp_path, monkeypat
         tokenize_records([{"source": "train.jsonl:7", "prompt": two_users, "chosen": "x",
                            "rejected": "y"}], tokenizer,
                          DataConfig(train_data_path="-", seq_length=64, max_prompt_length=32))
+
+
+def test_a_float32_reward_model_is_scored_in_bfloat16_on_a_gpu(tiny, tmp_path, monkeypatch):
+    """ArmoRM's config says float32: "its own dtype" loaded 30 GB beside vLLM's share of the GPU,
+    where the authors' script loads it in bfloat16. --reward-dtype auto is its own dtype but
+    bfloat16 on a GPU for a float32 one; a given dtype is what scores (here on CPU)."""
+    import torch
+    import transformers
+
+    from megatron_simpo.evaluation.rewards import reward_dtype
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
+    config = transformers.AutoConfig.from_pretrained(tiny / "hf")
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(4)
+    model = transformers.LlamaForSequenceClassification(config)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["dtype"] == "float32"
+    assert reward_dtype(str(tmp_path / "rm"), "auto", on_gpu=True) is torch.bfloat16
+    assert reward_dtype(str(tmp_path / "rm"), "auto", on_gpu=False) == "auto"
+    assert reward_dtype(str(tmp_path / "rm"), "float32", on_gpu=True) is torch.float32
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "rm16")
+    assert reward_dtype(str(tmp_path / "rm16"), "auto", on_gpu=True) == "auto"
+
+    monkeypatch.setattr(generation, "transformers_sampler", lambda hf_dir, **_: (
+        lambda conversations, sampling, seeds: [["hgf", "hgfedcba", "a"] for _ in conversations]))
+    flags = _flags(tiny, tmp_path / "pairs.jsonl", "--seeds", "1", "2", "3")
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
+        ["--reward-model", str(tmp_path / "rm"), "--reward-dtype", "bfloat16"]
+    _run(flags)
+    rows = _jsonl(tmp_path / "pairs.jsonl")
+    scores = [s for row in rows for s in row["all_rm_scores"]]
+    assert rows and all(torch.tensor(s).bfloat16().item() == s for s in scores)  # bf16 logits

@@ -87,7 +87,7 @@ class PairsConfig:
     """the sampled model's dtype (auto: bf16 on a GPU, fp32 on CPU for transformers)"""
     reward_model: str | None = None
     """a Hugging Face sequence-classification reward model (e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1),
-    in its own dtype with its own chat template (this or --reward-fn)"""
+    in its dtype (--reward-dtype) with its own chat template (this or --reward-fn)"""
     reward_fn: str | None = None
     """module:function or path/to/file.py:function, called as function(prompt, response) ->
     float (this or --reward-model)"""
@@ -95,6 +95,9 @@ class PairsConfig:
     """allow a reward model whose classifier is its repository's own Python (ArmoRM)"""
     reward_batch_size: int = 8
     """sequences per reward-model forward (sorted by length)"""
+    reward_dtype: str = "auto"
+    """the reward model's dtype (auto: its own, but bfloat16 on a GPU where its own is float32,
+    as the authors load ArmoRM, whose config says float32)"""
     reward_stats: str | None = None
     """also write the rewards' statistics here (JSON: mean reward of every sample, mean chosen
     and rejected reward, counts); prompts whose samples are all identical are then scored too
@@ -122,6 +125,9 @@ class PairsConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         generation.check_sampling(self.dtype, self.temperature, self.top_p)
+        if self.reward_dtype not in generation.DTYPES:
+            raise ValueError(f"--reward-dtype must be one of {', '.join(generation.DTYPES)}, got "
+                             f"{self.reward_dtype!r}")
         if self.temperature == 0 and self.reward_stats is None:
             raise ValueError("--temperature 0 is greedy: every seed gives the same sample, so no "
                              "prompt makes a pair (the authors sample at 0.8; greedy rewards "
@@ -174,7 +180,7 @@ def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
     digest = hashlib.sha256(json.dumps([p.prompt_id for p in prompts]).encode()).hexdigest()
     kept = ("prompts_path", "prompts_split", "dataset_config", "prompt_column", "hf", "load",
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
-            "dtype", "reward_model", "reward_fn")
+            "dtype", "reward_model", "reward_fn", "reward_dtype")
     return {**{k: v for k, v in asdict(config).items() if k in kept},
             **{k: settings_record.local_path(getattr(config, k))
                for k in ("prompts_path", "hf", "reward_model", "reward_fn")},
@@ -361,7 +367,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
                 if backend == "vllm" else generation.transformers_sampler(hf_dir, **options)
             score = rewards.reward_model_scorer(
                 config.reward_model, trust_remote_code=config.trust_remote_code,
-                batch_size=config.reward_batch_size) if config.reward_model else \
+                batch_size=config.reward_batch_size, dtype=config.reward_dtype) \
+                if config.reward_model else \
                 rewards.reward_fn_scorer(config.reward_fn)
             for b in tqdm(todo, desc=f"rank {rank} batches", disable=rank != 0):
                 span = slice(b * size, (b + 1) * size)

@@ -5,7 +5,8 @@
   RLHFlow/ArmoRM-Llama3-8B-v0.1) returns an output carrying ``score``. It is applied as the SimPO
   authors' ``reward_model_annotate.py`` applies ArmoRM: its own tokenizer's chat template
   renders ``prompt messages + [{"role": "assistant", "content": response}]`` (no generation
-  prompt, the template's own special tokens only), in the model's own dtype. Sequences are
+  prompt, the template's own special tokens only), in the model's own dtype (on a GPU bfloat16
+  where that is float32, as the authors load ArmoRM: ``reward_dtype``). Sequences are
   sorted by length and batched with right padding in the model's ``pad_token_id``; a sequence
   that ends in that id (or any, when the model has none) is scored alone, so batching never
   changes which token the model pools.
@@ -109,8 +110,24 @@ def check_reward_template(path: str, trust_remote_code: bool, prompts: list[tupl
            sources=[f"{where} (--reward-model {path})" for where in sources])
 
 
-def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) -> Score:
-    """``Score`` from a reward model (module docstring); the model loads on the GPU if any."""
+def reward_dtype(path: str, name: str, on_gpu: bool):
+    """The reward model's dtype: ``name`` (--reward-dtype, torch's names), or for auto its own
+    (its config's), except float32 (or none said) on a GPU: bfloat16, as the authors' script
+    loads ArmoRM, whose config says float32 (half the memory beside vLLM, and their scores)."""
+    import torch
+    from transformers import PretrainedConfig
+
+    if name != "auto":
+        return getattr(torch, name)
+    config, _ = PretrainedConfig.get_config_dict(path)
+    own = config.get("dtype") or config.get("torch_dtype")
+    return torch.bfloat16 if on_gpu and own in (None, "float32") else "auto"
+
+
+def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int,
+                        dtype: str = "auto") -> Score:
+    """``Score`` from a reward model (module docstring) in ``reward_dtype``; the model loads on
+    the GPU if any."""
     import torch
     import transformers
 
@@ -120,7 +137,8 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int) 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = _reward_tokenizer(path, trust_remote_code)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, dtype="auto", trust_remote_code=trust_remote_code).to(device).eval()
+        path, dtype=reward_dtype(path, dtype, device.type == "cuda"),
+        trust_remote_code=trust_remote_code).to(device).eval()
     pad = model.config.pad_token_id
 
     def score(prompts, conversations, responses):
