@@ -480,7 +480,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LlamaModel, LlamaPreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING  # (as ArmoRM's)
+from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward
 
 
 @dataclass
@@ -498,6 +499,7 @@ class ArmoLikeRewardModel(LlamaPreTrainedModel):
         self.regression_layer = torch.nn.Linear(config.hidden_size, 3, bias=False)
         self.post_init()
 
+    @add_start_docstrings_to_model_forward(LLAMA_INPUTS_DOCSTRING)
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(-1) - 1
@@ -507,10 +509,12 @@ class ArmoLikeRewardModel(LlamaPreTrainedModel):
 '''
 
 
-def test_a_remote_code_reward_model_scores_by_its_score_output(tiny, tmp_path):
+def test_a_remote_code_reward_model_scores_by_its_score_output(tiny, tmp_path, monkeypatch):
     """A reward model in its repository's own code, shaped like ArmoRM (an output with
-    ``score``, no ``logits``), runs with --trust-remote-code: every all_rm_scores entry equals
-    the ``score`` of that code's forward on the (prompt, response) alone."""
+    ``score``, no ``logits``; its forward decorated with LLAMA_INPUTS_DOCSTRING, which
+    transformers 5 no longer has: it failed to import, a traceback), runs with
+    --trust-remote-code: every all_rm_scores entry equals the ``score`` of that code's forward
+    on the (prompt, response) alone."""
     import importlib.util
     import shutil
 
@@ -522,7 +526,11 @@ def test_a_remote_code_reward_model_scores_by_its_score_output(tiny, tmp_path):
     (rm / "modeling_armo.py").write_text(ARMO_LIKE)
     found = importlib.util.spec_from_file_location("modeling_armo_test", rm / "modeling_armo.py")
     module = importlib.util.module_from_spec(found)
+    import transformers.models.llama.modeling_llama as llama
+
+    monkeypatch.setattr(llama, "LLAMA_INPUTS_DOCSTRING", "", raising=False)  # (to build it here)
     found.loader.exec_module(module)
+    monkeypatch.delattr(llama, "LLAMA_INPUTS_DOCSTRING", raising=False)  # (as transformers 5)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny / "hf")
     config = transformers.AutoConfig.from_pretrained(tiny / "hf")
     config.pad_token_id = tokenizer.pad_token_id
@@ -932,3 +940,43 @@ def test_a_float32_reward_model_is_scored_in_bfloat16_on_a_gpu(tiny, tmp_path, m
     rows = _jsonl(tmp_path / "pairs.jsonl")
     scores = [s for row in rows for s in row["all_rm_scores"]]
     assert rows and all(torch.tensor(s).bfloat16().item() == s for s in scores)  # bf16 logits
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("code", "--reward-model {rm}: its code (modeling_broken.Broken) does not load with "
+             "transformers {version} (cannot import name 'NO_SUCH_NAME' from"),
+    ("weights", "--reward-model {rm}: cannot load its weights ("),
+])
+def test_a_reward_model_that_does_not_load_is_one_line(tiny, tmp_path, monkeypatch, capsys,
+                                                        kind, message):
+    """Remote code that does not import (not a docstring transformers dropped), found before the
+    policy loads; a folder without weights: one line naming the flag (each was a traceback)."""
+    import shutil
+
+    import transformers
+
+    from megatron_simpo.cli.build_pairs import main
+
+    rm = tmp_path / f"rm_{kind}"  # (its own name: transformers caches remote code by folder)
+    shutil.copytree(tiny / "hf", rm)
+    (rm / "model.safetensors").unlink()
+    config = json.loads((rm / "config.json").read_text())
+    config.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "L"},
+                  pad_token_id=0)
+    if kind == "code":
+        (rm / "modeling_broken.py").write_text("from transformers import NO_SUCH_NAME\n")
+        config.update(architectures=["Broken"],
+                      auto_map={"AutoModelForSequenceClassification": "modeling_broken.Broken"})
+    (rm / "config.json").write_text(json.dumps(config))
+    if kind == "code":
+        monkeypatch.setattr(generation, "transformers_sampler", lambda *_, **__: pytest.fail(
+            "the policy loaded before the reward model's code was tried"))
+    flags = _flags(tiny, tmp_path / "pairs.jsonl", "--max-new-tokens", "2")
+    flags[flags.index("--reward-fn"):flags.index("--reward-fn") + 2] = \
+        ["--reward-model", str(rm)] + (["--trust-remote-code"] if kind == "code" else [])
+    with pytest.raises(SystemExit) as info:
+        main(flags)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()[-1:]
+    assert line.startswith("build_pairs: error: " + message.format(
+        rm=rm, version=transformers.__version__)), line

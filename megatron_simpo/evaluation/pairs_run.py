@@ -326,7 +326,8 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
         raise ValueError(f"--hf {config.hf}: no config.json (not a Hugging Face model folder)")
     prompts = read_prompts(config, say := say if rank == 0 else (lambda _: None))
     if config.reward_model:
-        rewards.check_reward_model(config.reward_model, config.trust_remote_code)
+        if rewards.check_reward_model(config.reward_model, config.trust_remote_code):
+            rewards.load_remote_code(config.reward_model)
         rewards.check_reward_template(config.reward_model, config.trust_remote_code,
                                       [(p.prompt, p.source) for p in prompts])
     else:

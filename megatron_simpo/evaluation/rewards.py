@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import math
 import numbers
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +62,36 @@ def check_reward_model(path: str, trust_remote_code: bool) -> bool:
         raise ValueError(f"--reward-model {path}: a classifier with {labels} outputs; a reward "
                          "model has one (num_labels 1)")
     return False
+
+
+_DOCSTRING_GONE = re.compile(r"cannot import name '(\w+_INPUTS_DOCSTRING)' from "
+                             r"'(transformers\.[\w.]+)'")
+
+
+def load_remote_code(path: str) -> type:
+    """The remote-code reward model's class, its code imported before any weights load (it runs:
+    --trust-remote-code). A docstring constant transformers no longer has (``*_INPUTS_DOCSTRING``:
+    ArmoRM decorates its forward with LLAMA_INPUTS_DOCSTRING, gone from transformers 5) is given
+    as empty text, which changes nothing the model computes; any other failure to import is one
+    line naming the flag (it was a traceback once the policy had loaded)."""
+    import transformers
+    from transformers import PretrainedConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config, _ = PretrainedConfig.get_config_dict(path)
+    reference = config["auto_map"]["AutoModelForSequenceClassification"]
+    while True:
+        try:
+            return get_class_from_dynamic_module(reference, path)
+        except Exception as error:  # ImportError, SyntaxError, whatever its top level raises
+            gone = _DOCSTRING_GONE.search(str(error)) if isinstance(error, ImportError) else None
+            module = importlib.import_module(gone.group(2)) if gone else None
+            if module is None or hasattr(module, gone.group(1)):
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise ValueError(f"--reward-model {path}: its code ({reference}) does not load "
+                                 f"with transformers {transformers.__version__} ({reason})") \
+                    from None
+            setattr(module, gone.group(1), "")
 
 
 def _last_token_is_pad(ids: list[int], pad: int | None) -> bool:
@@ -133,12 +164,18 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int,
 
     from megatron_simpo.data.tokenization import check_system_messages
 
-    check_reward_model(path, trust_remote_code)
+    if check_reward_model(path, trust_remote_code):
+        load_remote_code(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = _reward_tokenizer(path, trust_remote_code)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=reward_dtype(path, dtype, device.type == "cuda"),
-        trust_remote_code=trust_remote_code).to(device).eval()
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=reward_dtype(path, dtype, device.type == "cuda"),
+            trust_remote_code=trust_remote_code).to(device).eval()
+    except (OSError, ValueError) as error:  # no weights, a damaged file: one line
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ValueError(f"--reward-model {path}: cannot load its weights "
+                         f"({reason or type(error).__name__})") from None
     pad = model.config.pad_token_id
 
     def score(prompts, conversations, responses):
