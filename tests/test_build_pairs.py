@@ -980,3 +980,29 @@ def test_a_reward_model_that_does_not_load_is_one_line(tiny, tmp_path, monkeypat
     [line] = capsys.readouterr().err.splitlines()[-1:]
     assert line.startswith("build_pairs: error: " + message.format(
         rm=rm, version=transformers.__version__)), line
+
+
+def test_a_resume_with_the_same_prompt_ids_but_other_text_is_refused(tiny, tmp_path):
+    """Prompts with their own prompt_id column (UltraFeedback's), edited after an interruption
+    (here a system turn added): the parts' settings compare the prompts' text too, not only
+    their ids (the old batches were resumed, mixing samples of two prompt sets)."""
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    def expected(prompt):
+        source = tmp_path / "prompts.jsonl"
+        source.write_text("".join(json.dumps({"prompt_id": f"id-{i}", "prompt": prompt(p)}) + "\n"
+                                  for i, p in enumerate(PROMPTS)))
+        flags = _flags(tiny, tmp_path / "pairs.jsonl")
+        flags[flags.index("--prompts-path") + 1] = str(source)
+        config = COMMAND.parse(flags)["config"]
+        return pairs_run.settings(config, pairs_run.read_prompts(config), "transformers")
+
+    folder = pairs_run.parts_folder(tmp_path / "pairs.jsonl")
+    pairs_run.open_parts(folder, expected(lambda p: p), create=True)
+    pairs_run.open_parts(folder, expected(lambda p: p), create=False)
+    with pytest.raises(ValueError, match=r"other settings \(the prompts' text '[0-9a-f]{64}' -> "
+                                         r"'[0-9a-f]{64}'\)"):
+        pairs_run.open_parts(folder, expected(lambda p: [{"role": "system", "content": "be "
+                                                          "brief"}, {"role": "user",
+                                                                     "content": p}]),
+                             create=False)

@@ -177,7 +177,9 @@ def parts_folder(output: str | Path) -> Path:
 
 def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
     """What the samples and scores depend on (a resume must match it)."""
-    digest = hashlib.sha256(json.dumps([p.prompt_id for p in prompts]).encode()).hexdigest()
+    def digest(values) -> str:
+        return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
     kept = ("prompts_path", "prompts_split", "dataset_config", "prompt_column", "hf", "load",
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
             "dtype", "reward_model", "reward_fn", "reward_dtype")
@@ -186,7 +188,9 @@ def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
                for k in ("prompts_path", "hf", "reward_model", "reward_fn")},
             "load": settings_record.model_identity(None, config.load) if config.load else None,
             "score_identical": config.reward_stats is not None,
-            "seeds": list(config.sample_seeds), "backend": backend, "prompts": digest}
+            "seeds": list(config.sample_seeds), "backend": backend,
+            "prompts": digest([p.prompt_id for p in prompts]),
+            "prompt_texts": digest([p.prompt for p in prompts])}  # (the same ids, other text)
 
 
 def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
@@ -197,7 +201,8 @@ def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
         folder.mkdir(parents=True)
         settings_record.write(path, expected)
         return
-    names = {"prompts": "the prompts", "score_identical": "--reward-stats (given:)"}
+    names = {"prompts": "the prompts", "prompt_texts": "the prompts' text",
+             "score_identical": "--reward-stats (given:)"}
     differ = settings_record.differences(
         path, expected, lambda key: names.get(key, f"--{key.replace('_', '-')}"),
         start_over=str(folder))
