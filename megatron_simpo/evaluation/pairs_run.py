@@ -16,7 +16,8 @@ merges once every batch file is on disk. No process group is started (vLLM start
 the processes meet through the parts folder; torchrun ends all of them if one fails. Batches are
 the same whatever the world size, so two processes write what one does. With ``--load`` each
 process exports its own copy: export once (``megatron-simpo-convert-megatron-to-hf``) and give
-``--hf`` for large models.
+``--hf`` for large models. Each process's devices, and the mistakes only one process sees
+(said by it, whatever its rank), are ``pairs_world``'s.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def parts_folder(output: str | Path) -> Path:
 def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
     """What the samples and scores depend on (a resume must match it)."""
     def digest(values) -> str:
-        return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()
 
     kept = ("prompts_path", "prompts_split", "dataset_config", "prompt_column", "hf", "load",
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
