@@ -835,7 +835,7 @@ def test_without_a_chat_template_a_sample_is_its_prompt_s_exact_continuation(tin
     sample = generation.transformers_sampler(tiny / "hf", dtype="float32",
                                              apply_chat_template=False)
     conversation = [{"role": "user", "content": PROMPTS[0]}]
-    seeds = tuple(range(1, 30))
+    seeds = tuple(range(1, 16))
     [replies] = sample([conversation], Sampling(0.8, 0.95, 10), seeds)
     assert any(reply != reply.strip() for reply in replies)  # (spaces and line breaks at ends)
     [ids] = encode_prompts(tokenizer, [conversation], apply_chat_template=False)
