@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
