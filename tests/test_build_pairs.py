@@ -1006,3 +1006,21 @@ def test_a_resume_with_the_same_prompt_ids_but_other_text_is_refused(tiny, tmp_p
                                                           "brief"}, {"role": "user",
                                                                      "content": p}]),
                              create=False)
+
+
+def test_a_reward_function_that_takes_other_arguments_is_one_line(tiny, tmp_path, capsys):
+    """--reward-fn names a function called as f(prompt, response): one that takes other
+    arguments is one line naming the flag before any model loads (it was a TypeError traceback
+    at the first batch)."""
+    from megatron_simpo.cli.build_pairs import main
+
+    (tmp_path / "one.py").write_text("def score(response):\n    return 1.0\n")
+    flags = _flags(tiny, tmp_path / "pairs.jsonl")
+    flags[flags.index("--reward-fn") + 1] = f"{tmp_path / 'one.py'}:score"
+    with pytest.raises(SystemExit) as info:
+        main(flags)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"build_pairs: error: --reward-fn {tmp_path / 'one.py'}:score: score "
+                           "is called as score(prompt, response), which it does not take")
+    assert not (tmp_path / "pairs.jsonl.parts").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import re
@@ -223,6 +224,13 @@ def load_reward_fn(spec: str) -> Callable[[object, str], float]:
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"--reward-fn {spec}: {module_name} has no function {name}")
+    try:  # (a traceback at the first batch, once the model had loaded and sampled)
+        inspect.signature(function).bind("prompt", "response")
+    except TypeError as error:
+        raise ValueError(f"--reward-fn {spec}: {name} is called as {name}(prompt, response), "
+                         f"which it does not take ({error})") from None
+    except ValueError:  # no signature to read (a builtin): it is called as it is
+        pass
     return function
 
 
