@@ -818,6 +818,21 @@ def test_greedy_sampling_without_reward_stats_is_one_line(tiny, tmp_path, capsys
                                 "--reward-stats", str(tmp_path / "s.json")))["config"]
 
 
+@pytest.mark.parametrize("flag, value", [("--gpu-memory-utilization", "0.8"),
+                                         ("--tensor-parallel-size", "2")])
+def test_vllm_s_flags_on_the_transformers_backend_are_one_line(tiny, tmp_path, capsys, flag,
+                                                               value):
+    """A flag the backend would not use is refused (it was taken and ignored), before any model
+    loads."""
+    from megatron_simpo.cli.build_pairs import main
+
+    with pytest.raises(SystemExit) as info:
+        main(_flags(tiny, tmp_path / "pairs.jsonl", flag, value))
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"build_pairs: error: {flag} is vLLM's: the transformers backend ")
+
+
 def test_without_a_chat_template_a_sample_is_its_prompt_s_exact_continuation(tiny):
     """--no-apply-chat-template: training joins the prompt's text and the response's, so the
     sample must be the exact continuation: the tokens training reads are the tokens the model

@@ -37,6 +37,7 @@ from megatron_simpo.evaluation import (generation, pairs, pairs_world, reward_st
 from megatron_simpo.evaluation.answers import Sampling
 
 AUTHORS_SEEDS = (13, 21, 42, 79, 100)
+_DEFAULT_GPU_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class PairsConfig:
     """auto: vLLM where it is installed and a GPU is present, else transformers"""
     tensor_parallel_size: int = 1
     """vLLM only"""
-    gpu_memory_utilization: float = 0.6
+    gpu_memory_utilization: float = _DEFAULT_GPU_SHARE
     """vLLM only: the share of each GPU vLLM takes (vLLM's default is 0.9; the reward model
     shares the GPU)"""
     dtype: str = "auto"
@@ -107,8 +108,12 @@ class PairsConfig:
         generation.check_model_source(self.hf, self.load, self.hf_out)
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ValueError("give one of --reward-model and --reward-fn")
-        if self.trust_remote_code and not self.reward_model:
-            raise ValueError("--trust-remote-code goes with --reward-model")
+        for flag, given in (("--trust-remote-code", self.trust_remote_code),
+                            ("--reward-batch-size", self.reward_batch_size != 8),
+                            ("--reward-dtype", self.reward_dtype != "auto")):
+            if given and not self.reward_model:
+                raise ValueError(f"{flag} goes with --reward-model (--reward-fn is called on "
+                                 "one text at a time, in Python)")
         for flag, value in (("--batch-size", self.batch_size),
                             ("--reward-batch-size", self.reward_batch_size),
                             ("--max-new-tokens", self.max_new_tokens),
@@ -325,6 +330,9 @@ def build_pairs(config: PairsConfig, say: Callable[[str], None] = print) -> Path
     if backend == "transformers" and config.tensor_parallel_size != 1:
         raise ValueError("--tensor-parallel-size is vLLM's: the transformers backend runs on one "
                          "device")
+    if backend == "transformers" and config.gpu_memory_utilization != _DEFAULT_GPU_SHARE:
+        raise ValueError("--gpu-memory-utilization is vLLM's: the transformers backend takes "
+                         "what it needs")
     if Path(config.output).exists():
         raise ValueError(f"--output {config.output} exists; move it away or give another")
     if config.hf and not (Path(config.hf) / "config.json").is_file():
