@@ -408,3 +408,110 @@ def gather_global(tensors, config, tp: int, pp_rank: int, pp: int) -> dict:
         dist.all_gather(shards, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
         out[to_global_name(name, config, pp_rank, pp)] = merge_tensors(name, shards)
     return out
+
+
+# ---- several steps: the schedule, weight decay and clipping of a ported TRL recipe ------------
+# 5 steps with a warm-up of 0.3 (Hugging Face: ceil(1.5) = 2 steps), weight decay and a clip
+# that bites every step, on 2 micro-batches per data-parallel rank with the distributed
+# optimizer; Qwen3 for its per-head q/k norms (no decay) and tied embeddings (decayed once).
+STEPS, WARMUP_FRACTION, WEIGHT_DECAY, STEPS_CLIP = 5, 0.3, 0.1, 0.3
+
+
+def _step_batches(vocab: int) -> list:
+    return [_batch(vocab, seed=10 + step) for step in range(STEPS)]
+
+
+def _hugging_face_steps(hf_config, hf_state, batches):
+    """What Hugging Face's Trainer does with the same settings, on one process: the mean SimPO
+    loss, ``clip_grad_norm_``, torch's AdamW with weight decay on every weight but biases and
+    norms, ``get_cosine_schedule_with_warmup`` over ``ceil(steps x warmup ratio)`` warm-up steps
+    (``TrainingArguments.get_warmup_steps``), stepped after the optimizer. Returns per step
+    (learning rate, loss, grad norm), and the final parameters."""
+    import math
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    model = tiny_hf_model(hf_config)
+    model.load_state_dict(hf_state)
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if "norm" in n or n.endswith("bias")]
+    assert any("q_norm" in n for n, _ in named) and no_decay
+    optimizer = torch.optim.AdamW(
+        [dict(params=[p for n, p in named if not any(p is q for q in no_decay)],
+              weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)],
+        lr=LR, eps=ADAM_EPS)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(STEPS * WARMUP_FRACTION),
+                                               STEPS)
+    trace = []
+    for batch in batches:
+        total, count = _sequence_logps(model, batch)
+        score = total / count
+        loss = -F.logsigmoid(BETA * (score[0::2] - score[1::2]) - GAMMA).mean()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), STEPS_CLIP).item()
+        trace.append((optimizer.param_groups[0]["lr"], loss.item(), norm))
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return trace, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _megatron_steps(rank, hf_config, hf_state, batches):
+    """The same steps through build_components (schedule included) and train_step, as the
+    training loop takes them: the rate read before the step, the schedule stepped after it."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_simpo.convert.llama import hf_to_megatron, load_rank_state
+    from megatron_simpo.distributed import runtime
+    from megatron_simpo.distributed.parallel import ParallelConfig
+    from megatron_simpo.model.architecture import ModelConfig
+    from megatron_simpo.training.components import build_components, release
+    from megatron_simpo.training.losses import LossConfig
+    from megatron_simpo.training.optimizer import OptimizerSettings, finish_param_sync
+    from megatron_simpo.training.step import train_step
+
+    config = ModelConfig.from_hf_config(hf_config)
+    runtime.initialize(ParallelConfig(), seed=0, model_config=config)
+    full = hf_to_megatron(hf_state, config, config.padded_vocab_size(1))
+    settings = OptimizerSettings(lr=LR, adam_eps=ADAM_EPS, clip_grad=STEPS_CLIP,
+                                 weight_decay=WEIGHT_DECAY, lr_warmup_fraction=WARMUP_FRACTION,
+                                 use_distributed_optimizer=True)
+    parts = build_components(
+        config, ParallelConfig(), settings, logprob_chunk_size=7, total_iters=STEPS,
+        load_policy=lambda model: load_rank_state(model, full, config, tp_rank=0, tp_size=1,
+                                                  pp_rank=0, pp_size=1))
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    rows = 2 * PAIRS // dp_size
+    trace = []
+    for batch in batches:
+        learning_rate = parts.optimizer.param_groups[0]["lr"]
+        result = train_step([parts.model], parts.optimizer,
+                            batch.rows(dp_rank * rows, (dp_rank + 1) * rows).split(2),
+                            LossConfig(beta=BETA, gamma=GAMMA), head=parts.head)
+        parts.scheduler.step(increment=1)
+        trace.append((learning_rate, result.metrics["loss"], result.grad_norm))
+    finish_param_sync([parts.model])
+    params = gather_global(((n, p.detach()) for n, p in parts.model.module.named_parameters()),
+                           config, 1, 0, 1)
+    release(parts)
+    return dict(trace=trace, params=params, config=config)
+
+
+def test_steps_follow_the_hugging_face_schedule_weight_decay_and_clipping():
+    """Five steps on DP 2: every step's learning rate, loss and grad norm, and the final
+    weights, are Hugging Face's (1e-5): the warm-up rounded up as its Trainer rounds
+    ``warmup_ratio``, the first step at rate 0, no decay on norms (q/k norms included)."""
+    hf_config = tiny_hf_config("qwen3")
+    hf_state = tiny_hf_model(hf_config, seed=3).state_dict()
+    batches = _step_batches(hf_config["vocab_size"])
+    expected, params = _hugging_face_steps(hf_config, hf_state, batches)
+    assert [lr for lr, _, _ in expected[:3]] == [0.0, LR / 2, LR]  # 2 warm-up steps
+    assert all(norm > STEPS_CLIP for _, _, norm in expected)  # the clip bites every step
+    results = run_on_ranks(2, _megatron_steps, hf_config, hf_state, batches)
+    for result in results:
+        for step, ((lr, loss, norm), (got_lr, got_loss, got_norm)) in enumerate(
+                zip(expected, result["trace"])):
+            assert got_lr == pytest.approx(lr, rel=1e-12, abs=0), (step, got_lr, lr)
+            assert abs(got_loss - loss) <= 1e-5, (step, got_loss, loss)
+            assert abs(got_norm - norm) <= 1e-5 * norm, (step, got_norm, norm)
+    _compare(params, results, hf_config, "params", atol=1e-5)

@@ -671,8 +671,9 @@ def test_eval_dump_adds_no_forward_pass(easy_preference, tmp_path):
 # ---- resumes that do what the command line says ----------------------------------------------
 
 def _scheduled_lr(step, *, lr, min_lr, warmup, steps):
-    """Megatron-LM's cosine schedule after ``step`` optimizer steps, written out: linear warmup
-    from 0 over ``warmup`` steps, cosine from ``lr`` to ``min_lr`` at ``steps``, then min_lr."""
+    """The cosine schedule after ``step`` optimizer steps, written out: linear warmup from 0
+    over ``warmup`` steps (ceil(fraction x steps)), cosine from ``lr`` to ``min_lr`` at
+    ``steps``, then min_lr."""
     import math
 
     if warmup > 0 and step <= warmup:
@@ -740,7 +741,7 @@ def test_a_resume_does_what_its_command_line_says_or_is_refused(tiny, tmp_path):
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     for iteration in range(1, 7):  # iteration i runs at the rate after i - 1 steps
         schedule = (dict(min_lr=0.0, warmup=1, steps=4) if iteration <= 4 else
-                    dict(min_lr=1e-4, warmup=1, steps=6))
+                    dict(min_lr=1e-4, warmup=2, steps=6))  # ceil(0.25 x 6)
         expected = _scheduled_lr(iteration - 1, lr=1e-3, **schedule)
         assert rows[iteration]["learning_rate"] == pytest.approx(expected, rel=1e-12, abs=0)
     assert rows[5]["learning_rate"] > 1e-4 and rows[6]["consumed_samples"] == 48
@@ -784,7 +785,7 @@ def test_a_resume_on_another_schedule_without_the_distributed_optimizer(tiny, tm
     assert code == 0, err
     rows = {row["iteration"]: row for row in _metrics(save) if "loss" in row}
     for iteration in (5, 6):
-        expected = _scheduled_lr(iteration - 1, lr=1e-3, min_lr=1e-4, warmup=1, steps=6)
+        expected = _scheduled_lr(iteration - 1, lr=1e-3, min_lr=1e-4, warmup=2, steps=6)
         assert rows[iteration]["learning_rate"] == pytest.approx(expected, rel=1e-12, abs=0)
 
 

@@ -25,7 +25,9 @@ class OptimizerSettings:
     lr_decay_style: LrDecayStyle = "cosine"
     """Decay from the peak to the minimum over the run after warmup."""
     lr_warmup_fraction: float = 0.1
-    """Share of the run spent warming up linearly from 0, in [0, 1)."""
+    """Share of the run spent warming up linearly from 0, in [0, 1): ceil(iterations x
+    fraction) steps (all but the last at most), as Hugging Face's Trainer rounds warmup_ratio;
+    the first step runs at rate 0."""
     weight_decay: float = 0.0
     """Decoupled weight decay (SimPO's released recipes use none)."""
     adam_beta1: float = 0.9
@@ -166,10 +168,23 @@ def finish_param_sync(model_chunks: list) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
+def warmup_iters(settings: OptimizerSettings, total_iters: int) -> int:
+    """Warm-up steps of a run of ``total_iters`` optimizer steps: ``ceil(total_iters x
+    lr_warmup_fraction)``, Hugging Face Trainer's rounding of ``warmup_ratio``
+    (``TrainingArguments.get_warmup_steps``: the same float product, rounded up), so that a
+    recipe ported from TRL runs at the rate of ``get_cosine_schedule_with_warmup`` at every
+    step. At most ``total_iters - 1`` (Megatron-Core's schedule ends its warm-up before its
+    decay): a one-step run steps at ``lr``. Megatron-LM counts the warm-up in samples instead,
+    unrounded (``fraction x iterations`` steps)."""
+    return min(math.ceil(total_iters * settings.lr_warmup_fraction), max(total_iters - 1, 0))
+
+
 def build_scheduler(optimizer, settings: OptimizerSettings, total_iters: int):
     """Megatron-Core's ``OptimizerParamScheduler``: linear warmup from 0 over
-    ``lr_warmup_fraction`` of ``total_iters``, then decay to ``min_lr`` at the last iteration;
-    constant weight decay. Stepped once per optimizer step; saved in checkpoints.
+    :func:`warmup_iters` steps, then decay to ``min_lr`` at the last iteration; constant weight
+    decay. Stepped once per optimizer step (after it: step ``k``, counted from 0, runs at the
+    rate after ``k`` steps, ``lr x k / warmup`` during the warm-up, as Hugging Face's
+    schedules); saved in checkpoints.
 
     Loading a checkpoint's schedule keeps the checkpoint's values (Megatron-Core's
     ``use_checkpoint_opt_param_scheduler``), or with ``override_opt_param_scheduler`` these
@@ -179,7 +194,7 @@ def build_scheduler(optimizer, settings: OptimizerSettings, total_iters: int):
 
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr,
-        lr_warmup_steps=int(settings.lr_warmup_fraction * total_iters), lr_decay_steps=total_iters,
+        lr_warmup_steps=warmup_iters(settings, total_iters), lr_decay_steps=total_iters,
         lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay,
         end_wd=settings.weight_decay, wd_incr_steps=total_iters, wd_incr_style="constant",
         override_opt_param_scheduler=settings.override_opt_param_scheduler,
