@@ -29,7 +29,9 @@ class OptimizerSettings:
     fraction) steps (all but the last at most), as Hugging Face's Trainer rounds warmup_ratio;
     the first step runs at rate 0."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (SimPO's released recipes use none)."""
+    """Decoupled weight decay (SimPO's released recipes use none), on every weight but biases
+    and 1-D ones (norms, q/k norms): Megatron-LM's rule, the same weights Hugging Face's Trainer
+    leaves undecayed (biases and norms, by name) on the architectures here."""
     adam_beta1: float = 0.9
     """Adam's first-moment decay."""
     adam_beta2: float = 0.999
