@@ -16,6 +16,9 @@ than the recipe's is refused (a DPO run needs DPO's beta and learning rate, not 
 Shared by every recipe (the authors' configs): global batch 128, one epoch, cosine decay to 0
 after a 10% linear warm-up, AdamW (0.9, 0.999, 1e-8) without weight decay, gradient clipping at
 1.0, bf16, seed 42, 2 pairs per micro-batch; max length 2048 / prompt 1800 unless stated.
+Unlike the authors' Trainer, the epoch's last, incomplete global batch is not trained (as in
+Megatron-LM: a step fewer unless 128 divides the pairs, the schedule over those steps); the
+warm-up is rounded up as the Trainer rounds ``warmup_ratio`` (``optimizer.warmup_iters``).
 The model and the parallel layout are the user's (``--pretrained-checkpoint``, ``--tensor-model-
 parallel-size``...): a recipe says which Hugging Face model it was tuned for (``hf_model``).
 """
