@@ -37,20 +37,37 @@ def _launch(env_overrides: dict, *args, **popen) -> subprocess.Popen:
 def _finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
     """``process.communicate(timeout)``; past the timeout the launcher and every process it
     started are killed (a hung run must not outlive its test), then the test fails."""
-    import psutil
-
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            family = psutil.Process(process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        for member in [*family, process]:
-            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                member.kill()
+        _kill(process)
         out, err = process.communicate()
         raise AssertionError(f"no end within {timeout} s; killed. stderr:\n{err[-3000:]}") from None
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kill ``process`` and every process it started."""
+    import psutil
+
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in [*family, process]:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            member.kill()
+
+
+@contextlib.contextmanager
+def _beside(process: subprocess.Popen):
+    """``process`` runs while the block does (a launcher's start leaves a core idle); if the
+    block fails, it is killed with everything it started (it must not outlive its test)."""
+    try:
+        yield process
+    except BaseException:
+        _kill(process)
+        process.communicate()
+        raise
 
 
 def _training_ranks(launcher_pid: int) -> dict:
@@ -138,16 +155,23 @@ def _demo_folder(tmp_path: Path, assets: Path, name: str) -> Path:
 
 
 def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo_assets, tmp_path):
+    flags = ["--train-iters", 30, "--log-interval", 1, "--eval-interval", 1000,
+             "--save-interval", 1000]
+    straight_dir = _demo_folder(tmp_path, demo_assets, "straight")  # uninterrupted: its losses
+    with _beside(_launch({"SAVE": str(straight_dir)}, *flags)) as straight:
+        rows = _stop_one_rank_then_resume(_demo_folder(tmp_path, demo_assets, "run"), flags)
+        _, err = _finish(straight, 600)
+    assert straight.returncode == 0, err[-3000:]
+    expected = [row["loss"] for row in _metrics(straight_dir) if "loss" in row]
+    assert [row["loss"] for row in rows] == expected
+
+
+def _stop_one_rank_then_resume(run_dir: Path, flags: list) -> list[dict]:
+    """SIGTERM to one rank of a run after a few steps, then the same command resumes it, once
+    more (the run is complete), and once with a longer run; the resumed run's loss rows."""
     import signal
     import time
 
-    flags = ["--train-iters", 30, "--log-interval", 1, "--eval-interval", 1000,
-             "--save-interval", 1000]
-    straight_dir = _demo_folder(tmp_path, demo_assets, "straight")
-    straight = _launch({"SAVE": str(straight_dir)}, *flags)
-    _, err = _finish(straight, 600)
-    assert straight.returncode == 0, err[-3000:]
-    run_dir = _demo_folder(tmp_path, demo_assets, "run")
     launcher = _launch({"SAVE": str(run_dir)}, *flags)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait for a few steps, then preempt one rank
@@ -168,8 +192,6 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
     assert f"> resumed from {run_dir / f'iter_{stopped:07d}'} at iteration {stopped}" in out
     rows = [row for row in _metrics(run_dir) if "loss" in row]
     assert [row["iteration"] for row in rows] == list(range(1, 31))  # none twice, none lost
-    expected = [row["loss"] for row in _metrics(straight_dir) if "loss" in row]
-    assert [row["loss"] for row in rows] == expected
     again = _launch({"SAVE": str(run_dir)}, *flags)  # once more: the run is complete
     out, err = _finish(again, 600)
     assert again.returncode == 0, err[-3000:]
@@ -183,6 +205,7 @@ def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo
     out, err = _finish(longer, 600)
     assert longer.returncode == 0, err[-3000:]
     assert [row["iteration"] for row in _metrics(run_dir) if "loss" in row] == list(range(1, 33))
+    return rows
 
 
 def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tmp_path):
@@ -194,21 +217,23 @@ def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tm
     assert (out_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
     # The 8B recipe on the tiny model: every recipe default of another meaning is replaced.
     recipe_dir = tmp_path / "recipe"
-    completed = _launch({"MODEL": "llama3-8b-instruct", "CHECKPOINT": str(out_dir),
-                         "DATA": str(demo_assets / "train.jsonl"), "SAVE": str(recipe_dir),
-                         "GPUS_PER_NODE": "2", "TRANSFORMER_IMPL": "local", "TP": "1"},
-                        "--train-iters", 2, "--seq-length", 64, "--max-prompt-length", 48,
-                        "--global-batch-size", 4, "--valid-data-path", demo_assets / "valid.jsonl",
-                        "--tokenizer", demo_assets / "tokenizer")
-    out, err = _finish(completed, 600)
-    assert completed.returncode == 0, err[-3000:]
-    assert "2 iterations of 4 pairs" in out
-    # DPO from the tiny model's checkpoint, with the margin and run length of one's choice.
+    recipe = _launch({"MODEL": "llama3-8b-instruct", "CHECKPOINT": str(out_dir),
+                      "DATA": str(demo_assets / "train.jsonl"), "SAVE": str(recipe_dir),
+                      "GPUS_PER_NODE": "2", "TRANSFORMER_IMPL": "local", "TP": "1"},
+                     "--train-iters", 2, "--seq-length", 64, "--max-prompt-length", 48,
+                     "--global-batch-size", 4, "--valid-data-path", demo_assets / "valid.jsonl",
+                     "--tokenizer", demo_assets / "tokenizer")
+    # DPO from the tiny model's checkpoint, with the margin and run length of one's choice
+    # (beside the recipe's run).
     dpo_dir = _demo_folder(tmp_path, demo_assets, "dpo")
-    completed = _launch({"SAVE": str(dpo_dir)}, "--algorithm", "dpo", "--beta", 0.1,
-                        "--pretrained-checkpoint", out_dir, "--train-epochs", 1,
-                        "--global-batch-size", 1024, "--micro-batch-size", 16)
-    out, err = _finish(completed, 600)
+    with _beside(recipe):
+        completed = _launch({"SAVE": str(dpo_dir)}, "--algorithm", "dpo", "--beta", 0.1,
+                            "--pretrained-checkpoint", out_dir, "--train-epochs", 1,
+                            "--global-batch-size", 1024, "--micro-batch-size", 16)
+        out, err = _finish(completed, 600)
+        recipe_out, recipe_err = _finish(recipe, 600)
+    assert recipe.returncode == 0, recipe_err[-3000:]
+    assert "2 iterations of 4 pairs" in recipe_out
     assert completed.returncode == 0, err[-3000:]
     first_eval = next(row for row in _metrics(dpo_dir) if "eval/loss" in row)
     assert abs(first_eval["eval/loss"] - 0.6931471805599453) <= 1e-6  # policy == reference
@@ -484,14 +509,14 @@ def test_a_taken_master_port_is_one_line(demo_assets, tmp_path):
                 "used), or choose another"]
     env = dict(os.environ, MASTER_PORT=str(TORCH_PORT), OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
-    with _port_held(TORCH_PORT):
-        launcher = _launch({"SAVE": str(_demo_folder(tmp_path, demo_assets, "run")),
-                            "MASTER_PORT": str(TORCH_PORT)})
-        _, err = _finish(launcher, 300)
+    with _port_held(TORCH_PORT), _beside(_launch({  # the two side by side
+            "SAVE": str(_demo_folder(tmp_path, demo_assets, "run")),
+            "MASTER_PORT": str(TORCH_PORT)})) as launcher:
         one_process = subprocess.run(
             [sys.executable, "-m", "megatron_simpo.cli.train", *_tiny_flags(demo_assets),
              "--train-data-path", str(demo_assets / "train.jsonl")],
             env=env, capture_output=True, text=True, timeout=300)
+        _, err = _finish(launcher, 300)
     assert launcher.returncode == 2 and _one_line(err) == expected, err[-3000:]
     assert one_process.returncode == 2, one_process.stderr[-3000:]
     assert _one_line(one_process.stderr) == expected
