@@ -341,7 +341,12 @@ def test_a_stop_signal_ends_a_command_in_one_line_after_its_clean_up(capsys, mon
         def call():
             try:
                 os.kill(os.getpid(), number)
-                time.sleep(30)
+                # Short sleeps: a signal the kernel hands to another thread of this process
+                # (pytest's may hold several) does not cut a long sleep of the main one short;
+                # Python's handler runs in the main thread between two of them.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
             finally:
                 cleaned.append(number)  # a temporary folder, an unfinished output
         return call
