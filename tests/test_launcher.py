@@ -120,30 +120,33 @@ def demo_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The demo's run through the launcher, with its run length given on the command line (400
-    iterations replace the launcher's 500), while another job holds port 29500: (save folder,
-    completed process)."""
+def demo_launch(tmp_path_factory):
+    """The demo's run through the launcher, started, with its run length given on the command
+    line (400 iterations replace the launcher's 500), while another job holds port 29500 (until
+    the run has ended: ``demo_run``); it runs beside the tests before the first that reads it:
+    (save folder, launcher, the port's release)."""
     from megatron_simpo.model.tiny import write_default
 
     out = tmp_path_factory.mktemp("demo_run") / "demo"
     write_default(out / "assets", train_pairs=20000, valid_pairs=128, seed=11)
-    with _port_held(TORCH_PORT):  # beside another job on torch's default port
+    with contextlib.ExitStack() as port:
+        port.enter_context(_port_held(TORCH_PORT))  # beside another job on torch's default port
         launcher = _launch({"SAVE": str(out)}, "--train-iters", 400)
-        stdout, stderr = _finish(launcher, 900)
+        try:
+            yield out, launcher, port.close
+        finally:  # no test read it (a selection of tests): it must not outlive them
+            if launcher.poll() is None:
+                _kill(launcher)
+                launcher.communicate()
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_launch):
+    """The demo's run (``demo_launch``) once ended: (save folder, completed process)."""
+    out, launcher, release_port = demo_launch
+    stdout, stderr = _finish(launcher, 900)
+    release_port()
     return out, subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
-
-
-def test_launcher_run_raises_held_out_accuracy(demo_run):
-    out, completed = demo_run
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    accuracies = [e["eval/rewards/accuracies"] for e in evals if "eval/rewards/accuracies" in e]
-    assert accuracies[0] < 0.7 and accuracies[-1] >= 0.8, accuracies
-    assert "held-out reward accuracy" in completed.stdout
-    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
-    assert (out / "iter_0000400" / "model_config.json").is_file()
-    assert (out / "iter_0000400" / "tokenizer" / "tokenizer.json").is_file()
 
 
 def _demo_folder(tmp_path: Path, assets: Path, name: str) -> Path:
@@ -154,7 +157,9 @@ def _demo_folder(tmp_path: Path, assets: Path, name: str) -> Path:
     return out
 
 
-def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo_assets, tmp_path):
+def test_sigterm_to_one_rank_saves_at_the_next_boundary_and_resumes_exactly(demo_assets, tmp_path,
+                                                                          demo_launch):
+    # (The demo's run goes on beside this test's: the tests after it read it.)
     flags = ["--train-iters", 30, "--log-interval", 1, "--eval-interval", 1000,
              "--save-interval", 1000]
     straight_dir = _demo_folder(tmp_path, demo_assets, "straight")  # uninterrupted: its losses
@@ -206,6 +211,18 @@ def _stop_one_rank_then_resume(run_dir: Path, flags: list) -> list[dict]:
     assert longer.returncode == 0, err[-3000:]
     assert [row["iteration"] for row in _metrics(run_dir) if "loss" in row] == list(range(1, 33))
     return rows
+
+
+def test_launcher_run_raises_held_out_accuracy(demo_run):
+    out, completed = demo_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [e["eval/rewards/accuracies"] for e in evals if "eval/rewards/accuracies" in e]
+    assert accuracies[0] < 0.7 and accuracies[-1] >= 0.8, accuracies
+    assert "held-out reward accuracy" in completed.stdout
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "400"
+    assert (out / "iter_0000400" / "model_config.json").is_file()
+    assert (out / "iter_0000400" / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_launcher_extra_arguments_replace_its_defaults(demo_assets, demo_run, tmp_path):
