@@ -707,6 +707,34 @@ def test_a_resume_knows_the_model_folder_however_it_is_spelled(tiny, tmp_path, m
         pairs_run.open_parts(folder, expected("hf"), create=False)
 
 
+def test_a_resume_of_parts_an_earlier_version_recorded_with_relative_paths(tiny, tmp_path,
+                                                                           monkeypatch):
+    """A parts folder an earlier version started holds --hf (and --prompts-path, --reward-fn)
+    as given: resumed from the same folder with the same spelling, it goes on (it was refused:
+    'hf' -> its absolute path); another folder is not (the record does not say from where an
+    earlier version was run: its relative spelling is read from here)."""
+    import json
+
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    def expected(hf):
+        flags = _flags(tiny, tmp_path / "pairs.jsonl")
+        flags[flags.index("--hf") + 1] = hf
+        config = COMMAND.parse(flags)["config"]
+        return pairs_run.settings(config, pairs_run.read_prompts(config), "transformers")
+
+    folder = pairs_run.parts_folder(tmp_path / "pairs.jsonl")
+    monkeypatch.chdir(tiny)
+    old = {k: v for k, v in expected("hf").items() if k not in ("prompt_texts", "reward_dtype")}
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps({**old, "hf": "hf"}))
+    pairs_run.open_parts(folder, expected("hf"), create=False)
+    pairs_run.open_parts(folder, expected(str(tiny / "hf")), create=False)
+    (tmp_path / "elsewhere" / "hf").mkdir(parents=True)
+    with pytest.raises(ValueError, match="other settings \\(--hf "):
+        pairs_run.open_parts(folder, expected(str(tmp_path / "elsewhere" / "hf")), create=False)
+
+
 def test_a_mistake_in_another_rank_s_share_is_said_by_that_rank(tiny, tmp_path, monkeypatch,
                                                                  capsys):
     """Under torchrun, rank 1 alone sees its batches: a reward that is not a number, or a

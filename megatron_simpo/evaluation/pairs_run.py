@@ -180,6 +180,10 @@ def parts_folder(output: str | Path) -> Path:
     return output.with_name(output.name + ".parts")
 
 
+_PATHS = ("prompts_path", "hf", "reward_model", "reward_fn")
+"""Settings recorded as ``settings_record.local_path`` holds them (absolute)."""
+
+
 def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
     """What the samples and scores depend on (a resume must match it)."""
     def digest(values) -> str:
@@ -189,8 +193,7 @@ def settings(config: PairsConfig, prompts: list[Prompt], backend: str) -> dict:
             "apply_chat_template", "temperature", "top_p", "max_new_tokens", "batch_size",
             "dtype", "reward_model", "reward_fn", "reward_dtype")
     return {**{k: v for k, v in asdict(config).items() if k in kept},
-            **{k: settings_record.local_path(getattr(config, k))
-               for k in ("prompts_path", "hf", "reward_model", "reward_fn")},
+            **{k: settings_record.local_path(getattr(config, k)) for k in _PATHS},
             "load": settings_record.model_identity(None, config.load) if config.load else None,
             "score_identical": config.reward_stats is not None,
             "seeds": list(config.sample_seeds), "backend": backend,
@@ -210,7 +213,7 @@ def open_parts(folder: Path, expected: dict, *, create: bool) -> None:
              "score_identical": "--reward-stats (given:)"}
     differ = settings_record.differences(
         path, expected, lambda key: names.get(key, f"--{key.replace('_', '-')}"),
-        start_over=str(folder))
+        start_over=str(folder), paths=_PATHS)
     if differ:
         raise ValueError(f"{folder} was started with other settings ({'; '.join(differ)}): "
                          "give the same ones to resume, or move it away")

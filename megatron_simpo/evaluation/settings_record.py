@@ -39,9 +39,11 @@ def write(path: Path, settings: dict) -> None:
 
 
 def differences(path: Path, settings: dict, name: Callable[[str], str] = lambda key: key, *,
-                start_over: str) -> list[str]:
+                start_over: str, paths: tuple[str, ...] = ()) -> list[str]:
     """``<name> <recorded> -> <now>`` for each setting whose recorded value differs (a setting
-    the record does not hold was not kept by the version that wrote it: not compared). Raises
+    the record does not hold was not kept by the version that wrote it: not compared).
+    ``paths``: settings now held as :func:`local_path`; a record of an earlier version holds
+    them as given, and a relative one is read from the current folder. Raises
     ValueError naming ``path`` when it is missing or not a record, with ``start_over``: what
     to move away to start over."""
     try:
@@ -51,5 +53,8 @@ def differences(path: Path, settings: dict, name: Callable[[str], str] = lambda 
     if not isinstance(recorded, dict):
         raise ValueError(f"{path}: missing or not a settings record; move {start_over} away "
                          "to start over")
+    for key in paths:  # as local_path holds them (a no-op on a record that does already)
+        if isinstance(recorded.get(key), str):
+            recorded[key] = local_path(recorded[key])
     return [f"{name(key)} {recorded[key]!r} -> {value!r}"
             for key, value in settings.items() if key in recorded and recorded[key] != value]
