@@ -370,6 +370,27 @@ def test_the_converted_tokenizer_is_the_one_transformers_loads_from_the_hf_folde
     assert not list(tokenizer_dir.glob("*.safetensors"))  # the tokenizer, not the model
 
 
+def test_a_mistral_tekken_tokenizer_travels_with_the_checkpoint(tmp_path):
+    """Mistral-Nemo, Ministral and Mistral-Small ship tekken.json (mistral-common's format),
+    which transformers loads where mistral-common is installed (vLLM installs it) or where
+    there is no tokenizer.json: it is part of the tokenizer copied, and a folder holding only it
+    holds a tokenizer; the weights beside it are not copied."""
+    from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
+
+    src = tmp_path / "nemo"
+    src.mkdir()
+    for name in ("tekken.json", "tokenizer.json", "tokenizer_config.json", "config.json",
+                 "model.safetensors"):
+        (src / name).write_text("{}")
+    assert copy_tokenizer(src, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
+        "config.json", "tekken.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    assert copy_tokenizer(src, tmp_path / "only-tekken", model_config=False)
+    assert [p.name for p in (tmp_path / "only-tekken").iterdir()] == ["tekken.json"]
+
+
 def _broken_copy(src: Path, dst: Path, how: str) -> Path:
     shutil.copytree(src, dst)
     weights = dst / "model.safetensors"

@@ -710,7 +710,7 @@ def test_a_folder_that_is_not_a_tokenizer_is_one_line(tmp_path):
         load_tokenizer(tmp_path / "empty")
     assert str(error.value) == (f"cannot load tokenizer from {tmp_path / 'empty'}: the folder "
                                 "holds none of tokenizer.json, tokenizer_config.json, "
-                                "tokenizer.model, vocab.json, vocab.txt, spiece.model, "
+                                "tokenizer.model, vocab.json, vocab.txt, spiece.model, tekken.json, "
                                 "*.tiktoken")
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "tokenizer.json").write_text('{"version": ')

@@ -18,7 +18,12 @@ from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
+                   "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+                   "tekken.json", "tiktoken.model")
+"""``tekken.json``: Mistral's own format (Mistral-Nemo, Ministral, Mistral-Small), which
+transformers loads in place of ``tokenizer.json`` where mistral-common is installed (vLLM
+installs it: ``MistralCommonBackend``) or where the folder has no ``tokenizer.json``; without
+it the copy would load as another tokenizer class than the model folder does."""
 TOKENIZER_FOLDERS = ("additional_chat_templates",)
 """A tokenizer's named chat templates beside its default one (e.g. ``tool_use``, which
 ``apply_chat_template`` picks for rows with tools), as transformers saves them."""

@@ -370,7 +370,7 @@ def identical_pair_error(source: str, config: DataConfig) -> DataError:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model")
+                   "vocab.txt", "spiece.model", "tekken.json")
 """What a Hugging Face tokenizer folder holds at least one of (or a ``*.tiktoken`` file)."""
 
 
