@@ -683,17 +683,22 @@ def test_a_reward_of_any_real_number_type_is_taken_and_others_named():
             checked_rewards([1.0, value], [(prompt, 0), (prompt, 1)])
 
 
+def _settings_with_hf(tiny, tmp_path, hf: str) -> dict:
+    """The parts' settings of the test command line with ``--hf hf``."""
+    from megatron_simpo.cli.build_pairs import COMMAND
+
+    flags = _flags(tiny, tmp_path / "pairs.jsonl")
+    flags[flags.index("--hf") + 1] = hf
+    config = COMMAND.parse(flags)["config"]
+    return pairs_run.settings(config, pairs_run.read_prompts(config), "transformers")
+
+
 def test_a_resume_knows_the_model_folder_however_it_is_spelled(tiny, tmp_path, monkeypatch):
     """The parts' settings hold the model folder's absolute path: the same folder spelled
     another way resumes (it was refused), and another folder under the same relative spelling,
     from another working folder, is refused (its samples were mixed in silently)."""
-    from megatron_simpo.cli.build_pairs import COMMAND
-
     def expected(hf):
-        flags = _flags(tiny, tmp_path / "pairs.jsonl")
-        flags[flags.index("--hf") + 1] = hf
-        config = COMMAND.parse(flags)["config"]
-        return pairs_run.settings(config, pairs_run.read_prompts(config), "transformers")
+        return _settings_with_hf(tiny, tmp_path, hf)
 
     folder = pairs_run.parts_folder(tmp_path / "pairs.jsonl")
     monkeypatch.chdir(tiny)
@@ -715,13 +720,8 @@ def test_a_resume_of_parts_an_earlier_version_recorded_with_relative_paths(tiny,
     earlier version was run: its relative spelling is read from here)."""
     import json
 
-    from megatron_simpo.cli.build_pairs import COMMAND
-
     def expected(hf):
-        flags = _flags(tiny, tmp_path / "pairs.jsonl")
-        flags[flags.index("--hf") + 1] = hf
-        config = COMMAND.parse(flags)["config"]
-        return pairs_run.settings(config, pairs_run.read_prompts(config), "transformers")
+        return _settings_with_hf(tiny, tmp_path, hf)
 
     folder = pairs_run.parts_folder(tmp_path / "pairs.jsonl")
     monkeypatch.chdir(tiny)
