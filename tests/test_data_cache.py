@@ -720,18 +720,25 @@ def test_a_folder_that_is_not_a_tokenizer_is_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_a_tokenizers_tiktoken_vocabulary_is_part_of_its_fingerprint(tmp_path):
-    """Tokenizers built on tiktoken keep their vocabulary in a ``*.tiktoken`` file: another
-    vocabulary is another tokenizer (the cache must not hand out the old tokens)."""
+@pytest.mark.parametrize("name", ["vocab.tiktoken", "tekken.json",
+                                  "additional_chat_templates/tool_use.jinja"])
+def test_every_file_the_tokenizer_carries_is_part_of_its_fingerprint(tmp_path, name):
+    """Tokenizers built on tiktoken keep their vocabulary in a ``*.tiktoken`` file, Mistral's
+    in ``tekken.json``; a named chat template renders the rows with tools: another file is
+    another tokenizer (the cache must not hand out the old tokens). The model's weights and
+    config beside it are not the tokenizer."""
     from megatron_simpo.data.fingerprints import tokenizer_fingerprint
     from megatron_simpo.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(tmp_path)
-    (tmp_path / "vocab.tiktoken").write_text("YQ== 0\n")
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("YQ== 0\n")
     before = tokenizer_fingerprint(tmp_path, tokenizer)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
     assert tokenizer_fingerprint(tmp_path, tokenizer) == before
-    (tmp_path / "vocab.tiktoken").write_text("Yg== 0\n")
+    (tmp_path / name).write_text("Yg== 0\n")
     assert tokenizer_fingerprint(tmp_path, tokenizer) != before
 
 
