@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo.checkpoint import checksums
 from megatron_simpo.checkpoint.layout import CheckpointError, check_model_config, shard_reason
 from megatron_simpo.distributed.runtime import first_over_world
 from megatron_simpo.model.architecture import ModelConfig
@@ -183,11 +182,12 @@ def load_model_parts(checkpoint: Path, model, parts: list[list[str]], *,
 
     Each part is a separate read of the checkpoint, so only the tensors of the part being
     consumed need to be in memory (an exporter frees them before asking for the next). Not
-    checked for NaN/inf: the caller checks each tensor.
+    checked for NaN/inf: the caller checks each tensor; nor against the save's checksums: the
+    caller checks them (:func:`checksums.check`) before it reads anything of the checkpoint's
+    shards, its common state included (inside them from megatron-core 0.19).
     """
     from megatron.core import dist_checkpointing
 
-    checksums.check(checkpoint)
     check_model_config(checkpoint, model_config)
     sharded = model.sharded_state_dict()
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo.checkpoint import checkpointing, streaming
+from megatron_simpo.checkpoint import checkpointing, checksums, streaming
 from megatron_simpo.data.tokenizer_asset import copy_tokenizer
 from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
@@ -50,6 +50,9 @@ def export_rank0(load: str | Path, save: str | Path, *, iteration: int | None,
             raise FileNotFoundError(f"--iteration {iteration}: {checkpoint} is not a checkpoint")
     else:
         checkpoint = checkpointing.find_checkpoint(load, "--load")
+    # The save's checksums first: from megatron-core 0.19 even the common state (the saved
+    # dtype) is read from the shards, and a damaged shard is named by its checksum.
+    checksums.check(checkpoint)
     config = checkpointing.read_model_config(checkpoint)
     saved_dtype = checkpointing.saved_params_dtype(checkpoint)
     # The model only gives the checkpoint's layout: its weights are never initialised, and each
