@@ -566,6 +566,18 @@ if ending == "peer":  # rank 1's mistake; rank 0's collective fails at once for 
         raise RuntimeError("[pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
 
     run_command("prog", collective)
+# A mistake both ranks see (2, 3): rank 1 says it first and ends once rank 0 has said it too
+# (unsynchronised, the agent could end a slower rank 0 before it said anything).
+folder = os.environ["MEGATRON_SIMPO_LAUNCHER_ERRORS"]
+said = lambda other: os.path.exists(os.path.join(folder, f"rank{other}.txt"))
+if rank == 1:
+    try:
+        run_command("prog", mistake, errors={ValueError: int(ending)})
+    finally:
+        while not said(0):
+            time.sleep(0.01)
+while not said(1):
+    time.sleep(0.01)
 run_command("prog", mistake, errors={ValueError: int(ending)})
 """
 
