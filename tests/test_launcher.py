@@ -103,7 +103,7 @@ def _port_held(port: int):
             sock.listen()
         except OSError:
             pass  # another process holds it
-        yield
+        yield sock.getsockname()[1] if port == 0 else port
 
 
 def _one_line(stderr: str) -> list[str]:
@@ -521,14 +521,16 @@ def test_launcher_checks_before_the_ranks_start(case, tmp_path):
 def test_a_taken_master_port_is_one_line(demo_assets, tmp_path):
     # MASTER_PORT given and taken: the launcher (before any rank) and a one-process run (at
     # its rendezvous) say so in one line, exit code 2, not a 27-line EADDRINUSE traceback.
-    expected = [f"train_simpo: error: MASTER_PORT {TORCH_PORT} is in use on this machine "
-                "(another job?): leave MASTER_PORT unset on a single node (a free port is then "
-                "used), or choose another"]
-    env = dict(os.environ, MASTER_PORT=str(TORCH_PORT), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
-    with _port_held(TORCH_PORT), _beside(_launch({  # the two side by side
+    # The port is one this test holds (torch's default may be another job's, and free again
+    # before the runs look at it).
+    with _port_held(0) as port, _beside(_launch({  # the two side by side
             "SAVE": str(_demo_folder(tmp_path, demo_assets, "run")),
-            "MASTER_PORT": str(TORCH_PORT)})) as launcher:
+            "MASTER_PORT": str(port)})) as launcher:
+        expected = [f"train_simpo: error: MASTER_PORT {port} is in use on this machine "
+                    "(another job?): leave MASTER_PORT unset on a single node (a free port is "
+                    "then used), or choose another"]
+        env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
         one_process = subprocess.run(
             [sys.executable, "-m", "megatron_simpo.cli.train", *_tiny_flags(demo_assets),
              "--train-data-path", str(demo_assets / "train.jsonl")],
