@@ -375,7 +375,7 @@ def test_a_mistral_tekken_tokenizer_travels_with_the_checkpoint(tmp_path):
     which transformers loads where mistral-common is installed (vLLM installs it) or where
     there is no tokenizer.json: it is part of the tokenizer copied, and a folder holding only it
     holds a tokenizer; the weights beside it are not copied."""
-    from megatron_simpo.data.tokenizer_asset import copy_tokenizer
+    from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 
     src = tmp_path / "nemo"
     src.mkdir()

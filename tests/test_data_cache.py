@@ -742,6 +742,15 @@ def test_every_file_the_tokenizer_carries_is_part_of_its_fingerprint(tmp_path, n
     assert tokenizer_fingerprint(tmp_path, tokenizer) != before
 
 
+def test_the_fingerprint_hashes_the_files_a_checkpoint_carries():
+    """data/ cannot import checkpoint/: the two lists of a tokenizer's files are held equal."""
+    from megatron_simpo.checkpoint import tokenizer_asset
+    from megatron_simpo.data import fingerprints
+
+    assert set(fingerprints.TOKENIZER_FILES) == set(tokenizer_asset.TOKENIZER_FILES)
+    assert fingerprints.TOKENIZER_FOLDERS == tokenizer_asset.TOKENIZER_FOLDERS
+
+
 def test_the_data_fingerprint_is_the_pairs_tokens_not_the_cache_format(data, tmp_path,
                                                                        monkeypatch):
     """A new cache format (this package's tokenization changed) rebuilds the entry; a resume

@@ -39,7 +39,7 @@ from megatron_simpo.checkpoint.layout import (MODEL_CONFIG_FILE, OPTIMIZER_SHARD
                                               write_failure_reason, write_tracker)
 from megatron_simpo.checkpoint import checksums, optimizer_state
 from megatron_simpo.checkpoint.streaming import TensorSourceError, streaming_strategy
-from megatron_simpo.data.tokenizer_asset import copy_tokenizer
+from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 from megatron_simpo.distributed.runtime import first_over_world, max_over_world
 from megatron_simpo.model.architecture import ModelConfig
 

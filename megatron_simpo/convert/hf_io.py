@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_simpo.data.tokenizer_asset import copy_tokenizer
+from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 from megatron_simpo.convert.llama import expected_hf_shape
 from megatron_simpo.model.architecture import ModelConfig
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_simpo.checkpoint import checkpointing, checksums, streaming
-from megatron_simpo.data.tokenizer_asset import copy_tokenizer
+from megatron_simpo.checkpoint.tokenizer_asset import copy_tokenizer
 from megatron_simpo.model.architecture import hf_config_dict
 from megatron_simpo.convert.hf_io import write_safetensors
 from megatron_simpo.convert.export_marker import EXPORT_MARKER

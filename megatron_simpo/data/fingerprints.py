@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_simpo.data.config import DataConfig, DataError
-from megatron_simpo.data.tokenizer_asset import tokenizer_entries
 from megatron_simpo.data.sources import FILE_KINDS, SourceError, kind_of, open_source, where_of
 
 FORMAT = "megatron_simpo.pairs/3"
@@ -23,6 +22,14 @@ FORMAT = "megatron_simpo.pairs/3"
 
 MEMO_FILE = "source-hashes.json"
 """The content-hash memo's file in the cache folder."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json", "tekken.json", "tiktoken.model")
+"""A tokenizer's files (with ``*.tiktoken``): ``checkpoint.tokenizer_asset``'s, which data/
+cannot import (tests/test_data_cache.py holds the two lists equal)."""
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
 
 
 def _hash_files(root: Path, files: list[Path]) -> str:
@@ -92,14 +99,15 @@ def source_fingerprint(source: str, kind: str, split: str, dataset_config: str |
 
 
 def tokenizer_fingerprint(path: str | Path, tokenizer, memo: HashMemo | None = None) -> str:
-    """The tokenizer's files in its folder (``tokenizer_asset.tokenizer_entries``: not model
-    weights or the model's config beside them; its named chat templates' files), its class and
-    its chat template. A folder without the entries added since (tekken.json, tiktoken.model,
-    additional_chat_templates/) hashes as before: existing runs' data keeps its fingerprint."""
+    """The tokenizer's files in its folder (those a checkpoint carries,
+    ``checkpoint.tokenizer_asset``, less the model's config: not model weights), its named chat
+    templates' files, its class and its chat template. A folder without the entries added on
+    2026-11-29 (tekken.json, tiktoken.model, additional_chat_templates/) hashes as before."""
     memo, path = memo or HashMemo(None), Path(path)
-    files = []
-    for entry in tokenizer_entries(path, model_config=False):
-        files += sorted(f for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else [entry]
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    files += sorted(f for f in path.glob("*.tiktoken") if f.is_file())  # tiktoken vocabularies
+    for folder in (path / name for name in TOKENIZER_FOLDERS if (path / name).is_dir()):
+        files += sorted(f for f in folder.rglob("*") if f.is_file())
     digest = hashlib.blake2b(digest_size=16)
     digest.update(memo.digest(path, files).encode())
     digest.update(type(tokenizer).__name__.encode())
