@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_simpo.distributed.files import write_text_atomically
+from megatron_simpo.distributed.files import first_line, write_text_atomically
 from megatron_simpo.model.architecture import ModelConfig
 
 
@@ -199,7 +199,7 @@ def os_reason(error: BaseException) -> str:
         spelled = _ERRNO_TEXT.search(str(current))
         if spelled:
             return spelled["reason"] + (f": {spelled['file']}" if spelled["file"] else "")
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return first_line(error)
 
 
 _ERRNO_TEXT = re.compile(r"\[Errno \d+\] (?P<reason>[^:'\]\n]+?)(?:: '(?P<file>[^']+)')?(?=$|['\]\n,)])",

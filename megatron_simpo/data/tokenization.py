@@ -15,6 +15,7 @@ from pathlib import Path
 from megatron_simpo.data.collate import TokenizedPair
 from megatron_simpo.data.config import DataConfig, DataError
 from megatron_simpo.data.sources import TEMPLATE_COLUMNS
+from megatron_simpo.distributed.files import first_line, joined_lines
 
 
 def _messages(value, where: str, column: str, roles: tuple[str, ...] = ()) -> list[dict]:
@@ -302,7 +303,7 @@ def render(tokenizer, conversations: list[list[dict]], options: list[dict] | Non
             return tokenizer.apply_chat_template(conversations[i], tokenize=False, **kwargs,
                                                  **more)
         except Exception as error:  # jinja2's TemplateError, or whatever the template raises
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             raise DataError(f"{where(i)}: the chat template refuses this conversation "
                             f"({reason})") from None
 
@@ -387,7 +388,7 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:  # its lines joined: one line, every hint kept
-        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        reason = joined_lines(error)
         raise DataError(f"cannot load tokenizer from {path}: "
-                        f"{reason or type(error).__name__}") from error
+                        f"{reason}") from error
 

@@ -29,3 +29,16 @@ def jsonl_lines(text: str) -> list[tuple[int, str]]:
     keeps the first three raw inside its strings."""
     lines = (line.removesuffix("\r") for line in text.split("\n"))
     return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text (its type's name where it has none): the reason a
+    one-line message gives."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def joined_lines(error: BaseException) -> str:
+    """An exception's lines joined into one (every hint kept; its type's name where it has no
+    text): the reason a one-line message gives for a library's multi-line error."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) \
+        or type(error).__name__

@@ -31,6 +31,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from megatron_simpo.distributed.files import first_line, joined_lines
+
 Score = Callable[[list[object], list[list[dict]], list[str]], list[float]]
 
 
@@ -43,7 +45,7 @@ def check_reward_model(path: str, trust_remote_code: bool) -> bool:
     try:
         config, _ = PretrainedConfig.get_config_dict(path)
     except (OSError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise ValueError(f"--reward-model {path}: cannot read its config.json ({reason})") from None
     architectures = config.get("architectures") or []
     remote = (config.get("auto_map") or {}).get("AutoModelForSequenceClassification")
@@ -88,7 +90,7 @@ def load_remote_code(path: str) -> type:
             gone = _DOCSTRING_GONE.search(str(error)) if isinstance(error, ImportError) else None
             module = importlib.import_module(gone.group(2)) if gone else None
             if module is None or hasattr(module, gone.group(1)):
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                reason = first_line(error)
                 raise ValueError(f"--reward-model {path}: its code ({reference}) does not load "
                                  f"with transformers {transformers.__version__} ({reason})") \
                     from None
@@ -117,9 +119,9 @@ def _reward_tokenizer(path: str, trust_remote_code: bool):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # its lines joined: one line, every hint kept
-        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        reason = joined_lines(error)
         raise ValueError(f"--reward-model {path}: cannot load its tokenizer "
-                         f"({reason or type(error).__name__})") from None
+                         f"({reason})") from None
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"--reward-model {path}: its tokenizer has no chat template (the reward "
                          "is computed on the rendered conversation)")
@@ -174,9 +176,9 @@ def reward_model_scorer(path: str, *, trust_remote_code: bool, batch_size: int,
             path, dtype=reward_dtype(path, dtype, device.type == "cuda"),
             trust_remote_code=trust_remote_code).to(device).eval()
     except (OSError, ValueError) as error:  # no weights, a damaged file: one line
-        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        reason = joined_lines(error)
         raise ValueError(f"--reward-model {path}: cannot load its weights "
-                         f"({reason or type(error).__name__})") from None
+                         f"({reason})") from None
     pad = model.config.pad_token_id
 
     def score(prompts, conversations, responses):

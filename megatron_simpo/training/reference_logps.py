@@ -93,7 +93,7 @@ class ReferenceLogps:
                 or sums.dim() != 2 or sums.shape[1] != 2 or not isinstance(keys, list)
                 or len(keys) != sums.shape[0]):
             raise DataError(f"--reference-logps {path}: damaged (expected [n, 2] float64 sums "
-                            f"for n keys); recompute it with megatron-simpo-reference-logps")
+                            "for n keys); recompute it with megatron-simpo-reference-logps")
         bad = (~torch.isfinite(sums)).any(dim=1).nonzero()
         if len(bad):
             raise DataError(f"--reference-logps {path}: pair row {int(bad[0])} holds a "
